@@ -1,0 +1,1 @@
+{ 'sources': ['status.cc', 'dynlib.cc', 'backend.cc'] }
