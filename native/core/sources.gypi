@@ -1,1 +1,1 @@
-{ 'sources': ['status.cc', 'dynlib.cc', 'backend.cc'] }
+{ 'sources': ['status.cc', 'dynlib.cc', 'backend.cc', 'registry.cc'] }
