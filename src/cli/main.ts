@@ -1,0 +1,70 @@
+#!/usr/bin/env node
+// The elasticmoe command line.
+import { parseArgs } from 'node:util';
+
+import { ElasticMoeError } from '../runtime/index.js';
+import { devicesReport, renderDevices } from './devices.js';
+
+const USAGE = `usage: elasticmoe <command> [options]
+
+commands:
+  devices     the backend in use, each device with its memory, the peer matrix,
+              and why each backend was or was not chosen
+
+common options:
+  --backend auto|cuda|acl|mock   (default: ELASTICMOE_BACKEND, else auto)
+  --mock-devices N               simulated devices for the mock backend (default 4)
+  --mock-capacity SIZE           bytes per mock device, e.g. 8GiB
+  --json                         machine-readable output
+  -h, --help`;
+
+export async function main(argv: string[]): Promise<number> {
+  const [command, ...rest] = argv;
+  if (!command || command === '-h' || command === '--help' || command === 'help') {
+    process.stdout.write(`${USAGE}\n`);
+    return command ? 0 : 2;
+  }
+  const { values } = parseArgs({
+    args: rest,
+    options: {
+      backend: { type: 'string' },
+      'mock-devices': { type: 'string' },
+      'mock-capacity': { type: 'string' },
+      json: { type: 'boolean', default: false },
+      help: { type: 'boolean', short: 'h', default: false },
+    },
+    strict: true,
+  });
+  if (values.help) {
+    process.stdout.write(`${USAGE}\n`);
+    return 0;
+  }
+  const options: Record<string, unknown> = {};
+  if (values.backend !== undefined) options.backend = values.backend;
+  if (values['mock-devices'] !== undefined) options.mockDevices = Number(values['mock-devices']);
+  if (values['mock-capacity'] !== undefined) options.mockCapacity = values['mock-capacity'];
+  switch (command) {
+    case 'devices': {
+      const report = devicesReport(options);
+      process.stdout.write(values.json ? `${JSON.stringify(report, null, 2)}\n` : `${renderDevices(report)}\n`);
+      return 0;
+    }
+    default:
+      process.stderr.write(`elasticmoe: unknown command '${command}'\n${USAGE}\n`);
+      return 2;
+  }
+}
+
+main(process.argv.slice(2)).then(
+  (code) => {
+    process.exitCode = code;
+  },
+  (err: unknown) => {
+    if (err instanceof ElasticMoeError || (err instanceof Error && 'code' in err && String((err as { code: unknown }).code).startsWith('ERR_PARSE_ARGS'))) {
+      process.stderr.write(`elasticmoe: ${err.message}\n`);
+    } else {
+      process.stderr.write(`elasticmoe: ${err instanceof Error ? err.stack : String(err)}\n`);
+    }
+    process.exitCode = 1;
+  },
+);

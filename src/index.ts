@@ -1,0 +1,2 @@
+// Public API of elasticmoe.
+export * from './runtime/index.js';
