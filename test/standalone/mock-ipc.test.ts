@@ -64,7 +64,10 @@ describe('cross-process import', () => {
     const data = pattern(2 * GRAN, 21);
     await rt.write(ptr, data, s);
     const [mine, theirs] = UnixChannel.pair();
-    const proc = spawn(process.execPath, [child], { stdio: ['ignore', 'inherit', 'inherit', theirs.fd] });
+    const proc = spawn(process.execPath, [child], {
+      stdio: ['ignore', 'inherit', 'inherit', theirs.fd],
+      env: { ...process.env, ELASTICMOE_BACKEND: 'mock' },
+    });
     theirs.close();
     const h = chunk.export();
     if (h.kind !== 'fd') throw new Error('mock exports fds');

@@ -1,0 +1,1012 @@
+// The mock backend: simulated devices on the host CPU, faithful to the CUDA VMM
+// rules the other backends live by, so that the whole system runs in CI.
+//  - A chunk is a memfd; a reservation is PROT_NONE anonymous address space; Map
+//    puts the memfd over it (MAP_SHARED|MAP_FIXED), so aliasing and cross-process
+//    sharing (fd passing) behave like real device memory.
+//  - A fresh mapping has no access; SetAccess records the device list and makes the
+//    pages readable and writable. Copies and kernels check the list against the
+//    stream's device when they execute and poison the device on a violation, like
+//    CUDA's sticky ILLEGAL_ADDRESS.
+//  - Each stream is a worker thread running its queue in order.
+//
+// Locking: mu_ guards the handle tables, chunk bookkeeping and fault injection;
+// map_mu_ (shared) guards reservations and mappings. Order: mu_ before map_mu_.
+// Stream workers take map_mu_ shared for the whole of a copy or kernel (so a check
+// and the memcpy see the same mappings) and never take mu_ while holding it.
+#include "backends/mock/mock_backend.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <condition_variable>
+#include <cstring>
+#include <deque>
+#include <functional>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <shared_mutex>
+#include <thread>
+
+#include "backends/mock/mock_kernels.h"
+
+namespace emoe {
+namespace {
+
+constexpr uint64_t kGranularity = 2ull << 20;
+constexpr const char* kName = "mock";
+constexpr const char* kMemfdPrefix = "emoe-mock-dev";
+// Numeric codes mirror the CUresult of the same failure.
+constexpr int64_t kCodeOutOfMemory = 2;
+constexpr int64_t kCodeInvalidHandle = 400;
+constexpr int64_t kCodeNotFound = 500;
+constexpr int64_t kCodeNotReady = 600;
+constexpr int64_t kCodeIllegalAddress = 700;
+constexpr int64_t kCodeNotSupported = 801;
+constexpr int64_t kCodeInternal = 999;
+
+std::string Hex(uint64_t v) {
+  char buf[24];
+  std::snprintf(buf, sizeof(buf), "0x%llx", static_cast<unsigned long long>(v));
+  return buf;
+}
+
+Status MakeStatus(ErrorKind kind, const std::string& api, int64_t code,
+                  const std::string& code_name, const std::string& message) {
+  Status s;
+  s.kind = kind;
+  s.backend = kName;
+  s.api = api;
+  s.code = code;
+  s.code_name = code_name;
+  s.message = message;
+  return s;
+}
+
+[[noreturn]] void Fail(ErrorKind kind, const std::string& api, int64_t code,
+                       const std::string& code_name, const std::string& message) {
+  throw Error(MakeStatus(kind, api, code, code_name, message));
+}
+
+[[noreturn]] void FailErrno(const std::string& api, const std::string& what, int err) {
+  ErrorKind kind = (err == ENOMEM || err == EMFILE || err == ENFILE) ? ErrorKind::kOutOfMemory
+                                                                     : ErrorKind::kInternal;
+  Fail(kind, api, err, "MOCK_ERROR_ERRNO", what + " failed: " + std::strerror(err));
+}
+
+[[noreturn]] void FailArg(const std::string& api, const std::string& argument,
+                          const std::string& expectation) {
+  ThrowInvalidArgument(kName, api, argument, expectation);
+}
+
+bool Overflows(uint64_t a, uint64_t b) { return a + b < a; }
+
+// Every method that InjectFault may target.
+const char* const kFaultOps[] = {
+    "GetDeviceInfo", "CanAccessPeer", "ReserveRange", "FreeRange", "CreateChunk",
+    "ReleaseChunk", "Map", "Unmap", "SetAccess", "ExportChunk", "AllowImport", "ImportChunk",
+    "HostAlloc", "HostFree", "CreateStream", "DestroyStream", "SynchronizeStream",
+    "CreateEvent", "DestroyEvent", "RecordEvent", "StreamWaitEvent", "SynchronizeEvent",
+    "ElapsedMs", "CopyDeviceToDevice", "CopyHostToDevice", "CopyDeviceToHost", "MemsetD8",
+    "LoadModule", "UnloadModule", "GetFunction", "Launch", "ResetDevice"};
+
+// Physical memory of one chunk. Shared by its handle and its mappings: it is freed
+// (capacity returned, memfd closed) when the handle is released and the last
+// mapping is gone, as CUDA frees at the last of cuMemRelease / cuMemUnmap.
+struct ChunkMem {
+  int device = 0;
+  uint64_t size = 0;
+  int fd = -1;
+  bool exportable = false;
+  bool imported = false;  // counted against the exporter's capacity, not ours
+  bool released = false;
+  int maps = 0;
+  ~ChunkMem() {
+    if (fd >= 0) close(fd);
+  }
+};
+
+struct Mapping {
+  uint64_t size = 0;
+  std::shared_ptr<ChunkMem> mem;
+  std::vector<int> access;  // devices that may touch it (sorted, unique)
+};
+
+struct Event {
+  int device = 0;
+  bool timing = false;
+  std::mutex mu;
+  std::condition_variable cv;
+  uint64_t enqueued = 0;   // records enqueued so far (sequence numbers 1..n)
+  uint64_t completed = 0;  // highest record sequence a worker has reached
+  std::chrono::steady_clock::time_point time;
+};
+
+struct Op {
+  const char* api;
+  bool touches_memory;  // skipped once the device is poisoned (records and waits still run)
+  std::function<void()> run;
+};
+
+struct Stream {
+  StreamId id = 0;
+  int device = 0;
+  std::mutex mu;
+  std::condition_variable cv;  // new work, stop, and "drained"
+  std::deque<Op> queue;
+  bool busy = false;
+  bool stop = false;
+  std::optional<Status> error;  // first async error since the last synchronize
+  std::thread worker;
+};
+
+struct Module {
+  int device = 0;
+};
+
+struct Function {
+  ModuleId module = 0;
+  int device = 0;
+  std::string name;
+  MockKernelFn fn = nullptr;
+};
+
+struct Fault {
+  std::string op;
+  uint64_t nth = 0;
+  uint64_t remaining = 0;  // calls left until it fires
+  ErrorKind kind = ErrorKind::kInternal;
+};
+
+class MockBackend final : public Backend {
+ public:
+  MockBackend(int devices, uint64_t capacity)
+      : devices_(devices), capacity_(capacity), used_(devices, 0),
+        poisoned_(new std::atomic<bool>[devices]) {
+    for (int d = 0; d < devices; ++d) poisoned_[d] = false;
+  }
+
+  ~MockBackend() override {
+    std::map<StreamId, std::shared_ptr<Stream>> streams;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      streams.swap(streams_);
+    }
+    for (auto& entry : streams) StopWorker(*entry.second);
+    // Munmapping each reservation removes whatever is still mapped in it; the memfds
+    // close when the last ChunkMem reference (table or mapping) goes.
+    for (const auto& r : reservations_) munmap(reinterpret_cast<void*>(r.first), r.second);
+    mappings_.clear();
+    chunks_.clear();
+    for (const auto& h : host_) munmap(h.first, h.second);
+  }
+
+  const char* Name() const override { return kName; }
+
+  // ---- devices
+
+  int DeviceCount() override { return devices_; }
+
+  DeviceInfo GetDeviceInfo(int device) override {
+    Hook("GetDeviceInfo");
+    CheckDevice("GetDeviceInfo", device);
+    DeviceInfo info;
+    info.ordinal = device;
+    info.name = "Mock Device " + std::to_string(device);
+    info.total_bytes = capacity_;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      info.free_bytes = capacity_ - used_[device];
+    }
+    info.multiprocessors = 4;
+    info.pci_bus_id = "mock:" + std::to_string(device);
+    return info;
+  }
+
+  bool CanAccessPeer(int device, int peer) override {
+    Hook("CanAccessPeer");
+    CheckDevice("CanAccessPeer", device);
+    CheckDevice("CanAccessPeer", peer, "peer");
+    return device != peer;  // CUDA answers false for a device and itself
+  }
+
+  // ---- virtual memory
+
+  uint64_t Granularity(int device) override {
+    CheckDevice("Granularity", device);
+    return kGranularity;
+  }
+
+  DevicePtr ReserveRange(uint64_t size, uint64_t alignment) override {
+    const char* api = "ReserveRange";
+    Hook(api);
+    CheckGranules(api, "size", size);
+    uint64_t align = alignment == 0 ? kGranularity : alignment;
+    if ((align & (align - 1)) != 0 || align % kGranularity != 0) {
+      FailArg(api, "alignment", "0 or a power of two multiple of " + std::to_string(kGranularity));
+    }
+    if (Overflows(size, align)) FailArg(api, "size", "small enough to reserve");
+    // Over-reserve, then trim both ends to get an aligned range.
+    uint64_t span = size + align;
+    void* p = mmap(nullptr, span, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED) {
+      int err = errno;
+      Fail(ErrorKind::kOutOfMemory, api, err, "MOCK_ERROR_OUT_OF_MEMORY",
+           "cannot reserve " + std::to_string(size) + " bytes of address space: " +
+               std::strerror(err));
+    }
+    uint64_t raw = reinterpret_cast<uint64_t>(p);
+    uint64_t base = (raw + align - 1) & ~(align - 1);
+    if (base > raw) munmap(p, base - raw);
+    if (raw + span > base + size) munmap(reinterpret_cast<void*>(base + size), raw + span - base - size);
+    std::unique_lock<std::shared_mutex> lock(map_mu_);
+    reservations_[base] = size;
+    return base;
+  }
+
+  void FreeRange(DevicePtr base, uint64_t size) override {
+    const char* api = "FreeRange";
+    Hook(api);
+    std::unique_lock<std::shared_mutex> lock(map_mu_);
+    auto it = reservations_.find(base);
+    if (it == reservations_.end() || it->second != size) {
+      FailArg(api, "base", "the base and size of a reservation made by ReserveRange (got " +
+                               Hex(base) + ", " + std::to_string(size) + " bytes)");
+    }
+    auto m = mappings_.lower_bound(base);
+    if (m != mappings_.end() && m->first < base + size) {
+      FailArg(api, "base", "a reservation with nothing mapped in it: a chunk is still mapped at " +
+                               Hex(m->first) + "; Unmap it first");
+    }
+    munmap(reinterpret_cast<void*>(base), size);
+    reservations_.erase(it);
+  }
+
+  ChunkId CreateChunk(int device, uint64_t size, bool exportable) override {
+    const char* api = "CreateChunk";
+    Hook(api);
+    CheckDevice(api, device);
+    CheckGranules(api, "size", size);
+    CheckNotPoisoned(api, device);
+    std::lock_guard<std::mutex> lock(mu_);
+    uint64_t free_bytes = capacity_ - used_[device];
+    if (size > free_bytes) {
+      Fail(ErrorKind::kOutOfMemory, api, kCodeOutOfMemory, "MOCK_ERROR_OUT_OF_MEMORY",
+           "cannot create a chunk of " + std::to_string(size) + " bytes on mock device " +
+               std::to_string(device) + ": " + std::to_string(free_bytes) + " bytes free of " +
+               std::to_string(capacity_));
+    }
+    std::string name = kMemfdPrefix + std::to_string(device);
+    int fd = memfd_create(name.c_str(), MFD_CLOEXEC);
+    if (fd < 0) FailErrno(api, "memfd_create", errno);
+    auto mem = std::make_shared<ChunkMem>();
+    mem->fd = fd;  // owned from here on
+    if (ftruncate(fd, static_cast<off_t>(size)) != 0) FailErrno(api, "ftruncate", errno);
+    mem->device = device;
+    mem->size = size;
+    mem->exportable = exportable;
+    used_[device] += size;
+    ChunkId id = NextId();
+    chunks_[id] = std::move(mem);
+    return id;
+  }
+
+  void ReleaseChunk(ChunkId chunk) override {
+    Hook("ReleaseChunk");
+    std::lock_guard<std::mutex> lock(mu_);
+    std::shared_ptr<ChunkMem> mem = FindChunk("ReleaseChunk", chunk);
+    chunks_.erase(chunk);
+    mem->released = true;
+    MaybeFreeChunk(*mem);
+  }
+
+  uint64_t ChunkSize(ChunkId chunk) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    return FindChunk("ChunkSize", chunk)->size;
+  }
+
+  int ChunkDevice(ChunkId chunk) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    return FindChunk("ChunkDevice", chunk)->device;
+  }
+
+  void Map(DevicePtr address, uint64_t size, ChunkId chunk) override {
+    const char* api = "Map";
+    Hook(api);
+    std::lock_guard<std::mutex> lock(mu_);
+    std::shared_ptr<ChunkMem> mem = FindChunk(api, chunk);
+    if (size != mem->size) {
+      Fail(ErrorKind::kNotSupported, api, kCodeNotSupported, "MOCK_ERROR_NOT_SUPPORTED",
+           "only whole chunks map: size " + std::to_string(size) + " differs from chunk " +
+               std::to_string(chunk) + "'s size " + std::to_string(mem->size) +
+               " (cuMemMap rejects partial maps the same way)");
+    }
+    std::unique_lock<std::shared_mutex> map_lock(map_mu_);
+    if (address % kGranularity != 0) {
+      FailArg(api, "address", "aligned to " + std::to_string(kGranularity) + " bytes (got " +
+                                  Hex(address) + ")");
+    }
+    if (!InsideReservation(address, size)) {
+      FailArg(api, "address", "inside a reservation made by ReserveRange, with room for " +
+                                  std::to_string(size) + " bytes (got " + Hex(address) + ")");
+    }
+    auto next = mappings_.lower_bound(address);
+    bool overlaps = next != mappings_.end() && next->first < address + size;
+    if (!overlaps && next != mappings_.begin()) {
+      auto prev = std::prev(next);
+      overlaps = prev->first + prev->second.size > address;
+    }
+    if (overlaps) FailArg(api, "address", "free of existing mappings (" + Hex(address) + " overlaps one)");
+    // PROT_NONE: a fresh mapping has no access until SetAccess, as in CUDA.
+    void* p = mmap(reinterpret_cast<void*>(address), size, PROT_NONE, MAP_SHARED | MAP_FIXED,
+                   mem->fd, 0);
+    if (p == MAP_FAILED) FailErrno(api, "mmap of the chunk's memfd", errno);
+    mappings_[address] = Mapping{size, mem, {}};
+    mem->maps++;
+  }
+
+  void Unmap(DevicePtr address, uint64_t size) override {
+    const char* api = "Unmap";
+    Hook(api);
+    std::lock_guard<std::mutex> lock(mu_);
+    std::unique_lock<std::shared_mutex> map_lock(map_mu_);
+    auto it = mappings_.find(address);
+    if (it == mappings_.end() || it->second.size != size) {
+      FailArg(api, "address", "the address and size of one earlier Map call (got " + Hex(address) +
+                                  ", " + std::to_string(size) + " bytes)");
+    }
+    // Put the reservation back over the hole so the range stays reserved.
+    void* p = mmap(reinterpret_cast<void*>(address), size, PROT_NONE,
+                   MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED) FailErrno(api, "mmap restoring the reservation", errno);
+    std::shared_ptr<ChunkMem> mem = std::move(it->second.mem);
+    mappings_.erase(it);
+    mem->maps--;
+    MaybeFreeChunk(*mem);
+  }
+
+  void SetAccess(DevicePtr address, uint64_t size, const std::vector<int>& devices) override {
+    const char* api = "SetAccess";
+    Hook(api);
+    for (int d : devices) CheckDevice(api, d, "devices");
+    std::vector<int> access = devices;
+    std::sort(access.begin(), access.end());
+    access.erase(std::unique(access.begin(), access.end()), access.end());
+    if (size == 0 || Overflows(address, size)) FailArg(api, "size", "positive");
+    std::unique_lock<std::shared_mutex> map_lock(map_mu_);
+    // Access is per mapping, so the range must be whole consecutive mappings.
+    std::vector<std::pair<const uint64_t, Mapping>*> covered;
+    uint64_t end = address + size;
+    auto it = mappings_.find(address);
+    for (uint64_t cur = address; cur < end; ++it) {
+      if (it == mappings_.end() || it->first != cur || cur + it->second.size > end) {
+        FailArg(api, "address", "a range covered exactly by consecutive mappings ([" + Hex(address) +
+                                    ", " + Hex(end) + ") has an unmapped or partly covered part at " +
+                                    Hex(cur) + ")");
+      }
+      covered.push_back(&*it);
+      cur += it->second.size;
+    }
+    int prot = access.empty() ? PROT_NONE : PROT_READ | PROT_WRITE;
+    for (auto* m : covered) {
+      if (mprotect(reinterpret_cast<void*>(m->first), m->second.size, prot) != 0) {
+        FailErrno(api, "mprotect", errno);
+      }
+      m->second.access = access;
+    }
+  }
+
+  // ---- sharing
+
+  uint64_t ExportChunk(ChunkId chunk) override {
+    const char* api = "ExportChunk";
+    Hook(api);
+    std::lock_guard<std::mutex> lock(mu_);
+    std::shared_ptr<ChunkMem> mem = FindChunk(api, chunk);
+    if (!mem->exportable) {
+      Fail(ErrorKind::kNotSupported, api, kCodeNotSupported, "MOCK_ERROR_NOT_SUPPORTED",
+           "chunk " + std::to_string(chunk) +
+               " was created without exportable; create it exportable to share it (as on CUDA)");
+    }
+    int fd = fcntl(mem->fd, F_DUPFD_CLOEXEC, 0);
+    if (fd < 0) FailErrno(api, "dup of the chunk's memfd", errno);
+    return static_cast<uint64_t>(fd);
+  }
+
+  void AllowImport(uint64_t, const std::vector<int32_t>&) override { Hook("AllowImport"); }
+
+  int32_t ImportPid() override { return static_cast<int32_t>(getpid()); }
+
+  ChunkId ImportChunk(uint64_t shareable, int device, uint64_t size) override {
+    const char* api = "ImportChunk";
+    Hook(api);
+    CheckDevice(api, device);
+    if (shareable > static_cast<uint64_t>(INT32_MAX)) FailArg(api, "shareable", "a file descriptor");
+    int fd = static_cast<int>(shareable);
+    // /proc names a memfd "/memfd:<name> (deleted)"; ours carry the owning device.
+    char target[256] = {0};
+    std::string link = "/proc/self/fd/" + std::to_string(fd);
+    ssize_t n = readlink(link.c_str(), target, sizeof(target) - 1);
+    std::string prefix = std::string("/memfd:") + kMemfdPrefix;
+    if (n < 0 || std::strncmp(target, prefix.c_str(), prefix.size()) != 0) {
+      FailArg(api, "shareable", "a file descriptor exported by the mock backend (fd " +
+                                    std::to_string(fd) + " is " + (n < 0 ? "not open" : target) + ")");
+    }
+    int owner = std::atoi(target + prefix.size());
+    if (owner != device) {
+      FailArg(api, "device", "the chunk's device " + std::to_string(owner) + " (got " +
+                                 std::to_string(device) + ")");
+    }
+    struct stat st;
+    if (fstat(fd, &st) != 0) FailErrno(api, "fstat", errno);
+    if (static_cast<uint64_t>(st.st_size) != size) {
+      FailArg(api, "size", "the exported chunk's size " + std::to_string(st.st_size) + " (got " +
+                               std::to_string(size) + ")");
+    }
+    int own = fcntl(fd, F_DUPFD_CLOEXEC, 0);  // the caller keeps and closes its fd
+    if (own < 0) FailErrno(api, "dup", errno);
+    auto mem = std::make_shared<ChunkMem>();
+    mem->fd = own;
+    mem->device = device;
+    mem->size = size;
+    mem->exportable = true;  // an fd-backed import can be passed on again
+    mem->imported = true;
+    std::lock_guard<std::mutex> lock(mu_);
+    ChunkId id = NextId();
+    chunks_[id] = std::move(mem);
+    return id;
+  }
+
+  // ---- host memory
+
+  void* HostAlloc(uint64_t size) override {
+    const char* api = "HostAlloc";
+    Hook(api);
+    if (size == 0) FailArg(api, "size", "positive");
+    void* p = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) {
+      Fail(ErrorKind::kOutOfMemory, api, errno, "MOCK_ERROR_OUT_OF_MEMORY",
+           "cannot allocate " + std::to_string(size) + " bytes of host memory: " + std::strerror(errno));
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    host_[p] = size;
+    return p;
+  }
+
+  void HostFree(void* ptr) override {
+    Hook("HostFree");
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = host_.find(ptr);
+    if (it == host_.end()) FailArg("HostFree", "ptr", "a pointer returned by HostAlloc");
+    munmap(it->first, it->second);
+    host_.erase(it);
+  }
+
+  // ---- streams and events
+
+  StreamId CreateStream(int device) override {
+    Hook("CreateStream");
+    CheckDevice("CreateStream", device);
+    auto s = std::make_shared<Stream>();
+    s->device = device;
+    std::lock_guard<std::mutex> lock(mu_);
+    s->id = NextId();
+    try {
+      s->worker = std::thread([this, raw = s.get()] { RunWorker(*raw); });
+    } catch (const std::system_error& e) {
+      Fail(ErrorKind::kInternal, "CreateStream", e.code().value(), "MOCK_ERROR_THREAD", e.what());
+    }
+    streams_[s->id] = s;
+    return s->id;
+  }
+
+  void DestroyStream(StreamId stream) override {
+    Hook("DestroyStream");
+    std::shared_ptr<Stream> s;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      s = FindStream("DestroyStream", stream);
+      streams_.erase(stream);
+    }
+    StopWorker(*s);  // drains the queue first
+  }
+
+  void SynchronizeStream(StreamId stream) override {
+    const char* api = "SynchronizeStream";
+    Hook(api);
+    std::shared_ptr<Stream> s = GetStream(api, stream);
+    {
+      std::unique_lock<std::mutex> lock(s->mu);
+      s->cv.wait(lock, [&] { return s->queue.empty() && !s->busy; });
+      if (s->error) {
+        Status st = std::move(*s->error);
+        s->error.reset();
+        st.api = api;  // reported here, like cuStreamSynchronize; the message names the op
+        throw Error(std::move(st));
+      }
+    }
+    CheckNotPoisoned(api, s->device);
+  }
+
+  EventId CreateEvent(int device, bool timing) override {
+    Hook("CreateEvent");
+    CheckDevice("CreateEvent", device);
+    auto e = std::make_shared<Event>();
+    e->device = device;
+    e->timing = timing;
+    std::lock_guard<std::mutex> lock(mu_);
+    EventId id = NextId();
+    events_[id] = std::move(e);
+    return id;
+  }
+
+  void DestroyEvent(EventId event) override {
+    Hook("DestroyEvent");
+    std::lock_guard<std::mutex> lock(mu_);
+    FindEvent("DestroyEvent", event);
+    events_.erase(event);  // queued records and waits hold their own reference
+  }
+
+  void RecordEvent(EventId event, StreamId stream) override {
+    const char* api = "RecordEvent";
+    Hook(api);
+    std::lock_guard<std::mutex> lock(mu_);
+    std::shared_ptr<Event> e = FindEvent(api, event);
+    std::shared_ptr<Stream> s = FindStream(api, stream);
+    if (e->device != s->device) {
+      FailArg(api, "stream", "on the event's device " + std::to_string(e->device) + " (stream " +
+                                 std::to_string(stream) + " is on device " + std::to_string(s->device) + ")");
+    }
+    uint64_t seq;
+    {
+      std::lock_guard<std::mutex> elock(e->mu);
+      seq = ++e->enqueued;
+    }
+    Enqueue(*s, Op{api, false, [e, seq] {
+                     std::lock_guard<std::mutex> elock(e->mu);
+                     if (seq > e->completed) {  // an older record finishing late changes nothing
+                       e->completed = seq;
+                       e->time = std::chrono::steady_clock::now();
+                     }
+                     e->cv.notify_all();
+                   }});
+  }
+
+  void StreamWaitEvent(StreamId stream, EventId event) override {
+    const char* api = "StreamWaitEvent";
+    Hook(api);
+    std::lock_guard<std::mutex> lock(mu_);
+    std::shared_ptr<Stream> s = FindStream(api, stream);
+    std::shared_ptr<Event> e = FindEvent(api, event);
+    uint64_t target;
+    {
+      std::lock_guard<std::mutex> elock(e->mu);
+      target = e->enqueued;  // the most recent record at the time of this call
+    }
+    if (target == 0) return;  // never recorded: nothing to wait for, as in CUDA
+    Enqueue(*s, Op{api, false, [e, target] {
+                     std::unique_lock<std::mutex> elock(e->mu);
+                     e->cv.wait(elock, [&] { return e->completed >= target; });
+                   }});
+  }
+
+  void SynchronizeEvent(EventId event) override {
+    const char* api = "SynchronizeEvent";
+    Hook(api);
+    std::shared_ptr<Event> e;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      e = FindEvent(api, event);
+    }
+    {
+      std::unique_lock<std::mutex> elock(e->mu);
+      uint64_t target = e->enqueued;
+      e->cv.wait(elock, [&] { return e->completed >= target; });
+    }
+    CheckNotPoisoned(api, e->device);
+  }
+
+  float ElapsedMs(EventId start, EventId end) override {
+    const char* api = "ElapsedMs";
+    Hook(api);
+    std::shared_ptr<Event> a, b;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      a = FindEvent(api, start);
+      b = FindEvent(api, end);
+    }
+    auto when = [&](const std::shared_ptr<Event>& e, EventId id, const char* arg) {
+      if (!e->timing) {
+        Fail(ErrorKind::kNotSupported, api, kCodeNotSupported, "MOCK_ERROR_NOT_SUPPORTED",
+             "event " + std::to_string(id) + " (" + arg + ") was created without timing");
+      }
+      std::lock_guard<std::mutex> elock(e->mu);
+      if (e->enqueued == 0 || e->completed < e->enqueued) {
+        Status st = MakeStatus(ErrorKind::kInvalidArgument, api, kCodeNotReady, "MOCK_ERROR_NOT_READY",
+                               "event " + std::to_string(id) + " (" + arg + ") " +
+                                   (e->enqueued == 0 ? "has never been recorded"
+                                                     : "has not completed yet (NOT_READY): synchronize it first"));
+        st.argument = arg;
+        throw Error(std::move(st));
+      }
+      return e->time;
+    };
+    auto t0 = when(a, start, "start");
+    auto t1 = when(b, end, "end");
+    return std::chrono::duration<float, std::milli>(t1 - t0).count();
+  }
+
+  // ---- copies (validated when they execute, like device-side faults)
+
+  void CopyDeviceToDevice(DevicePtr dst, DevicePtr src, uint64_t bytes, StreamId stream) override {
+    const char* api = "CopyDeviceToDevice";
+    EnqueueMemoryOp(api, stream, [=](int device) {
+      CheckRange(api, stream, device, src, bytes, "source");
+      CheckRange(api, stream, device, dst, bytes, "destination");
+      std::memmove(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), bytes);
+    }, bytes);
+  }
+
+  void CopyHostToDevice(DevicePtr dst, const void* src, uint64_t bytes, StreamId stream) override {
+    const char* api = "CopyHostToDevice";
+    if (src == nullptr && bytes > 0) { Hook(api); FailArg(api, "src", "a host pointer"); }
+    EnqueueMemoryOp(api, stream, [=](int device) {
+      CheckRange(api, stream, device, dst, bytes, "destination");
+      std::memcpy(reinterpret_cast<void*>(dst), src, bytes);
+    }, bytes);
+  }
+
+  void CopyDeviceToHost(void* dst, DevicePtr src, uint64_t bytes, StreamId stream) override {
+    const char* api = "CopyDeviceToHost";
+    if (dst == nullptr && bytes > 0) { Hook(api); FailArg(api, "dst", "a host pointer"); }
+    EnqueueMemoryOp(api, stream, [=](int device) {
+      CheckRange(api, stream, device, src, bytes, "source");
+      std::memcpy(dst, reinterpret_cast<const void*>(src), bytes);
+    }, bytes);
+  }
+
+  void MemsetD8(DevicePtr dst, uint8_t value, uint64_t bytes, StreamId stream) override {
+    const char* api = "MemsetD8";
+    EnqueueMemoryOp(api, stream, [=](int device) {
+      CheckRange(api, stream, device, dst, bytes, "destination");
+      std::memset(reinterpret_cast<void*>(dst), value, bytes);
+    }, bytes);
+  }
+
+  // ---- kernels (CPU twins, resolved by name)
+
+  ModuleId LoadModule(int device, const ModuleSource& source, std::string* log) override {
+    const char* api = "LoadModule";
+    Hook(api);
+    CheckDevice(api, device);
+    CheckNotPoisoned(api, device);
+    // The mock cannot compile or load device code: any format is accepted and
+    // GetFunction resolves names against the registered CPU twins.
+    if (log) *log = "mock: module '" + source.name + "' accepted; kernels resolve to CPU twins by name";
+    std::lock_guard<std::mutex> lock(mu_);
+    ModuleId id = NextId();
+    modules_[id] = Module{device};
+    return id;
+  }
+
+  void UnloadModule(ModuleId module) override {
+    Hook("UnloadModule");
+    std::lock_guard<std::mutex> lock(mu_);
+    if (modules_.erase(module) == 0) InvalidHandle("UnloadModule", "module", module);
+    // A module's functions die with it, as in CUDA (queued launches already hold their twin).
+    for (auto it = functions_.begin(); it != functions_.end();) {
+      it = it->second.module == module ? functions_.erase(it) : std::next(it);
+    }
+  }
+
+  FunctionId GetFunction(ModuleId module, const std::string& name) override {
+    const char* api = "GetFunction";
+    Hook(api);
+    std::lock_guard<std::mutex> lock(mu_);
+    auto m = modules_.find(module);
+    if (m == modules_.end()) InvalidHandle(api, "module", module);
+    MockKernelFn fn = FindMockKernel(name);
+    if (!fn) {
+      Fail(ErrorKind::kNotFound, api, kCodeNotFound, "MOCK_ERROR_NOT_FOUND",
+           "no CPU twin is registered for kernel '" + name + "' in the mock backend");
+    }
+    FunctionId id = NextId();
+    functions_[id] = Function{module, m->second.device, name, fn};
+    return id;
+  }
+
+  void Launch(FunctionId function, const LaunchConfig& config, StreamId stream,
+              const std::vector<KernelArg>& args) override {
+    const char* api = "Launch";
+    Hook(api);
+    std::lock_guard<std::mutex> lock(mu_);
+    auto f = functions_.find(function);
+    if (f == functions_.end()) InvalidHandle(api, "function", function);
+    std::shared_ptr<Stream> s = FindStream(api, stream);
+    if (f->second.device != s->device) {
+      FailArg(api, "stream", "on device " + std::to_string(f->second.device) + " where kernel '" +
+                                 f->second.name + "' was loaded (stream " + std::to_string(stream) +
+                                 " is on device " + std::to_string(s->device) + ")");
+    }
+    CheckNotPoisoned(api, s->device);
+    MockKernelFn fn = f->second.fn;
+    std::string name = f->second.name;
+    int device = s->device;
+    Enqueue(*s, Op{api, true, [this, fn, name, config, args, device, stream] {
+                     std::shared_lock<std::shared_mutex> map_lock(map_mu_);
+                     MockKernelContext ctx(config, args, device, name,
+                                           [&](uint64_t addr, uint64_t bytes, bool write, size_t i) {
+                                             CheckRange("Launch", stream, device, addr, bytes,
+                                                        "kernel '" + name + "' argument " +
+                                                            std::to_string(i) +
+                                                            (write ? " (written)" : " (read)"));
+                                           });
+                     fn(ctx);
+                   }});
+  }
+
+  // ---- health and test hooks
+
+  void ResetDevice(int device) override {
+    Hook("ResetDevice");
+    CheckDevice("ResetDevice", device);
+    // Unlike cuda (where the context reset invalidates every resource of the device),
+    // the mock only clears the poison and pending stream errors: chunks, mappings,
+    // streams and modules stay valid. Callers must not rely on either behaviour.
+    std::lock_guard<std::mutex> lock(mu_);
+    poisoned_[device] = false;
+    for (auto& entry : streams_) {
+      if (entry.second->device != device) continue;
+      std::lock_guard<std::mutex> slock(entry.second->mu);
+      entry.second->error.reset();
+    }
+  }
+
+  void InjectFault(const std::string& op, uint64_t nth, ErrorKind kind) override {
+    bool known = std::any_of(std::begin(kFaultOps), std::end(kFaultOps),
+                             [&](const char* name) { return op == name; });
+    if (!known) FailArg("InjectFault", "op", "the name of a Backend method (got '" + op + "')");
+    if (nth == 0) FailArg("InjectFault", "nth", "at least 1");
+    std::lock_guard<std::mutex> lock(fault_mu_);
+    faults_.push_back(Fault{op, nth, nth, kind});
+  }
+
+  void ClearFaults() override {
+    std::lock_guard<std::mutex> lock(fault_mu_);
+    faults_.clear();
+  }
+
+ private:
+  // Counts a call of `op` for every armed fault on it and throws the one that is due.
+  void Hook(const char* op) {
+    std::lock_guard<std::mutex> lock(fault_mu_);
+    if (faults_.empty()) return;
+    std::optional<Fault> fire;
+    for (auto it = faults_.begin(); it != faults_.end();) {
+      if (it->op == op && --it->remaining == 0) {
+        if (!fire) fire = *it;  // two faults due on one call: one error, both spent
+        it = faults_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+    if (fire) {
+      Fail(fire->kind, op, kCodeInternal, "MOCK_FAULT_INJECTED",
+           "injected fault: " + fire->op + " call #" + std::to_string(fire->nth));
+    }
+  }
+
+  ChunkId NextId() { return next_id_++; }  // one counter for every kind: a mix-up never aliases
+
+  void CheckDevice(const char* api, int device, const char* argument = "device") const {
+    if (device < 0 || device >= devices_) {
+      FailArg(api, argument, "a device ordinal in [0, " + std::to_string(devices_) + ") (got " +
+                                 std::to_string(device) + ")");
+    }
+  }
+
+  static void CheckGranules(const char* api, const char* argument, uint64_t size) {
+    if (size == 0 || size % kGranularity != 0) {
+      FailArg(api, argument, "a positive multiple of " + std::to_string(kGranularity) + " (got " +
+                                 std::to_string(size) + ")");
+    }
+  }
+
+  void CheckNotPoisoned(const char* api, int device) const {
+    if (poisoned_[device]) {
+      std::string d = std::to_string(device);
+      Fail(ErrorKind::kIllegalAddress, api, kCodeIllegalAddress, "MOCK_ERROR_ILLEGAL_ADDRESS",
+           "device " + d + " is poisoned by an earlier illegal address; call ResetDevice(" + d + ")");
+    }
+  }
+
+  [[noreturn]] static void InvalidHandle(const char* api, const char* kind, uint64_t id) {
+    Fail(ErrorKind::kInvalidHandle, api, kCodeInvalidHandle, "MOCK_ERROR_INVALID_HANDLE",
+         std::string("unknown ") + kind + " handle " + std::to_string(id));
+  }
+
+  // The Find* helpers require mu_.
+  std::shared_ptr<ChunkMem> FindChunk(const char* api, ChunkId id) {
+    auto it = chunks_.find(id);
+    if (it == chunks_.end()) InvalidHandle(api, "chunk", id);
+    return it->second;
+  }
+  std::shared_ptr<Stream> FindStream(const char* api, StreamId id) {
+    auto it = streams_.find(id);
+    if (it == streams_.end()) InvalidHandle(api, "stream", id);
+    return it->second;
+  }
+  std::shared_ptr<Event> FindEvent(const char* api, EventId id) {
+    auto it = events_.find(id);
+    if (it == events_.end()) InvalidHandle(api, "event", id);
+    return it->second;
+  }
+  std::shared_ptr<Stream> GetStream(const char* api, StreamId id) {
+    std::lock_guard<std::mutex> lock(mu_);
+    return FindStream(api, id);
+  }
+
+  // Requires mu_. Frees a chunk's memory once released and unmapped everywhere here.
+  void MaybeFreeChunk(ChunkMem& mem) {
+    if (!mem.released || mem.maps > 0 || mem.fd < 0) return;
+    close(mem.fd);
+    mem.fd = -1;
+    if (!mem.imported) used_[mem.device] -= mem.size;
+  }
+
+  // Requires map_mu_.
+  bool InsideReservation(uint64_t address, uint64_t size) const {
+    if (Overflows(address, size)) return false;
+    auto it = reservations_.upper_bound(address);
+    if (it == reservations_.begin()) return false;
+    --it;
+    return address >= it->first && address + size <= it->first + it->second;
+  }
+
+  // Requires map_mu_ (shared is enough). Throws the illegal-address error unless every
+  // byte of [address, address+bytes) is mapped with access for `device`.
+  void CheckRange(const char* api, StreamId stream, int device, uint64_t address, uint64_t bytes,
+                  const std::string& what) const {
+    std::string problem;
+    uint64_t cur = address;
+    uint64_t end = Overflows(address, bytes) ? UINT64_MAX : address + bytes;
+    while (cur < end && problem.empty()) {
+      auto it = mappings_.upper_bound(cur);
+      if (it == mappings_.begin() || std::prev(it)->first + std::prev(it)->second.size <= cur) {
+        problem = Hex(cur) + " is not mapped";
+        break;
+      }
+      const Mapping& m = std::prev(it)->second;
+      if (!std::binary_search(m.access.begin(), m.access.end(), device)) {
+        problem = Hex(cur) + " is mapped but device " + std::to_string(device) +
+                  " has no access to it (SetAccess lists " + AccessList(m.access) + ")";
+      }
+      cur = std::prev(it)->first + m.size;
+    }
+    if (problem.empty()) return;
+    Fail(ErrorKind::kIllegalAddress, api, kCodeIllegalAddress, "MOCK_ERROR_ILLEGAL_ADDRESS",
+         "illegal address in " + std::string(api) + " on stream " + std::to_string(stream) +
+             " (device " + std::to_string(device) + "): " + what + " [" + Hex(address) + ", +" +
+             std::to_string(bytes) + "): " + problem);
+  }
+
+  static std::string AccessList(const std::vector<int>& access) {
+    if (access.empty()) return "no device";
+    std::string s = "devices";
+    for (int d : access) s += " " + std::to_string(d);
+    return s;
+  }
+
+  // The shared front half of every copy and memset: hook, handle and poison checks
+  // at call time; the range checks and the memcpy run on the worker under map_mu_.
+  void EnqueueMemoryOp(const char* api, StreamId stream, std::function<void(int device)> body,
+                       uint64_t bytes) {
+    Hook(api);
+    std::lock_guard<std::mutex> lock(mu_);
+    std::shared_ptr<Stream> s = FindStream(api, stream);
+    CheckNotPoisoned(api, s->device);
+    if (bytes == 0) return;  // nothing to touch, as CUDA accepts empty copies
+    int device = s->device;
+    Enqueue(*s, Op{api, true, [this, body = std::move(body), device] {
+                     std::shared_lock<std::shared_mutex> map_lock(map_mu_);
+                     body(device);
+                   }});
+  }
+
+  static void Enqueue(Stream& s, Op op) {
+    std::lock_guard<std::mutex> lock(s.mu);
+    s.queue.push_back(std::move(op));
+    s.cv.notify_all();
+  }
+
+  void RunWorker(Stream& s) {
+    std::unique_lock<std::mutex> lock(s.mu);
+    for (;;) {
+      s.cv.wait(lock, [&] { return s.stop || !s.queue.empty(); });
+      if (s.queue.empty()) return;  // stop requested and drained
+      Op op = std::move(s.queue.front());
+      s.queue.pop_front();
+      s.busy = true;
+      lock.unlock();
+      std::optional<Status> failure;
+      // Once the device is poisoned, later memory work does nothing (as on a dead
+      // CUDA context); records and waits still run so that nothing waits forever.
+      if (!op.touches_memory || !poisoned_[s.device]) {
+        try {
+          op.run();
+        } catch (const Error& e) {
+          failure = e.status();
+        } catch (const std::exception& e) {
+          failure = MakeStatus(ErrorKind::kInternal, op.api, kCodeInternal, "MOCK_ERROR_INTERNAL", e.what());
+        }
+      }
+      if (failure && failure->kind == ErrorKind::kIllegalAddress) poisoned_[s.device] = true;
+      lock.lock();
+      if (failure && !s.error) s.error = std::move(failure);
+      s.busy = false;
+      s.cv.notify_all();
+    }
+  }
+
+  static void StopWorker(Stream& s) {
+    {
+      std::lock_guard<std::mutex> lock(s.mu);
+      s.stop = true;
+      s.cv.notify_all();
+    }
+    if (s.worker.joinable()) s.worker.join();
+  }
+
+  const int devices_;
+  const uint64_t capacity_;
+
+  std::mutex mu_;
+  uint64_t next_id_ = 1;
+  std::vector<uint64_t> used_;  // bytes of live chunks created here, per device
+  std::map<ChunkId, std::shared_ptr<ChunkMem>> chunks_;
+  std::map<StreamId, std::shared_ptr<Stream>> streams_;
+  std::map<EventId, std::shared_ptr<Event>> events_;
+  std::map<ModuleId, Module> modules_;
+  std::map<FunctionId, Function> functions_;
+  std::map<void*, uint64_t> host_;
+  std::unique_ptr<std::atomic<bool>[]> poisoned_;  // read by workers without mu_
+
+  mutable std::shared_mutex map_mu_;
+  std::map<uint64_t, uint64_t> reservations_;  // base -> size
+  std::map<uint64_t, Mapping> mappings_;       // address -> mapping
+
+  std::mutex fault_mu_;
+  std::vector<Fault> faults_;
+};
+
+}  // namespace
+
+ProbeResult ProbeMock(const BackendOptions& options) {
+  ProbeResult r;
+  r.available = true;
+  r.device_count = options.mock_devices;
+  r.library = "builtin";
+  r.version = "mock-1";
+  return r;
+}
+
+std::shared_ptr<Backend> CreateMockBackend(const BackendOptions& options) {
+  if (options.mock_devices < 1 || options.mock_devices > 64) {
+    FailArg("CreateMockBackend", "mockDevices",
+            "an integer in [1, 64] (got " + std::to_string(options.mock_devices) + ")");
+  }
+  if (options.mock_capacity == 0 || options.mock_capacity % kGranularity != 0) {
+    FailArg("CreateMockBackend", "mockCapacity",
+            "a positive multiple of 2 MiB (" + std::to_string(kGranularity) + " bytes; got " +
+                std::to_string(options.mock_capacity) + ")");
+  }
+  return std::make_shared<MockBackend>(options.mock_devices, options.mock_capacity);
+}
+
+}  // namespace emoe
