@@ -43,7 +43,9 @@ std::shared_ptr<Api> LoadApi(const std::vector<std::string>& candidates, std::st
   std::string tried;
   for (const auto& path : candidates) {
     if (api->lib.Open({path})) break;
-    tried += "\n  - " + path + ": " + api->lib.error();
+    // dlerror usually starts with the path already; don't print it twice.
+    const std::string& why = api->lib.error();
+    tried += "\n  - " + (why.compare(0, path.size(), path) == 0 ? why : path + ": " + why);
   }
   if (!api->lib.is_open()) {
     if (error != nullptr) {

@@ -13,15 +13,18 @@
 // map_mu_ (shared) guards reservations and mappings. Order: mu_ before map_mu_.
 // Stream workers take map_mu_ shared for the whole of a copy or kernel (so a check
 // and the memcpy see the same mappings) and never take mu_ while holding it.
+// map_mu_ prefers writers: busy streams must not starve Map/Unmap/SetAccess.
 #include "backends/mock/mock_backend.h"
 
 #include <fcntl.h>
+#include <pthread.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cctype>
 #include <cerrno>
 #include <chrono>
 #include <condition_variable>
@@ -31,7 +34,7 @@
 #include <map>
 #include <mutex>
 #include <optional>
-#include <shared_mutex>
+#include <shared_mutex>  // std::shared_lock
 #include <thread>
 
 #include "backends/mock/mock_kernels.h"
@@ -86,6 +89,30 @@ Status MakeStatus(ErrorKind kind, const std::string& api, int64_t code,
 }
 
 bool Overflows(uint64_t a, uint64_t b) { return a + b < a; }
+
+// A reader-writer lock that lets a waiting writer in before new readers. glibc's
+// default rwlock (behind std::shared_mutex) prefers readers, so streams running
+// back-to-back copies could hold off a Map indefinitely.
+class WriterPreferringLock {
+ public:
+  WriterPreferringLock() {
+    pthread_rwlockattr_t attr;
+    pthread_rwlockattr_init(&attr);
+    pthread_rwlockattr_setkind_np(&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+    pthread_rwlock_init(&lock_, &attr);
+    pthread_rwlockattr_destroy(&attr);
+  }
+  ~WriterPreferringLock() { pthread_rwlock_destroy(&lock_); }
+  WriterPreferringLock(const WriterPreferringLock&) = delete;
+  WriterPreferringLock& operator=(const WriterPreferringLock&) = delete;
+  void lock() { pthread_rwlock_wrlock(&lock_); }
+  void unlock() { pthread_rwlock_unlock(&lock_); }
+  void lock_shared() { pthread_rwlock_rdlock(&lock_); }
+  void unlock_shared() { pthread_rwlock_unlock(&lock_); }
+
+ private:
+  pthread_rwlock_t lock_;
+};
 
 // Every method that InjectFault may target.
 const char* const kFaultOps[] = {
@@ -244,8 +271,9 @@ class MockBackend final : public Backend {
     uint64_t raw = reinterpret_cast<uint64_t>(p);
     uint64_t base = (raw + align - 1) & ~(align - 1);
     if (base > raw) munmap(p, base - raw);
-    if (raw + span > base + size) munmap(reinterpret_cast<void*>(base + size), raw + span - base - size);
-    std::unique_lock<std::shared_mutex> lock(map_mu_);
+    uint64_t tail = raw + span - (base + size);
+    if (tail > 0) munmap(reinterpret_cast<void*>(base + size), tail);
+    std::unique_lock<WriterPreferringLock> lock(map_mu_);
     reservations_[base] = size;
     return base;
   }
@@ -253,7 +281,7 @@ class MockBackend final : public Backend {
   void FreeRange(DevicePtr base, uint64_t size) override {
     const char* api = "FreeRange";
     Hook(api);
-    std::unique_lock<std::shared_mutex> lock(map_mu_);
+    std::unique_lock<WriterPreferringLock> lock(map_mu_);
     auto it = reservations_.find(base);
     if (it == reservations_.end() || it->second != size) {
       FailArg(api, "base", "the base and size of a reservation made by ReserveRange (got " +
@@ -327,7 +355,7 @@ class MockBackend final : public Backend {
                std::to_string(chunk) + "'s size " + std::to_string(mem->size) +
                " (cuMemMap rejects partial maps the same way)");
     }
-    std::unique_lock<std::shared_mutex> map_lock(map_mu_);
+    std::unique_lock<WriterPreferringLock> map_lock(map_mu_);
     if (address % kGranularity != 0) {
       FailArg(api, "address", "aligned to " + std::to_string(kGranularity) + " bytes (got " +
                                   Hex(address) + ")");
@@ -342,7 +370,9 @@ class MockBackend final : public Backend {
       auto prev = std::prev(next);
       overlaps = prev->first + prev->second.size > address;
     }
-    if (overlaps) FailArg(api, "address", "free of existing mappings (" + Hex(address) + " overlaps one)");
+    if (overlaps) {
+      FailArg(api, "address", "free of existing mappings (" + Hex(address) + " overlaps one)");
+    }
     // PROT_NONE: a fresh mapping has no access until SetAccess, as in CUDA.
     void* p = mmap(reinterpret_cast<void*>(address), size, PROT_NONE, MAP_SHARED | MAP_FIXED,
                    mem->fd, 0);
@@ -355,7 +385,7 @@ class MockBackend final : public Backend {
     const char* api = "Unmap";
     Hook(api);
     std::lock_guard<std::mutex> lock(mu_);
-    std::unique_lock<std::shared_mutex> map_lock(map_mu_);
+    std::unique_lock<WriterPreferringLock> map_lock(map_mu_);
     auto it = mappings_.find(address);
     if (it == mappings_.end() || it->second.size != size) {
       FailArg(api, "address", "the address and size of one earlier Map call (got " + Hex(address) +
@@ -379,7 +409,7 @@ class MockBackend final : public Backend {
     std::sort(access.begin(), access.end());
     access.erase(std::unique(access.begin(), access.end()), access.end());
     if (size == 0 || Overflows(address, size)) FailArg(api, "size", "positive");
-    std::unique_lock<std::shared_mutex> map_lock(map_mu_);
+    std::unique_lock<WriterPreferringLock> map_lock(map_mu_);
     // Access is per mapping, so the range must be whole consecutive mappings.
     std::vector<std::pair<const uint64_t, Mapping>*> covered;
     uint64_t end = address + size;
@@ -438,7 +468,8 @@ class MockBackend final : public Backend {
       FailArg(api, "shareable", "a file descriptor exported by the mock backend (fd " +
                                     std::to_string(fd) + " is " + (n < 0 ? "not open" : target) + ")");
     }
-    int owner = std::atoi(target + prefix.size());
+    const char* digits = target + prefix.size();
+    int owner = std::isdigit(static_cast<unsigned char>(*digits)) ? std::atoi(digits) : -1;
     if (owner != device) {
       FailArg(api, "device", "the chunk's device " + std::to_string(owner) + " (got " +
                                  std::to_string(device) + ")");
@@ -471,8 +502,9 @@ class MockBackend final : public Backend {
     if (size == 0) FailArg(api, "size", "positive");
     void* p = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (p == MAP_FAILED) {
-      Fail(ErrorKind::kOutOfMemory, api, errno, "MOCK_ERROR_OUT_OF_MEMORY",
-           "cannot allocate " + std::to_string(size) + " bytes of host memory: " + std::strerror(errno));
+      int err = errno;
+      Fail(ErrorKind::kOutOfMemory, api, err, "MOCK_ERROR_OUT_OF_MEMORY",
+           "cannot allocate " + std::to_string(size) + " bytes of host memory: " + std::strerror(err));
     }
     std::lock_guard<std::mutex> lock(mu_);
     host_[p] = size;
@@ -561,7 +593,8 @@ class MockBackend final : public Backend {
     std::shared_ptr<Stream> s = FindStream(api, stream);
     if (e->device != s->device) {
       FailArg(api, "stream", "on the event's device " + std::to_string(e->device) + " (stream " +
-                                 std::to_string(stream) + " is on device " + std::to_string(s->device) + ")");
+                                 std::to_string(stream) + " is on device " +
+                                 std::to_string(s->device) + ")");
     }
     uint64_t seq;
     {
@@ -628,10 +661,14 @@ class MockBackend final : public Backend {
       }
       std::lock_guard<std::mutex> elock(e->mu);
       if (e->enqueued == 0 || e->completed < e->enqueued) {
-        Status st = MakeStatus(ErrorKind::kInvalidArgument, api, kCodeNotReady, "MOCK_ERROR_NOT_READY",
-                               "event " + std::to_string(id) + " (" + arg + ") " +
-                                   (e->enqueued == 0 ? "has never been recorded"
-                                                     : "has not completed yet (NOT_READY): synchronize it first"));
+        // CUDA answers NOT_READY; there is no such kind, and the caller passed an
+        // event it may not use yet, so it is an invalid argument naming which one.
+        std::string why = e->enqueued == 0
+                              ? "has never been recorded"
+                              : "has not completed yet (NOT_READY): synchronize it first";
+        Status st = MakeStatus(ErrorKind::kInvalidArgument, api, kCodeNotReady,
+                               "MOCK_ERROR_NOT_READY",
+                               "event " + std::to_string(id) + " (" + arg + ") " + why);
         st.argument = arg;
         throw Error(std::move(st));
       }
@@ -646,37 +683,42 @@ class MockBackend final : public Backend {
 
   void CopyDeviceToDevice(DevicePtr dst, DevicePtr src, uint64_t bytes, StreamId stream) override {
     const char* api = "CopyDeviceToDevice";
-    EnqueueMemoryOp(api, stream, [=](int device) {
+    Hook(api);
+    // A peer copy needs the stream's device to have access to both sides.
+    EnqueueMemoryOp(api, stream, bytes, [=](int device) {
       CheckRange(api, stream, device, src, bytes, "source");
       CheckRange(api, stream, device, dst, bytes, "destination");
       std::memmove(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), bytes);
-    }, bytes);
+    });
   }
 
   void CopyHostToDevice(DevicePtr dst, const void* src, uint64_t bytes, StreamId stream) override {
     const char* api = "CopyHostToDevice";
-    if (src == nullptr && bytes > 0) { Hook(api); FailArg(api, "src", "a host pointer"); }
-    EnqueueMemoryOp(api, stream, [=](int device) {
+    Hook(api);
+    if (src == nullptr && bytes > 0) FailArg(api, "src", "a host pointer");
+    EnqueueMemoryOp(api, stream, bytes, [=](int device) {
       CheckRange(api, stream, device, dst, bytes, "destination");
       std::memcpy(reinterpret_cast<void*>(dst), src, bytes);
-    }, bytes);
+    });
   }
 
   void CopyDeviceToHost(void* dst, DevicePtr src, uint64_t bytes, StreamId stream) override {
     const char* api = "CopyDeviceToHost";
-    if (dst == nullptr && bytes > 0) { Hook(api); FailArg(api, "dst", "a host pointer"); }
-    EnqueueMemoryOp(api, stream, [=](int device) {
+    Hook(api);
+    if (dst == nullptr && bytes > 0) FailArg(api, "dst", "a host pointer");
+    EnqueueMemoryOp(api, stream, bytes, [=](int device) {
       CheckRange(api, stream, device, src, bytes, "source");
       std::memcpy(dst, reinterpret_cast<const void*>(src), bytes);
-    }, bytes);
+    });
   }
 
   void MemsetD8(DevicePtr dst, uint8_t value, uint64_t bytes, StreamId stream) override {
     const char* api = "MemsetD8";
-    EnqueueMemoryOp(api, stream, [=](int device) {
+    Hook(api);
+    EnqueueMemoryOp(api, stream, bytes, [=](int device) {
       CheckRange(api, stream, device, dst, bytes, "destination");
       std::memset(reinterpret_cast<void*>(dst), value, bytes);
-    }, bytes);
+    });
   }
 
   // ---- kernels (CPU twins, resolved by name)
@@ -739,7 +781,7 @@ class MockBackend final : public Backend {
     std::string name = f->second.name;
     int device = s->device;
     Enqueue(*s, Op{api, true, [this, fn, name, config, args, device, stream] {
-                     std::shared_lock<std::shared_mutex> map_lock(map_mu_);
+                     std::shared_lock<WriterPreferringLock> map_lock(map_mu_);
                      MockKernelContext ctx(config, args, device, name,
                                            [&](uint64_t addr, uint64_t bytes, bool write, size_t i) {
                                              CheckRange("Launch", stream, device, addr, bytes,
@@ -903,18 +945,17 @@ class MockBackend final : public Backend {
     return s;
   }
 
-  // The shared front half of every copy and memset: hook, handle and poison checks
-  // at call time; the range checks and the memcpy run on the worker under map_mu_.
-  void EnqueueMemoryOp(const char* api, StreamId stream, std::function<void(int device)> body,
-                       uint64_t bytes) {
-    Hook(api);
+  // The shared half of every copy and memset: handle and poison checks at call time;
+  // the range checks and the memcpy run on the worker under map_mu_.
+  void EnqueueMemoryOp(const char* api, StreamId stream, uint64_t bytes,
+                       std::function<void(int device)> body) {
     std::lock_guard<std::mutex> lock(mu_);
     std::shared_ptr<Stream> s = FindStream(api, stream);
     CheckNotPoisoned(api, s->device);
     if (bytes == 0) return;  // nothing to touch, as CUDA accepts empty copies
     int device = s->device;
     Enqueue(*s, Op{api, true, [this, body = std::move(body), device] {
-                     std::shared_lock<std::shared_mutex> map_lock(map_mu_);
+                     std::shared_lock<WriterPreferringLock> map_lock(map_mu_);
                      body(device);
                    }});
   }
@@ -943,7 +984,8 @@ class MockBackend final : public Backend {
         } catch (const Error& e) {
           failure = e.status();
         } catch (const std::exception& e) {
-          failure = MakeStatus(ErrorKind::kInternal, op.api, kCodeInternal, "MOCK_ERROR_INTERNAL", e.what());
+          failure = MakeStatus(ErrorKind::kInternal, op.api, kCodeInternal, "MOCK_ERROR_INTERNAL",
+                               e.what());
         }
       }
       if (failure && failure->kind == ErrorKind::kIllegalAddress) poisoned_[s.device] = true;
@@ -977,7 +1019,7 @@ class MockBackend final : public Backend {
   std::map<void*, uint64_t> host_;
   std::unique_ptr<std::atomic<bool>[]> poisoned_;  // read by workers without mu_
 
-  mutable std::shared_mutex map_mu_;
+  mutable WriterPreferringLock map_mu_;
   std::map<uint64_t, uint64_t> reservations_;  // base -> size
   std::map<uint64_t, Mapping> mappings_;       // address -> mapping
 

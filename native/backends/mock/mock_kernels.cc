@@ -119,15 +119,16 @@ EMOE_MOCK_KERNEL(emoe_scale_f32) {
   for (uint64_t i = 0; i < n; ++i) x[i] *= alpha;
 }
 
-// emoe_checksum_u32(ptr out_u64, ptr data, u64 n_words): *out = sum (u64)data[i] * (i+1)
-// modulo 2^64 (position-sensitive, so a swapped pair of words changes it).
+// emoe_checksum_u32(ptr out_u64, ptr data, u64 n_words): *out += sum (u64)data[i] * (i+1)
+// modulo 2^64 (position-sensitive, so a swapped pair of words changes it). It adds,
+// like the CUDA twin's atomicAdd, so callers zero `out` first on both backends.
 EMOE_MOCK_KERNEL(emoe_checksum_u32) {
   uint64_t n = ctx.U64(2);
   uint64_t* out = ctx.Ptr<uint64_t>(0, 1, true);
   const uint32_t* data = ctx.Ptr<uint32_t>(1, n, false);
   uint64_t sum = 0;
   for (uint64_t i = 0; i < n; ++i) sum += static_cast<uint64_t>(data[i]) * (i + 1);
-  *out = sum;
+  *out += sum;
 }
 
 }  // namespace emoe

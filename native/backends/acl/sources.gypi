@@ -1,0 +1,1 @@
+{ 'sources': ['acl_api.cc', 'acl_backend.cc'] }

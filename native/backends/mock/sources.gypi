@@ -1,0 +1,1 @@
+{ 'sources': ['mock_backend.cc', 'mock_kernels.cc'] }
