@@ -92,7 +92,7 @@ struct Loaded {
 
 }  // namespace
 
-const Driver* LoadDriver(const std::string& library, std::string* error) {
+const Driver* LoadDriver(const std::string& library, std::string* error, const char** step) {
   // One table per library name for the life of the process: ProbeCuda and
   // every backend share it, and nothing is ever unloaded (see DynLib).
   static std::mutex mu;
@@ -105,12 +105,16 @@ const Driver* LoadDriver(const std::string& library, std::string* error) {
 
   auto* loaded = new Loaded();
   if (!loaded->lib.Open({name})) {
-    *error = loaded->lib.error();
+    *step = "dlopen";
+    *error = loaded->lib.error() +
+             " (is the NVIDIA driver installed? `nvidia-smi` should work; or pass "
+             "options.cudaLibrary with the path of libcuda.so.1)";
     delete loaded;  // safe: nothing was opened
     return nullptr;
   }
   std::string missing;
   if (!ResolveAll(loaded->lib, &loaded->driver, &missing)) {
+    *step = "dlsym";
     *error = loaded->lib.path() + " lacks " + missing +
              " (driver too old? this backend needs a CUDA 12+ driver)";
     delete loaded;  // the library stays loaded (DynLib never dlcloses); harmless
@@ -119,19 +123,6 @@ const Driver* LoadDriver(const std::string& library, std::string* error) {
   loaded->driver.path = loaded->lib.path();
   (*cache)[name] = loaded;
   return &loaded->driver;
-}
-
-CUresult InitDriver(const Driver& d, int* version, std::string* error) {
-  CUresult r = d.cuInit(0);
-  if (r != CUDA_SUCCESS) {
-    *error = "cuInit failed: " + ErrorName(d, r) + " (" + ErrorString(d, r) + ")";
-    return r;
-  }
-  r = d.cuDriverGetVersion(version);
-  if (r != CUDA_SUCCESS) {
-    *error = "cuDriverGetVersion failed: " + ErrorName(d, r) + " (" + ErrorString(d, r) + ")";
-  }
-  return r;
 }
 
 std::string FormatDriverVersion(int version) {
@@ -217,13 +208,17 @@ const char* Hint(ErrorKind kind) {
     case ErrorKind::kOutOfMemory:
       return "free chunks, streams or modules on that device, or use another device";
     case ErrorKind::kIllegalAddress:
-      return "the error is sticky: this device's context is unusable until ResetDevice "
-             "(every resource of the device is lost) or a restart of the process; "
-             "check that the range was mapped and SetAccess granted the device";
+      // [measured, driver 580 / CUDA 13.0] the sticky state covers every device
+      // of the process, and resetting primary contexts does not clear it.
+      return "the error is sticky: later CUDA work of this process fails, on every "
+             "device, and ResetDevice cannot clear it (measured on driver 580); restart the "
+             "process. Check that every range the kernel or copy touched was mapped and "
+             "that SetAccess granted the device running it";
     case ErrorKind::kPeerAccess:
       return "check CanAccessPeer and `nvidia-smi topo -m`; at most 8 direct peers per device";
     case ErrorKind::kBackendUnavailable:
-      return "check `nvidia-smi`, CUDA_VISIBLE_DEVICES and that the driver matches the kernel module";
+      return "check `nvidia-smi`, CUDA_VISIBLE_DEVICES and that the driver matches the "
+             "kernel module";
     default:
       return "";
   }
@@ -240,10 +235,19 @@ void ThrowCu(const Driver& d, CUresult r, const char* api, const std::string& co
   s.code = r;
   s.code_name = ErrorName(d, r);
   s.message = ErrorString(d, r);
+  // Some driver strings end in a period; the context reads on after them.
+  while (!s.message.empty() && (s.message.back() == '.' || s.message.back() == ' ')) {
+    s.message.pop_back();
+  }
   if (!context.empty()) s.message += " while " + context;
-  const char* hint = Hint(s.kind);
+  const char* hint = r == CUDA_ERROR_CONTEXT_IS_DESTROYED
+                         ? "the device's primary context is gone (a ResetDevice that could not "
+                           "reopen it after a sticky error?); restart the process"
+                         : Hint(s.kind);
   if (*hint != '\0') s.message += std::string("; ") + hint;
-  if (s.kind == ErrorKind::kInvalidArgument && argument != nullptr) s.argument = argument;
+  if (s.kind == ErrorKind::kInvalidArgument) {
+    s.argument = r == CUDA_ERROR_INVALID_DEVICE ? "device" : (argument != nullptr ? argument : "");
+  }
   throw Error(std::move(s));
 }
 

@@ -78,6 +78,7 @@ constexpr CUresult CUDA_ERROR_NOT_READY = 600;
 constexpr CUresult CUDA_ERROR_ILLEGAL_ADDRESS = 700;
 constexpr CUresult CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED = 704;
 constexpr CUresult CUDA_ERROR_PEER_ACCESS_NOT_ENABLED = 705;
+constexpr CUresult CUDA_ERROR_CONTEXT_IS_DESTROYED = 709;
 constexpr CUresult CUDA_ERROR_TOO_MANY_PEERS = 711;
 constexpr CUresult CUDA_ERROR_HARDWARE_STACK_ERROR = 714;
 constexpr CUresult CUDA_ERROR_ILLEGAL_INSTRUCTION = 715;
@@ -116,8 +117,7 @@ constexpr int CU_JIT_ERROR_LOG_BUFFER_SIZE_BYTES = 6;  // option value: (void*)(
 // ---- the table. Each member is named after the documented API; the comment
 // gives the exported symbol that fills it (see kSymbols in cuda_driver.cc).
 struct Driver {
-  std::string path;         // the library that loaded (e.g. "libcuda.so.1")
-  int driver_version = 0;   // cuDriverGetVersion, e.g. 13000; 0 until Init
+  std::string path;  // the library that loaded (e.g. "libcuda.so.1")
 
   CUresult (*cuGetErrorName)(CUresult, const char**) = nullptr;
   CUresult (*cuGetErrorString)(CUresult, const char**) = nullptr;
@@ -174,7 +174,8 @@ struct Driver {
   CUresult (*cuMemsetD8Async)(CUdeviceptr, unsigned char, size_t, CUstream) = nullptr;
 
   CUresult (*cuModuleLoadData)(CUmodule*, const void*) = nullptr;
-  CUresult (*cuModuleLoadDataEx)(CUmodule*, const void*, unsigned, int*, void**) = nullptr;  // optional
+  // optional; the int* is CUjit_option*
+  CUresult (*cuModuleLoadDataEx)(CUmodule*, const void*, unsigned, int*, void**) = nullptr;
   CUresult (*cuModuleUnload)(CUmodule) = nullptr;
   CUresult (*cuModuleGetFunction)(CUfunction*, CUmodule, const char*) = nullptr;
   CUresult (*cuLaunchKernel)(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned,
@@ -182,13 +183,10 @@ struct Driver {
 };
 
 // Loads `library` (empty: "libcuda.so.1") once per process and resolves the
-// table. Returns nullptr and sets *error (dlerror text, or the missing symbols)
-// on failure. The table lives until exit: the library is never closed.
-const Driver* LoadDriver(const std::string& library, std::string* error);
-
-// cuInit(0) and cuDriverGetVersion; on failure sets *error to
-// "cuInit failed: CUDA_ERROR_NO_DEVICE (no CUDA-capable device is detected)".
-CUresult InitDriver(const Driver& d, int* version, std::string* error);
+// table. Returns nullptr on failure, with *step = "dlopen" (*error: dlerror
+// text) or "dlsym" (*error: the missing symbols). The table lives until exit:
+// the library is never closed.
+const Driver* LoadDriver(const std::string& library, std::string* error, const char** step);
 
 // "13.0 (driver API 13000)"
 std::string FormatDriverVersion(int version);

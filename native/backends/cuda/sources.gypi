@@ -1,0 +1,1 @@
+{ 'sources': ['cuda_driver.cc', 'nvrtc.cc', 'cuda_backend.cc'] }
