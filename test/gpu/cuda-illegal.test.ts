@@ -1,5 +1,10 @@
-// Own file (own process): an illegal address poisons the CUDA context, and the
-// reset that clears it invalidates every resource of the device.
+// Own file (own process): on the real driver an illegal address poisons the
+// whole process (every device, measured on driver 580), and a context reset does
+// not bring it back. Recovery is a fresh process — which is why executors are
+// separate processes that attach to memory the HMM owns.
+import { spawnSync } from 'node:child_process';
+import path from 'node:path';
+
 import { describe, expect, it } from 'vitest';
 
 import { BASIC_KERNELS_SOURCE, IllegalAddressError, Runtime, arg } from '../../src/index.js';
@@ -7,7 +12,7 @@ import { BASIC_KERNELS_SOURCE, IllegalAddressError, Runtime, arg } from '../../s
 const onCuda = process.env.ELASTICMOE_BACKEND === 'cuda';
 
 describe.runIf(onCuda)('illegal address on a real GPU', () => {
-  it('a kernel writing to an unmapped reserved address fails with CUDA_ERROR_ILLEGAL_ADDRESS, and reset recovers', async () => {
+  it('a kernel writing to an unmapped address fails with CUDA_ERROR_ILLEGAL_ADDRESS; a fresh process works', async () => {
     const rt = Runtime.open({ backend: 'cuda' });
     const g = rt.granularity(0);
     const mod = await rt.loadModule(0, { format: 'cuda', data: BASIC_KERNELS_SOURCE });
@@ -21,13 +26,11 @@ describe.runIf(onCuda)('illegal address on a real GPU', () => {
       expect(e).toBeInstanceOf(IllegalAddressError);
       expect((e as IllegalAddressError).codeName).toBe('CUDA_ERROR_ILLEGAL_ADDRESS');
     }
-    rt.resetDevice(0);
-    const chunk = rt.createChunk(0, g);
-    const r2 = rt.reserve(g);
-    r2.map(0, chunk);
-    r2.setAccess(0, g, [0]);
-    const s2 = rt.createStream(0);
-    await rt.write(r2.at(0), new Uint8Array([5, 6, 7]), s2);
-    expect(Array.from(await rt.read(r2.at(0), 3, s2))).toEqual([5, 6, 7]);
+    // The sticky error survives a reset in this process and says so.
+    expect(() => rt.resetDevice(0)).toThrow(IllegalAddressError);
+    const cli = path.resolve(__dirname, '../../dist/cli/main.js');
+    const fresh = spawnSync(process.execPath, [cli, 'devices', '--backend', 'cuda', '--json'], { encoding: 'utf8' });
+    expect(fresh.status).toBe(0);
+    expect(JSON.parse(fresh.stdout).devices.length).toBe(rt.deviceCount);
   });
 });

@@ -28,3 +28,8 @@ export function pattern(n: number, seed = 1): Uint8Array {
   }
   return out;
 }
+
+/** Byte equality without vitest's element-by-element diff (slow on MiB arrays). */
+export function sameBytes(a: Uint8Array, b: Uint8Array): boolean {
+  return Buffer.compare(Buffer.from(a.buffer, a.byteOffset, a.byteLength), Buffer.from(b.buffer, b.byteOffset, b.byteLength)) === 0;
+}
