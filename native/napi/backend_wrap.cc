@@ -1,0 +1,228 @@
+#include "napi/backend_wrap.h"
+
+#include <utility>
+
+#include "napi/chunk_wrap.h"
+#include "napi/convert.h"
+#include "napi/errors.h"
+#include "napi/event_wrap.h"
+#include "napi/host_buffer_wrap.h"
+#include "napi/module_wrap.h"
+#include "napi/promise_worker.h"
+#include "napi/range_wrap.h"
+#include "napi/stream_wrap.h"
+#include "napi/wrap.h"
+
+namespace emoe::napi {
+namespace {
+
+ModuleFormat ToModuleFormat(const Napi::Value& value) {
+  std::string format = value.IsString() ? value.As<Napi::String>().Utf8Value() : "";
+  if (format == "ptx") return ModuleFormat::kPtx;
+  if (format == "cubin") return ModuleFormat::kCubin;
+  if (format == "cuda") return ModuleFormat::kCudaSource;
+  if (format == "ascend") return ModuleFormat::kAscendBinary;
+  ThrowArgument("format", "one of 'ptx', 'cubin', 'cuda', 'ascend'");
+}
+
+ErrorKind ToErrorKind(const Napi::Value& value) {
+  std::string name = value.IsString() ? value.As<Napi::String>().Utf8Value() : "";
+  for (int k = static_cast<int>(ErrorKind::kInvalidArgument);
+       k <= static_cast<int>(ErrorKind::kInternal); ++k) {
+    if (name == ErrorKindName(static_cast<ErrorKind>(k))) return static_cast<ErrorKind>(k);
+  }
+  ThrowArgument("kind", "an error kind such as 'OUT_OF_MEMORY' or 'ILLEGAL_ADDRESS'");
+}
+
+// Loads (and for CUDA source, compiles) a module off the main thread.
+class LoadModuleWorker : public PromiseWorker {
+ public:
+  LoadModuleWorker(const Napi::Object& owner, std::shared_ptr<Backend> backend, int device,
+                   ModuleSource source)
+      : PromiseWorker(owner, "NativeBackend.loadModule"),
+        backend_(std::move(backend)),
+        device_(device),
+        source_(std::move(source)) {}
+
+ private:
+  void Run() override { id_ = backend_->LoadModule(device_, source_, &log_); }
+
+  Napi::Value Result(Napi::Env env) override {
+    // Owned from here: unloaded if making the object fails.
+    auto state = std::make_shared<ModuleState>(backend_, id_, std::move(log_));
+    return NativeModule::New(env, std::move(state));
+  }
+
+  std::shared_ptr<Backend> backend_;
+  int device_;
+  ModuleSource source_;
+  ModuleId id_ = 0;
+  std::string log_;
+};
+
+}  // namespace
+
+void NativeBackend::Init(Napi::Env env, AddonData& data) {
+  using W = NativeBackend;
+  std::vector<Napi::ClassPropertyDescriptor<W>> properties = {
+      Getter<W, &W::GetName>("name"),
+      Method<W, &W::DeviceCount>("deviceCount"),
+      Method<W, &W::DeviceInfo>("deviceInfo"),
+      Method<W, &W::CanAccessPeer>("canAccessPeer"),
+      Method<W, &W::Granularity>("granularity"),
+      Method<W, &W::ReserveRange>("reserveRange"),
+      Method<W, &W::CreateChunk>("createChunk"),
+      Method<W, &W::ImportChunk>("importChunk"),
+      Method<W, &W::AllowImport>("allowImport"),
+      Method<W, &W::ImportPid>("importPid"),
+      Method<W, &W::HostAlloc>("hostAlloc"),
+      Method<W, &W::CreateStream>("createStream"),
+      Method<W, &W::CreateEvent>("createEvent"),
+      Method<W, &W::LoadModule>("loadModule"),
+      Method<W, &W::ResetDevice>("resetDevice"),
+      Method<W, &W::InjectFault>("injectFault"),
+      Method<W, &W::ClearFaults>("clearFaults"),
+  };
+  data.backend_ctor = Napi::Persistent(DefineClass(env, kClassName, properties));
+}
+
+Napi::Object NativeBackend::New(Napi::Env env, std::shared_ptr<Backend> backend) {
+  return Construct<NativeBackend>(GetAddonData(env).backend_ctor, backend);
+}
+
+NativeBackend::NativeBackend(const Napi::CallbackInfo& info)
+    : Napi::ObjectWrap<NativeBackend>(info) {
+  backend_ = ConstructorInit<NativeBackend, std::shared_ptr<Backend>>(info);
+}
+
+Napi::Value NativeBackend::GetName(const Napi::CallbackInfo& info) {
+  return Napi::String::New(info.Env(), backend_->Name());
+}
+
+Napi::Value NativeBackend::DeviceCount(const Napi::CallbackInfo& info) {
+  return Napi::Number::New(info.Env(), backend_->DeviceCount());
+}
+
+Napi::Value NativeBackend::DeviceInfo(const Napi::CallbackInfo& info) {
+  emoe::DeviceInfo d = backend_->GetDeviceInfo(ToDevice(info[0], "device"));
+  Napi::Object result = Napi::Object::New(info.Env());
+  result.Set("ordinal", d.ordinal);
+  result.Set("name", d.name);
+  result.Set("totalBytes", FromSize(info.Env(), d.total_bytes));
+  result.Set("freeBytes", FromSize(info.Env(), d.free_bytes));
+  result.Set("ccMajor", d.cc_major);
+  result.Set("ccMinor", d.cc_minor);
+  result.Set("multiprocessors", d.multiprocessors);
+  result.Set("pciBusId", d.pci_bus_id);
+  return result;
+}
+
+Napi::Value NativeBackend::CanAccessPeer(const Napi::CallbackInfo& info) {
+  int device = ToDevice(info[0], "device");
+  int peer = ToDevice(info[1], "peer");
+  return Napi::Boolean::New(info.Env(), backend_->CanAccessPeer(device, peer));
+}
+
+Napi::Value NativeBackend::Granularity(const Napi::CallbackInfo& info) {
+  return FromSize(info.Env(), backend_->Granularity(ToDevice(info[0], "device")));
+}
+
+// reserveRange(size, alignment = 0)
+Napi::Value NativeBackend::ReserveRange(const Napi::CallbackInfo& info) {
+  uint64_t size = ToSize(info[0], "size");
+  uint64_t alignment = info[1].IsUndefined() ? 0 : ToSize(info[1], "alignment");
+  DevicePtr base = backend_->ReserveRange(size, alignment);
+  // Owned from here: freed if making the object fails.
+  auto state = std::make_shared<RangeState>(backend_, base, size);
+  return NativeRange::New(info.Env(), std::move(state));
+}
+
+// createChunk(device, size, exportable = false)
+Napi::Value NativeBackend::CreateChunk(const Napi::CallbackInfo& info) {
+  int device = ToDevice(info[0], "device");
+  uint64_t size = ToSize(info[1], "size");
+  bool exportable = info[2].IsUndefined() ? false : ToBool(info[2], "exportable");
+  ChunkId id = backend_->CreateChunk(device, size, exportable);
+  auto state = std::make_shared<ChunkState>(backend_, id, device, size);
+  return NativeChunk::New(info.Env(), std::move(state));
+}
+
+// importChunk(shareable, device, size): the caller still owns an fd shareable.
+Napi::Value NativeBackend::ImportChunk(const Napi::CallbackInfo& info) {
+  uint64_t shareable = ToU64(info[0], "shareable");
+  int device = ToDevice(info[1], "device");
+  uint64_t size = ToSize(info[2], "size");
+  ChunkId id = backend_->ImportChunk(shareable, device, size);
+  auto state = std::make_shared<ChunkState>(backend_, id, device, size);
+  return NativeChunk::New(info.Env(), std::move(state));
+}
+
+Napi::Value NativeBackend::AllowImport(const Napi::CallbackInfo& info) {
+  uint64_t shareable = ToU64(info[0], "shareable");
+  std::vector<int64_t> list = ToIntegerList(info[1], "pids", 65536, 0, INT32_MAX);
+  backend_->AllowImport(shareable, std::vector<int32_t>(list.begin(), list.end()));
+  return info.Env().Undefined();
+}
+
+Napi::Value NativeBackend::ImportPid(const Napi::CallbackInfo& info) {
+  return Napi::Number::New(info.Env(), backend_->ImportPid());
+}
+
+Napi::Value NativeBackend::HostAlloc(const Napi::CallbackInfo& info) {
+  uint64_t size = ToSize(info[0], "size");
+  if (size == 0) ThrowArgument("size", "a positive integer");
+  void* ptr = backend_->HostAlloc(size);
+  auto memory = std::make_shared<HostMemory>(backend_, ptr, size);
+  return NativeHostBuffer::New(info.Env(), std::move(memory));
+}
+
+Napi::Value NativeBackend::CreateStream(const Napi::CallbackInfo& info) {
+  int device = ToDevice(info[0], "device");
+  StreamId id = backend_->CreateStream(device);
+  auto state = std::make_shared<StreamState>(backend_, id, device);
+  return NativeStream::New(info.Env(), std::move(state));
+}
+
+// createEvent(device, timing = false)
+Napi::Value NativeBackend::CreateEvent(const Napi::CallbackInfo& info) {
+  int device = ToDevice(info[0], "device");
+  bool timing = info[1].IsUndefined() ? false : ToBool(info[1], "timing");
+  EventId id = backend_->CreateEvent(device, timing);
+  auto state = std::make_shared<EventState>(backend_, id, device);
+  return NativeEvent::New(info.Env(), std::move(state));
+}
+
+// loadModule(device, format, data, name, options): compiles and loads off the main thread.
+Napi::Value NativeBackend::LoadModule(const Napi::CallbackInfo& info) {
+  return PromiseOrReject(info.Env(), "NativeBackend.loadModule", [&] {
+    int device = ToDevice(info[0], "device");
+    ModuleSource source;
+    source.format = ToModuleFormat(info[1]);
+    source.data = ToBytes(info[2], "data");
+    if (!info[3].IsUndefined()) source.name = ToString(info[3], "name");
+    if (!info[4].IsUndefined()) source.options = ToStringList(info[4], "options", 1024);
+    auto* worker = new LoadModuleWorker(Value(), backend_, device, std::move(source));
+    return worker->Start();
+  });
+}
+
+Napi::Value NativeBackend::ResetDevice(const Napi::CallbackInfo& info) {
+  backend_->ResetDevice(ToDevice(info[0], "device"));
+  return info.Env().Undefined();
+}
+
+// injectFault(op, nth, kind): mock only.
+Napi::Value NativeBackend::InjectFault(const Napi::CallbackInfo& info) {
+  std::string op = ToString(info[0], "op");
+  uint64_t nth = ToSize(info[1], "nth");
+  ErrorKind kind = ToErrorKind(info[2]);
+  backend_->InjectFault(op, nth, kind);
+  return info.Env().Undefined();
+}
+
+Napi::Value NativeBackend::ClearFaults(const Napi::CallbackInfo& info) {
+  backend_->ClearFaults();
+  return info.Env().Undefined();
+}
+
+}  // namespace emoe::napi

@@ -1,0 +1,69 @@
+// NativeRange: a reservation of virtual address space (ReserveRange) into which
+// chunks are mapped. Offsets are validated against the range before the backend sees
+// them; device pointers are computed here as base + offset.
+#pragma once
+
+#include <napi.h>
+
+#include <map>
+#include <memory>
+#include <string>
+
+#include "core/backend.h"
+#include "napi/addon.h"
+#include "napi/chunk_wrap.h"
+
+namespace emoe::napi {
+
+// Main thread only.
+struct RangeState {
+  struct Mapping {
+    uint64_t size = 0;
+    std::shared_ptr<ChunkState> chunk;  // keeps the chunk handle while mapped
+  };
+
+  std::shared_ptr<Backend> backend;
+  DevicePtr base = 0;
+  uint64_t size = 0;
+  bool freed = false;
+  std::map<uint64_t, Mapping> mappings;  // offset -> what Map put there
+
+  RangeState(std::shared_ptr<Backend> b, DevicePtr base_, uint64_t size_)
+      : backend(std::move(b)), base(base_), size(size_) {}
+  ~RangeState();
+  // Unmaps what is still mapped, then frees the reservation. Idempotent; throws the
+  // first failure after trying everything.
+  void Free();
+};
+
+class NativeRange : public Napi::ObjectWrap<NativeRange> {
+ public:
+  static constexpr const char* kClassName = "NativeRange";
+  static constexpr napi_type_tag kTypeTag = {0x4846a2f505b3a993ull, 0x8c53a9dbb4b538adull};
+
+  static void Init(Napi::Env env, AddonData& data);
+  static Napi::Object New(Napi::Env env, std::shared_ptr<RangeState> state);
+
+  explicit NativeRange(const Napi::CallbackInfo& info);
+
+  // The address of [offset, offset + bytes) after checking the range is live and the
+  // span lies inside it (INVALID_HANDLE / INVALID_ARGUMENT naming the arguments).
+  DevicePtr Span(uint64_t offset, uint64_t bytes, const std::string& offset_name,
+                 const std::string& bytes_name) const;
+  // The device pointer of a kernel argument: offset strictly inside the range.
+  DevicePtr Pointer(uint64_t offset, const std::string& offset_name) const;
+  const std::shared_ptr<Backend>& backend() const { return state_->backend; }
+
+ private:
+  Napi::Value GetBase(const Napi::CallbackInfo& info);
+  Napi::Value GetSize(const Napi::CallbackInfo& info);
+  Napi::Value GetFreed(const Napi::CallbackInfo& info);
+  Napi::Value Map(const Napi::CallbackInfo& info);
+  Napi::Value Unmap(const Napi::CallbackInfo& info);
+  Napi::Value SetAccess(const Napi::CallbackInfo& info);
+  Napi::Value Free(const Napi::CallbackInfo& info);
+
+  std::shared_ptr<RangeState> state_;
+};
+
+}  // namespace emoe::napi

@@ -1,0 +1,15 @@
+{ 'sources': [
+  'addon.cc',
+  'errors.cc',
+  'convert.cc',
+  'poll_handle.cc',
+  'backend_wrap.cc',
+  'chunk_wrap.cc',
+  'range_wrap.cc',
+  'host_buffer_wrap.cc',
+  'stream_wrap.cc',
+  'event_wrap.cc',
+  'module_wrap.cc',
+  'channel_wrap.cc',
+  'listener_wrap.cc',
+] }
