@@ -7,4 +7,4 @@ export { Module, Kernel, arg, type KernelArg, type ModuleSpec, type ModuleFormat
 export { Runtime, selectBackend, type BackendSelection, type DeviceInfo } from './runtime.js';
 export { UnixChannel, UnixListener, type ChannelMessage } from './channel.js';
 export type { BackendName, NativeStatus, NativeProbe } from './native-types.js';
-export { BASIC_KERNELS_SOURCE, checksumU32 } from './basic-kernels.js';
+export { BASIC_KERNELS_SOURCE, checksumU32, fnv1a64, uniformBf16 } from './basic-kernels.js';

@@ -1,0 +1,217 @@
+// The chunk store: every physical chunk the HMM owns, where each named tensor
+// lives, who holds each chunk, and per-device accounting by kind. Chunks are
+// created exportable (so executors can import them) and mapped once into the
+// HMM's own address space with access for their device, so the HMM can fill,
+// copy and checksum them.
+import { BASIC_KERNELS_SOURCE } from '../runtime/basic-kernels.js';
+import { InvalidArgumentError, NotFoundError } from '../runtime/errors.js';
+import { arg, type Module } from '../runtime/kernel.js';
+import type { Chunk, DevicePointer, VirtualRange } from '../runtime/memory.js';
+import type { Runtime } from '../runtime/runtime.js';
+import type { Stream } from '../runtime/stream.js';
+import type { ChunkKind, ChunkPlan, TensorLocation } from './placement.js';
+
+export interface StoredChunk {
+  readonly plan: ChunkPlan;
+  readonly chunk: Chunk;
+  /** The HMM's own mapping of the chunk (access: the chunk's device). */
+  readonly range: VirtualRange;
+  /** Who keeps the chunk alive: "hmm" (resident), session ids, layout ids. Freed when empty. */
+  readonly holders: Set<string>;
+}
+
+export interface TensorRef {
+  chunk: StoredChunk;
+  location: TensorLocation;
+  ptr: DevicePointer;
+}
+
+export interface DeviceAccounting {
+  device: number;
+  weightBytes: number;
+  kvBytes: number;
+  workspaceBytes: number;
+  /** Bytes the device reports free (all processes). */
+  freeBytes: number;
+  totalBytes: number;
+}
+
+export class ChunkStore {
+  private readonly chunks = new Map<string, StoredChunk>();
+  private readonly tensors = new Map<string, { chunkId: string; location: TensorLocation }>();
+  private readonly streams = new Map<number, Stream>();
+  private readonly modules = new Map<number, Promise<Module>>();
+
+  constructor(readonly rt: Runtime) {}
+
+  get size(): number {
+    return this.chunks.size;
+  }
+  ids(): string[] {
+    return [...this.chunks.keys()];
+  }
+  all(): StoredChunk[] {
+    return [...this.chunks.values()];
+  }
+  has(id: string): boolean {
+    return this.chunks.has(id);
+  }
+  get(id: string): StoredChunk {
+    const c = this.chunks.get(id);
+    if (!c) throw new NotFoundError('NOT_FOUND', `no chunk '${id}' in the HMM`);
+    return c;
+  }
+
+  /**
+   * Allocates every planned chunk for `holder`, all or nothing: if any
+   * allocation fails, the chunks this call created are freed and the error is
+   * rethrown, leaving the store as it was.
+   */
+  allocate(plans: readonly ChunkPlan[], holder = 'hmm'): StoredChunk[] {
+    const made: StoredChunk[] = [];
+    try {
+      for (const plan of plans) {
+        if (this.chunks.has(plan.id)) throw new InvalidArgumentError('plan.id', `new (chunk '${plan.id}' exists)`);
+        for (const t of plan.tensors) {
+          if (this.tensors.has(t.name)) throw new InvalidArgumentError('tensor', `new ('${t.name}' is already stored)`);
+        }
+        const chunk = this.rt.createChunk(plan.device, plan.size, { exportable: true });
+        let range: VirtualRange | undefined;
+        try {
+          range = this.rt.reserve(plan.size);
+          range.map(0, chunk);
+          range.setAccess(0, plan.size, [plan.device]);
+        } catch (e) {
+          range?.dispose();
+          chunk.dispose();
+          throw e;
+        }
+        const stored: StoredChunk = { plan, chunk, range, holders: new Set([holder]) };
+        this.chunks.set(plan.id, stored);
+        for (const t of plan.tensors) this.tensors.set(t.name, { chunkId: plan.id, location: t });
+        made.push(stored);
+      }
+    } catch (e) {
+      for (const c of made) this.free(c);
+      throw e;
+    }
+    return made;
+  }
+
+  tensor(name: string): TensorRef {
+    const t = this.tensors.get(name);
+    if (!t) throw new NotFoundError('NOT_FOUND', `no tensor '${name}' in the HMM`);
+    const chunk = this.get(t.chunkId);
+    return { chunk, location: t.location, ptr: chunk.range.at(t.location.offset) };
+  }
+  tensorNames(): string[] {
+    return [...this.tensors.keys()];
+  }
+
+  retain(id: string, holder: string): void {
+    this.get(id).holders.add(holder);
+  }
+
+  /** Drops `holder` from the chunk; frees it when nobody holds it. Returns true when freed. */
+  release(id: string, holder: string): boolean {
+    const c = this.chunks.get(id);
+    if (!c || !c.holders.delete(holder)) return false;
+    if (c.holders.size > 0) return false;
+    this.free(c);
+    return true;
+  }
+
+  /** Drops `holder` everywhere (a session that went away). Returns the ids freed. */
+  releaseHolder(holder: string): string[] {
+    const freed: string[] = [];
+    for (const id of [...this.chunks.keys()]) if (this.release(id, holder)) freed.push(id);
+    return freed;
+  }
+
+  private free(c: StoredChunk): void {
+    this.chunks.delete(c.plan.id);
+    for (const t of c.plan.tensors) {
+      if (this.tensors.get(t.name)?.chunkId === c.plan.id) this.tensors.delete(t.name);
+    }
+    c.range.dispose();
+    c.chunk.dispose();
+  }
+
+  accounting(): DeviceAccounting[] {
+    const byKind = (device: number, kind: ChunkKind) =>
+      this.all().filter((c) => c.plan.device === device && c.plan.kind === kind).reduce((a, c) => a + c.plan.size, 0);
+    return Array.from({ length: this.rt.deviceCount }, (_, device) => {
+      const info = this.rt.deviceInfo(device);
+      return {
+        device,
+        weightBytes: byKind(device, 'weight'),
+        kvBytes: byKind(device, 'kv'),
+        workspaceBytes: byKind(device, 'workspace'),
+        freeBytes: info.freeBytes,
+        totalBytes: info.totalBytes,
+      };
+    });
+  }
+
+  /** The HMM's copy stream on a device (one per device, created on first use). */
+  stream(device: number): Stream {
+    let s = this.streams.get(device);
+    if (!s) {
+      s = this.rt.createStream(device);
+      this.streams.set(device, s);
+    }
+    return s;
+  }
+
+  /** The runtime's basic kernels on a device, compiled once. */
+  basicKernels(device: number): Promise<Module> {
+    let m = this.modules.get(device);
+    if (!m) {
+      m = this.rt.loadModule(device, { format: 'cuda', data: BASIC_KERNELS_SOURCE, name: 'emoe_basic.cu' });
+      this.modules.set(device, m);
+      m.catch(() => this.modules.delete(device));
+    }
+    return m;
+  }
+
+  /** Checksum computed on the device (emoe_checksum_u32) over [ptr, ptr+bytes), bytes rounded down to 4. */
+  async checksumAt(device: number, ptr: DevicePointer, bytes: number): Promise<bigint> {
+    const mod = await this.basicKernels(device);
+    const g = this.rt.granularity(device);
+    const out = this.rt.createChunk(device, g);
+    const range = this.rt.reserve(g);
+    try {
+      range.map(0, out);
+      range.setAccess(0, g, [device]);
+      const s = this.stream(device);
+      s.memset(range.at(0), 0, 8);
+      const words = Math.floor(bytes / 4);
+      const blocks = Math.max(1, Math.min(1024, Math.ceil(words / 256)));
+      s.launch(mod.kernel('emoe_checksum_u32'), { grid: blocks, block: 256 }, [range.at(0), ptr, arg.u64(words)]);
+      const raw = await this.rt.read(range.at(0), 8, s);
+      return new DataView(raw.buffer, raw.byteOffset, 8).getBigUint64(0, true);
+    } finally {
+      range.dispose();
+      out.dispose();
+    }
+  }
+
+  checksumTensor(name: string): Promise<bigint> {
+    const t = this.tensor(name);
+    return this.checksumAt(t.chunk.plan.device, t.ptr, t.location.bytes);
+  }
+  checksumChunk(id: string): Promise<bigint> {
+    const c = this.get(id);
+    return this.checksumAt(c.plan.device, c.range.at(0), c.plan.size);
+  }
+
+  /** Frees everything (the daemon is shutting down). */
+  dispose(): void {
+    for (const c of [...this.chunks.values()]) this.free(c);
+    for (const s of this.streams.values()) s.dispose();
+    this.streams.clear();
+    for (const m of this.modules.values()) m.then((x) => x.dispose(), () => undefined);
+    this.modules.clear();
+  }
+}
+

@@ -1,0 +1,169 @@
+// The in-process HMM: placement (pure), the chunk store, synthetic fills, KV pools.
+import { describe, expect, it } from 'vitest';
+
+import { ChunkStore } from '../../src/hmm/chunk-store.js';
+import { Hmm } from '../../src/hmm/hmm.js';
+import { KvExhaustedError } from '../../src/hmm/kv-pool.js';
+import { type TensorSpec, planChunks } from '../../src/hmm/placement.js';
+import { tensorSeed } from '../../src/hmm/synthetic.js';
+import { FaultInjectedError, InvalidArgumentError, checksumU32, uniformBf16 } from '../../src/index.js';
+import { GRAN, MIB, openMock, sameBytes } from '../helpers/mock.js';
+
+function expertSpecs(layers: number, experts: number, hidden: number, inter: number, devices: number[]): TensorSpec[] {
+  const specs: TensorSpec[] = [];
+  for (let l = 0; l < layers; l++) {
+    specs.push({ name: `l${l}.attn.qkv`, dtype: 'bf16', shape: [hidden * 3, hidden], device: devices[0]!, group: 'dense', packing: 'packed' });
+    specs.push({ name: `l${l}.norm`, dtype: 'bf16', shape: [hidden], device: devices[0]!, group: 'dense', packing: 'packed' });
+    for (let e = 0; e < experts; e++) {
+      const device = devices[e % devices.length]!;
+      for (const p of ['gate', 'up', 'down']) {
+        specs.push({ name: `l${l}.e${e}.${p}`, dtype: 'bf16', shape: p === 'down' ? [hidden, inter] : [inter, hidden], device, group: `L${l}.E${e}` });
+      }
+    }
+  }
+  return specs;
+}
+
+describe('chunk placement (pure)', () => {
+  it('gives each expert one granularity-aligned chunk and packs dense weights', () => {
+    const specs = expertSpecs(2, 4, 256, 512, [0, 1]);
+    const plans = planChunks(specs, { granularity: GRAN, maxSharedChunkBytes: 4 * MIB });
+    const experts = plans.filter((p) => p.group.startsWith('L'));
+    expect(experts).toHaveLength(8);
+    for (const p of experts) {
+      expect(p.size % GRAN).toBe(0);
+      expect(p.tensors.map((t) => t.name.split('.').pop())).toEqual(['gate', 'up', 'down']);
+      expect(p.device).toBe(Number(p.group.split('.E')[1]) % 2);
+      // tensors do not overlap and fit
+      const end = Math.max(...p.tensors.map((t) => t.offset + t.bytes));
+      expect(end).toBeLessThanOrEqual(p.size);
+      expect(p.tensors[1]!.offset).toBeGreaterThanOrEqual(p.tensors[0]!.offset + p.tensors[0]!.bytes);
+    }
+    const dense = plans.filter((p) => p.group === 'dense');
+    const denseBytes = specs.filter((s) => s.group === 'dense').reduce((a, s) => a + s.shape.reduce((x, y) => x * y, 2), 0);
+    expect(dense.length).toBe(1);
+    expect(dense[0]!.size).toBe(Math.ceil(denseBytes / GRAN) * GRAN);
+    expect(planChunks(specs, { granularity: GRAN })).toEqual(planChunks(specs, { granularity: GRAN }));
+  });
+
+  it('splits packed groups at the size bound, never a single group', () => {
+    const big: TensorSpec[] = Array.from({ length: 6 }, (_, i) => ({ name: `w${i}`, dtype: 'bf16', shape: [1024, 1024], device: 0, group: 'dense', packing: 'packed' }));
+    const plans = planChunks(big, { granularity: GRAN, maxSharedChunkBytes: 4 * MIB });
+    expect(plans.map((p) => p.tensors.length)).toEqual([2, 2, 2]);
+    expect(plans.map((p) => p.id)).toEqual(['dense@0#0', 'dense@0#1', 'dense@0#2']);
+    const single = planChunks(big.map((s) => ({ ...s, group: 'E', packing: 'single' as const })), { granularity: GRAN, maxSharedChunkBytes: 4 * MIB });
+    expect(single).toHaveLength(1);
+    expect(single[0]!.size).toBe(12 * MIB);
+  });
+
+  it('rejects bad specs naming the field', () => {
+    const ok: TensorSpec = { name: 'a', dtype: 'bf16', shape: [2], device: 0, group: 'g' };
+    expect(() => planChunks([ok, ok], { granularity: GRAN })).toThrow(/a appears twice/);
+    expect(() => planChunks([{ ...ok, dtype: 'f7' as never }], { granularity: GRAN })).toThrow(/a\.dtype/);
+    expect(() => planChunks([{ ...ok, shape: [1.5] }], { granularity: GRAN })).toThrow(InvalidArgumentError);
+  });
+});
+
+describe('chunk store and synthetic weights', () => {
+  it('fills on the device, bit-identical to the host reference, with device checksums', async () => {
+    const rt = openMock();
+    const hmm = new Hmm(rt);
+    const specs = expertSpecs(1, 2, 64, 128, [0, 1]);
+    await hmm.loadSynthetic(specs, { seed: 42n });
+    const t = hmm.store.tensor('l0.e1.up');
+    expect(t.chunk.plan.device).toBe(1);
+    const bytes = await rt.read(t.ptr, t.location.bytes, hmm.store.stream(1));
+    const expected = uniformBf16(128 * 64, tensorSeed(42n, 'l0.e1.up'), 0.02);
+    expect(sameBytes(bytes, new Uint8Array(expected.buffer))).toBe(true);
+    expect(await hmm.store.checksumTensor('l0.e1.up')).toBe(checksumU32(bytes));
+    // A different seed gives different weights.
+    const other = new Hmm(openMock());
+    await other.loadSynthetic(specs, { seed: 43n });
+    expect(await other.store.checksumTensor('l0.e1.up')).not.toBe(await hmm.store.checksumTensor('l0.e1.up'));
+    // Norms (1-D) get scale 1.0
+    const norm = await rt.read(hmm.store.tensor('l0.norm').ptr, 128, hmm.store.stream(0));
+    expect(sameBytes(norm, new Uint8Array(uniformBf16(64, tensorSeed(42n, 'l0.norm'), 1.0).buffer))).toBe(true);
+  });
+
+  it('accounts by kind and gives every byte back', async () => {
+    const rt = openMock();
+    const before = rt.devices().map((d) => d.freeBytes);
+    const hmm = new Hmm(rt);
+    const chunks = await hmm.loadSynthetic(expertSpecs(1, 4, 64, 128, [0, 1]));
+    hmm.kv.createPool({ device: 1, blockBytes: 64 * 1024, blocks: 100 });
+    const acc = hmm.accounting();
+    const weights0 = chunks.filter((c) => c.plan.device === 0).reduce((a, c) => a + c.plan.size, 0);
+    expect(acc[0]!.weightBytes).toBe(weights0);
+    expect(acc[1]!.kvBytes).toBe(Math.ceil((100 * 64 * 1024) / GRAN) * GRAN);
+    expect(acc[0]!.freeBytes).toBe(before[0]! - weights0);
+    hmm.dispose();
+    expect(rt.devices().map((d) => d.freeBytes)).toEqual(before);
+  });
+
+  it('allocates all or nothing: a failure midway frees what the call made', () => {
+    const rt = openMock({ mockCapacity: 8 * MIB });
+    const store = new ChunkStore(rt);
+    const plan = (id: string, device: number) => ({ id, group: id, device, kind: 'weight' as const, size: 4 * MIB, tensors: [] });
+    expect(() => store.allocate([plan('a', 0), plan('b', 0), plan('c', 0)])).toThrow(/out of memory|OUT_OF_MEMORY/i);
+    expect(store.size).toBe(0);
+    expect(rt.deviceInfo(0).freeBytes).toBe(8 * MIB);
+    rt.injectFault('SetAccess', 2);
+    expect(() => store.allocate([plan('a', 0), plan('b', 1)])).toThrow(FaultInjectedError);
+    expect(store.size).toBe(0);
+    expect(rt.devices().map((d) => d.freeBytes)).toEqual(new Array(4).fill(8 * MIB));
+  });
+
+  it('frees a chunk only when its last holder lets go', async () => {
+    const rt = openMock();
+    const hmm = new Hmm(rt);
+    const [c] = await hmm.loadSynthetic([{ name: 'x', dtype: 'f32', shape: [1024], device: 2, group: 'x' }]);
+    const free0 = rt.deviceInfo(2).freeBytes;
+    const s1 = hmm.openSession('a');
+    const s2 = hmm.openSession('b');
+    s1.attach([c!.plan.id]);
+    s2.attach([c!.plan.id]);
+    expect(hmm.releaseResident([c!.plan.id])).toEqual([]);
+    expect(s1.end()).toEqual([]);
+    expect(rt.deviceInfo(2).freeBytes).toBe(free0);
+    expect(s2.end()).toEqual([c!.plan.id]);
+    expect(rt.deviceInfo(2).freeBytes).toBe(free0 + GRAN);
+  });
+});
+
+describe('KV pools', () => {
+  it('keeps the block table, refuses when exhausted, and frees', () => {
+    const hmm = new Hmm(openMock());
+    const info = hmm.kv.createPool({ device: 0, blockBytes: 1024 * 1024, blocks: 5, maxChunkBytes: 2 * MIB });
+    expect(info.blocksPerChunk).toBe(2);
+    expect(info.chunkIds).toHaveLength(3);
+    expect(hmm.kv.allocate('r1', 0, 3)).toEqual([0, 1, 2]);
+    expect(hmm.kv.allocate('r1', 0, 1)).toEqual([3]);
+    expect(() => hmm.kv.allocate('r2', 0, 2)).toThrow(KvExhaustedError);
+    expect(hmm.kv.table('r2')).toBeUndefined();
+    expect(hmm.kv.table('r1')).toEqual({ device: 0, blocks: [0, 1, 2, 3] });
+    expect(() => hmm.kv.destroyPool(0)).toThrow(/r1/);
+    hmm.kv.free('r1');
+    hmm.kv.free('r1');
+    expect(hmm.kv.info(0).freeBlocks).toBe(5);
+    expect(hmm.kv.allocate('r2', 0, 5)).toHaveLength(5);
+  });
+
+  it('moves a request to another device with its bytes', async () => {
+    const rt = openMock();
+    const hmm = new Hmm(rt);
+    hmm.kv.createPool({ device: 0, blockBytes: 256 * 1024, blocks: 8 });
+    hmm.kv.createPool({ device: 3, blockBytes: 256 * 1024, blocks: 8 });
+    hmm.kv.allocate('other', 3, 2);
+    const blocks = hmm.kv.allocate('r', 0, 3);
+    const data = blocks.map((b, i) => new Uint8Array(256 * 1024).fill(i + 7));
+    for (const [i, b] of blocks.entries()) await rt.write(hmm.kv.blockPointer(0, b), data[i]!, hmm.store.stream(0));
+    const moved = await hmm.kv.move('r', 3);
+    expect(moved.device).toBe(3);
+    expect(moved.blocks).toEqual([2, 3, 4]);
+    for (const [i, b] of moved.blocks.entries()) {
+      expect(sameBytes(await rt.read(hmm.kv.blockPointer(3, b), 256 * 1024, hmm.store.stream(3)), data[i]!)).toBe(true);
+    }
+    expect(hmm.kv.info(0).freeBlocks).toBe(8);
+    expect(hmm.kv.info(3).freeBlocks).toBe(3);
+  });
+});
