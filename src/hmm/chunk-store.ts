@@ -38,7 +38,8 @@ export interface DeviceAccounting {
 
 export class ChunkStore {
   private readonly chunks = new Map<string, StoredChunk>();
-  private readonly tensors = new Map<string, { chunkId: string; location: TensorLocation }>();
+  /** Tensor name → device → where it lives (a tensor may have replicas on several devices). */
+  private readonly tensors = new Map<string, Map<number, { chunkId: string; location: TensorLocation }>>();
   private readonly streams = new Map<number, Stream>();
   private readonly modules = new Map<number, Promise<Module>>();
 
@@ -73,7 +74,9 @@ export class ChunkStore {
       for (const plan of plans) {
         if (this.chunks.has(plan.id)) throw new InvalidArgumentError('plan.id', `new (chunk '${plan.id}' exists)`);
         for (const t of plan.tensors) {
-          if (this.tensors.has(t.name)) throw new InvalidArgumentError('tensor', `new ('${t.name}' is already stored)`);
+          if (this.tensors.get(t.name)?.has(plan.device)) {
+            throw new InvalidArgumentError('tensor', `new on its device ('${t.name}' is already stored on device ${plan.device})`);
+          }
         }
         const chunk = this.rt.createChunk(plan.device, plan.size, { exportable: true });
         let range: VirtualRange | undefined;
@@ -88,7 +91,11 @@ export class ChunkStore {
         }
         const stored: StoredChunk = { plan, chunk, range, holders: new Set([holder]) };
         this.chunks.set(plan.id, stored);
-        for (const t of plan.tensors) this.tensors.set(t.name, { chunkId: plan.id, location: t });
+        for (const t of plan.tensors) {
+          let replicas = this.tensors.get(t.name);
+          if (!replicas) this.tensors.set(t.name, (replicas = new Map()));
+          replicas.set(plan.device, { chunkId: plan.id, location: t });
+        }
         made.push(stored);
       }
     } catch (e) {
@@ -98,9 +105,13 @@ export class ChunkStore {
     return made;
   }
 
-  tensor(name: string): TensorRef {
-    const t = this.tensors.get(name);
-    if (!t) throw new NotFoundError('NOT_FOUND', `no tensor '${name}' in the HMM`);
+  /** Where a tensor lives; with replicas, the one on `device` (default: the lowest device). */
+  tensor(name: string, device?: number): TensorRef {
+    const replicas = this.tensors.get(name);
+    if (!replicas) throw new NotFoundError('NOT_FOUND', `no tensor '${name}' in the HMM`);
+    const d = device ?? Math.min(...replicas.keys());
+    const t = replicas.get(d);
+    if (!t) throw new NotFoundError('NOT_FOUND', `tensor '${name}' has no replica on device ${d} (it is on ${[...replicas.keys()].join(', ')})`);
     const chunk = this.get(t.chunkId);
     return { chunk, location: t.location, ptr: chunk.range.at(t.location.offset) };
   }
@@ -131,7 +142,9 @@ export class ChunkStore {
   private free(c: StoredChunk): void {
     this.chunks.delete(c.plan.id);
     for (const t of c.plan.tensors) {
-      if (this.tensors.get(t.name)?.chunkId === c.plan.id) this.tensors.delete(t.name);
+      const replicas = this.tensors.get(t.name);
+      if (replicas?.get(c.plan.device)?.chunkId === c.plan.id) replicas.delete(c.plan.device);
+      if (replicas?.size === 0) this.tensors.delete(t.name);
     }
     c.range.dispose();
     c.chunk.dispose();
@@ -196,8 +209,8 @@ export class ChunkStore {
     }
   }
 
-  checksumTensor(name: string): Promise<bigint> {
-    const t = this.tensor(name);
+  checksumTensor(name: string, device?: number): Promise<bigint> {
+    const t = this.tensor(name, device);
     return this.checksumAt(t.chunk.plan.device, t.ptr, t.location.bytes);
   }
   checksumChunk(id: string): Promise<bigint> {

@@ -35,7 +35,7 @@ export async function fillSynthetic(store: ChunkStore, plans: readonly ChunkPlan
       const mod = modules.get(plan.device)!;
       const s = store.stream(plan.device);
       for (const t of plan.tensors) {
-        const ptr = store.tensor(t.name).ptr;
+        const ptr = store.tensor(t.name, plan.device).ptr;
         const tseed = tensorSeed(seed, t.name);
         const elems = t.bytes / (t.dtype === 'bf16' ? 2 : t.dtype === 'f32' ? 4 : 1);
         const dims = { grid: Math.max(1, Math.min(4096, Math.ceil(elems / 256))), block: 256 };
