@@ -52,8 +52,10 @@ export function validateSpecs(specs: readonly TensorSpec[]): void {
   const seen = new Set<string>();
   for (const [i, s] of specs.entries()) {
     if (!s.name) throw new InvalidArgumentError(`specs[${i}].name`, 'a non-empty string');
-    if (seen.has(s.name)) throw new InvalidArgumentError(`specs[${i}].name`, `unique (${s.name} appears twice)`);
-    seen.add(s.name);
+    // A name may repeat on different devices (replicas), never on one device.
+    const key = `${s.name}@${s.device}`;
+    if (seen.has(key)) throw new InvalidArgumentError(`specs[${i}].name`, `unique per device (${s.name} appears twice on device ${s.device})`);
+    seen.add(key);
     if (!isDType(s.dtype)) throw new InvalidArgumentError(`${s.name}.dtype`, 'a known dtype');
     if (!Array.isArray(s.shape) || s.shape.some((d) => !Number.isSafeInteger(d) || d < 0)) {
       throw new InvalidArgumentError(`${s.name}.shape`, 'an array of non-negative integers');

@@ -58,7 +58,7 @@ describe('chunk placement (pure)', () => {
 
   it('rejects bad specs naming the field', () => {
     const ok: TensorSpec = { name: 'a', dtype: 'bf16', shape: [2], device: 0, group: 'g' };
-    expect(() => planChunks([ok, ok], { granularity: GRAN })).toThrow(/a appears twice/);
+    expect(() => planChunks([ok, ok], { granularity: GRAN })).toThrow(/a appears twice on device 0/);
     expect(() => planChunks([{ ...ok, dtype: 'f7' as never }], { granularity: GRAN })).toThrow(/a\.dtype/);
     expect(() => planChunks([{ ...ok, shape: [1.5] }], { granularity: GRAN })).toThrow(InvalidArgumentError);
   });
