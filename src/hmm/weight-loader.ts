@@ -158,7 +158,8 @@ class ProgressReporter {
       } else this.left.set(p.tensor, rest);
     }
     const now = Date.now();
-    if (this.bytesDone === this.bytesTotal || this.bytesDone - this.lastBytes >= this.bytesTotal / 100 || now - this.lastTime >= 100) this.emit(now);
+    const due = this.bytesDone - this.lastBytes >= this.bytesTotal / 100 || now - this.lastTime >= 100;
+    if (due || this.bytesDone === this.bytesTotal) this.emit(now);
   }
 
   /** The final report, unless complete() already made it (nothing to load still gets one). */
@@ -228,13 +229,16 @@ export async function loadCheckpoint(store: ChunkStore, plans: readonly ChunkPla
   const slots: Slot[] = [];
   const streams = new Map<number, Stream>();
   try {
-    const bufBytes = Math.max(1, ...batches.map((b) => b.bytes));
+    const bufBytes = batches.reduce((a, b) => Math.max(a, b.bytes), 1); // no bigger than the largest read
     for (let i = 0; i < Math.min(stagingBuffers, batches.length); i++) {
       slots.push({ host: store.rt.hostBuffer(bufBytes), events: new Map(), busy: new Set(), pieces: [] });
     }
     const made = store.allocate(plans, holder);
     try {
-      await streamBatches(store, batches, slots, streams, progress, signal);
+      // A tensor replicated on several devices (dense weights under data parallelism) is read once and uploaded to each.
+      const devicesOf = new Map<string, number[]>();
+      for (const p of plans) for (const t of p.tensors) devicesOf.set(t.name, [...(devicesOf.get(t.name) ?? []), p.device]);
+      await streamBatches(store, batches, slots, streams, progress, signal, devicesOf);
       progress.finish();
       return made;
     } catch (e) {
@@ -267,13 +271,13 @@ async function drainQuietly(slots: readonly Slot[], streams: ReadonlyMap<number,
 
 /** The read → upload pipeline over the batches; resolves once every byte is on its device. */
 async function streamBatches(store: ChunkStore, batches: readonly Batch[], slots: readonly Slot[],
-  streams: Map<number, Stream>, progress: ProgressReporter, signal: AbortSignal | undefined): Promise<void> {
-  const targets = new Map<string, { ptr: DevicePointer; device: number }>();
+  streams: Map<number, Stream>, progress: ProgressReporter, signal: AbortSignal | undefined,
+  devicesOf: ReadonlyMap<string, number[]>): Promise<void> {
+  const targets = new Map<string, Array<{ ptr: DevicePointer; device: number }>>();
   const target = (name: string) => {
     let t = targets.get(name);
     if (!t) {
-      const ref = store.tensor(name);
-      t = { ptr: ref.ptr, device: ref.chunk.plan.device };
+      t = (devicesOf.get(name) ?? []).map((d) => ({ ptr: store.tensor(name, d).ptr, device: d }));
       targets.set(name, t);
     }
     return t;
@@ -311,18 +315,19 @@ async function streamBatches(store: ChunkStore, batches: readonly Batch[], slots
 
 /** Queues one upload per piece on its device's copy stream, then marks the buffer busy with an event per device. */
 function enqueueUploads(store: ChunkStore, batch: Batch, slot: Slot, streams: Map<number, Stream>,
-  target: (name: string) => { ptr: DevicePointer; device: number }): void {
+  target: (name: string) => Array<{ ptr: DevicePointer; device: number }>): void {
   for (const p of batch.pieces) {
-    const { ptr, device } = target(p.tensor);
-    let s = streams.get(device);
-    if (!s) streams.set(device, (s = store.stream(device)));
-    try {
-      s.upload(ptr.add(p.tensorOffset), slot.host, p.bytes, p.bufOffset);
-    } catch (e) {
-      throw new WeightLoadError(`${batch.file}, tensor '${p.tensor}': upload of ${p.bytes} bytes to device ${device} failed: ` +
-        `${(e as Error).message}`, batch.file, p.tensor, e);
+    for (const { ptr, device } of target(p.tensor)) {
+      let s = streams.get(device);
+      if (!s) streams.set(device, (s = store.stream(device)));
+      try {
+        s.upload(ptr.add(p.tensorOffset), slot.host, p.bytes, p.bufOffset);
+      } catch (e) {
+        throw new WeightLoadError(`${batch.file}, tensor '${p.tensor}': upload of ${p.bytes} bytes to device ${device} failed: ` +
+          `${(e as Error).message}`, batch.file, p.tensor, e);
+      }
+      slot.busy.add(device);
     }
-    slot.busy.add(device);
     slot.pieces.push(p);
   }
   for (const d of slot.busy) {

@@ -17,7 +17,7 @@ import {
 } from '../../src/hmm/safetensors.js';
 import { type LoadProgress, WeightLoadError, loadCheckpoint, planBatches } from '../../src/hmm/weight-loader.js';
 import { checksumU32 } from '../../src/runtime/basic-kernels.js';
-import { FaultInjectedError, type Runtime } from '../../src/index.js';
+import { FaultInjectedError, OutOfMemoryError, type Runtime } from '../../src/index.js';
 import { MIB, openMock, pattern, sameBytes } from '../helpers/mock.js';
 
 const KIB = 1024;
@@ -201,7 +201,8 @@ describe('checkpoint folders', () => {
     const tensors = model();
     const { dir } = await writeSharded(tensors, 2, false);
     await writeSafetensors(path.join(dir, 'extra.safetensors'), asData([tensors[1]!]));
-    await expect(openCheckpoint(dir)).rejects.toThrow(/tensor 'norm.weight': also present in .*model-00002-of-00002.safetensors/);
+    await expect(openCheckpoint(dir)).rejects.toThrow(
+      `${path.join(dir, 'model-00002-of-00002.safetensors')}, tensor 'norm.weight': also present in ${path.join(dir, 'extra.safetensors')}`);
   });
 });
 
@@ -253,7 +254,13 @@ describe('loadCheckpoint', () => {
     const { rt, store, plans, tensors } = await setup();
     const ckpt = await openCheckpoint((await writeSharded(tensors, 2)).dir);
     const seen: LoadProgress[] = [];
+    // Count the pinned buffers the loader asks for: the pool is bounded, whatever the checkpoint's size.
+    const pinned: number[] = [];
+    const hostBuffer = rt.hostBuffer.bind(rt);
+    rt.hostBuffer = (size: number) => (pinned.push(size), hostBuffer(size));
     await loadCheckpoint(store, plans, ckpt, { stagingBytes: 64 * KIB, stagingBuffers: 2, onProgress: (p) => seen.push(p) });
+    expect(pinned).toEqual([64 * KIB, 64 * KIB]);
+    rt.hostBuffer = hostBuffer;
     await expectLoaded(rt, store, tensors);
     const total = tensors.reduce((a, t) => a + t.data.byteLength, 0);
     // ~22 reads of 64 KiB: progress came in steps, monotonically, and ended at the total.
@@ -327,6 +334,24 @@ describe('loadCheckpoint', () => {
       store.dispose();
     });
 
+    it('a device error while waiting for uploads, no pinned memory, out of device memory: everything released', async () => {
+      const { rt, store, plans, tensors } = await setup();
+      const ckpt = await openCheckpoint(await writeSingle(tensors));
+      rt.injectFault('SynchronizeEvent', 2);
+      const wait = await expectCleanFailure(rt, store, () => loadCheckpoint(store, plans, ckpt, { stagingBytes: 64 * KIB, stagingBuffers: 2 }));
+      expect(wait).toBeInstanceOf(FaultInjectedError);
+      rt.injectFault('HostAlloc', 2);
+      const pin = await expectCleanFailure(rt, store, () => loadCheckpoint(store, plans, ckpt, { stagingBytes: 64 * KIB }));
+      expect(pin).toBeInstanceOf(FaultInjectedError);
+      rt.injectFault('CreateChunk', 3, 'OUT_OF_MEMORY');
+      const oom = await expectCleanFailure(rt, store, () => loadCheckpoint(store, plans, ckpt));
+      expect(oom).toBeInstanceOf(OutOfMemoryError);
+      rt.clearFaults();
+      await loadCheckpoint(store, plans, ckpt, { stagingBytes: 64 * KIB });
+      await expectLoaded(rt, store, tensors);
+      store.dispose();
+    });
+
     it('an aborted load (AbortSignal mid-way, or already aborted), everything released', async () => {
       const { rt, store, plans, tensors } = await setup();
       const ckpt = await openCheckpoint((await writeSharded(tensors, 2)).dir);
@@ -395,5 +420,28 @@ describe('command-line progress bar', () => {
     expect(out.at(-2)).toBe('\r\x1b[2Kweights  100.0%  2.00/2.00 GiB  2.00 GiB/s');
     expect(out.at(-1)).toBe('\n');
     expect(progressLine('x', 0, 0, 0)).toBe('x  100.0%  0.00/0.00 GiB  -- GiB/s');
+  });
+});
+
+describe('replicated tensors', () => {
+  it('reads a tensor once and uploads it to every device that holds a replica', async () => {
+    const { mkdtempSync } = await import('node:fs');
+    const os = await import('node:os');
+    const path = await import('node:path');
+    const { writeSafetensors, openCheckpoint } = await import('../../src/hmm/safetensors.js');
+    const { loadCheckpoint } = await import('../../src/hmm/weight-loader.js');
+    const { ChunkStore } = await import('../../src/hmm/chunk-store.js');
+    const { planChunks } = await import('../../src/hmm/placement.js');
+    const { openMock, GRAN, sameBytes } = await import('../helpers/mock.js');
+    const dir = mkdtempSync(path.join(os.tmpdir(), 'emoe-rep-'));
+    const data = new Uint8Array(4096).map((_, i) => (i * 7) & 0xff);
+    await writeSafetensors(path.join(dir, 'model.safetensors'), [{ name: 'w', dtype: 'bf16', shape: [2048], data }]);
+    const rt = openMock();
+    const store = new ChunkStore(rt);
+    const plans = planChunks([0, 2].map((device) => ({ name: 'w', dtype: 'bf16' as const, shape: [2048], device, group: 'dense' })), { granularity: GRAN });
+    await loadCheckpoint(store, plans, await openCheckpoint(dir));
+    for (const d of [0, 2]) {
+      expect(sameBytes(await rt.read(store.tensor('w', d).ptr, 4096, store.stream(d)), data)).toBe(true);
+    }
   });
 });
