@@ -4,12 +4,19 @@ import { parseArgs } from 'node:util';
 
 import { ElasticMoeError } from '../runtime/index.js';
 import { devicesReport, renderDevices } from './devices.js';
+import { runHmm } from './hmm.js';
 
 const USAGE = `usage: elasticmoe <command> [options]
 
 commands:
   devices     the backend in use, each device with its memory, the peer matrix,
               and why each backend was or was not chosen
+  hmm         run the HMM memory daemon in the foreground (until SIGINT/SIGTERM)
+                --socket PATH            where to listen (required)
+                --synthetic CONFIG.json  fill seeded synthetic weights first:
+                                         { "tensors": [TensorSpec...], "kvPools"?: [...] }
+                --devices 0,1            physical devices for the file's device indexes
+                --seed N                 synthetic seed (default 0)
 
 common options:
   --backend auto|cuda|acl|mock   (default: ELASTICMOE_BACKEND, else auto)
@@ -31,6 +38,10 @@ export async function main(argv: string[]): Promise<number> {
       'mock-devices': { type: 'string' },
       'mock-capacity': { type: 'string' },
       json: { type: 'boolean', default: false },
+      socket: { type: 'string' },
+      synthetic: { type: 'string' },
+      devices: { type: 'string' },
+      seed: { type: 'string' },
       help: { type: 'boolean', short: 'h', default: false },
     },
     strict: true,
@@ -48,6 +59,13 @@ export async function main(argv: string[]): Promise<number> {
       const report = devicesReport(options);
       process.stdout.write(values.json ? `${JSON.stringify(report, null, 2)}\n` : `${renderDevices(report)}\n`);
       return 0;
+    }
+    case 'hmm': {
+      if (!values.socket) {
+        process.stderr.write(`elasticmoe hmm: --socket PATH is required\n${USAGE}\n`);
+        return 2;
+      }
+      return runHmm({ socket: values.socket, synthetic: values.synthetic, devices: values.devices, seed: values.seed, runtime: options });
     }
     default:
       process.stderr.write(`elasticmoe: unknown command '${command}'\n${USAGE}\n`);

@@ -49,7 +49,8 @@ export class HmmSession {
   /** Holds the chunks (all when ids is omitted) and returns their manifest entries. */
   attach(ids?: readonly string[]): ChunkManifestEntry[] {
     this.check();
-    const chunks = ids ? ids.map((id) => this.hmm.store.get(id)) : this.hmm.store.all();
+    // Without ids: every weight and KV chunk (never another session's workspace).
+    const chunks = ids ? ids.map((id) => this.hmm.store.get(id)) : this.hmm.store.all().filter((c) => c.plan.kind !== 'workspace');
     for (const c of chunks) {
       this.hmm.store.retain(c.plan.id, this.id);
       this.attached.add(c.plan.id);

@@ -1,0 +1,416 @@
+// The HMM client: what an executor (or a tool) uses to talk to the daemon.
+// Requests carry increasing ids and wait in a pending map for their reply, each
+// with a timeout. Chunk handles that arrive are imported into the client's
+// runtime, mapped into ranges of its own and granted access: an AttachedSet.
+import { closeSync } from 'node:fs';
+
+import { type ChannelMessage, UnixChannel } from '../runtime/channel.js';
+import {
+  InvalidArgumentError,
+  NotFoundError,
+  NotSupportedError,
+  OutOfMemoryError,
+} from '../runtime/errors.js';
+import type { Chunk, DevicePointer, SharedHandle, VirtualRange } from '../runtime/memory.js';
+import type { NativeStatus } from '../runtime/native-types.js';
+import type { Runtime } from '../runtime/runtime.js';
+import type { ChunkManifestEntry, HmmManifest } from './hmm.js';
+import { type BlockTableEntry, KvExhaustedError } from './kv-pool.js';
+import type { TensorLocation } from './placement.js';
+import {
+  CONNECTION_ID,
+  type ChunkBatch,
+  encode,
+  type HelloResult,
+  HmmProtocolError,
+  type HmmStats,
+  MAX_MESSAGE_BYTES,
+  type Op,
+  type PartialResponse,
+  type RequestArgs,
+  RESULT_SCHEMAS,
+  type Result,
+  ResponseSchema,
+  type WireError,
+  type WireHandle,
+} from './protocol.js';
+
+export interface HmmClientOptions {
+  /** Shown in the daemon's log. */
+  name?: string;
+  /** Per request (default 30 s); an attach restarts it with every batch that arrives. */
+  timeoutMs?: number;
+}
+
+export interface AttachOptions {
+  /** Devices granted access to each chunk's mapping (default: the chunk's own device). */
+  access?: (entry: ChunkManifestEntry) => number[];
+}
+
+function closeFds(fds: readonly number[]): void {
+  for (const fd of fds) {
+    try {
+      closeSync(fd);
+    } catch {
+      // already closed
+    }
+  }
+}
+
+/** A daemon error as the typed error a local call would have thrown, where one exists. */
+export function errorFromWire(op: string, e: WireError): Error {
+  const status: NativeStatus = {
+    kind: e.code,
+    backend: 'hmm',
+    api: op,
+    code: 0,
+    codeName: e.codeName ?? '',
+    message: e.message,
+    argument: e.argument ?? '',
+  };
+  switch (e.code) {
+    case 'INVALID_ARGUMENT':
+      return new InvalidArgumentError(e.argument ?? 'argument', 'valid', status);
+    case 'NOT_FOUND':
+      return new NotFoundError('NOT_FOUND', e.message, status);
+    case 'OUT_OF_MEMORY':
+      return e.name === 'KvExhaustedError'
+        ? new KvExhaustedError('OUT_OF_MEMORY', e.message, status)
+        : new OutOfMemoryError('OUT_OF_MEMORY', e.message, status);
+    case 'NOT_SUPPORTED':
+      return new NotSupportedError('NOT_SUPPORTED', e.message, status);
+    default:
+      return new HmmProtocolError(e.code, e.message);
+  }
+}
+
+/** One chunk of the HMM imported into this process and mapped at `ptr`. */
+export class AttachedChunk implements Disposable {
+  constructor(
+    readonly entry: ChunkManifestEntry,
+    readonly chunk: Chunk,
+    readonly range: VirtualRange,
+  ) {}
+
+  get ptr(): DevicePointer {
+    return this.range.at(0);
+  }
+
+  /** Unmaps and drops this process's handle (the daemon's hold is separate: see HmmClient.detach). */
+  dispose(): void {
+    this.range.dispose();
+    this.chunk.dispose();
+  }
+  [Symbol.dispose](): void {
+    this.dispose();
+  }
+}
+
+function sharedHandle(h: WireHandle, fds: readonly number[]): SharedHandle {
+  if (h.kind === 'acl') return { kind: 'acl', handle: BigInt(h.handle) };
+  const fd = fds[h.index];
+  if (fd === undefined) throw new HmmProtocolError('BAD_RESPONSE', `chunk handle names descriptor ${h.index}, the message carried ${fds.length}`);
+  return { kind: 'fd', fd };
+}
+
+/** Imports one chunk, maps it into a range of its own and grants `access`. Leaves nothing behind on failure. */
+function importEntry(rt: Runtime, entry: ChunkManifestEntry, handle: SharedHandle, access: readonly number[]): AttachedChunk {
+  let chunk: Chunk | undefined;
+  let range: VirtualRange | undefined;
+  try {
+    chunk = rt.importChunk(handle, entry.device, entry.size);
+    range = rt.reserve(entry.size);
+    range.map(0, chunk);
+    range.setAccess(0, entry.size, access);
+    return new AttachedChunk(entry, chunk, range);
+  } catch (e) {
+    range?.dispose();
+    chunk?.dispose();
+    throw e;
+  }
+}
+
+/** Chunks attached by one attach call, mapped in this process. */
+export class AttachedSet implements Disposable {
+  private readonly byId = new Map<string, AttachedChunk>();
+  private readonly byTensor = new Map<string, { chunk: AttachedChunk; location: TensorLocation }>();
+
+  /** @internal */
+  constructor(
+    private readonly rt: Runtime,
+    private readonly access: (entry: ChunkManifestEntry) => number[],
+  ) {}
+
+  /** @internal Imports a batch; the descriptors are closed whatever happens. */
+  add(batch: ChunkBatch, fds: readonly number[]): void {
+    try {
+      if (batch.handles.length !== batch.entries.length) {
+        throw new HmmProtocolError('BAD_RESPONSE', `attach batch of ${batch.entries.length} chunks carried ${batch.handles.length} handles`);
+      }
+      batch.entries.forEach((entry, i) => {
+        const c = importEntry(this.rt, entry, sharedHandle(batch.handles[i]!, fds), this.access(entry));
+        this.byId.set(entry.id, c);
+        for (const location of entry.tensors) this.byTensor.set(location.name, { chunk: c, location });
+      });
+    } finally {
+      closeFds(fds);
+    }
+  }
+
+  get entries(): ChunkManifestEntry[] {
+    return [...this.byId.values()].map((c) => c.entry);
+  }
+  get size(): number {
+    return this.byId.size;
+  }
+
+  chunk(id: string): AttachedChunk {
+    const c = this.byId.get(id);
+    if (!c) throw new NotFoundError('NOT_FOUND', `chunk '${id}' is not in this attached set`);
+    return c;
+  }
+
+  /** Where a tensor's bytes start in this process. */
+  tensor(name: string): DevicePointer {
+    return this.tensorInfo(name).ptr;
+  }
+  tensorInfo(name: string): { ptr: DevicePointer; location: TensorLocation; entry: ChunkManifestEntry } {
+    const t = this.byTensor.get(name);
+    if (!t) throw new NotFoundError('NOT_FOUND', `tensor '${name}' is not in this attached set`);
+    return { ptr: t.chunk.range.at(t.location.offset), location: t.location, entry: t.chunk.entry };
+  }
+
+  /** Unmaps and releases every chunk in this process. Idempotent. */
+  dispose(): void {
+    for (const c of this.byId.values()) c.dispose();
+    this.byId.clear();
+    this.byTensor.clear();
+  }
+  [Symbol.dispose](): void {
+    this.dispose();
+  }
+}
+
+interface Pending {
+  op: Op;
+  resolve: (reply: { result: unknown; fds: number[] }) => void;
+  reject: (error: Error) => void;
+  timer: NodeJS.Timeout;
+  onPartial?: (m: PartialResponse, fds: number[]) => void;
+  /** The first failure while handling partial batches; reported with the final reply. */
+  failure?: Error;
+}
+
+export class HmmClient implements Disposable {
+  private nextId = 1;
+  private readonly pending = new Map<number, Pending>();
+  private failure: Error | undefined;
+  private info!: HelloResult;
+
+  private constructor(
+    private readonly channel: UnixChannel,
+    readonly rt: Runtime,
+    readonly socketPath: string,
+    private readonly timeoutMs: number,
+  ) {
+    channel.onMessage((m) => this.onMessage(m));
+    channel.closed.then((error) =>
+      this.fail(new HmmProtocolError('DISCONNECTED', `the HMM daemon at ${socketPath} closed the connection${error ? `: ${error.message}` : ''}`)),
+    );
+  }
+
+  /** Connects and says hello; the daemon must run the same backend as `rt`. */
+  static async connect(socketPath: string, rt: Runtime, options: HmmClientOptions = {}): Promise<HmmClient> {
+    const client = new HmmClient(UnixChannel.connect(socketPath), rt, socketPath, options.timeoutMs ?? 30_000);
+    try {
+      const args: RequestArgs<'hello'> = { pid: rt.importPid() };
+      if (options.name !== undefined) args.name = options.name;
+      client.info = (await client.call('hello', args)).result;
+      if (client.info.backend !== rt.backend) {
+        throw new InvalidArgumentError('rt', `a ${client.info.backend} runtime like the daemon's (this one is ${rt.backend})`);
+      }
+    } catch (e) {
+      client.close();
+      throw e;
+    }
+    return client;
+  }
+
+  /** The daemon's answer to hello: session id, backend, device count, granularity, daemon pid. */
+  get hello(): HelloResult {
+    return this.info;
+  }
+  get session(): string {
+    return this.info.session;
+  }
+
+  manifest(): Promise<HmmManifest> {
+    return this.result('manifest', {});
+  }
+
+  /** Holds the chunks (all weights and KV chunks when ids is omitted) and maps them here. */
+  async attach(ids?: string[], options: AttachOptions = {}): Promise<AttachedSet> {
+    const set = new AttachedSet(this.rt, options.access ?? ((e) => [e.device]));
+    try {
+      const { result, fds } = await this.call('attach', ids ? { ids } : {}, (m, fds) => set.add(m, fds));
+      set.add(result, fds);
+    } catch (e) {
+      // The daemon still holds what it attached for this session until detach() or close().
+      set.dispose();
+      throw e;
+    }
+    return set;
+  }
+
+  /** Drops the session's hold (all chunks when omitted); returns the ids the daemon freed. */
+  async detach(ids?: string[]): Promise<string[]> {
+    return (await this.result('detach', ids ? { ids } : {})).freed;
+  }
+
+  /** A scratch chunk only this session holds (freed when it detaches it or disconnects), mapped here. */
+  async workspace(device: number, size: number, options: AttachOptions = {}): Promise<AttachedChunk> {
+    const { result, fds } = await this.call('workspace', { device, size });
+    try {
+      const access = options.access?.(result.entry) ?? [result.entry.device];
+      return importEntry(this.rt, result.entry, sharedHandle(result.handle, fds), access);
+    } finally {
+      closeFds(fds);
+    }
+  }
+
+  async kvAllocate(request: string, device: number, count: number): Promise<number[]> {
+    return (await this.result('kv.allocate', { request, device, count })).blocks;
+  }
+  async kvFree(request: string): Promise<void> {
+    await this.result('kv.free', { request });
+  }
+  async kvTable(request: string): Promise<BlockTableEntry | null> {
+    return (await this.result('kv.table', { request })).table;
+  }
+
+  /** The daemon's on-device checksum (emoe_checksum_u32) of a tensor's bytes or a whole chunk. */
+  async checksum(what: { tensor: string } | { chunk: string }): Promise<bigint> {
+    return BigInt((await this.result('checksum', what)).checksum);
+  }
+
+  stats(): Promise<HmmStats> {
+    return this.result('stats', {});
+  }
+  async ping(): Promise<void> {
+    await this.result('ping', {});
+  }
+
+  /** Closes the connection: the daemon ends the session and frees what only it held. */
+  close(): void {
+    this.channel.close();
+    this.fail(new HmmProtocolError('DISCONNECTED', `the connection to the HMM daemon at ${this.socketPath} was closed`));
+  }
+  [Symbol.dispose](): void {
+    this.close();
+  }
+
+  // ---- requests and replies ----
+
+  /** A request whose reply carries no descriptors. */
+  private async result<O extends Op>(op: O, args: RequestArgs<O>): Promise<Result<O>> {
+    const { result, fds } = await this.call(op, args);
+    closeFds(fds); // none are expected
+    return result;
+  }
+
+  private call<O extends Op>(
+    op: O,
+    args: RequestArgs<O>,
+    onPartial?: (m: PartialResponse, fds: number[]) => void,
+  ): Promise<{ result: Result<O>; fds: number[] }> {
+    if (this.failure) return Promise.reject(this.failure);
+    const id = this.nextId++;
+    const data = encode({ id, op, ...args });
+    if (data.byteLength > MAX_MESSAGE_BYTES) {
+      return Promise.reject(new HmmProtocolError('TOO_LARGE', `${op} request of ${data.byteLength} bytes exceeds the limit of ${MAX_MESSAGE_BYTES}`));
+    }
+    return new Promise<{ result: unknown; fds: number[] }>((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.pending.delete(id);
+        reject(new HmmProtocolError('TIMEOUT', `no reply to '${op}' from the HMM daemon at ${this.socketPath} within ${this.timeoutMs} ms`));
+      }, this.timeoutMs);
+      const p: Pending = { op, resolve, reject, timer };
+      if (onPartial) p.onPartial = onPartial;
+      this.pending.set(id, p);
+      try {
+        this.channel.send(data);
+      } catch (e) {
+        this.settle(id);
+        reject(e as Error);
+      }
+    }).then(({ result, fds }) => {
+      const parsed = RESULT_SCHEMAS[op].safeParse(result);
+      if (parsed.success) return { result: parsed.data as Result<O>, fds };
+      closeFds(fds);
+      throw new HmmProtocolError('BAD_RESPONSE', `unreadable reply to '${op}': ${parsed.error.issues[0]?.message}`);
+    });
+  }
+
+  private settle(id: number): Pending | undefined {
+    const p = this.pending.get(id);
+    if (p) {
+      clearTimeout(p.timer);
+      this.pending.delete(id);
+    }
+    return p;
+  }
+
+  private onMessage({ data, fds }: ChannelMessage): void {
+    let m;
+    try {
+      m = ResponseSchema.parse(JSON.parse(data.toString('utf8')));
+    } catch (e) {
+      closeFds(fds);
+      this.fail(new HmmProtocolError('BAD_RESPONSE', `unreadable message from the HMM daemon: ${(e as Error).message.slice(0, 200)}`));
+      this.channel.close();
+      return;
+    }
+    if (m.id === CONNECTION_ID) {
+      // About the connection (e.g. FORBIDDEN): every request fails with it and the connection ends.
+      closeFds(fds);
+      if (!m.ok && 'error' in m) {
+        this.fail(errorFromWire('connect', m.error));
+        this.channel.close();
+      }
+      return;
+    }
+    const p = this.pending.get(m.id);
+    if (!p) return closeFds(fds); // a reply to a request that timed out
+    if ('partial' in m) return this.onPartial(p, m, fds);
+    this.settle(m.id);
+    if (!m.ok) {
+      closeFds(fds);
+      return p.reject(errorFromWire(p.op, m.error));
+    }
+    if (p.failure) {
+      closeFds(fds);
+      return p.reject(p.failure);
+    }
+    p.resolve({ result: m.result, fds });
+  }
+
+  /** A batch before the final reply: handled at once (so its descriptors close early), failures kept for the end. */
+  private onPartial(p: Pending, m: PartialResponse, fds: number[]): void {
+    p.timer.refresh();
+    if (!p.onPartial || p.failure) {
+      closeFds(fds);
+      p.failure ??= new HmmProtocolError('BAD_RESPONSE', `unexpected partial reply to '${p.op}'`);
+      return;
+    }
+    try {
+      p.onPartial(m, fds);
+    } catch (e) {
+      p.failure = e as Error;
+    }
+  }
+
+  private fail(error: Error): void {
+    this.failure ??= error;
+    for (const id of [...this.pending.keys()]) this.settle(id)?.reject(this.failure);
+  }
+}
