@@ -10,8 +10,9 @@
 //   ELASTICMOE_BACKEND=cuda node scripts/bench-hmm.mjs > hmm.jsonl
 // Knobs: BENCH_LAYERS (default all), BENCH_ATTACH_RUNS (3), BENCH_ST_LAYERS
 // (layers written to safetensors; default 12), BENCH_DIR (scratch dir on local disk),
+// BENCH_SKIP_ST / BENCH_SKIP_COPY (skip parts A4 / B),
 // BENCH_EXPERTS_PER_CHUNK (default 1: one chunk per expert, as the HMM requires).
-import { spawnSync } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { mkdirSync, openSync, rmSync, writeSync, closeSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -62,7 +63,15 @@ const expected = (await hmm.store.checksumTensor(probe, 1)).toString();
 const attachRuns = Number(process.env.BENCH_ATTACH_RUNS ?? 3);
 const attaches = [];
 for (let i = 0; i < attachRuns; i++) {
-  const r = spawnSync(process.execPath, [path.join(here, 'bench-hmm-attach.mjs'), socket, probe], { encoding: 'utf8', env: process.env });
+  // Asynchronous spawn: the daemon answering the child runs on this process's event loop.
+  const r = await new Promise((resolve) => {
+    const child = spawn(process.execPath, [path.join(here, 'bench-hmm-attach.mjs'), socket, probe], { env: process.env });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (d) => (stdout += d));
+    child.stderr.on('data', (d) => (stderr += d));
+    child.on('exit', (status) => resolve({ status, stdout, stderr }));
+  });
   if (r.status !== 0) throw new Error(`attach child failed: ${r.stderr}`);
   const res = JSON.parse(r.stdout.trim().split('\n').pop());
   if (res.checksum !== expected) throw new Error(`attached bytes differ: ${res.checksum} != ${expected}`);
@@ -95,6 +104,7 @@ emit({ bench: 'attach_vs_pinned', attachMs, pinnedMs, speedup: pinnedMs / attach
 log(`attach ${attachMs.toFixed(1)} ms vs pinned reload ${pinnedMs.toFixed(0)} ms: ${(pinnedMs / attachMs).toFixed(1)}x`);
 
 // ---- A4: load from safetensors files on local disk (a subset of layers)
+if (!process.env.BENCH_SKIP_ST) {
 const stLayers = Math.min(config.layers, Number(process.env.BENCH_ST_LAYERS ?? 12));
 const stSpecs = specs.filter((s) => !/^model\.layers\.(\d+)\./.test(s.name) || Number(s.name.split('.')[2]) < stLayers);
 const stPlans = planChunks(stSpecs.map((s) => ({ ...s, group: `st.${s.group}` })), { granularity: rt.granularity(0) });
@@ -147,9 +157,10 @@ emit({ bench: 'safetensors_load', layers: stLayers, bytes: stBytes, ms: stMs, gb
 for (const c of loaded) hmm.store.release(c.plan.id, 'st');
 rmSync(stDir, { recursive: true, force: true });
 log(`safetensors ${(stBytes / GB).toFixed(1)} GB in ${stMs.toFixed(0)} ms (page cache dropped: ${dropped})`);
+}
 
 // ---- B: striped copy into a third GPU
-if (rt.deviceCount >= 3) {
+if (rt.deviceCount >= 3 && !process.env.BENCH_SKIP_COPY) {
   const g = rt.granularity(0);
   const expertSpecs = [];
   const n = Number(process.env.BENCH_COPY_EXPERTS ?? 96);

@@ -133,7 +133,8 @@ function importEntry(rt: Runtime, entry: ChunkManifestEntry, handle: SharedHandl
 /** Chunks attached by one attach call, mapped in this process. */
 export class AttachedSet implements Disposable {
   private readonly byId = new Map<string, AttachedChunk>();
-  private readonly byTensor = new Map<string, { chunk: AttachedChunk; location: TensorLocation }>();
+  /** Tensor name → device → where it is mapped here (dense weights have one replica per device). */
+  private readonly byTensor = new Map<string, Map<number, { chunk: AttachedChunk; location: TensorLocation }>>();
 
   /** @internal */
   constructor(
@@ -150,7 +151,11 @@ export class AttachedSet implements Disposable {
       batch.entries.forEach((entry, i) => {
         const c = importEntry(this.rt, entry, sharedHandle(batch.handles[i]!, fds), this.access(entry));
         this.byId.set(entry.id, c);
-        for (const location of entry.tensors) this.byTensor.set(location.name, { chunk: c, location });
+        for (const location of entry.tensors) {
+          let replicas = this.byTensor.get(location.name);
+          if (!replicas) this.byTensor.set(location.name, (replicas = new Map()));
+          replicas.set(entry.device, { chunk: c, location });
+        }
       });
     } finally {
       closeFds(fds);
@@ -170,13 +175,15 @@ export class AttachedSet implements Disposable {
     return c;
   }
 
-  /** Where a tensor's bytes start in this process. */
-  tensor(name: string): DevicePointer {
-    return this.tensorInfo(name).ptr;
+  /** Where a tensor's bytes start in this process; with replicas, the one on `device` (default: the lowest). */
+  tensor(name: string, device?: number): DevicePointer {
+    return this.tensorInfo(name, device).ptr;
   }
-  tensorInfo(name: string): { ptr: DevicePointer; location: TensorLocation; entry: ChunkManifestEntry } {
-    const t = this.byTensor.get(name);
-    if (!t) throw new NotFoundError('NOT_FOUND', `tensor '${name}' is not in this attached set`);
+  tensorInfo(name: string, device?: number): { ptr: DevicePointer; location: TensorLocation; entry: ChunkManifestEntry } {
+    const replicas = this.byTensor.get(name);
+    if (!replicas) throw new NotFoundError('NOT_FOUND', `tensor '${name}' is not in this attached set`);
+    const t = replicas.get(device ?? Math.min(...replicas.keys()));
+    if (!t) throw new NotFoundError('NOT_FOUND', `tensor '${name}' has no replica on device ${device} in this attached set`);
     return { ptr: t.chunk.range.at(t.location.offset), location: t.location, entry: t.chunk.entry };
   }
 

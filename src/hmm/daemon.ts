@@ -356,7 +356,7 @@ export class HmmDaemon {
    */
   private async checksum(tensor: string | undefined, chunk: string | undefined): Promise<bigint> {
     const store = this.hmm.store;
-    const id = tensor !== undefined ? store.tensor(tensor).chunk.plan.id : chunk!;
+    const id = tensor !== undefined ? store.tensor(tensor).chunk.plan.id : chunk!; // lowest-device replica of a tensor
     const holder = `checksum:${this.hmm.nextId()}`;
     store.retain(id, holder);
     try {
