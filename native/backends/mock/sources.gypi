@@ -1,1 +1,1 @@
-{ 'sources': ['mock_backend.cc', 'mock_kernels.cc', 'fill_kernels.cc'] }
+{ 'sources': ['mock_backend.cc', 'mock_kernels.cc', 'fill_kernels.cc', 'model_kernels.cc'] }

@@ -1,0 +1,409 @@
+// CPU twins of the model kernels in src/model/kernels/source.ts: same names, same
+// argument lists, same semantics. They are the mock backend's ground truth, so they
+// are plain sequential loops in a fixed order, deterministic, and written float
+// operation by float operation like the TypeScript references in
+// src/model/kernels/reference.ts (which round with Math.fround at each step), so the
+// two agree bit for bit. Transcendental functions are evaluated in double and rounded
+// once to float (the references do the same with Math.exp/pow/cos/sin).
+//
+// Every pointer is validated through ctx.Ptr before anything is written. Where the
+// extent of a buffer depends on data (token ids, rows, slots, block tables), the
+// twin reads the (validated) index array first, rejects negative indices with the
+// illegal-address error a GPU would give, and validates the largest extent used.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "backends/mock/mock_kernels.h"
+
+// The twins must not fuse a*b+c into one rounding (the references cannot).
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#elif defined(__GNUC__)
+#pragma GCC optimize("fp-contract=off")
+#endif
+
+namespace emoe {
+namespace {
+
+inline float Bf16ToF32(uint16_t b) {
+  uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t F32ToBf16(float f) {
+  uint32_t b;
+  std::memcpy(&b, &f, 4);
+  if ((b & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((b >> 16) | 0x40u);  // quiet NaN
+  b += 0x7fffu + ((b >> 16) & 1u);
+  return static_cast<uint16_t>(b >> 16);
+}
+
+inline float ExpD(float x) { return static_cast<float>(std::exp(static_cast<double>(x))); }
+
+[[noreturn]] void BadIndex(const MockKernelContext& ctx, size_t arg, uint64_t at, int64_t value,
+                           const std::string& what) {
+  ThrowError(ErrorKind::kIllegalAddress, "mock", "Launch", 700, "MOCK_ERROR_ILLEGAL_ADDRESS",
+             "kernel '" + ctx.name + "' on device " + std::to_string(ctx.device) + ": argument " +
+                 std::to_string(arg) + " element " + std::to_string(at) + " is " +
+                 std::to_string(value) + ", " + what);
+}
+
+[[noreturn]] void BadSize(const MockKernelContext& ctx, const std::string& what) {
+  ThrowInvalidArgument("mock", "Launch", "args", what + " for kernel '" + ctx.name + "'");
+}
+
+// Largest value of idx[0..n), or -1 when n == 0; a negative entry is an illegal address.
+int64_t MaxIndex(const MockKernelContext& ctx, size_t arg, const int32_t* idx, uint64_t n) {
+  int64_t m = -1;
+  for (uint64_t i = 0; i < n; ++i) {
+    if (idx[i] < 0) BadIndex(ctx, arg, i, idx[i], "a row index must not be negative");
+    if (idx[i] > m) m = idx[i];
+  }
+  return m;
+}
+
+}  // namespace
+
+// 1. emoe_embed(f32* out[T,H], const u16* table[V,H], const i32* tokens[T], u32 T, u32 H)
+EMOE_MOCK_KERNEL(emoe_embed) {
+  const uint64_t T = ctx.U32(3), H = ctx.U32(4);
+  const int32_t* tokens = ctx.Ptr<int32_t>(2, T, false);
+  const uint64_t V = static_cast<uint64_t>(MaxIndex(ctx, 2, tokens, T) + 1);
+  const uint16_t* table = ctx.Ptr<uint16_t>(1, V * H, false);
+  float* out = ctx.Ptr<float>(0, T * H, true);
+  for (uint64_t t = 0; t < T; ++t) {
+    const uint16_t* row = table + static_cast<uint64_t>(tokens[t]) * H;
+    for (uint64_t h = 0; h < H; ++h) out[t * H + h] = Bf16ToF32(row[h]);
+  }
+}
+
+// 2. emoe_rmsnorm(f32* out[R,N], const f32* x[R,N], const u16* w[N], u32 R, u32 N, f32 eps); out may alias x
+EMOE_MOCK_KERNEL(emoe_rmsnorm) {
+  const uint64_t R = ctx.U32(3), N = ctx.U32(4);
+  const float eps = ctx.F32(5);
+  const float* x = ctx.Ptr<float>(1, R * N, false);
+  const uint16_t* w = ctx.Ptr<uint16_t>(2, R > 0 ? N : 0, false);
+  float* out = ctx.Ptr<float>(0, R * N, true);
+  for (uint64_t r = 0; r < R; ++r) {
+    const float* xr = x + r * N;
+    float* orow = out + r * N;
+    float ss = 0.0f;
+    for (uint64_t j = 0; j < N; ++j) ss = ss + xr[j] * xr[j];
+    const float mean = ss / static_cast<float>(N);
+    const float inv = 1.0f / std::sqrt(mean + eps);
+    for (uint64_t j = 0; j < N; ++j) orow[j] = (xr[j] * inv) * Bf16ToF32(w[j]);
+  }
+}
+
+// 3. emoe_matmul_bf16(f32* out[M,N], const f32* x[M,K], const u16* w[N,K], u32 M, u32 N, u32 K)
+EMOE_MOCK_KERNEL(emoe_matmul_bf16) {
+  const uint64_t M = ctx.U32(3), N = ctx.U32(4), K = ctx.U32(5);
+  const float* x = ctx.Ptr<float>(1, M * K, false);
+  const uint16_t* w = ctx.Ptr<uint16_t>(2, M > 0 ? N * K : 0, false);
+  float* out = ctx.Ptr<float>(0, M * N, true);
+  std::vector<float> wf(K);
+  for (uint64_t n = 0; n < N && M > 0; ++n) {
+    const uint16_t* wr = w + n * K;
+    for (uint64_t k = 0; k < K; ++k) wf[k] = Bf16ToF32(wr[k]);
+    for (uint64_t m = 0; m < M; ++m) {
+      const float* xr = x + m * K;
+      float acc = 0.0f;
+      for (uint64_t k = 0; k < K; ++k) acc = acc + xr[k] * wf[k];
+      out[m * N + n] = acc;
+    }
+  }
+}
+
+// 4. emoe_add_bias_bf16(f32* x[M,N], const u16* b[N], u32 M, u32 N)
+EMOE_MOCK_KERNEL(emoe_add_bias_bf16) {
+  const uint64_t M = ctx.U32(2), N = ctx.U32(3);
+  const uint16_t* b = ctx.Ptr<uint16_t>(1, M > 0 ? N : 0, false);
+  float* x = ctx.Ptr<float>(0, M * N, true);
+  for (uint64_t m = 0; m < M; ++m)
+    for (uint64_t n = 0; n < N; ++n) x[m * N + n] = x[m * N + n] + Bf16ToF32(b[n]);
+}
+
+// 5. emoe_rope(f32* x[T,heads,D], const i32* pos[T], u32 T, u32 heads, u32 D, f32 theta)
+EMOE_MOCK_KERNEL(emoe_rope) {
+  const uint64_t T = ctx.U32(2), heads = ctx.U32(3), D = ctx.U32(4);
+  const float theta = ctx.F32(5);
+  if (D % 2 != 0) BadSize(ctx, "an even head dim D (got " + std::to_string(D) + ")");
+  const int32_t* pos = ctx.Ptr<int32_t>(1, T, false);
+  float* x = ctx.Ptr<float>(0, T * heads * D, true);
+  const uint64_t half = D / 2;
+  for (uint64_t t = 0; t < T; ++t) {
+    for (uint64_t j = 0; j < half; ++j) {
+      const float e = static_cast<float>(2 * j) / static_cast<float>(D);
+      const float p = static_cast<float>(std::pow(static_cast<double>(theta), static_cast<double>(e)));
+      const float inv = 1.0f / p;
+      const float a = static_cast<float>(pos[t]) * inv;
+      const float c = static_cast<float>(std::cos(static_cast<double>(a)));
+      const float s = static_cast<float>(std::sin(static_cast<double>(a)));
+      for (uint64_t h = 0; h < heads; ++h) {
+        float* xh = x + (t * heads + h) * D;
+        const float x1 = xh[j], x2 = xh[j + half];
+        xh[j] = x1 * c - x2 * s;
+        xh[j + half] = x2 * c + x1 * s;
+      }
+    }
+  }
+}
+
+// 6. emoe_kv_store(u16* pool, const f32* k[T,KVH,D], const f32* v[T,KVH,D], const i32* slots[T],
+//                  u32 T, u32 KVH, u32 D, u32 layer, u32 L, u32 BS); a negative slot is skipped
+EMOE_MOCK_KERNEL(emoe_kv_store) {
+  const uint64_t T = ctx.U32(4), KVH = ctx.U32(5), D = ctx.U32(6), layer = ctx.U32(7), L = ctx.U32(8),
+                 BS = ctx.U32(9);
+  if (T > 0 && (BS == 0 || layer >= L)) {
+    BadSize(ctx, "BS >= 1 and layer < L (got BS " + std::to_string(BS) + ", layer " + std::to_string(layer) +
+                     ", L " + std::to_string(L) + ")");
+  }
+  const uint64_t row = KVH * D;
+  const float* k = ctx.Ptr<float>(1, T * row, false);
+  const float* v = ctx.Ptr<float>(2, T * row, false);
+  const int32_t* slots = ctx.Ptr<int32_t>(3, T, false);
+  const uint64_t blockElems = L * 2 * BS * row;
+  int64_t maxBlock = -1;
+  for (uint64_t t = 0; t < T; ++t) {
+    if (slots[t] >= 0) maxBlock = std::max<int64_t>(maxBlock, static_cast<int64_t>(slots[t] / BS));
+  }
+  uint16_t* pool = ctx.Ptr<uint16_t>(0, static_cast<uint64_t>(maxBlock + 1) * blockElems, true);
+  for (uint64_t t = 0; t < T; ++t) {
+    if (slots[t] < 0) continue;
+    const uint64_t slot = static_cast<uint64_t>(slots[t]);
+    const uint64_t base = (slot / BS) * blockElems + layer * 2 * BS * row + (slot % BS) * row;
+    for (uint64_t r = 0; r < row; ++r) {
+      pool[base + r] = F32ToBf16(k[t * row + r]);
+      pool[base + BS * row + r] = F32ToBf16(v[t * row + r]);
+    }
+  }
+}
+
+// 7. emoe_attention(f32* out[T,NH,D], const f32* q[T,NH,D], const u16* pool, const i32* block_table[S,MB],
+//                   const i32* tok_seq[T], const i32* tok_pos[T], u32 T, u32 NH, u32 KVH, u32 D, u32 layer,
+//                   u32 L, u32 BS, u32 MB, f32 scale)
+// Scores s_j = (sum_d q[d]*k_j[d]) * scale for j = 0..p; m = max s_j; e_j = exp(s_j - m);
+// out[d] = (sum_j e_j * v_j[d]) / (sum_j e_j), every sum in index order. Negative position: zeros.
+EMOE_MOCK_KERNEL(emoe_attention) {
+  const uint64_t T = ctx.U32(6), NH = ctx.U32(7), KVH = ctx.U32(8), D = ctx.U32(9), layer = ctx.U32(10),
+                 L = ctx.U32(11), BS = ctx.U32(12), MB = ctx.U32(13);
+  const float scale = ctx.F32(14);
+  if (T > 0 && (KVH == 0 || NH % KVH != 0 || BS == 0 || layer >= L)) {
+    BadSize(ctx, "KVH >= 1 dividing NH, BS >= 1 and layer < L");
+  }
+  const float* q = ctx.Ptr<float>(1, T * NH * D, false);
+  const int32_t* tok_seq = ctx.Ptr<int32_t>(4, T, false);
+  const int32_t* tok_pos = ctx.Ptr<int32_t>(5, T, false);
+  float* out = ctx.Ptr<float>(0, T * NH * D, true);
+  int64_t maxSeq = -1;
+  for (uint64_t t = 0; t < T; ++t) {
+    if (tok_pos[t] < 0) continue;
+    if (tok_seq[t] < 0) BadIndex(ctx, 4, t, tok_seq[t], "a sequence index must not be negative");
+    if (static_cast<uint64_t>(tok_pos[t]) / BS >= MB) {
+      BadIndex(ctx, 5, t, tok_pos[t], "beyond the block table's " + std::to_string(MB) + " blocks of " +
+                                          std::to_string(BS));
+    }
+    maxSeq = std::max<int64_t>(maxSeq, tok_seq[t]);
+  }
+  const int32_t* table = ctx.Ptr<int32_t>(3, static_cast<uint64_t>(maxSeq + 1) * MB, false);
+  int64_t maxBlock = -1;
+  for (uint64_t t = 0; t < T; ++t) {
+    if (tok_pos[t] < 0) continue;
+    const uint64_t base = static_cast<uint64_t>(tok_seq[t]) * MB;
+    for (uint64_t b = 0; b <= static_cast<uint64_t>(tok_pos[t]) / BS; ++b) {
+      const int32_t blk = table[base + b];
+      if (blk < 0) BadIndex(ctx, 3, base + b, blk, "a KV block index must not be negative");
+      maxBlock = std::max<int64_t>(maxBlock, blk);
+    }
+  }
+  const uint64_t row = KVH * D;
+  const uint64_t blockElems = L * 2 * BS * row;
+  const uint16_t* pool = ctx.Ptr<uint16_t>(2, static_cast<uint64_t>(maxBlock + 1) * blockElems, false);
+  const uint64_t group = KVH > 0 ? NH / KVH : 1;
+  std::vector<float> scores, acc(D);
+  for (uint64_t t = 0; t < T; ++t) {
+    const int32_t p = tok_pos[t];
+    if (p < 0) {
+      for (uint64_t i = 0; i < NH * D; ++i) out[t * NH * D + i] = 0.0f;
+      continue;
+    }
+    const int32_t* bt = table + static_cast<uint64_t>(tok_seq[t]) * MB;
+    scores.assign(static_cast<size_t>(p) + 1, 0.0f);
+    for (uint64_t h = 0; h < NH; ++h) {
+      const uint64_t g = h / group;
+      const float* qh = q + (t * NH + h) * D;
+      auto key = [&](uint64_t j) {
+        return pool + static_cast<uint64_t>(bt[j / BS]) * blockElems + layer * 2 * BS * row + (j % BS) * row + g * D;
+      };
+      for (uint64_t j = 0; j <= static_cast<uint64_t>(p); ++j) {
+        const uint16_t* kp = key(j);
+        float dot = 0.0f;
+        for (uint64_t d = 0; d < D; ++d) dot = dot + qh[d] * Bf16ToF32(kp[d]);
+        scores[j] = dot * scale;
+      }
+      float m = scores[0];
+      for (uint64_t j = 1; j <= static_cast<uint64_t>(p); ++j) m = std::max(m, scores[j]);
+      float sum = 0.0f;
+      for (uint64_t j = 0; j <= static_cast<uint64_t>(p); ++j) {
+        scores[j] = ExpD(scores[j] - m);
+        sum = sum + scores[j];
+      }
+      for (uint64_t d = 0; d < D; ++d) acc[d] = 0.0f;
+      for (uint64_t j = 0; j <= static_cast<uint64_t>(p); ++j) {
+        const uint16_t* vp = key(j) + BS * row;
+        for (uint64_t d = 0; d < D; ++d) acc[d] = acc[d] + scores[j] * Bf16ToF32(vp[d]);
+      }
+      float* orow = out + (t * NH + h) * D;
+      for (uint64_t d = 0; d < D; ++d) orow[d] = acc[d] / sum;
+    }
+  }
+}
+
+// 8. emoe_router_topk(i32* ids[T,K], f32* weights[T,K], const f32* logits[T,E], u32 T, u32 E, u32 K, u32 renorm)
+EMOE_MOCK_KERNEL(emoe_router_topk) {
+  const uint64_t T = ctx.U32(3), E = ctx.U32(4), K = ctx.U32(5);
+  const uint32_t renorm = ctx.U32(6);
+  if (T > 0 && (E == 0 || K == 0 || K > E)) BadSize(ctx, "1 <= K <= E");
+  const float* logits = ctx.Ptr<float>(2, T * E, false);
+  int32_t* ids = ctx.Ptr<int32_t>(0, T * K, true);
+  float* weights = ctx.Ptr<float>(1, T * K, true);
+  std::vector<float> probs(E);
+  for (uint64_t t = 0; t < T; ++t) {
+    const float* lr = logits + t * E;
+    float m = lr[0];
+    for (uint64_t e = 1; e < E; ++e) m = std::max(m, lr[e]);
+    float sum = 0.0f;
+    for (uint64_t e = 0; e < E; ++e) {
+      probs[e] = ExpD(lr[e] - m);
+      sum = sum + probs[e];
+    }
+    for (uint64_t e = 0; e < E; ++e) probs[e] = probs[e] / sum;
+    for (uint64_t k = 0; k < K; ++k) {
+      float bv = -1.0f;  // probabilities are >= 0; chosen ones are marked -2
+      uint64_t bi = 0;
+      for (uint64_t e = 0; e < E; ++e) {
+        if (probs[e] > bv) {
+          bv = probs[e];
+          bi = e;
+        }
+      }
+      ids[t * K + k] = static_cast<int32_t>(bi);
+      weights[t * K + k] = bv;
+      probs[bi] = -2.0f;
+    }
+    if (renorm != 0) {
+      float s = 0.0f;
+      for (uint64_t k = 0; k < K; ++k) s = s + weights[t * K + k];
+      for (uint64_t k = 0; k < K; ++k) weights[t * K + k] = weights[t * K + k] / s;
+    }
+  }
+}
+
+// 9. emoe_silu_mul(f32* out[n], const f32* gate[n], const f32* up[n], u64 n)
+EMOE_MOCK_KERNEL(emoe_silu_mul) {
+  const uint64_t n = ctx.U64(3);
+  const float* gate = ctx.Ptr<float>(1, n, false);
+  const float* up = ctx.Ptr<float>(2, n, false);
+  float* out = ctx.Ptr<float>(0, n, true);
+  for (uint64_t i = 0; i < n; ++i) {
+    const float g = gate[i];
+    const float d = 1.0f + ExpD(-g);
+    out[i] = (g / d) * up[i];
+  }
+}
+
+// 10. emoe_gather_rows(f32* out[M,H], const f32* x[R,H], const i32* rows[M], u32 M, u32 H)
+EMOE_MOCK_KERNEL(emoe_gather_rows) {
+  const uint64_t M = ctx.U32(3), H = ctx.U32(4);
+  const int32_t* rows = ctx.Ptr<int32_t>(2, M, false);
+  const uint64_t R = static_cast<uint64_t>(MaxIndex(ctx, 2, rows, M) + 1);
+  const float* x = ctx.Ptr<float>(1, R * H, false);
+  float* out = ctx.Ptr<float>(0, M * H, true);
+  for (uint64_t i = 0; i < M; ++i) {
+    const float* src = x + static_cast<uint64_t>(rows[i]) * H;
+    for (uint64_t h = 0; h < H; ++h) out[i * H + h] = src[h];
+  }
+}
+
+// 11. emoe_scatter_rows(f32* out[R,H], const f32* x[M,H], const i32* rows[M], u32 M, u32 H)
+EMOE_MOCK_KERNEL(emoe_scatter_rows) {
+  const uint64_t M = ctx.U32(3), H = ctx.U32(4);
+  const int32_t* rows = ctx.Ptr<int32_t>(2, M, false);
+  const uint64_t R = static_cast<uint64_t>(MaxIndex(ctx, 2, rows, M) + 1);
+  const float* x = ctx.Ptr<float>(1, M * H, false);
+  float* out = ctx.Ptr<float>(0, R * H, true);
+  for (uint64_t i = 0; i < M; ++i) {
+    float* dst = out + static_cast<uint64_t>(rows[i]) * H;
+    for (uint64_t h = 0; h < H; ++h) dst[h] = x[i * H + h];
+  }
+}
+
+// 12. emoe_combine_topk(f32* out[T,H], const f32* slots[T*K,H], const f32* weights[T,K], u32 T, u32 K, u32 H)
+EMOE_MOCK_KERNEL(emoe_combine_topk) {
+  const uint64_t T = ctx.U32(3), K = ctx.U32(4), H = ctx.U32(5);
+  const float* slots = ctx.Ptr<float>(1, T * K * H, false);
+  const float* weights = ctx.Ptr<float>(2, T * K, false);
+  float* out = ctx.Ptr<float>(0, T * H, true);
+  for (uint64_t t = 0; t < T; ++t) {
+    for (uint64_t h = 0; h < H; ++h) {
+      float acc = 0.0f;
+      for (uint64_t k = 0; k < K; ++k) acc = acc + weights[t * K + k] * slots[(t * K + k) * H + h];
+      out[t * H + h] = out[t * H + h] + acc;
+    }
+  }
+}
+
+// 13. emoe_sigmoid_scale_rows(f32* y[T,H], const f32* g[T], u32 T, u32 H)
+EMOE_MOCK_KERNEL(emoe_sigmoid_scale_rows) {
+  const uint64_t T = ctx.U32(2), H = ctx.U32(3);
+  const float* g = ctx.Ptr<float>(1, T, false);
+  float* y = ctx.Ptr<float>(0, T * H, true);
+  for (uint64_t t = 0; t < T; ++t) {
+    const float sg = 1.0f / (1.0f + ExpD(-g[t]));
+    for (uint64_t h = 0; h < H; ++h) y[t * H + h] = y[t * H + h] * sg;
+  }
+}
+
+// 14. emoe_argmax(i32* out[R], const f32* x[R,N], u32 R, u32 N): first maximum per row
+EMOE_MOCK_KERNEL(emoe_argmax) {
+  const uint64_t R = ctx.U32(2), N = ctx.U32(3);
+  if (R > 0 && N == 0) BadSize(ctx, "N >= 1");
+  const float* x = ctx.Ptr<float>(1, R * N, false);
+  int32_t* out = ctx.Ptr<int32_t>(0, R, true);
+  for (uint64_t r = 0; r < R; ++r) {
+    const float* xr = x + r * N;
+    float best = xr[0];
+    uint64_t bi = 0;
+    for (uint64_t j = 1; j < N; ++j) {
+      if (xr[j] > best) {
+        best = xr[j];
+        bi = j;
+      }
+    }
+    out[r] = static_cast<int32_t>(bi);
+  }
+}
+
+// 15. emoe_copy_f32(f32* out, const f32* x, u64 n); emoe_add_f32(f32* out, const f32* a, const f32* b, u64 n)
+EMOE_MOCK_KERNEL(emoe_copy_f32) {
+  const uint64_t n = ctx.U64(2);
+  const float* x = ctx.Ptr<float>(1, n, false);
+  float* out = ctx.Ptr<float>(0, n, true);
+  if (n > 0 && out != x) std::memmove(out, x, n * sizeof(float));
+}
+
+EMOE_MOCK_KERNEL(emoe_add_f32) {
+  const uint64_t n = ctx.U64(3);
+  const float* a = ctx.Ptr<float>(1, n, false);
+  const float* b = ctx.Ptr<float>(2, n, false);
+  float* out = ctx.Ptr<float>(0, n, true);
+  for (uint64_t i = 0; i < n; ++i) out[i] = a[i] + b[i];
+}
+
+}  // namespace emoe

@@ -1,0 +1,475 @@
+// Typed launchers of the model kernels (CUDA source in ./source.ts, CPU twins in
+// native/backends/mock/model_kernels.cc, references in ./reference.ts).
+//
+// Each method validates its sizes (an InvalidArgumentError naming the field), checks
+// that every pointer of a statically known extent has that many bytes left in its
+// virtual range and is aligned for its element type, chooses grid and block itself
+// (grid-stride kernels, grids capped at 65535), and queues one launch on the stream.
+// A call with nothing to do (T, M, R or n = 0) queues nothing.
+//
+// Buffers whose extent depends on data (the embedding table, the KV pool, a block
+// table, gather sources and scatter targets) take an optional size (V, blocks, S, R)
+// that, when given, is checked too; the kernels themselves trust the indices.
+import { InvalidArgumentError } from '../../runtime/errors.js';
+import { type Kernel, type KernelArg, type Module, arg } from '../../runtime/kernel.js';
+import { DevicePointer } from '../../runtime/memory.js';
+import type { Runtime } from '../../runtime/runtime.js';
+import type { Stream } from '../../runtime/stream.js';
+import { MODEL_KERNELS_SOURCE, MODEL_KERNEL_NAMES, type ModelKernelName } from './source.js';
+
+export { MODEL_KERNELS_SOURCE, MODEL_KERNEL_NAMES, type ModelKernelName } from './source.js';
+
+const U32_MAX = 0xffffffff;
+const MAX_GRID = 65535;
+const BLOCK = 256;
+/** Largest head dim emoe_attention supports (registers per lane: 8 dims). */
+export const MAX_HEAD_DIM = 256;
+/** Largest expert count emoe_router_topk supports (E floats of shared memory, 48 KiB). */
+export const MAX_EXPERTS = 12288;
+
+function u32(name: string, value: number, min = 0): number {
+  if (!Number.isInteger(value) || value < min || value > U32_MAX) {
+    throw new InvalidArgumentError(name, `an integer in [${min}, ${U32_MAX}] (got ${String(value)})`);
+  }
+  return value;
+}
+
+function count(name: string, value: number): number {
+  if (!Number.isSafeInteger(value) || value < 0) {
+    throw new InvalidArgumentError(name, `a non-negative safe integer (got ${String(value)})`);
+  }
+  return value;
+}
+
+function f32(name: string, value: number, { positive = false } = {}): number {
+  if (typeof value !== 'number' || !Number.isFinite(value) || (positive ? !(value > 0) : false)) {
+    throw new InvalidArgumentError(name, `a finite${positive ? ' positive' : ''} number (got ${String(value)})`);
+  }
+  if (!Number.isFinite(Math.fround(value))) throw new InvalidArgumentError(name, 'representable as f32');
+  return value;
+}
+
+/** A pointer with `elements` elements of `bytesPer` bytes left in its range, aligned to bytesPer. */
+function ptr(name: string, p: DevicePointer, elements: number, bytesPer: number): DevicePointer {
+  if (!(p instanceof DevicePointer)) throw new InvalidArgumentError(name, 'a DevicePointer');
+  if (p.address % BigInt(bytesPer) !== 0n) {
+    throw new InvalidArgumentError(name, `aligned to ${bytesPer} bytes (address ${p.toString()})`);
+  }
+  const bytes = elements * bytesPer;
+  if (bytes > p.range.size - p.offset) {
+    throw new InvalidArgumentError(name,
+      `a pointer with ${bytes} bytes left in its range (offset ${p.offset} of ${p.range.size})`);
+  }
+  return p;
+}
+
+/** Rejects two buffers of one range that overlap without being the same buffer. */
+function disjoint(name: string, a: DevicePointer, aBytes: number, other: string, b: DevicePointer, bBytes: number): void {
+  if (a.range !== b.range || aBytes === 0 || bBytes === 0) return;
+  if (a.offset < b.offset + bBytes && b.offset < a.offset + aBytes) {
+    throw new InvalidArgumentError(name, `a buffer that does not overlap ${other}`);
+  }
+}
+
+function gridFor(work: number, perBlock: number): number {
+  return Math.max(1, Math.min(MAX_GRID, Math.ceil(work / perBlock)));
+}
+
+export interface EmbedArgs {
+  /** [T, H] f32 */ out: DevicePointer;
+  /** [V, H] bf16 */ table: DevicePointer;
+  /** [T] i32 */ tokens: DevicePointer;
+  T: number;
+  H: number;
+  /** Vocabulary size, to check the table's extent (optional). */
+  V?: number;
+}
+export interface RmsnormArgs {
+  /** [R, N] f32; may be the same buffer as x */ out: DevicePointer;
+  /** [R, N] f32 */ x: DevicePointer;
+  /** [N] bf16 */ w: DevicePointer;
+  R: number;
+  N: number;
+  eps: number;
+}
+export interface MatmulArgs {
+  /** [M, N] f32 (must not overlap x) */ out: DevicePointer;
+  /** [M, K] f32 */ x: DevicePointer;
+  /** [N, K] bf16, row-major as in Hugging Face (out_features, in_features) */ w: DevicePointer;
+  M: number;
+  N: number;
+  K: number;
+}
+export interface AddBiasArgs {
+  /** [M, N] f32, in place */ x: DevicePointer;
+  /** [N] bf16 */ b: DevicePointer;
+  M: number;
+  N: number;
+}
+export interface RopeArgs {
+  /** [T, heads, D] f32, in place */ x: DevicePointer;
+  /** [T] i32 */ pos: DevicePointer;
+  T: number;
+  heads: number;
+  D: number;
+  theta: number;
+}
+export interface KvGeometry {
+  KVH: number;
+  D: number;
+  layer: number;
+  /** Layers held in each KV block. */
+  L: number;
+  /** Tokens per KV block. */
+  BS: number;
+  /** Blocks in the pool, to check its extent (optional). */
+  blocks?: number;
+}
+export interface KvStoreArgs extends KvGeometry {
+  /** bf16 pool: block b at b * L*2*BS*KVH*D elements, inside [layer][k|v][slot][KVH][D] */ pool: DevicePointer;
+  /** [T, KVH, D] f32 */ k: DevicePointer;
+  /** [T, KVH, D] f32 */ v: DevicePointer;
+  /** [T] i32: block * BS + offset; negative = skip (padding) */ slots: DevicePointer;
+  T: number;
+}
+export interface AttentionArgs extends KvGeometry {
+  /** [T, NH, D] f32 (must not overlap q) */ out: DevicePointer;
+  /** [T, NH, D] f32 */ q: DevicePointer;
+  pool: DevicePointer;
+  /** [S, MB] i32 */ blockTable: DevicePointer;
+  /** [T] i32: the sequence (row of blockTable) of each token */ tokSeq: DevicePointer;
+  /** [T] i32: the position of each token; keys 0..pos are attended; negative = zero output */ tokPos: DevicePointer;
+  T: number;
+  NH: number;
+  /** Block-table columns (blocks per sequence). */
+  MB: number;
+  scale: number;
+  /** Sequences in the block table, to check its extent (optional). */
+  S?: number;
+}
+export interface RouterTopkArgs {
+  /** [T, K] i32 */ ids: DevicePointer;
+  /** [T, K] f32 */ weights: DevicePointer;
+  /** [T, E] f32 */ logits: DevicePointer;
+  T: number;
+  E: number;
+  K: number;
+  /** Divide the K weights by their sum (qwen3_moe norm_topk_prob, mixtral). */
+  renorm: boolean;
+}
+export interface SiluMulArgs {
+  /** [n] f32 */ out: DevicePointer;
+  /** [n] f32 */ gate: DevicePointer;
+  /** [n] f32 */ up: DevicePointer;
+  n: number;
+}
+export interface GatherRowsArgs {
+  /** [M, H] f32 (must not overlap x) */ out: DevicePointer;
+  /** [R, H] f32 */ x: DevicePointer;
+  /** [M] i32 */ rows: DevicePointer;
+  M: number;
+  H: number;
+  /** Rows of x, to check its extent (optional). */
+  R?: number;
+}
+export interface ScatterRowsArgs {
+  /** [R, H] f32 (must not overlap x) */ out: DevicePointer;
+  /** [M, H] f32 */ x: DevicePointer;
+  /** [M] i32, distinct */ rows: DevicePointer;
+  M: number;
+  H: number;
+  /** Rows of out, to check its extent (optional). */
+  R?: number;
+}
+export interface CombineTopkArgs {
+  /** [T, H] f32, accumulated into (must not overlap slots) */ out: DevicePointer;
+  /** [T*K, H] f32: row t*K + k is token t's k-th expert output */ slots: DevicePointer;
+  /** [T, K] f32 */ weights: DevicePointer;
+  T: number;
+  K: number;
+  H: number;
+}
+export interface SigmoidScaleRowsArgs {
+  /** [T, H] f32, in place */ y: DevicePointer;
+  /** [T] f32 */ g: DevicePointer;
+  T: number;
+  H: number;
+}
+export interface ArgmaxArgs {
+  /** [R] i32 */ out: DevicePointer;
+  /** [R, N] f32 */ x: DevicePointer;
+  R: number;
+  N: number;
+}
+export interface CopyArgs {
+  out: DevicePointer;
+  x: DevicePointer;
+  n: number;
+}
+export interface AddArgs {
+  /** may be the same buffer as a */ out: DevicePointer;
+  a: DevicePointer;
+  b: DevicePointer;
+  n: number;
+}
+
+/** The model kernels loaded on one device, with one typed launcher per kernel. */
+export class ModelKernels implements Disposable {
+  private readonly kernels: Map<ModelKernelName, Kernel>;
+
+  private constructor(readonly module: Module, readonly device: number) {
+    this.kernels = new Map(MODEL_KERNEL_NAMES.map((name) => [name, module.kernel(name)]));
+  }
+
+  /** Compiles (cuda: NVRTC) or resolves (mock: CPU twins) every model kernel on `device`. */
+  static async load(rt: Runtime, device: number): Promise<ModelKernels> {
+    const module = await rt.loadModule(device, { format: 'cuda', data: MODEL_KERNELS_SOURCE, name: 'emoe_model_kernels.cu' });
+    try {
+      return new ModelKernels(module, device);
+    } catch (e) {
+      module.dispose();
+      throw e;
+    }
+  }
+
+  private launch(stream: Stream, name: ModelKernelName, grid: number, block: number, args: KernelArg[], sharedBytes = 0): void {
+    if (stream.device !== this.device) {
+      throw new InvalidArgumentError('stream', `a stream on device ${this.device} (got device ${stream.device})`);
+    }
+    stream.launch(this.kernels.get(name)!, { grid, block, sharedBytes }, args);
+  }
+
+  /** out[t, :] = table[tokens[t], :] as f32. */
+  embed(stream: Stream, a: EmbedArgs): void {
+    const T = u32('T', a.T);
+    const H = u32('H', a.H, 1);
+    ptr('out', a.out, T * H, 4);
+    ptr('tokens', a.tokens, T, 4);
+    ptr('table', a.table, a.V === undefined ? 0 : u32('V', a.V, 1) * H, 2);
+    if (T === 0) return;
+    this.launch(stream, 'emoe_embed', gridFor(T * H, BLOCK), BLOCK,
+      [a.out, a.table, a.tokens, arg.u32(T), arg.u32(H)]);
+  }
+
+  /** out = x / sqrt(mean(x^2) + eps) * w per row of N. */
+  rmsnorm(stream: Stream, a: RmsnormArgs): void {
+    const R = u32('R', a.R);
+    const N = u32('N', a.N, 1);
+    const eps = f32('eps', a.eps);
+    if (eps < 0) throw new InvalidArgumentError('eps', 'non-negative');
+    ptr('out', a.out, R * N, 4);
+    ptr('x', a.x, R * N, 4);
+    ptr('w', a.w, N, 2);
+    if (R === 0) return;
+    if (a.out.range === a.x.range && a.out.offset !== a.x.offset) disjoint('out', a.out, R * N * 4, 'x', a.x, R * N * 4);
+    this.launch(stream, 'emoe_rmsnorm', Math.min(R, MAX_GRID), BLOCK,
+      [a.out, a.x, a.w, arg.u32(R), arg.u32(N), arg.f32(eps)]);
+  }
+
+  /** out[M, N] = x[M, K] . w[N, K]^T with f32 accumulation. */
+  matmul(stream: Stream, a: MatmulArgs): void {
+    const M = u32('M', a.M);
+    const N = u32('N', a.N, 1);
+    const K = u32('K', a.K, 1);
+    ptr('out', a.out, M * N, 4);
+    ptr('x', a.x, M * K, 4);
+    ptr('w', a.w, N * K, 2);
+    if (M === 0) return;
+    disjoint('out', a.out, M * N * 4, 'x', a.x, M * K * 4);
+    // The kernel picks its path from (M, N) alone (emoe_matmul_path): M <= 16, one warp
+    // per output column (8 per block); else 64x64 tiles when there are at least 256 of
+    // them, 32x32 tiles otherwise; always 256 threads.
+    const tile = M <= 16 ? 0 : Math.ceil(M / 64) * Math.ceil(N / 64) >= 256 ? 64 : 32;
+    const grid = tile === 0 ? gridFor(N, BLOCK / 32) : Math.min(MAX_GRID, Math.ceil(M / tile) * Math.ceil(N / tile));
+    this.launch(stream, 'emoe_matmul_bf16', grid, BLOCK, [a.out, a.x, a.w, arg.u32(M), arg.u32(N), arg.u32(K)]);
+  }
+
+  /** x[M, N] += b[N]. */
+  addBias(stream: Stream, a: AddBiasArgs): void {
+    const M = u32('M', a.M);
+    const N = u32('N', a.N, 1);
+    ptr('x', a.x, M * N, 4);
+    ptr('b', a.b, N, 2);
+    if (M === 0) return;
+    this.launch(stream, 'emoe_add_bias_bf16', gridFor(M * N, BLOCK), BLOCK, [a.x, a.b, arg.u32(M), arg.u32(N)]);
+  }
+
+  /** Rotary embedding in place (rotate_half / neox style) over x[T, heads, D]. */
+  rope(stream: Stream, a: RopeArgs): void {
+    const T = u32('T', a.T);
+    const heads = u32('heads', a.heads, 1);
+    const D = u32('D', a.D, 2);
+    if (D % 2 !== 0) throw new InvalidArgumentError('D', `even (got ${D})`);
+    const theta = f32('theta', a.theta, { positive: true });
+    ptr('x', a.x, T * heads * D, 4);
+    ptr('pos', a.pos, T, 4);
+    if (T === 0) return;
+    this.launch(stream, 'emoe_rope', gridFor(T * (D / 2), BLOCK), BLOCK,
+      [a.x, a.pos, arg.u32(T), arg.u32(heads), arg.u32(D), arg.f32(theta)]);
+  }
+
+  private kvGeometry(g: KvGeometry): { KVH: number; D: number; layer: number; L: number; BS: number } {
+    const KVH = u32('KVH', g.KVH, 1);
+    const D = u32('D', g.D, 1);
+    const L = u32('L', g.L, 1);
+    const layer = u32('layer', g.layer);
+    if (layer >= L) throw new InvalidArgumentError('layer', `less than L = ${L} (got ${layer})`);
+    const BS = u32('BS', g.BS, 1);
+    const blockElements = L * 2 * BS * KVH * D;
+    if (!Number.isSafeInteger(blockElements)) throw new InvalidArgumentError('BS', 'a KV block size that fits a safe integer');
+    return { KVH, D, layer, L, BS };
+  }
+
+  private checkPool(pool: DevicePointer, g: KvGeometry): void {
+    const blocks = g.blocks === undefined ? 0 : count('blocks', g.blocks);
+    ptr('pool', pool, blocks * g.L * 2 * g.BS * g.KVH * g.D, 2);
+  }
+
+  /** Writes each token's K and V (as bf16) into its slot of the paged cache at `layer`. */
+  kvStore(stream: Stream, a: KvStoreArgs): void {
+    const T = u32('T', a.T);
+    const { KVH, D, layer, L, BS } = this.kvGeometry(a);
+    ptr('k', a.k, T * KVH * D, 4);
+    ptr('v', a.v, T * KVH * D, 4);
+    ptr('slots', a.slots, T, 4);
+    this.checkPool(a.pool, a);
+    if (T === 0) return;
+    this.launch(stream, 'emoe_kv_store', gridFor(T * KVH * D, BLOCK), BLOCK,
+      [a.pool, a.k, a.v, a.slots, arg.u32(T), arg.u32(KVH), arg.u32(D), arg.u32(layer), arg.u32(L), arg.u32(BS)]);
+  }
+
+  /** Causal attention of each token over positions 0..tokPos[t] of its sequence in the paged cache. */
+  attention(stream: Stream, a: AttentionArgs): void {
+    const T = u32('T', a.T);
+    const NH = u32('NH', a.NH, 1);
+    const { KVH, D, layer, L, BS } = this.kvGeometry(a);
+    if (NH % KVH !== 0) throw new InvalidArgumentError('KVH', `a divisor of NH = ${NH} (got ${KVH})`);
+    if (D > MAX_HEAD_DIM) throw new InvalidArgumentError('D', `at most ${MAX_HEAD_DIM} (got ${D})`);
+    const MB = u32('MB', a.MB, 1);
+    const scale = f32('scale', a.scale);
+    ptr('out', a.out, T * NH * D, 4);
+    ptr('q', a.q, T * NH * D, 4);
+    ptr('tokSeq', a.tokSeq, T, 4);
+    ptr('tokPos', a.tokPos, T, 4);
+    ptr('blockTable', a.blockTable, a.S === undefined ? 0 : count('S', a.S) * MB, 4);
+    this.checkPool(a.pool, a);
+    if (T === 0) return;
+    disjoint('out', a.out, T * NH * D * 4, 'q', a.q, T * NH * D * 4);
+    this.launch(stream, 'emoe_attention', Math.min(T * NH, MAX_GRID), 256, [
+      a.out, a.q, a.pool, a.blockTable, a.tokSeq, a.tokPos, arg.u32(T), arg.u32(NH), arg.u32(KVH), arg.u32(D),
+      arg.u32(layer), arg.u32(L), arg.u32(BS), arg.u32(MB), arg.f32(scale),
+    ]);
+  }
+
+  /** Softmax over E experts, the K most probable in descending order, optionally renormalised. */
+  routerTopk(stream: Stream, a: RouterTopkArgs): void {
+    const T = u32('T', a.T);
+    const E = u32('E', a.E, 1);
+    if (E > MAX_EXPERTS) throw new InvalidArgumentError('E', `at most ${MAX_EXPERTS} (got ${E})`);
+    const K = u32('K', a.K, 1);
+    if (K > E) throw new InvalidArgumentError('K', `at most E = ${E} (got ${K})`);
+    if (typeof a.renorm !== 'boolean') throw new InvalidArgumentError('renorm', 'a boolean');
+    ptr('ids', a.ids, T * K, 4);
+    ptr('weights', a.weights, T * K, 4);
+    ptr('logits', a.logits, T * E, 4);
+    if (T === 0) return;
+    this.launch(stream, 'emoe_router_topk', Math.min(T, MAX_GRID), 32,
+      [a.ids, a.weights, a.logits, arg.u32(T), arg.u32(E), arg.u32(K), arg.u32(a.renorm ? 1 : 0)], E * 4);
+  }
+
+  /** out = silu(gate) * up, element-wise. */
+  siluMul(stream: Stream, a: SiluMulArgs): void {
+    const n = count('n', a.n);
+    ptr('out', a.out, n, 4);
+    ptr('gate', a.gate, n, 4);
+    ptr('up', a.up, n, 4);
+    if (n === 0) return;
+    this.launch(stream, 'emoe_silu_mul', gridFor(n, BLOCK), BLOCK, [a.out, a.gate, a.up, arg.u64(n)]);
+  }
+
+  /** out[i, :] = x[rows[i], :]. */
+  gatherRows(stream: Stream, a: GatherRowsArgs): void {
+    const M = u32('M', a.M);
+    const H = u32('H', a.H, 1);
+    ptr('out', a.out, M * H, 4);
+    ptr('rows', a.rows, M, 4);
+    ptr('x', a.x, a.R === undefined ? 0 : u32('R', a.R) * H, 4);
+    if (M === 0) return;
+    if (a.R !== undefined) disjoint('out', a.out, M * H * 4, 'x', a.x, a.R * H * 4);
+    this.launch(stream, 'emoe_gather_rows', gridFor(M * H, BLOCK), BLOCK, [a.out, a.x, a.rows, arg.u32(M), arg.u32(H)]);
+  }
+
+  /** out[rows[i], :] = x[i, :] (rows distinct). */
+  scatterRows(stream: Stream, a: ScatterRowsArgs): void {
+    const M = u32('M', a.M);
+    const H = u32('H', a.H, 1);
+    ptr('x', a.x, M * H, 4);
+    ptr('rows', a.rows, M, 4);
+    ptr('out', a.out, a.R === undefined ? 0 : u32('R', a.R) * H, 4);
+    if (M === 0) return;
+    if (a.R !== undefined) disjoint('out', a.out, a.R * H * 4, 'x', a.x, M * H * 4);
+    this.launch(stream, 'emoe_scatter_rows', gridFor(M * H, BLOCK), BLOCK, [a.out, a.x, a.rows, arg.u32(M), arg.u32(H)]);
+  }
+
+  /** out[t, :] += sum over k in order of weights[t, k] * slots[t*K + k, :]. */
+  combineTopk(stream: Stream, a: CombineTopkArgs): void {
+    const T = u32('T', a.T);
+    const K = u32('K', a.K, 1);
+    const H = u32('H', a.H, 1);
+    ptr('out', a.out, T * H, 4);
+    ptr('slots', a.slots, T * K * H, 4);
+    ptr('weights', a.weights, T * K, 4);
+    if (T === 0) return;
+    disjoint('out', a.out, T * H * 4, 'slots', a.slots, T * K * H * 4);
+    this.launch(stream, 'emoe_combine_topk', gridFor(T * H, BLOCK), BLOCK,
+      [a.out, a.slots, a.weights, arg.u32(T), arg.u32(K), arg.u32(H)]);
+  }
+
+  /** y[t, :] *= sigmoid(g[t]). */
+  sigmoidScaleRows(stream: Stream, a: SigmoidScaleRowsArgs): void {
+    const T = u32('T', a.T);
+    const H = u32('H', a.H, 1);
+    ptr('y', a.y, T * H, 4);
+    ptr('g', a.g, T, 4);
+    if (T === 0) return;
+    this.launch(stream, 'emoe_sigmoid_scale_rows', Math.min(T, MAX_GRID), BLOCK, [a.y, a.g, arg.u32(T), arg.u32(H)]);
+  }
+
+  /** out[r] = index of the first maximum of row r. */
+  argmax(stream: Stream, a: ArgmaxArgs): void {
+    const R = u32('R', a.R);
+    const N = u32('N', a.N, 1);
+    ptr('out', a.out, R, 4);
+    ptr('x', a.x, R * N, 4);
+    if (R === 0) return;
+    this.launch(stream, 'emoe_argmax', Math.min(R, MAX_GRID), BLOCK, [a.out, a.x, arg.u32(R), arg.u32(N)]);
+  }
+
+  /** out[0..n) = x[0..n) (f32 elements). */
+  copy(stream: Stream, a: CopyArgs): void {
+    const n = count('n', a.n);
+    ptr('out', a.out, n, 4);
+    ptr('x', a.x, n, 4);
+    if (n === 0) return;
+    if (a.out.range === a.x.range && a.out.offset !== a.x.offset) disjoint('out', a.out, n * 4, 'x', a.x, n * 4);
+    this.launch(stream, 'emoe_copy_f32', gridFor(n, BLOCK), BLOCK, [a.out, a.x, arg.u64(n)]);
+  }
+
+  /** out = a + b (f32 elements); out may be a. */
+  add(stream: Stream, a: AddArgs): void {
+    const n = count('n', a.n);
+    ptr('out', a.out, n, 4);
+    ptr('a', a.a, n, 4);
+    ptr('b', a.b, n, 4);
+    if (n === 0) return;
+    this.launch(stream, 'emoe_add_f32', gridFor(n, BLOCK), BLOCK, [a.out, a.a, a.b, arg.u64(n)]);
+  }
+
+  dispose(): void {
+    this.kernels.clear();
+    this.module.dispose();
+  }
+  [Symbol.dispose](): void {
+    this.dispose();
+  }
+}

@@ -1,0 +1,275 @@
+// Plain TypeScript references of the model kernels (src/model/kernels/source.ts),
+// for tests. Each takes the kernel's arguments by name, with typed arrays in place of
+// device pointers, and writes its outputs into them exactly as the kernel does
+// (in place where the kernel is in place; `combine` accumulates into `out`).
+//
+// Every float operation is rounded with Math.fround in the same order as the mock's
+// CPU twins (native/backends/mock/model_kernels.cc), so the two agree bit for bit:
+// a product or sum of two floats computed in double and rounded once equals the float
+// operation, as do division and square root. exp/pow/cos/sin are taken in double and
+// rounded once, like the twins' (float)std::exp((double)x); V8 and glibc agree on
+// those to far below a float ulp, so results differ only if a double result sits
+// within ~2^-29 of a float rounding boundary.
+const f = Math.fround;
+
+const scratch = new DataView(new ArrayBuffer(4));
+
+/** bf16 bits to f32 (exact). */
+export function bf16ToF32(bits: number): number {
+  scratch.setUint32(0, (bits & 0xffff) << 16, true);
+  return scratch.getFloat32(0, true);
+}
+
+/** f32 to bf16 bits, round to nearest even; NaN stays a quiet NaN. */
+export function f32ToBf16(value: number): number {
+  scratch.setFloat32(0, value, true);
+  let b = scratch.getUint32(0, true);
+  if ((b & 0x7fffffff) >>> 0 > 0x7f800000) return ((b >>> 16) | 0x40) & 0xffff;
+  b = (b + 0x7fff + ((b >>> 16) & 1)) >>> 0;
+  return b >>> 16;
+}
+
+/** Rounds each value to bf16. */
+export function toBf16(values: ArrayLike<number>): Uint16Array {
+  const out = new Uint16Array(values.length);
+  for (let i = 0; i < values.length; i++) out[i] = f32ToBf16(values[i]!);
+  return out;
+}
+
+/** bf16 array to f32 values. */
+export function fromBf16(bits: Uint16Array): Float32Array {
+  const out = new Float32Array(bits.length);
+  for (let i = 0; i < bits.length; i++) out[i] = bf16ToF32(bits[i]!);
+  return out;
+}
+
+const expD = (x: number): number => f(Math.exp(x));
+
+/** Elements per KV block in the pool: L * 2 * BS * KVH * D. */
+export function kvBlockElements(o: { L: number; BS: number; KVH: number; D: number }): number {
+  return o.L * 2 * o.BS * o.KVH * o.D;
+}
+
+/** Element offset of (block, layer, k|v, slot in block, kv head 0, dim 0) in the pool. */
+export function kvOffset(o: { L: number; BS: number; KVH: number; D: number }, block: number, layer: number,
+  kv: 0 | 1, slotInBlock: number): number {
+  const row = o.KVH * o.D;
+  return block * kvBlockElements(o) + ((layer * 2 + kv) * o.BS + slotInBlock) * row;
+}
+
+export function embed(o: { out: Float32Array; table: Uint16Array; tokens: Int32Array; T: number; H: number }): void {
+  for (let t = 0; t < o.T; t++) {
+    const base = o.tokens[t]! * o.H;
+    for (let h = 0; h < o.H; h++) o.out[t * o.H + h] = bf16ToF32(o.table[base + h]!);
+  }
+}
+
+/** out may be the same array as x. */
+export function rmsnorm(o: { out: Float32Array; x: Float32Array; w: Uint16Array; R: number; N: number; eps: number }): void {
+  const { R, N } = o;
+  const eps = f(o.eps);
+  for (let r = 0; r < R; r++) {
+    let ss = 0;
+    for (let j = 0; j < N; j++) {
+      const v = o.x[r * N + j]!;
+      ss = f(ss + f(v * v));
+    }
+    const mean = f(ss / N);
+    const inv = f(1 / f(Math.sqrt(f(mean + eps))));
+    for (let j = 0; j < N; j++) o.out[r * N + j] = f(f(o.x[r * N + j]! * inv) * bf16ToF32(o.w[j]!));
+  }
+}
+
+export function matmul(o: { out: Float32Array; x: Float32Array; w: Uint16Array; M: number; N: number; K: number }): void {
+  const { M, N, K } = o;
+  const wf = new Float32Array(K);
+  for (let n = 0; n < N; n++) {
+    for (let k = 0; k < K; k++) wf[k] = bf16ToF32(o.w[n * K + k]!);
+    for (let m = 0; m < M; m++) {
+      let acc = 0;
+      for (let k = 0; k < K; k++) acc = f(acc + f(o.x[m * K + k]! * wf[k]!));
+      o.out[m * N + n] = acc;
+    }
+  }
+}
+
+export function addBias(o: { x: Float32Array; b: Uint16Array; M: number; N: number }): void {
+  for (let m = 0; m < o.M; m++) {
+    for (let n = 0; n < o.N; n++) o.x[m * o.N + n] = f(o.x[m * o.N + n]! + bf16ToF32(o.b[n]!));
+  }
+}
+
+export function rope(o: { x: Float32Array; pos: Int32Array; T: number; heads: number; D: number; theta: number }): void {
+  const { T, heads, D } = o;
+  const theta = f(o.theta);
+  const half = D / 2;
+  for (let t = 0; t < T; t++) {
+    for (let j = 0; j < half; j++) {
+      const e = f((2 * j) / D);
+      const p = f(Math.pow(theta, e));
+      const inv = f(1 / p);
+      const a = f(f(o.pos[t]!) * inv);
+      const c = f(Math.cos(a));
+      const s = f(Math.sin(a));
+      for (let h = 0; h < heads; h++) {
+        const b = (t * heads + h) * D;
+        const x1 = o.x[b + j]!;
+        const x2 = o.x[b + j + half]!;
+        o.x[b + j] = f(f(x1 * c) - f(x2 * s));
+        o.x[b + j + half] = f(f(x2 * c) + f(x1 * s));
+      }
+    }
+  }
+}
+
+export function kvStore(o: {
+  pool: Uint16Array; k: Float32Array; v: Float32Array; slots: Int32Array;
+  T: number; KVH: number; D: number; layer: number; L: number; BS: number;
+}): void {
+  const row = o.KVH * o.D;
+  for (let t = 0; t < o.T; t++) {
+    const slot = o.slots[t]!;
+    if (slot < 0) continue;
+    const kb = kvOffset(o, Math.floor(slot / o.BS), o.layer, 0, slot % o.BS);
+    const vb = kvOffset(o, Math.floor(slot / o.BS), o.layer, 1, slot % o.BS);
+    for (let r = 0; r < row; r++) {
+      o.pool[kb + r] = f32ToBf16(o.k[t * row + r]!);
+      o.pool[vb + r] = f32ToBf16(o.v[t * row + r]!);
+    }
+  }
+}
+
+export function attention(o: {
+  out: Float32Array; q: Float32Array; pool: Uint16Array; blockTable: Int32Array; tokSeq: Int32Array; tokPos: Int32Array;
+  T: number; NH: number; KVH: number; D: number; layer: number; L: number; BS: number; MB: number; scale: number;
+}): void {
+  const { T, NH, KVH, D, BS, MB } = o;
+  const scale = f(o.scale);
+  const group = NH / KVH;
+  const acc = new Float32Array(D);
+  for (let t = 0; t < T; t++) {
+    const p = o.tokPos[t]!;
+    if (p < 0) {
+      o.out.fill(0, t * NH * D, (t + 1) * NH * D);
+      continue;
+    }
+    const s = o.tokSeq[t]!;
+    const scores = new Float32Array(p + 1);
+    for (let h = 0; h < NH; h++) {
+      const g = Math.floor(h / group);
+      const qb = (t * NH + h) * D;
+      const at = (j: number, kv: 0 | 1) => kvOffset(o, o.blockTable[s * MB + Math.floor(j / BS)]!, o.layer, kv, j % BS) + g * D;
+      for (let j = 0; j <= p; j++) {
+        const kb = at(j, 0);
+        let dot = 0;
+        for (let d = 0; d < D; d++) dot = f(dot + f(o.q[qb + d]! * bf16ToF32(o.pool[kb + d]!)));
+        scores[j] = f(dot * scale);
+      }
+      let m = scores[0]!;
+      for (let j = 1; j <= p; j++) m = Math.max(m, scores[j]!);
+      let sum = 0;
+      for (let j = 0; j <= p; j++) {
+        scores[j] = expD(f(scores[j]! - m));
+        sum = f(sum + scores[j]!);
+      }
+      acc.fill(0);
+      for (let j = 0; j <= p; j++) {
+        const vb = at(j, 1);
+        for (let d = 0; d < D; d++) acc[d] = f(acc[d]! + f(scores[j]! * bf16ToF32(o.pool[vb + d]!)));
+      }
+      for (let d = 0; d < D; d++) o.out[qb + d] = f(acc[d]! / sum);
+    }
+  }
+}
+
+export function routerTopk(o: {
+  ids: Int32Array; weights: Float32Array; logits: Float32Array; T: number; E: number; K: number; renorm: boolean | number;
+}): void {
+  const { T, E, K } = o;
+  const probs = new Float32Array(E);
+  for (let t = 0; t < T; t++) {
+    const lb = t * E;
+    let m = o.logits[lb]!;
+    for (let e = 1; e < E; e++) m = Math.max(m, o.logits[lb + e]!);
+    let sum = 0;
+    for (let e = 0; e < E; e++) {
+      probs[e] = expD(f(o.logits[lb + e]! - m));
+      sum = f(sum + probs[e]!);
+    }
+    for (let e = 0; e < E; e++) probs[e] = f(probs[e]! / sum);
+    for (let k = 0; k < K; k++) {
+      let bv = -1;
+      let bi = 0;
+      for (let e = 0; e < E; e++) {
+        if (probs[e]! > bv) {
+          bv = probs[e]!;
+          bi = e;
+        }
+      }
+      o.ids[t * K + k] = bi;
+      o.weights[t * K + k] = bv;
+      probs[bi] = -2;
+    }
+    if (o.renorm) {
+      let s = 0;
+      for (let k = 0; k < K; k++) s = f(s + o.weights[t * K + k]!);
+      for (let k = 0; k < K; k++) o.weights[t * K + k] = f(o.weights[t * K + k]! / s);
+    }
+  }
+}
+
+export function siluMul(o: { out: Float32Array; gate: Float32Array; up: Float32Array; n: number }): void {
+  for (let i = 0; i < o.n; i++) {
+    const g = o.gate[i]!;
+    const d = f(1 + expD(-g));
+    o.out[i] = f(f(g / d) * o.up[i]!);
+  }
+}
+
+export function gatherRows(o: { out: Float32Array; x: Float32Array; rows: Int32Array; M: number; H: number }): void {
+  for (let i = 0; i < o.M; i++) o.out.set(o.x.subarray(o.rows[i]! * o.H, (o.rows[i]! + 1) * o.H), i * o.H);
+}
+
+export function scatterRows(o: { out: Float32Array; x: Float32Array; rows: Int32Array; M: number; H: number }): void {
+  for (let i = 0; i < o.M; i++) o.out.set(o.x.subarray(i * o.H, (i + 1) * o.H), o.rows[i]! * o.H);
+}
+
+export function combineTopk(o: { out: Float32Array; slots: Float32Array; weights: Float32Array; T: number; K: number; H: number }): void {
+  const { T, K, H } = o;
+  for (let t = 0; t < T; t++) {
+    for (let h = 0; h < H; h++) {
+      let acc = 0;
+      for (let k = 0; k < K; k++) acc = f(acc + f(o.weights[t * K + k]! * o.slots[(t * K + k) * H + h]!));
+      o.out[t * H + h] = f(o.out[t * H + h]! + acc);
+    }
+  }
+}
+
+export function sigmoidScaleRows(o: { y: Float32Array; g: Float32Array; T: number; H: number }): void {
+  for (let t = 0; t < o.T; t++) {
+    const sg = f(1 / f(1 + expD(-o.g[t]!)));
+    for (let h = 0; h < o.H; h++) o.y[t * o.H + h] = f(o.y[t * o.H + h]! * sg);
+  }
+}
+
+export function argmax(o: { out: Int32Array; x: Float32Array; R: number; N: number }): void {
+  for (let r = 0; r < o.R; r++) {
+    let best = o.x[r * o.N]!;
+    let bi = 0;
+    for (let j = 1; j < o.N; j++) {
+      if (o.x[r * o.N + j]! > best) {
+        best = o.x[r * o.N + j]!;
+        bi = j;
+      }
+    }
+    o.out[r] = bi;
+  }
+}
+
+export function copyF32(o: { out: Float32Array; x: Float32Array; n: number }): void {
+  o.out.set(o.x.subarray(0, o.n));
+}
+
+export function addF32(o: { out: Float32Array; a: Float32Array; b: Float32Array; n: number }): void {
+  for (let i = 0; i < o.n; i++) o.out[i] = f(o.a[i]! + o.b[i]!);
+}

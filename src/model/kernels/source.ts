@@ -1,0 +1,536 @@
+// CUDA C++ (compiled by NVRTC, no system headers) of the model's kernels. The mock
+// backend registers CPU twins under the same names with the same argument lists
+// (native/backends/mock/model_kernels.cc), and src/model/kernels/reference.ts holds
+// plain TypeScript references; keep all three in step.
+//
+// Conventions:
+// - activations f32, row-major; weights bf16 stored as unsigned short (to f32: bits
+//   << 16; from f32: round to nearest even on the bits, NaN kept quiet);
+// - element-wise kernels are grid-stride loops over u64 indices, row kernels
+//   stride over rows by blockIdx.x, so any grid (capped by the wrapper) is correct;
+// - where a kernel's float math has a fixed order (element-wise kernels, the
+//   router's sums), it is written with __fadd_rn/__fmul_rn/__fdiv_rn so NVCC cannot
+//   contract it into FMAs, and the transcendental functions are evaluated in double
+//   and rounded once to float: the results then equal the CPU twins' bit for bit
+//   except, very rarely, where the two libraries' double results straddle a float
+//   rounding boundary. Reductions (matmul, rmsnorm, attention) run in parallel and
+//   differ from the sequential twins by rounding only.
+// - launch shapes the kernels rely on (ModelKernels picks them): every block size a
+//   multiple of 32; emoe_matmul_bf16 with M > 16 needs 256 threads, emoe_attention
+//   256 threads, emoe_router_topk 32 threads and E * 4 bytes of dynamic shared
+//   memory. A kernel given a shape it cannot use traps (launch failure) rather than
+//   compute something wrong.
+export const MODEL_KERNELS_SOURCE = String.raw`
+typedef unsigned int u32;
+typedef unsigned long long u64;
+typedef unsigned short u16;
+
+#define EMOE_FULL_MASK 0xffffffffu
+#define EMOE_GRID_STRIDE(i, n) \
+  for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < (u64)(n); i += (u64)gridDim.x * blockDim.x)
+
+__device__ __forceinline__ float emoe_bf16_to_f32(u16 b) { return __uint_as_float(((u32)b) << 16); }
+
+__device__ __forceinline__ u16 emoe_f32_to_bf16(float f) {
+  u32 b = __float_as_uint(f);
+  if ((b & 0x7fffffffu) > 0x7f800000u) return (u16)((b >> 16) | 0x40u);  // NaN stays a (quiet) NaN
+  b += 0x7fffu + ((b >> 16) & 1u);
+  return (u16)(b >> 16);
+}
+
+__device__ __forceinline__ float emoe_neg_inf() { return __int_as_float(0xff800000); }
+
+// exp, rounded once from double: the same value as the twins' (float)std::exp(double).
+__device__ __forceinline__ float emoe_exp_d(float x) { return (float)exp((double)x); }
+
+__device__ __forceinline__ float emoe_warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(EMOE_FULL_MASK, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float emoe_warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(EMOE_FULL_MASK, v, o));
+  return v;
+}
+
+// Sum over the block; every thread gets the same value. shm: 32 floats.
+__device__ float emoe_block_sum(float v, float* shm) {
+  v = emoe_warp_sum(v);
+  const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __syncthreads();  // earlier readers of shm are done
+  if (lane == 0) shm[warp] = v;
+  __syncthreads();
+  const u32 nw = (blockDim.x + 31) >> 5;
+  float r = 0.0f;
+  for (u32 i = 0; i < nw; ++i) r += shm[i];
+  return r;
+}
+
+// 1. out[t, :] = table[tokens[t], :] (bf16 -> f32)
+extern "C" __global__ void emoe_embed(float* out, const u16* table, const int* tokens, u32 T, u32 H) {
+  const u64 n = (u64)T * H;
+  EMOE_GRID_STRIDE(i, n) {
+    const u64 t = i / H, h = i - t * H;
+    out[i] = emoe_bf16_to_f32(table[(u64)tokens[t] * H + h]);
+  }
+}
+
+// 2. out = x * (1 / sqrt(mean(x^2) + eps)) * w, one block per row; out may alias x.
+extern "C" __global__ void emoe_rmsnorm(float* out, const float* x, const u16* w, u32 R, u32 N, float eps) {
+  __shared__ float shm[32];
+  for (u64 r = blockIdx.x; r < R; r += gridDim.x) {
+    const float* xr = x + r * N;
+    float* orow = out + r * N;
+    float ss = 0.0f;
+    for (u32 j = threadIdx.x; j < N; j += blockDim.x) {
+      const float v = xr[j];
+      ss = __fadd_rn(ss, __fmul_rn(v, v));
+    }
+    ss = emoe_block_sum(ss, shm);  // ends with every read of the row done (barrier inside)
+    const float mean = __fdiv_rn(ss, (float)N);
+    const float inv = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(mean, eps)));
+    for (u32 j = threadIdx.x; j < N; j += blockDim.x)
+      orow[j] = __fmul_rn(__fmul_rn(xr[j], inv), emoe_bf16_to_f32(w[j]));
+  }
+}
+
+// 3. out[M, N] = x[M, K] . w[N, K]^T, f32 accumulation.
+// Small M (decode): one warp per output column n, all rows in groups of 8, a shuffle
+// reduction per row; 16-byte loads when K % 8 == 0 and both pointers are 16-byte aligned.
+__device__ void emoe_matmul_small(float* out, const float* x, const u16* w, u32 M, u32 N, u32 K) {
+  const u32 lane = threadIdx.x & 31;
+  const u64 warp = (blockIdx.x * (u64)blockDim.x + threadIdx.x) >> 5;
+  const u64 nwarps = ((u64)gridDim.x * blockDim.x) >> 5;
+  const bool vec = (K % 8 == 0) && ((((u64)x) & 15) == 0) && ((((u64)w) & 15) == 0);
+  for (u64 n = warp; n < N; n += nwarps) {
+    const u16* wr = w + n * K;
+    for (u32 m0 = 0; m0 < M; m0 += 8) {
+      float acc[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
+      if (vec) {
+        for (u32 k = lane * 8; k < K; k += 256) {
+          const uint4 wv = *(const uint4*)(wr + k);
+          float wf[8];
+          wf[0] = __uint_as_float(wv.x << 16); wf[1] = __uint_as_float(wv.x & 0xffff0000u);
+          wf[2] = __uint_as_float(wv.y << 16); wf[3] = __uint_as_float(wv.y & 0xffff0000u);
+          wf[4] = __uint_as_float(wv.z << 16); wf[5] = __uint_as_float(wv.z & 0xffff0000u);
+          wf[6] = __uint_as_float(wv.w << 16); wf[7] = __uint_as_float(wv.w & 0xffff0000u);
+#pragma unroll
+          for (int i = 0; i < 8; ++i) {
+            if (m0 + i < M) {
+              const float4* xr = (const float4*)(x + (u64)(m0 + i) * K + k);
+              const float4 a = xr[0], b = xr[1];
+              float s = acc[i];
+              s = fmaf(a.x, wf[0], s); s = fmaf(a.y, wf[1], s); s = fmaf(a.z, wf[2], s); s = fmaf(a.w, wf[3], s);
+              s = fmaf(b.x, wf[4], s); s = fmaf(b.y, wf[5], s); s = fmaf(b.z, wf[6], s); s = fmaf(b.w, wf[7], s);
+              acc[i] = s;
+            }
+          }
+        }
+      } else {
+        for (u32 k = lane; k < K; k += 32) {
+          const float wf = emoe_bf16_to_f32(wr[k]);
+#pragma unroll
+          for (int i = 0; i < 8; ++i)
+            if (m0 + i < M) acc[i] = fmaf(x[(u64)(m0 + i) * K + k], wf, acc[i]);
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const float v = emoe_warp_sum(acc[i]);
+        if (lane == 0 && m0 + i < M) out[(u64)(m0 + i) * N + n] = v;
+      }
+    }
+  }
+}
+
+// Larger M: TS x TS output tiles (TS = 64, or 32 when 64-tiles would leave most SMs
+// idle), K in steps of 32 through shared memory, 256 threads each computing
+// (TS/16) x (TS/16) outputs (rows ty + 16i, columns tx + 16j). The next K step's
+// global loads are issued into registers before the current step is computed.
+#define EMOE_MM_BK 32
+template <int TS>
+__device__ __forceinline__ void emoe_mm_load(float* xr, float* wr, const float* x, const u16* w, u32 M, u32 N,
+                                             u32 K, u32 m0, u32 n0, u32 k0, u32 tid) {
+#pragma unroll
+  for (int l = 0; l < TS / 8; ++l) {
+    const u32 idx = tid + 256 * l;  // over a TS x 32 tile; a warp reads 32 consecutive k of one row
+    const u32 r = idx >> 5, kk = idx & 31;
+    const u32 gk = k0 + kk, gm = m0 + r, gn = n0 + r;
+    xr[l] = (gm < M && gk < K) ? x[(u64)gm * K + gk] : 0.0f;
+    wr[l] = (gn < N && gk < K) ? emoe_bf16_to_f32(w[(u64)gn * K + gk]) : 0.0f;
+  }
+}
+
+template <int TS>
+__device__ void emoe_matmul_tiled(float* out, const float* x, const u16* w, u32 M, u32 N, u32 K) {
+  constexpr int R = TS / 16;
+  __shared__ float As[EMOE_MM_BK][TS + 1];
+  __shared__ float Bs[EMOE_MM_BK][TS + 1];
+  if (blockDim.x != 256 || blockDim.y != 1 || blockDim.z != 1) __trap();
+  const u32 tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
+  const u32 tilesN = (N + TS - 1) / TS, tilesM = (M + TS - 1) / TS;
+  const u64 tiles = (u64)tilesM * tilesN;
+  for (u64 tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const u32 m0 = (u32)(tile / tilesN) * TS, n0 = (u32)(tile % tilesN) * TS;
+    float acc[R][R];
+#pragma unroll
+    for (int i = 0; i < R; ++i)
+#pragma unroll
+      for (int j = 0; j < R; ++j) acc[i][j] = 0.0f;
+    float xr[TS / 8], wr[TS / 8];
+    emoe_mm_load<TS>(xr, wr, x, w, M, N, K, m0, n0, 0, tid);
+    for (u32 k0 = 0; k0 < K; k0 += EMOE_MM_BK) {
+#pragma unroll
+      for (int l = 0; l < TS / 8; ++l) {
+        const u32 idx = tid + 256 * l;
+        As[idx & 31][idx >> 5] = xr[l];
+        Bs[idx & 31][idx >> 5] = wr[l];
+      }
+      __syncthreads();
+      if (k0 + EMOE_MM_BK < K) emoe_mm_load<TS>(xr, wr, x, w, M, N, K, m0, n0, k0 + EMOE_MM_BK, tid);
+#pragma unroll
+      for (int kk = 0; kk < EMOE_MM_BK; ++kk) {
+        float a[R], b[R];
+#pragma unroll
+        for (int i = 0; i < R; ++i) { a[i] = As[kk][ty + 16 * i]; b[i] = Bs[kk][tx + 16 * i]; }
+#pragma unroll
+        for (int i = 0; i < R; ++i)
+#pragma unroll
+          for (int j = 0; j < R; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+      }
+      __syncthreads();
+    }
+#pragma unroll
+    for (int i = 0; i < R; ++i) {
+      const u32 gm = m0 + ty + 16 * i;
+      if (gm >= M) continue;
+#pragma unroll
+      for (int j = 0; j < R; ++j) {
+        const u32 gn = n0 + tx + 16 * j;
+        if (gn < N) out[(u64)gm * N + gn] = acc[i][j];
+      }
+    }
+  }
+}
+
+// The path is a pure function of (M, N), mirrored by ModelKernels.matmul for the grid:
+// 0 = warp per column (M <= 16), 1 = 32-tiles, 2 = 64-tiles (when there are at least
+// 256 of them, about two per SM of an H100).
+__device__ __forceinline__ int emoe_matmul_path(u32 M, u32 N) {
+  if (M <= 16) return 0;
+  return (u64)((M + 63) / 64) * ((N + 63) / 64) >= 256 ? 2 : 1;
+}
+
+extern "C" __global__ void emoe_matmul_bf16(float* out, const float* x, const u16* w, u32 M, u32 N, u32 K) {
+  const int path = emoe_matmul_path(M, N);
+  if (path == 0) emoe_matmul_small(out, x, w, M, N, K);
+  else if (path == 1) emoe_matmul_tiled<32>(out, x, w, M, N, K);
+  else emoe_matmul_tiled<64>(out, x, w, M, N, K);
+}
+
+// 4. x[M, N] += b[N]
+extern "C" __global__ void emoe_add_bias_bf16(float* x, const u16* b, u32 M, u32 N) {
+  const u64 n = (u64)M * N;
+  EMOE_GRID_STRIDE(i, n) x[i] = __fadd_rn(x[i], emoe_bf16_to_f32(b[i % N]));
+}
+
+// 5. Rotary embedding, rotate_half (neox) style, in place over x[T, heads, D]. One
+// thread per (token, i < D/2) computes the angle once and rotates every head.
+extern "C" __global__ void emoe_rope(float* x, const int* pos, u32 T, u32 heads, u32 D, float theta) {
+  const u32 half = D / 2;
+  const u64 n = (u64)T * half;
+  EMOE_GRID_STRIDE(i, n) {
+    const u64 t = i / half;
+    const u32 j = (u32)(i - t * half);
+    const float e = __fdiv_rn((float)(2 * j), (float)D);
+    const float p = (float)pow((double)theta, (double)e);
+    const float inv = __fdiv_rn(1.0f, p);
+    const float a = __fmul_rn((float)pos[t], inv);
+    const float c = (float)cos((double)a), s = (float)sin((double)a);
+    for (u32 h = 0; h < heads; ++h) {
+      float* xh = x + (t * heads + h) * D;
+      const float x1 = xh[j], x2 = xh[j + half];
+      xh[j] = __fsub_rn(__fmul_rn(x1, c), __fmul_rn(x2, s));
+      xh[j + half] = __fadd_rn(__fmul_rn(x2, c), __fmul_rn(x1, s));
+    }
+  }
+}
+
+// 6. Paged KV cache store (bf16). Block b starts at b * L*2*BS*KVH*D; inside:
+// [layer][0 = k, 1 = v][slot in block][KVH][D]. A negative slot is skipped (padding).
+extern "C" __global__ void emoe_kv_store(u16* pool, const float* k, const float* v, const int* slots, u32 T, u32 KVH,
+                                         u32 D, u32 layer, u32 L, u32 BS) {
+  const u64 row = (u64)KVH * D;
+  const u64 n = (u64)T * row;
+  const u64 blockElems = (u64)L * 2 * BS * row;
+  const u64 layerOff = (u64)layer * 2 * BS * row;
+  EMOE_GRID_STRIDE(i, n) {
+    const u64 t = i / row, r = i - t * row;
+    const int slot = slots[t];
+    if (slot < 0) continue;
+    const u64 b = (u64)slot / BS, off = (u64)slot % BS;
+    const u64 at = b * blockElems + layerOff + off * row + r;
+    pool[at] = emoe_f32_to_bf16(k[i]);
+    pool[at + (u64)BS * row] = emoe_f32_to_bf16(v[i]);
+  }
+}
+
+// 7. Causal attention over the paged cache, prefill and decode alike. One block of
+// 8 warps per (token, head); warp w takes keys w, w+8, ... with an online softmax
+// (lane owns dims lane + 32i, D <= 256), then the 8 partial states are merged.
+// (On an H100, 8 warps halved decode time against 4 and matched it for prefill.)
+// A token with a negative position gets a zero output row (padding).
+#define EMOE_ATT_WARPS 8
+#define EMOE_ATT_MAXD 256
+extern "C" __global__ void emoe_attention(float* out, const float* q, const u16* pool, const int* block_table,
+                                          const int* tok_seq, const int* tok_pos, u32 T, u32 NH, u32 KVH, u32 D,
+                                          u32 layer, u32 L, u32 BS, u32 MB, float scale) {
+  __shared__ float s_acc[EMOE_ATT_WARPS][EMOE_ATT_MAXD];
+  __shared__ float s_m[EMOE_ATT_WARPS];
+  __shared__ float s_l[EMOE_ATT_WARPS];
+  if (blockDim.x != 32 * EMOE_ATT_WARPS || blockDim.y != 1 || blockDim.z != 1 || D > EMOE_ATT_MAXD) __trap();
+  const u32 lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+  const u32 group = NH / KVH;
+  const u64 row = (u64)KVH * D;
+  const u64 blockElems = (u64)L * 2 * BS * row;
+  const u64 layerOff = (u64)layer * 2 * BS * row;
+  const u64 pairs = (u64)T * NH;
+  const float ninf = emoe_neg_inf();
+  for (u64 pr = blockIdx.x; pr < pairs; pr += gridDim.x) {
+    const u64 t = pr / NH;
+    const u32 h = (u32)(pr - t * NH);
+    const u32 g = h / group;
+    const int s = tok_seq[t];
+    const int p = tok_pos[t];
+    float* orow = out + pr * D;
+    if (p < 0) {
+      for (u32 d = threadIdx.x; d < D; d += blockDim.x) orow[d] = 0.0f;
+      continue;  // uniform over the block
+    }
+    const float* qh = q + pr * D;
+    float qv[8], acc[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const u32 d = lane + 32 * i;
+      qv[i] = d < D ? qh[d] : 0.0f;
+      acc[i] = 0.0f;
+    }
+    float m = ninf, l = 0.0f;
+    const int* bt = block_table + (u64)s * MB;
+    for (int j = (int)wid; j <= p; j += EMOE_ATT_WARPS) {
+      const int blk = bt[(u32)j / BS];
+      const u16* kp = pool + (u64)blk * blockElems + layerOff + (u64)((u32)j % BS) * row + (u64)g * D;
+      const u16* vp = kp + (u64)BS * row;
+      float dot = 0.0f;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const u32 d = lane + 32 * i;
+        if (d < D) dot = fmaf(qv[i], emoe_bf16_to_f32(kp[d]), dot);
+      }
+      dot = emoe_warp_sum(dot);
+      const float sc = dot * scale;
+      const float mn = fmaxf(m, sc);
+      const float corr = expf(m - mn);  // 0 for the first key (m = -inf)
+      const float pj = expf(sc - mn);
+      l = l * corr + pj;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const u32 d = lane + 32 * i;
+        if (d < D) acc[i] = acc[i] * corr + pj * emoe_bf16_to_f32(vp[d]);
+      }
+      m = mn;
+    }
+    if (lane == 0) { s_m[wid] = m; s_l[wid] = l; }
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const u32 d = lane + 32 * i;
+      if (d < D) s_acc[wid][d] = acc[i];
+    }
+    __syncthreads();
+    float gm = ninf;
+    for (int w = 0; w < EMOE_ATT_WARPS; ++w) gm = fmaxf(gm, s_m[w]);  // finite: warp 0 has key 0
+    float f[EMOE_ATT_WARPS];
+    float denom = 0.0f;
+    for (int w = 0; w < EMOE_ATT_WARPS; ++w) {
+      f[w] = expf(s_m[w] - gm);  // 0 for a warp that saw no key
+      denom += s_l[w] * f[w];
+    }
+    for (u32 d = threadIdx.x; d < D; d += blockDim.x) {
+      float o = 0.0f;
+      for (int w = 0; w < EMOE_ATT_WARPS; ++w) o += s_acc[w][d] * f[w];
+      orow[d] = o / denom;
+    }
+    __syncthreads();  // shared state is reused by the next pair
+  }
+}
+
+// 8. Router: softmax over E (f32, max-subtracted), top K in descending order (ties ->
+// lower index), optionally renormalised. One warp per token; the sums run on lane 0
+// in index order (as the twin does), so ids and weights match it exactly.
+extern "C" __global__ void emoe_router_topk(int* ids, float* weights, const float* logits, u32 T, u32 E, u32 K,
+                                            u32 renorm) {
+  extern __shared__ float probs[];  // E floats
+  if (blockDim.x != 32 || blockDim.y != 1 || blockDim.z != 1) __trap();
+  const u32 lane = threadIdx.x;
+  for (u64 t = blockIdx.x; t < T; t += gridDim.x) {
+    const float* lr = logits + t * E;
+    float m = emoe_neg_inf();
+    for (u32 e = lane; e < E; e += 32) m = fmaxf(m, lr[e]);
+    m = emoe_warp_max(m);
+    for (u32 e = lane; e < E; e += 32) probs[e] = emoe_exp_d(__fsub_rn(lr[e], m));
+    __syncwarp();
+    if (lane == 0) {
+      float sum = 0.0f;
+      for (u32 e = 0; e < E; ++e) sum = __fadd_rn(sum, probs[e]);
+      for (u32 e = 0; e < E; ++e) probs[e] = __fdiv_rn(probs[e], sum);
+    }
+    __syncwarp();
+    int* idr = ids + t * K;
+    float* wr = weights + t * K;
+    for (u32 k = 0; k < K; ++k) {
+      float bv = -1.0f;  // probabilities are >= 0; chosen ones are marked -2
+      int bi = 0x7fffffff;
+      for (u32 e = lane; e < E; e += 32) {
+        const float v = probs[e];
+        if (v > bv) { bv = v; bi = (int)e; }
+      }
+      for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(EMOE_FULL_MASK, bv, o);
+        const int oi = __shfl_xor_sync(EMOE_FULL_MASK, bi, o);
+        if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bi = oi; }
+      }
+      if (lane == 0) {
+        idr[k] = bi;
+        wr[k] = bv;
+        probs[bi] = -2.0f;
+      }
+      __syncwarp();
+    }
+    if (lane == 0 && renorm != 0) {
+      float s = 0.0f;
+      for (u32 k = 0; k < K; ++k) s = __fadd_rn(s, wr[k]);
+      for (u32 k = 0; k < K; ++k) wr[k] = __fdiv_rn(wr[k], s);
+    }
+    __syncwarp();  // probs is reused by the next token
+  }
+}
+
+// 9. out = gate / (1 + exp(-gate)) * up
+extern "C" __global__ void emoe_silu_mul(float* out, const float* gate, const float* up, u64 n) {
+  EMOE_GRID_STRIDE(i, n) {
+    const float g = gate[i];
+    const float d = __fadd_rn(1.0f, emoe_exp_d(-g));
+    out[i] = __fmul_rn(__fdiv_rn(g, d), up[i]);
+  }
+}
+
+// 10. out[i, :] = x[rows[i], :]
+extern "C" __global__ void emoe_gather_rows(float* out, const float* x, const int* rows, u32 M, u32 H) {
+  const u64 n = (u64)M * H;
+  EMOE_GRID_STRIDE(i, n) {
+    const u64 r = i / H, h = i - r * H;
+    out[i] = x[(u64)rows[r] * H + h];
+  }
+}
+
+// 11. out[rows[i], :] = x[i, :] (rows distinct)
+extern "C" __global__ void emoe_scatter_rows(float* out, const float* x, const int* rows, u32 M, u32 H) {
+  const u64 n = (u64)M * H;
+  EMOE_GRID_STRIDE(i, n) {
+    const u64 r = i / H, h = i - r * H;
+    out[(u64)rows[r] * H + h] = x[i];
+  }
+}
+
+// 12. out[t, h] += sum over k = 0..K-1, in order, of weights[t, k] * slots[t*K + k, h]
+extern "C" __global__ void emoe_combine_topk(float* out, const float* slots, const float* weights, u32 T, u32 K,
+                                             u32 H) {
+  const u64 n = (u64)T * H;
+  EMOE_GRID_STRIDE(i, n) {
+    const u64 t = i / H, h = i - t * H;
+    float acc = 0.0f;
+    for (u32 k = 0; k < K; ++k) {
+      const u64 sk = t * K + k;
+      acc = __fadd_rn(acc, __fmul_rn(weights[sk], slots[sk * H + h]));
+    }
+    out[i] = __fadd_rn(out[i], acc);
+  }
+}
+
+// 13. y[t, :] *= 1 / (1 + exp(-g[t])), one block per row
+extern "C" __global__ void emoe_sigmoid_scale_rows(float* y, const float* g, u32 T, u32 H) {
+  for (u64 t = blockIdx.x; t < T; t += gridDim.x) {
+    const float sg = __fdiv_rn(1.0f, __fadd_rn(1.0f, emoe_exp_d(-g[t])));
+    float* yr = y + t * H;
+    for (u32 j = threadIdx.x; j < H; j += blockDim.x) yr[j] = __fmul_rn(yr[j], sg);
+  }
+}
+
+// 14. out[r] = index of the first maximum of x[r, :], one block per row
+extern "C" __global__ void emoe_argmax(int* out, const float* x, u32 R, u32 N) {
+  __shared__ float sv[32];
+  __shared__ int si[32];
+  const int none = 0x7fffffff;
+  const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+  for (u64 r = blockIdx.x; r < R; r += gridDim.x) {
+    const float* xr = x + r * N;
+    float bv = 0.0f;
+    int bi = none;
+    for (u32 j = threadIdx.x; j < N; j += blockDim.x) {
+      const float v = xr[j];
+      if (bi == none || v > bv) { bv = v; bi = (int)j; }
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+      const float ov = __shfl_xor_sync(EMOE_FULL_MASK, bv, o);
+      const int oi = __shfl_xor_sync(EMOE_FULL_MASK, bi, o);
+      if (oi != none && (bi == none || ov > bv || (ov == bv && oi < bi))) { bv = ov; bi = oi; }
+    }
+    __syncthreads();  // the previous row's readers are done
+    if (lane == 0) { sv[warp] = bv; si[warp] = bi; }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      float v = sv[0];
+      int b = si[0];
+      for (u32 w = 1; w < nw; ++w) {
+        const int oi = si[w];
+        const float ov = sv[w];
+        if (oi != none && (b == none || ov > v || (ov == v && oi < b))) { v = ov; b = oi; }
+      }
+      out[r] = b == none ? 0 : b;
+    }
+  }
+}
+
+// 15. copies and sums
+extern "C" __global__ void emoe_copy_f32(float* out, const float* x, u64 n) {
+  EMOE_GRID_STRIDE(i, n) out[i] = x[i];
+}
+
+extern "C" __global__ void emoe_add_f32(float* out, const float* a, const float* b, u64 n) {
+  EMOE_GRID_STRIDE(i, n) out[i] = __fadd_rn(a[i], b[i]);
+}
+`;
+
+/** Every kernel in MODEL_KERNELS_SOURCE (each has a CPU twin of the same name in the mock). */
+export const MODEL_KERNEL_NAMES = [
+  'emoe_embed',
+  'emoe_rmsnorm',
+  'emoe_matmul_bf16',
+  'emoe_add_bias_bf16',
+  'emoe_rope',
+  'emoe_kv_store',
+  'emoe_attention',
+  'emoe_router_topk',
+  'emoe_silu_mul',
+  'emoe_gather_rows',
+  'emoe_scatter_rows',
+  'emoe_combine_topk',
+  'emoe_sigmoid_scale_rows',
+  'emoe_argmax',
+  'emoe_copy_f32',
+  'emoe_add_f32',
+] as const;
+
+export type ModelKernelName = (typeof MODEL_KERNEL_NAMES)[number];

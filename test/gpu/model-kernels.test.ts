@@ -1,0 +1,362 @@
+// The model kernels compiled by NVRTC and run on a real GPU, against the TypeScript
+// references (src/model/kernels/reference.ts) on the same inputs. Runs only when the
+// CUDA backend is selected (ELASTICMOE_BACKEND=cuda).
+//
+// Tolerances:
+// - kernels that only move data or do one correctly rounded operation per element in
+//   a fixed order (embed, gather, scatter, copy, add, add_bias, combine_topk, kv_store
+//   bf16 stores, argmax ids): bit for bit;
+// - router ids: exact; f32 math (everything else): |got - ref| <= 1e-4 * max(|ref|, rms(ref)),
+//   where rms(ref) is the tensor's root mean square: parallel reductions (matmul,
+//   rmsnorm, attention) add in another order than the sequential reference, and an
+//   element near zero after cancellation is judged against the tensor's scale. The
+//   element-wise transcendental kernels (silu, sigmoid, rope, router) use double-precision
+//   exp/pow/cos/sin rounded once and are expected to match exactly; the test reports
+//   how many elements did, but only asserts the tolerance.
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+
+import { type DevicePointer, Runtime, type Stream } from '../../src/index.js';
+import { ModelKernels } from '../../src/model/kernels/index.js';
+import * as ref from '../../src/model/kernels/reference.js';
+
+const onCuda = process.env.ELASTICMOE_BACKEND === 'cuda';
+const MIB = 1024 * 1024;
+const RTOL = 1e-4;
+
+type Typed = Float32Array | Int32Array | Uint16Array;
+
+function rng(seed: number): () => number {
+  let x = seed >>> 0 || 1;
+  return () => {
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    return (x >>> 0) / 4294967296;
+  };
+}
+function randF32(n: number, seed: number, lo = -1, hi = 1): Float32Array {
+  const r = rng(seed);
+  const out = new Float32Array(n);
+  for (let i = 0; i < n; i++) out[i] = lo + (hi - lo) * r();
+  return out;
+}
+function randBf16(n: number, seed: number, scale = 1): Uint16Array {
+  return ref.toBf16(randF32(n, seed, -scale, scale));
+}
+function randInt(n: number, seed: number, max: number): Int32Array {
+  const r = rng(seed);
+  const out = new Int32Array(n);
+  for (let i = 0; i < n; i++) out[i] = Math.floor(r() * max);
+  return out;
+}
+
+function expectSame(got: Typed, want: Typed, what: string): void {
+  expect(got.length, `${what}: length`).toBe(want.length);
+  const a = new Uint8Array(got.buffer, got.byteOffset, got.byteLength);
+  const b = new Uint8Array(want.buffer, want.byteOffset, want.byteLength);
+  if (Buffer.compare(a, b) === 0) return;
+  let i = 0;
+  while (Object.is(got[i], want[i]) && i < got.length) i++;
+  expect.fail(`${what}: element ${i} is ${got[i]}, reference ${want[i]}`);
+}
+
+/** |got - want| <= rtol * max(|want|, rms(want)) everywhere; logs the worst ratio and exact matches. */
+function expectClose(got: Float32Array, want: Float32Array, what: string, rtol = RTOL): void {
+  expect(got.length, `${what}: length`).toBe(want.length);
+  let ss = 0;
+  for (let i = 0; i < want.length; i++) ss += want[i]! * want[i]!;
+  const rms = Math.sqrt(ss / Math.max(1, want.length));
+  let worst = 0, worstAt = -1, exact = 0;
+  for (let i = 0; i < want.length; i++) {
+    if (Object.is(got[i], want[i])) { exact++; continue; }
+    const r = Math.abs(got[i]! - want[i]!) / (rtol * Math.max(Math.abs(want[i]!), rms, 1e-30));
+    if (!(r <= worst)) { worst = r; worstAt = i; }
+  }
+  console.log(`${what}: ${exact}/${want.length} bit-exact, worst error ${(worst * rtol).toExponential(2)} of scale (limit ${rtol})`);
+  if (worstAt >= 0 && !(worst <= 1)) expect.fail(`${what}: element ${worstAt} is ${got[worstAt]}, reference ${want[worstAt]} (rms ${rms})`);
+}
+
+class Arena {
+  private next = 0;
+  private readonly chunk;
+  private readonly range;
+  constructor(private readonly rt: Runtime, private readonly stream: Stream, readonly size: number) {
+    this.chunk = rt.createChunk(stream.device, size);
+    this.range = rt.reserve(size);
+    this.range.map(0, this.chunk);
+    this.range.setAccess(0, size, [stream.device]);
+  }
+  alloc(bytes: number): DevicePointer {
+    const at = this.next;
+    this.next += Math.ceil(Math.max(bytes, 1) / 256) * 256;
+    if (this.next > this.size) throw new Error('arena full');
+    return this.range.at(at);
+  }
+  reset(): void {
+    this.next = 0;
+  }
+  async put(data: Typed): Promise<DevicePointer> {
+    const p = this.alloc(data.byteLength);
+    await this.rt.write(p, new Uint8Array(data.buffer, data.byteOffset, data.byteLength), this.stream);
+    return p;
+  }
+  async get<T extends Typed>(p: DevicePointer, like: T): Promise<T> {
+    const bytes = await this.rt.read(p, like.byteLength, this.stream);
+    const C = like.constructor as new (b: ArrayBuffer) => T;
+    return new C(bytes.buffer.slice(bytes.byteOffset, bytes.byteOffset + bytes.byteLength) as ArrayBuffer);
+  }
+  dispose(): void {
+    this.range.dispose();
+    this.chunk.dispose();
+  }
+}
+
+describe.runIf(onCuda)('model kernels on a real GPU (NVRTC) against the TypeScript references', () => {
+  let rt: Runtime;
+  let s: Stream;
+  let mk: ModelKernels;
+  let arena: Arena;
+
+  beforeAll(async () => {
+    rt = Runtime.open({ backend: 'cuda' });
+    s = rt.createStream(0);
+    mk = await ModelKernels.load(rt, 0);
+    arena = new Arena(rt, s, 512 * MIB);
+  }, 120_000);
+  afterAll(() => {
+    arena?.dispose();
+    mk?.dispose();
+  });
+
+  it('embed (Qwen3 hidden size)', async () => {
+    arena.reset();
+    const V = 1000, H = 2048, T = 77;
+    const table = randBf16(V * H, 1);
+    const tokens = randInt(T, 2, V);
+    const out = arena.alloc(T * H * 4);
+    mk.embed(s, { out, table: await arena.put(table), tokens: await arena.put(tokens), T, H, V });
+    const want = new Float32Array(T * H);
+    ref.embed({ out: want, table, tokens, T, H });
+    expectSame(await arena.get(out, want), want, 'embed');
+  });
+
+  it.each([[300, 2048], [70_000, 64], [3, 5]])('rmsnorm R=%i N=%i (in place too)', async (R, N) => {
+    arena.reset();
+    const x = randF32(R * N, 3, -3, 3);
+    const w = randBf16(N, 4, 2);
+    const px = await arena.put(x);
+    const pw = await arena.put(w);
+    const out = arena.alloc(R * N * 4);
+    mk.rmsnorm(s, { out, x: px, w: pw, R, N, eps: 1e-6 });
+    const want = new Float32Array(R * N);
+    ref.rmsnorm({ out: want, x, w, R, N, eps: 1e-6 });
+    expectClose(await arena.get(out, want), want, `rmsnorm ${R}x${N}`);
+    mk.rmsnorm(s, { out: px, x: px, w: pw, R, N, eps: 1e-6 });
+    expectClose(await arena.get(px, want), want, `rmsnorm in place ${R}x${N}`);
+  }, 60_000);
+
+  it.each([
+    [8, 768, 2048], // Qwen3-30B-A3B expert gate/up projection at decode
+    [1, 2048, 768], // its down projection, one token
+    [3, 50, 37], // K not a multiple of 8: scalar path
+    [16, 130, 264],
+    [17, 65, 130], // just above the decode path: 32x32 tiles with ragged edges
+    [100, 200, 300],
+    [256, 512, 1024],
+    [1030, 1000, 70], // 272 tiles of 64x64, ragged edges, K not a multiple of 32
+  ])('matmul M=%i N=%i K=%i', async (M, N, K) => {
+    arena.reset();
+    const x = randF32(M * K, 5 + M);
+    const w = randBf16(N * K, 6 + N, 0.05);
+    const out = arena.alloc(M * N * 4);
+    mk.matmul(s, { out, x: await arena.put(x), w: await arena.put(w), M, N, K });
+    const want = new Float32Array(M * N);
+    ref.matmul({ out: want, x, w, M, N, K });
+    expectClose(await arena.get(out, want), want, `matmul ${M}x${N}x${K}`);
+  }, 60_000);
+
+  it('add_bias, combine_topk, silu_mul, sigmoid_scale_rows', async () => {
+    arena.reset();
+    const M = 33, N = 4096;
+    const x = randF32(M * N, 7);
+    const b = randBf16(N, 8);
+    const px = await arena.put(x);
+    mk.addBias(s, { x: px, b: await arena.put(b), M, N });
+    const wantB = x.slice();
+    ref.addBias({ x: wantB, b, M, N });
+    expectSame(await arena.get(px, wantB), wantB, 'add_bias');
+
+    const T = 40, K = 8, H = 2048;
+    const out0 = randF32(T * H, 22);
+    const slots = randF32(T * K * H, 23);
+    const weights = randF32(T * K, 24, 0, 1);
+    const pout = await arena.put(out0);
+    mk.combineTopk(s, { out: pout, slots: await arena.put(slots), weights: await arena.put(weights), T, K, H });
+    const wantC = out0.slice();
+    ref.combineTopk({ out: wantC, slots, weights, T, K, H });
+    expectSame(await arena.get(pout, wantC), wantC, 'combine_topk');
+
+    const n = 300_001;
+    const gate = randF32(n, 15, -20, 20);
+    gate[0] = -100; gate[1] = 100;
+    const up = randF32(n, 16, -3, 3);
+    const so = arena.alloc(n * 4);
+    mk.siluMul(s, { out: so, gate: await arena.put(gate), up: await arena.put(up), n });
+    const wantS = new Float32Array(n);
+    ref.siluMul({ out: wantS, gate, up, n });
+    expectClose(await arena.get(so, wantS), wantS, 'silu_mul');
+
+    const y = randF32(T * H, 17);
+    const g = randF32(T, 18, -10, 10);
+    const py = await arena.put(y);
+    mk.sigmoidScaleRows(s, { y: py, g: await arena.put(g), T, H });
+    const wantY = y.slice();
+    ref.sigmoidScaleRows({ y: wantY, g, T, H });
+    expectClose(await arena.get(py, wantY), wantY, 'sigmoid_scale_rows');
+  }, 60_000);
+
+  it('rope (Qwen3: D=128, theta=1e6) over many tokens and positions', async () => {
+    arena.reset();
+    const T = 300, heads = 32, D = 128, theta = 1e6;
+    const x = randF32(T * heads * D, 9);
+    const pos = Int32Array.from({ length: T }, (_, i) => (i < 200 ? i : i * 97));
+    const px = await arena.put(x);
+    mk.rope(s, { x: px, pos: await arena.put(pos), T, heads, D, theta });
+    const want = x.slice();
+    ref.rope({ x: want, pos, T, heads, D, theta });
+    expectClose(await arena.get(px, want), want, 'rope');
+  }, 60_000);
+
+  it('kv_store then attention: two prefills, decodes and padding (GQA 32/4, D=128)', async () => {
+    arena.reset();
+    const L = 3, layer = 2, BS = 16, KVH = 4, D = 128, NH = 32, MB = 24, blocks = 40;
+    const geo = { L, BS, KVH, D };
+    const lens = [300, 45, 1];
+    // physical blocks in a scrambled order
+    const perm = Array.from({ length: blocks }, (_, i) => (i * 17 + 5) % blocks);
+    const table = new Int32Array(lens.length * MB).fill(-1);
+    let nextBlock = 0;
+    lens.forEach((n, sq) => { for (let b = 0; b < Math.ceil(n / BS); b++) table[sq * MB + b] = perm[nextBlock++]!; });
+    const seqOf: number[] = [], posOf: number[] = [];
+    lens.forEach((n, sq) => { for (let p = 0; p < n; p++) { seqOf.push(sq); posOf.push(p); } });
+    const Tk = seqOf.length + 1; // + one padding token
+    const slots = new Int32Array(Tk).fill(-1);
+    for (let t = 0; t < Tk - 1; t++) slots[t] = table[seqOf[t]! * MB + Math.floor(posOf[t]! / BS)]! * BS + (posOf[t]! % BS);
+    const k = randF32(Tk * KVH * D, 10, -2, 2);
+    const v = randF32(Tk * KVH * D, 11, -2, 2);
+    const pool0 = randBf16(blocks * ref.kvBlockElements(geo), 12);
+    const pool = await arena.put(pool0);
+    mk.kvStore(s, { pool, k: await arena.put(k), v: await arena.put(v), slots: await arena.put(slots), T: Tk, KVH, D, layer, L, BS, blocks });
+    const poolRef = pool0.slice();
+    ref.kvStore({ pool: poolRef, k, v, slots, T: Tk, KVH, D, layer, L, BS });
+    expectSame(await arena.get(pool, poolRef), poolRef, 'kv_store pool');
+
+    // queries: the prefill of sequence 1 (45 tokens), the last 20 of sequence 0, decode of 0 and 2, padding
+    const tokSeq: number[] = [], tokPos: number[] = [];
+    for (let p = 0; p < 45; p++) { tokSeq.push(1); tokPos.push(p); }
+    for (let p = 280; p < 300; p++) { tokSeq.push(0); tokPos.push(p); }
+    tokSeq.push(0, 2, 1); tokPos.push(299, 0, -1);
+    const T = tokSeq.length;
+    const q = randF32(T * NH * D, 13, -2, 2);
+    const scale = 1 / Math.sqrt(D);
+    const out = arena.alloc(T * NH * D * 4);
+    const args = {
+      T, NH, KVH, D, layer, L, BS, MB, scale, blocks, S: lens.length,
+      tokSeq: await arena.put(Int32Array.from(tokSeq)), tokPos: await arena.put(Int32Array.from(tokPos)),
+    };
+    mk.attention(s, { out, q: await arena.put(q), pool, blockTable: await arena.put(table), ...args });
+    const want = new Float32Array(T * NH * D);
+    ref.attention({ out: want, q, pool: poolRef, blockTable: table, tokSeq: Int32Array.from(tokSeq), tokPos: Int32Array.from(tokPos),
+      T, NH, KVH, D, layer, L, BS, MB, scale });
+    expectClose(await arena.get(out, want), want, 'attention');
+  }, 120_000);
+
+  it('attention over more than 65535 (token, head) pairs: many short sequences (grid-stride)', async () => {
+    arena.reset();
+    const L = 1, layer = 0, BS = 4, KVH = 4, D = 64, NH = 32, MB = 1;
+    const S = 2100, T = S;
+    const geo = { L, BS, KVH, D };
+    const table = Int32Array.from({ length: S }, (_, i) => S - 1 - i);
+    // each sequence holds positions 0..3; token t queries sequence t at position t % 4
+    const Tk = S * 4;
+    const slots = Int32Array.from({ length: Tk }, (_, i) => table[Math.floor(i / 4)]! * BS + (i % 4));
+    const k = randF32(Tk * KVH * D, 30, -2, 2);
+    const v = randF32(Tk * KVH * D, 31, -2, 2);
+    const pool = arena.alloc(S * ref.kvBlockElements(geo) * 2);
+    mk.kvStore(s, { pool, k: await arena.put(k), v: await arena.put(v), slots: await arena.put(slots), T: Tk, KVH, D, layer, L, BS, blocks: S });
+    const poolRef = new Uint16Array(S * ref.kvBlockElements(geo));
+    ref.kvStore({ pool: poolRef, k, v, slots, T: Tk, KVH, D, layer, L, BS });
+    expectSame(await arena.get(pool, poolRef), poolRef, 'kv_store pool');
+    const tokSeq = Int32Array.from({ length: T }, (_, i) => i);
+    const tokPos = Int32Array.from({ length: T }, (_, i) => i % 4);
+    const q = randF32(T * NH * D, 32, -2, 2);
+    const out = arena.alloc(T * NH * D * 4);
+    mk.attention(s, {
+      out, q: await arena.put(q), pool, blockTable: await arena.put(table), tokSeq: await arena.put(tokSeq),
+      tokPos: await arena.put(tokPos), T, NH, KVH, D, layer, L, BS, MB, scale: 0.125, blocks: S, S,
+    });
+    const want = new Float32Array(T * NH * D);
+    ref.attention({ out: want, q, pool: poolRef, blockTable: table, tokSeq, tokPos, T, NH, KVH, D, layer, L, BS, MB, scale: 0.125 });
+    expectClose(await arena.get(out, want), want, 'attention, many sequences');
+  }, 120_000);
+
+  it.each([[300, 128, 8, true], [70, 60, 4, false], [5, 8, 2, true]])('router_topk T=%i E=%i K=%i renorm=%s', async (T, E, K, renorm) => {
+    arena.reset();
+    const logits = randF32(T * E, 14 + E, -4, 4);
+    logits.fill(0.25, 0, E); // a row of ties: experts 0..K-1
+    const ids = arena.alloc(T * K * 4), weights = arena.alloc(T * K * 4);
+    mk.routerTopk(s, { ids, weights, logits: await arena.put(logits), T, E, K, renorm });
+    const wantIds = new Int32Array(T * K), wantW = new Float32Array(T * K);
+    ref.routerTopk({ ids: wantIds, weights: wantW, logits, T, E, K, renorm });
+    expectSame(await arena.get(ids, wantIds), wantIds, 'router ids');
+    expectClose(await arena.get(weights, wantW), wantW, 'router weights');
+  });
+
+  it('argmax over a Qwen3 vocabulary row, first maximum on ties', async () => {
+    arena.reset();
+    const R = 5, N = 151_936;
+    const x = randF32(R * N, 25, -10, 10);
+    x[0 * N + 100] = 50; x[0 * N + 90_000] = 50;
+    x[1 * N + N - 1] = 50;
+    x.fill(3, 2 * N, 3 * N);
+    const out = arena.alloc(R * 4);
+    mk.argmax(s, { out, x: await arena.put(x), R, N });
+    const want = new Int32Array(R);
+    ref.argmax({ out: want, x, R, N });
+    expectSame(await arena.get(out, want), want, 'argmax');
+    expect(Array.from(want.subarray(0, 3))).toEqual([100, N - 1, 0]);
+  });
+
+  it('gather_rows, scatter_rows, copy and add (beyond 65535 blocks: grid-stride)', async () => {
+    arena.reset();
+    const R = 500, H = 2048, M = 300;
+    const x = randF32(R * H, 19);
+    const rows = randInt(M, 40, R);
+    const px = await arena.put(x);
+    const pr = await arena.put(rows);
+    const gathered = arena.alloc(M * H * 4);
+    mk.gatherRows(s, { out: gathered, x: px, rows: pr, M, H, R });
+    const wantG = new Float32Array(M * H);
+    ref.gatherRows({ out: wantG, x, rows, M, H });
+    expectSame(await arena.get(gathered, wantG), wantG, 'gather_rows');
+
+    const distinct = Int32Array.from({ length: M }, (_, i) => (i * 7 + 3) % R);
+    const target0 = randF32(R * H, 20);
+    const target = await arena.put(target0);
+    mk.scatterRows(s, { out: target, x: gathered, rows: await arena.put(distinct), M, H, R });
+    const wantS = target0.slice();
+    ref.scatterRows({ out: wantS, x: wantG, rows: distinct, M, H });
+    expectSame(await arena.get(target, wantS), wantS, 'scatter_rows');
+
+    const n = 17_000_001; // > 65535 * 256
+    const a = randF32(n, 26), b = randF32(n, 27);
+    const pa = await arena.put(a), pb = await arena.put(b);
+    const c = arena.alloc(n * 4);
+    mk.copy(s, { out: c, x: pa, n });
+    expectSame(await arena.get(c, a), a, 'copy');
+    mk.add(s, { out: pa, a: pa, b: pb, n });
+    const sum = new Float32Array(n);
+    ref.addF32({ out: sum, a, b, n });
+    expectSame(await arena.get(pa, sum), sum, 'add in place');
+  }, 120_000);
+});

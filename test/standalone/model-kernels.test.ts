@@ -1,0 +1,427 @@
+// The model kernels' CPU twins (mock backend) against the TypeScript references in
+// src/model/kernels/reference.ts. Twins and references perform the same float
+// operations in the same order (Math.fround at each step; transcendental functions in
+// double, rounded once), so every comparison here is bit for bit. A few independent
+// checks (dense double-precision attention, rope from the formula, a sort-based top-k)
+// make sure the shared semantics are the intended ones.
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+
+import {
+  type DevicePointer, IllegalAddressError, InvalidArgumentError, type Runtime, type Stream,
+} from '../../src/index.js';
+import { MODEL_KERNEL_NAMES, ModelKernels } from '../../src/model/kernels/index.js';
+import * as ref from '../../src/model/kernels/reference.js';
+import { openMock } from '../helpers/mock.js';
+
+type Typed = Float32Array | Int32Array | Uint16Array;
+
+function rng(seed: number): () => number {
+  let x = seed >>> 0 || 1;
+  return () => {
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    return (x >>> 0) / 4294967296;
+  };
+}
+function randF32(n: number, seed: number, lo = -1, hi = 1): Float32Array {
+  const r = rng(seed);
+  const out = new Float32Array(n);
+  for (let i = 0; i < n; i++) out[i] = lo + (hi - lo) * r();
+  return out;
+}
+function randBf16(n: number, seed: number, scale = 1): Uint16Array {
+  return ref.toBf16(randF32(n, seed, -scale, scale));
+}
+function randInt(n: number, seed: number, max: number): Int32Array {
+  const r = rng(seed);
+  const out = new Int32Array(n);
+  for (let i = 0; i < n; i++) out[i] = Math.floor(r() * max);
+  return out;
+}
+
+/** Bitwise equality of two typed arrays, with the first difference in the message. */
+function expectSame(got: Typed, want: Typed, what: string): void {
+  expect(got.length, `${what}: length`).toBe(want.length);
+  const a = new Uint8Array(got.buffer, got.byteOffset, got.byteLength);
+  const b = new Uint8Array(want.buffer, want.byteOffset, want.byteLength);
+  if (Buffer.compare(a, b) === 0) return;
+  let i = 0;
+  while (Object.is(got[i], want[i]) && i < got.length) i++;
+  expect.fail(`${what}: element ${i} is ${got[i]}, reference ${want[i]}`);
+}
+
+/** One mapped chunk handed out by a bump allocator; uploads and downloads typed arrays. */
+class Arena {
+  private next = 0;
+  private readonly chunk;
+  private readonly range;
+  constructor(private readonly rt: Runtime, private readonly stream: Stream, readonly size: number) {
+    this.chunk = rt.createChunk(stream.device, size);
+    this.range = rt.reserve(size);
+    this.range.map(0, this.chunk);
+    this.range.setAccess(0, size, [stream.device]);
+  }
+  alloc(bytes: number): DevicePointer {
+    const at = this.next;
+    this.next += Math.ceil(Math.max(bytes, 1) / 256) * 256;
+    if (this.next > this.size) throw new Error('arena full');
+    return this.range.at(at);
+  }
+  reset(): void {
+    this.next = 0;
+  }
+  async put(data: Typed): Promise<DevicePointer> {
+    const p = this.alloc(data.byteLength);
+    await this.rt.write(p, new Uint8Array(data.buffer, data.byteOffset, data.byteLength), this.stream);
+    return p;
+  }
+  async get<T extends Typed>(p: DevicePointer, like: T): Promise<T> {
+    const bytes = await this.rt.read(p, like.byteLength, this.stream);
+    const C = like.constructor as new (b: ArrayBuffer) => T;
+    return new C(bytes.buffer.slice(bytes.byteOffset, bytes.byteOffset + bytes.byteLength) as ArrayBuffer);
+  }
+  dispose(): void {
+    this.range.dispose();
+    this.chunk.dispose();
+  }
+}
+
+describe('model kernels on the mock (CPU twins vs TypeScript references, bit for bit)', () => {
+  let rt: Runtime;
+  let s: Stream;
+  let mk: ModelKernels;
+  let arena: Arena;
+
+  beforeAll(async () => {
+    rt = openMock();
+    s = rt.createStream(0);
+    mk = await ModelKernels.load(rt, 0);
+    arena = new Arena(rt, s, 16 * 1024 * 1024);
+  });
+  afterAll(() => {
+    arena.dispose();
+    mk.dispose();
+  });
+
+  it('resolves a CPU twin for every kernel name', () => {
+    expect(MODEL_KERNEL_NAMES.length).toBe(16);
+    for (const name of MODEL_KERNEL_NAMES) expect(mk.module.kernel(name).name).toBe(name);
+  });
+
+  it('bf16 conversion rounds to nearest even and keeps NaN', () => {
+    expect(ref.f32ToBf16(1)).toBe(0x3f80);
+    expect(ref.f32ToBf16(Math.fround(1 + 2 ** -8))).toBe(0x3f80); // halfway, even stays
+    expect(ref.f32ToBf16(Math.fround(1 + 3 * 2 ** -8))).toBe(0x3f82); // halfway, odd rounds up
+    expect(ref.f32ToBf16(-Infinity)).toBe(0xff80);
+    expect(Number.isNaN(ref.bf16ToF32(ref.f32ToBf16(NaN)))).toBe(true);
+    expect(ref.bf16ToF32(0xc040)).toBe(-3);
+  });
+
+  it('embed', async () => {
+    arena.reset();
+    const V = 50, H = 33, T = 17;
+    const table = randBf16(V * H, 1);
+    const tokens = randInt(T, 2, V);
+    tokens[0] = V - 1;
+    const out = arena.alloc(T * H * 4);
+    mk.embed(s, { out, table: await arena.put(table), tokens: await arena.put(tokens), T, H, V });
+    const want = new Float32Array(T * H);
+    ref.embed({ out: want, table, tokens, T, H });
+    expectSame(await arena.get(out, want), want, 'embed');
+  });
+
+  it('rmsnorm, separate and in place', async () => {
+    arena.reset();
+    const R = 5, N = 77, eps = 1e-6;
+    const x = randF32(R * N, 3, -3, 3);
+    const w = randBf16(N, 4, 2);
+    const px = await arena.put(x);
+    const pw = await arena.put(w);
+    const out = arena.alloc(R * N * 4);
+    mk.rmsnorm(s, { out, x: px, w: pw, R, N, eps });
+    const want = new Float32Array(R * N);
+    ref.rmsnorm({ out: want, x, w, R, N, eps });
+    expectSame(await arena.get(out, want), want, 'rmsnorm');
+    mk.rmsnorm(s, { out: px, x: px, w: pw, R, N, eps });
+    expectSame(await arena.get(px, want), want, 'rmsnorm in place');
+    // the formula, in double
+    for (let r = 0; r < R; r++) {
+      let ss = 0;
+      for (let j = 0; j < N; j++) ss += x[r * N + j]! ** 2;
+      const inv = 1 / Math.sqrt(ss / N + eps);
+      for (let j = 0; j < N; j++) {
+        expect(want[r * N + j]).toBeCloseTo(x[r * N + j]! * inv * ref.bf16ToF32(w[j]!), 5);
+      }
+    }
+  });
+
+  it.each([[1, 37, 45], [3, 37, 45], [20, 70, 33]])('matmul M=%i N=%i K=%i', async (M, N, K) => {
+    arena.reset();
+    const x = randF32(M * K, 5 + M);
+    const w = randBf16(N * K, 6 + N);
+    const out = arena.alloc(M * N * 4);
+    mk.matmul(s, { out, x: await arena.put(x), w: await arena.put(w), M, N, K });
+    const want = new Float32Array(M * N);
+    ref.matmul({ out: want, x, w, M, N, K });
+    expectSame(await arena.get(out, want), want, 'matmul');
+    let dot = 0;
+    for (let k = 0; k < K; k++) dot += x[(M - 1) * K + k]! * ref.bf16ToF32(w[(N - 1) * K + k]!);
+    expect(want[M * N - 1]).toBeCloseTo(dot, 4);
+  });
+
+  it('add_bias', async () => {
+    arena.reset();
+    const M = 4, N = 29;
+    const x = randF32(M * N, 7);
+    const b = randBf16(N, 8);
+    const px = await arena.put(x);
+    mk.addBias(s, { x: px, b: await arena.put(b), M, N });
+    const want = x.slice();
+    ref.addBias({ x: want, b, M, N });
+    expectSame(await arena.get(px, want), want, 'add_bias');
+  });
+
+  it('rope (rotate_half), against the formula too', async () => {
+    arena.reset();
+    const T = 6, heads = 3, D = 16, theta = 1e6;
+    const x = randF32(T * heads * D, 9);
+    const pos = Int32Array.from([0, 1, 2, 17, 99, 30000]);
+    const px = await arena.put(x);
+    mk.rope(s, { x: px, pos: await arena.put(pos), T, heads, D, theta });
+    const want = x.slice();
+    ref.rope({ x: want, pos, T, heads, D, theta });
+    expectSame(await arena.get(px, want), want, 'rope');
+    for (let t = 0; t < 5; t++) { // small positions: the f32 angle is accurate
+      for (let h = 0; h < heads; h++) {
+        for (let i = 0; i < D / 2; i++) {
+          const a = pos[t]! / theta ** ((2 * i) / D);
+          const b = (t * heads + h) * D;
+          const x1 = x[b + i]!, x2 = x[b + i + D / 2]!;
+          expect(want[b + i]).toBeCloseTo(x1 * Math.cos(a) - x2 * Math.sin(a), 5);
+          expect(want[b + i + D / 2]).toBeCloseTo(x2 * Math.cos(a) + x1 * Math.sin(a), 5);
+        }
+      }
+    }
+    expectSame(want.subarray(0, heads * D), x.subarray(0, heads * D), 'position 0 is the identity');
+  });
+
+  it('kv_store and attention over a paged cache (prefill, decode, padding), against dense attention too', async () => {
+    arena.reset();
+    const L = 2, layer = 1, BS = 4, KVH = 2, D = 8, NH = 4, MB = 3, blocks = 8;
+    const lens = [9, 5, 1];
+    // block tables: shuffled physical blocks; unused entries -1
+    const table = Int32Array.from([6, 1, 3, 0, 5, -1, 7, -1, -1]);
+    const geo = { L, BS, KVH, D };
+    // every position of every sequence, plus a padding token (slot -1)
+    const seqOf: number[] = [], posOf: number[] = [];
+    lens.forEach((n, sq) => { for (let p = 0; p < n; p++) { seqOf.push(sq); posOf.push(p); } });
+    const Tk = seqOf.length + 1;
+    const slots = new Int32Array(Tk).fill(-1);
+    for (let t = 0; t < seqOf.length; t++) slots[t] = table[seqOf[t]! * MB + Math.floor(posOf[t]! / BS)]! * BS + (posOf[t]! % BS);
+    const k = randF32(Tk * KVH * D, 10, -2, 2);
+    const v = randF32(Tk * KVH * D, 11, -2, 2);
+    const pool0 = randBf16(blocks * ref.kvBlockElements(geo), 12);
+    const pool = await arena.put(pool0);
+    mk.kvStore(s, { pool, k: await arena.put(k), v: await arena.put(v), slots: await arena.put(slots), T: Tk, KVH, D, layer, L, BS, blocks });
+    const poolRef = pool0.slice();
+    ref.kvStore({ pool: poolRef, k, v, slots, T: Tk, KVH, D, layer, L, BS });
+    expectSame(await arena.get(pool, poolRef), poolRef, 'kv_store pool');
+    expect(poolRef.subarray(0, ref.kvOffset(geo, 0, 1, 0, 0))).toEqual(pool0.subarray(0, ref.kvOffset(geo, 0, 1, 0, 0))); // layer 0 untouched
+
+    // queries: all of sequence 0 (prefill), sequence 1 at its last position, sequence 2 at 0, padding
+    const tokSeq = Int32Array.from([...Array.from({ length: 9 }, () => 0), 1, 2, 0]);
+    const tokPos = Int32Array.from([...Array.from({ length: 9 }, (_, i) => i), 4, 0, -1]);
+    const T = tokSeq.length;
+    const q = randF32(T * NH * D, 13, -2, 2);
+    const scale = 1 / Math.sqrt(D);
+    const out = arena.alloc(T * NH * D * 4);
+    mk.attention(s, {
+      out, q: await arena.put(q), pool, blockTable: await arena.put(table), tokSeq: await arena.put(tokSeq),
+      tokPos: await arena.put(tokPos), T, NH, KVH, D, layer, L, BS, MB, scale, blocks, S: 3,
+    });
+    const want = new Float32Array(T * NH * D).fill(7);
+    ref.attention({ out: want, q, pool: poolRef, blockTable: table, tokSeq, tokPos, T, NH, KVH, D, layer, L, BS, MB, scale });
+    expectSame(await arena.get(out, want), want, 'attention');
+    expect(Array.from(want.subarray((T - 1) * NH * D))).toEqual(new Array(NH * D).fill(0));
+
+    // dense double-precision attention from the bf16-rounded K/V of each sequence
+    const kb = ref.fromBf16(ref.toBf16(k)), vb = ref.fromBf16(ref.toBf16(v));
+    const tokenIndex = (sq: number, p: number) => seqOf.findIndex((x, i) => x === sq && posOf[i] === p);
+    for (let t = 0; t < T - 1; t++) {
+      for (let h = 0; h < NH; h++) {
+        const g = Math.floor(h / (NH / KVH));
+        const sc: number[] = [];
+        for (let j = 0; j <= tokPos[t]!; j++) {
+          const src = tokenIndex(tokSeq[t]!, j);
+          let d0 = 0;
+          for (let d = 0; d < D; d++) d0 += q[(t * NH + h) * D + d]! * kb[(src * KVH + g) * D + d]!;
+          sc.push(d0 * scale);
+        }
+        const m = Math.max(...sc);
+        const e = sc.map((x) => Math.exp(x - m));
+        const z = e.reduce((a, b) => a + b, 0);
+        for (let d = 0; d < D; d++) {
+          let o = 0;
+          for (let j = 0; j <= tokPos[t]!; j++) o += e[j]! * vb[(tokenIndex(tokSeq[t]!, j) * KVH + g) * D + d]!;
+          expect(Math.abs(want[(t * NH + h) * D + d]! - o / z)).toBeLessThan(1e-5);
+        }
+      }
+    }
+  });
+
+  it('router_topk: softmax, top-k in order, ties to the lower index, renorm', async () => {
+    arena.reset();
+    const T = 9, E = 12, K = 3;
+    const logits = randF32(T * E, 14, -4, 4);
+    logits.fill(0.5, 8 * E, 9 * E); // a row of ties
+    logits[8 * E + 7] = 2;
+    const pl = await arena.put(logits);
+    for (const renorm of [false, true]) {
+      const ids = arena.alloc(T * K * 4), weights = arena.alloc(T * K * 4);
+      mk.routerTopk(s, { ids, weights, logits: pl, T, E, K, renorm });
+      const wantIds = new Int32Array(T * K), wantW = new Float32Array(T * K);
+      ref.routerTopk({ ids: wantIds, weights: wantW, logits, T, E, K, renorm });
+      expectSame(await arena.get(ids, wantIds), wantIds, 'router ids');
+      expectSame(await arena.get(weights, wantW), wantW, 'router weights');
+      expect(Array.from(wantIds.subarray(8 * K))).toEqual([7, 0, 1]);
+      for (let t = 0; t < T; t++) {
+        const row = Array.from(logits.subarray(t * E, (t + 1) * E));
+        const order = row.map((x, e) => [x, e] as const).sort((a, b) => b[0] - a[0] || a[1] - b[1]).map((p) => p[1]);
+        expect(Array.from(wantIds.subarray(t * K, (t + 1) * K))).toEqual(order.slice(0, K));
+        const z = row.reduce((a, x) => a + Math.exp(x - Math.max(...row)), 0);
+        const probs = order.slice(0, K).map((e) => Math.exp(row[e]! - Math.max(...row)) / z);
+        const sum = probs.reduce((a, b) => a + b, 0);
+        probs.forEach((p, i) => expect(wantW[t * K + i]).toBeCloseTo(renorm ? p / sum : p, 6));
+      }
+    }
+  });
+
+  it('silu_mul and sigmoid_scale_rows, including saturated inputs', async () => {
+    arena.reset();
+    const n = 1000;
+    const gate = randF32(n, 15, -20, 20);
+    gate[0] = -100; gate[1] = 100; gate[2] = 0; gate[3] = -0;
+    const up = randF32(n, 16, -3, 3);
+    const out = arena.alloc(n * 4);
+    mk.siluMul(s, { out, gate: await arena.put(gate), up: await arena.put(up), n });
+    const want = new Float32Array(n);
+    ref.siluMul({ out: want, gate, up, n });
+    expectSame(await arena.get(out, want), want, 'silu_mul');
+    expect(want[5]).toBeCloseTo((gate[5]! / (1 + Math.exp(-gate[5]!))) * up[5]!, 5);
+
+    const T = 7, H = 19;
+    const y = randF32(T * H, 17);
+    const g = randF32(T, 18, -10, 10);
+    g[0] = -200;
+    const py = await arena.put(y);
+    mk.sigmoidScaleRows(s, { y: py, g: await arena.put(g), T, H });
+    const wantY = y.slice();
+    ref.sigmoidScaleRows({ y: wantY, g, T, H });
+    expectSame(await arena.get(py, wantY), wantY, 'sigmoid_scale_rows');
+  });
+
+  it('gather_rows, scatter_rows, combine_topk', async () => {
+    arena.reset();
+    const R = 10, H = 13, M = 6, T = 3, K = 2;
+    const x = randF32(R * H, 19);
+    const rows = Int32Array.from([9, 0, 4, 4, 2, 7]);
+    const px = await arena.put(x);
+    const gathered = arena.alloc(M * H * 4);
+    mk.gatherRows(s, { out: gathered, x: px, rows: await arena.put(rows), M, H, R });
+    const wantG = new Float32Array(M * H);
+    ref.gatherRows({ out: wantG, x, rows, M, H });
+    expectSame(await arena.get(gathered, wantG), wantG, 'gather_rows');
+
+    const distinct = Int32Array.from([3, 8, 0, 5, 1, 9]);
+    const target0 = randF32(R * H, 20);
+    const target = await arena.put(target0);
+    const src = randF32(M * H, 21);
+    mk.scatterRows(s, { out: target, x: await arena.put(src), rows: await arena.put(distinct), M, H, R });
+    const wantS = target0.slice();
+    ref.scatterRows({ out: wantS, x: src, rows: distinct, M, H });
+    expectSame(await arena.get(target, wantS), wantS, 'scatter_rows');
+
+    const out0 = randF32(T * H, 22);
+    const slots = randF32(T * K * H, 23);
+    const weights = randF32(T * K, 24, 0, 1);
+    const pout = await arena.put(out0);
+    mk.combineTopk(s, { out: pout, slots: await arena.put(slots), weights: await arena.put(weights), T, K, H });
+    const wantC = out0.slice();
+    ref.combineTopk({ out: wantC, slots, weights, T, K, H });
+    expectSame(await arena.get(pout, wantC), wantC, 'combine_topk');
+  });
+
+  it('argmax takes the first maximum; copy and add (in place)', async () => {
+    arena.reset();
+    const R = 4, N = 50;
+    const x = randF32(R * N, 25);
+    x[1 * N + 10] = 5; x[1 * N + 30] = 5; // tie: 10
+    x.fill(-Infinity, 2 * N, 3 * N); // all equal: 0
+    x[3 * N + 49] = 9;
+    const out = arena.alloc(R * 4);
+    mk.argmax(s, { out, x: await arena.put(x), R, N });
+    const want = new Int32Array(R);
+    ref.argmax({ out: want, x, R, N });
+    expectSame(await arena.get(out, want), want, 'argmax');
+    expect(Array.from(want.subarray(1))).toEqual([10, 0, 49]);
+
+    const n = 333;
+    const a = randF32(n, 26), b = randF32(n, 27);
+    const pa = await arena.put(a), pb = await arena.put(b);
+    const c = arena.alloc(n * 4);
+    mk.copy(s, { out: c, x: pa, n });
+    expectSame(await arena.get(c, a), a, 'copy');
+    mk.add(s, { out: pa, a: pa, b: pb, n });
+    const sum = new Float32Array(n);
+    ref.addF32({ out: sum, a, b, n });
+    expectSame(await arena.get(pa, sum), sum, 'add in place');
+  });
+
+  it('validates sizes and pointers, naming the field', async () => {
+    arena.reset();
+    const p = arena.alloc(4096);
+    const bad = (fn: () => void, field: string) => {
+      try {
+        fn();
+        expect.unreachable();
+      } catch (e) {
+        expect(e).toBeInstanceOf(InvalidArgumentError);
+        expect((e as InvalidArgumentError).argument).toBe(field);
+      }
+    };
+    bad(() => mk.routerTopk(s, { ids: p, weights: p, logits: p, T: 1, E: 4, K: 5, renorm: true }), 'K');
+    bad(() => mk.rope(s, { x: p, pos: p, T: 1, heads: 1, D: 7, theta: 1e4 }), 'D');
+    bad(() => mk.rope(s, { x: p, pos: p, T: 1, heads: 1, D: 8, theta: 0 }), 'theta');
+    bad(() => mk.matmul(s, { out: p, x: p.add(16), w: p, M: 2, N: 4, K: 4 }), 'out');
+    bad(() => mk.matmul(s, { out: p, x: p, w: p, M: 1.5, N: 4, K: 4 }), 'M');
+    bad(() => mk.embed(s, { out: p, table: p, tokens: p.add(2), T: 1, H: 4 }), 'tokens');
+    bad(() => mk.copy(s, { out: arena.alloc(4), x: p, n: 2 ** 30 }), 'out');
+    bad(() => mk.attention(s, {
+      out: p, q: p, pool: p, blockTable: p, tokSeq: p, tokPos: p, T: 0, NH: 6, KVH: 4, D: 8, layer: 0, L: 1, BS: 4, MB: 1, scale: 1,
+    }), 'KVH');
+    bad(() => mk.kvStore(s, { pool: p, k: p, v: p, slots: p, T: 0, KVH: 1, D: 8, layer: 2, L: 2, BS: 4 }), 'layer');
+    bad(() => mk.attention(s, {
+      out: p, q: p, pool: p, blockTable: p, tokSeq: p, tokPos: p, T: 0, NH: 4, KVH: 4, D: 512, layer: 0, L: 1, BS: 4, MB: 1, scale: 1,
+    }), 'D');
+    const other = rt.createStream(1);
+    bad(() => mk.copy(other, { out: p, x: p, n: 1 }), 'stream');
+    other.dispose();
+    // nothing to do: nothing queued, no error
+    mk.matmul(s, { out: p, x: p, w: p, M: 0, N: 4, K: 4 });
+    await s.synchronize();
+  });
+
+  it('a token id outside the mapped table is an illegal address, as on a GPU', async () => {
+    arena.reset();
+    const tokens = await arena.put(Int32Array.from([0, -3]));
+    const out = arena.alloc(64);
+    mk.embed(s, { out, table: arena.alloc(64), tokens, T: 2, H: 4 });
+    await expect(s.synchronize()).rejects.toBeInstanceOf(IllegalAddressError);
+    rt.resetDevice(0);
+    const far = await arena.put(Int32Array.from([1 << 30]));
+    mk.embed(s, { out, table: arena.alloc(64), tokens: far, T: 1, H: 4 });
+    await expect(s.synchronize()).rejects.toBeInstanceOf(IllegalAddressError);
+    rt.resetDevice(0);
+  });
+});
