@@ -64,11 +64,12 @@ export class ChunkStore {
   }
 
   /**
-   * Allocates every planned chunk for `holder`, all or nothing: if any
+   * Allocates every planned chunk for `holder`, mapped here with access for
+   * `access(plan)` (default: the chunk's own device), all or nothing: if any
    * allocation fails, the chunks this call created are freed and the error is
    * rethrown, leaving the store as it was.
    */
-  allocate(plans: readonly ChunkPlan[], holder = 'hmm'): StoredChunk[] {
+  allocate(plans: readonly ChunkPlan[], holder = 'hmm', access?: (plan: ChunkPlan) => number[]): StoredChunk[] {
     const made: StoredChunk[] = [];
     try {
       for (const plan of plans) {
@@ -83,7 +84,7 @@ export class ChunkStore {
         try {
           range = this.rt.reserve(plan.size);
           range.map(0, chunk);
-          range.setAccess(0, plan.size, [plan.device]);
+          range.setAccess(0, plan.size, access ? access(plan) : [plan.device]);
         } catch (e) {
           range?.dispose();
           chunk.dispose();

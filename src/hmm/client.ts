@@ -114,14 +114,30 @@ function sharedHandle(h: WireHandle, fds: readonly number[]): SharedHandle {
 }
 
 /** Imports one chunk, maps it into a range of its own and grants `access`. Leaves nothing behind on failure. */
-function importEntry(rt: Runtime, entry: ChunkManifestEntry, handle: SharedHandle, access: readonly number[]): AttachedChunk {
+/** Where attach time goes in this process (milliseconds, summed over chunks). */
+export interface AttachTimings {
+  importMs: number;
+  mapMs: number;
+  accessMs: number;
+}
+
+function importEntry(rt: Runtime, entry: ChunkManifestEntry, handle: SharedHandle, access: readonly number[],
+  timings: AttachTimings): AttachedChunk {
   let chunk: Chunk | undefined;
   let range: VirtualRange | undefined;
   try {
+    let t = performance.now();
     chunk = rt.importChunk(handle, entry.device, entry.size);
+    let now = performance.now();
+    timings.importMs += now - t;
+    t = now;
     range = rt.reserve(entry.size);
     range.map(0, chunk);
+    now = performance.now();
+    timings.mapMs += now - t;
+    t = now;
     range.setAccess(0, entry.size, access);
+    timings.accessMs += performance.now() - t;
     return new AttachedChunk(entry, chunk, range);
   } catch (e) {
     range?.dispose();
@@ -133,6 +149,7 @@ function importEntry(rt: Runtime, entry: ChunkManifestEntry, handle: SharedHandl
 /** Chunks attached by one attach call, mapped in this process. */
 export class AttachedSet implements Disposable {
   private readonly byId = new Map<string, AttachedChunk>();
+  readonly timings: AttachTimings = { importMs: 0, mapMs: 0, accessMs: 0 };
   /** Tensor name → device → where it is mapped here (dense weights have one replica per device). */
   private readonly byTensor = new Map<string, Map<number, { chunk: AttachedChunk; location: TensorLocation }>>();
 
@@ -149,7 +166,7 @@ export class AttachedSet implements Disposable {
         throw new HmmProtocolError('BAD_RESPONSE', `attach batch of ${batch.entries.length} chunks carried ${batch.handles.length} handles`);
       }
       batch.entries.forEach((entry, i) => {
-        const c = importEntry(this.rt, entry, sharedHandle(batch.handles[i]!, fds), this.access(entry));
+        const c = importEntry(this.rt, entry, sharedHandle(batch.handles[i]!, fds), this.access(entry), this.timings);
         this.byId.set(entry.id, c);
         for (const location of entry.tensors) {
           let replicas = this.byTensor.get(location.name);
