@@ -31,7 +31,7 @@ const raw = await rt.read(range.at(0), 8, s);
 const checksum = new DataView(raw.buffer).getBigUint64(0, true).toString();
 const t4 = performance.now();
 const chunks = set.entries.length;
-const timings = { ...timings };
+const timings = { ...set.timings };
 set.dispose();
 await client.close();
 process.stdout.write(`${JSON.stringify({ openMs: t1 - t0, connectMs: t2 - t1, attachMs: t3 - t2, checksumMs: t4 - t3, chunks, bytes, checksum, ...timings })}\n`);

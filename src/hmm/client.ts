@@ -296,7 +296,7 @@ export class HmmClient implements Disposable {
     const { result, fds } = await this.call('workspace', { device, size });
     try {
       const access = options.access?.(result.entry) ?? [result.entry.device];
-      return importEntry(this.rt, result.entry, sharedHandle(result.handle, fds), access);
+      return importEntry(this.rt, result.entry, sharedHandle(result.handle, fds), access, { importMs: 0, mapMs: 0, accessMs: 0 });
     } finally {
       closeFds(fds);
     }
