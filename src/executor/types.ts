@@ -1,0 +1,67 @@
+// Contracts inside the executor: where weights and KV blocks are, what one
+// forward step takes and returns. The forward pass (forward.ts) and the
+// request engine (engine.ts) meet here.
+import type { DevicePointer } from '../runtime/memory.js';
+import type { ModelConfig } from '../model/config.js';
+import type { ExpertPlacement } from '../model/weights.js';
+
+/** Where each weight tensor is mapped in this process. */
+export interface WeightSource {
+  /** The replica of `name` on `device` (dense weights exist on every device of the layout). */
+  tensor(name: string, device: number): DevicePointer;
+}
+
+/** A device's KV pool as the executor sees it: one contiguous mapping of all its blocks. */
+export interface KvPoolView {
+  device: number;
+  /** Start of block 0; block b starts at base + b * blockBytes. */
+  base: DevicePointer;
+  blocks: number;
+  blockBytes: number;
+}
+
+/** The KV geometry the model needs: blocks hold every layer's K and V for blockTokens tokens (bf16). */
+export interface KvGeometry {
+  blockTokens: number;
+  /** layers * 2 * blockTokens * kvHeads * headDim * 2 bytes. */
+  blockBytes: number;
+}
+
+export function kvGeometry(config: ModelConfig, blockTokens = 16): KvGeometry {
+  return { blockTokens, blockBytes: config.layers * 2 * blockTokens * config.kvHeads * config.headDim * 2 };
+}
+
+/** Data parallel attention + expert parallel FFN over `devices`; TP is 1. */
+export interface Layout {
+  /** Devices of the layout; DP rank r runs on devices[r]. */
+  devices: number[];
+  /** Which devices hold each expert (must be devices of the layout). */
+  placement: ExpertPlacement;
+}
+
+/** One sequence's share of a step. */
+export interface SeqStep {
+  seqId: string;
+  /** Tokens to run this step: a prompt chunk (prefill) or the last sampled token (decode). */
+  tokens: number[];
+  /** Position of tokens[0] in the sequence (tokens already in the KV cache). */
+  startPos: number;
+  /** KV blocks of the sequence, on its DP rank's device, covering startPos + tokens.length tokens. */
+  blockTable: number[];
+  /** Whether to return the next token (greedy) for the last position. */
+  sample: boolean;
+}
+
+/** A step: for each DP rank (index into layout.devices), its sequences. */
+export interface StepBatch {
+  ranks: SeqStep[][];
+}
+
+export interface StepResult {
+  /** Next token (greedy argmax) per sequence with sample = true. */
+  next: Map<string, number>;
+  /** Logits of the last position of each sampled sequence, when asked (f32, vocab entries). */
+  logits?: Map<string, Float32Array>;
+  ms: number;
+  tokens: number;
+}
