@@ -234,6 +234,8 @@ Napi::Value NativeChannel::StartReading(const Napi::CallbackInfo& info) {
   }
   if (!info[0].IsFunction()) ThrowArgument("onMessage", "a function");
   if (!info[1].IsFunction()) ThrowArgument("onClose", "a function");
+  // Optional cap on a reassembled message, so a peer cannot make this process buffer without bound.
+  if (info.Length() > 2 && !info[2].IsUndefined()) max_message_ = ToSize(info[2], "maxMessageBytes");
   auto context = std::make_unique<Napi::AsyncContext>(env, "emoe:NativeChannel", Value());
   record_.resize(kMaxRecord);
   poll_ = PollHandle::Start(env, fd_, this);
@@ -344,6 +346,12 @@ void NativeChannel::ReadRecords() {
       return;
     }
     message_.insert(message_.end(), record_.begin() + 1, record_.begin() + n);
+    if (max_message_ != 0 && message_.size() > max_message_) {
+      Shutdown(ChannelStatus(ErrorKind::kInvalidArgument, "recvmsg", "TOO_LARGE",
+                             "the peer sent a message over " + std::to_string(max_message_) +
+                                 " bytes; the channel was closed"));
+      return;
+    }
     partial_ = record_[0] == 1;
     if (!partial_) Deliver();
   }

@@ -82,6 +82,7 @@ class NativeChannel : public Napi::ObjectWrap<NativeChannel>, private PollOwner 
   std::unique_ptr<Napi::AsyncContext> context_;
   std::vector<uint8_t> record_;   // one received record
   std::vector<uint8_t> message_;  // the message being reassembled
+  size_t max_message_ = 0;        // 0: no limit; else a larger message closes the channel
   std::vector<int> fds_;          // its fds, owned until delivered
   bool partial_ = false;          // a record with "more follows" was received
 };

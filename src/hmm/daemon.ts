@@ -15,6 +15,7 @@ import {
   encode,
   HmmProtocolError,
   MAX_FDS_PER_MESSAGE,
+  MAX_MESSAGE_BYTES,
   type Op,
   parseRequest,
   type Request,
@@ -164,7 +165,9 @@ export class HmmDaemon {
   /** Listens on `socketPath` (created with mode 0600; a stale socket file is replaced). */
   static async listen(hmm: Hmm, socketPath: string, options: HmmDaemonOptions = {}): Promise<HmmDaemon> {
     const daemon = new HmmDaemon(hmm, socketPath, options);
-    daemon.listener = UnixListener.listen(socketPath, (ch) => daemon.accept(ch), { mode: 0o600 });
+    // Requests over MAX_MESSAGE_BYTES get a TOO_LARGE answer; far larger ones (4x) close the connection
+    // before they are buffered whole.
+    daemon.listener = UnixListener.listen(socketPath, (ch) => daemon.accept(ch), { mode: 0o600, maxMessageBytes: 4 * MAX_MESSAGE_BYTES });
     daemon.emit({ type: 'listening', path: socketPath });
     return daemon;
   }

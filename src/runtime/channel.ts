@@ -21,7 +21,7 @@ export class UnixChannel implements Disposable {
   readonly closed: Promise<Error | undefined>;
 
   /** @internal */
-  constructor(readonly native: NativeChannel) {
+  constructor(readonly native: NativeChannel, maxMessageBytes?: number) {
     let done!: (e: Error | undefined) => void;
     this.closed = new Promise((r) => (done = r));
     native.start(
@@ -32,6 +32,7 @@ export class UnixChannel implements Disposable {
         for (const w of this.waiters.splice(0)) w.reject(error ?? new Error('channel closed by peer'));
         done(error);
       },
+      maxMessageBytes,
     );
   }
 
@@ -98,9 +99,13 @@ export class UnixChannel implements Disposable {
 export class UnixListener implements Disposable {
   private constructor(readonly native: NativeListener) {}
 
-  /** Listens on a socket file created with `mode` (default 0600, owner only). */
-  static listen(path: string, onConnection: (channel: UnixChannel) => void, { mode = 0o600 } = {}): UnixListener {
-    return new UnixListener(loadBinding().listenUnix(path, mode, (ch) => onConnection(new UnixChannel(ch))));
+  /**
+   * Listens on a socket file created with `mode` (default 0600, owner only).
+   * `maxMessageBytes` closes a connection whose peer sends a larger message.
+   */
+  static listen(path: string, onConnection: (channel: UnixChannel) => void,
+    { mode = 0o600, maxMessageBytes }: { mode?: number; maxMessageBytes?: number } = {}): UnixListener {
+    return new UnixListener(loadBinding().listenUnix(path, mode, (ch) => onConnection(new UnixChannel(ch, maxMessageBytes))));
   }
   get path(): string {
     return this.native.path;

@@ -149,7 +149,7 @@ export interface NativeChannel {
   /** Sends one message; fds are duplicated into the peer (SCM_RIGHTS). Messages of any size (fragmented natively). */
   send(data: Uint8Array, fds: number[]): void;
   /** Starts delivering messages on the event loop (uv_poll). Received fds belong to the callee. */
-  start(onMessage: (data: Buffer, fds: number[]) => void, onClose: (error?: Error) => void): void;
+  start(onMessage: (data: Buffer, fds: number[]) => void, onClose: (error?: Error) => void, maxMessageBytes?: number): void;
   peerCredentials(): NativePeerCredentials;
   ref(): void;
   unref(): void;

@@ -56,6 +56,25 @@ describe('fd passing', () => {
   });
 });
 
+describe('message size cap', () => {
+  it('closes a connection whose peer sends a message over the cap, without buffering it whole', async () => {
+    const dir = mkdtempSync(path.join(os.tmpdir(), 'emoe-cap-'));
+    const sock = path.join(dir, 'cap.sock');
+    const accepted: UnixChannel[] = [];
+    const listener = UnixListener.listen(sock, (ch) => accepted.push(ch), { maxMessageBytes: 64 * 1024 });
+    const client = UnixChannel.connect(sock);
+    client.send(pattern(1000));
+    client.send(pattern(100 * 1024));
+    await expect.poll(() => accepted.length).toBe(1);
+    const server = accepted[0]!;
+    expect((await server.receive()).data.length).toBe(1000);
+    const err = await server.closed;
+    expect(err?.message).toMatch(/over 65536 bytes/);
+    client.close();
+    listener.close();
+  });
+});
+
 describe('cross-process import', () => {
   it('a child process imports a chunk and reads the bytes the parent wrote, and the parent sees its writes', async () => {
     const rt = openMock({ mockCapacity: 64 * MIB });
