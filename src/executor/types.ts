@@ -11,13 +11,25 @@ export interface WeightSource {
   tensor(name: string, device: number): DevicePointer;
 }
 
-/** A device's KV pool as the executor sees it: one contiguous mapping of all its blocks. */
+/**
+ * A device's KV pool as the executor sees it: one mapping of all its blocks.
+ * The pool's chunks may end in padding (a chunk is granularity-rounded), so
+ * block b starts at base + blockOffset(b), always a multiple of blockBytes: the
+ * kernels address it as block index blockOffset(b) / blockBytes of the view.
+ * When every chunk holds exactly blocksPerChunk * blockBytes bytes,
+ * blockOffset(b) = b * blockBytes.
+ */
 export interface KvPoolView {
   device: number;
-  /** Start of block 0; block b starts at base + b * blockBytes. */
+  /** Start of the mapping (block 0 is at base). */
   base: DevicePointer;
+  /** Blocks of the pool (block ids 0..blocks-1, as the HMM hands them out). */
   blocks: number;
   blockBytes: number;
+  /** Byte offset of block b from base: a multiple of blockBytes. */
+  blockOffset(block: number): number;
+  /** Slots of blockBytes the mapping spans: every blockOffset(b) / blockBytes is below it. */
+  spanBlocks: number;
 }
 
 /** The KV geometry the model needs: blocks hold every layer's K and V for blockTokens tokens (bf16). */

@@ -1,0 +1,655 @@
+// The forward pass over a layout: data-parallel attention (DP rank r on
+// layout.devices[r], its sequences' KV blocks in that device's pool) and
+// expert-parallel FFN (each routed expert computed on a device that holds it).
+//
+// One step, per rank r on device d, all on d's stream unless said otherwise:
+//   embed → for each layer:
+//     rmsnorm(input_layernorm) → q, k, v (+ bias, qwen2_moe) → q/k RMSNorm per head
+//     (qwen3_moe) → rope → kvStore at the tokens' slots → paged attention → o_proj →
+//     residual add → rmsnorm(post_attention_layernorm) → router logits → top-k
+//     → download the top-k ids (T*K i32) to the host and wait for them      [sync 1/layer]
+//       (meanwhile the qwen2_moe shared expert is already queued behind the download)
+//     → on the host: each (token, k) goes to the device chosen for its expert (the
+//       rank's own device when it holds a replica, else the first holder in the
+//       placement); rows are sorted by (device, expert, token)
+//     → upload the sorted row list and its permutation; gatherRows(normed x) into
+//       `sorted` [T*K, H], segment by segment per device
+//     → local segment: expert gate/up matmuls, siluMul, down matmul, in place, on d;
+//       remote segment on device e, on e's stream: wait for d's event, copy the
+//       segment's rows to e (P2P), the same expert FFN there, copy the result back
+//       into d's `sorted`, record an event that d's stream waits for
+//     → scatterRows(sorted → slots [T*K, H], row t*K + k) → combineTopk into the
+//       residual in k order (plus the sigmoid-gated shared expert, qwen2_moe).
+//   final rmsnorm on the last token of each sampled sequence only → LM head in
+//   groups of rows → argmax → download the ids (and logits when asked) and wait
+//   for the rank's stream                                                    [sync 1/step]
+//
+// Why results do not depend on the layout: every expert row is computed from the
+// same inputs with the same kernels whichever device holds the expert (on the mock
+// the kernels are row-independent and sequential; on CUDA the per-expert row count M,
+// which picks the matmul path, is the same for a given rank and batch), and the
+// combination of a token's K expert outputs always runs in k order on the rank's
+// own device (combineTopk), never in the order the devices answered.
+//
+// Sync points per step: one host wait per layer per rank (the top-k ids: the
+// expert row lists are built on the host — correctness first; a device-side
+// histogram/sort would remove it) and one at the end per rank. Ranks run
+// concurrently: each is an async loop on its own stream, cross-device
+// dependencies go through events recorded by the producer before the consumer
+// waits on them, so no stream ever waits on work that is not queued yet.
+import type { ModelConfig } from '../model/config.js';
+import { ModelKernels } from '../model/kernels/index.js';
+import { InvalidArgumentError } from '../runtime/errors.js';
+import type { Chunk, DevicePointer, HostBuffer, VirtualRange } from '../runtime/memory.js';
+import type { Runtime } from '../runtime/runtime.js';
+import type { Event, Stream } from '../runtime/stream.js';
+import type { KvPoolView, Layout, StepBatch, StepResult, WeightSource } from './types.js';
+import { type ExpertWeights, type LayerWeights, type ModelWeights, expertWeights, resolveLayerWeights, resolveModelWeights } from './weights.js';
+
+export interface ForwardEngineOptions {
+  /** Tokens one rank may run in one step (default 512). Scratch buffers are sized for it. */
+  maxTokensPerStep?: number;
+  /** Tokens per KV block; default: derived from the pools' block size. */
+  blockTokens?: number;
+  /** Rows of the LM head computed at once (its logits buffer is rows * vocab f32; default 32). */
+  lmHeadRows?: number;
+}
+
+export interface StepOptions {
+  /** Also return the f32 logits of the last position of each sampled sequence. */
+  returnLogits?: boolean;
+}
+
+const ALIGN = 256;
+const alignUp = (n: number, a = ALIGN) => Math.ceil(n / a) * a;
+
+/** Bump allocator over one mapped scratch range. */
+class Arena {
+  private next = 0;
+  constructor(private readonly base: DevicePointer | undefined) {}
+  /** Bytes needed so far (for a sizing pass with no base). */
+  get used(): number {
+    return this.next;
+  }
+  alloc(bytes: number): DevicePointer {
+    const at = this.next;
+    this.next = alignUp(at + Math.max(bytes, 4));
+    // Sizing pass: any pointer will do, it is never used.
+    return this.base ? this.base.add(at) : (undefined as unknown as DevicePointer);
+  }
+}
+
+/** Scratch of one device: its rank's activations and the expert FFN buffers others use too. */
+interface Buffers {
+  x: DevicePointer; // [T, H] residual stream
+  xn: DevicePointer; // [T, H] normed
+  proj: DevicePointer; // [T, H] o_proj output
+  q: DevicePointer; // [T, NH*D]
+  att: DevicePointer; // [T, NH*D]
+  k: DevicePointer; // [T, KVH*D]
+  v: DevicePointer; // [T, KVH*D]
+  routerLogits: DevicePointer; // [T, E]
+  ids: DevicePointer; // [T*K] i32
+  wts: DevicePointer; // [T*K] f32
+  sorted: DevicePointer; // [T*K, H] rows sorted by (device, expert, token); expert outputs in place
+  slots: DevicePointer; // [T*K, H] row t*K + k
+  sharedGate?: DevicePointer; // [T, S]
+  sharedUp?: DevicePointer; // [T, S]
+  sharedOut?: DevicePointer; // [T, H]
+  sharedLogit?: DevicePointer; // [T]
+  meta: DevicePointer; // i32: tokens, tokSeq, tokPos, kvSlot, lastRows [T each], blockTable [T * MBmax]
+  lists: DevicePointer; // i32: perm [T*K], gather rows [T*K]
+  lastX: DevicePointer; // [T, H]
+  lmLogits: DevicePointer; // [G, V]
+  argOut: DevicePointer; // [T] i32
+  recv: DevicePointer; // [T*K, H] rows received from another rank
+  expGate: DevicePointer; // [T*K, I]
+  expUp: DevicePointer; // [T*K, I]
+}
+
+interface DeviceState {
+  rank: number;
+  device: number;
+  kernels: ModelKernels;
+  stream: Stream;
+  chunk: Chunk;
+  range: VirtualRange;
+  buf: Buffers;
+  host: HostBuffer;
+  hostI32: Int32Array;
+  events: Event[];
+  eventsUsed: number;
+  model: ModelWeights;
+  layers: LayerWeights[];
+  /** Experts this device computes: index layer * E + expert. */
+  experts: Array<ExpertWeights | undefined>;
+  kv: KvPoolView;
+  /** Per layer * E + expert: the rank (device index) that computes it for this rank. */
+  route: Int32Array;
+}
+
+interface SeqPlan {
+  seqId: string;
+  sample: boolean;
+  /** Row of its last token in the rank's flattened batch. */
+  lastRow: number;
+}
+
+interface RankPlan {
+  T: number;
+  S: number;
+  MB: number;
+  tokens: Int32Array;
+  tokSeq: Int32Array;
+  tokPos: Int32Array;
+  kvSlot: Int32Array;
+  blockTable: Int32Array; // [S, MB] view block indices
+  seqs: SeqPlan[];
+  sampled: SeqPlan[];
+}
+
+/** Per-rank host buffer layout (i32 offsets). */
+interface HostLayout {
+  meta: number; // mirrors the device meta buffer
+  metaMax: number;
+  lists: number; // layers regions of 2 * T * K
+  ids: number; // T * K
+  argmax: number; // T
+  total: number;
+}
+
+export class ForwardEngine implements Disposable {
+  private readonly H: number;
+  private readonly QD: number;
+  private readonly KVD: number;
+  private readonly MBmax: number;
+  private busy = false;
+  private disposed = false;
+
+  private constructor(
+    private readonly rt: Runtime,
+    readonly config: ModelConfig,
+    readonly layout: Layout,
+    private readonly devs: DeviceState[],
+    readonly maxTokensPerStep: number,
+    readonly blockTokens: number,
+    private readonly lmHeadRows: number,
+    private readonly hostLayout: HostLayout,
+  ) {
+    this.H = config.hiddenSize;
+    this.QD = config.heads * config.headDim;
+    this.KVD = config.kvHeads * config.headDim;
+    this.MBmax = Math.ceil(config.maxPositions / blockTokens);
+  }
+
+  static async create(rt: Runtime, config: ModelConfig, layout: Layout, weights: WeightSource, kv: Map<number, KvPoolView>,
+    options: ForwardEngineOptions = {}): Promise<ForwardEngine> {
+    const devices = layout.devices;
+    if (!Array.isArray(devices) || devices.length === 0) throw new InvalidArgumentError('layout.devices', 'at least one device');
+    devices.forEach((d, i) => {
+      if (!Number.isInteger(d) || d < 0 || d >= rt.deviceCount) throw new InvalidArgumentError(`layout.devices[${i}]`, `a device ordinal below ${rt.deviceCount}`);
+      if (devices.indexOf(d) !== i) throw new InvalidArgumentError(`layout.devices[${i}]`, `distinct devices (${d} appears twice)`);
+    });
+    const T = options.maxTokensPerStep ?? 512;
+    if (!Number.isSafeInteger(T) || T < 1 || T > 65536) throw new InvalidArgumentError('maxTokensPerStep', 'an integer in 1..65536');
+    const G = Math.min(T, options.lmHeadRows ?? 32);
+    if (!Number.isSafeInteger(G) || G < 1) throw new InvalidArgumentError('lmHeadRows', 'a positive integer');
+    const c = config;
+    const perToken = c.layers * 2 * c.kvHeads * c.headDim * 2;
+    let BS = options.blockTokens;
+    for (const d of devices) {
+      const view = kv.get(d);
+      if (!view) throw new InvalidArgumentError('kv', `a KV pool view for every device of the layout (none for device ${d})`);
+      if (view.device !== d) throw new InvalidArgumentError('kv', `views keyed by their device (the view under ${d} is on ${view.device})`);
+      const bs = view.blockBytes / perToken;
+      if (!Number.isInteger(bs) || bs < 1) {
+        throw new InvalidArgumentError('kv', `pools whose block size is a multiple of ${perToken} bytes (layers*2*kvHeads*headDim*2; device ${d} has ${view.blockBytes})`);
+      }
+      if (BS === undefined) BS = bs;
+      if (bs !== BS) throw new InvalidArgumentError(options.blockTokens === undefined ? 'kv' : 'blockTokens', `one block size on every device (${BS} tokens; device ${d} has ${bs})`);
+      if (view.spanBlocks * bs > 0x7fffffff) throw new InvalidArgumentError('kv', `a pool whose slots fit an i32 (device ${d})`);
+    }
+    const blockTokens = BS!;
+    // Placement: every expert of every layer on at least one device of the layout.
+    const E = c.experts;
+    const holders: number[][] = [];
+    for (let l = 0; l < c.layers; l++) {
+      for (let e = 0; e < E; e++) {
+        const h = layout.placement(l, e);
+        if (!h || h.length === 0) throw new InvalidArgumentError('layout.placement', `at least one device for expert ${e} of layer ${l}`);
+        const idx = h.map((d) => {
+          const j = devices.indexOf(d);
+          if (j < 0) throw new InvalidArgumentError('layout.placement', `devices of the layout (expert ${e} of layer ${l} names ${d})`);
+          return j;
+        });
+        holders.push(idx);
+      }
+    }
+    const routes = devices.map((_, r) => Int32Array.from(holders, (h) => (h.includes(r) ? r : h[0]!)));
+
+    const MBmax = Math.ceil(c.maxPositions / blockTokens);
+    const hostLayout = (() => {
+      const TK = T * c.topK;
+      const metaMax = 5 * T + T * MBmax;
+      const lists = metaMax;
+      const ids = lists + c.layers * 2 * TK;
+      const argmax = ids + TK;
+      return { meta: 0, metaMax, lists, ids, argmax, total: argmax + T };
+    })();
+
+    const loaded = await Promise.allSettled(devices.map((d) => ModelKernels.load(rt, d)));
+    const kernels = loaded.map((k) => (k.status === 'fulfilled' ? k.value : undefined));
+    const made: DeviceState[] = [];
+    try {
+      const bad = loaded.find((k): k is PromiseRejectedResult => k.status === 'rejected');
+      if (bad) throw bad.reason;
+      for (const [r, d] of devices.entries()) {
+        made.push(ForwardEngine.deviceState(rt, c, layout, weights, kv.get(d)!, r, kernels[r]!, routes, T, G, MBmax, hostLayout.total));
+        kernels[r] = undefined; // owned by its state now
+      }
+    } catch (e) {
+      for (const s of made) ForwardEngine.disposeState(s);
+      for (const k of kernels) k?.dispose();
+      throw e;
+    }
+    return new ForwardEngine(rt, c, layout, made, T, blockTokens, G, hostLayout);
+  }
+
+  private static buffers(c: ModelConfig, arena: Arena, T: number, G: number, MBmax: number): Buffers {
+    const H = c.hiddenSize, QD = c.heads * c.headDim, KVD = c.kvHeads * c.headDim, TK = T * c.topK, I = c.expertIntermediate;
+    const S = c.sharedIntermediate;
+    const f = (n: number) => arena.alloc(n * 4);
+    const b: Buffers = {
+      x: f(T * H), xn: f(T * H), proj: f(T * H), q: f(T * QD), att: f(T * QD), k: f(T * KVD), v: f(T * KVD),
+      routerLogits: f(T * c.experts), ids: f(TK), wts: f(TK), sorted: f(TK * H), slots: f(TK * H),
+      meta: f(5 * T + T * MBmax), lists: f(2 * TK), lastX: f(T * H), lmLogits: f(G * c.vocabSize), argOut: f(T),
+      recv: f(TK * H), expGate: f(TK * I), expUp: f(TK * I),
+    };
+    if (S > 0) Object.assign(b, { sharedGate: f(T * S), sharedUp: f(T * S), sharedOut: f(T * H), sharedLogit: f(T) });
+    return b;
+  }
+
+  private static deviceState(rt: Runtime, c: ModelConfig, layout: Layout, weights: WeightSource, kv: KvPoolView, r: number,
+    kernels: ModelKernels, routes: Int32Array[], T: number, G: number, MBmax: number, hostI32: number): DeviceState {
+    const device = layout.devices[r]!;
+    // Weights first (a missing tensor fails before anything is allocated).
+    const model = resolveModelWeights(c, weights, device);
+    const layers = Array.from({ length: c.layers }, (_, l) => resolveLayerWeights(c, weights, device, l));
+    const experts: Array<ExpertWeights | undefined> = new Array(c.layers * c.experts).fill(undefined);
+    for (const route of routes) {
+      route.forEach((j, key) => {
+        if (j !== r || experts[key]) return;
+        experts[key] = expertWeights(c, weights, device, Math.floor(key / c.experts), key % c.experts);
+      });
+    }
+    const sizing = new Arena(undefined);
+    ForwardEngine.buffers(c, sizing, T, G, MBmax);
+    const size = rt.roundUp(sizing.used, device);
+    let chunk: Chunk | undefined;
+    let range: VirtualRange | undefined;
+    let host: HostBuffer | undefined;
+    let stream: Stream | undefined;
+    try {
+      chunk = rt.createChunk(device, size);
+      range = rt.reserve(size);
+      range.map(0, chunk);
+      // Every device of the layout may read and write it (P2P copies run on either side).
+      range.setAccess(0, size, layout.devices);
+      const buf = ForwardEngine.buffers(c, new Arena(range.at(0)), T, G, MBmax);
+      host = rt.hostBuffer(hostI32 * 4);
+      const bytes = host.bytes();
+      stream = rt.createStream(device);
+      return {
+        rank: r, device, kernels, stream, chunk, range, buf, host,
+        hostI32: new Int32Array(bytes.buffer, bytes.byteOffset, hostI32),
+        events: [], eventsUsed: 0, model, layers, experts, kv, route: routes[r]!,
+      };
+    } catch (e) {
+      stream?.dispose();
+      host?.dispose();
+      range?.dispose();
+      chunk?.dispose();
+      throw e;
+    }
+  }
+
+  private static disposeState(s: DeviceState): void {
+    for (const e of s.events) e.dispose();
+    s.events.length = 0;
+    s.stream.dispose();
+    s.kernels.dispose();
+    s.host.dispose();
+    s.range.dispose();
+    s.chunk.dispose();
+  }
+
+  /** An event of device slot j, unused in this step (events are reused across steps). */
+  private event(j: number): Event {
+    const s = this.devs[j]!;
+    if (s.eventsUsed === s.events.length) s.events.push(this.rt.createEvent(s.device));
+    return s.events[s.eventsUsed++]!;
+  }
+
+  // ---- validation ----
+
+  private plan(batch: StepBatch): Array<RankPlan | undefined> {
+    if (!batch || !Array.isArray(batch.ranks)) throw new InvalidArgumentError('batch.ranks', 'an array (one list of sequences per rank)');
+    const nr = this.devs.length;
+    if (batch.ranks.length > nr) throw new InvalidArgumentError('batch.ranks', `at most ${nr} ranks, one per device of the layout (got ${batch.ranks.length})`);
+    const c = this.config;
+    const BS = this.blockTokens;
+    const seen = new Set<string>();
+    return batch.ranks.map((seqs, r) => {
+      if (!Array.isArray(seqs)) throw new InvalidArgumentError(`batch.ranks[${r}]`, 'an array of sequences');
+      if (seqs.length === 0) return undefined;
+      const view = this.devs[r]!.kv;
+      let T = 0;
+      let MB = 1;
+      seqs.forEach((q, i) => {
+        const at = `batch.ranks[${r}][${i}]`;
+        if (!q || typeof q !== 'object') throw new InvalidArgumentError(at, 'a SeqStep');
+        if (typeof q.seqId !== 'string' || q.seqId.length === 0) throw new InvalidArgumentError(`${at}.seqId`, 'a non-empty string');
+        if (seen.has(q.seqId)) throw new InvalidArgumentError(`${at}.seqId`, `unique in the step ('${q.seqId}' appears twice)`);
+        seen.add(q.seqId);
+        if (!Array.isArray(q.tokens) || q.tokens.length === 0) throw new InvalidArgumentError(`${at}.tokens`, 'a non-empty array of token ids');
+        q.tokens.forEach((tok, j) => {
+          if (!Number.isInteger(tok) || tok < 0 || tok >= c.vocabSize) {
+            throw new InvalidArgumentError(`${at}.tokens[${j}]`, `a token id in 0..${c.vocabSize - 1} (got ${String(tok)})`);
+          }
+        });
+        if (!Number.isSafeInteger(q.startPos) || q.startPos < 0) throw new InvalidArgumentError(`${at}.startPos`, `a non-negative integer (got ${String(q.startPos)})`);
+        const end = q.startPos + q.tokens.length;
+        if (end > c.maxPositions) throw new InvalidArgumentError(`${at}.startPos`, `such that startPos + tokens.length <= ${c.maxPositions} (max_position_embeddings; got ${end})`);
+        if (typeof q.sample !== 'boolean') throw new InvalidArgumentError(`${at}.sample`, 'a boolean');
+        const need = Math.ceil(end / BS);
+        if (!Array.isArray(q.blockTable) || q.blockTable.length < need) {
+          throw new InvalidArgumentError(`${at}.blockTable`, `at least ${need} blocks for ${end} tokens of ${BS} per block (got ${Array.isArray(q.blockTable) ? q.blockTable.length : 'none'})`);
+        }
+        for (let j = 0; j < need; j++) {
+          const b = q.blockTable[j];
+          if (!Number.isInteger(b) || b! < 0 || b! >= view.blocks) {
+            throw new InvalidArgumentError(`${at}.blockTable[${j}]`, `a block id of device ${view.device}'s pool, in 0..${view.blocks - 1} (got ${String(b)})`);
+          }
+        }
+        T += q.tokens.length;
+        MB = Math.max(MB, need);
+      });
+      if (T > this.maxTokensPerStep) {
+        throw new InvalidArgumentError(`batch.ranks[${r}]`, `at most maxTokensPerStep = ${this.maxTokensPerStep} tokens in a rank's step (got ${T})`);
+      }
+      const S = seqs.length;
+      const p: RankPlan = {
+        T, S, MB, tokens: new Int32Array(T), tokSeq: new Int32Array(T), tokPos: new Int32Array(T), kvSlot: new Int32Array(T),
+        blockTable: new Int32Array(S * MB), seqs: [], sampled: [],
+      };
+      const written = new Set<number>();
+      let row = 0;
+      seqs.forEach((q, i) => {
+        const idx = (j: number) => view.blockOffset(q.blockTable[j]!) / view.blockBytes;
+        const need = Math.ceil((q.startPos + q.tokens.length) / BS);
+        for (let j = 0; j < need; j++) p.blockTable[i * MB + j] = idx(j);
+        q.tokens.forEach((tok, j) => {
+          const pos = q.startPos + j;
+          const slot = p.blockTable[i * MB + Math.floor(pos / BS)]! * BS + (pos % BS);
+          if (written.has(slot)) {
+            throw new InvalidArgumentError(`batch.ranks[${r}][${i}].blockTable`, `blocks whose written slots no other token of the step writes (block ${q.blockTable[Math.floor(pos / BS)]})`);
+          }
+          written.add(slot);
+          p.tokens[row] = tok;
+          p.tokSeq[row] = i;
+          p.tokPos[row] = pos;
+          p.kvSlot[row] = slot;
+          row++;
+        });
+        const s: SeqPlan = { seqId: q.seqId, sample: q.sample, lastRow: row - 1 };
+        p.seqs.push(s);
+        if (q.sample) p.sampled.push(s);
+      });
+      return p;
+    });
+  }
+
+  // ---- the step ----
+
+  async step(batch: StepBatch, options: StepOptions = {}): Promise<StepResult> {
+    if (this.disposed) throw new InvalidArgumentError('engine', 'not disposed');
+    if (this.busy) throw new InvalidArgumentError('step', 'called once the previous step has resolved');
+    const plans = this.plan(batch);
+    const returnLogits = options.returnLogits === true;
+    this.busy = true;
+    const t0 = performance.now();
+    const logitsHost: Array<HostBuffer | undefined> = [];
+    try {
+      const runs = plans.map((p, r) => {
+        if (!p) return Promise.resolve(undefined);
+        if (returnLogits && p.sampled.length > 0) logitsHost[r] = this.rt.hostBuffer(p.sampled.length * this.config.vocabSize * 4);
+        return this.runRank(r, p, logitsHost[r]);
+      });
+      const settled = await Promise.allSettled(runs);
+      const failed = settled.find((s): s is PromiseRejectedResult => s.status === 'rejected');
+      if (failed) {
+        // Let whatever was queued drain before the host buffers go away.
+        await Promise.allSettled(this.devs.map((d) => d.stream.synchronize()));
+        throw failed.reason;
+      }
+      const next = new Map<string, number>();
+      const logits = returnLogits ? new Map<string, Float32Array>() : undefined;
+      let tokens = 0;
+      plans.forEach((p, r) => {
+        if (!p) return;
+        tokens += p.T;
+        const d = this.devs[r]!;
+        const V = this.config.vocabSize;
+        p.sampled.forEach((s, i) => {
+          next.set(s.seqId, d.hostI32[this.hostLayout.argmax + i]!);
+          if (logits) {
+            const bytes = logitsHost[r]!.bytes(i * V * 4, V * 4);
+            logits.set(s.seqId, new Float32Array(bytes.slice().buffer));
+          }
+        });
+      });
+      const result: StepResult = { next, ms: performance.now() - t0, tokens };
+      if (logits) result.logits = logits;
+      return result;
+    } finally {
+      for (const h of logitsHost) h?.dispose();
+      for (const d of this.devs) d.eventsUsed = 0;
+      this.busy = false;
+    }
+  }
+
+  private async runRank(r: number, p: RankPlan, logitsHost: HostBuffer | undefined): Promise<void> {
+    const c = this.config;
+    const dev = this.devs[r]!;
+    const { stream: s, kernels: kn, buf: b, layers: lw } = dev;
+    const { T, S, MB } = p;
+    const { H, QD, KVD } = this;
+    const NH = c.heads, KVH = c.kvHeads, D = c.headDim, E = c.experts, K = c.topK, V = c.vocabSize;
+    const TK = T * K;
+    const Tmax = this.maxTokensPerStep;
+    const eps = c.rmsNormEps;
+    const hl = this.hostLayout;
+    const h32 = dev.hostI32;
+
+    // Step metadata: one upload (device layout = host layout, offsets for Tmax).
+    h32.set(p.tokens, 0);
+    h32.set(p.tokSeq, Tmax);
+    h32.set(p.tokPos, 2 * Tmax);
+    h32.set(p.kvSlot, 3 * Tmax);
+    p.sampled.forEach((q, i) => (h32[4 * Tmax + i] = q.lastRow));
+    h32.set(p.blockTable, 5 * Tmax);
+    s.upload(b.meta, dev.host, (5 * Tmax + S * MB) * 4, hl.meta * 4);
+    const tokens = b.meta;
+    const tokSeq = b.meta.add(Tmax * 4);
+    const tokPos = b.meta.add(2 * Tmax * 4);
+    const kvSlot = b.meta.add(3 * Tmax * 4);
+    const lastRows = b.meta.add(4 * Tmax * 4);
+    const blockTable = b.meta.add(5 * Tmax * 4);
+    const kvg = { KVH, D, L: c.layers, BS: this.blockTokens, blocks: dev.kv.spanBlocks };
+
+    kn.embed(s, { out: b.x, table: dev.model.embed, tokens, T, H, V });
+    for (let l = 0; l < c.layers; l++) {
+      const w = lw[l]!;
+      // Attention block.
+      kn.rmsnorm(s, { out: b.xn, x: b.x, w: w.inputNorm, R: T, N: H, eps });
+      kn.matmul(s, { out: b.q, x: b.xn, w: w.q, M: T, N: QD, K: H });
+      kn.matmul(s, { out: b.k, x: b.xn, w: w.k, M: T, N: KVD, K: H });
+      kn.matmul(s, { out: b.v, x: b.xn, w: w.v, M: T, N: KVD, K: H });
+      if (w.qBias) {
+        kn.addBias(s, { x: b.q, b: w.qBias, M: T, N: QD });
+        kn.addBias(s, { x: b.k, b: w.kBias!, M: T, N: KVD });
+        kn.addBias(s, { x: b.v, b: w.vBias!, M: T, N: KVD });
+      }
+      if (w.qNorm) {
+        kn.rmsnorm(s, { out: b.q, x: b.q, w: w.qNorm, R: T * NH, N: D, eps });
+        kn.rmsnorm(s, { out: b.k, x: b.k, w: w.kNorm!, R: T * KVH, N: D, eps });
+      }
+      kn.rope(s, { x: b.q, pos: tokPos, T, heads: NH, D, theta: c.ropeTheta });
+      kn.rope(s, { x: b.k, pos: tokPos, T, heads: KVH, D, theta: c.ropeTheta });
+      kn.kvStore(s, { pool: dev.kv.base, k: b.k, v: b.v, slots: kvSlot, T, layer: l, ...kvg });
+      kn.attention(s, {
+        out: b.att, q: b.q, pool: dev.kv.base, blockTable, tokSeq, tokPos, T, NH, layer: l, MB, scale: 1 / Math.sqrt(D), S, ...kvg,
+      });
+      kn.matmul(s, { out: b.proj, x: b.att, w: w.o, M: T, N: H, K: QD });
+      kn.add(s, { out: b.x, a: b.x, b: b.proj, n: T * H });
+
+      // Router.
+      kn.rmsnorm(s, { out: b.xn, x: b.x, w: w.postNorm, R: T, N: H, eps });
+      kn.matmul(s, { out: b.routerLogits, x: b.xn, w: w.router, M: T, N: E, K: H });
+      kn.routerTopk(s, { ids: b.ids, weights: b.wts, logits: b.routerLogits, T, E, K, renorm: c.normTopK });
+      s.download(dev.host, b.ids, TK * 4, hl.ids * 4);
+      const idsReady = this.event(r).record(s);
+      // The shared expert (qwen2_moe) needs no routing: queue it behind the download.
+      if (w.shared) {
+        const Sh = c.sharedIntermediate;
+        kn.matmul(s, { out: b.sharedGate!, x: b.xn, w: w.shared.gate, M: T, N: Sh, K: H });
+        kn.matmul(s, { out: b.sharedUp!, x: b.xn, w: w.shared.up, M: T, N: Sh, K: H });
+        kn.siluMul(s, { out: b.sharedGate!, gate: b.sharedGate!, up: b.sharedUp!, n: T * Sh });
+        kn.matmul(s, { out: b.sharedOut!, x: b.sharedGate!, w: w.shared.down, M: T, N: H, K: Sh });
+        kn.matmul(s, { out: b.sharedLogit!, x: b.xn, w: w.shared.gateLogit, M: T, N: 1, K: H });
+        kn.sigmoidScaleRows(s, { y: b.sharedOut!, g: b.sharedLogit!, T, H });
+      }
+      // Sync point: the host builds the expert row lists from the top-k ids.
+      await idsReady.synchronize();
+
+      const segments = this.routeRows(dev, l, h32.subarray(hl.ids, hl.ids + TK), T, hl.lists + l * 2 * Tmax * K);
+      s.upload(b.lists, dev.host, 2 * TK * 4, (hl.lists + l * 2 * Tmax * K) * 4);
+      const perm = b.lists;
+      const rows = b.lists.add(TK * 4);
+      kn.gatherRows(s, { out: b.sorted, x: b.xn, rows, M: TK, H, R: T });
+      const gathered = segments.some((g) => g.rank !== r) ? this.event(r).record(s) : undefined;
+      for (const seg of segments) {
+        const at = b.sorted.add(seg.offset * H * 4);
+        if (seg.rank === r) {
+          this.expertFfn(dev, l, seg.groups, at, at, s);
+          continue;
+        }
+        const other = this.devs[seg.rank]!;
+        const os = other.stream;
+        const bytes = seg.rows * H * 4;
+        os.wait(gathered!);
+        os.copy(other.buf.recv, at, bytes);
+        this.expertFfn(other, l, seg.groups, other.buf.recv, other.buf.recv, os);
+        os.copy(at, other.buf.recv, bytes);
+        s.wait(this.event(seg.rank).record(os));
+      }
+      kn.scatterRows(s, { out: b.slots, x: b.sorted, rows: perm, M: TK, H, R: TK });
+      if (w.shared) {
+        // HF order: (routed + shared) + residual; combineTopk adds the routed sum to sharedOut.
+        kn.combineTopk(s, { out: b.sharedOut!, slots: b.slots, weights: b.wts, T, K, H });
+        kn.add(s, { out: b.x, a: b.x, b: b.sharedOut!, n: T * H });
+      } else {
+        kn.combineTopk(s, { out: b.x, slots: b.slots, weights: b.wts, T, K, H });
+      }
+    }
+
+    // Final norm and LM head on the sampled sequences' last tokens only.
+    const R = p.sampled.length;
+    if (R > 0) {
+      kn.gatherRows(s, { out: b.lastX, x: b.x, rows: lastRows, M: R, H, R: T });
+      kn.rmsnorm(s, { out: b.lastX, x: b.lastX, w: dev.model.finalNorm, R, N: H, eps });
+      for (let g0 = 0; g0 < R; g0 += this.lmHeadRows) {
+        const n = Math.min(this.lmHeadRows, R - g0);
+        kn.matmul(s, { out: b.lmLogits, x: b.lastX.add(g0 * H * 4), w: dev.model.lmHead, M: n, N: V, K: H });
+        kn.argmax(s, { out: b.argOut.add(g0 * 4), x: b.lmLogits, R: n, N: V });
+        if (logitsHost) s.download(logitsHost, b.lmLogits, n * V * 4, g0 * V * 4);
+      }
+      s.download(dev.host, b.argOut, R * 4, hl.argmax * 4);
+    }
+    // Sync point: the rank's stream is done (it waited for every device that computed experts for it).
+    await this.event(r).record(s).synchronize();
+  }
+
+  /**
+   * Sorts the rank's T*K (token, k) pairs by (computing device, expert, token) and writes
+   * the permutation (sorted row → t*K + k) and the gather rows (sorted row → t) into the
+   * host buffer at i32 offset `at`. Returns the per-device segments.
+   */
+  private routeRows(dev: DeviceState, layer: number, ids: Int32Array, T: number, at: number):
+    Array<{ rank: number; offset: number; rows: number; groups: Array<{ expert: number; offset: number; rows: number }> }> {
+    const E = this.config.experts, K = this.config.topK, TK = T * K;
+    const nd = this.devs.length;
+    const route = dev.route;
+    const keyOf = (x: number) => route[layer * E + x]! * E + x;
+    const counts = new Int32Array(nd * E + 1);
+    for (let i = 0; i < TK; i++) {
+      const x = ids[i]!;
+      if (!(x >= 0 && x < E)) throw new InvalidArgumentError('router', `expert ids in 0..${E - 1} from emoe_router_topk (got ${x})`);
+      counts[keyOf(x) + 1]!++;
+    }
+    for (let k = 1; k <= nd * E; k++) counts[k]! += counts[k - 1]!;
+    const starts = counts.slice(0, nd * E); // start of each key
+    const h32 = dev.hostI32;
+    for (let i = 0; i < TK; i++) {
+      const j = starts[keyOf(ids[i]!)]!++;
+      h32[at + j] = i; // perm: sorted row j holds (t, k) = row i of slots
+      h32[at + TK + j] = Math.floor(i / K); // gather: token t
+    }
+    const segments = [];
+    for (let rank = 0; rank < nd; rank++) {
+      const offset = counts[rank * E]!;
+      const rows = counts[(rank + 1) * E]! - offset;
+      if (rows === 0) continue;
+      const groups = [];
+      for (let x = 0; x < E; x++) {
+        const o = counts[rank * E + x]!;
+        const m = counts[rank * E + x + 1]! - o;
+        if (m > 0) groups.push({ expert: x, offset: o - offset, rows: m });
+      }
+      segments.push({ rank, offset, rows, groups });
+    }
+    return segments;
+  }
+
+  /** Routed experts' FFN over rows [input, input + rows) of one device (output may be input). */
+  private expertFfn(dev: DeviceState, layer: number, groups: Array<{ expert: number; offset: number; rows: number }>,
+    input: DevicePointer, output: DevicePointer, s: Stream): void {
+    const c = this.config;
+    const H = this.H, I = c.expertIntermediate;
+    const kn = dev.kernels;
+    const b = dev.buf;
+    let total = 0;
+    for (const g of groups) {
+      const w = dev.experts[layer * c.experts + g.expert]!;
+      const x = input.add(g.offset * H * 4);
+      kn.matmul(s, { out: b.expGate.add(g.offset * I * 4), x, w: w.gate, M: g.rows, N: I, K: H });
+      kn.matmul(s, { out: b.expUp.add(g.offset * I * 4), x, w: w.up, M: g.rows, N: I, K: H });
+      total = Math.max(total, g.offset + g.rows);
+    }
+    kn.siluMul(s, { out: b.expGate, gate: b.expGate, up: b.expUp, n: total * I });
+    for (const g of groups) {
+      const w = dev.experts[layer * c.experts + g.expert]!;
+      kn.matmul(s, { out: output.add(g.offset * H * 4), x: b.expGate.add(g.offset * I * 4), w: w.down, M: g.rows, N: H, K: I });
+    }
+  }
+
+  /** Frees scratch, streams, events and kernels. Call only when no step is running. */
+  dispose(): void {
+    if (this.disposed) return;
+    this.disposed = true;
+    for (const s of this.devs) ForwardEngine.disposeState(s);
+  }
+  [Symbol.dispose](): void {
+    this.dispose();
+  }
+}

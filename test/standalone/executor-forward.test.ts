@@ -1,0 +1,377 @@
+// The executor's forward pass (src/executor/forward.ts) on the mock backend, for tiny
+// qwen3_moe, mixtral and qwen2_moe configs with synthetic weights loaded by the HMM:
+// greedy tokens and logits are bit-identical whatever the layout and expert placement
+// (DESIGN invariant 1), match an independent TypeScript reference, do not depend on
+// the batch a sequence runs in or on how its prompt is chunked; bad steps are refused.
+import { mkdtempSync, rmSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+
+import { ForwardEngine } from '../../src/executor/forward.js';
+import { mapAttachedKvPools, mapHmmKvPools, mapKvPool, hmmKvChunks, type MappedKvPool } from '../../src/executor/kv-view.js';
+import { type HostWeights, ReferenceModel, readHostWeights } from '../../src/executor/reference-model.js';
+import { type Layout, type SeqStep, kvGeometry } from '../../src/executor/types.js';
+import { attachedWeights, storeWeights } from '../../src/executor/weights.js';
+import { HmmClient } from '../../src/hmm/client.js';
+import { HmmDaemon } from '../../src/hmm/daemon.js';
+import { Hmm } from '../../src/hmm/hmm.js';
+import type { TensorLocation } from '../../src/hmm/placement.js';
+import { type ModelConfig, parseConfig } from '../../src/model/config.js';
+import { type ExpertPlacement, roundRobinPlacement, weightSpecs } from '../../src/model/weights.js';
+import { InvalidArgumentError, type Runtime } from '../../src/index.js';
+import { MIB, openMock, pattern, sameBytes } from '../helpers/mock.js';
+
+const SEED = 20251127n;
+const STEPS = 12;
+const ALL = [0, 1, 2, 3];
+
+const base = {
+  hidden_size: 64, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, head_dim: 16,
+  vocab_size: 97, num_experts_per_tok: 2, rms_norm_eps: 1e-6, rope_theta: 10000, max_position_embeddings: 256,
+};
+const CONFIGS: Record<string, ModelConfig> = {
+  qwen3_moe: parseConfig({ ...base, model_type: 'qwen3_moe', num_experts: 8, moe_intermediate_size: 32, norm_topk_prob: true }),
+  mixtral: parseConfig({ ...base, model_type: 'mixtral', num_local_experts: 8, intermediate_size: 32, tie_word_embeddings: true }),
+  qwen2_moe: parseConfig({
+    ...base, model_type: 'qwen2_moe', num_experts: 8, moe_intermediate_size: 32, shared_expert_intermediate_size: 48, norm_topk_prob: false,
+  }),
+};
+
+/** Weight scales that keep activations near unit size for hidden 64. */
+const scaleFor = (t: TensorLocation) => {
+  if (t.shape.length === 1) return t.name.endsWith('.bias') ? 0.1 : 1.0;
+  return t.name.includes('embed_tokens') || t.name.includes('lm_head') ? 1.0 : 0.25;
+};
+
+const PROMPTS: Array<{ id: string; prompt: number[] }> = [
+  { id: 'a', prompt: [5, 17, 33, 2, 90] },
+  { id: 'b', prompt: [11, 12, 13, 14, 15, 16, 17, 18, 19] },
+  { id: 'c', prompt: [42, 7, 64] },
+  { id: 'd', prompt: [1, 96, 50, 3, 77, 8, 29, 61, 44, 0, 23, 85, 39, 70, 18, 55, 31] },
+];
+
+const reversedPlacement = (experts: number, devices: number[]): ExpertPlacement => {
+  const n = devices.length;
+  return (_l, e) => [devices[n - 1 - (e % n)]!];
+};
+/** Every expert on two devices; layer 1 shifted, so replicas differ per layer. */
+const replicatedPlacement = (devices: number[]): ExpertPlacement => {
+  const n = devices.length;
+  return (l, e) => [devices[(e + l) % n]!, devices[(e + l + 1) % n]!];
+};
+
+interface Generated {
+  tokens: Map<string, number[]>;
+  /** Last-position logits of every step. */
+  logits: Map<string, Float32Array[]>;
+}
+
+let runCounter = 0;
+
+/**
+ * Prefill then STEPS greedy decode steps for each prompt. Sequence i runs on rank
+ * rankOf(i) (default i % ranks); `split` prefills in two steps, the first chunk of
+ * `split` tokens unsampled.
+ */
+async function generate(engine: ForwardEngine, hmm: Hmm, prompts: typeof PROMPTS,
+  { rankOf, split, steps = STEPS }: { rankOf?: (i: number) => number; split?: number; steps?: number } = {}): Promise<Generated> {
+  const devices = engine.layout.devices;
+  const BS = engine.blockTokens;
+  const run = ++runCounter;
+  const seqs = prompts.map((p, i) => {
+    const rank = rankOf ? rankOf(i) : i % devices.length;
+    const req = `run${run}:${p.id}`;
+    const blocks = hmm.kv.allocate(req, devices[rank]!, Math.ceil((p.prompt.length + steps + 1) / BS));
+    return { ...p, rank, req, blocks, out: [] as number[], logits: [] as Float32Array[] };
+  });
+  try {
+    const doStep = async (make: (s: (typeof seqs)[number]) => SeqStep | undefined) => {
+      const ranks: SeqStep[][] = devices.map(() => []);
+      for (const s of seqs) {
+        const st = make(s);
+        if (st) ranks[s.rank]!.push(st);
+      }
+      const r = await engine.step({ ranks }, { returnLogits: true });
+      for (const s of seqs) {
+        if (!r.next.has(s.id)) continue;
+        s.out.push(r.next.get(s.id)!);
+        s.logits.push(r.logits!.get(s.id)!);
+      }
+      return r;
+    };
+    if (split !== undefined) {
+      await doStep((s) => ({ seqId: s.id, tokens: s.prompt.slice(0, split), startPos: 0, blockTable: s.blocks, sample: false }));
+      await doStep((s) => ({ seqId: s.id, tokens: s.prompt.slice(split), startPos: split, blockTable: s.blocks, sample: true }));
+    } else {
+      const r = await doStep((s) => ({ seqId: s.id, tokens: s.prompt, startPos: 0, blockTable: s.blocks, sample: true }));
+      expect(r.tokens).toBe(prompts.reduce((a, p) => a + p.prompt.length, 0));
+    }
+    for (let i = 0; i < steps; i++) {
+      await doStep((s) => ({ seqId: s.id, tokens: [s.out[s.out.length - 1]!], startPos: s.prompt.length + i, blockTable: s.blocks, sample: true }));
+    }
+  } finally {
+    for (const s of seqs) hmm.kv.free(s.req);
+  }
+  return { tokens: new Map(seqs.map((s) => [s.id, s.out])), logits: new Map(seqs.map((s) => [s.id, s.logits])) };
+}
+
+const bytesOf = (x: Float32Array) => new Uint8Array(x.buffer, x.byteOffset, x.byteLength);
+
+/** Same tokens, and every step's logits bit for bit. */
+function expectIdentical(got: Generated, want: Generated, what: string): void {
+  for (const [id, tokens] of want.tokens) {
+    expect(got.tokens.get(id), `${what}: tokens of ${id}`).toEqual(tokens);
+    const gl = got.logits.get(id)!;
+    const wl = want.logits.get(id)!;
+    expect(gl.length).toBe(wl.length);
+    for (let i = 0; i < wl.length; i++) {
+      expect(sameBytes(bytesOf(gl[i]!), bytesOf(wl[i]!)), `${what}: logits of ${id} at step ${i}`).toBe(true);
+    }
+  }
+}
+
+interface Fixture {
+  rt: Runtime;
+  hmm: Hmm;
+  config: ModelConfig;
+  views: Map<number, MappedKvPool>;
+  engines: ForwardEngine[];
+}
+
+async function fixture(config: ModelConfig): Promise<Fixture> {
+  const rt = openMock({ mockCapacity: 256 * MIB });
+  const hmm = new Hmm(rt);
+  // Every expert on every device: each layout below picks its own holders from these replicas.
+  await hmm.loadSynthetic(weightSpecs(config, ALL, () => ALL), { seed: SEED, scaleFor });
+  for (const d of ALL) hmm.kv.createPool({ device: d, blockBytes: kvGeometry(config).blockBytes, blocks: 256 });
+  return { rt, hmm, config, views: mapHmmKvPools(rt, hmm, ALL), engines: [] };
+}
+
+async function engineFor(fx: Fixture, layout: Layout, maxTokensPerStep = 64): Promise<ForwardEngine> {
+  const views = new Map(layout.devices.map((d) => [d, fx.views.get(d)!]));
+  const e = await ForwardEngine.create(fx.rt, fx.config, layout, storeWeights(fx.hmm.store), views, { maxTokensPerStep });
+  fx.engines.push(e);
+  return e;
+}
+
+function disposeFixture(fx: Fixture | undefined): void {
+  if (!fx) return;
+  for (const e of fx.engines) e.dispose();
+  for (const v of fx.views.values()) v.dispose();
+  fx.hmm.dispose();
+}
+
+function maxAbs(x: Float32Array): number {
+  let m = 0;
+  for (const v of x) m = Math.max(m, Math.abs(v));
+  return m;
+}
+
+for (const [arch, config] of Object.entries(CONFIGS)) {
+  describe(`forward pass: ${arch}`, () => {
+    let fx: Fixture;
+    let baseline: Generated;
+    let host: HostWeights;
+
+    beforeAll(async () => {
+      fx = await fixture(config);
+      const engine = await engineFor(fx, { devices: [0], placement: () => [0] });
+      baseline = await generate(engine, fx.hmm, PROMPTS);
+      host = await readHostWeights(fx.rt, fx.hmm.store, config);
+    });
+    afterAll(() => disposeFixture(fx));
+
+    it('gives identical tokens and bit-identical logits on every layout and expert placement', async () => {
+      // The greedy tokens are not degenerate (the comparison means something).
+      const distinct = new Set([...baseline.tokens.values()].flat());
+      expect(distinct.size).toBeGreaterThan(5);
+      const layouts: Array<[string, Layout]> = [
+        ['[0,1] round robin', { devices: [0, 1], placement: roundRobinPlacement(8, [0, 1]) }],
+        ['[0,1,2,3] round robin', { devices: ALL, placement: roundRobinPlacement(8, ALL) }],
+        ['[0,1,2,3] reversed', { devices: ALL, placement: reversedPlacement(8, ALL) }],
+        ['[0,1,2,3] replicated on two devices', { devices: ALL, placement: replicatedPlacement(ALL) }],
+        ['[3,1] every expert on device 1', { devices: [3, 1], placement: () => [1] }],
+      ];
+      for (const [what, layout] of layouts) {
+        const engine = await engineFor(fx, layout);
+        expectIdentical(await generate(engine, fx.hmm, PROMPTS), baseline, what);
+        // The same sequences placed on other ranks.
+        if (layout.devices.length > 1) {
+          expectIdentical(await generate(engine, fx.hmm, PROMPTS, { rankOf: (i) => (i + 1) % layout.devices.length }), baseline, `${what}, ranks shifted`);
+        }
+      }
+    });
+
+    it('matches the independent TypeScript reference model', () => {
+      const model = new ReferenceModel(config, host);
+      let worst = 0;
+      for (const p of PROMPTS) {
+        const want = model.greedy(p.prompt, STEPS);
+        expect(baseline.tokens.get(p.id), `tokens of ${p.id}`).toEqual(want.tokens);
+        const got = baseline.logits.get(p.id)!;
+        want.logits.forEach((w, i) => {
+          const g = got[i]!;
+          let diff = 0;
+          for (let j = 0; j < w.length; j++) diff = Math.max(diff, Math.abs(g[j]! - w[j]!));
+          worst = Math.max(worst, diff / Math.max(1, maxAbs(w)));
+        });
+      }
+      expect(worst).toBeLessThan(1e-5);
+    });
+
+    it('gives each sequence the same tokens alone as in a batch', async () => {
+      const engine = await engineFor(fx, { devices: ALL, placement: roundRobinPlacement(8, ALL) });
+      for (const [i, p] of PROMPTS.entries()) {
+        const alone = await generate(engine, fx.hmm, [p], { rankOf: () => i % 4 });
+        expectIdentical(alone, { tokens: new Map([[p.id, baseline.tokens.get(p.id)!]]), logits: new Map([[p.id, baseline.logits.get(p.id)!]]) }, `${p.id} alone`);
+      }
+    });
+
+    it('gives the same tokens with the prompt prefilled in two chunks', async () => {
+      const engine = await engineFor(fx, { devices: [0, 1], placement: roundRobinPlacement(8, [0, 1]) });
+      const chunked = await generate(engine, fx.hmm, PROMPTS.filter((p) => p.prompt.length > 3), { split: 3 });
+      expectIdentical(chunked, {
+        tokens: new Map([...baseline.tokens].filter(([id]) => id !== 'c')),
+        logits: new Map([...baseline.logits].filter(([id]) => id !== 'c')),
+      }, 'chunked prefill');
+    });
+  });
+}
+
+describe('forward pass: validation, KV views, attached weights (qwen3_moe)', () => {
+  const config = CONFIGS.qwen3_moe!;
+  let fx: Fixture;
+  let engine: ForwardEngine;
+  let baseline: Generated;
+  const dirs: string[] = [];
+
+  beforeAll(async () => {
+    fx = await fixture(config);
+    engine = await engineFor(fx, { devices: [0, 1], placement: roundRobinPlacement(8, [0, 1]) }, 16);
+    baseline = await generate(engine, fx.hmm, PROMPTS.slice(0, 3), { steps: 4 });
+  });
+  afterAll(() => {
+    disposeFixture(fx);
+    for (const d of dirs) rmSync(d, { recursive: true, force: true });
+  });
+
+  it('rejects bad steps naming the field, and keeps serving after', async () => {
+    const blocks = fx.hmm.kv.allocate('bad', 0, 2);
+    const ok: SeqStep = { seqId: 's', tokens: [1, 2, 3], startPos: 0, blockTable: blocks, sample: true };
+    const bad = async (ranks: unknown, field: RegExp) => {
+      const e = await engine.step({ ranks } as never).then(() => undefined, (x: unknown) => x);
+      expect(e).toBeInstanceOf(InvalidArgumentError);
+      expect((e as InvalidArgumentError).argument).toMatch(field);
+    };
+    await bad([[{ ...ok, tokens: [1, 97] }]], /^batch\.ranks\[0\]\[0\]\.tokens\[1\]$/);
+    await bad([[{ ...ok, tokens: [-1] }]], /tokens\[0\]$/);
+    await bad([[{ ...ok, tokens: [1.5] }]], /tokens\[0\]$/);
+    await bad([[{ ...ok, tokens: [] }]], /\.tokens$/);
+    await bad([[{ ...ok, startPos: 30 }]], /\.blockTable$/); // 33 tokens need 3 blocks of 16
+    await bad([[{ ...ok, startPos: 16, blockTable: [blocks[0]!, 256] }], []], /blockTable\[1\]$/);
+    await bad([[], [{ ...ok, blockTable: [] }]], /^batch\.ranks\[1\]\[0\]\.blockTable$/);
+    await bad([[{ ...ok, startPos: 255 }]], /\.startPos$/); // past max_position_embeddings
+    await bad([[{ ...ok, startPos: -1 }]], /\.startPos$/);
+    await bad([[{ ...ok, tokens: Array(17).fill(1) }]], /^batch\.ranks\[0\]$/); // maxTokensPerStep = 16
+    await bad([[ok], [{ ...ok, blockTable: fx.hmm.kv.allocate('bad1', 1, 1) }]], /^batch\.ranks\[1\]\[0\]\.seqId$/);
+    await bad([[ok, { ...ok, seqId: 't' }]], /^batch\.ranks\[0\]\[1\]\.blockTable$/); // same slots written twice
+    await bad([[{ ...ok, sample: 1 }]], /\.sample$/);
+    await bad([[], [], []], /^batch\.ranks$/);
+    await bad('x', /^batch\.ranks$/);
+    fx.hmm.kv.free('bad');
+    fx.hmm.kv.free('bad1');
+    // Nothing ran: the engine still serves, with the same results.
+    expectIdentical(await generate(engine, fx.hmm, PROMPTS.slice(0, 3), { steps: 4 }), baseline, 'after rejected steps');
+    // A step with no sequences does nothing.
+    expect((await engine.step({ ranks: [[], []] })).tokens).toBe(0);
+  });
+
+  it('rejects bad layouts and pools naming the field', async () => {
+    const ws = storeWeights(fx.hmm.store);
+    const create = (layout: Layout, views = fx.views) => ForwardEngine.create(fx.rt, config, layout, ws, views).then(() => undefined, (e: unknown) => e);
+    const arg = async (p: Promise<unknown>) => ((await p) as InvalidArgumentError).argument;
+    expect(await arg(create({ devices: [], placement: () => [0] }))).toBe('layout.devices');
+    expect(await arg(create({ devices: [0, 0], placement: () => [0] }))).toBe('layout.devices[1]');
+    expect(await arg(create({ devices: [0, 7], placement: () => [0] }))).toBe('layout.devices[1]');
+    expect(await arg(create({ devices: [0, 1], placement: () => [2] }))).toBe('layout.placement');
+    expect(await arg(create({ devices: [0, 1], placement: () => [] }))).toBe('layout.placement');
+    expect(await arg(create({ devices: [0, 1], placement: () => [0] }, new Map([[0, fx.views.get(0)!]])))).toBe('kv');
+  });
+
+  it('maps a pool whose chunks end in padding: blocks where the HMM has them, same tokens', async () => {
+    const rt = openMock({ mockCapacity: 128 * MIB });
+    const hmm = new Hmm(rt);
+    try {
+      await hmm.loadSynthetic(weightSpecs(config, [0, 1], roundRobinPlacement(8, [0, 1])), { seed: SEED, scaleFor });
+      // 12-token blocks of 3072 bytes: 682 per 2 MiB chunk, 1024 bytes of padding each.
+      const geo = kvGeometry(config, 12);
+      for (const d of [0, 1]) hmm.kv.createPool({ device: d, blockBytes: geo.blockBytes, blocks: 1500, maxChunkBytes: 2 * MIB });
+      const views = mapHmmKvPools(rt, hmm, [0, 1]);
+      try {
+        const v0 = views.get(0)!;
+        expect(v0.blocksPerChunk).toBe(682);
+        expect(v0.blockOffset(681)).toBe(681 * 3072);
+        expect(v0.blockOffset(682)).toBe(v0.stride);
+        expect(v0.stride % 3072).toBe(0);
+        expect(v0.stride).toBeGreaterThanOrEqual(2 * MIB);
+        // A block written through the HMM's mapping reads back through the view.
+        for (const b of [0, 681, 682, 1499]) {
+          const data = pattern(3072, b + 1);
+          await rt.write(hmm.kv.blockPointer(0, b), data, hmm.store.stream(0));
+          expect(sameBytes(await rt.read(v0.base.add(v0.blockOffset(b)), 3072, hmm.store.stream(0)), data)).toBe(true);
+        }
+        // The sequences straddle chunk boundaries: push them to blocks 678.. on both devices.
+        hmm.kv.allocate('filler0', 0, 678);
+        hmm.kv.allocate('filler1', 1, 678);
+        const e = await ForwardEngine.create(rt, config, { devices: [0, 1], placement: roundRobinPlacement(8, [0, 1]) }, storeWeights(hmm.store), views, { maxTokensPerStep: 16 });
+        try {
+          expect(e.blockTokens).toBe(12);
+          expectIdentical(await generate(e, hmm, PROMPTS.slice(0, 3), { steps: 4 }), baseline, 'padded pool');
+        } finally {
+          e.dispose();
+        }
+        hmm.kv.free('filler0');
+        hmm.kv.free('filler1');
+      } finally {
+        for (const v of views.values()) v.dispose();
+      }
+      // A chunk list that breaks the pool's rule is refused.
+      const { chunks, info } = hmmKvChunks(hmm, 0);
+      const other = hmmKvChunks(hmm, 1).chunks;
+      expect(() => mapKvPool(rt, [chunks[0]!, other[1]!], info.blocksPerChunk, info.blockBytes, [0])).toThrow(/chunks\[1\]/);
+      expect(() => mapKvPool(rt, chunks, 700, info.blockBytes, [0])).toThrow(/chunks\[0\]\.size/);
+      expect(() => mapKvPool(rt, chunks, info.blocksPerChunk, info.blockBytes, [0], 5000)).toThrow(/blocks/);
+    } finally {
+      hmm.dispose();
+    }
+  });
+
+  it('serves from weights and KV chunks attached through the HMM daemon', async () => {
+    const dir = mkdtempSync(path.join(os.tmpdir(), 'emoe-fwd-'));
+    dirs.push(dir);
+    const daemon = await HmmDaemon.listen(fx.hmm, path.join(dir, 'hmm.sock'));
+    const client = await HmmClient.connect(path.join(dir, 'hmm.sock'), fx.rt, { name: 'forward-test' });
+    try {
+      const set = await client.attach();
+      const manifest = await client.manifest();
+      const views = mapAttachedKvPools(fx.rt, set, manifest.kvPools.filter((p) => p.device < 2));
+      try {
+        const e = await ForwardEngine.create(fx.rt, config, { devices: [0, 1], placement: roundRobinPlacement(8, [0, 1]) },
+          attachedWeights(set), views, { maxTokensPerStep: 16 });
+        try {
+          expectIdentical(await generate(e, fx.hmm, PROMPTS.slice(0, 3), { steps: 4 }), baseline, 'attached');
+        } finally {
+          e.dispose();
+        }
+      } finally {
+        for (const v of views.values()) v.dispose();
+        set.dispose();
+      }
+    } finally {
+      client.close();
+      await daemon.close();
+    }
+  });
+});
