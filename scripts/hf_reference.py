@@ -5,10 +5,12 @@ safetensors, bf16), and records transformers' greedy tokens and per-step logits
 for a fixed set of prompts. scripts/check-vs-transformers.mjs then runs
 elasticmoe on the saved folders and compares.
 
-Two references per model, both from the same bf16 weights:
+Three references per model, all from the same bf16 weights:
   - "f32": the model upcast to float32 (weights exactly the bf16 values, math in
     f32) -- elasticmoe computes activations in f32 too, so greedy tokens should
-    agree exactly;
+    agree closely, but elasticmoe keeps its KV cache in bf16;
+  - "f32kv16": the same with K and V rounded to bf16 inside attention, which is
+    what elasticmoe's KV cache does: the strict reference for greedy tokens;
   - "bf16": the model run in bfloat16, as transformers usually serves it -- logits
     are compared within bf16 tolerance.
 
@@ -59,6 +61,26 @@ def run(model, prompts, steps, dtype, device):
     return out
 
 
+def register_bf16_kv_attention():
+    """An attention function that rounds K and V to bf16 before attending -- what
+    elasticmoe's bf16 KV cache does -- so the "f32kv16" reference differs from
+    elasticmoe only by summation order. Returns False when this transformers
+    version lacks the attention registry."""
+    try:
+        from transformers import AttentionInterface
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    except ImportError:
+        return False
+
+    def bf16_kv_attention(module, query, key, value, attention_mask, **kwargs):
+        key = key.to(torch.bfloat16).to(query.dtype)
+        value = value.to(torch.bfloat16).to(query.dtype)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register('emoe_bf16_kv', bf16_kv_attention)
+    return True
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument('out')
@@ -75,7 +97,11 @@ def main():
                'device': torch.cuda.get_device_name(0) if device == 'cuda' else 'cpu', 'steps': a.steps,
                'prompts': prompts,
                'f32': run(model, prompts, a.steps, torch.float32, device)}
-        model = build(arch)  # fresh bf16 copy (the f32 run upcast the first in place)
+        if register_bf16_kv_attention():
+            model = build(arch)
+            model.set_attn_implementation('emoe_bf16_kv')
+            ref['f32kv16'] = run(model, prompts, a.steps, torch.float32, device)
+        model = build(arch)  # fresh bf16 copy (the f32 runs upcast theirs in place)
         ref['bf16'] = run(model, prompts, a.steps, torch.bfloat16, device)
         with open(os.path.join(folder, 'reference.json'), 'w') as f:
             json.dump(ref, f)

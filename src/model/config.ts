@@ -23,7 +23,9 @@ const RawConfig = z
     head_dim: positive.optional().nullable(),
     vocab_size: positive,
     rms_norm_eps: z.number().positive().default(1e-6),
-    rope_theta: z.number().positive().default(10000),
+    rope_theta: z.number().positive().optional(),
+    // transformers 5 writes the RoPE base here instead of rope_theta.
+    rope_parameters: z.object({ rope_theta: z.number().positive().optional(), rope_type: z.string().optional() }).passthrough().optional().nullable(),
     max_position_embeddings: positive.default(32768),
     tie_word_embeddings: z.boolean().default(false),
     torch_dtype: z.string().optional(),
@@ -90,7 +92,10 @@ export function parseConfig(json: unknown): ModelConfig {
     throw new InvalidArgumentError('config.decoder_sparse_step', '1 with no mlp_only_layers (every layer MoE)');
   }
   const heads = c.num_attention_heads;
-  const experts = arch === 'mixtral' ? need(c.num_local_experts, 'num_local_experts', arch) : need(c.num_experts, 'num_experts', arch);
+  // transformers 5 writes num_local_experts for the Qwen MoE models too.
+  const experts = arch === 'mixtral' ? need(c.num_local_experts, 'num_local_experts', arch) : need(c.num_experts ?? c.num_local_experts, 'num_experts', arch);
+  const ropeType = c.rope_parameters?.rope_type;
+  if (ropeType && ropeType !== 'default') throw new InvalidArgumentError('config.rope_parameters.rope_type', `"default" (RoPE scaling "${ropeType}" is not supported yet)`);
   const expertIntermediate = arch === 'mixtral' ? need(c.intermediate_size, 'intermediate_size', arch) : need(c.moe_intermediate_size, 'moe_intermediate_size', arch);
   if (c.num_experts_per_tok > experts) throw new InvalidArgumentError('config.num_experts_per_tok', `at most the expert count ${experts}`);
   const kvHeads = c.num_key_value_heads ?? heads;
@@ -112,7 +117,7 @@ export function parseConfig(json: unknown): ModelConfig {
     qkNorm: arch === 'qwen3_moe',
     qkvBias: arch === 'qwen2_moe',
     rmsNormEps: c.rms_norm_eps,
-    ropeTheta: c.rope_theta,
+    ropeTheta: c.rope_theta ?? c.rope_parameters?.rope_theta ?? 10000,
     maxPositions: c.max_position_embeddings,
     tieEmbeddings: c.tie_word_embeddings,
     eosTokenIds: eos === undefined || eos === null ? [] : Array.isArray(eos) ? eos : [eos],

@@ -17,6 +17,14 @@ describe('model config', () => {
     expect(params).toBeLessThan(30.6e9);
   });
 
+  it('reads the transformers 5 spelling (num_local_experts, rope_parameters)', () => {
+    const { num_experts: _e, rope_theta: _r, ...rest } = qwen3;
+    const c = parseConfig({ ...rest, num_local_experts: 16, rope_parameters: { rope_theta: 5e5, rope_type: 'default' } });
+    expect(c.experts).toBe(16);
+    expect(c.ropeTheta).toBe(5e5);
+    expect(() => parseConfig({ ...rest, num_local_experts: 16, rope_parameters: { rope_type: 'yarn' } })).toThrow(/rope_type/);
+  });
+
   it('refuses other architectures and missing fields, naming the field', () => {
     expect(() => parseConfig({ ...qwen3, model_type: 'llama' })).toThrow(/config\.model_type must be one of qwen3_moe, qwen2_moe, mixtral/);
     const { num_experts: _, ...noExperts } = qwen3;
