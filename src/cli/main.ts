@@ -17,6 +17,20 @@ commands:
                                          { "tensors": [TensorSpec...], "kvPools"?: [...] }
                 --devices 0,1            physical devices for the file's device indexes
                 --seed N                 synthetic seed (default 0)
+  generate    run one prompt through the model on the devices (in-process HMM,
+              forward pass, request engine) and print the completion
+                --model DIR              Hugging Face folder (config.json, *.safetensors,
+                                         tokenizer.json when present), or
+                --synthetic CONFIG.json  seeded synthetic weights of that config's shape
+                --prompt TEXT            (needs a tokenizer) or --prompt-ids 1,2,3
+                --chat                   wrap --prompt in the chat template
+                --devices 0,1            one DP rank per device, experts round robin (default 0)
+                --max-tokens N           (default 64)
+                --kv-blocks N            KV blocks per device (default: from free memory)
+                --max-tokens-per-step N  token budget of a step per rank (default 512)
+                --tokenizer DIR          tokenizer.json folder (default: --model)
+                --ignore-eos             generate exactly --max-tokens
+                --seed N                 synthetic seed (default 0)
 
 common options:
   --backend auto|cuda|acl|mock   (default: ELASTICMOE_BACKEND, else auto)
@@ -42,6 +56,15 @@ export async function main(argv: string[]): Promise<number> {
       synthetic: { type: 'string' },
       devices: { type: 'string' },
       seed: { type: 'string' },
+      model: { type: 'string' },
+      tokenizer: { type: 'string' },
+      prompt: { type: 'string' },
+      'prompt-ids': { type: 'string' },
+      chat: { type: 'boolean', default: false },
+      'max-tokens': { type: 'string' },
+      'kv-blocks': { type: 'string' },
+      'max-tokens-per-step': { type: 'string' },
+      'ignore-eos': { type: 'boolean', default: false },
       help: { type: 'boolean', short: 'h', default: false },
     },
     strict: true,
@@ -66,6 +89,26 @@ export async function main(argv: string[]): Promise<number> {
         return 2;
       }
       return runHmm({ socket: values.socket, synthetic: values.synthetic, devices: values.devices, seed: values.seed, runtime: options });
+    }
+    case 'generate': {
+      // Loaded on use: the executor (kernels, forward pass) is not needed by the other commands.
+      const { runGenerate } = await import('./generate.js');
+      return runGenerate({
+        model: values.model,
+        synthetic: values.synthetic,
+        tokenizer: values.tokenizer,
+        devices: values.devices,
+        prompt: values.prompt,
+        promptIds: values['prompt-ids'],
+        chat: values.chat,
+        maxTokens: values['max-tokens'],
+        seed: values.seed,
+        kvBlocks: values['kv-blocks'],
+        maxTokensPerStep: values['max-tokens-per-step'],
+        ignoreEos: values['ignore-eos'],
+        json: values.json,
+        runtime: options,
+      });
     }
     default:
       process.stderr.write(`elasticmoe: unknown command '${command}'\n${USAGE}\n`);

@@ -1,0 +1,208 @@
+// `elasticmoe generate`: one prompt through the whole stack in one process —
+// runtime, in-process HMM (weights from a checkpoint or a seeded synthetic fill,
+// KV pools), the forward pass over a DP+EP layout with round-robin experts, and
+// the request engine. Streams the completion to stdout and prints a timing line
+// (load time, TTFT, tokens/s) to stderr.
+import path from 'node:path';
+
+import { Engine } from '../executor/engine.js';
+import { ForwardEngine } from '../executor/forward.js';
+import { mapHmmKvPools, type MappedKvPool } from '../executor/kv-view.js';
+import { kvGeometry } from '../executor/types.js';
+import { storeWeights } from '../executor/weights.js';
+import { Hmm, RESIDENT } from '../hmm/hmm.js';
+import { openCheckpoint } from '../hmm/safetensors.js';
+import { loadCheckpoint } from '../hmm/weight-loader.js';
+import { type ModelConfig, readConfig } from '../model/config.js';
+import { loadTokenizer, type TextTokenizer } from '../model/tokenizer.js';
+import { roundRobinPlacement, weightSpecs } from '../model/weights.js';
+import type { RuntimeOptionsInput } from '../runtime/config.js';
+import { InvalidArgumentError } from '../runtime/errors.js';
+import { Runtime } from '../runtime/runtime.js';
+import { formatBytes } from './format.js';
+import { parseDeviceList } from './hmm.js';
+import { createProgressBar } from './progress.js';
+
+export interface GenerateCommandOptions {
+  /** A Hugging Face model folder: config.json, *.safetensors, tokenizer.json (optional). */
+  model?: string;
+  /** A config.json: seeded synthetic weights of that shape instead of a checkpoint. */
+  synthetic?: string;
+  /** Folder of tokenizer.json (default: --model). */
+  tokenizer?: string;
+  /** "0,1": one DP rank per device, experts round robin over them (default "0"). */
+  devices?: string;
+  prompt?: string;
+  /** "1,2,3" */
+  promptIds?: string;
+  /** Wrap --prompt as a user message through the chat template. */
+  chat?: boolean;
+  maxTokens?: string;
+  seed?: string;
+  /** KV blocks per device (default: sized from free device memory). */
+  kvBlocks?: string;
+  /** Token budget of one step per rank (default 512). */
+  maxTokensPerStep?: string;
+  ignoreEos?: boolean;
+  json?: boolean;
+  runtime: RuntimeOptionsInput;
+}
+
+/** Upper bound of the default pool: this many full-length sequences per device. */
+const KV_DEFAULT_SEQS = 8;
+/** Share of free memory (after weights, less a reserve for the forward pass's scratch) given to KV by default. */
+const KV_MEMORY_FRACTION = 0.9;
+
+function positiveInt(flag: string, text: string | undefined, fallback: number): number {
+  if (text === undefined) return fallback;
+  const n = Number(text);
+  if (!/^\d+$/.test(text.trim()) || !Number.isSafeInteger(n) || n < 1) throw new InvalidArgumentError(flag, `a positive integer (got '${text}')`);
+  return n;
+}
+
+function parseIds(text: string, vocab: number): number[] {
+  const parts = text.split(',').map((s) => s.trim()).filter((s) => s.length > 0);
+  const ids = parts.map(Number);
+  const bad = parts.findIndex((s, i) => !/^\d+$/.test(s) || ids[i]! >= vocab);
+  if (parts.length === 0 || bad >= 0) {
+    throw new InvalidArgumentError('--prompt-ids', `comma-separated token ids below the vocabulary size ${vocab} (got '${bad >= 0 ? parts[bad] : text}')`);
+  }
+  return ids;
+}
+
+/** KV blocks for a device from its free memory: a reserve for scratch is kept back, and the pool is capped at KV_DEFAULT_SEQS full-length sequences. */
+export function kvBlocksFromMemory(freeBytes: number, blockBytes: number, blockTokens: number, config: ModelConfig): number {
+  const reserve = Math.min(1024 ** 3, freeBytes * 0.1);
+  const byMemory = Math.floor(((freeBytes - reserve) * KV_MEMORY_FRACTION) / blockBytes);
+  const cap = KV_DEFAULT_SEQS * Math.ceil(config.maxPositions / blockTokens);
+  return Math.max(0, Math.min(byMemory, cap));
+}
+
+interface Streams {
+  out: NodeJS.WritableStream;
+  err: NodeJS.WritableStream;
+}
+
+export async function runGenerate(o: GenerateCommandOptions, { out, err }: Streams = { out: process.stdout, err: process.stderr }): Promise<number> {
+  if ((o.model === undefined) === (o.synthetic === undefined)) throw new InvalidArgumentError('--model / --synthetic', 'exactly one of them');
+  if ((o.prompt === undefined) === (o.promptIds === undefined)) throw new InvalidArgumentError('--prompt / --prompt-ids', 'exactly one of them');
+  if (o.chat && o.prompt === undefined) throw new InvalidArgumentError('--chat', 'given with --prompt (it wraps the text as a user message)');
+  const maxTokens = positiveInt('--max-tokens', o.maxTokens, 64);
+  const maxTokensPerStep = positiveInt('--max-tokens-per-step', o.maxTokensPerStep, 512);
+  let seed: bigint;
+  try {
+    seed = BigInt(o.seed ?? '0');
+  } catch {
+    throw new InvalidArgumentError('--seed', `an integer (got '${o.seed}')`);
+  }
+
+  const config = await readConfig(o.model ?? o.synthetic!);
+  const tokDir = o.tokenizer ?? o.model;
+  const tokenizer: TextTokenizer | undefined = tokDir === undefined ? undefined : await loadTokenizer(tokDir);
+  if (o.tokenizer !== undefined && !tokenizer) throw new InvalidArgumentError('--tokenizer', `a folder with tokenizer.json (${path.resolve(o.tokenizer)} has none)`);
+  let prompt: number[];
+  if (o.prompt !== undefined) {
+    if (!tokenizer) {
+      throw new InvalidArgumentError('--prompt', `used with a tokenizer: ${tokDir === undefined ? 'synthetic weights have none (pass --tokenizer DIR)' : `${path.resolve(tokDir)} has no tokenizer.json`}; give token ids with --prompt-ids 1,2,3`);
+    }
+    prompt = o.chat ? tokenizer.encodeChat([{ role: 'user', content: o.prompt }]) : tokenizer.encode(o.prompt);
+    if (prompt.length === 0) throw new InvalidArgumentError('--prompt', 'a text that encodes to at least one token');
+    const bad = prompt.find((t) => t >= config.vocabSize);
+    if (bad !== undefined) throw new InvalidArgumentError('--tokenizer', `a tokenizer of the model's vocabulary (token ${bad} >= vocab_size ${config.vocabSize})`);
+  } else {
+    prompt = parseIds(o.promptIds!, config.vocabSize);
+  }
+  if (prompt.length + maxTokens > config.maxPositions) {
+    throw new InvalidArgumentError('--max-tokens', `at most ${Math.max(0, config.maxPositions - prompt.length)} (the prompt has ${prompt.length} tokens, max_position_embeddings is ${config.maxPositions})`);
+  }
+
+  const rt = Runtime.open(o.runtime);
+  const hmm = new Hmm(rt);
+  let views: Map<number, MappedKvPool> | undefined;
+  let forward: ForwardEngine | undefined;
+  let engine: Engine | undefined;
+  const abort = new AbortController();
+  const onSigint = () => abort.abort();
+  process.once('SIGINT', onSigint);
+  try {
+    const devices = parseDeviceList(o.devices ?? '0', rt.deviceCount);
+    const placement = roundRobinPlacement(config.experts, devices);
+    const specs = weightSpecs(config, devices, placement);
+    const t0 = performance.now();
+    // Headers first: a folder without a checkpoint fails before any progress is shown.
+    const checkpoint = o.model !== undefined ? await openCheckpoint(o.model) : undefined;
+    const bar = createProgressBar(checkpoint ? 'loading weights' : 'synthetic weights', err);
+    const onProgress = (p: { bytesDone: number; bytesTotal: number }) => bar.update(p.bytesDone, p.bytesTotal);
+    try {
+      if (checkpoint) {
+        await loadCheckpoint(hmm.store, hmm.placement(specs), checkpoint, { holder: RESIDENT, onProgress, signal: abort.signal });
+      } else {
+        await hmm.loadSynthetic(specs, { seed, onProgress });
+      }
+    } finally {
+      bar.finish();
+    }
+    const loadMs = performance.now() - t0;
+
+    const geometry = kvGeometry(config);
+    const fixedBlocks = o.kvBlocks === undefined ? undefined : positiveInt('--kv-blocks', o.kvBlocks, 1);
+    for (const d of devices) {
+      const blocks = fixedBlocks ?? kvBlocksFromMemory(rt.deviceInfo(d).freeBytes, geometry.blockBytes, geometry.blockTokens, config);
+      if (blocks < 1) throw new InvalidArgumentError('--kv-blocks', `given: device ${d} has too little free memory for a KV pool (${formatBytes(rt.deviceInfo(d).freeBytes)} free)`);
+      hmm.kv.createPool({ device: d, blockBytes: geometry.blockBytes, blocks });
+    }
+    views = mapHmmKvPools(rt, hmm, devices);
+    forward = await ForwardEngine.create(rt, config, { devices, placement }, storeWeights(hmm.store), views, { maxTokensPerStep });
+
+    const eos = [...new Set([...config.eosTokenIds, ...(tokenizer?.eosTokenIds ?? [])])];
+    engine = new Engine({
+      stepper: forward,
+      kv: hmm.kv,
+      devices,
+      blockTokens: forward.blockTokens,
+      maxTokensPerStep,
+      eosTokenIds: eos,
+      maxSeqLen: config.maxPositions,
+      vocabSize: config.vocabSize,
+      ...(tokenizer ? { decode: (ids: number[]) => tokenizer.decode(ids) } : {}),
+    });
+    const streaming = !o.json;
+    let first = true;
+    const completion = await engine.submit({ prompt, maxTokens, ignoreEos: o.ignoreEos === true }, {
+      signal: abort.signal,
+      onToken: (token, text) => {
+        if (!streaming) return;
+        out.write(text ?? `${first ? '' : ' '}${token}`);
+        first = false;
+      },
+    });
+    const n = completion.outputTokens.length;
+    const t = completion.timings;
+    const decodeSeconds = t.tpotMs === null ? 0 : (t.tpotMs * (n - 1)) / 1000;
+    if (o.json) {
+      out.write(`${JSON.stringify({
+        ...completion,
+        backend: rt.backend,
+        devices,
+        kvBlocks: devices.map((d) => hmm.kv.info(d).blocks),
+        loadMs,
+        tokensPerSecond: n / (t.totalMs / 1000),
+      }, null, 2)}\n`);
+    } else {
+      out.write('\n');
+    }
+    const ttft = t.ttftMs === null ? '-' : `${t.ttftMs.toFixed(1)} ms`;
+    const decodeRate = decodeSeconds > 0 ? `, decode ${((n - 1) / decodeSeconds).toFixed(1)} tokens/s` : '';
+    err.write(`generate: ${rt.backend}, devices ${devices.join(',')}: prompt ${prompt.length} tokens, ${n} generated (${completion.finishReason}`
+      + `${completion.error ? `: ${completion.error}` : ''}); weights ${(loadMs / 1000).toFixed(2)} s; TTFT ${ttft}; `
+      + `${(n / (t.totalMs / 1000)).toFixed(1)} tokens/s${decodeRate}\n`);
+    return completion.finishReason === 'error' ? 1 : 0;
+  } finally {
+    process.off('SIGINT', onSigint);
+    await engine?.close();
+    forward?.dispose();
+    for (const v of views?.values() ?? []) v.dispose();
+    hmm.dispose();
+    rt.dispose();
+  }
+}
