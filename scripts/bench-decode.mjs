@@ -68,8 +68,8 @@ const engine = await ForwardEngine.create(rt, config, { devices, placement }, st
   { blockTokens: geo.blockTokens, maxTokensPerStep: Math.max(2048, ttftPrompt) });
 
 // Bytes one decode step must read at least: dense weights once per rank, the
-// distinct experts the batch can touch (at most min(E, B*K) per layer, spread
-// over the devices), and the KV of every sequence.
+// distinct experts the batch touches (expected E·(1−(1−K/E)^B) per layer under
+// uniform routing, spread over the devices), and the KV of every sequence.
 const H = config.hiddenSize;
 const shapes = weightShapes(config);
 const bytesOf = (w) => w.shape.reduce((a, b) => a * b, 2);
@@ -129,7 +129,8 @@ for (const B of batches) {
   const t = performance.now();
   for (let i = 0; i < steps; i++) await decode(seqs);
   const ms = (performance.now() - t) / steps;
-  const touched = Math.min(config.experts, B * config.topK);
+  // Distinct experts a batch touches per layer, expected under uniform routing (synthetic weights route about uniformly).
+  const touched = config.experts * (1 - (1 - config.topK / config.experts) ** B);
   const bytes = config.layers * touched * expertBytes + devices.length * denseBytes + B * (context + steps) * kvPerToken;
   // All devices read in parallel: the roofline step time is the per-device share over the per-device bandwidth.
   const rooflineMs = bytes / devices.length / hbm * 1e3;
