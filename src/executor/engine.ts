@@ -177,6 +177,36 @@ export interface EngineOptions {
 
 export class EngineClosedError extends ElasticMoeError {}
 
+/**
+ * A new forward pass and rank→device assignment for `Engine.reconfigure` (the
+ * scaling switch-over).
+ */
+export interface EngineReconfiguration {
+  /** The forward pass to run from the next step on (the new layout's). */
+  stepper: Stepper;
+  /** Device of each DP rank from the next step on. */
+  devices: readonly number[];
+  /**
+   * Moves a request's KV blocks to `toDevice` and returns its new block table
+   * (`(id, d) => hmm.kv.move(id, d).then((t) => t.blocks)`). Used for running
+   * sequences whose device is not in `devices`; without it, or when it fails,
+   * such a sequence is preempted and recomputed on a remaining rank.
+   */
+  move?: (id: string, toDevice: number) => Promise<number[]> | number[];
+}
+
+/** What a switch-over did to the running sequences. */
+export interface ReconfigureReport {
+  /** Running sequences whose device stayed: their KV blocks were kept in place. */
+  kept: number;
+  /** Running sequences whose KV blocks were moved off a leaving device. */
+  moved: number;
+  /** Running sequences that could not be moved and were put back in the queue (to be recomputed). */
+  requeued: number;
+  /** Requests waiting at the switch-over (they are admitted on the new ranks). */
+  waiting: number;
+}
+
 /** Prompt tokens kept before the output as context for incremental detokenization. */
 const DETOK_CONTEXT = 5;
 const REPLACEMENT = '\uFFFD';
@@ -280,9 +310,9 @@ function checkCount(name: string, v: number, min = 1): number {
 }
 
 export class Engine {
-  private readonly stepper: Stepper;
+  private stepper: Stepper;
   private readonly kv: KvAllocator;
-  private readonly devices: readonly number[];
+  private devices: readonly number[];
   private readonly blockTokens: number;
   private readonly maxTokensPerStep: number;
   private readonly maxSeqs: number;
@@ -304,6 +334,10 @@ export class Engine {
   private loop: Promise<void> | undefined;
   private wake: (() => void) | undefined;
   private closed = false;
+  /** A switch-over waiting for the next step boundary (see reconfigure). */
+  private pendingReconfigure:
+    | { change: EngineReconfiguration; resolve: (r: ReconfigureReport) => void; reject: (e: unknown) => void }
+    | undefined;
   private readonly counters = { requestsDone: 0, requestsCancelled: 0, requestsFailed: 0, tokensOut: 0, promptTokens: 0, preemptions: 0 };
 
   constructor(options: EngineOptions) {
@@ -323,6 +357,40 @@ export class Engine {
 
   get ranks(): number {
     return this.devices.length;
+  }
+
+  /** Device of each DP rank. */
+  get rankDevices(): readonly number[] {
+    return [...this.devices];
+  }
+
+  /**
+   * Switches to another forward pass and rank→device assignment (the scaling
+   * switch-over), applied between two steps: the step in flight, if any, finishes
+   * on the old stepper and the next one is built for the new ranks. Running
+   * sequences whose device stays keep their KV blocks in place (rank index
+   * remapped); those on a leaving device get their blocks moved with
+   * `change.move` to the least loaded new rank before the first new step (or,
+   * if that fails, are preempted and recomputed: never dropped, never duplicated).
+   * Waiting requests and new submissions are admitted on the new ranks. Resolves
+   * once applied: from then on the old stepper is never called again. Rejects,
+   * changing nothing, for an invalid change or while another is pending.
+   */
+  reconfigure(change: EngineReconfiguration): Promise<ReconfigureReport> {
+    const devices = change.devices;
+    if (!Array.isArray(devices) || devices.length === 0) {
+      return Promise.reject(new InvalidArgumentError('devices', 'at least one device (one per DP rank)'));
+    }
+    if (new Set(devices).size !== devices.length || devices.some((d) => !Number.isSafeInteger(d) || d < 0)) {
+      return Promise.reject(new InvalidArgumentError('devices', `distinct device ordinals (got ${devices.join(', ')})`));
+    }
+    if (this.pendingReconfigure) {
+      return Promise.reject(new InvalidArgumentError('reconfigure', 'called once the previous reconfiguration has been applied'));
+    }
+    return new Promise<ReconfigureReport>((resolve, reject) => {
+      this.pendingReconfigure = { change: { ...change, devices: [...devices] }, resolve, reject };
+      this.kick(); // an idle loop starts, applies it and stops again
+    });
   }
 
   stats(): EngineStats {
@@ -422,12 +490,21 @@ export class Engine {
   }
 
   private async fittingRanks(need: number): Promise<number[]> {
-    const out: number[] = [];
-    for (const [r, d] of this.devices.entries()) {
-      const blocks = await this.poolBlocks(d);
-      if (blocks === undefined || blocks >= need) out.push(r);
+    // A switch-over applied during the awaits below (reconfigure) may remove a device and its pool: ask again.
+    for (;;) {
+      const devices = this.devices;
+      const out: number[] = [];
+      try {
+        for (const [r, d] of devices.entries()) {
+          const blocks = await this.poolBlocks(d);
+          if (blocks === undefined || blocks >= need) out.push(r);
+        }
+      } catch (e) {
+        if (devices !== this.devices) continue;
+        throw e;
+      }
+      if (devices === this.devices) return out;
     }
-    return out;
   }
 
   // ---- the loop
@@ -466,6 +543,8 @@ export class Engine {
       // Let the event loop turn between steps (timers, sockets, submissions made meanwhile join this step).
       await new Promise<void>((resolve) => setImmediate(resolve));
       try {
+        // A step boundary: no step is in flight, so a switch-over is safe here.
+        if (this.pendingReconfigure) await this.applyReconfigure();
         await this.reap();
         if (this.waiting.length === 0 && this.running.length === 0) return;
         const entries = await this.schedule();
@@ -484,6 +563,77 @@ export class Engine {
         }
       }
     }
+  }
+
+  /** Applies the pending switch-over (between two steps; see reconfigure). */
+  private async applyReconfigure(): Promise<void> {
+    const pending = this.pendingReconfigure!;
+    this.pendingReconfigure = undefined;
+    const { change } = pending;
+    const from = this.devices;
+    const to = change.devices;
+    const rankOn = (rank: number | undefined) => (rank === undefined ? -1 : to.indexOf(from[rank]!));
+    const report: ReconfigureReport = { kept: 0, moved: 0, requeued: 0, waiting: 0 };
+    try {
+      // Sequences whose device stays keep their blocks; count them per new rank first.
+      const load = to.map(() => 0);
+      const leaving: Seq[] = [];
+      for (const s of this.running) {
+        const r = rankOn(s.rank);
+        if (r >= 0) {
+          s.rank = r;
+          load[r]!++;
+          report.kept++;
+        } else {
+          leaving.push(s);
+        }
+      }
+      // Sequences on leaving devices, oldest first: KV blocks moved to the least loaded new rank.
+      leaving.sort((a, b) => a.admitOrder - b.admitOrder);
+      for (const s of leaving) {
+        if (s.failure !== undefined || s.cancelled) {
+          // Ending anyway: free its blocks now, before the device leaves.
+          await this.finish(s, s.failure !== undefined ? 'error' : 'cancelled', s.failure);
+          continue;
+        }
+        let target = 0;
+        for (let r = 1; r < to.length; r++) if (load[r]! < load[target]!) target = r;
+        let blocks: number[] | undefined;
+        if (change.move) {
+          try {
+            blocks = [...(await change.move(s.id, to[target]!))];
+          } catch {
+            blocks = undefined; // recomputed below: slower, never wrong
+          }
+        }
+        if (blocks) {
+          s.blockTable = blocks;
+          s.rank = target;
+          load[target]!++;
+          report.moved++;
+          continue;
+        }
+        try {
+          await this.preempt(s); // back to the queue with its old rank index, remapped below
+          report.requeued++;
+        } catch (e) {
+          await this.finish(s, 'error', `switch-over: freeing KV blocks failed: ${message(e)}`);
+        }
+      }
+      // Waiting requests (preempted ones keep a rank): the same rank's new index, or any rank when it left.
+      for (const s of this.waiting) {
+        const r = rankOn(s.rank);
+        s.rank = r >= 0 ? r : undefined;
+      }
+      report.waiting = this.waiting.length;
+      for (const d of [...this.capacity.keys()]) if (!to.includes(d)) this.capacity.delete(d);
+      this.stepper = change.stepper;
+      this.devices = [...to];
+    } catch (e) {
+      pending.reject(e);
+      throw e;
+    }
+    pending.resolve(report);
   }
 
   /** Removes cancelled (and failed) requests, freeing their blocks. */

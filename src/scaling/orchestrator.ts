@@ -1,0 +1,412 @@
+// The scale orchestrator: one serving deployment — an in-process HMM that owns
+// every weight and KV byte, the current layout, its forward pass and the request
+// engine — that grows and shrinks one device set to another while it serves
+// (DESIGN.md "Scale-up, L → L'"):
+//
+//   1. plan      planPlacement / diffLayouts / scheduleTransfers (pure): the new
+//                placement, what is reused in place, copied, released.
+//   2. prepare   while the engine keeps stepping on the old layout: KV pools on
+//                the new devices; dense weights and expert chunks copied P2P by
+//                the CopyService (all or nothing) under the new layout's holder;
+//                chunks the new layout reuses retained under that holder too.
+//   3. attach    a standby ForwardEngine for the new layout (kernels loaded,
+//                scratch allocated, new KV pools mapped, weights resolved).
+//   4. switch    Engine.reconfigure, applied between two engine steps: the new
+//                forward pass and rank→device assignment from the next step on;
+//                sequences whose device stays keep their KV blocks in place,
+//                those on a leaving device get their blocks moved (hmm.kv.move)
+//                before the first new step; submissions are admitted throughout.
+//   5. release   old forward pass disposed, chunks held only by the old layout
+//                freed (releaseHolder), KV pools of leaving devices destroyed.
+//   6. roll back on any failure before the switch-over: the old layout never
+//                stopped serving; the standby engine, new KV views, new pools and
+//                every chunk held for the new layout are freed, so device memory
+//                is exactly as before the attempt.
+//
+// Holders: every weight chunk of a layout is held by that layout's id
+// (`layout-<n>`), so a chunk shared by two layouts lives until both let go and
+// "release" is releaseHolder(old id). KV pools belong to the HMM's KvManager.
+//
+// The standby executor here is in process (a second ForwardEngine over the same
+// chunk store); a separate standby process attaching through the HMM daemon is
+// future work (issue 5).
+import { Engine, type Completion, type GenerationCallbacks, type GenerationRequest, type ReconfigureReport, type StepFigures } from '../executor/engine.js';
+import { ForwardEngine } from '../executor/forward.js';
+import { type MappedKvPool, mapHmmKvPools } from '../executor/kv-view.js';
+import { kvGeometry } from '../executor/types.js';
+import { storeWeights } from '../executor/weights.js';
+import { type CopyProgress, CopyService } from '../hmm/copy-service.js';
+import { Hmm } from '../hmm/hmm.js';
+import type { TensorLocation } from '../hmm/placement.js';
+import type { ModelConfig } from '../model/config.js';
+import { expertGroup, weightSpecs } from '../model/weights.js';
+import { InvalidArgumentError } from '../runtime/errors.js';
+import type { Runtime } from '../runtime/runtime.js';
+import { type LayoutLimits, type LayoutSpec, roundRobinLayout, toExpertPlacement, validateLayout } from './layout.js';
+import { type PlanSizes, diffLayouts, lowerBoundBytes, planPlacement, scheduleTransfers } from './planner.js';
+
+export interface DeploymentOptions {
+  rt: Runtime;
+  config: ModelConfig;
+  /** Devices of the initial layout (experts dealt round robin over them). */
+  devices: number[];
+  /** Seed of the synthetic weights (default 0). */
+  seed?: bigint;
+  /** Uniform range of each synthetic tensor (see SyntheticOptions.scaleFor). */
+  scaleFor?: (t: TensorLocation) => number;
+  /** KV blocks of the pool created on every device of a layout. */
+  kvBlocksPerDevice: number;
+  /** Tokens per KV block (default 16). */
+  blockTokens?: number;
+  /** Token budget of one step on each DP rank (default 64). */
+  maxTokensPerStep?: number;
+  /** Most running sequences per DP rank (default 64). */
+  maxSeqs?: number;
+  /** Planner balance bound: max device load over mean (default 1.1). */
+  balance?: number;
+  /** Sources one expert copy is striped across (default 2). */
+  maxSourcesPerTransfer?: number;
+  onStep?: (figures: StepFigures) => void;
+}
+
+export type ScalePhase = 'plan' | 'prepare' | 'attach' | 'switch' | 'release' | 'rollback' | 'done';
+
+export interface ScaleProgress {
+  phase: ScalePhase;
+  from: number[];
+  to: number[];
+  /** Peer-to-peer copies of the prepare phase, as they complete. */
+  copy?: CopyProgress;
+  /** The error being rolled back (phase 'rollback'). */
+  error?: unknown;
+}
+
+export interface ScaleOptions {
+  onProgress?: (p: ScaleProgress) => void;
+}
+
+export interface ScaleTarget {
+  devices: number[];
+  /** load[layer][expert]: observed tokens per expert (default: uniform). */
+  load?: number[][];
+}
+
+export interface ScaleReport {
+  from: number[];
+  to: number[];
+  /** Command to release done. */
+  ms: number;
+  /** Bytes of the chunks copied peer-to-peer (dense and experts, granularity-rounded). */
+  bytesCopied: number;
+  chunksCopied: number;
+  /** Weight chunks of the old layout the new one uses in place. */
+  chunksReused: number;
+  /** Weight chunks freed at release (held by the old layout only). */
+  chunksReleased: number;
+  /** Bytes any plan meeting the same balance bound must move (planner.lowerBoundBytes). */
+  lowerBoundBytes: number;
+  phases: { planMs: number; prepareMs: number; attachMs: number; switchMs: number; releaseMs: number };
+  /** What the switch-over did to the requests in flight. */
+  switchover: ReconfigureReport;
+  /** Each copied chunk and the chunks it was copied from (identical bytes). */
+  copies: Array<{ targetId: string; sourceIds: string[] }>;
+  /** The new layout. */
+  layout: LayoutSpec;
+}
+
+const now = () => performance.now();
+const cloneLayout = (l: LayoutSpec): LayoutSpec => ({ ...l, devices: [...l.devices], placement: l.placement.map((row) => row.map((h) => [...h])) });
+
+export class Deployment {
+  private layoutSpec: LayoutSpec;
+  private layoutId: string;
+  private layoutCounter: number;
+  private forward: ForwardEngine;
+  /** KV views of this process, per device of the current layout. */
+  private readonly views: Map<number, MappedKvPool>;
+  private readonly copier: CopyService;
+  private scaling: Promise<unknown> | undefined;
+  private closed = false;
+  private switches = 0;
+
+  private constructor(
+    readonly rt: Runtime,
+    readonly config: ModelConfig,
+    readonly hmm: Hmm,
+    readonly engine: Engine,
+    private readonly options: DeploymentOptions,
+    layout: LayoutSpec,
+    layoutId: string,
+    forward: ForwardEngine,
+    views: Map<number, MappedKvPool>,
+  ) {
+    this.layoutSpec = layout;
+    this.layoutId = layoutId;
+    this.layoutCounter = 1;
+    this.forward = forward;
+    this.views = views;
+    this.copier = new CopyService(hmm.store);
+  }
+
+  /** Loads synthetic weights for a round-robin layout over `devices`, creates KV pools, the forward pass and the engine. */
+  static async start(options: DeploymentOptions): Promise<Deployment> {
+    const { rt, config } = options;
+    const blocks = options.kvBlocksPerDevice;
+    if (!Number.isSafeInteger(blocks) || blocks < 1) throw new InvalidArgumentError('kvBlocksPerDevice', `a positive integer (got ${String(blocks)})`);
+    const layout = roundRobinLayout(options.devices, config.layers, config.experts);
+    validateLayout(layout, Deployment.limits(rt, config));
+    const id = 'layout-1';
+    const hmm = new Hmm(rt);
+    let views: Map<number, MappedKvPool> | undefined;
+    let forward: ForwardEngine | undefined;
+    try {
+      const placement = toExpertPlacement(layout);
+      const load: { seed?: bigint; holder: string; scaleFor?: (t: TensorLocation) => number } = { holder: id };
+      if (options.seed !== undefined) load.seed = options.seed;
+      if (options.scaleFor) load.scaleFor = options.scaleFor;
+      await hmm.loadSynthetic(weightSpecs(config, layout.devices, placement), load);
+      const { blockBytes } = Deployment.geometry(options);
+      for (const d of layout.devices) hmm.kv.createPool({ device: d, blockBytes, blocks });
+      views = mapHmmKvPools(rt, hmm, layout.devices);
+      forward = await Deployment.createForward(options, hmm, layout, views);
+      const engine = new Engine({
+        stepper: forward,
+        kv: hmm.kv,
+        devices: layout.devices,
+        blockTokens: options.blockTokens ?? 16,
+        maxTokensPerStep: options.maxTokensPerStep ?? 64,
+        maxSeqs: options.maxSeqs ?? 64,
+        eosTokenIds: config.eosTokenIds,
+        maxSeqLen: config.maxPositions,
+        vocabSize: config.vocabSize,
+        ...(options.onStep ? { onStep: options.onStep } : {}),
+      });
+      return new Deployment(rt, config, hmm, engine, options, layout, id, forward, views);
+    } catch (e) {
+      forward?.dispose();
+      for (const v of views?.values() ?? []) v.dispose();
+      hmm.dispose();
+      throw e;
+    }
+  }
+
+  private static limits(rt: Runtime, config: ModelConfig): LayoutLimits {
+    return { experts: config.experts, layers: config.layers, deviceCount: rt.deviceCount, peers: rt.peerMatrix() };
+  }
+
+  private static geometry(options: DeploymentOptions) {
+    return kvGeometry(options.config, options.blockTokens ?? 16);
+  }
+
+  private static createForward(options: DeploymentOptions, hmm: Hmm, layout: LayoutSpec, views: ReadonlyMap<number, MappedKvPool>): Promise<ForwardEngine> {
+    const kv = new Map(layout.devices.map((d) => [d, views.get(d)!] as const));
+    return ForwardEngine.create(options.rt, options.config, { devices: [...layout.devices], placement: toExpertPlacement(layout) },
+      storeWeights(hmm.store), kv, { maxTokensPerStep: options.maxTokensPerStep ?? 64, blockTokens: options.blockTokens ?? 16 });
+  }
+
+  /** The current layout (a copy). */
+  get layout(): LayoutSpec {
+    return cloneLayout(this.layoutSpec);
+  }
+  get devices(): number[] {
+    return [...this.layoutSpec.devices];
+  }
+  /** Switch-overs done so far. */
+  get epoch(): number {
+    return this.switches;
+  }
+  get isScaling(): boolean {
+    return this.scaling !== undefined;
+  }
+  /** Ids of the weight chunks the current layout holds. */
+  chunkIds(): string[] {
+    return this.hmm.store.all().filter((c) => c.holders.has(this.layoutId)).map((c) => c.plan.id).sort();
+  }
+
+  submit(request: GenerationRequest, callbacks?: GenerationCallbacks): Promise<Completion> {
+    return this.engine.submit(request, callbacks);
+  }
+
+  /** Chunk sizes for the planner, from the chunks of the current layout. */
+  private sizes(): { sizes: PlanSizes; denseChunkSizes: number[] } {
+    const d0 = this.layoutSpec.devices[0]!;
+    const store = this.hmm.store;
+    const dense = store.all()
+      .filter((c) => c.plan.group === 'dense' && c.plan.device === d0 && c.holders.has(this.layoutId))
+      .sort((a, b) => a.plan.id.localeCompare(b.plan.id, 'en', { numeric: true }));
+    const expertHolder = this.layoutSpec.placement[0]![0]![0]!;
+    const expertBytes = store.get(`${expertGroup(0, 0)}@${expertHolder}`).plan.size;
+    const denseChunkSizes = dense.map((c) => c.plan.size);
+    return { sizes: { expertBytes, denseBytes: denseChunkSizes.reduce((a, b) => a + b, 0) }, denseChunkSizes };
+  }
+
+  /**
+   * Changes the deployment to `target.devices` while it serves (see the top of
+   * this file). Resolves with what moved once the old layout is released; rejects
+   * (after rolling back, with the old layout still serving) when any step before
+   * the switch-over fails. One scale at a time.
+   */
+  async scale(target: ScaleTarget, options: ScaleOptions = {}): Promise<ScaleReport> {
+    if (this.closed) throw new InvalidArgumentError('deployment', 'open (it is closed)');
+    if (this.scaling) throw new InvalidArgumentError('scale', 'called once the previous scale has finished');
+    const run = this.doScale(target, options);
+    this.scaling = run;
+    try {
+      return await run;
+    } finally {
+      this.scaling = undefined;
+    }
+  }
+
+  private async doScale(target: ScaleTarget, options: ScaleOptions): Promise<ScaleReport> {
+    const t0 = now();
+    let mark = t0;
+    const lap = () => {
+      const t = now();
+      const ms = t - mark;
+      mark = t;
+      return ms;
+    };
+    const current = this.layoutSpec;
+    const from = [...current.devices];
+    const to = Array.isArray(target?.devices) ? [...target.devices] : [];
+    const progress = (phase: ScalePhase, extra: Partial<ScaleProgress> = {}) => options.onProgress?.({ phase, from, to, ...extra });
+    const store = this.hmm.store;
+    const oldId = this.layoutId;
+    const newId = `layout-${this.layoutCounter + 1}`;
+    const balance = this.options.balance ?? 1.1;
+
+    // Everything allocated for the new layout, to free on rollback.
+    const createdPools: number[] = [];
+    let newViews = new Map<number, MappedKvPool>();
+    let standby: ForwardEngine | undefined;
+    let holderUsed = false;
+    /** Frees everything allocated for the new layout, each step on its own (one failing does not keep the rest). */
+    const rollback = (error: unknown) => {
+      progress('rollback', { error });
+      const steps: Array<() => void> = [
+        () => standby?.dispose(),
+        ...[...newViews.values()].map((v) => () => v.dispose()),
+        () => void (holderUsed && store.releaseHolder(newId)),
+        ...createdPools.map((d) => () => this.hmm.kv.destroyPool(d)),
+      ];
+      newViews = new Map();
+      for (const step of steps) {
+        try {
+          step();
+        } catch {
+          // Best effort: the original error is what the caller needs to see.
+        }
+      }
+    };
+
+    let next: LayoutSpec;
+    let lower: number;
+    let reused: string[];
+    let copies: ScaleReport['copies'];
+    let bytesCopied = 0;
+    const phases = { planMs: 0, prepareMs: 0, attachMs: 0, switchMs: 0, releaseMs: 0 };
+    try {
+      // 1. Plan (pure).
+      progress('plan');
+      next = planPlacement({ current, targetDevices: to, balance, ...(target.load ? { load: target.load } : {}) });
+      validateLayout(next, Deployment.limits(this.rt, this.config));
+      const { sizes, denseChunkSizes } = this.sizes();
+      const plan = diffLayouts(current, next, sizes);
+      lower = lowerBoundBytes(current, to, sizes, balance, target.load ? { load: target.load } : {});
+      const transfers = scheduleTransfers(plan, {
+        denseChunkSizes, maxSourcesPerTransfer: this.options.maxSourcesPerTransfer ?? 2, stripeAlignment: this.rt.granularity(0),
+      });
+      reused = [];
+      for (const r of plan.reuse) {
+        if (r.kind === 'expert') reused.push(`${r.group}@${r.device}`);
+        else denseChunkSizes.forEach((_, i) => reused.push(`dense@${r.device}#${i}`));
+      }
+      for (const id of reused) {
+        if (!store.get(id).holders.has(oldId)) throw new InvalidArgumentError('plan', `chunks of the current layout (${id} is not one)`);
+      }
+      copies = transfers.map((t) => ({ targetId: t.targetId, sourceIds: [t.sourceId, ...(t.extraSourceIds ?? [])] }));
+      phases.planMs = lap();
+
+      // 2. Prepare, while the engine keeps stepping on the old layout.
+      progress('prepare');
+      const oldSet = new Set(from);
+      const { blockBytes } = Deployment.geometry(this.options);
+      for (const d of next.devices) {
+        if (oldSet.has(d)) continue;
+        this.hmm.kv.createPool({ device: d, blockBytes, blocks: this.options.kvBlocksPerDevice });
+        createdPools.push(d);
+      }
+      holderUsed = true;
+      for (const id of reused) store.retain(id, newId);
+      const copied = await this.copier.copy(transfers, {
+        holder: newId, stripeAlignment: this.rt.granularity(0), onProgress: (copy) => progress('prepare', { copy }),
+      });
+      bytesCopied = copied.reduce((a, c) => a + c.plan.size, 0);
+      phases.prepareMs = lap();
+
+      // 3. Attach: the standby forward pass maps the new layout.
+      progress('attach');
+      newViews = mapHmmKvPools(this.rt, this.hmm, createdPools);
+      const allViews = new Map([...this.views, ...newViews]);
+      standby = await Deployment.createForward(this.options, this.hmm, next, allViews);
+      phases.attachMs = lap();
+    } catch (e) {
+      rollback(e);
+      throw e;
+    }
+
+    // 4. Switch over between two engine steps.
+    progress('switch');
+    let switchover: ReconfigureReport;
+    try {
+      switchover = await this.engine.reconfigure({
+        stepper: standby,
+        devices: next.devices,
+        move: async (id, device) => (await this.hmm.kv.move(id, device)).blocks,
+      });
+    } catch (e) {
+      // reconfigure rejects only before changing anything: the old layout still serves.
+      rollback(e);
+      throw e;
+    }
+    const old = this.forward;
+    this.forward = standby;
+    this.layoutSpec = next;
+    this.layoutId = newId;
+    this.layoutCounter++;
+    this.switches++;
+    for (const [d, v] of newViews) this.views.set(d, v);
+    phases.switchMs = lap();
+
+    // 5. Release what only the old layout used. The old forward pass ran its last step before the switch.
+    progress('release');
+    old.dispose();
+    const chunksReleased = store.releaseHolder(oldId).length;
+    const stay = new Set(next.devices);
+    for (const d of from) {
+      if (stay.has(d)) continue;
+      this.views.get(d)?.dispose();
+      this.views.delete(d);
+      this.hmm.kv.destroyPool(d);
+    }
+    phases.releaseMs = lap();
+    progress('done');
+    return {
+      from, to: [...next.devices], ms: now() - t0, bytesCopied, chunksCopied: copies.length, chunksReused: reused.length, chunksReleased,
+      lowerBoundBytes: lower, phases, switchover, copies, layout: cloneLayout(next),
+    };
+  }
+
+  /** Cancels the requests in flight, waits for a scale in progress, frees the forward pass, the views and the HMM. */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    await this.scaling?.catch(() => undefined);
+    await this.engine.close();
+    this.forward.dispose();
+    for (const v of this.views.values()) v.dispose();
+    this.views.clear();
+    this.hmm.dispose();
+  }
+}

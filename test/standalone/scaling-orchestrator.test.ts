@@ -1,0 +1,410 @@
+// The scale orchestrator (src/scaling/orchestrator.ts) on the mock backend: a tiny
+// qwen3_moe (hidden 64, 2 layers, 8 experts, top-2) served by a Deployment on 4
+// mock devices while it scales. Each test guards one of DESIGN.md's invariants:
+//   1. greedy tokens are identical with and without scale events mid-generation;
+//   2. no request is lost or run twice across switch-overs under a steady stream;
+//   3. after many up/down cycles device memory is exactly the layout's steady figure;
+//   4. a failed step (allocation, copy, standby engine) rolls back: the old layout
+//      keeps serving and device memory is exactly as before the attempt;
+//   5. every expert byte after a move equals its source (checksums on the device).
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+
+import type { Completion, StepFigures } from '../../src/executor/engine.js';
+import type { TensorLocation } from '../../src/hmm/placement.js';
+import { parseConfig } from '../../src/model/config.js';
+import { FaultInjectedError, InvalidArgumentError } from '../../src/runtime/errors.js';
+import type { Runtime } from '../../src/runtime/runtime.js';
+import { Deployment, type DeploymentOptions, type ScaleProgress, type ScaleReport } from '../../src/scaling/orchestrator.js';
+import { MIB, openMock } from '../helpers/mock.js';
+
+const config = parseConfig({
+  model_type: 'qwen3_moe', hidden_size: 64, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, head_dim: 16,
+  vocab_size: 97, num_experts: 8, moe_intermediate_size: 32, norm_topk_prob: true, num_experts_per_tok: 2, max_position_embeddings: 256,
+});
+/** Weight scales that keep activations near unit size (non-degenerate greedy tokens). */
+const scaleFor = (t: TensorLocation) => (t.shape.length === 1 ? 1.0 : t.name.includes('embed_tokens') || t.name.includes('lm_head') ? 1.0 : 0.25);
+const SEED = 20251002n;
+const KV_BLOCKS = 256;
+/** Generated tokens of the reference runs: every request's output is a prefix of its prompt's. */
+const MAX = 200;
+const PROMPTS = Array.from({ length: 12 }, (_, k) => Array.from({ length: 3 + ((k * 5) % 17) }, (_, i) => (i * 13 + k * 29 + 1) % 97));
+
+const opened: Array<{ rt: Runtime; dep: Deployment }> = [];
+async function start(devices: number[], extra: Partial<DeploymentOptions> = {}) {
+  const rt = openMock({ mockCapacity: 128 * MIB });
+  const dep = await Deployment.start({ rt, config, devices, seed: SEED, scaleFor, kvBlocksPerDevice: KV_BLOCKS, maxTokensPerStep: 64, ...extra });
+  opened.push({ rt, dep });
+  return { rt, dep };
+}
+
+const freeBytes = (rt: Runtime) => rt.devices().map((d) => d.freeBytes);
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+/** Greedy tokens of each prompt on a fixed one-device layout (no scaling). */
+let fixed: Deployment;
+const reference = new Map<string, number[]>();
+async function referenceTokens(prompts: number[][], maxTokens = MAX): Promise<number[][]> {
+  const missing = prompts.filter((p) => (reference.get(p.join(','))?.length ?? 0) < maxTokens);
+  const done = await Promise.all(missing.map((prompt) => fixed.submit({ prompt, maxTokens, ignoreEos: true })));
+  done.forEach((c, i) => reference.set(missing[i]!.join(','), c.outputTokens));
+  return prompts.map((p) => reference.get(p.join(','))!.slice(0, maxTokens));
+}
+const expected = (prompt: number[], maxTokens: number) => reference.get(prompt.join(','))!.slice(0, maxTokens);
+
+/** Steady device memory of a layout: what a deployment started directly on it leaves free. */
+const steady = new Map<string, number[]>();
+
+/** Device checksum of every weight chunk of the current layout, by chunk id. */
+async function checksums(dep: Deployment): Promise<Map<string, bigint>> {
+  const out = new Map<string, bigint>();
+  for (const id of dep.chunkIds()) out.set(id, await dep.hmm.store.checksumChunk(id));
+  return out;
+}
+/** A chunk's bytes are the same whatever device holds it: `L0.E3@2` → `L0.E3`, `dense@1#0` → `dense#0`. */
+const groupKey = (id: string) => id.replace(/@\d+/, '');
+
+/**
+ * Invariant 5: every chunk copied by the scale equals each of its sources as they
+ * were before the scale, and every chunk of the new layout equals the original
+ * bytes of its group.
+ */
+async function expectCopiesExact(dep: Deployment, report: ScaleReport, before: Map<string, bigint>, original: Map<string, bigint>): Promise<void> {
+  expect(report.copies.length).toBe(report.chunksCopied);
+  for (const c of report.copies) {
+    const got = await dep.hmm.store.checksumChunk(c.targetId);
+    for (const s of c.sourceIds) expect(got, `${c.targetId} against its source ${s}`).toBe(before.get(s));
+  }
+  const now = await checksums(dep);
+  expect(now.size).toBe(config.layers * config.experts + dep.devices.length * [...original.keys()].filter((k) => k.startsWith('dense')).length);
+  for (const [id, sum] of now) expect(sum, `${id} against the original ${groupKey(id)}`).toBe(original.get(groupKey(id)));
+}
+
+async function originalSums(dep: Deployment): Promise<Map<string, bigint>> {
+  const out = new Map<string, bigint>();
+  for (const [id, sum] of await checksums(dep)) out.set(groupKey(id), sum);
+  return out;
+}
+
+/** Waits until every listed request has streamed at least `n` tokens. */
+async function waitTokens(streamed: Map<string, number[]>, ids: string[], n: number): Promise<void> {
+  const deadline = performance.now() + 10_000;
+  while (ids.some((id) => (streamed.get(id)?.length ?? 0) < n)) {
+    if (performance.now() > deadline) throw new Error(`requests ${ids.join(', ')} did not reach ${n} tokens`);
+    await sleep(1);
+  }
+}
+
+beforeAll(async () => {
+  ({ dep: fixed } = await start([0]));
+  const { rt: r1 } = await start([0]);
+  steady.set('0', freeBytes(r1));
+  const { rt: r2 } = await start([0, 1]);
+  steady.set('0,1', freeBytes(r2));
+  const want = await referenceTokens(PROMPTS);
+  // Not degenerate: the comparisons mean something.
+  expect(new Set(want.flat()).size).toBeGreaterThan(10);
+});
+
+afterAll(async () => {
+  for (const { dep, rt } of opened) {
+    await dep.close();
+    rt.dispose();
+  }
+});
+
+describe('Deployment.scale', () => {
+  it('gives identical greedy tokens with scale events 1→2→4→3→1 mid-generation; copied experts equal their sources', async () => {
+    const { rt, dep } = await start([0]);
+    const original = await originalSums(dep);
+    const streamed = new Map<string, number[]>();
+    /** Layouts (device lists) each request's tokens came from. */
+    const servedBy = new Map<string, Set<string>>();
+    const maxOf = new Map<string, number>();
+    const done: Array<Promise<Completion>> = [];
+    const submit = (k: number, maxTokens: number) => {
+      const id = `r${k}`;
+      streamed.set(id, []);
+      servedBy.set(id, new Set());
+      maxOf.set(id, maxTokens);
+      done.push(dep.submit({ id, prompt: PROMPTS[k]!, maxTokens, ignoreEos: true }, {
+        onToken: (t) => {
+          streamed.get(id)!.push(t);
+          servedBy.get(id)!.add(dep.engine.rankDevices.join(','));
+        },
+      }));
+      return id;
+    };
+    const reports: ScaleReport[] = [];
+    const phases: string[] = [];
+    const scale = async (devices: number[]) => {
+      const before = await checksums(dep);
+      const r = await dep.scale({ devices }, { onProgress: (p: ScaleProgress) => phases.push(p.phase) });
+      expect(r.to).toEqual(devices);
+      expect(dep.devices).toEqual(devices);
+      expect(dep.engine.rankDevices).toEqual(devices);
+      await expectCopiesExact(dep, r, before, original);
+      reports.push(r);
+    };
+
+    // Wave A starts on [0]; wave B joins on [0,1] (lands on device 1); wave C on [0,1,2,3] (devices 2 and 3).
+    const a = [0, 1, 2, 3].map((k) => submit(k, MAX));
+    await waitTokens(streamed, a, 2);
+    await scale([0, 1]);
+    const b = [4, 5, 6, 7].map((k) => submit(k, 160));
+    await waitTokens(streamed, b, 2);
+    await scale([0, 1, 2, 3]);
+    const c = [8, 9, 10, 11].map((k) => submit(k, 120));
+    await waitTokens(streamed, c, 2);
+    await scale([0, 1, 2]);
+    await scale([0]);
+    const completions = await Promise.all(done);
+
+    for (const comp of completions) {
+      const k = Number(comp.id.slice(1));
+      expect(comp.finishReason, comp.id).toBe('length');
+      expect(comp.outputTokens, `tokens of ${comp.id}`).toEqual(expected(PROMPTS[k]!, maxOf.get(comp.id)!));
+      expect(streamed.get(comp.id), `streamed tokens of ${comp.id}`).toEqual(comp.outputTokens);
+      expect(comp.preemptions).toBe(0);
+    }
+    // The scale events really happened mid-generation: every request was served by several layouts.
+    for (const id of a) expect(servedBy.get(id)!.size, `layouts serving ${id}`).toBeGreaterThanOrEqual(4);
+    for (const id of [...b, ...c]) expect(servedBy.get(id)!.size, `layouts serving ${id}`).toBeGreaterThanOrEqual(2);
+    // Requests on devices that stayed kept their KV in place; those on leaving devices had it moved (never recomputed).
+    const [up2, up4, down3, down1] = reports.map((r) => r.switchover);
+    expect(up2!.kept).toBe(4);
+    expect(up4!.kept).toBe(8);
+    expect(up2!.moved + up4!.moved).toBe(0);
+    expect(down3!.moved).toBeGreaterThan(0);
+    expect(down1!.moved).toBeGreaterThan(0);
+    expect(reports.every((r) => r.switchover.requeued === 0)).toBe(true);
+    expect(dep.engine.stats()).toMatchObject({ preemptions: 0, requestsFailed: 0, requestsDone: 12 });
+    // Report: uniform load moves exactly the lower bound here; phases in order, once each.
+    for (const r of reports) {
+      expect(r.bytesCopied).toBe(r.lowerBoundBytes);
+      const p = r.phases;
+      expect(p.planMs + p.prepareMs + p.attachMs + p.switchMs + p.releaseMs).toBeLessThanOrEqual(r.ms + 1e-6);
+    }
+    expect(reports[0]).toMatchObject({ from: [0], to: [0, 1], chunksCopied: 9, chunksReused: 9, chunksReleased: 8 }); // dense + 8 experts to device 1
+    expect(phases.filter((p) => p !== 'prepare')).toEqual(Array(4).fill(['plan', 'attach', 'switch', 'release', 'done']).flat());
+    // Back on [0]: exactly the steady memory of that layout, pools of the devices that left are gone.
+    expect(freeBytes(rt)).toEqual(steady.get('0'));
+    expect(dep.hmm.kv.poolDevices()).toEqual([0]);
+  });
+
+  it('loses no request and runs none twice across switch-overs under a steady stream of submissions', async () => {
+    const figures: StepFigures[] = [];
+    const { rt, dep } = await start([0], { onStep: (f) => figures.push(f) });
+    const submitted: Array<{ id: string; k: number; maxTokens: number; duringScale: number | undefined }> = [];
+    const streamed = new Map<string, number[]>();
+    const done = new Map<string, Completion[]>();
+    const waits: Array<Promise<void>> = [];
+    let scaleIndex: number | undefined;
+    let stop = false;
+    const pump = (async () => {
+      for (let i = 0; !stop; i++) {
+        const id = `s${i}`;
+        const k = i % PROMPTS.length;
+        const maxTokens = 6 + ((i * 7) % 19);
+        streamed.set(id, []);
+        done.set(id, []);
+        submitted.push({ id, k, maxTokens, duringScale: scaleIndex });
+        waits.push(dep.submit({ id, prompt: PROMPTS[k]!, maxTokens, ignoreEos: true }, { onToken: (t) => streamed.get(id)!.push(t) })
+          .then((c) => void done.get(id)!.push(c)));
+        await sleep(2);
+      }
+    })();
+    const targets = [[0, 1], [0, 1, 2, 3], [0, 1, 2], [0], [0, 1], [0, 1, 2, 3], [0, 1, 2], [0]];
+    const reports: ScaleReport[] = [];
+    await sleep(15);
+    for (const [i, devices] of targets.entries()) {
+      scaleIndex = i;
+      reports.push(await dep.scale({ devices }));
+      scaleIndex = undefined;
+      await sleep(10);
+    }
+    stop = true;
+    await pump;
+    await Promise.all(waits);
+
+    // Every request resolved exactly once, complete and correct; its tokens streamed once each.
+    expect(submitted.length).toBeGreaterThan(40);
+    for (const s of submitted) {
+      const c = done.get(s.id)!;
+      expect(c.length, `completions of ${s.id}`).toBe(1);
+      expect(c[0]!.finishReason, s.id).toBe('length');
+      expect(c[0]!.outputTokens, `tokens of ${s.id}`).toEqual(expected(PROMPTS[s.k]!, s.maxTokens));
+      expect(streamed.get(s.id), `streamed tokens of ${s.id}`).toEqual(c[0]!.outputTokens);
+    }
+    // New requests were admitted while every scale was in progress.
+    for (let i = 0; i < targets.length; i++) expect(submitted.filter((s) => s.duringScale === i).length, `submitted during scale ${i}`).toBeGreaterThan(0);
+    // Nothing ran twice: the forward pass saw each prompt token and each decode exactly once.
+    const prefill = figures.reduce((a, f) => a + f.prefillTokens, 0);
+    const decode = figures.reduce((a, f) => a + f.decodeTokens, 0);
+    expect(prefill).toBe(submitted.reduce((a, s) => a + PROMPTS[s.k]!.length, 0));
+    expect(decode).toBe(submitted.reduce((a, s) => a + s.maxTokens - 1, 0));
+    expect(dep.engine.stats()).toMatchObject({ requestsDone: submitted.length, requestsFailed: 0, requestsCancelled: 0, preemptions: 0 });
+    // Several ranks really served, and leaving devices' requests moved with their KV.
+    expect(Math.max(...figures.map((f) => f.rankSeqs.length))).toBe(4);
+    expect(reports.reduce((a, r) => a + r.switchover.moved, 0)).toBeGreaterThan(0);
+    expect(freeBytes(rt)).toEqual(steady.get('0'));
+  });
+
+  it('migrates to disjoint and reordered device sets mid-generation: every request moves with its KV, the same tokens', async () => {
+    const { rt, dep } = await start([0]);
+    const original = await originalSums(dep);
+    const streamed = new Map<string, number[]>();
+    const done: Array<Promise<Completion>> = [];
+    const submit = (k: number) => {
+      const id = `m${k}`;
+      streamed.set(id, []);
+      done.push(dep.submit({ id, prompt: PROMPTS[k]!, maxTokens: 150, ignoreEos: true }, { onToken: (t) => streamed.get(id)!.push(t) }));
+      return id;
+    };
+    const first = [0, 1, 2].map(submit);
+    await waitTokens(streamed, first, 2);
+    const moved: number[] = [];
+    for (const devices of [[1], [3, 2], [2, 0, 3], [0]]) {
+      const before = await checksums(dep);
+      const r = await dep.scale({ devices });
+      moved.push(r.switchover.moved);
+      await expectCopiesExact(dep, r, before, original);
+      if (devices.length > 1) await waitTokens(streamed, [submit(devices.length + 5)], 2);
+    }
+    // [0]→[1] and [1]→[3,2] share no device: every request in flight moves with its KV blocks.
+    expect(moved[0]).toBe(3);
+    expect(moved[1]).toBe(3);
+    for (const c of await Promise.all(done)) {
+      expect(c.outputTokens, `tokens of ${c.id}`).toEqual(expected(PROMPTS[Number(c.id.slice(1))]!, 150));
+      expect(c.preemptions).toBe(0);
+    }
+    expect(freeBytes(rt)).toEqual(steady.get('0'));
+  });
+
+  it('recomputes a request whose KV cannot move (target pool full): nothing lost, the same tokens', async () => {
+    // Pools of 16 blocks (256 tokens): a 200-token prompt on device 0 leaves no room for the KV of device 1's request.
+    const { dep } = await start([0], { kvBlocksPerDevice: 16 });
+    const long = Array.from({ length: 200 }, (_, i) => (i * 31 + 7) % 97);
+    const short = Array.from({ length: 60 }, (_, i) => (i * 17 + 3) % 97);
+    const [wantLong, wantShort] = await referenceTokens([long, short], 56);
+    const streamed = new Map<string, number[]>([['long', []], ['short', []]]);
+    const onToken = (id: string) => (t: number) => streamed.get(id)!.push(t);
+    const pLong = dep.submit({ id: 'long', prompt: long, maxTokens: 56, ignoreEos: true }, { onToken: onToken('long') });
+    await dep.scale({ devices: [0, 1] });
+    const pShort = dep.submit({ id: 'short', prompt: short, maxTokens: 56, ignoreEos: true }, { onToken: onToken('short') });
+    await waitTokens(streamed, ['short'], 1);
+    const r = await dep.scale({ devices: [0] });
+    expect(r.switchover).toMatchObject({ kept: 1, moved: 0, requeued: 1 });
+    const [cLong, cShort] = await Promise.all([pLong, pShort]);
+    expect(cLong.outputTokens).toEqual(wantLong);
+    expect(cShort.outputTokens).toEqual(wantShort);
+    expect(streamed.get('short')).toEqual(wantShort); // nothing streamed twice after the recompute
+    expect(cShort.preemptions).toBe(1);
+    expect(dep.hmm.kv.poolDevices()).toEqual([0]);
+  });
+
+  it('returns to the steady memory figure of each layout after 50 up/down cycles', async () => {
+    const { rt, dep } = await start([0]);
+    const chunks0 = dep.chunkIds();
+    let chunks01: string[] | undefined;
+    const total = rt.devices().map((d) => d.totalBytes);
+    expect(freeBytes(rt)).toEqual(steady.get('0'));
+    for (let i = 0; i < 50; i++) {
+      await dep.scale({ devices: [0, 1] });
+      expect(freeBytes(rt), `on [0,1], cycle ${i}`).toEqual(steady.get('0,1'));
+      chunks01 ??= dep.chunkIds();
+      expect(dep.chunkIds()).toEqual(chunks01);
+      await dep.scale({ devices: [0] });
+      expect(freeBytes(rt), `on [0], cycle ${i}`).toEqual(steady.get('0'));
+      expect(dep.chunkIds()).toEqual(chunks0);
+    }
+    expect(dep.hmm.store.size).toBe(chunks0.length + 1); // + the KV pool chunk
+    expect(dep.hmm.kv.poolDevices()).toEqual([0]);
+    expect(freeBytes(rt).slice(2)).toEqual(total.slice(2));
+    // Still serving, correctly.
+    const c = await dep.submit({ prompt: PROMPTS[3]!, maxTokens: 20, ignoreEos: true });
+    expect(c.outputTokens).toEqual(expected(PROMPTS[3]!, 20));
+  });
+
+  it('rolls back a failure at each step (allocation, mapping, copy, standby engine): the old layout serves, memory as before', async () => {
+    const { rt, dep } = await start([0]);
+    const load: Array<{ k: number; maxTokens: number; done: Promise<Completion> }> = [];
+    const request = (k: number, maxTokens: number) =>
+      load.push({ k, maxTokens, done: dep.submit({ prompt: PROMPTS[k]!, maxTokens, ignoreEos: true }) });
+    let n = 0;
+
+    /** Fails the nth call of `op` (counted from the attempt) for n = 1, 2, ... until the scale gets through. */
+    const sweep = async (op: string, from: number[], to: number[]) => {
+      let failures = 0;
+      for (let nth = 1; ; nth++) {
+        expect(nth, `${op}: the scale never succeeded`).toBeLessThan(60);
+        request(n++ % PROMPTS.length, 12); // in flight during the attempt
+        const memory = freeBytes(rt);
+        const chunks = dep.chunkIds();
+        const all = dep.hmm.store.ids().sort();
+        const pools = dep.hmm.kv.poolDevices();
+        const seen: string[] = [];
+        rt.injectFault(op, nth);
+        let report: ScaleReport | undefined;
+        try {
+          report = await dep.scale({ devices: to }, { onProgress: (p) => seen.push(p.phase) });
+        } catch (e) {
+          expect(e, `${op} #${nth}`).toBeInstanceOf(FaultInjectedError);
+        } finally {
+          rt.clearFaults();
+        }
+        if (report) {
+          expect(failures, `${op} failed at least once`).toBeGreaterThan(0);
+          await dep.scale({ devices: from });
+          return failures;
+        }
+        failures++;
+        expect(seen.at(-1), `${op} #${nth}`).toBe('rollback');
+        expect(seen).not.toContain('switch');
+        expect(dep.devices).toEqual(from);
+        expect(dep.engine.rankDevices).toEqual(from);
+        expect(freeBytes(rt), `${op} #${nth}: device memory`).toEqual(memory);
+        expect(dep.chunkIds()).toEqual(chunks);
+        expect(dep.hmm.store.ids().sort()).toEqual(all);
+        expect(dep.hmm.kv.poolDevices()).toEqual(pools);
+      }
+    };
+
+    // Scale-up 1→2 with the single-device layout serving (its steps use none of these calls).
+    const counts: Record<string, number> = {};
+    for (const op of ['CreateChunk', 'ReserveRange', 'Map', 'SetAccess', 'CopyDeviceToDevice', 'LoadModule', 'CreateStream']) {
+      counts[op] = await sweep(op, [0], [0, 1]);
+    }
+    // Every step was hit: the new KV pool, 9 copies, the KV view, the standby engine's scratch and kernels.
+    expect(counts.CreateChunk).toBeGreaterThanOrEqual(1 + 9 + 2);
+    expect(counts.CopyDeviceToDevice).toBe(9);
+    expect(counts.LoadModule).toBe(2);
+    // Scale-down 2→1 with [0,1] serving: expert copies to device 0 and the standby engine fail.
+    await dep.scale({ devices: [0, 1] });
+    for (const op of ['CreateChunk', 'LoadModule']) counts[`down:${op}`] = await sweep(op, [0, 1], [0]);
+    expect(counts['down:CreateChunk']).toBeGreaterThanOrEqual(8 + 1);
+    await dep.scale({ devices: [0] });
+
+    // Every request in flight during the attempts completed with the right tokens.
+    for (const l of load) {
+      const c = await l.done;
+      expect(c.finishReason).toBe('length');
+      expect(c.outputTokens).toEqual(expected(PROMPTS[l.k]!, l.maxTokens));
+    }
+    expect(dep.engine.stats().requestsFailed).toBe(0);
+    expect(freeBytes(rt)).toEqual(steady.get('0'));
+  });
+
+  it('refuses impossible targets and a second scale at once, changing nothing', async () => {
+    const { rt, dep } = await start([0]);
+    const memory = freeBytes(rt);
+    await expect(dep.scale({ devices: [0, 7] })).rejects.toBeInstanceOf(InvalidArgumentError);
+    await expect(dep.scale({ devices: [] })).rejects.toBeInstanceOf(InvalidArgumentError);
+    await expect(dep.scale({ devices: [1, 1] })).rejects.toBeInstanceOf(InvalidArgumentError);
+    expect(freeBytes(rt)).toEqual(memory);
+    const first = dep.scale({ devices: [0, 1] });
+    await expect(dep.scale({ devices: [0, 1, 2] })).rejects.toThrow(/previous scale/);
+    await first;
+    expect(dep.devices).toEqual([0, 1]);
+    expect(freeBytes(rt)).toEqual(steady.get('0,1'));
+  });
+});
