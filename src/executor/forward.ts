@@ -11,12 +11,18 @@
 //       (meanwhile the qwen2_moe shared expert is already queued behind the download)
 //     → on the host: each (token, k) goes to the device chosen for its expert (the
 //       rank's own device when it holds a replica, else the first holder in the
-//       placement); rows are sorted by (device, expert, token)
-//     → upload the sorted row list and its permutation; gatherRows(normed x) into
-//       `sorted` [T*K, H], segment by segment per device
-//     → local segment: expert gate/up matmuls, siluMul, down matmul, in place, on d;
-//       remote segment on device e, on e's stream: wait for d's event, copy the
-//       segment's rows to e (P2P), the same expert FFN there, copy the result back
+//       placement); rows are sorted by (device, grouped or large, expert, token)
+//     → upload the sorted row list, its permutation and, per device, the grouped
+//       experts' weight addresses and row offsets (one upload); gatherRows(normed x)
+//       into `sorted` [T*K, H], segment by segment per device
+//     → local segment, in place, on d: the expert FFN. Experts with at most
+//       groupedMaxRows rows (all of them at decode) run together: one grouped gate,
+//       one grouped up matmul, one siluMul over the segment, one grouped down matmul
+//       (emoe_grouped_matmul_bf16, reading the uploaded addresses and offsets); an
+//       expert with more rows runs its own three matmuls (the tiled path).
+//       Remote segment on device e, on e's stream: wait for d's event, copy the
+//       segment's rows to e (P2P), the same expert FFN there (its grouped launches
+//       read the addresses of e's replicas from d's upload), copy the result back
 //       into d's `sorted`, record an event that d's stream waits for
 //     → scatterRows(sorted → slots [T*K, H], row t*K + k) → combineTopk into the
 //       residual in k order (plus the sigmoid-gated shared expert, qwen2_moe).
@@ -26,10 +32,12 @@
 //
 // Why results do not depend on the layout: every expert row is computed from the
 // same inputs with the same kernels whichever device holds the expert (on the mock
-// the kernels are row-independent and sequential; on CUDA the per-expert row count M,
-// which picks the matmul path, is the same for a given rank and batch), and the
-// combination of a token's K expert outputs always runs in k order on the rank's
-// own device (combineTopk), never in the order the devices answered.
+// the kernels are row-independent and sequential, and the grouped twin computes a row
+// exactly as the per-expert one does; on CUDA the grouped kernel's result for a row
+// does not depend on the other rows, and the per-expert row count, which picks
+// grouped or per-expert and the matmul path, is the same for a given rank and batch),
+// and the combination of a token's K expert outputs always runs in k order on the
+// rank's own device (combineTopk), never in the order the devices answered.
 //
 // Sync points per step: one host wait per layer per rank (the top-k ids: the
 // expert row lists are built on the host — correctness first; a device-side
@@ -53,6 +61,56 @@ export interface ForwardEngineOptions {
   blockTokens?: number;
   /** Rows of the LM head computed at once (its logits buffer is rows * vocab f32; default 32). */
   lmHeadRows?: number;
+  /**
+   * Routed experts with at most this many rows in a rank's step run in the grouped expert
+   * matmul (three launches per device and layer for all of them); an expert with more rows
+   * runs its own matmuls (the tiled path, better for prefill). Default 64; 0: never grouped.
+   */
+  groupedMaxRows?: number;
+}
+
+const DEFAULT_GROUPED_MAX_ROWS = 64;
+
+interface ExpertGroup {
+  expert: number;
+  /** First row, relative to its segment. */
+  offset: number;
+  rows: number;
+}
+
+/** The rows of one rank's step that one device computes. */
+interface Segment {
+  /** The computing device's index in the layout. */
+  rank: number;
+  /** First row in the rank's `sorted`. */
+  offset: number;
+  rows: number;
+  /** Experts of at most groupedMaxRows rows: rows 0..groupedRows-1 of the segment, in expert order. */
+  grouped: ExpertGroup[];
+  groupedRows: number;
+  /**
+   * i32 offset in the lists buffer (even: 8-byte aligned) of the grouped launches' arrays:
+   * gate, up and down addresses (u64 [G] each, on the computing device), then row offsets (i32 [G + 1]).
+   */
+  meta: number;
+  /** The other experts, after the grouped rows, in expert order. */
+  large: ExpertGroup[];
+}
+
+const alignEven = (n: number) => n + (n & 1);
+
+/** i32 words of one layer's row lists: perm and gather rows [T*K each], then the grouped launches' arrays. */
+function listWords(TK: number, experts: number, devices: number): number {
+  // At most min(TK, E) groups over all segments (each expert has one computing device per rank):
+  // 7 words each, plus 1 offset and 1 alignment word per segment.
+  return alignEven(alignEven(2 * TK) + 7 * Math.min(TK, experts) + 2 * devices);
+}
+
+/** Writes a device address as two i32 words (little-endian u64). */
+function putAddress(words: Int32Array, at: number, p: DevicePointer): void {
+  const a = p.address;
+  words[at] = Number(a & 0xffffffffn) | 0;
+  words[at + 1] = Number(a >> 32n) | 0;
 }
 
 export interface StepOptions {
@@ -98,7 +156,7 @@ interface Buffers {
   sharedOut?: DevicePointer; // [T, H]
   sharedLogit?: DevicePointer; // [T]
   meta: DevicePointer; // i32: tokens, tokSeq, tokPos, kvSlot, lastRows [T each], blockTable [T * MBmax]
-  lists: DevicePointer; // i32: perm [T*K], gather rows [T*K]
+  lists: DevicePointer; // i32: perm [T*K], gather rows [T*K], grouped launch arrays (listWords)
   lastX: DevicePointer; // [T, H]
   lmLogits: DevicePointer; // [G, V]
   argOut: DevicePointer; // [T] i32
@@ -123,6 +181,8 @@ interface DeviceState {
   layers: LayerWeights[];
   /** Experts this device computes: index layer * E + expert. */
   experts: Array<ExpertWeights | undefined>;
+  /** Their addresses as i32 words: (layer * E + expert) * 6 + gate 0/1, up 2/3, down 4/5. */
+  expertWords: Int32Array;
   kv: KvPoolView;
   /** Per layer * E + expert: the rank (device index) that computes it for this rank. */
   route: Int32Array;
@@ -152,7 +212,8 @@ interface RankPlan {
 interface HostLayout {
   meta: number; // mirrors the device meta buffer
   metaMax: number;
-  lists: number; // layers regions of 2 * T * K
+  lists: number; // layers regions of listStride
+  listStride: number; // listWords(T * K, E, devices)
   ids: number; // T * K
   argmax: number; // T
   total: number;
@@ -175,6 +236,7 @@ export class ForwardEngine implements Disposable {
     readonly blockTokens: number,
     private readonly lmHeadRows: number,
     private readonly hostLayout: HostLayout,
+    private readonly groupedMaxRows: number,
   ) {
     this.H = config.hiddenSize;
     this.QD = config.heads * config.headDim;
@@ -194,6 +256,8 @@ export class ForwardEngine implements Disposable {
     if (!Number.isSafeInteger(T) || T < 1 || T > 65536) throw new InvalidArgumentError('maxTokensPerStep', 'an integer in 1..65536');
     const G = Math.min(T, options.lmHeadRows ?? 32);
     if (!Number.isSafeInteger(G) || G < 1) throw new InvalidArgumentError('lmHeadRows', 'a positive integer');
+    const groupedMaxRows = options.groupedMaxRows ?? DEFAULT_GROUPED_MAX_ROWS;
+    if (!Number.isSafeInteger(groupedMaxRows) || groupedMaxRows < 0) throw new InvalidArgumentError('groupedMaxRows', 'a non-negative integer');
     const c = config;
     const perToken = c.layers * 2 * c.kvHeads * c.headDim * 2;
     let BS = options.blockTokens;
@@ -232,9 +296,10 @@ export class ForwardEngine implements Disposable {
       const TK = T * c.topK;
       const metaMax = 5 * T + T * MBmax;
       const lists = metaMax;
-      const ids = lists + c.layers * 2 * TK;
+      const listStride = listWords(TK, E, devices.length);
+      const ids = lists + c.layers * listStride;
       const argmax = ids + TK;
-      return { meta: 0, metaMax, lists, ids, argmax, total: argmax + T };
+      return { meta: 0, metaMax, lists, listStride, ids, argmax, total: argmax + T };
     })();
 
     const loaded = await Promise.allSettled(devices.map((d) => ModelKernels.load(rt, d)));
@@ -244,7 +309,7 @@ export class ForwardEngine implements Disposable {
       const bad = loaded.find((k): k is PromiseRejectedResult => k.status === 'rejected');
       if (bad) throw bad.reason;
       for (const [r, d] of devices.entries()) {
-        made.push(ForwardEngine.deviceState(rt, c, layout, weights, kv.get(d)!, r, kernels[r]!, routes, T, G, MBmax, hostLayout.total));
+        made.push(ForwardEngine.deviceState(rt, c, layout, weights, kv.get(d)!, r, kernels[r]!, routes, T, G, MBmax, hostLayout));
         kernels[r] = undefined; // owned by its state now
       }
     } catch (e) {
@@ -252,17 +317,17 @@ export class ForwardEngine implements Disposable {
       for (const k of kernels) k?.dispose();
       throw e;
     }
-    return new ForwardEngine(rt, c, layout, made, T, blockTokens, G, hostLayout);
+    return new ForwardEngine(rt, c, layout, made, T, blockTokens, G, hostLayout, groupedMaxRows);
   }
 
-  private static buffers(c: ModelConfig, arena: Arena, T: number, G: number, MBmax: number): Buffers {
+  private static buffers(c: ModelConfig, arena: Arena, T: number, G: number, MBmax: number, listStride: number): Buffers {
     const H = c.hiddenSize, QD = c.heads * c.headDim, KVD = c.kvHeads * c.headDim, TK = T * c.topK, I = c.expertIntermediate;
     const S = c.sharedIntermediate;
     const f = (n: number) => arena.alloc(n * 4);
     const b: Buffers = {
       x: f(T * H), xn: f(T * H), proj: f(T * H), q: f(T * QD), att: f(T * QD), k: f(T * KVD), v: f(T * KVD),
       routerLogits: f(T * c.experts), ids: f(TK), wts: f(TK), sorted: f(TK * H), slots: f(TK * H),
-      meta: f(5 * T + T * MBmax), lists: f(2 * TK), lastX: f(T * H), lmLogits: f(G * c.vocabSize), argOut: f(T),
+      meta: f(5 * T + T * MBmax), lists: f(listStride), lastX: f(T * H), lmLogits: f(G * c.vocabSize), argOut: f(T),
       recv: f(TK * H), expGate: f(TK * I), expUp: f(TK * I),
     };
     if (S > 0) Object.assign(b, { sharedGate: f(T * S), sharedUp: f(T * S), sharedOut: f(T * H), sharedLogit: f(T) });
@@ -270,7 +335,7 @@ export class ForwardEngine implements Disposable {
   }
 
   private static deviceState(rt: Runtime, c: ModelConfig, layout: Layout, weights: WeightSource, kv: KvPoolView, r: number,
-    kernels: ModelKernels, routes: Int32Array[], T: number, G: number, MBmax: number, hostI32: number): DeviceState {
+    kernels: ModelKernels, routes: Int32Array[], T: number, G: number, MBmax: number, hl: HostLayout): DeviceState {
     const device = layout.devices[r]!;
     // Weights first (a missing tensor fails before anything is allocated).
     const model = resolveModelWeights(c, weights, device);
@@ -282,8 +347,16 @@ export class ForwardEngine implements Disposable {
         experts[key] = expertWeights(c, weights, device, Math.floor(key / c.experts), key % c.experts);
       });
     }
+    const expertWords = new Int32Array(experts.length * 6);
+    experts.forEach((w, key) => {
+      if (!w) return;
+      putAddress(expertWords, key * 6, w.gate);
+      putAddress(expertWords, key * 6 + 2, w.up);
+      putAddress(expertWords, key * 6 + 4, w.down);
+    });
+    const hostI32 = hl.total;
     const sizing = new Arena(undefined);
-    ForwardEngine.buffers(c, sizing, T, G, MBmax);
+    ForwardEngine.buffers(c, sizing, T, G, MBmax, hl.listStride);
     const size = rt.roundUp(sizing.used, device);
     let chunk: Chunk | undefined;
     let range: VirtualRange | undefined;
@@ -295,14 +368,14 @@ export class ForwardEngine implements Disposable {
       range.map(0, chunk);
       // Every device of the layout may read and write it (P2P copies run on either side).
       range.setAccess(0, size, layout.devices);
-      const buf = ForwardEngine.buffers(c, new Arena(range.at(0)), T, G, MBmax);
+      const buf = ForwardEngine.buffers(c, new Arena(range.at(0)), T, G, MBmax, hl.listStride);
       host = rt.hostBuffer(hostI32 * 4);
       const bytes = host.bytes();
       stream = rt.createStream(device);
       return {
         rank: r, device, kernels, stream, chunk, range, buf, host,
         hostI32: new Int32Array(bytes.buffer, bytes.byteOffset, hostI32),
-        events: [], eventsUsed: 0, model, layers, experts, kv, route: routes[r]!,
+        events: [], eventsUsed: 0, model, layers, experts, expertWords, kv, route: routes[r]!,
       };
     } catch (e) {
       stream?.dispose();
@@ -532,16 +605,18 @@ export class ForwardEngine implements Disposable {
       // Sync point: the host builds the expert row lists from the top-k ids.
       await idsReady.synchronize();
 
-      const segments = this.routeRows(dev, l, h32.subarray(hl.ids, hl.ids + TK), T, hl.lists + l * 2 * Tmax * K);
-      s.upload(b.lists, dev.host, 2 * TK * 4, (hl.lists + l * 2 * Tmax * K) * 4);
+      const listsAt = hl.lists + l * hl.listStride;
+      const { segments, words } = this.routeRows(dev, l, h32.subarray(hl.ids, hl.ids + TK), T, listsAt);
+      s.upload(b.lists, dev.host, words * 4, listsAt * 4);
       const perm = b.lists;
       const rows = b.lists.add(TK * 4);
       kn.gatherRows(s, { out: b.sorted, x: b.xn, rows, M: TK, H, R: T });
       const gathered = segments.some((g) => g.rank !== r) ? this.event(r).record(s) : undefined;
       for (const seg of segments) {
         const at = b.sorted.add(seg.offset * H * 4);
+        const meta = b.lists.add(seg.meta * 4);
         if (seg.rank === r) {
-          this.expertFfn(dev, l, seg.groups, at, at, s);
+          this.expertFfn(dev, l, seg, meta, at, at, s);
           continue;
         }
         const other = this.devs[seg.rank]!;
@@ -549,7 +624,7 @@ export class ForwardEngine implements Disposable {
         const bytes = seg.rows * H * 4;
         os.wait(gathered!);
         os.copy(other.buf.recv, at, bytes);
-        this.expertFfn(other, l, seg.groups, other.buf.recv, other.buf.recv, os);
+        this.expertFfn(other, l, seg, meta, other.buf.recv, other.buf.recv, os);
         os.copy(at, other.buf.recv, bytes);
         s.wait(this.event(seg.rank).record(os));
       }
@@ -581,63 +656,94 @@ export class ForwardEngine implements Disposable {
   }
 
   /**
-   * Sorts the rank's T*K (token, k) pairs by (computing device, expert, token) and writes
-   * the permutation (sorted row → t*K + k) and the gather rows (sorted row → t) into the
-   * host buffer at i32 offset `at`. Returns the per-device segments.
+   * Sorts the rank's T*K (token, k) pairs by (computing device, grouped or large, expert,
+   * token) and writes, into the host buffer at i32 offset `at`, the permutation (sorted row
+   * → t*K + k), the gather rows (sorted row → t) and each segment's grouped-launch arrays
+   * (Segment.meta). Returns the per-device segments and the words written.
    */
-  private routeRows(dev: DeviceState, layer: number, ids: Int32Array, T: number, at: number):
-    Array<{ rank: number; offset: number; rows: number; groups: Array<{ expert: number; offset: number; rows: number }> }> {
+  private routeRows(dev: DeviceState, layer: number, ids: Int32Array, T: number, at: number): { segments: Segment[]; words: number } {
     const E = this.config.experts, K = this.config.topK, TK = T * K;
     const nd = this.devs.length;
     const route = dev.route;
     const keyOf = (x: number) => route[layer * E + x]! * E + x;
-    const counts = new Int32Array(nd * E + 1);
+    const counts = new Int32Array(nd * E);
     for (let i = 0; i < TK; i++) {
       const x = ids[i]!;
       if (!(x >= 0 && x < E)) throw new InvalidArgumentError('router', `expert ids in 0..${E - 1} from emoe_router_topk (got ${x})`);
-      counts[keyOf(x) + 1]!++;
+      counts[keyOf(x)]!++;
     }
-    for (let k = 1; k <= nd * E; k++) counts[k]! += counts[k - 1]!;
-    const starts = counts.slice(0, nd * E); // start of each key
     const h32 = dev.hostI32;
+    const starts = new Int32Array(nd * E); // first sorted row of each key
+    const segments: Segment[] = [];
+    let pos = 0;
+    let meta = alignEven(2 * TK);
+    for (let rank = 0; rank < nd; rank++) {
+      const offset = pos;
+      const grouped: ExpertGroup[] = [];
+      const large: ExpertGroup[] = [];
+      for (const big of [false, true]) {
+        for (let x = 0; x < E; x++) {
+          const m = counts[rank * E + x]!;
+          if (m === 0 || (m > this.groupedMaxRows) !== big) continue;
+          starts[rank * E + x] = pos;
+          (big ? large : grouped).push({ expert: x, offset: pos - offset, rows: m });
+          pos += m;
+        }
+      }
+      if (pos === offset) continue;
+      const groupedRows = large.length > 0 ? large[0]!.offset : pos - offset;
+      segments.push({ rank, offset, rows: pos - offset, grouped, groupedRows, meta, large });
+      const G = grouped.length;
+      if (G === 0) continue;
+      // Addresses of the computing device's replicas: gate [G], up [G], down [G] (u64), then offsets [G + 1].
+      const addr = this.devs[rank]!.expertWords;
+      for (let q = 0; q < G; q++) {
+        const src = (layer * E + grouped[q]!.expert) * 6;
+        for (let j = 0; j < 3; j++) {
+          h32[at + meta + 2 * (j * G + q)] = addr[src + 2 * j]!;
+          h32[at + meta + 2 * (j * G + q) + 1] = addr[src + 2 * j + 1]!;
+        }
+        h32[at + meta + 6 * G + q] = grouped[q]!.offset;
+      }
+      h32[at + meta + 7 * G] = groupedRows;
+      meta = alignEven(meta + 7 * G + 1);
+    }
     for (let i = 0; i < TK; i++) {
       const j = starts[keyOf(ids[i]!)]!++;
       h32[at + j] = i; // perm: sorted row j holds (t, k) = row i of slots
       h32[at + TK + j] = Math.floor(i / K); // gather: token t
     }
-    const segments = [];
-    for (let rank = 0; rank < nd; rank++) {
-      const offset = counts[rank * E]!;
-      const rows = counts[(rank + 1) * E]! - offset;
-      if (rows === 0) continue;
-      const groups = [];
-      for (let x = 0; x < E; x++) {
-        const o = counts[rank * E + x]!;
-        const m = counts[rank * E + x + 1]! - o;
-        if (m > 0) groups.push({ expert: x, offset: o - offset, rows: m });
-      }
-      segments.push({ rank, offset, rows, groups });
-    }
-    return segments;
+    return { segments, words: meta };
   }
 
-  /** Routed experts' FFN over rows [input, input + rows) of one device (output may be input). */
-  private expertFfn(dev: DeviceState, layer: number, groups: Array<{ expert: number; offset: number; rows: number }>,
-    input: DevicePointer, output: DevicePointer, s: Stream): void {
+  /**
+   * Routed experts' FFN over a segment's rows [input, input + rows) on `dev` (output may be
+   * input): the grouped experts in three grouped matmuls, the large ones one matmul each.
+   * `meta` is the segment's grouped-launch arrays (on the rank's device, readable by `dev`).
+   */
+  private expertFfn(dev: DeviceState, layer: number, seg: Segment, meta: DevicePointer, input: DevicePointer,
+    output: DevicePointer, s: Stream): void {
     const c = this.config;
     const H = this.H, I = c.expertIntermediate;
     const kn = dev.kernels;
     const b = dev.buf;
-    let total = 0;
-    for (const g of groups) {
+    const G = seg.grouped.length;
+    const rowOffsets = meta.add(6 * G * 4);
+    const grouped = (matrix: number, out: DevicePointer, x: DevicePointer, N: number, K: number) =>
+      kn.groupedMatmul(s, { out, x, weights: meta.add(matrix * G * 8), rowOffsets, G, M: seg.groupedRows, N, K });
+    if (G > 0) {
+      grouped(0, b.expGate, input, I, H);
+      grouped(1, b.expUp, input, I, H);
+    }
+    for (const g of seg.large) {
       const w = dev.experts[layer * c.experts + g.expert]!;
       const x = input.add(g.offset * H * 4);
       kn.matmul(s, { out: b.expGate.add(g.offset * I * 4), x, w: w.gate, M: g.rows, N: I, K: H });
       kn.matmul(s, { out: b.expUp.add(g.offset * I * 4), x, w: w.up, M: g.rows, N: I, K: H });
-      total = Math.max(total, g.offset + g.rows);
     }
-    kn.siluMul(s, { out: b.expGate, gate: b.expGate, up: b.expUp, n: total * I });
-    for (const g of groups) {
+    kn.siluMul(s, { out: b.expGate, gate: b.expGate, up: b.expUp, n: seg.rows * I });
+    if (G > 0) grouped(2, output, b.expGate, H, I);
+    for (const g of seg.large) {
       const w = dev.experts[layer * c.experts + g.expert]!;
       kn.matmul(s, { out: output.add(g.offset * H * 4), x: b.expGate.add(g.offset * I * 4), w: w.down, M: g.rows, N: H, K: I });
     }

@@ -13,6 +13,9 @@
 //   element-wise transcendental kernels (silu, sigmoid, rope, router) use double-precision
 //   exp/pow/cos/sin rounded once and are expected to match exactly; the test reports
 //   how many elements did, but only asserts the tolerance.
+// - grouped matmul: the matmul tolerance against the reference; against itself bit for
+//   bit, since its summation order is per row (the same result for a row whatever rows
+//   share its group, and on the 16-byte and the scalar load paths).
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
 import { type DevicePointer, Runtime, type Stream } from '../../src/index.js';
@@ -39,6 +42,27 @@ function expectClose(got: Float32Array, want: Float32Array, what: string, rtol =
   }
   console.log(`${what}: ${exact}/${want.length} bit-exact, worst error ${(worst * rtol).toExponential(2)} of scale (limit ${rtol})`);
   if (worstAt >= 0 && !(worst <= 1)) expect.fail(`${what}: element ${worstAt} is ${got[worstAt]}, reference ${want[worstAt]} (rms ${rms})`);
+}
+
+/** Random bf16 bits in [-scale, scale], without an f32 staging array (large weight sets). */
+function bf16Weights(n: number, seed: number, scale: number): Uint16Array {
+  const r = rng(seed);
+  const f = new Float32Array(1);
+  const u = new Uint32Array(f.buffer);
+  const out = new Uint16Array(n);
+  for (let i = 0; i < n; i++) {
+    f[0] = scale * (2 * r() - 1);
+    const b = u[0]!;
+    out[i] = (b + 0x7fff + ((b >>> 16) & 1)) >>> 16;
+  }
+  return out;
+}
+
+/** Group g is rows offsets[g]..offsets[g+1]-1 of a matrix with offsets[0] = 0. */
+function offsetsOf(rows: number[]): Int32Array {
+  const o = new Int32Array(rows.length + 1);
+  rows.forEach((m, g) => (o[g + 1] = o[g]! + m));
+  return o;
 }
 
 class Arena {
@@ -139,6 +163,96 @@ describe.runIf(onCuda)('model kernels on a real GPU (NVRTC) against the TypeScri
     ref.matmul({ out: want, x, w, M, N, K });
     expectClose(await arena.get(out, want), want, `matmul ${M}x${N}x${K}`);
   }, 60_000);
+
+  /** Uploads the address array of the given device pointers. */
+  const putAddresses = (ptrs: DevicePointer[]) => arena.put(new Int32Array(BigUint64Array.from(ptrs, (p) => p.address).buffer));
+
+  it('grouped_matmul: Qwen3-30B-A3B experts at decode, G=64 groups of 1-8 rows: gate/up (768x2048) and down (2048x768)', async () => {
+    arena.reset();
+    const G = 64, NI = 768, NH = 2048;
+    const r = rng(77);
+    const rows = Array.from({ length: G }, () => 1 + Math.floor(r() * 8));
+    const offsets = offsetsOf(rows);
+    const M = offsets[G]!;
+    // 64 distinct matrices of 768 * 2048 bf16, read as [768, 2048] (gate/up) and as [2048, 768] (down).
+    const ws = Array.from({ length: G }, (_, g) => bf16Weights(NI * NH, 1000 + g, 0.05));
+    const ptrs: DevicePointer[] = [];
+    for (const w of ws) ptrs.push(await arena.put(w));
+    const table = await putAddresses(ptrs);
+    const po = await arena.put(offsets);
+    for (const [what, N, K] of [['gate/up', NI, NH], ['down', NH, NI]] as const) {
+      const x = randF32(M * K, 80 + N);
+      const out = arena.alloc(M * N * 4);
+      mk.groupedMatmul(s, { out, x: await arena.put(x), weights: table, rowOffsets: po, G, M, N, K });
+      const want = new Float32Array(M * N);
+      ref.groupedMatmul({ out: want, x, weights: ws, rowOffsets: offsets, G, M, N, K });
+      expectClose(await arena.get(out, want), want, `grouped_matmul ${what} G=${G} M=${M} N=${N} K=${K}`);
+    }
+  }, 300_000);
+
+  it.each([
+    [20, 37, 45], // K odd: scalar loads
+    [20, 64, 264], // K % 8 == 0: 16-byte loads
+    [7, 130, 2048],
+  ])('grouped_matmul: groups of 0, 1, 3, 17 rows, G=%i N=%i K=%i; a row\'s result does not depend on its group', async (G, N, K) => {
+    arena.reset();
+    const sizes = [0, 1, 3, 17];
+    const rows = Array.from({ length: G }, (_, g) => sizes[g % 4]!);
+    const offsets = offsetsOf(rows);
+    const M = offsets[G]!;
+    const x = randF32(M * K, 90 + K);
+    const ws = Array.from({ length: G }, (_, g) => randBf16(N * K, 400 + g, 0.05));
+    const ptrs: DevicePointer[] = [];
+    for (const w of ws) ptrs.push(await arena.put(w));
+    const px = await arena.put(x);
+    const out = arena.alloc(M * N * 4);
+    mk.groupedMatmul(s, { out, x: px, weights: await putAddresses(ptrs), rowOffsets: await arena.put(offsets), G, M, N, K });
+    const want = new Float32Array(M * N);
+    ref.groupedMatmul({ out: want, x, weights: ws, rowOffsets: offsets, G, M, N, K });
+    const got = await arena.get(out, want);
+    expectClose(got, want, `grouped_matmul G=${G} N=${N} K=${K}`);
+
+    // Every row alone in its own group (an empty group after each), from x at a 4-byte
+    // offset (the scalar load path): the same bits.
+    const single: DevicePointer[] = [];
+    const singleRows: number[] = [];
+    rows.forEach((m, g) => {
+      for (let i = 0; i < m; i++) {
+        single.push(ptrs[g]!, ptrs[g]!);
+        singleRows.push(1, 0);
+      }
+    });
+    const xs = arena.alloc(M * K * 4 + 16).add(4);
+    await rt.write(xs, new Uint8Array(x.buffer, x.byteOffset, x.byteLength), s);
+    const out2 = arena.alloc(M * N * 4);
+    mk.groupedMatmul(s, {
+      out: out2, x: xs, weights: await putAddresses(single), rowOffsets: await arena.put(offsetsOf(singleRows)), G: single.length, M, N, K,
+    });
+    expectSame(await arena.get(out2, want), got, `grouped_matmul G=${G} N=${N} K=${K}, one row per group`);
+  }, 120_000);
+
+  it('grouped_matmul: more groups than a grid has rows (70000, grid-stride), rows outside the groups untouched', async () => {
+    arena.reset();
+    const G = 70_000, N = 5, K = 3;
+    const w = randBf16(N * K, 50);
+    const pw = await arena.put(w);
+    const rows = Array.from({ length: G }, (_, g) => (g % 9973 === 1 ? 2 : 0));
+    const offsets = offsetsOf(rows);
+    for (let g = 0; g <= G; g++) offsets[g]! += 1; // row 0 is in no group
+    const M = offsets[G]! + 1; // nor is the last row
+    const x = randF32(M * K, 51);
+    const out0 = randF32(M * N, 52, 5, 6);
+    const out = await arena.put(out0);
+    mk.groupedMatmul(s, {
+      out, x: await arena.put(x), weights: await putAddresses(new Array<DevicePointer>(G).fill(pw)), rowOffsets: await arena.put(offsets), G, M, N, K,
+    });
+    const want = out0.slice();
+    ref.groupedMatmul({ out: want, x, weights: new Array<Uint16Array>(G).fill(w), rowOffsets: offsets, G, M, N, K });
+    const got = await arena.get(out, want);
+    expectClose(got, want, 'grouped_matmul G=70000');
+    expectSame(got.subarray(0, N), out0.subarray(0, N), 'row before the groups');
+    expectSame(got.subarray((M - 1) * N), out0.subarray((M - 1) * N), 'row after the groups');
+  }, 120_000);
 
   it('add_bias, combine_topk, silu_mul, sigmoid_scale_rows', async () => {
     arena.reset();

@@ -7,9 +7,9 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 
-import { ForwardEngine } from '../../src/executor/forward.js';
+import { ForwardEngine, type ForwardEngineOptions } from '../../src/executor/forward.js';
 import { mapAttachedKvPools, mapHmmKvPools, mapKvPool, hmmKvChunks, type MappedKvPool } from '../../src/executor/kv-view.js';
 import { type HostWeights, ReferenceModel, readHostWeights } from '../../src/executor/reference-model.js';
 import { type Layout, type SeqStep, kvGeometry } from '../../src/executor/types.js';
@@ -19,6 +19,7 @@ import { HmmDaemon } from '../../src/hmm/daemon.js';
 import { Hmm } from '../../src/hmm/hmm.js';
 import type { TensorLocation } from '../../src/hmm/placement.js';
 import { type ModelConfig, parseConfig } from '../../src/model/config.js';
+import { ModelKernels } from '../../src/model/kernels/index.js';
 import { type ExpertPlacement, roundRobinPlacement, weightSpecs } from '../../src/model/weights.js';
 import { InvalidArgumentError, type Runtime } from '../../src/index.js';
 import { MIB, openMock, pattern, sameBytes } from '../helpers/mock.js';
@@ -149,9 +150,9 @@ async function fixture(config: ModelConfig): Promise<Fixture> {
   return { rt, hmm, config, views: mapHmmKvPools(rt, hmm, ALL), engines: [] };
 }
 
-async function engineFor(fx: Fixture, layout: Layout, maxTokensPerStep = 64): Promise<ForwardEngine> {
+async function engineFor(fx: Fixture, layout: Layout, maxTokensPerStep = 64, options: ForwardEngineOptions = {}): Promise<ForwardEngine> {
   const views = new Map(layout.devices.map((d) => [d, fx.views.get(d)!]));
-  const e = await ForwardEngine.create(fx.rt, fx.config, layout, storeWeights(fx.hmm.store), views, { maxTokensPerStep });
+  const e = await ForwardEngine.create(fx.rt, fx.config, layout, storeWeights(fx.hmm.store), views, { maxTokensPerStep, ...options });
   fx.engines.push(e);
   return e;
 }
@@ -219,6 +220,21 @@ for (const [arch, config] of Object.entries(CONFIGS)) {
         });
       }
       expect(worst).toBeLessThan(1e-5);
+    });
+
+    it('gives bit-identical results with the experts grouped, one matmul each, or mixed', async () => {
+      // groupedMaxRows 0: every expert its own matmuls; 3: prefill mixes both kinds in one
+      // segment; the default groups everything here. Remote segments run grouped launches too.
+      const layouts: Array<[string, Layout]> = [
+        ['[0]', { devices: [0], placement: () => [0] }],
+        ['[0,1,2,3] reversed', { devices: ALL, placement: reversedPlacement(8, ALL) }],
+      ];
+      for (const [what, layout] of layouts) {
+        for (const groupedMaxRows of [0, 3]) {
+          const engine = await engineFor(fx, layout, 64, { groupedMaxRows });
+          expectIdentical(await generate(engine, fx.hmm, PROMPTS), baseline, `${what}, groupedMaxRows ${groupedMaxRows}`);
+        }
+      }
     });
 
     it('gives each sequence the same tokens alone as in a batch', async () => {
@@ -298,6 +314,49 @@ describe('forward pass: validation, KV views, attached weights (qwen3_moe)', () 
     expect(await arg(create({ devices: [0, 1], placement: () => [2] }))).toBe('layout.placement');
     expect(await arg(create({ devices: [0, 1], placement: () => [] }))).toBe('layout.placement');
     expect(await arg(create({ devices: [0, 1], placement: () => [0] }, new Map([[0, fx.views.get(0)!]])))).toBe('kv');
+    for (const groupedMaxRows of [-1, 1.5]) {
+      expect(await arg(ForwardEngine.create(fx.rt, config, { devices: [0], placement: () => [0] }, ws, fx.views, { groupedMaxRows })
+        .then(() => undefined, (e: unknown) => e))).toBe('groupedMaxRows');
+    }
+  });
+
+  it('runs each device\'s routed experts in three grouped launches per layer (decode)', async () => {
+    const grouped = vi.spyOn(ModelKernels.prototype, 'groupedMatmul');
+    const matmul = vi.spyOn(ModelKernels.prototype, 'matmul');
+    try {
+      for (const [devices, placement] of [[[0], () => [0]], [[0, 1], roundRobinPlacement(8, [0, 1])]] as const) {
+        const e = await engineFor(fx, { devices: [...devices], placement });
+        const blocks = fx.hmm.kv.allocate('launches', 0, 1);
+        try {
+          // Prefill of 5 tokens (at most 5 rows per expert), then one decode step; one rank.
+          for (const [tokens, startPos] of [[[5, 17, 33, 2, 90], 0], [[7], 5]] as const) {
+            grouped.mockClear();
+            matmul.mockClear();
+            await e.step({ ranks: [[{ seqId: 'g', tokens: [...tokens], startPos, blockTable: blocks, sample: true }]] });
+            const L = config.layers, K = config.topK;
+            // Each device that computed experts in a layer: gate, up and down, one launch each.
+            expect(grouped.mock.calls.length % 3).toBe(0);
+            expect(grouped.mock.calls.length).toBeGreaterThanOrEqual(3 * L);
+            expect(grouped.mock.calls.length).toBeLessThanOrEqual(3 * L * devices.length);
+            // Rows of a launch: all the layer's rows that device computes; G: its distinct experts.
+            let rows = 0;
+            for (const [, a] of grouped.mock.calls) {
+              expect(a.G).toBeGreaterThanOrEqual(1);
+              expect(a.G).toBeLessThanOrEqual(Math.min(a.M, config.experts));
+              rows += a.M;
+            }
+            expect(rows).toBe(3 * L * tokens.length * K);
+            // The only plain matmuls left: q, k, v, o, router per layer and the LM head.
+            expect(matmul.mock.calls.length).toBe(5 * L + 1);
+          }
+        } finally {
+          fx.hmm.kv.free('launches');
+        }
+      }
+    } finally {
+      grouped.mockRestore();
+      matmul.mockRestore();
+    }
   });
 
   it('maps a pool whose chunks end in padding: blocks where the HMM has them, same tokens', async () => {

@@ -69,7 +69,7 @@ describe('model kernels on the mock (CPU twins vs TypeScript references, bit for
   });
 
   it('resolves a CPU twin for every kernel name', () => {
-    expect(MODEL_KERNEL_NAMES.length).toBe(16);
+    expect(MODEL_KERNEL_NAMES.length).toBe(17);
     for (const name of MODEL_KERNEL_NAMES) expect(mk.module.kernel(name).name).toBe(name);
   });
 
@@ -132,6 +132,131 @@ describe('model kernels on the mock (CPU twins vs TypeScript references, bit for
     let dot = 0;
     for (let k = 0; k < K; k++) dot += x[(M - 1) * K + k]! * ref.bf16ToF32(w[(N - 1) * K + k]!);
     expect(want[M * N - 1]).toBeCloseTo(dot, 4);
+  });
+
+  /** Uploads group matrices and their address array; returns the pointers. */
+  async function putGroups(ws: Uint16Array[]): Promise<{ ptrs: DevicePointer[]; table: DevicePointer }> {
+    const ptrs: DevicePointer[] = [];
+    for (const w of ws) ptrs.push(await arena.put(w));
+    const addrs = BigUint64Array.from(ptrs, (p) => p.address);
+    return { ptrs, table: await arena.put(new Int32Array(addrs.buffer)) };
+  }
+
+  it('grouped_matmul: groups of 0, 1, 3 and 17 rows, G = 1..20, odd N and K; rows independent of their group', async () => {
+    const sizes = [0, 1, 3, 17];
+    const r = rng(99);
+    for (let G = 1; G <= 20; G++) {
+      arena.reset();
+      const N = 13 + 2 * (G % 4), K = 45 + 2 * (G % 3); // odd
+      const rows = Array.from({ length: G }, (_, g) => (g < 4 ? sizes[(g + G) % 4]! : sizes[Math.floor(r() * 4)]!));
+      // two rows before the first group and one after the last: not written
+      const offsets = new Int32Array(G + 1);
+      offsets[0] = 2;
+      rows.forEach((m, g) => (offsets[g + 1] = offsets[g]! + m));
+      const M = offsets[G]! + 1;
+      const x = randF32(M * K, 100 + G);
+      const ws = Array.from({ length: G }, (_, g) => randBf16(N * K, 200 + 31 * G + g));
+      const { ptrs, table } = await putGroups(ws);
+      const px = await arena.put(x);
+      const out0 = randF32(M * N, 300 + G, 5, 6);
+      const out = await arena.put(out0);
+      mk.groupedMatmul(s, { out, x: px, weights: table, rowOffsets: await arena.put(offsets), G, M, N, K });
+      const want = out0.slice();
+      ref.groupedMatmul({ out: want, x, weights: ws, rowOffsets: offsets, G, M, N, K });
+      const got = await arena.get(out, want);
+      expectSame(got, want, `grouped_matmul G=${G}`);
+      expectSame(want.subarray(0, 2 * N), out0.subarray(0, 2 * N), 'rows before the groups');
+      expectSame(want.subarray((M - 1) * N), out0.subarray((M - 1) * N), 'rows after the groups');
+      // Each group equals matmul over its rows (so grouped and per-expert launches mix freely).
+      for (let g = 0; g < G; g++) {
+        const m = rows[g]!;
+        if (m === 0) continue;
+        const o = arena.alloc(m * N * 4);
+        mk.matmul(s, { out: o, x: px.add(offsets[g]! * K * 4), w: ptrs[g]!, M: m, N, K });
+        expectSame(await arena.get(o, new Float32Array(m * N)), got.subarray(offsets[g]! * N, offsets[g + 1]! * N), `group ${g} as a matmul`);
+      }
+      // The same rows regrouped, one row per group (empty groups in between): the same results.
+      const single: number[] = [0];
+      const singleWs: Uint16Array[] = [];
+      rows.forEach((m, g) => {
+        for (let i = 0; i < m; i++) {
+          singleWs.push(ws[g]!, ws[g]!);
+          single.push(single[single.length - 1]! + 1, single[single.length - 1]! + 1);
+        }
+      });
+      const Gs = singleWs.length;
+      const rx = x.subarray(2 * K, (M - 1) * K);
+      const { table: t2 } = await putGroups(singleWs);
+      const o2 = arena.alloc((M - 3) * N * 4);
+      mk.groupedMatmul(s, {
+        out: o2, x: await arena.put(rx), weights: t2, rowOffsets: await arena.put(Int32Array.from(single)), G: Gs, M: M - 3, N, K,
+      });
+      expectSame(await arena.get(o2, new Float32Array((M - 3) * N)), got.subarray(2 * N, (M - 1) * N), `G=${G} regrouped by row`);
+    }
+    // against the formula, in double
+    const N = 3, K = 5;
+    const x = randF32(2 * K, 7);
+    const w = randBf16(N * K, 8);
+    const want = new Float32Array(2 * N);
+    ref.groupedMatmul({ out: want, x, weights: [w], rowOffsets: Int32Array.from([0, 2]), G: 1, M: 2, N, K });
+    for (let m = 0; m < 2; m++) {
+      for (let n = 0; n < N; n++) {
+        let dot = 0;
+        for (let k = 0; k < K; k++) dot += x[m * K + k]! * ref.bf16ToF32(w[n * K + k]!);
+        expect(want[m * N + n]).toBeCloseTo(dot, 5);
+      }
+    }
+  });
+
+  it('grouped_matmul: sizes, pointers and row offsets are checked', async () => {
+    arena.reset();
+    const N = 4, K = 8, M = 3;
+    const w = randBf16(N * K, 1);
+    const { table } = await putGroups([w, w]);
+    const x = await arena.put(randF32(M * K, 2));
+    const out0 = randF32(M * N, 3);
+    const out = await arena.put(out0);
+    const offs = await arena.put(Int32Array.from([0, 1, 3]));
+    const args = { out, x, weights: table, rowOffsets: offs, G: 2, M, N, K };
+    const bad = (patch: Partial<typeof args>, field: string) => {
+      try {
+        mk.groupedMatmul(s, { ...args, ...patch });
+        expect.unreachable();
+      } catch (e) {
+        expect(e).toBeInstanceOf(InvalidArgumentError);
+        expect((e as InvalidArgumentError).argument).toBe(field);
+      }
+    };
+    bad({ G: 0 }, 'G');
+    bad({ N: 0 }, 'N');
+    bad({ M: -1 }, 'M');
+    bad({ weights: table.add(4) }, 'weights');
+    const end = table.range.at(table.range.size - 8);
+    bad({ weights: end }, 'weights'); // 2 addresses need 16 bytes
+    bad({ rowOffsets: end }, 'rowOffsets'); // 3 offsets need 12 bytes
+    bad({ x: out.add(4) }, 'out');
+    mk.groupedMatmul(s, { ...args, M: 0 }); // nothing to do
+    await s.synchronize();
+
+    // Bad offsets, or an unmapped or misaligned matrix of a group with rows, are illegal
+    // addresses, found before anything is written.
+    const badRun = async (offsets: number[], addrs: bigint[]) => {
+      const t = await arena.put(new Int32Array(BigUint64Array.from(addrs).buffer));
+      mk.groupedMatmul(s, { ...args, weights: t, rowOffsets: await arena.put(Int32Array.from(offsets)) });
+      await expect(s.synchronize()).rejects.toBeInstanceOf(IllegalAddressError);
+      rt.resetDevice(0);
+      expectSame(await arena.get(out, out0), out0, 'out untouched');
+    };
+    const good = (await putGroups([w])).ptrs[0]!.address;
+    await badRun([0, 2, 1], [good, good]); // decreasing
+    await badRun([0, 1, 4], [good, good]); // past M
+    await badRun([-1, 1, 3], [good, good]);
+    await badRun([0, 1, 3], [good, 1n << 40n]); // the second group's matrix is not mapped
+    await badRun([0, 1, 3], [good, good + 1n]); // misaligned
+    // A group without rows never reads its address.
+    const t = await arena.put(new Int32Array(BigUint64Array.from([good, 0n]).buffer));
+    mk.groupedMatmul(s, { ...args, weights: t, rowOffsets: await arena.put(Int32Array.from([0, 3, 3])) });
+    await s.synchronize();
   });
 
   it('add_bias', async () => {

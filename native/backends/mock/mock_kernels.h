@@ -44,11 +44,17 @@ class MockKernelContext {
   // alignment and access before returning; call it for every pointer before writing.
   template <typename T>
   T* Ptr(size_t i, uint64_t count, bool write) const {
-    const KernelArg& a = Arg(i, ArgType::kPtr);
+    return PtrAt<T>(i, Arg(i, ArgType::kPtr).u64, count, write);
+  }
+  // A device address the kernel reads from memory rather than takes as an argument
+  // (an entry of the pointer array at argument `i`), as T*, valid for `count`
+  // elements: the same checks as Ptr, reported against argument `i`.
+  template <typename T>
+  T* PtrAt(size_t i, uint64_t address, uint64_t count, bool write) const {
     if (count > UINT64_MAX / sizeof(T)) TooLarge(i, count, sizeof(T));
-    if (a.u64 % alignof(T) != 0) Misaligned(i, a.u64, alignof(T));
-    if (count > 0) check_(a.u64, count * sizeof(T), write, i);
-    return reinterpret_cast<T*>(static_cast<uintptr_t>(a.u64));
+    if (address % alignof(T) != 0) Misaligned(i, address, alignof(T));
+    if (count > 0) check_(address, count * sizeof(T), write, i);
+    return reinterpret_cast<T*>(static_cast<uintptr_t>(address));
   }
   uint64_t U64(size_t i) const { return Arg(i, ArgType::kU64).u64; }
   int64_t I64(size_t i) const { return Arg(i, ArgType::kI64).i64; }

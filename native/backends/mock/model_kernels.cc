@@ -406,4 +406,47 @@ EMOE_MOCK_KERNEL(emoe_add_f32) {
   for (uint64_t i = 0; i < n; ++i) out[i] = a[i] + b[i];
 }
 
+// 16. emoe_grouped_matmul_bf16(f32* out[M,N], const f32* x[M,K], const u64* weights[G], const i32* row_offsets[G+1],
+//                              u32 G, u32 M, u32 N, u32 K)
+// Rows row_offsets[g]..row_offsets[g+1]-1 of out = the same rows of x . W_g^T, W_g the bf16 [N,K] matrix at
+// address weights[g]. Each output element is the sequential dot product of emoe_matmul_bf16's twin (k in order),
+// so a row's result depends on its x row and W_g alone, never on the other rows of its group. Offsets must be
+// non-decreasing in 0..M (else the illegal-address error); a group of 0 rows never dereferences its pointer; rows
+// outside [row_offsets[0], row_offsets[G]) are left as they are.
+EMOE_MOCK_KERNEL(emoe_grouped_matmul_bf16) {
+  const uint64_t G = ctx.U32(4), M = ctx.U32(5), N = ctx.U32(6), K = ctx.U32(7);
+  if (G == 0) BadSize(ctx, "G >= 1");
+  const int32_t* offsets = ctx.Ptr<int32_t>(3, G + 1, false);
+  const uint64_t* weights = ctx.Ptr<uint64_t>(2, G, false);
+  for (uint64_t g = 0; g <= G; ++g) {
+    const int32_t o = offsets[g];
+    if (o < 0 || static_cast<uint64_t>(o) > M) {
+      BadIndex(ctx, 3, g, o, "a row offset must be in 0.." + std::to_string(M));
+    }
+    if (g > 0 && o < offsets[g - 1]) BadIndex(ctx, 3, g, o, "row offsets must not decrease");
+  }
+  const float* x = ctx.Ptr<float>(1, M * K, false);
+  float* out = ctx.Ptr<float>(0, M * N, true);
+  // Every group's matrix is validated before anything is written.
+  std::vector<const uint16_t*> w(G, nullptr);
+  for (uint64_t g = 0; g < G; ++g) {
+    if (offsets[g + 1] > offsets[g]) w[g] = ctx.PtrAt<const uint16_t>(2, weights[g], N * K, false);
+  }
+  std::vector<float> wf(K);
+  for (uint64_t g = 0; g < G; ++g) {
+    const uint64_t r0 = static_cast<uint64_t>(offsets[g]), r1 = static_cast<uint64_t>(offsets[g + 1]);
+    if (r1 == r0) continue;
+    for (uint64_t n = 0; n < N; ++n) {
+      const uint16_t* wr = w[g] + n * K;
+      for (uint64_t k = 0; k < K; ++k) wf[k] = Bf16ToF32(wr[k]);
+      for (uint64_t m = r0; m < r1; ++m) {
+        const float* xr = x + m * K;
+        float acc = 0.0f;
+        for (uint64_t k = 0; k < K; ++k) acc = acc + xr[k] * wf[k];
+        out[m * N + n] = acc;
+      }
+    }
+  }
+}
+
 }  // namespace emoe

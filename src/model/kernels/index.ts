@@ -14,7 +14,7 @@ import { InvalidArgumentError } from '../../runtime/errors.js';
 import { type Kernel, type KernelArg, type Module, arg } from '../../runtime/kernel.js';
 import { DevicePointer } from '../../runtime/memory.js';
 import type { Runtime } from '../../runtime/runtime.js';
-import type { Stream } from '../../runtime/stream.js';
+import type { Dim3, Stream } from '../../runtime/stream.js';
 import { MODEL_KERNELS_SOURCE, MODEL_KERNEL_NAMES, type ModelKernelName } from './source.js';
 
 export { MODEL_KERNELS_SOURCE, MODEL_KERNEL_NAMES, type ModelKernelName } from './source.js';
@@ -96,6 +96,20 @@ export interface MatmulArgs {
   /** [M, N] f32 (must not overlap x) */ out: DevicePointer;
   /** [M, K] f32 */ x: DevicePointer;
   /** [N, K] bf16, row-major as in Hugging Face (out_features, in_features) */ w: DevicePointer;
+  M: number;
+  N: number;
+  K: number;
+}
+export interface GroupedMatmulArgs {
+  /** [M, N] f32 (must not overlap x); rows outside rowOffsets[0]..rowOffsets[G]-1 are left as they are */ out: DevicePointer;
+  /** [M, K] f32 */ x: DevicePointer;
+  /**
+   * [G] u64: the device address of each group's [N, K] bf16 matrix (row-major, as in Hugging Face).
+   * The kernel trusts them; a group of 0 rows never reads its entry.
+   */
+  weights: DevicePointer;
+  /** [G + 1] i32, non-decreasing, in 0..M: group g is rows rowOffsets[g]..rowOffsets[g+1]-1 */ rowOffsets: DevicePointer;
+  G: number;
   M: number;
   N: number;
   K: number;
@@ -232,7 +246,7 @@ export class ModelKernels implements Disposable {
     }
   }
 
-  private launch(stream: Stream, name: ModelKernelName, grid: number, block: number, args: KernelArg[], sharedBytes = 0): void {
+  private launch(stream: Stream, name: ModelKernelName, grid: Dim3, block: number, args: KernelArg[], sharedBytes = 0): void {
     if (stream.device !== this.device) {
       throw new InvalidArgumentError('stream', `a stream on device ${this.device} (got device ${stream.device})`);
     }
@@ -282,6 +296,28 @@ export class ModelKernels implements Disposable {
     const tile = M <= 16 ? 0 : Math.ceil(M / 64) * Math.ceil(N / 64) >= 256 ? 64 : 32;
     const grid = tile === 0 ? gridFor(N, BLOCK / 32) : Math.min(MAX_GRID, Math.ceil(M / tile) * Math.ceil(N / tile));
     this.launch(stream, 'emoe_matmul_bf16', grid, BLOCK, [a.out, a.x, a.w, arg.u32(M), arg.u32(N), arg.u32(K)]);
+  }
+
+  /**
+   * Rows rowOffsets[g]..rowOffsets[g+1]-1 of out = the same rows of x . W_g^T for each group g (W_g at
+   * weights[g]), f32 accumulation, one launch for all groups. A row's result does not depend on
+   * the other rows of its group (on CUDA too: emoe_grouped_matmul_bf16's summation order is per row).
+   */
+  groupedMatmul(stream: Stream, a: GroupedMatmulArgs): void {
+    const G = u32('G', a.G, 1);
+    const M = u32('M', a.M);
+    const N = u32('N', a.N, 1);
+    const K = u32('K', a.K, 1);
+    ptr('out', a.out, M * N, 4);
+    ptr('x', a.x, M * K, 4);
+    ptr('weights', a.weights, G, 8);
+    ptr('rowOffsets', a.rowOffsets, G + 1, 4);
+    if (M === 0) return;
+    disjoint('out', a.out, M * N * 4, 'x', a.x, M * K * 4);
+    // One warp per output column (8 per block) of one group: grid (columns / 8, groups),
+    // both capped; the kernel strides over columns and groups.
+    this.launch(stream, 'emoe_grouped_matmul_bf16', [gridFor(N, BLOCK / 32), Math.min(G, MAX_GRID)], BLOCK,
+      [a.out, a.x, a.weights, a.rowOffsets, arg.u32(G), arg.u32(M), arg.u32(N), arg.u32(K)]);
   }
 
   /** x[M, N] += b[N]. */

@@ -93,6 +93,31 @@ export function matmul(o: { out: Float32Array; x: Float32Array; w: Uint16Array; 
   }
 }
 
+/**
+ * Grouped matmul: rows rowOffsets[g]..rowOffsets[g+1]-1 of out = the same rows of x . weights[g]^T
+ * (weights[g] is group g's [N, K] bf16 matrix, where the kernel takes its device address). Each
+ * element is `matmul`'s sequential dot product; rows outside the groups are left as they are.
+ */
+export function groupedMatmul(o: {
+  out: Float32Array; x: Float32Array; weights: ArrayLike<Uint16Array>; rowOffsets: Int32Array; G: number; M: number; N: number; K: number;
+}): void {
+  const { G, N, K } = o;
+  const wf = new Float32Array(K);
+  for (let g = 0; g < G; g++) {
+    const r0 = o.rowOffsets[g]!, r1 = o.rowOffsets[g + 1]!;
+    if (r1 <= r0) continue;
+    const w = o.weights[g]!;
+    for (let n = 0; n < N; n++) {
+      for (let k = 0; k < K; k++) wf[k] = bf16ToF32(w[n * K + k]!);
+      for (let m = r0; m < r1; m++) {
+        let acc = 0;
+        for (let k = 0; k < K; k++) acc = f(acc + f(o.x[m * K + k]! * wf[k]!));
+        o.out[m * N + n] = acc;
+      }
+    }
+  }
+}
+
 export function addBias(o: { x: Float32Array; b: Uint16Array; M: number; N: number }): void {
   for (let m = 0; m < o.M; m++) {
     for (let n = 0; n < o.N; n++) o.x[m * o.N + n] = f(o.x[m * o.N + n]! + bf16ToF32(o.b[n]!));

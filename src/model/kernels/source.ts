@@ -13,13 +13,13 @@
 //   contract it into FMAs, and the transcendental functions are evaluated in double
 //   and rounded once to float: the results then equal the CPU twins' bit for bit
 //   except, very rarely, where the two libraries' double results straddle a float
-//   rounding boundary. Reductions (matmul, rmsnorm, attention) run in parallel and
-//   differ from the sequential twins by rounding only.
+//   rounding boundary. Reductions (matmul, grouped matmul, rmsnorm, attention) run in
+//   parallel and differ from the sequential twins by rounding only.
 // - launch shapes the kernels rely on (ModelKernels picks them): every block size a
 //   multiple of 32; emoe_matmul_bf16 with M > 16 needs 256 threads, emoe_attention
 //   256 threads, emoe_router_topk 32 threads and E * 4 bytes of dynamic shared
-//   memory. A kernel given a shape it cannot use traps (launch failure) rather than
-//   compute something wrong.
+//   memory, emoe_grouped_matmul_bf16 a one-dimensional block. A kernel given a
+//   shape it cannot use traps (launch failure) rather than compute something wrong.
 export const MODEL_KERNELS_SOURCE = String.raw`
 typedef unsigned int u32;
 typedef unsigned long long u64;
@@ -511,6 +511,83 @@ extern "C" __global__ void emoe_copy_f32(float* out, const float* x, u64 n) {
 extern "C" __global__ void emoe_add_f32(float* out, const float* a, const float* b, u64 n) {
   EMOE_GRID_STRIDE(i, n) out[i] = __fadd_rn(a[i], b[i]);
 }
+
+// 16. Grouped matmul (the routed experts of one device in one launch): for each group g,
+// rows row_offsets[g] .. row_offsets[g+1]-1 of out[M, N] = the same rows of x[M, K] .
+// W_g^T, where W_g is the bf16 [N, K] matrix at device address weights[g]; f32
+// accumulation. Rows outside [row_offsets[0], row_offsets[G]) are not written; a group
+// of 0 rows never reads its pointer. Offsets that are negative, decrease or pass M trap.
+// Grid (column blocks, groups), both grid-stride: each warp owns one output column n of
+// one group and walks the group's rows in chunks of 8 accumulators, reading W_g[n, :]
+// once per chunk (16-byte loads when K % 8 == 0 and x and W_g are 16-byte aligned) and
+// the x rows from L1/L2. Summation order of one output element, fixed: lane l adds, with
+// fmaf in ascending order, k = 256 j + 8 l + i (i = 0..7, j = 0, 1, ...), then the 32
+// lane sums meet in the xor-shuffle tree (16, 8, 4, 2, 1). The scalar path walks the
+// same k sequence, so a row's result depends only on its x row, W_g[n, :] and K: not on
+// the rows that share its group, its place in a chunk, or alignment.
+extern "C" __global__ void emoe_grouped_matmul_bf16(float* out, const float* x, const u64* weights,
+                                                    const int* row_offsets, u32 G, u32 M, u32 N, u32 K) {
+  if ((blockDim.x & 31) != 0 || blockDim.y != 1 || blockDim.z != 1) __trap();
+  const u32 lane = threadIdx.x & 31;
+  const u64 wpb = blockDim.x >> 5;
+  const u64 warp0 = blockIdx.x * wpb + (threadIdx.x >> 5);
+  const u64 nstride = (u64)gridDim.x * wpb;
+  const bool xvec = (K % 8 == 0) && ((((u64)x) & 15) == 0);
+  for (u32 g = blockIdx.y; g < G; g += gridDim.y) {
+    const int r0 = row_offsets[g], r1 = row_offsets[g + 1];
+    if (r0 < 0 || r1 < r0 || (u32)r1 > M) __trap();
+    if (r0 == r1) continue;  // uniform over the block
+    const u16* wg = (const u16*)weights[g];
+    const bool vec = xvec && ((((u64)wg) & 15) == 0);
+    for (u64 n = warp0; n < N; n += nstride) {
+      const u16* wr = wg + n * K;
+      for (int m0 = r0; m0 < r1; m0 += 8) {
+        const int rows = r1 - m0 < 8 ? r1 - m0 : 8;
+        const float* xb = x + (u64)m0 * K;
+        float acc[8];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
+        if (vec) {
+          for (u32 k = lane * 8; k < K; k += 256) {
+            const uint4 wv = *(const uint4*)(wr + k);
+            float wf[8];
+            wf[0] = __uint_as_float(wv.x << 16); wf[1] = __uint_as_float(wv.x & 0xffff0000u);
+            wf[2] = __uint_as_float(wv.y << 16); wf[3] = __uint_as_float(wv.y & 0xffff0000u);
+            wf[4] = __uint_as_float(wv.z << 16); wf[5] = __uint_as_float(wv.z & 0xffff0000u);
+            wf[6] = __uint_as_float(wv.w << 16); wf[7] = __uint_as_float(wv.w & 0xffff0000u);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+              if (i < rows) {
+                const float4* xr = (const float4*)(xb + (u64)i * K + k);
+                const float4 a = xr[0], b = xr[1];
+                float s = acc[i];
+                s = fmaf(a.x, wf[0], s); s = fmaf(a.y, wf[1], s); s = fmaf(a.z, wf[2], s); s = fmaf(a.w, wf[3], s);
+                s = fmaf(b.x, wf[4], s); s = fmaf(b.y, wf[5], s); s = fmaf(b.z, wf[6], s); s = fmaf(b.w, wf[7], s);
+                acc[i] = s;
+              }
+            }
+          }
+        } else {
+          for (u32 k0 = lane * 8; k0 < K; k0 += 256) {
+            const u32 kn = K - k0 < 8 ? K - k0 : 8;
+            for (u32 j = 0; j < kn; ++j) {
+              const float wf = emoe_bf16_to_f32(wr[k0 + j]);
+#pragma unroll
+              for (int i = 0; i < 8; ++i)
+                if (i < rows) acc[i] = fmaf(xb[(u64)i * K + k0 + j], wf, acc[i]);
+            }
+          }
+        }
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          float v = acc[i];
+          for (int o = 16; o > 0; o >>= 1) v = __fadd_rn(v, __shfl_xor_sync(EMOE_FULL_MASK, v, o));
+          if (lane == 0 && i < rows) out[(u64)(m0 + i) * N + n] = v;
+        }
+      }
+    }
+  }
+}
 `;
 
 /** Every kernel in MODEL_KERNELS_SOURCE (each has a CPU twin of the same name in the mock). */
@@ -531,6 +608,7 @@ export const MODEL_KERNEL_NAMES = [
   'emoe_argmax',
   'emoe_copy_f32',
   'emoe_add_f32',
+  'emoe_grouped_matmul_bf16',
 ] as const;
 
 export type ModelKernelName = (typeof MODEL_KERNEL_NAMES)[number];
