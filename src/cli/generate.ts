@@ -5,23 +5,14 @@
 // (load time, TTFT, tokens/s) to stderr.
 import path from 'node:path';
 
-import { Engine } from '../executor/engine.js';
-import { ForwardEngine } from '../executor/forward.js';
-import { mapHmmKvPools, type MappedKvPool } from '../executor/kv-view.js';
-import { kvGeometry } from '../executor/types.js';
-import { storeWeights } from '../executor/weights.js';
-import { Hmm, RESIDENT } from '../hmm/hmm.js';
-import { openCheckpoint } from '../hmm/safetensors.js';
-import { loadCheckpoint } from '../hmm/weight-loader.js';
-import { type ModelConfig, readConfig } from '../model/config.js';
-import { loadTokenizer, type TextTokenizer } from '../model/tokenizer.js';
-import { roundRobinPlacement, weightSpecs } from '../model/weights.js';
 import type { RuntimeOptionsInput } from '../runtime/config.js';
 import { InvalidArgumentError } from '../runtime/errors.js';
 import { Runtime } from '../runtime/runtime.js';
-import { formatBytes } from './format.js';
+import { type LocalStack, loadModelFiles, startLocalStack } from '../serve/local.js';
 import { parseDeviceList } from './hmm.js';
 import { createProgressBar } from './progress.js';
+
+export { kvBlocksFromMemory } from '../serve/local.js';
 
 export interface GenerateCommandOptions {
   /** A Hugging Face model folder: config.json, *.safetensors, tokenizer.json (optional). */
@@ -48,11 +39,6 @@ export interface GenerateCommandOptions {
   runtime: RuntimeOptionsInput;
 }
 
-/** Upper bound of the default pool: this many full-length sequences per device. */
-const KV_DEFAULT_SEQS = 8;
-/** Share of free memory (after weights, less a reserve for the forward pass's scratch) given to KV by default. */
-const KV_MEMORY_FRACTION = 0.9;
-
 function positiveInt(flag: string, text: string | undefined, fallback: number): number {
   if (text === undefined) return fallback;
   const n = Number(text);
@@ -70,21 +56,12 @@ function parseIds(text: string, vocab: number): number[] {
   return ids;
 }
 
-/** KV blocks for a device from its free memory: a reserve for scratch is kept back, and the pool is capped at KV_DEFAULT_SEQS full-length sequences. */
-export function kvBlocksFromMemory(freeBytes: number, blockBytes: number, blockTokens: number, config: ModelConfig): number {
-  const reserve = Math.min(1024 ** 3, freeBytes * 0.1);
-  const byMemory = Math.floor(((freeBytes - reserve) * KV_MEMORY_FRACTION) / blockBytes);
-  const cap = KV_DEFAULT_SEQS * Math.ceil(config.maxPositions / blockTokens);
-  return Math.max(0, Math.min(byMemory, cap));
-}
-
 interface Streams {
   out: NodeJS.WritableStream;
   err: NodeJS.WritableStream;
 }
 
 export async function runGenerate(o: GenerateCommandOptions, { out, err }: Streams = { out: process.stdout, err: process.stderr }): Promise<number> {
-  if ((o.model === undefined) === (o.synthetic === undefined)) throw new InvalidArgumentError('--model / --synthetic', 'exactly one of them');
   if ((o.prompt === undefined) === (o.promptIds === undefined)) throw new InvalidArgumentError('--prompt / --prompt-ids', 'exactly one of them');
   if (o.chat && o.prompt === undefined) throw new InvalidArgumentError('--chat', 'given with --prompt (it wraps the text as a user message)');
   const maxTokens = positiveInt('--max-tokens', o.maxTokens, 64);
@@ -96,10 +73,8 @@ export async function runGenerate(o: GenerateCommandOptions, { out, err }: Strea
     throw new InvalidArgumentError('--seed', `an integer (got '${o.seed}')`);
   }
 
-  const config = await readConfig(o.model ?? o.synthetic!);
-  const tokDir = o.tokenizer ?? o.model;
-  const tokenizer: TextTokenizer | undefined = tokDir === undefined ? undefined : await loadTokenizer(tokDir);
-  if (o.tokenizer !== undefined && !tokenizer) throw new InvalidArgumentError('--tokenizer', `a folder with tokenizer.json (${path.resolve(o.tokenizer)} has none)`);
+  const model = await loadModelFiles(o);
+  const { config, tokenizer, tokenizerDir: tokDir } = model;
   let prompt: number[];
   if (o.prompt !== undefined) {
     if (!tokenizer) {
@@ -117,55 +92,21 @@ export async function runGenerate(o: GenerateCommandOptions, { out, err }: Strea
   }
 
   const rt = Runtime.open(o.runtime);
-  const hmm = new Hmm(rt);
-  let views: Map<number, MappedKvPool> | undefined;
-  let forward: ForwardEngine | undefined;
-  let engine: Engine | undefined;
+  let stack: LocalStack | undefined;
   const abort = new AbortController();
   const onSigint = () => abort.abort();
   process.once('SIGINT', onSigint);
   try {
     const devices = parseDeviceList(o.devices ?? '0', rt.deviceCount);
-    const placement = roundRobinPlacement(config.experts, devices);
-    const specs = weightSpecs(config, devices, placement);
-    const t0 = performance.now();
-    // Headers first: a folder without a checkpoint fails before any progress is shown.
-    const checkpoint = o.model !== undefined ? await openCheckpoint(o.model) : undefined;
-    const bar = createProgressBar(checkpoint ? 'loading weights' : 'synthetic weights', err);
-    const onProgress = (p: { bytesDone: number; bytesTotal: number }) => bar.update(p.bytesDone, p.bytesTotal);
-    try {
-      if (checkpoint) {
-        await loadCheckpoint(hmm.store, hmm.placement(specs), checkpoint, { holder: RESIDENT, onProgress, signal: abort.signal });
-      } else {
-        await hmm.loadSynthetic(specs, { seed, onProgress });
-      }
-    } finally {
-      bar.finish();
-    }
-    const loadMs = performance.now() - t0;
-
-    const geometry = kvGeometry(config);
-    const fixedBlocks = o.kvBlocks === undefined ? undefined : positiveInt('--kv-blocks', o.kvBlocks, 1);
-    for (const d of devices) {
-      const blocks = fixedBlocks ?? kvBlocksFromMemory(rt.deviceInfo(d).freeBytes, geometry.blockBytes, geometry.blockTokens, config);
-      if (blocks < 1) throw new InvalidArgumentError('--kv-blocks', `given: device ${d} has too little free memory for a KV pool (${formatBytes(rt.deviceInfo(d).freeBytes)} free)`);
-      hmm.kv.createPool({ device: d, blockBytes: geometry.blockBytes, blocks });
-    }
-    views = mapHmmKvPools(rt, hmm, devices);
-    forward = await ForwardEngine.create(rt, config, { devices, placement }, storeWeights(hmm.store), views, { maxTokensPerStep });
-
-    const eos = [...new Set([...config.eosTokenIds, ...(tokenizer?.eosTokenIds ?? [])])];
-    engine = new Engine({
-      stepper: forward,
-      kv: hmm.kv,
+    stack = await startLocalStack(rt, model, {
       devices,
-      blockTokens: forward.blockTokens,
+      seed,
       maxTokensPerStep,
-      eosTokenIds: eos,
-      maxSeqLen: config.maxPositions,
-      vocabSize: config.vocabSize,
-      ...(tokenizer ? { decode: (ids: number[]) => tokenizer.decode(ids) } : {}),
+      ...(o.kvBlocks === undefined ? {} : { kvBlocks: positiveInt('--kv-blocks', o.kvBlocks, 1) }),
+      progress: (label) => createProgressBar(label, err),
+      signal: abort.signal,
     });
+    const { hmm, engine, loadMs } = stack;
     const streaming = !o.json;
     let first = true;
     const completion = await engine.submit({ prompt, maxTokens, ignoreEos: o.ignoreEos === true }, {
@@ -199,10 +140,7 @@ export async function runGenerate(o: GenerateCommandOptions, { out, err }: Strea
     return completion.finishReason === 'error' ? 1 : 0;
   } finally {
     process.off('SIGINT', onSigint);
-    await engine?.close();
-    forward?.dispose();
-    for (const v of views?.values() ?? []) v.dispose();
-    hmm.dispose();
+    await stack?.close();
     rt.dispose();
   }
 }

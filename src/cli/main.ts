@@ -32,6 +32,18 @@ commands:
                 --ignore-eos             generate exactly --max-tokens
                 --seed N                 synthetic seed (default 0)
 
+  serve       serve the model over HTTP (OpenAI-compatible API, /metrics, /admin)
+              until SIGTERM or Ctrl-C, which drain running requests and exit;
+              with neither --model nor --synthetic: the tiny built-in synthetic
+              model (scripts/configs/tiny-qwen3-moe.json, prompts as token ids)
+                --model DIR | --synthetic CONFIG.json | --tokenizer DIR  as for generate
+                --devices 0,1            one DP rank per device (default 0)
+                --max-devices N          most devices a scale may use (default: all)
+                --host ADDR              (default 127.0.0.1)
+                --port N                 (default 8000; 0 picks a free port)
+                --kv-blocks N, --max-tokens-per-step N, --seed N  as for generate
+                --log-level LEVEL        pino level: info (default), debug, warn, silent, ...
+
 common options:
   --backend auto|cuda|acl|mock   (default: ELASTICMOE_BACKEND, else auto)
   --mock-devices N               simulated devices for the mock backend (default 4)
@@ -65,6 +77,10 @@ export async function main(argv: string[]): Promise<number> {
       'kv-blocks': { type: 'string' },
       'max-tokens-per-step': { type: 'string' },
       'ignore-eos': { type: 'boolean', default: false },
+      'max-devices': { type: 'string' },
+      host: { type: 'string' },
+      port: { type: 'string' },
+      'log-level': { type: 'string' },
       help: { type: 'boolean', short: 'h', default: false },
     },
     strict: true,
@@ -107,6 +123,23 @@ export async function main(argv: string[]): Promise<number> {
         maxTokensPerStep: values['max-tokens-per-step'],
         ignoreEos: values['ignore-eos'],
         json: values.json,
+        runtime: options,
+      });
+    }
+    case 'serve': {
+      const { runServe } = await import('./serve.js');
+      return runServe({
+        model: values.model,
+        synthetic: values.synthetic,
+        tokenizer: values.tokenizer,
+        devices: values.devices,
+        maxDevices: values['max-devices'],
+        host: values.host,
+        port: values.port,
+        seed: values.seed,
+        kvBlocks: values['kv-blocks'],
+        maxTokensPerStep: values['max-tokens-per-step'],
+        logLevel: values['log-level'],
         runtime: options,
       });
     }
