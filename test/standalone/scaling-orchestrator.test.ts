@@ -302,7 +302,7 @@ describe('Deployment.scale', () => {
     expect(dep.hmm.kv.poolDevices()).toEqual([0]);
   });
 
-  it('returns to the steady memory figure of each layout after 200 up/down cycles (the issue's count)', async () => {
+  it('returns to the steady memory figure of each layout after 200 up/down cycles, as the issue asks', async () => {
     const { rt, dep } = await start([0]);
     const chunks0 = dep.chunkIds();
     let chunks01: string[] | undefined;
