@@ -44,6 +44,11 @@ commands:
                 --kv-blocks N, --max-tokens-per-step N, --seed N  as for generate
                 --log-level LEVEL        pino level: info (default), debug, warn, silent, ...
 
+  scale       ask a running \`elasticmoe serve\` (synthetic weights) to move to a new
+              device set while it keeps serving, and print what moved
+                --devices 0,1,2          the new device set (required)
+                --url URL                the server (default http://127.0.0.1:8000)
+
 common options:
   --backend auto|cuda|acl|mock   (default: ELASTICMOE_BACKEND, else auto)
   --mock-devices N               simulated devices for the mock backend (default 4)
@@ -80,6 +85,7 @@ export async function main(argv: string[]): Promise<number> {
       'max-devices': { type: 'string' },
       host: { type: 'string' },
       port: { type: 'string' },
+      url: { type: 'string' },
       'log-level': { type: 'string' },
       help: { type: 'boolean', short: 'h', default: false },
     },
@@ -125,6 +131,10 @@ export async function main(argv: string[]): Promise<number> {
         json: values.json,
         runtime: options,
       });
+    }
+    case 'scale': {
+      const { runScale } = await import('./scale.js');
+      return runScale({ devices: values.devices, url: values.url, json: values.json });
     }
     case 'serve': {
       const { runServe } = await import('./serve.js');

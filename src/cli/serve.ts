@@ -11,7 +11,9 @@ import { pino } from 'pino';
 import type { RuntimeOptionsInput } from '../runtime/config.js';
 import { InvalidArgumentError } from '../runtime/errors.js';
 import { Runtime } from '../runtime/runtime.js';
-import { localDeployment } from '../serve/deployment.js';
+import type { StepFigures } from '../executor/engine.js';
+import { Deployment } from '../scaling/orchestrator.js';
+import { type ServingDeployment, localDeployment, scalableDeployment } from '../serve/deployment.js';
 import { type LocalStack, loadModelFiles, startLocalStack } from '../serve/local.js';
 import { type ServerHandle, createServer } from '../serve/server.js';
 import { parseDeviceList } from './hmm.js';
@@ -67,6 +69,7 @@ export async function runServe(o: ServeCommandOptions, err: NodeJS.WritableStrea
 
   const rt = Runtime.open(o.runtime);
   let stack: LocalStack | undefined;
+  let scalable: Deployment | undefined;
   let server: ServerHandle | undefined;
   const onSignalEarly = () => process.exit(130); // before serving there is nothing to drain
   process.once('SIGINT', onSignalEarly);
@@ -74,20 +77,38 @@ export async function runServe(o: ServeCommandOptions, err: NodeJS.WritableStrea
   try {
     const devices = parseDeviceList(o.devices ?? '0', rt.deviceCount);
     const maxDevices = integer('--max-devices', o.maxDevices, rt.deviceCount, devices.length, rt.deviceCount);
-    stack = await startLocalStack(rt, files, {
-      devices, seed, maxTokensPerStep,
-      ...(kvBlocks !== undefined ? { kvBlocks } : {}),
-      progress: (label) => createProgressBar(label, err),
-    });
-    const deployment = localDeployment(stack, { id: files.name });
+    let deployment: ServingDeployment;
+    if (o.model === undefined) {
+      // Synthetic weights: the scalable deployment, so POST /admin/scale (and `elasticmoe scale`) work.
+      const listeners = new Set<(f: StepFigures) => void>();
+      const dep = await Deployment.start({
+        rt, config: files.config, devices, seed, maxTokensPerStep, kvBlocksPerDevice: kvBlocks ?? 1024,
+        onStep: (f) => listeners.forEach((l) => l(f)),
+      });
+      scalable = dep;
+      const model: { id: string; tokenizer?: NonNullable<typeof files.tokenizer> } = { id: files.name };
+      if (files.tokenizer) model.tokenizer = files.tokenizer;
+      deployment = scalableDeployment(dep, model, (l) => {
+        listeners.add(l);
+        return () => listeners.delete(l);
+      });
+    } else {
+      // A checkpoint: a fixed layout for now (the orchestrator loads synthetic weights only).
+      stack = await startLocalStack(rt, files, {
+        devices, seed, maxTokensPerStep,
+        ...(kvBlocks !== undefined ? { kvBlocks } : {}),
+        progress: (label) => createProgressBar(label, err),
+      });
+      deployment = localDeployment(stack, { id: files.name });
+    }
     server = createServer(deployment, { host: o.host ?? '127.0.0.1', port, logger: log, maxDevices, deviceCount: rt.deviceCount });
     const { url } = await server.listen();
     process.off('SIGINT', onSignalEarly);
     process.off('SIGTERM', onSignalEarly);
     log.info({
       url, backend: rt.backend, devices, maxDevices, model: files.name, maxPositions: files.config.maxPositions,
-      tokenizer: files.tokenizer !== undefined, kvBlocks: stack.hmm.kv.poolDevices().map((d) => stack!.hmm.kv.info(d).blocks),
-      loadMs: Math.round(stack.loadMs),
+      tokenizer: files.tokenizer !== undefined, scalable: scalable !== undefined,
+      ...(stack ? { kvBlocks: stack.hmm.kv.poolDevices().map((d) => stack!.hmm.kv.info(d).blocks), loadMs: Math.round(stack.loadMs) } : {}),
     }, 'serving');
     err.write(`elasticmoe serve: ${url} (${rt.backend}, devices ${devices.join(',')}, model ${files.name}`
       + `${files.tokenizer ? '' : ', no tokenizer: prompts are token ids'}); SIGTERM or Ctrl-C drains and stops\n`);
@@ -119,6 +140,7 @@ export async function runServe(o: ServeCommandOptions, err: NodeJS.WritableStrea
     process.off('SIGTERM', onSignalEarly);
     await server?.close();
     await stack?.close();
+    await scalable?.close();
     rt.dispose();
   }
 }

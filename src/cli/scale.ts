@@ -1,0 +1,63 @@
+// `elasticmoe scale --devices 0,1,2 [--url http://127.0.0.1:8000]`: asks a running
+// `elasticmoe serve` to move to a new device set (POST /admin/scale) and prints
+// what moved. The server keeps serving throughout; a failed scale is rolled back.
+import { InvalidArgumentError } from '../runtime/errors.js';
+import { formatBytes, table } from './format.js';
+
+export interface ScaleCommandOptions {
+  devices?: string;
+  url?: string;
+  json?: boolean;
+  /** For tests: where the report goes. */
+  out?: NodeJS.WritableStream;
+}
+
+interface ScaleReportBody {
+  from: number[];
+  to: number[];
+  ms: number;
+  bytesCopied: number;
+  lowerBoundBytes: number;
+  chunksCopied: number;
+  chunksReused: number;
+  chunksReleased: number;
+  phases: Record<string, number>;
+  switchover?: { kept: number; moved: number; requeued: number; waiting: number };
+}
+
+export async function runScale(o: ScaleCommandOptions): Promise<number> {
+  const out = o.out ?? process.stdout;
+  if (!o.devices) throw new InvalidArgumentError('--devices', 'a comma-separated device list, e.g. 0,1,2');
+  const devices = o.devices.split(',').map((d) => Number(d.trim()));
+  if (devices.some((d) => !Number.isInteger(d) || d < 0)) throw new InvalidArgumentError('--devices', `device ordinals (got '${o.devices}')`);
+  const base = (o.url ?? 'http://127.0.0.1:8000').replace(/\/+$/, '');
+  process.stderr.write(`elasticmoe scale: asking ${base} to serve on devices ${devices.join(',')} ...\n`);
+  let res: Response;
+  try {
+    res = await fetch(`${base}/admin/scale`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ devices }) });
+  } catch (e) {
+    throw new InvalidArgumentError('--url', `the address of a running \`elasticmoe serve\` (${base}: ${(e as Error).cause ?? (e as Error).message})`);
+  }
+  const body = (await res.json()) as ScaleReportBody & { error?: { message: string } };
+  if (!res.ok) {
+    process.stderr.write(`elasticmoe scale: ${res.status}: ${body.error?.message ?? JSON.stringify(body)}\n`);
+    return 1;
+  }
+  if (o.json) {
+    out.write(`${JSON.stringify(body, null, 2)}\n`);
+    return 0;
+  }
+  const p = body.phases;
+  out.write(`scaled ${body.from.join(',')} -> ${body.to.join(',')} in ${body.ms.toFixed(0)} ms `
+    + `(plan ${p.planMs?.toFixed(0)}, prepare ${p.prepareMs?.toFixed(0)}, attach ${p.attachMs?.toFixed(0)}, `
+    + `switch ${p.switchMs?.toFixed(0)}, release ${p.releaseMs?.toFixed(0)} ms)\n`);
+  out.write(`${table([
+    ['copied', 'reused in place', 'released', 'bytes copied', 'lower bound'],
+    [String(body.chunksCopied), String(body.chunksReused), String(body.chunksReleased), formatBytes(body.bytesCopied), formatBytes(body.lowerBoundBytes)],
+  ])}\n`);
+  if (body.switchover) {
+    const s = body.switchover;
+    out.write(`requests in flight: ${s.kept} kept their KV in place, ${s.moved} moved with it, ${s.requeued} recomputed, ${s.waiting} waiting\n`);
+  }
+  return 0;
+}
