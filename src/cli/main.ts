@@ -39,6 +39,13 @@ commands:
                 --model DIR | --synthetic CONFIG.json | --tokenizer DIR  as for generate
                 --devices 0,1            one DP rank per device (default 0)
                 --max-devices N          most devices a scale may use (default: all)
+                --autoscale CONFIG.json  run the SLO-aware autoscaler (synthetic weights only):
+                                         { "ttftMs", "tpotMs", "attainmentTarget"?, "minDevices"?,
+                                           "maxDevices"?, "devicePool"?, "window"?, ... }
+                --slo-ttft-ms MS, --slo-tpot-ms MS  the autoscaler's SLOs (enable it without a file,
+                                         or override the file's)
+                --min-devices N          the autoscaler's lower bound (default 1); its upper
+                                         bound is --max-devices
                 --host ADDR              (default 127.0.0.1)
                 --port N                 (default 8000; 0 picks a free port)
                 --kv-blocks N, --max-tokens-per-step N, --seed N  as for generate
@@ -83,6 +90,10 @@ export async function main(argv: string[]): Promise<number> {
       'max-tokens-per-step': { type: 'string' },
       'ignore-eos': { type: 'boolean', default: false },
       'max-devices': { type: 'string' },
+      'min-devices': { type: 'string' },
+      autoscale: { type: 'string' },
+      'slo-ttft-ms': { type: 'string' },
+      'slo-tpot-ms': { type: 'string' },
       host: { type: 'string' },
       port: { type: 'string' },
       url: { type: 'string' },
@@ -144,6 +155,10 @@ export async function main(argv: string[]): Promise<number> {
         tokenizer: values.tokenizer,
         devices: values.devices,
         maxDevices: values['max-devices'],
+        minDevices: values['min-devices'],
+        autoscale: values.autoscale,
+        sloTtftMs: values['slo-ttft-ms'],
+        sloTpotMs: values['slo-tpot-ms'],
         host: values.host,
         port: values.port,
         seed: values.seed,

@@ -3,16 +3,20 @@
 // requests, running ones finish) and exits 0. With neither --model nor
 // --synthetic it serves the tiny built-in synthetic model
 // (scripts/configs/tiny-qwen3-moe.json, token ids only), so one command runs the
-// whole system on the mock backend.
+// whole system on the mock backend. --autoscale CONFIG.json (or --slo-ttft-ms
+// and --slo-tpot-ms) runs the SLO-aware autoscaler (src/serve/autoscale.ts) on
+// the scalable deployment of synthetic weights.
+import { readFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 
 import { pino } from 'pino';
 
 import type { RuntimeOptionsInput } from '../runtime/config.js';
-import { InvalidArgumentError } from '../runtime/errors.js';
+import { ElasticMoeError, InvalidArgumentError } from '../runtime/errors.js';
 import { Runtime } from '../runtime/runtime.js';
 import type { StepFigures } from '../executor/engine.js';
 import { Deployment } from '../scaling/orchestrator.js';
+import { type AutoscaleConfig, AutoscaleConfigError, Autoscaler, parseAutoscaleConfig } from '../serve/autoscale.js';
 import { type ServingDeployment, localDeployment, scalableDeployment } from '../serve/deployment.js';
 import { type LocalStack, loadModelFiles, startLocalStack } from '../serve/local.js';
 import { type ServerHandle, createServer } from '../serve/server.js';
@@ -28,8 +32,14 @@ export interface ServeCommandOptions {
   tokenizer?: string;
   /** "0,1" (default "0"). */
   devices?: string;
-  /** Most devices a scale may use (default: every device of the node). */
+  /** Most devices a scale may use (default: every device of the node); the autoscaler's maxDevices too. */
   maxDevices?: string;
+  /** An autoscaler config file (JSON, src/serve/autoscale.ts's AutoscaleConfigSchema). */
+  autoscale?: string;
+  /** Autoscaler SLOs and lower bound (override the file's ttftMs, tpotMs, minDevices). */
+  sloTtftMs?: string;
+  sloTpotMs?: string;
+  minDevices?: string;
   host?: string;
   port?: string;
   seed?: string;
@@ -51,6 +61,48 @@ function integer(flag: string, text: string | undefined, fallback: number, min: 
   return n;
 }
 
+function positive(flag: string, text: string): number {
+  const n = Number(text);
+  if (text.trim() === '' || !Number.isFinite(n) || n <= 0) throw new InvalidArgumentError(flag, `a number above 0 (got '${text}')`);
+  return n;
+}
+
+/** The autoscaler's config input from --autoscale FILE and the flags that override it; undefined when not asked for. */
+function autoscaleInput(o: ServeCommandOptions): Record<string, unknown> | undefined {
+  const wanted = o.autoscale !== undefined || o.sloTtftMs !== undefined || o.sloTpotMs !== undefined;
+  if (!wanted) {
+    if (o.minDevices !== undefined) {
+      throw new ElasticMoeError('INVALID_ARGUMENT', '--min-devices is a bound of the autoscaler: give --autoscale CONFIG.json or --slo-ttft-ms and --slo-tpot-ms too');
+    }
+    return undefined;
+  }
+  if (o.model !== undefined) {
+    throw new ElasticMoeError('INVALID_ARGUMENT', 'the autoscaler needs a deployment that scales, and with --model (a checkpoint) the layout is fixed for now: '
+      + 'autoscale the synthetic weights (--synthetic CONFIG.json, or no model option), or drop --autoscale/--slo-*');
+  }
+  let input: Record<string, unknown> = {};
+  if (o.autoscale !== undefined) {
+    let text: string;
+    try {
+      text = readFileSync(o.autoscale, 'utf8');
+    } catch (e) {
+      throw new ElasticMoeError('INVALID_ARGUMENT', `--autoscale ${o.autoscale}: cannot read it (${e instanceof Error ? e.message : String(e)})`);
+    }
+    let json: unknown;
+    try {
+      json = JSON.parse(text);
+    } catch (e) {
+      throw new ElasticMoeError('INVALID_ARGUMENT', `--autoscale ${o.autoscale}: not valid JSON (${e instanceof Error ? e.message : String(e)})`);
+    }
+    if (typeof json !== 'object' || json === null || Array.isArray(json)) throw new ElasticMoeError('INVALID_ARGUMENT', `--autoscale ${o.autoscale}: must hold a JSON object`);
+    input = { ...(json as Record<string, unknown>) };
+  }
+  if (o.sloTtftMs !== undefined) input.ttftMs = positive('--slo-ttft-ms', o.sloTtftMs);
+  if (o.sloTpotMs !== undefined) input.tpotMs = positive('--slo-tpot-ms', o.sloTpotMs);
+  if (o.minDevices !== undefined) input.minDevices = integer('--min-devices', o.minDevices, 1, 1);
+  return input;
+}
+
 export async function runServe(o: ServeCommandOptions, err: NodeJS.WritableStream = process.stderr): Promise<number> {
   const level = o.logLevel ?? 'info';
   if (!LEVELS.includes(level)) throw new InvalidArgumentError('--log-level', `one of ${LEVELS.join(', ')} (got '${level}')`);
@@ -63,6 +115,7 @@ export async function runServe(o: ServeCommandOptions, err: NodeJS.WritableStrea
   } catch {
     throw new InvalidArgumentError('--seed', `an integer (got '${o.seed}')`);
   }
+  const autoscaleAsked = autoscaleInput(o);
   const synthetic = o.model === undefined && o.synthetic === undefined ? DEFAULT_SYNTHETIC : o.synthetic;
   const files = await loadModelFiles({ model: o.model, synthetic, tokenizer: o.tokenizer });
   const log = pino({ level, base: { service: 'elasticmoe' } });
@@ -71,12 +124,36 @@ export async function runServe(o: ServeCommandOptions, err: NodeJS.WritableStrea
   let stack: LocalStack | undefined;
   let scalable: Deployment | undefined;
   let server: ServerHandle | undefined;
+  let autoscaler: Autoscaler | undefined;
   const onSignalEarly = () => process.exit(130); // before serving there is nothing to drain
   process.once('SIGINT', onSignalEarly);
   process.once('SIGTERM', onSignalEarly);
   try {
     const devices = parseDeviceList(o.devices ?? '0', rt.deviceCount);
     const maxDevices = integer('--max-devices', o.maxDevices, rt.deviceCount, devices.length, rt.deviceCount);
+    let autoscaleConfig: AutoscaleConfig | undefined;
+    if (autoscaleAsked) {
+      // Checked before the weights load. Pool by default: the serving devices, then the node's others.
+      const input = { ...autoscaleAsked, ...(o.maxDevices !== undefined ? { maxDevices } : {}) };
+      const pool = [...devices, ...Array.from({ length: rt.deviceCount }, (_, d) => d).filter((d) => !devices.includes(d))];
+      try {
+        autoscaleConfig = parseAutoscaleConfig(input, { devicePool: pool, deviceCount: rt.deviceCount });
+      } catch (e) {
+        // A missing SLO: name the flag that gives it.
+        const flags: Record<string, string> = { ttftMs: '--slo-ttft-ms', tpotMs: '--slo-tpot-ms' };
+        if (e instanceof AutoscaleConfigError && flags[e.field] && !(e.field in input)) {
+          throw new AutoscaleConfigError(e.field, `is required: give ${flags[e.field]} MS${o.autoscale ? ` or "${e.field}" in ${o.autoscale}` : ''}`);
+        }
+        throw e;
+      }
+      if (autoscaleConfig.maxDevices > maxDevices) {
+        throw new ElasticMoeError('INVALID_ARGUMENT', `autoscale config: maxDevices: ${autoscaleConfig.maxDevices} is above --max-devices ${maxDevices}`);
+      }
+      if (devices.length < autoscaleConfig.minDevices || devices.length > autoscaleConfig.maxDevices) {
+        throw new ElasticMoeError('INVALID_ARGUMENT', `--devices names ${devices.length} devices, outside the autoscaler's bounds `
+          + `${autoscaleConfig.minDevices}..${autoscaleConfig.maxDevices} (minDevices..maxDevices)`);
+      }
+    }
     let deployment: ServingDeployment;
     if (o.model === undefined) {
       // Synthetic weights: the scalable deployment, so POST /admin/scale (and `elasticmoe scale`) work.
@@ -101,17 +178,22 @@ export async function runServe(o: ServeCommandOptions, err: NodeJS.WritableStrea
       });
       deployment = localDeployment(stack, { id: files.name });
     }
-    server = createServer(deployment, { host: o.host ?? '127.0.0.1', port, logger: log, maxDevices, deviceCount: rt.deviceCount });
+    if (autoscaleConfig) autoscaler = new Autoscaler(deployment, autoscaleConfig, { log: log.child({ component: 'autoscaler' }), deviceCount: rt.deviceCount });
+    server = createServer(deployment, {
+      host: o.host ?? '127.0.0.1', port, logger: log, maxDevices, deviceCount: rt.deviceCount, ...(autoscaler ? { autoscaler } : {}),
+    });
     const { url } = await server.listen();
+    autoscaler?.start();
     process.off('SIGINT', onSignalEarly);
     process.off('SIGTERM', onSignalEarly);
     log.info({
       url, backend: rt.backend, devices, maxDevices, model: files.name, maxPositions: files.config.maxPositions,
-      tokenizer: files.tokenizer !== undefined, scalable: scalable !== undefined,
+      tokenizer: files.tokenizer !== undefined, scalable: scalable !== undefined, autoscale: autoscaler !== undefined,
       ...(stack ? { kvBlocks: stack.hmm.kv.poolDevices().map((d) => stack!.hmm.kv.info(d).blocks), loadMs: Math.round(stack.loadMs) } : {}),
     }, 'serving');
     err.write(`elasticmoe serve: ${url} (${rt.backend}, devices ${devices.join(',')}, model ${files.name}`
-      + `${files.tokenizer ? '' : ', no tokenizer: prompts are token ids'}); SIGTERM or Ctrl-C drains and stops\n`);
+      + `${files.tokenizer ? '' : ', no tokenizer: prompts are token ids'}`
+      + `${autoscaleConfig ? `, autoscaling ${autoscaleConfig.minDevices}..${autoscaleConfig.maxDevices} devices for TTFT ${autoscaleConfig.ttftMs} ms / TPOT ${autoscaleConfig.tpotMs} ms` : ''}); SIGTERM or Ctrl-C drains and stops\n`);
 
     // Serve until a signal; the second one stops at once.
     const signal = await new Promise<NodeJS.Signals>((resolve) => {
@@ -138,7 +220,9 @@ export async function runServe(o: ServeCommandOptions, err: NodeJS.WritableStrea
   } finally {
     process.off('SIGINT', onSignalEarly);
     process.off('SIGTERM', onSignalEarly);
+    autoscaler?.stop();
     await server?.close();
+    await autoscaler?.settled();
     await stack?.close();
     await scalable?.close();
     rt.dispose();

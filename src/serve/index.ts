@@ -9,3 +9,4 @@ export { type LocalStack, type LocalStackOptions, type ModelFiles, type ModelFil
 export { ServeMetrics } from './metrics.js';
 export { type GenerationPlan, type PlanLimits, planChat, planCompletion } from './openai.js';
 export { type ServerHandle, type ServerOptions, createServer } from './server.js';
+export * from './autoscale.js';

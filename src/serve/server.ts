@@ -8,6 +8,7 @@
 //   GET  /metrics               Prometheus text format
 //   GET  /admin/layout          devices, DP/EP/TP degrees, KV pools (?placement=true: every expert's devices)
 //   POST /admin/scale           {"devices": [0, 1, 2]}; 501 when the deployment cannot scale
+//   GET  /admin/autoscaler      the autoscaler's config, estimates and last decisions (404 without one)
 //
 // Streaming (`stream: true`) answers with server-sent events: `data: {chunk}`
 // per output token, a last chunk per choice with its finish_reason, a usage
@@ -22,6 +23,7 @@
 import { randomUUID } from 'node:crypto';
 import { PassThrough } from 'node:stream';
 
+import type { Registry } from 'prom-client';
 import Fastify, { type FastifyBaseLogger, type FastifyInstance, type FastifyReply, type FastifyRequest, LogController } from 'fastify';
 import { z } from 'zod';
 
@@ -54,6 +56,20 @@ export interface ServerOptions {
   drainTimeoutMs?: number;
   /** Node.js process metrics in /metrics too (default true). */
   processMetrics?: boolean;
+  /**
+   * An autoscaler (src/serve/autoscale.ts): it gets every finished request, its
+   * metrics join /metrics, GET /admin/autoscaler shows its report, and close()
+   * stops it. The caller starts it.
+   */
+  autoscaler?: ServerAutoscaler;
+}
+
+/** What the server needs from an autoscaler (the Autoscaler class fits). */
+export interface ServerAutoscaler {
+  record(c: Completion): void;
+  registerMetrics(registry: Registry): void;
+  report(): unknown;
+  stop(): void;
 }
 
 export interface ServerHandle {
@@ -117,6 +133,8 @@ export function createServer(deployment: ServingDeployment, options: ServerOptio
     ...(options.processMetrics === false ? { defaultMetrics: false } : {}),
     ...(options.maxDevices !== undefined ? { maxDevices: options.maxDevices } : {}),
   });
+  const autoscaler = options.autoscaler;
+  autoscaler?.registerMetrics(metrics.registry);
   const app: FastifyInstance = Fastify({
     bodyLimit,
     ...(options.logger ? { loggerInstance: options.logger } : { logger: false }),
@@ -140,7 +158,7 @@ export function createServer(deployment: ServingDeployment, options: ServerOptio
   });
   app.setNotFoundHandler((req, reply) => {
     const api = new ApiError(404, `No route for ${req.method} ${req.url.split('?')[0]}: the routes are POST /v1/completions, POST /v1/chat/completions, `
-      + 'GET /v1/models, GET /health, GET /metrics, GET /admin/layout, POST /admin/scale', 'not_found_error', null, 'route_not_found');
+      + 'GET /v1/models, GET /health, GET /metrics, GET /admin/layout, POST /admin/scale, GET /admin/autoscaler', 'not_found_error', null, 'route_not_found');
     metrics.httpError(404, api.code);
     void reply.code(404).send(api.body());
   });
@@ -201,6 +219,7 @@ export function createServer(deployment: ServingDeployment, options: ServerOptio
       });
       results[i] = c;
       metrics.completion(endpoint, c);
+      autoscaler?.record(c);
       onDone(i, c);
       return c;
     });
@@ -397,6 +416,14 @@ export function createServer(deployment: ServingDeployment, options: ServerOptio
     return { ...report, layout: deployment.layout() };
   });
 
+  app.get('/admin/autoscaler', async () => {
+    if (!autoscaler) {
+      throw new ApiError(404, 'No autoscaler runs in this server: start it with --autoscale CONFIG.json (or --slo-ttft-ms and --slo-tpot-ms)',
+        'not_found_error', null, 'autoscaler_disabled');
+    }
+    return autoscaler.report();
+  });
+
   // ---- lifecycle
 
   return {
@@ -412,6 +439,7 @@ export function createServer(deployment: ServingDeployment, options: ServerOptio
     close() {
       closing ??= (async () => {
         draining = true;
+        autoscaler?.stop(); // no scale starts while draining
         const appClosed = app.close();
         const pending = () => Promise.all([...active].map((a) => a.closed));
         const wait = delay(drainTimeoutMs);
