@@ -429,6 +429,45 @@ describe('POST /admin/scale', () => {
       srt.dispose();
     }
   });
+
+  it('scales up and then down through the admin route while several clients stream: every stream completes with its tokens', async () => {
+    const config = parseConfig(JSON.parse(readFileSync(TINY, 'utf8')));
+    const srt = openMock({ mockCapacity: 512 * MIB });
+    const dep = await Deployment.start({ rt: srt, config, devices: [0], kvBlocksPerDevice: 128, maxTokensPerStep: 64 });
+    const server = createServer(scalableDeployment(dep, { id: 'tiny' }), { port: 0, maxDevices: 3, deviceCount: srt.deviceCount, processMetrics: false });
+    const { url } = await server.listen();
+    try {
+      const want = await dep.submit({ prompt: PROMPT, maxTokens: 160, ignoreEos: true });
+      let scales: Promise<any[]> | undefined;
+      const streams = Array.from({ length: 4 }, (_, i) =>
+        post(`${url}/v1/completions`, { prompt: PROMPT, max_tokens: 160, ignore_eos: true, stream: true }).then((r) =>
+          readSse(r, (e) => {
+            // Once the first stream is under way: up to two devices, then down to the other device only.
+            if (i === 0 && e !== '[DONE]' && !scales) {
+              scales = (async () => {
+                const up = await json(await post(`${url}/admin/scale`, { devices: [0, 1] }));
+                const down = await json(await post(`${url}/admin/scale`, { devices: [1] }));
+                return [up, down];
+              })();
+            }
+          })));
+      const results = await Promise.all(streams);
+      const [up, down] = await scales!;
+      expect(up).toMatchObject({ from: [0], to: [0, 1] });
+      expect(down).toMatchObject({ from: [0, 1], to: [1] });
+      // Sequences on device 0 at the scale-down moved with their KV (or were recomputed), none dropped.
+      expect(down.switchover.kept + down.switchover.moved + down.switchover.requeued + down.switchover.waiting).toBeGreaterThan(0);
+      for (const events of results) {
+        expect(events.at(-1)).toBe('[DONE]');
+        expect(streamedIds(events)).toEqual(want.outputTokens);
+      }
+      expect((await json(fetch(`${url}/admin/layout`))).devices).toEqual([1]);
+    } finally {
+      await server.close();
+      await dep.close();
+      srt.dispose();
+    }
+  });
 });
 
 describe('elasticmoe serve (child process)', () => {
