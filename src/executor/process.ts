@@ -1,0 +1,238 @@
+// The executor as a process of its own (DESIGN "Processes on one node"): it opens
+// its runtime, connects to the HMM daemon, attaches every chunk (weights and KV),
+// maps the KV pools from the daemon's manifest and runs a ForwardEngine for the
+// layout its parent sends. The weights and the KV cache live in the HMM, not here,
+// so when this process dies nothing is lost: a new one attaches and serves again
+// (invariant 6).
+//
+// The parent talks to it over a UnixChannel (SOCK_SEQPACKET; one JSON message per
+// packet), normally inherited as fd 3:
+//   parent → executor  { type: 'init', config, devices, placement, options? }
+//   executor → parent  { type: 'ready', pid, session, chunks } | { type: 'error', message, name }
+//   parent → executor  { type: 'step', id, batch, returnLogits? }
+//   executor → parent  { type: 'result', id, result } | { type: 'error', id, message, name }
+//   parent → executor  { type: 'shutdown' }
+// Steps are answered in the order they arrive. The process ends cleanly on
+// `shutdown` or when the parent's end of the channel closes.
+import { closeSync } from 'node:fs';
+
+import { HmmClient } from '../hmm/client.js';
+import type { ModelConfig } from '../model/config.js';
+import { type ChannelMessage, UnixChannel } from '../runtime/channel.js';
+import type { RuntimeOptionsInput } from '../runtime/config.js';
+import { Runtime } from '../runtime/runtime.js';
+import { ForwardEngine, type ForwardEngineOptions } from './forward.js';
+import { type MappedKvPool, mapAttachedKvPools } from './kv-view.js';
+import type { Layout, StepBatch, StepResult } from './types.js';
+import { attachedWeights } from './weights.js';
+
+/** Expert placement as data: placement[layer][expert] = the devices holding it. */
+export type PlacementTable = number[][][];
+
+export interface InitMessage {
+  type: 'init';
+  config: ModelConfig;
+  devices: number[];
+  placement: PlacementTable;
+  options?: ForwardEngineOptions;
+}
+export interface StepMessage {
+  type: 'step';
+  id: number;
+  batch: StepBatch;
+  returnLogits?: boolean;
+}
+export interface ShutdownMessage {
+  type: 'shutdown';
+}
+export type ToExecutor = InitMessage | StepMessage | ShutdownMessage;
+
+/** A StepResult as JSON: maps as entry arrays, logits as base64 of their f32 bytes (bit-exact). */
+export interface WireStepResult {
+  next: Array<[string, number]>;
+  logits?: Array<[string, string]>;
+  ms: number;
+  tokens: number;
+}
+export interface ReadyMessage {
+  type: 'ready';
+  pid: number;
+  /** The executor's HMM session. */
+  session: string;
+  /** Chunks it attached (weights and KV). */
+  chunks: number;
+}
+export interface ResultMessage {
+  type: 'result';
+  id: number;
+  result: WireStepResult;
+}
+export interface ErrorMessage {
+  type: 'error';
+  /** Absent for a failed init. */
+  id?: number;
+  name: string;
+  message: string;
+}
+export type FromExecutor = ReadyMessage | ResultMessage | ErrorMessage;
+
+export function placementTable(config: ModelConfig, layout: Layout): PlacementTable {
+  const table: PlacementTable = [];
+  for (let l = 0; l < config.layers; l++) {
+    const row: number[][] = [];
+    for (let e = 0; e < config.experts; e++) row.push([...layout.placement(l, e)]);
+    table.push(row);
+  }
+  return table;
+}
+
+export function layoutFromTable(devices: number[], table: PlacementTable): Layout {
+  return {
+    devices,
+    placement: (l, e) => {
+      const h = table[l]?.[e];
+      if (!h) throw new Error(`placement table has no entry for expert ${e} of layer ${l}`);
+      return h;
+    },
+  };
+}
+
+export function encodeStepResult(r: StepResult): WireStepResult {
+  const out: WireStepResult = { next: [...r.next.entries()], ms: r.ms, tokens: r.tokens };
+  if (r.logits) {
+    out.logits = [...r.logits.entries()].map(([id, x]) => [id, Buffer.from(x.buffer, x.byteOffset, x.byteLength).toString('base64')]);
+  }
+  return out;
+}
+
+export function decodeStepResult(w: WireStepResult): StepResult {
+  const r: StepResult = { next: new Map(w.next), ms: w.ms, tokens: w.tokens };
+  if (w.logits) {
+    r.logits = new Map(w.logits.map(([id, b64]) => {
+      const bytes = Buffer.from(b64, 'base64');
+      // Copy into an aligned buffer of its own.
+      const f = new Float32Array(bytes.byteLength / 4);
+      new Uint8Array(f.buffer).set(bytes);
+      return [id, f];
+    }));
+  }
+  return r;
+}
+
+export interface ExecutorProcessOptions {
+  /** Socket of the HMM daemon. */
+  socket: string;
+  /** The channel to the parent: an inherited descriptor (usually 3) or an open channel. */
+  channelFd?: number;
+  channel?: UnixChannel;
+  /** Runtime options (backend, mock devices...); ELASTICMOE_* variables fill in the rest. */
+  runtime?: RuntimeOptionsInput;
+  /** HMM client request timeout (ms). */
+  timeoutMs?: number;
+}
+
+const send = (ch: UnixChannel, m: FromExecutor) => ch.send(JSON.stringify(m));
+const errorMessage = (e: unknown, id?: number): ErrorMessage => {
+  const err = e instanceof Error ? e : new Error(String(e));
+  const m: ErrorMessage = { type: 'error', name: err.name, message: err.message };
+  if (id !== undefined) m.id = id;
+  return m;
+};
+
+/**
+ * Runs an executor until `shutdown` or until the parent hangs up. Resolves once
+ * everything it opened is released (the caller may then exit the process).
+ */
+export async function runExecutorProcess(options: ExecutorProcessOptions): Promise<void> {
+  const channel = options.channel ?? (options.channelFd !== undefined ? UnixChannel.fromFd(options.channelFd) : undefined);
+  if (!channel) throw new Error('runExecutorProcess: a channel or channelFd is needed');
+  let rt: Runtime | undefined;
+  let client: HmmClient | undefined;
+  let set: Awaited<ReturnType<HmmClient['attach']>> | undefined;
+  let views: Map<number, MappedKvPool> | undefined;
+  let engine: ForwardEngine | undefined;
+  try {
+    let first: ChannelMessage;
+    try {
+      first = await channel.receive();
+    } catch {
+      return; // the parent left before init
+    }
+    const init = JSON.parse(first.data.toString('utf8')) as ToExecutor;
+    if (init.type === 'shutdown') return;
+    try {
+      if (init.type !== 'init') throw new Error(`expected an init message first (got '${init.type}')`);
+      rt = Runtime.open(options.runtime ?? {});
+      client = await HmmClient.connect(options.socket, rt, {
+        name: `executor-${process.pid}`,
+        ...(options.timeoutMs !== undefined ? { timeoutMs: options.timeoutMs } : {}),
+      });
+      set = await client.attach();
+      const manifest = await client.manifest();
+      const pools = manifest.kvPools.filter((p) => init.devices.includes(p.device));
+      views = mapAttachedKvPools(rt, set, pools);
+      engine = await ForwardEngine.create(rt, init.config, layoutFromTable(init.devices, init.placement),
+        attachedWeights(set), views, init.options ?? {});
+      send(channel, { type: 'ready', pid: process.pid, session: client.session, chunks: set.size });
+    } catch (e) {
+      send(channel, errorMessage(e));
+      return;
+    }
+
+    // Steps in order: each waits for the one before it.
+    const eng = engine;
+    await new Promise<void>((resolve) => {
+      let chain = Promise.resolve();
+      let done = false;
+      const finish = () => {
+        if (done) return;
+        done = true;
+        // Let steps already queued finish answering (their replies may go nowhere).
+        void chain.then(resolve);
+      };
+      channel.onMessage(({ data, fds }) => {
+        for (const fd of fds) {
+          try {
+            closeSync(fd); // no descriptors are expected on this channel
+          } catch {
+            // already closed
+          }
+        }
+        if (done) return;
+        let m: ToExecutor;
+        try {
+          m = JSON.parse(data.toString('utf8')) as ToExecutor;
+        } catch (e) {
+          send(channel, errorMessage(new Error(`unreadable message: ${(e as Error).message}`)));
+          return;
+        }
+        if (m.type === 'shutdown') return finish();
+        if (m.type !== 'step') {
+          send(channel, errorMessage(new Error(`unexpected '${m.type}' message`)));
+          return;
+        }
+        chain = chain.then(async () => {
+          let reply: FromExecutor;
+          try {
+            const r = await eng.step(m.batch, { returnLogits: m.returnLogits === true });
+            reply = { type: 'result', id: m.id, result: encodeStepResult(r) };
+          } catch (e) {
+            reply = errorMessage(e, m.id);
+          }
+          try {
+            send(channel, reply);
+          } catch {
+            // the parent is gone
+          }
+        });
+      });
+      void channel.closed.then(finish);
+    });
+  } finally {
+    engine?.dispose();
+    if (views) for (const v of views.values()) v.dispose();
+    set?.dispose();
+    client?.close();
+    channel.close();
+  }
+}

@@ -1,0 +1,230 @@
+// A Stepper whose forward pass runs in an executor process (process.ts): the
+// serving side keeps its request state, the executor keeps nothing that matters.
+// When the executor dies every pending and later step rejects with
+// ExecutorCrashedError; the weights and KV blocks stay in the HMM, so a new
+// RemoteStepper (a new process) can take over the same sequences.
+import { type ChildProcess, spawn } from 'node:child_process';
+
+import type { ModelConfig } from '../model/config.js';
+import { UnixChannel } from '../runtime/channel.js';
+import type { Stepper } from './engine.js';
+import type { ForwardEngineOptions } from './forward.js';
+import { type FromExecutor, type InitMessage, type ToExecutor, decodeStepResult, placementTable } from './process.js';
+import type { Layout, StepBatch, StepResult } from './types.js';
+
+export class ExecutorCrashedError extends Error {
+  readonly code = 'EXECUTOR_CRASHED';
+  constructor(message: string) {
+    super(message);
+    this.name = 'ExecutorCrashedError';
+  }
+}
+
+/** A step the executor refused or failed (it is still running). */
+export class ExecutorStepError extends Error {
+  constructor(readonly remoteName: string, message: string) {
+    super(message);
+    this.name = 'ExecutorStepError';
+  }
+}
+
+export interface RemoteStepperInit {
+  config: ModelConfig;
+  layout: Layout;
+  options?: ForwardEngineOptions;
+}
+
+export interface SpawnExecutorOptions extends RemoteStepperInit {
+  /** Script run with node that calls runExecutorProcess with channelFd 3. */
+  script: string;
+  /** Arguments after the script (e.g. the HMM socket). */
+  args?: string[];
+  env?: NodeJS.ProcessEnv;
+  /** How long to wait for `ready` (default 60 s). */
+  readyTimeoutMs?: number;
+  /** stdout/stderr of the child (default inherit). */
+  stdio?: 'inherit' | 'ignore';
+}
+
+interface Pending {
+  resolve: (r: StepResult) => void;
+  reject: (e: Error) => void;
+}
+
+export class RemoteStepper implements Stepper {
+  private nextId = 1;
+  private readonly pending = new Map<number, Pending>();
+  private failure: Error | undefined;
+  private closing = false;
+  /** Resolves when the process exits (immediately undefined when none was given). */
+  readonly exited: Promise<{ code: number | null; signal: NodeJS.Signals | null } | undefined>;
+  private exitInfo: { code: number | null; signal: NodeJS.Signals | null } | undefined;
+  private readyWaiter: { resolve: () => void; reject: (e: Error) => void } | undefined;
+  /** The executor's HMM session, once ready. */
+  session = '';
+
+  private constructor(
+    private readonly channel: UnixChannel,
+    readonly proc: ChildProcess | undefined,
+  ) {
+    this.exited = proc
+      ? new Promise((resolve) => {
+          if (proc.exitCode !== null || proc.signalCode !== null) {
+            this.exitInfo = { code: proc.exitCode, signal: proc.signalCode };
+            return resolve(this.exitInfo);
+          }
+          proc.once('exit', (code, signal) => {
+            this.exitInfo = { code, signal };
+            resolve(this.exitInfo);
+            this.crashed();
+          });
+        })
+      : Promise.resolve(undefined);
+    channel.onMessage((m) => this.onMessage(m.data));
+    void channel.closed.then(() => {
+      // The exit status usually follows the hang-up at once: wait a little for it, for the message.
+      const grace = new Promise((r) => setTimeout(r, 200).unref());
+      void Promise.race([this.exited, grace]).then(() => this.crashed());
+    });
+  }
+
+  get pid(): number | undefined {
+    return this.proc?.pid;
+  }
+
+  /** Spawns `node script ...args` with a channel as fd 3, sends init and waits for ready. */
+  static async spawn(o: SpawnExecutorOptions): Promise<RemoteStepper> {
+    const [mine, theirs] = UnixChannel.pair();
+    let proc: ChildProcess;
+    try {
+      proc = spawn(process.execPath, [o.script, ...(o.args ?? [])], {
+        stdio: ['ignore', o.stdio ?? 'inherit', o.stdio ?? 'inherit', theirs.fd],
+        env: o.env ?? process.env,
+      });
+    } catch (e) {
+      mine.close();
+      throw e;
+    } finally {
+      theirs.close();
+    }
+    return RemoteStepper.start(mine, proc, o, o.readyTimeoutMs);
+  }
+
+  /** Takes an executor already connected to `channel` (and its process, when there is one), sends init, waits for ready. */
+  static async start(channel: UnixChannel, proc: ChildProcess | undefined, init: RemoteStepperInit,
+    readyTimeoutMs = 60_000): Promise<RemoteStepper> {
+    const s = new RemoteStepper(channel, proc);
+    const msg: InitMessage = { type: 'init', config: init.config, devices: [...init.layout.devices], placement: placementTable(init.config, init.layout) };
+    if (init.options) msg.options = init.options;
+    let timer: NodeJS.Timeout | undefined;
+    try {
+      await new Promise<void>((resolve, reject) => {
+        s.readyWaiter = { resolve, reject };
+        timer = setTimeout(() => reject(new Error(`the executor sent no 'ready' within ${readyTimeoutMs} ms`)), readyTimeoutMs);
+        s.send(msg);
+      });
+    } catch (e) {
+      s.kill();
+      throw e;
+    } finally {
+      clearTimeout(timer);
+      s.readyWaiter = undefined;
+    }
+    return s;
+  }
+
+  step(batch: StepBatch, options: { returnLogits?: boolean } = {}): Promise<StepResult> {
+    if (this.failure) return Promise.reject(this.failure);
+    const id = this.nextId++;
+    return new Promise<StepResult>((resolve, reject) => {
+      this.pending.set(id, { resolve, reject });
+      try {
+        this.send({ type: 'step', id, batch, returnLogits: options.returnLogits === true });
+      } catch (e) {
+        this.pending.delete(id);
+        reject(this.failure ?? new ExecutorCrashedError(`could not send the step to the executor: ${(e as Error).message}`));
+      }
+    });
+  }
+
+  /** Asks the executor to shut down and waits for it to exit (kills it after `timeoutMs`). */
+  async close(timeoutMs = 10_000): Promise<void> {
+    if (this.closing) {
+      await this.exited;
+      return;
+    }
+    this.closing = true;
+    this.fail(new ExecutorCrashedError('the executor was closed'));
+    try {
+      this.send({ type: 'shutdown' });
+    } catch {
+      // already gone
+    }
+    if (this.proc) {
+      const timer = setTimeout(() => this.proc!.kill('SIGKILL'), timeoutMs);
+      await this.exited;
+      clearTimeout(timer);
+    }
+    this.channel.close();
+  }
+
+  /** SIGKILLs the executor (when there is a process) and closes the channel. */
+  kill(): void {
+    this.closing = true;
+    this.fail(new ExecutorCrashedError('the executor was killed'));
+    this.proc?.kill('SIGKILL');
+    this.channel.close();
+  }
+
+  private send(m: ToExecutor): void {
+    this.channel.send(JSON.stringify(m));
+  }
+
+  private onMessage(data: Buffer): void {
+    let m: FromExecutor;
+    try {
+      m = JSON.parse(data.toString('utf8')) as FromExecutor;
+    } catch (e) {
+      this.fail(new ExecutorCrashedError(`unreadable message from the executor: ${(e as Error).message}`));
+      this.proc?.kill('SIGKILL');
+      this.channel.close();
+      return;
+    }
+    if (m.type === 'ready') {
+      this.session = m.session;
+      this.readyWaiter?.resolve();
+      return;
+    }
+    if (m.type === 'error' && m.id === undefined) {
+      const e = new ExecutorStepError(m.name, `the executor failed to start: ${m.message}`);
+      if (this.readyWaiter) this.readyWaiter.reject(e);
+      else this.fail(e);
+      return;
+    }
+    const id = m.id!;
+    const p = this.pending.get(id);
+    if (!p) return;
+    this.pending.delete(id);
+    if (m.type === 'result') p.resolve(decodeStepResult(m.result));
+    else p.reject(new ExecutorStepError(m.name, m.message));
+  }
+
+  /** The channel closed or the process exited. */
+  private crashed(): void {
+    if (this.failure) return;
+    const how = this.exitInfo
+      ? this.exitInfo.signal ? `was killed by ${this.exitInfo.signal}` : `exited with code ${this.exitInfo.code}`
+      : 'closed its channel';
+    const pid = this.proc?.pid !== undefined ? ` (pid ${this.proc.pid})` : '';
+    this.fail(new ExecutorCrashedError(`the executor process${pid} ${how}; its steps are lost, the HMM keeps the weights and KV blocks`));
+  }
+
+  private fail(e: Error): void {
+    this.failure ??= e;
+    this.readyWaiter?.reject(this.failure);
+    for (const [id, p] of [...this.pending]) {
+      this.pending.delete(id);
+      p.reject(this.failure);
+    }
+  }
+}
