@@ -11,45 +11,10 @@ import {
 } from '../../src/index.js';
 import { MODEL_KERNEL_NAMES, ModelKernels } from '../../src/model/kernels/index.js';
 import * as ref from '../../src/model/kernels/reference.js';
-import { type Typed, expectSame, randBf16, randF32, randInt, rng } from '../helpers/arrays.js';
+import { Arena, type Typed, expectSame, randBf16, randF32, randInt, rng } from '../helpers/arrays.js';
 import { openMock } from '../helpers/mock.js';
 
 
-/** One mapped chunk handed out by a bump allocator; uploads and downloads typed arrays. */
-class Arena {
-  private next = 0;
-  private readonly chunk;
-  private readonly range;
-  constructor(private readonly rt: Runtime, private readonly stream: Stream, readonly size: number) {
-    this.chunk = rt.createChunk(stream.device, size);
-    this.range = rt.reserve(size);
-    this.range.map(0, this.chunk);
-    this.range.setAccess(0, size, [stream.device]);
-  }
-  alloc(bytes: number): DevicePointer {
-    const at = this.next;
-    this.next += Math.ceil(Math.max(bytes, 1) / 256) * 256;
-    if (this.next > this.size) throw new Error('arena full');
-    return this.range.at(at);
-  }
-  reset(): void {
-    this.next = 0;
-  }
-  async put(data: Typed): Promise<DevicePointer> {
-    const p = this.alloc(data.byteLength);
-    await this.rt.write(p, new Uint8Array(data.buffer, data.byteOffset, data.byteLength), this.stream);
-    return p;
-  }
-  async get<T extends Typed>(p: DevicePointer, like: T): Promise<T> {
-    const bytes = await this.rt.read(p, like.byteLength, this.stream);
-    const C = like.constructor as new (b: ArrayBuffer) => T;
-    return new C(bytes.buffer.slice(bytes.byteOffset, bytes.byteOffset + bytes.byteLength) as ArrayBuffer);
-  }
-  dispose(): void {
-    this.range.dispose();
-    this.chunk.dispose();
-  }
-}
 
 describe('model kernels on the mock (CPU twins vs TypeScript references, bit for bit)', () => {
   let rt: Runtime;
