@@ -12,13 +12,14 @@
 // (layers written to safetensors; default 12), BENCH_DIR (scratch dir on local disk),
 // BENCH_SKIP_ST / BENCH_SKIP_COPY (skip parts A4 / B),
 // BENCH_EXPERTS_PER_CHUNK (default 1: one chunk per expert, as the HMM requires).
-import { spawn, spawnSync } from 'node:child_process';
-import { mkdirSync, openSync, rmSync, writeSync, closeSync, writeFileSync } from 'node:fs';
+import { spawn } from 'node:child_process';
+import { mkdirSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 import { Runtime } from '../dist/index.js';
+import { dropPageCache, writePatternCheckpoint } from './lib/checkpoint.mjs';
 import { Hmm } from '../dist/hmm/hmm.js';
 import { HmmDaemon } from '../dist/hmm/daemon.js';
 import { CopyService } from '../dist/hmm/copy-service.js';
@@ -110,44 +111,12 @@ const stSpecs = specs.filter((s) => !/^model\.layers\.(\d+)\./.test(s.name) || N
 const stPlans = planChunks(stSpecs.map((s) => ({ ...s, group: `st.${s.group}` })), { granularity: rt.granularity(0) });
 hmm.releaseResident(stored.map((c) => c.plan.id)); // make room: the attach and reload figures are taken
 const stDir = path.join(dir, 'ckpt');
-mkdirSync(stDir, { recursive: true });
 {
-  // One file per device's share, written by streaming a pattern (the bytes do not matter for timing).
-  const names = [...new Set(stSpecs.map((s) => s.name))];
+  // One entry per tensor name (replicas on several devices are one tensor in a checkpoint).
   const shapes = new Map(stSpecs.map((s) => [s.name, s.shape]));
-  const perFile = Math.ceil(names.length / 8);
-  const weightMap = {};
-  const block = Buffer.alloc(64 * MIB, 0x3c);
-  for (let f = 0; f * perFile < names.length; f++) {
-    const file = `model-${String(f + 1).padStart(5, '0')}.safetensors`;
-    const header = {};
-    let off = 0;
-    for (const n of names.slice(f * perFile, (f + 1) * perFile)) {
-      const bytes = shapes.get(n).reduce((a, b) => a * b, 2);
-      header[n] = { dtype: 'BF16', shape: shapes.get(n), data_offsets: [off, off + bytes] };
-      off += bytes;
-      weightMap[n] = file;
-    }
-    let json = JSON.stringify(header);
-    json += ' '.repeat((8 - (Buffer.byteLength(json) % 8)) % 8);
-    const fd = openSync(path.join(stDir, file), 'w');
-    const len = Buffer.alloc(8);
-    len.writeBigUInt64LE(BigInt(Buffer.byteLength(json)));
-    writeSync(fd, len);
-    writeSync(fd, json);
-    for (let left = off; left > 0; left -= block.length) writeSync(fd, block, 0, Math.min(block.length, left));
-    closeSync(fd);
-  }
-  writeFileSync(path.join(stDir, 'model.safetensors.index.json'), JSON.stringify({ weight_map: weightMap }));
+  writePatternCheckpoint(stDir, [...shapes].map(([name, shape]) => ({ name, shape })), 8);
 }
-spawnSync('sync');
-let dropped = false;
-try {
-  writeFileSync('/proc/sys/vm/drop_caches', '3');
-  dropped = true;
-} catch {
-  dropped = false;
-}
+const dropped = dropPageCache();
 t = performance.now();
 const ckpt = await openCheckpoint(stDir);
 const loaded = await loadCheckpoint(hmm.store, stPlans, ckpt, { holder: 'st' });

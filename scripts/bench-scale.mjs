@@ -9,13 +9,13 @@
 // layout, default 6), BENCH_CONCURRENCY (requests kept running, default 32),
 // BENCH_PROMPT (64), BENCH_OUTPUT (64), BENCH_DIR (scratch on local disk),
 // BENCH_SKIP_COLD (skip the baseline).
-import { mkdirSync, openSync, writeSync, closeSync, writeFileSync, rmSync } from 'node:fs';
-import { spawnSync } from 'node:child_process';
+import { mkdirSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 import { Runtime } from '../dist/index.js';
+import { dropPageCache, writePatternCheckpoint } from './lib/checkpoint.mjs';
 import { Hmm } from '../dist/hmm/hmm.js';
 import { planChunks } from '../dist/hmm/placement.js';
 import { openCheckpoint } from '../dist/hmm/safetensors.js';
@@ -114,34 +114,8 @@ if (!process.env.BENCH_SKIP_COLD) {
   const dir = env('BENCH_DIR', path.join(os.tmpdir(), `emoe-scale-${process.pid}`));
   const ckpt = path.join(dir, 'ckpt');
   mkdirSync(ckpt, { recursive: true });
-  const shapes = weightShapes(config);
-  const perFile = Math.ceil(shapes.length / 16);
-  const weightMap = {};
-  const block = Buffer.alloc(64 * 1024 * 1024, 0x3c);
-  for (let f = 0; f * perFile < shapes.length; f++) {
-    const file = `model-${String(f + 1).padStart(5, '0')}.safetensors`;
-    const header = {};
-    let off = 0;
-    for (const w of shapes.slice(f * perFile, (f + 1) * perFile)) {
-      const bytes = w.shape.reduce((a, b) => a * b, 2);
-      header[w.name] = { dtype: 'BF16', shape: w.shape, data_offsets: [off, off + bytes] };
-      off += bytes;
-      weightMap[w.name] = file;
-    }
-    let json = JSON.stringify(header);
-    json += ' '.repeat((8 - (Buffer.byteLength(json) % 8)) % 8);
-    const fd = openSync(path.join(ckpt, file), 'w');
-    const len = Buffer.alloc(8);
-    len.writeBigUInt64LE(BigInt(Buffer.byteLength(json)));
-    writeSync(fd, len);
-    writeSync(fd, json);
-    for (let left = off; left > 0; left -= block.length) writeSync(fd, block, 0, Math.min(block.length, left));
-    closeSync(fd);
-  }
-  writeFileSync(path.join(ckpt, 'model.safetensors.index.json'), JSON.stringify({ weight_map: weightMap }));
-  spawnSync('sync');
-  let dropped = false;
-  try { writeFileSync('/proc/sys/vm/drop_caches', '3'); dropped = true; } catch { dropped = false; }
+  writePatternCheckpoint(ckpt, weightShapes(config).map((w) => ({ name: w.name, shape: w.shape })), 16);
+  const dropped = dropPageCache();
   // Cold restart onto the layout the elastic run ended on.
   const devices = lastDevices;
   const t = performance.now();
