@@ -1,5 +1,5 @@
 // The executor as a process of its own (DESIGN "Processes on one node"): it opens
-// its runtime, connects to the HMM daemon, attaches every chunk (weights and KV),
+// its runtime, connects to the HMM daemon, attaches the chunks of its layout (weights and KV),
 // maps the KV pools from the daemon's manifest and runs a ForwardEngine for the
 // layout its parent sends. The weights and the KV cache live in the HMM, not here,
 // so when this process dies nothing is lost: a new one attaches and serves again
@@ -25,6 +25,22 @@ import { ForwardEngine, type ForwardEngineOptions } from './forward.js';
 import { type MappedKvPool, mapAttachedKvPools } from './kv-view.js';
 import type { Layout, StepBatch, StepResult } from './types.js';
 import { attachedWeights } from './weights.js';
+
+/**
+ * The chunks a layout needs: dense weights and KV pools on its devices, and each
+ * expert's chunk on the devices its placement names (groups `L<layer>.E<expert>`).
+ */
+export function layoutChunkIds(chunks: ReadonlyArray<{ id: string; group: string; device: number; kind: string }>,
+  devices: readonly number[], placement: PlacementTable, pools: ReadonlyArray<{ chunkIds: string[] }>): string[] {
+  const kv = new Set(pools.flatMap((p) => p.chunkIds));
+  return chunks.filter((c) => {
+    if (kv.has(c.id)) return true;
+    if (c.kind !== 'weight' || !devices.includes(c.device)) return false;
+    const m = /^L(\d+)\.E(\d+)$/.exec(c.group);
+    if (!m) return true; // dense weights
+    return placement[Number(m[1])]?.[Number(m[2])]?.includes(c.device) ?? false;
+  }).map((c) => c.id);
+}
 
 /** Expert placement as data: placement[layer][expert] = the devices holding it. */
 export type PlacementTable = number[][][];
@@ -167,9 +183,11 @@ export async function runExecutorProcess(options: ExecutorProcessOptions): Promi
         name: `executor-${process.pid}`,
         ...(options.timeoutMs !== undefined ? { timeoutMs: options.timeoutMs } : {}),
       });
-      set = await client.attach();
+      // Attach only what this layout uses: an imported chunk stays allocated on the device for as long
+      // as any process holds it, so attaching another layout's chunks would keep them alive.
       const manifest = await client.manifest();
       const pools = manifest.kvPools.filter((p) => init.devices.includes(p.device));
+      set = await client.attach(layoutChunkIds(manifest.chunks, init.devices, init.placement, pools));
       views = mapAttachedKvPools(rt, set, pools);
       engine = await ForwardEngine.create(rt, init.config, layoutFromTable(init.devices, init.placement),
         attachedWeights(set), views, init.options ?? {});

@@ -27,20 +27,32 @@
 // (`layout-<n>`), so a chunk shared by two layouts lives until both let go and
 // "release" is releaseHolder(old id). KV pools belong to the HMM's KvManager.
 //
-// The standby executor here is in process (a second ForwardEngine over the same
-// chunk store); a separate standby process attaching through the HMM daemon is
-// future work (issue 5).
+// The standby executor is in process by default (a second ForwardEngine over the
+// same chunk store). With `executor: { process: { script } }` every executor is a
+// process of its own (src/executor/process.ts) attaching through an HmmDaemon the
+// deployment runs on a temporary socket: attach spawns the standby process for
+// the new layout (after prepare, so the new chunks and KV pools exist) and waits
+// for its `ready`; the standby's daemon session keeps only the new layout's
+// chunks and KV pools; release closes the old process; rollback kills the standby.
+import { type ChildProcess, spawn } from 'node:child_process';
+import { mkdtempSync, rmSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+
 import { Engine, type Completion, type GenerationCallbacks, type GenerationRequest, type ReconfigureReport, type StepFigures } from '../executor/engine.js';
 import { ForwardEngine } from '../executor/forward.js';
+import { RemoteStepper } from '../executor/remote.js';
 import { type MappedKvPool, mapHmmKvPools } from '../executor/kv-view.js';
 import { kvGeometry } from '../executor/types.js';
 import { storeWeights } from '../executor/weights.js';
 import { type CopyProgress, CopyService } from '../hmm/copy-service.js';
+import { HmmDaemon } from '../hmm/daemon.js';
 import { Hmm } from '../hmm/hmm.js';
 import type { TensorLocation } from '../hmm/placement.js';
 import type { ModelConfig } from '../model/config.js';
 import { expertGroup, weightSpecs } from '../model/weights.js';
 import { InvalidArgumentError } from '../runtime/errors.js';
+import { UnixChannel } from '../runtime/channel.js';
 import type { Runtime } from '../runtime/runtime.js';
 import { type LayoutLimits, type LayoutSpec, roundRobinLayout, toExpertPlacement, validateLayout } from './layout.js';
 import { type PlanSizes, diffLayouts, lowerBoundBytes, planPlacement, scheduleTransfers } from './planner.js';
@@ -67,7 +79,18 @@ export interface DeploymentOptions {
   /** Sources one expert copy is striped across (default 2). */
   maxSourcesPerTransfer?: number;
   onStep?: (figures: StepFigures) => void;
+  /**
+   * Where the forward passes run (default 'in-process'). `{ process: { script } }`:
+   * `node script SOCKET` for each layout, a script that calls runExecutorProcess
+   * with channelFd 3; `env` is added to this process's environment.
+   */
+  executor?: ExecutorMode;
 }
+
+export type ExecutorMode = 'in-process' | { process: { script: string; env?: Record<string, string> } };
+
+/** The forward pass of a layout: in process, or an executor process. */
+type Executor = ForwardEngine | RemoteStepper;
 
 export type ScalePhase = 'plan' | 'prepare' | 'attach' | 'switch' | 'release' | 'rollback' | 'done';
 
@@ -115,13 +138,27 @@ export interface ScaleReport {
 }
 
 const now = () => performance.now();
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+const exitOf = (proc: ChildProcess) => new Promise<void>((resolve) => {
+  if (proc.exitCode !== null || proc.signalCode !== null) return resolve();
+  proc.once('exit', () => resolve());
+});
+interface DaemonState {
+  daemon: HmmDaemon;
+  dir: string;
+  socket: string;
+  script: string;
+  env: Record<string, string>;
+}
 const cloneLayout = (l: LayoutSpec): LayoutSpec => ({ ...l, devices: [...l.devices], placement: l.placement.map((row) => row.map((h) => [...h])) });
 
 export class Deployment {
   private layoutSpec: LayoutSpec;
   private layoutId: string;
   private layoutCounter: number;
-  private forward: ForwardEngine;
+  private forward: Executor;
+  /** The HMM daemon executor processes attach through (process mode only). */
+  private readonly daemon: DaemonState | undefined;
   /** KV views of this process, per device of the current layout. */
   private readonly views: Map<number, MappedKvPool>;
   private readonly copier: CopyService;
@@ -137,9 +174,11 @@ export class Deployment {
     private readonly options: DeploymentOptions,
     layout: LayoutSpec,
     layoutId: string,
-    forward: ForwardEngine,
+    forward: Executor,
     views: Map<number, MappedKvPool>,
+    daemon: DaemonState | undefined,
   ) {
+    this.daemon = daemon;
     this.layoutSpec = layout;
     this.layoutId = layoutId;
     this.layoutCounter = 1;
@@ -158,7 +197,12 @@ export class Deployment {
     const id = 'layout-1';
     const hmm = new Hmm(rt);
     let views: Map<number, MappedKvPool> | undefined;
-    let forward: ForwardEngine | undefined;
+    let forward: Executor | undefined;
+    let daemon: DaemonState | undefined;
+    const mode = options.executor ?? 'in-process';
+    if (mode !== 'in-process' && (typeof mode !== 'object' || typeof mode.process?.script !== 'string')) {
+      throw new InvalidArgumentError('executor', `'in-process' or { process: { script } } (got ${JSON.stringify(mode)})`);
+    }
     try {
       const placement = toExpertPlacement(layout);
       const load: { seed?: bigint; holder: string; scaleFor?: (t: TensorLocation) => number } = { holder: id };
@@ -167,8 +211,21 @@ export class Deployment {
       await hmm.loadSynthetic(weightSpecs(config, layout.devices, placement), load);
       const { blockBytes } = Deployment.geometry(options);
       for (const d of layout.devices) hmm.kv.createPool({ device: d, blockBytes, blocks });
-      views = mapHmmKvPools(rt, hmm, layout.devices);
-      forward = await Deployment.createForward(options, hmm, layout, views);
+      if (mode === 'in-process') {
+        views = mapHmmKvPools(rt, hmm, layout.devices);
+        forward = await Deployment.createForward(options, hmm, layout, views);
+      } else {
+        views = new Map();
+        const dir = mkdtempSync(path.join(os.tmpdir(), 'emoe-deploy-'));
+        const socket = path.join(dir, 'hmm.sock');
+        try {
+          daemon = { daemon: await HmmDaemon.listen(hmm, socket), dir, socket, script: mode.process.script, env: { ...mode.process.env } };
+        } catch (e) {
+          rmSync(dir, { recursive: true, force: true });
+          throw e;
+        }
+        forward = await Deployment.spawnExecutor(options, daemon, layout);
+      }
       const engine = new Engine({
         stepper: forward,
         kv: hmm.kv,
@@ -181,13 +238,78 @@ export class Deployment {
         vocabSize: config.vocabSize,
         ...(options.onStep ? { onStep: options.onStep } : {}),
       });
-      return new Deployment(rt, config, hmm, engine, options, layout, id, forward, views);
+      return new Deployment(rt, config, hmm, engine, options, layout, id, forward, views, daemon);
     } catch (e) {
-      forward?.dispose();
+      if (forward instanceof RemoteStepper) {
+        forward.kill();
+        await forward.exited;
+      } else forward?.dispose();
       for (const v of views?.values() ?? []) v.dispose();
+      if (daemon) {
+        await daemon.daemon.close().catch(() => undefined);
+        rmSync(daemon.dir, { recursive: true, force: true });
+      }
       hmm.dispose();
       throw e;
     }
+  }
+
+  /** `node script SOCKET` with a channel as fd 3, init for `layout`, ready; on failure the process is dead before this rejects. */
+  private static async spawnExecutor(options: DeploymentOptions, d: DaemonState, layout: LayoutSpec): Promise<RemoteStepper> {
+    const [mine, theirs] = UnixChannel.pair();
+    let proc: ChildProcess;
+    try {
+      proc = spawn(process.execPath, [d.script, d.socket], {
+        stdio: ['ignore', 'inherit', 'inherit', theirs.fd],
+        env: { ...process.env, ...d.env },
+      });
+    } catch (e) {
+      mine.close();
+      throw e;
+    } finally {
+      theirs.close();
+    }
+    try {
+      return await RemoteStepper.start(mine, proc, {
+        config: options.config,
+        layout: { devices: [...layout.devices], placement: toExpertPlacement(layout) },
+        options: { maxTokensPerStep: options.maxTokensPerStep ?? 64, blockTokens: options.blockTokens ?? 16 },
+      });
+    } catch (e) {
+      proc.kill('SIGKILL');
+      await exitOf(proc);
+      throw e;
+    }
+  }
+
+  private static async disposeExecutor(x: Executor | undefined, kill: boolean): Promise<void> {
+    if (x instanceof RemoteStepper) {
+      if (kill) x.kill();
+      else await x.close();
+      await x.exited;
+    } else x?.dispose();
+  }
+
+  /**
+   * Waits (after the executor processes concerned are gone) until the daemon has
+   * ended every session but `keep`'s, so what they held is released; ends any left.
+   */
+  private async settleSessions(keep: ReadonlySet<string>, timeoutMs = 5000): Promise<void> {
+    const extra = () => this.hmm.sessionIds().filter((s) => !keep.has(s));
+    const deadline = now() + timeoutMs;
+    while (extra().length > 0 && now() < deadline) await sleep(5);
+    for (const id of extra()) {
+      try {
+        this.hmm.session(id).end();
+      } catch {
+        // ended meanwhile
+      }
+    }
+  }
+
+  /** Pid of the executor process serving the current layout (process mode), else undefined. */
+  get executorPid(): number | undefined {
+    return this.forward instanceof RemoteStepper ? this.forward.pid : undefined;
   }
 
   private static limits(rt: Runtime, config: ModelConfig): LayoutLimits {
@@ -279,13 +401,23 @@ export class Deployment {
     // Everything allocated for the new layout, to free on rollback.
     const createdPools: number[] = [];
     let newViews = new Map<number, MappedKvPool>();
-    let standby: ForwardEngine | undefined;
+    let standby: Executor | undefined;
     let holderUsed = false;
+    const serving = this.forward;
     /** Frees everything allocated for the new layout, each step on its own (one failing does not keep the rest). */
-    const rollback = (error: unknown) => {
+    const rollback = async (error: unknown) => {
       progress('rollback', { error });
+      if (this.daemon) {
+        // The standby process (if any) dies first, then its daemon session ends, releasing its holds.
+        try {
+          await Deployment.disposeExecutor(standby, true);
+          await this.settleSessions(new Set(serving instanceof RemoteStepper ? [serving.session] : []));
+        } catch {
+          // Best effort, as below.
+        }
+      }
       const steps: Array<() => void> = [
-        () => standby?.dispose(),
+        () => void (standby instanceof ForwardEngine && standby.dispose()),
         ...[...newViews.values()].map((v) => () => v.dispose()),
         () => void (holderUsed && store.releaseHolder(newId)),
         ...createdPools.map((d) => () => this.hmm.kv.destroyPool(d)),
@@ -347,12 +479,23 @@ export class Deployment {
 
       // 3. Attach: the standby forward pass maps the new layout.
       progress('attach');
-      newViews = mapHmmKvPools(this.rt, this.hmm, createdPools);
-      const allViews = new Map([...this.views, ...newViews]);
-      standby = await Deployment.createForward(this.options, this.hmm, next, allViews);
+      if (this.daemon) {
+        // A standby executor process attaches through the daemon and maps the KV pools of next.devices only.
+        const proc = await Deployment.spawnExecutor(this.options, this.daemon, next);
+        standby = proc;
+        // Its session keeps only the new layout's chunks and KV pools, so release can free the rest.
+        const needed = new Set(store.all().filter((c) => c.holders.has(newId)).map((c) => c.plan.id));
+        for (const d of next.devices) for (const id of this.hmm.kv.info(d).chunkIds) needed.add(id);
+        const session = this.hmm.session(proc.session);
+        session.detach([...session.attached].filter((id) => !needed.has(id)));
+      } else {
+        newViews = mapHmmKvPools(this.rt, this.hmm, createdPools);
+        const allViews = new Map([...this.views, ...newViews]);
+        standby = await Deployment.createForward(this.options, this.hmm, next, allViews);
+      }
       phases.attachMs = lap();
     } catch (e) {
-      rollback(e);
+      await rollback(e);
       throw e;
     }
 
@@ -367,7 +510,7 @@ export class Deployment {
       });
     } catch (e) {
       // reconfigure rejects only before changing anything: the old layout still serves.
-      rollback(e);
+      await rollback(e);
       throw e;
     }
     const old = this.forward;
@@ -381,7 +524,11 @@ export class Deployment {
 
     // 5. Release what only the old layout used. The old forward pass ran its last step before the switch.
     progress('release');
-    old.dispose();
+    if (old instanceof RemoteStepper) {
+      // The old process exits and its daemon session ends before its chunks are released.
+      await old.close();
+      await this.settleSessions(new Set([(standby as RemoteStepper).session]));
+    } else old.dispose();
     const chunksReleased = store.releaseHolder(oldId).length;
     const stay = new Set(next.devices);
     for (const d of from) {
@@ -404,9 +551,14 @@ export class Deployment {
     this.closed = true;
     await this.scaling?.catch(() => undefined);
     await this.engine.close();
-    this.forward.dispose();
+    await Deployment.disposeExecutor(this.forward, false);
     for (const v of this.views.values()) v.dispose();
     this.views.clear();
+    if (this.daemon) {
+      await this.settleSessions(new Set());
+      await this.daemon.daemon.close().catch(() => undefined);
+      rmSync(this.daemon.dir, { recursive: true, force: true });
+    }
     this.hmm.dispose();
   }
 }

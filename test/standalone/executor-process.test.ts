@@ -211,3 +211,21 @@ describe('executor process', () => {
     for (const s of seqs) hmm.kv.free(s.req);
   }, 20_000);
 });
+
+describe('layoutChunkIds (pure)', () => {
+  it('keeps dense chunks and KV pools of the layout devices and only the experts placed there', async () => {
+    const { layoutChunkIds } = await import('../../src/executor/process.js');
+    const chunks = [
+      { id: 'dense@0#0', group: 'dense', device: 0, kind: 'weight' },
+      { id: 'dense@2#0', group: 'dense', device: 2, kind: 'weight' },
+      { id: 'L0.E0@0', group: 'L0.E0', device: 0, kind: 'weight' },
+      { id: 'L0.E1@0', group: 'L0.E1', device: 0, kind: 'weight' }, // held by an old layout only
+      { id: 'L0.E1@1', group: 'L0.E1', device: 1, kind: 'weight' },
+      { id: 'kv@0#0', group: 'kv', device: 0, kind: 'kv' },
+      { id: 'kv@2#0', group: 'kv', device: 2, kind: 'kv' },
+    ];
+    const placement = [[[0], [1]]];
+    expect(layoutChunkIds(chunks, [0, 1], placement, [{ chunkIds: ['kv@0#0'] }]).sort())
+      .toEqual(['L0.E0@0', 'L0.E1@1', 'dense@0#0', 'kv@0#0']);
+  });
+});

@@ -1,0 +1,161 @@
+// Deployment with executor processes (DeploymentOptions.executor = { process }) on
+// the mock backend: every layout's forward pass runs in a process of its own that
+// attaches through the deployment's HMM daemon. (1) greedy tokens across a 1→2→1
+// scale mid-generation equal a fixed in-process run; (2) a standby process dying
+// during attach rolls the scale back: the old process keeps serving, device memory
+// and chunks are exactly as before, and no standby process is left.
+// The children run the compiled dist (`npx tsc -p .` first).
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+
+import type { Completion } from '../../src/executor/engine.js';
+import type { TensorLocation } from '../../src/hmm/placement.js';
+import { parseConfig } from '../../src/model/config.js';
+import type { Runtime } from '../../src/runtime/runtime.js';
+import { Deployment, type DeploymentOptions, type ScaleProgress } from '../../src/scaling/orchestrator.js';
+import { MIB, openMock } from '../helpers/mock.js';
+
+const CHILD = path.resolve(__dirname, '../fixtures/executor-child.mjs');
+const config = parseConfig({
+  model_type: 'qwen3_moe', hidden_size: 64, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, head_dim: 16,
+  vocab_size: 97, num_experts: 8, moe_intermediate_size: 32, norm_topk_prob: true, num_experts_per_tok: 2, max_position_embeddings: 256,
+});
+const scaleFor = (t: TensorLocation) => (t.shape.length === 1 ? 1.0 : t.name.includes('embed_tokens') || t.name.includes('lm_head') ? 1.0 : 0.25);
+const SEED = 20251002n;
+const MAX = 120;
+const PROMPTS = Array.from({ length: 6 }, (_, k) => Array.from({ length: 3 + ((k * 5) % 17) }, (_, i) => (i * 13 + k * 29 + 1) % 97));
+
+let dir: string;
+let dieFile: string;
+const opened: Array<{ rt: Runtime; dep: Deployment }> = [];
+async function start(devices: number[], extra: Partial<DeploymentOptions> = {}) {
+  // The child opens 4 mock devices of 256 MiB (executor-child.mjs): the same here.
+  const rt = openMock({ mockCapacity: 256 * MIB });
+  const dep = await Deployment.start({ rt, config, devices, seed: SEED, scaleFor, kvBlocksPerDevice: 64, maxTokensPerStep: 64, ...extra });
+  opened.push({ rt, dep });
+  return { rt, dep };
+}
+const processMode = (): Partial<DeploymentOptions> => ({
+  executor: { process: { script: CHILD, env: { ELASTICMOE_BACKEND: 'mock', ELASTICMOE_NO_WARN_MOCK: '1', EMOE_TEST_DIE_FILE: dieFile } } },
+});
+const freeBytes = (rt: Runtime) => rt.devices().map((d) => d.freeBytes);
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+const alive = (pid: number) => {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+};
+
+const reference: number[][] = [];
+beforeAll(async () => {
+  dir = mkdtempSync(path.join(os.tmpdir(), 'emoe-scaleproc-'));
+  dieFile = path.join(dir, 'die');
+  const { dep: fixed } = await start([0]);
+  const done = await Promise.all(PROMPTS.map((prompt) => fixed.submit({ prompt, maxTokens: MAX, ignoreEos: true })));
+  reference.push(...done.map((c) => c.outputTokens));
+  expect(new Set(reference.flat()).size).toBeGreaterThan(10); // not degenerate
+});
+
+afterAll(async () => {
+  for (const { dep, rt } of opened) {
+    await dep.close();
+    rt.dispose();
+  }
+  rmSync(dir, { recursive: true, force: true });
+});
+
+describe('Deployment with executor processes', () => {
+  it('gives the fixed layout\'s greedy tokens across a 1→2→1 scale mid-generation', async () => {
+    const { dep } = await start([0], processMode());
+    const first = dep.executorPid!;
+    expect(first).toBeGreaterThan(0);
+    expect(first).not.toBe(process.pid);
+    const streamed = new Map<string, number[]>();
+    const done: Array<Promise<Completion>> = PROMPTS.map((prompt, k) => {
+      streamed.set(`r${k}`, []);
+      return dep.submit({ id: `r${k}`, prompt, maxTokens: MAX, ignoreEos: true }, { onToken: (t) => streamed.get(`r${k}`)!.push(t) });
+    });
+    const waitTokens = async (n: number) => {
+      const deadline = performance.now() + 10_000;
+      while ([...streamed.values()].some((s) => s.length < n)) {
+        if (performance.now() > deadline) throw new Error(`requests did not reach ${n} tokens`);
+        await sleep(1);
+      }
+    };
+    await waitTokens(5);
+    const up = await dep.scale({ devices: [0, 1] });
+    expect(dep.devices).toEqual([0, 1]);
+    const second = dep.executorPid!;
+    expect(second).not.toBe(first);
+    await expect.poll(() => alive(first)).toBe(false);
+    expect(up.switchover).toBeDefined();
+    expect([...streamed.values()].some((s) => s.length < MAX)).toBe(true); // still mid-generation
+    await waitTokens(Math.min(MAX - 20, Math.max(...[...streamed.values()].map((s) => s.length)) + 5));
+    const down = await dep.scale({ devices: [0] });
+    expect(down.chunksReleased).toBeGreaterThan(0);
+    expect(dep.devices).toEqual([0]);
+    await expect.poll(() => alive(second)).toBe(false);
+    const got = await Promise.all(done);
+    for (const [k, c] of got.entries()) {
+      expect(c.outputTokens, `tokens of r${k}`).toEqual(reference[k]);
+      expect(streamed.get(`r${k}`)).toEqual(reference[k]);
+    }
+    // Only the serving executor's session is open; only layout [0]'s chunks are left.
+    expect(dep.hmm.sessionIds().length).toBe(1);
+    expect(dep.hmm.store.all().every((c) => c.plan.device === 0)).toBe(true);
+  }, 20_000);
+
+  it('rolls back when the standby process dies during attach: the old process keeps serving, memory exactly as before', async () => {
+    const { rt, dep } = await start([0], processMode());
+    const pid = dep.executorPid!;
+    const want = (await dep.submit({ prompt: PROMPTS[0]!, maxTokens: 30, ignoreEos: true })).outputTokens;
+    expect(want).toEqual(reference[0]!.slice(0, 30));
+    const memory = freeBytes(rt);
+    const chunks = dep.hmm.store.all().map((c) => c.plan.id).sort();
+    const layoutChunks = dep.chunkIds();
+    const accounting = dep.hmm.accounting();
+    const sessions = dep.hmm.sessionIds();
+    const kvPools = dep.hmm.kv.poolDevices();
+
+    writeFileSync(dieFile, ''); // the next executor process exits before `ready`
+    const phases: ScaleProgress['phase'][] = [];
+    try {
+      // A request in flight across the failed attempt.
+      const during = dep.submit({ prompt: PROMPTS[1]!, maxTokens: 60, ignoreEos: true });
+      await expect(dep.scale({ devices: [0, 1] }, { onProgress: (p) => phases.push(p.phase) })).rejects.toThrow(/executor/);
+      expect((await during).outputTokens).toEqual(reference[1]!.slice(0, 60));
+    } finally {
+      rmSync(dieFile, { force: true });
+    }
+    expect(phases).toContain('attach');
+    expect(phases.at(-1)).toBe('rollback');
+    const standbyPid = Number(readFileSync(`${dieFile}.pid`, 'utf8'));
+    expect(standbyPid).not.toBe(pid);
+    expect(alive(standbyPid)).toBe(false);
+
+    // The old layout and its process are untouched.
+    expect(dep.devices).toEqual([0]);
+    expect(dep.epoch).toBe(0);
+    expect(dep.executorPid).toBe(pid);
+    expect(alive(pid)).toBe(true);
+    expect(freeBytes(rt)).toEqual(memory);
+    expect(dep.hmm.store.all().map((c) => c.plan.id).sort()).toEqual(chunks);
+    expect(dep.chunkIds()).toEqual(layoutChunks);
+    expect(dep.hmm.accounting()).toEqual(accounting);
+    expect(dep.hmm.sessionIds()).toEqual(sessions);
+    expect(dep.hmm.kv.poolDevices()).toEqual(kvPools);
+    // It still serves, with the right tokens, and a later scale succeeds.
+    expect((await dep.submit({ prompt: PROMPTS[2]!, maxTokens: 30, ignoreEos: true })).outputTokens).toEqual(reference[2]!.slice(0, 30));
+    expect(existsSync(dieFile)).toBe(false);
+    await dep.scale({ devices: [0, 1] });
+    expect(dep.devices).toEqual([0, 1]);
+    await expect.poll(() => alive(pid)).toBe(false);
+    expect((await dep.submit({ prompt: PROMPTS[3]!, maxTokens: 30, ignoreEos: true })).outputTokens).toEqual(reference[3]!.slice(0, 30));
+  }, 20_000);
+});
