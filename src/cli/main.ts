@@ -50,6 +50,8 @@ commands:
                 --port N                 (default 8000; 0 picks a free port)
                 --kv-blocks N, --max-tokens-per-step N, --seed N  as for generate
                 --log-level LEVEL        pino level: info (default), debug, warn, silent, ...
+                --executor process       run every executor as its own process, attached through
+                                         the HMM daemon (synthetic weights; default in-process)
 
   scale       ask a running \`elasticmoe serve\` (synthetic weights) to move to a new
               device set while it keeps serving, and print what moved
@@ -97,6 +99,7 @@ export async function main(argv: string[]): Promise<number> {
       host: { type: 'string' },
       port: { type: 'string' },
       url: { type: 'string' },
+      executor: { type: 'string' },
       'log-level': { type: 'string' },
       help: { type: 'boolean', short: 'h', default: false },
     },
@@ -165,6 +168,7 @@ export async function main(argv: string[]): Promise<number> {
         kvBlocks: values['kv-blocks'],
         maxTokensPerStep: values['max-tokens-per-step'],
         logLevel: values['log-level'],
+        executor: values.executor,
         runtime: options,
       });
     }

@@ -24,6 +24,9 @@ import { parseDeviceList } from './hmm.js';
 import { createProgressBar } from './progress.js';
 
 /** The model served when neither --model nor --synthetic is given. */
+/** The executor process entry (compiled). */
+const EXECUTOR_SCRIPT = fileURLToPath(new URL('../executor/main.js', import.meta.url));
+
 export const DEFAULT_SYNTHETIC = fileURLToPath(new URL('../../scripts/configs/tiny-qwen3-moe.json', import.meta.url));
 
 export interface ServeCommandOptions {
@@ -47,6 +50,8 @@ export interface ServeCommandOptions {
   maxTokensPerStep?: string;
   /** pino level: fatal, error, warn, info, debug, trace, silent (default info). */
   logLevel?: string;
+  /** "in-process" (default) or "process": executors as separate processes (synthetic weights only). */
+  executor?: string;
   runtime: RuntimeOptionsInput;
 }
 
@@ -120,6 +125,12 @@ export async function runServe(o: ServeCommandOptions, err: NodeJS.WritableStrea
   const files = await loadModelFiles({ model: o.model, synthetic, tokenizer: o.tokenizer });
   const log = pino({ level, base: { service: 'elasticmoe' } });
 
+  if (o.executor !== undefined && o.executor !== 'in-process' && o.executor !== 'process') {
+    throw new InvalidArgumentError('--executor', `in-process or process (got '${o.executor}')`);
+  }
+  if (o.executor === 'process' && o.model !== undefined) {
+    throw new InvalidArgumentError('--executor', 'in-process with --model (process executors serve synthetic weights for now)');
+  }
   const rt = Runtime.open(o.runtime);
   let stack: LocalStack | undefined;
   let scalable: Deployment | undefined;
@@ -158,8 +169,17 @@ export async function runServe(o: ServeCommandOptions, err: NodeJS.WritableStrea
     if (o.model === undefined) {
       // Synthetic weights: the scalable deployment, so POST /admin/scale (and `elasticmoe scale`) work.
       const listeners = new Set<(f: StepFigures) => void>();
+      // --executor process: every executor (serving and standby) is its own process attached through the
+      // HMM daemon; it opens the same backend with the same mock settings as this process.
+      const executor = o.executor === 'process'
+        ? { process: { script: EXECUTOR_SCRIPT, env: {
+          ELASTICMOE_BACKEND: rt.backend,
+          ELASTICMOE_MOCK_DEVICES: String(rt.options.mockDevices),
+          ELASTICMOE_MOCK_CAPACITY: String(rt.options.mockCapacity),
+        } } }
+        : 'in-process' as const;
       const dep = await Deployment.start({
-        rt, config: files.config, devices, seed, maxTokensPerStep, kvBlocksPerDevice: kvBlocks ?? 1024,
+        rt, config: files.config, devices, seed, maxTokensPerStep, kvBlocksPerDevice: kvBlocks ?? 1024, executor,
         onStep: (f) => listeners.forEach((l) => l(f)),
       });
       scalable = dep;

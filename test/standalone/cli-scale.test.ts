@@ -1,13 +1,14 @@
 // `elasticmoe serve` (synthetic weights: scalable) and `elasticmoe scale` as a user runs them.
 import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
+import { readFileSync, readdirSync } from 'node:fs';
 import path from 'node:path';
 
 import { afterAll, describe, expect, it } from 'vitest';
 
 const cli = path.resolve(__dirname, '../../dist/cli/main.js');
 
-async function startServer(): Promise<{ proc: ChildProcess; url: string }> {
-  const proc = spawn(process.execPath, [cli, 'serve', '--backend', 'mock', '--port', '0', '--log-level', 'silent'], { stdio: ['ignore', 'ignore', 'pipe'] });
+async function startServer(extra: string[] = []): Promise<{ proc: ChildProcess; url: string }> {
+  const proc = spawn(process.execPath, [cli, 'serve', '--backend', 'mock', '--port', '0', '--log-level', 'silent', ...extra], { stdio: ['ignore', 'ignore', 'pipe'] });
   let err = '';
   const url = await new Promise<string>((resolve, reject) => {
     proc.stderr!.on('data', (d) => {
@@ -18,6 +19,22 @@ async function startServer(): Promise<{ proc: ChildProcess; url: string }> {
     proc.on('exit', (code) => reject(new Error(`serve exited ${code}: ${err}`)));
   });
   return { proc, url };
+}
+
+/** Command lines of the live child processes of `pid` (from /proc). */
+function children(pid: number): string[] {
+  const out: string[] = [];
+  for (const d of readdirSync('/proc')) {
+    if (!/^\d+$/.test(d)) continue;
+    try {
+      const stat = readFileSync(`/proc/${d}/stat`, 'utf8');
+      const ppid = Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]);
+      if (ppid === pid) out.push(readFileSync(`/proc/${d}/cmdline`, 'utf8').replace(/\0/g, ' '));
+    } catch {
+      // the process went away meanwhile
+    }
+  }
+  return out;
 }
 
 const complete = async (url: string) => {
@@ -51,6 +68,24 @@ describe('elasticmoe scale against elasticmoe serve', () => {
     server.proc.kill('SIGTERM');
     expect(await new Promise((r) => server!.proc.on('exit', r))).toBe(0);
     server = undefined;
+  }, 30_000);
+
+  it('with --executor process, serves and scales through executor processes with the same answers', async () => {
+    server = await startServer(['--executor', 'process']);
+    const executors = () => children(server!.proc.pid!).filter((c) => c.includes('executor/main.js'));
+    expect(executors()).toHaveLength(1);
+    const before = await complete(server.url);
+    const up = spawnSync(process.execPath, [cli, 'scale', '--devices', '1,2', '--url', server.url, '--json'], { encoding: 'utf8' });
+    expect(up.status, up.stderr).toBe(0);
+    expect(JSON.parse(up.stdout).layout.devices).toEqual([1, 2]);
+    await expect.poll(executors).toHaveLength(1); // the standby took over; the old executor exited
+    expect(await complete(server.url)).toEqual(before);
+    server.proc.kill('SIGTERM');
+    expect(await new Promise((r) => server!.proc.on('exit', r))).toBe(0);
+    server = undefined;
+    const bad = spawnSync(process.execPath, [cli, 'serve', '--backend', 'mock', '--executor', 'threads'], { encoding: 'utf8' });
+    expect(bad.status).toBe(1);
+    expect(bad.stderr).toMatch(/--executor must be in-process or process/);
   }, 30_000);
 
   it('says clearly when no server answers', () => {
