@@ -3,7 +3,8 @@
 // with transformers: greedy tokens over all steps (against the f32 reference with
 // a bf16 KV cache, "f32kv16", when available)
 // and per-step logits (against the f32 and the bf16 references), on each layout
-// given (default: "0" and "0,1"). Exit code 1 when a token differs.
+// given (default: "0" and "0,1"). Exit code 0 when every token matches, 3 when every
+// divergence is a near tie of the reference, 1 otherwise.
 //   python3 scripts/hf_reference.py /tmp/hfref
 //   ELASTICMOE_BACKEND=cuda node scripts/check-vs-transformers.mjs /tmp/hfref [0] [0,1]
 import { readFileSync } from 'node:fs';
@@ -29,6 +30,7 @@ if (!root) {
 const layouts = (layoutArgs.length ? layoutArgs : ['0', '0,1']).map((s) => s.split(',').map(Number));
 const rt = Runtime.open({});
 let failures = 0;
+let unexplained = 0;
 const emit = (o) => process.stdout.write(`${JSON.stringify(o)}\n`);
 
 for (const arch of ['qwen3_moe', 'mixtral']) {
@@ -89,11 +91,29 @@ for (const arch of ['qwen3_moe', 'mixtral']) {
         return { maxAbs: worst, maxRef: scale, rel: worst / scale };
       };
       const bf16Same = s.out.filter((t, k) => t === ref.bf16[i].tokens[k]).length;
+      // At the first divergence: was it a near tie? The reference's top-1 / top-2 margin at that step,
+      // against the largest logit difference seen before it (rounding noise). A divergence is
+      // "explained" when the margin is within twice that noise.
+      let divergence;
+      if (firstDiff >= 0) {
+        const r = ref[strict][i].logits[firstDiff];
+        const sorted = [...r].sort((a, b) => b - a);
+        const margin = sorted[0] - sorted[1];
+        let noise = 0;
+        for (let k = 0; k <= firstDiff; k++) {
+          const a = s.logits[k];
+          const b = ref[strict][i].logits[k];
+          for (let v = 0; v < a.length; v++) noise = Math.max(noise, Math.abs(a[v] - b[v]));
+        }
+        divergence = { step: firstDiff, refMargin: margin, noiseBefore: noise, explainedAsNearTie: margin <= 2 * noise };
+      }
       const row = { arch, devices: devices.join(','), prompt: i, promptLen: s.prompt.length, steps: ref.steps,
         strictReference: strict, tokensEqual: firstDiff < 0, firstDiffStep: firstDiff, tokensSameAsBf16: bf16Same,
         logitsVsStrict: maxDiff(strict), logitsVsF32: maxDiff('f32'), logitsVsBf16: maxDiff('bf16'),
         step0MaxAbsVsF32: Math.max(...s.logits[0].map((v, k) => Math.abs(v - ref.f32[i].logits[0][k]))) };
       if (firstDiff >= 0) failures++;
+      if (divergence && !divergence.explainedAsNearTie) unexplained++;
+      row.divergence = divergence;
       emit(row);
     }
     engine.dispose();
@@ -102,5 +122,7 @@ for (const arch of ['qwen3_moe', 'mixtral']) {
     hmm.dispose();
   }
 }
-emit({ summary: true, failures });
-process.exitCode = failures ? 1 : 0;
+emit({ summary: true, failures, unexplained });
+// Exit 1 only for divergences that are not near ties (see `divergence` in each row); 3 when every
+// divergence is a near tie, so a caller can tell "exact" (0) from "equal up to ties" (3).
+process.exitCode = unexplained ? 1 : failures ? 3 : 0;
