@@ -7,19 +7,13 @@ import type { SharedHandle } from '../runtime/memory.js';
 import type { Runtime } from '../runtime/runtime.js';
 import { ChunkStore, type DeviceAccounting, type StoredChunk } from './chunk-store.js';
 import { KvManager, type KvPoolInfo } from './kv-pool.js';
-import { type ChunkKind, type ChunkPlan, type PlacementOptions, type TensorLocation, type TensorSpec, planChunks } from './placement.js';
+import { type ChunkPlan, type PlacementOptions, type TensorSpec, planChunks } from './placement.js';
 import { fillSynthetic, type SyntheticOptions } from './synthetic.js';
 
 export const RESIDENT = 'hmm';
 
-export interface ChunkManifestEntry {
-  id: string;
-  group: string;
-  device: number;
-  kind: ChunkKind;
-  size: number;
-  tensors: TensorLocation[];
-}
+/** What the manifest says about a chunk: its plan, as sent to executors. */
+export type ChunkManifestEntry = ChunkPlan;
 
 export interface HmmManifest {
   backend: string;

@@ -387,6 +387,24 @@ describe('clients', () => {
   });
 });
 
+/** A server over the orchestrator's Deployment (tiny model, mock, starting on device 0). */
+async function startScalable() {
+  const config = parseConfig(JSON.parse(readFileSync(TINY, 'utf8')));
+  const srt = openMock({ mockCapacity: 512 * MIB });
+  const dep = await Deployment.start({ rt: srt, config, devices: [0], kvBlocksPerDevice: 128, maxTokensPerStep: 64 });
+  const server = createServer(scalableDeployment(dep, { id: 'tiny' }), { port: 0, maxDevices: 3, deviceCount: srt.deviceCount, processMetrics: false });
+  const { url } = await server.listen();
+  return {
+    dep,
+    url,
+    close: async () => {
+      await server.close();
+      await dep.close();
+      srt.dispose();
+    },
+  };
+}
+
 describe('POST /admin/scale', () => {
   it('answers 501 when the deployment cannot scale', async () => {
     const res = await post(`${ids.url}/admin/scale`, { devices: [0, 1, 2] });
@@ -395,11 +413,7 @@ describe('POST /admin/scale', () => {
   });
 
   it('scales the orchestrator\'s Deployment while a client streams: the stream completes with the same tokens', async () => {
-    const config = parseConfig(JSON.parse(readFileSync(TINY, 'utf8')));
-    const srt = openMock({ mockCapacity: 512 * MIB });
-    const dep = await Deployment.start({ rt: srt, config, devices: [0], kvBlocksPerDevice: 128, maxTokensPerStep: 64 });
-    const server = createServer(scalableDeployment(dep, { id: 'tiny' }), { port: 0, maxDevices: 3, deviceCount: srt.deviceCount, processMetrics: false });
-    const { url } = await server.listen();
+    const { dep, url, close } = await startScalable();
     try {
       const want = await dep.submit({ prompt: PROMPT, maxTokens: 120, ignoreEos: true });
       let scaled: Promise<Response> | undefined;
@@ -424,18 +438,12 @@ describe('POST /admin/scale', () => {
       expect(sample(metrics, 'elasticmoe_scale_duration_seconds_count')).toBe(1);
       expect(sample(metrics, 'elasticmoe_devices')).toBe(2);
     } finally {
-      await server.close();
-      await dep.close();
-      srt.dispose();
+      await close();
     }
   });
 
   it('scales up and then down through the admin route while several clients stream: every stream completes with its tokens', async () => {
-    const config = parseConfig(JSON.parse(readFileSync(TINY, 'utf8')));
-    const srt = openMock({ mockCapacity: 512 * MIB });
-    const dep = await Deployment.start({ rt: srt, config, devices: [0], kvBlocksPerDevice: 128, maxTokensPerStep: 64 });
-    const server = createServer(scalableDeployment(dep, { id: 'tiny' }), { port: 0, maxDevices: 3, deviceCount: srt.deviceCount, processMetrics: false });
-    const { url } = await server.listen();
+    const { dep, url, close } = await startScalable();
     try {
       const want = await dep.submit({ prompt: PROMPT, maxTokens: 160, ignoreEos: true });
       let scales: Promise<any[]> | undefined;
@@ -463,9 +471,7 @@ describe('POST /admin/scale', () => {
       }
       expect((await json(fetch(`${url}/admin/layout`))).devices).toEqual([1]);
     } finally {
-      await server.close();
-      await dep.close();
-      srt.dispose();
+      await close();
     }
   });
 });
