@@ -11,7 +11,8 @@
 // Knobs: BENCH_LAYERS (default all), BENCH_ATTACH_RUNS (3), BENCH_ST_LAYERS
 // (layers written to safetensors; default 12), BENCH_DIR (scratch dir on local disk),
 // BENCH_SKIP_ST / BENCH_SKIP_COPY (skip parts A4 / B),
-// BENCH_EXPERTS_PER_CHUNK (default 1: one chunk per expert, as the HMM requires).
+// BENCH_EXPERTS_PER_CHUNK (default 1: one chunk per expert; 128 = one slab per layer
+// and device), BENCH_DENSE_CHUNK_MIB (the dense weights' chunk size cap, default 512).
 import { spawn } from 'node:child_process';
 import { mkdirSync, rmSync } from 'node:fs';
 import os from 'node:os';
@@ -42,12 +43,13 @@ if (process.env.BENCH_LAYERS) config.layers = Number(process.env.BENCH_LAYERS);
 const perChunk = Number(process.env.BENCH_EXPERTS_PER_CHUNK ?? 1);
 let specs = weightSpecs(config, devices, roundRobinPlacement(config.experts, devices));
 if (perChunk > 1) specs = specs.map((s) => (s.group.startsWith('L') ? { ...s, group: s.group.replace(/E(\d+)$/, (_, e) => `S${Math.floor(Number(e) / perChunk)}`) } : s));
-emit({ bench: 'setup', backend: rt.backend, devices: rt.devices().map((d) => d.name), layers: config.layers, expertsPerChunk: perChunk });
+emit({ bench: 'setup', backend: rt.backend, devices: rt.devices().map((d) => d.name), layers: config.layers, expertsPerChunk: perChunk, denseChunkMiB: Number(process.env.BENCH_DENSE_CHUNK_MIB ?? 512) });
 
 // ---- A1: synthetic fill in the HMM
 const hmm = new Hmm(rt);
 let t = performance.now();
-const stored = await hmm.loadSynthetic(specs, { seed: 1n });
+const denseChunkMiB = Number(process.env.BENCH_DENSE_CHUNK_MIB ?? 512);
+const stored = await hmm.loadSynthetic(specs, { seed: 1n, placement: { maxSharedChunkBytes: denseChunkMiB * MIB } });
 const fillMs = performance.now() - t;
 const totalBytes = stored.reduce((a, c) => a + c.plan.size, 0);
 const tensorBytes = stored.reduce((a, c) => a + c.plan.tensors.reduce((b, x) => b + x.bytes, 0), 0);

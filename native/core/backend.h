@@ -28,6 +28,7 @@ using StreamId = uint64_t;
 using EventId = uint64_t;
 using ModuleId = uint64_t;
 using FunctionId = uint64_t;
+using GraphId = uint64_t;
 
 struct DeviceInfo {
   int ordinal = 0;
@@ -170,6 +171,35 @@ class Backend {
   virtual FunctionId GetFunction(ModuleId module, const std::string& name) = 0;
   virtual void Launch(FunctionId function, const LaunchConfig& config, StreamId stream,
                       const std::vector<KernelArg>& args) = 0;
+
+  // ---- stream capture into replayable graphs
+  // Work queued on a capturing stream is recorded, not run. Another stream that
+  // waits (StreamWaitEvent) on an event recorded during the capture joins it:
+  // its later work is recorded into the same graph, ordered after that record,
+  // until the origin stream waits on an event recorded on it after its last
+  // captured work ("joined back"). Records and waits inside the capture become
+  // graph edges only: a replay records no event.
+  // During a capture: synchronizing a capturing stream, synchronizing or timing
+  // an event whose latest record was captured, and a capturing stream waiting on
+  // an event recorded outside the capture fail with kNotSupported and invalidate
+  // the capture (CUDA's rule). A host copy of a capturing stream must use
+  // HostAlloc memory (kNotSupported otherwise; the capture stays valid). Host
+  // memory is read (H2D) and written (D2H) when the graph runs, at the addresses
+  // captured; kernel arguments are the values captured.
+  //
+  // Starts capturing `stream` (kInvalidArgument naming "stream" if it is capturing already).
+  virtual void BeginCapture(StreamId stream) = 0;
+  // Ends the capture begun on `stream` and returns an instantiated graph. The
+  // capture ends (every joined stream leaves it) even when this throws:
+  // kNotSupported if it was invalidated, kInvalidArgument naming "stream" if a
+  // joined stream was not joined back, or if `stream` is not an origin.
+  virtual GraphId EndCapture(StreamId stream) = 0;
+  // Runs the whole graph, in order on `stream` (work queued on it before runs
+  // first; work queued after waits for it). Each recorded operation runs on the
+  // device of the stream that captured it. A graph may be launched many times.
+  virtual void LaunchGraph(GraphId graph, StreamId stream) = 0;
+  // Launches already queued finish; later use of the id is kInvalidHandle.
+  virtual void DestroyGraph(GraphId graph) = 0;
 
   // ---- health
   // Clears a sticky error (illegal address) on `device`. On cuda this resets the

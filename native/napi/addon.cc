@@ -13,6 +13,7 @@
 #include "napi/convert.h"
 #include "napi/errors.h"
 #include "napi/event_wrap.h"
+#include "napi/graph_wrap.h"
 #include "napi/host_buffer_wrap.h"
 #include "napi/listener_wrap.h"
 #include "napi/module_wrap.h"
@@ -128,6 +129,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   NativeHostBuffer::Init(env, *data);
   NativeStream::Init(env, *data);
   NativeEvent::Init(env, *data);
+  NativeGraph::Init(env, *data);
   NativeModule::Init(env, *data);
   NativeFunction::Init(env, *data);
   NativeChannel::Init(env, *data);

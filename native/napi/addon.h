@@ -15,6 +15,7 @@ struct AddonData {
   Napi::FunctionReference host_buffer_ctor;
   Napi::FunctionReference stream_ctor;
   Napi::FunctionReference event_ctor;
+  Napi::FunctionReference graph_ctor;
   Napi::FunctionReference module_ctor;
   Napi::FunctionReference function_ctor;
   Napi::FunctionReference channel_ctor;

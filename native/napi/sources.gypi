@@ -9,6 +9,7 @@
   'host_buffer_wrap.cc',
   'stream_wrap.cc',
   'event_wrap.cc',
+  'graph_wrap.cc',
   'module_wrap.cc',
   'channel_wrap.cc',
   'listener_wrap.cc',

@@ -6,6 +6,7 @@
 #include "napi/convert.h"
 #include "napi/errors.h"
 #include "napi/event_wrap.h"
+#include "napi/graph_wrap.h"
 #include "napi/host_buffer_wrap.h"
 #include "napi/module_wrap.h"
 #include "napi/promise_worker.h"
@@ -103,6 +104,8 @@ void NativeStream::Init(Napi::Env env, AddonData& data) {
       Method<W, &W::Memset>("memset"),
       Method<W, &W::Launch>("launch"),
       Method<W, &W::WaitEvent>("waitEvent"),
+      Method<W, &W::BeginCapture>("beginCapture"),
+      Method<W, &W::EndCapture>("endCapture"),
       Method<W, &W::Synchronize>("synchronize"),
       Method<W, &W::SynchronizeSync>("synchronizeSync"),
       Method<W, &W::Destroy>("destroy"),
@@ -217,6 +220,22 @@ Napi::Value NativeStream::WaitEvent(const Napi::CallbackInfo& info) {
   const EventState& event = UnwrapArg<NativeEvent>(info[0], "event")->Checked(s.backend, "event");
   s.backend->StreamWaitEvent(s.id, event.id);
   return info.Env().Undefined();
+}
+
+Napi::Value NativeStream::BeginCapture(const Napi::CallbackInfo& info) {
+  const StreamState& s = Live();
+  s.backend->BeginCapture(s.id);
+  return info.Env().Undefined();
+}
+
+// endCapture(): the instantiated graph. Synchronous: instantiation is host work
+// (milliseconds for a thousand nodes), done once per capture.
+Napi::Value NativeStream::EndCapture(const Napi::CallbackInfo& info) {
+  const StreamState& s = Live();
+  GraphId id = s.backend->EndCapture(s.id);
+  // Owned from here: destroyed if making the object fails.
+  auto state = std::make_shared<GraphState>(s.backend, id);
+  return NativeGraph::New(info.Env(), std::move(state));
 }
 
 Napi::Value NativeStream::Synchronize(const Napi::CallbackInfo& info) {

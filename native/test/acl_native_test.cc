@@ -185,6 +185,13 @@ int main(int argc, char** argv) {
     s = ExpectError("can access peer", ErrorKind::kNotSupported, [&] { b->CanAccessPeer(0, 1); });
     EXPECT(s.api == "aclrtDeviceCanAccessPeer");
     EXPECT(b->ImportPid() == static_cast<int32_t>(getpid()));  // no aclrtDeviceGetBareTgid
+    // Stream capture is not implemented on ACL (untested without hardware): a clear refusal.
+    s = ExpectError("begin capture", ErrorKind::kNotSupported, [&] { b->BeginCapture(stream); });
+    EXPECT(s.backend == "acl" && s.api == "BeginCapture");
+    EXPECT(Contains(s.message, "not implemented on the acl backend"));
+    ExpectError("end capture", ErrorKind::kNotSupported, [&] { b->EndCapture(stream); });
+    ExpectError("launch graph", ErrorKind::kNotSupported, [&] { b->LaunchGraph(1, stream); });
+    ExpectError("destroy graph", ErrorKind::kNotSupported, [&] { b->DestroyGraph(1); });
 
     // Sharing: ACL refuses a second export, so the backend hands back the first.
     const uint64_t h1 = b->ExportChunk(other);

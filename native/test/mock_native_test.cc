@@ -744,6 +744,345 @@ void TestFaultInjection() {
   b->ClearFaults();
 }
 
+// ---------------------------------------------------------------------------
+// Stream capture and graphs
+
+// Runs the sequence the graph tests capture: out = 2 * (in + fill), staged
+// through `scratch`, then downloaded. Queued on `s` (capturing or not).
+void QueueStep(Backend& b, StreamId s, FunctionId fill, FunctionId add, FunctionId scale,
+               DevicePtr in, DevicePtr tmp, DevicePtr out, const float* host_in, float* host_out,
+               uint64_t n) {
+  LaunchConfig cfg;
+  b.CopyHostToDevice(in, host_in, n * 4, s);
+  b.Launch(fill, cfg, s, {Ptr(tmp), U32(0x3f800000u), U64(n)});  // 1.0f
+  b.Launch(add, cfg, s, {Ptr(out), Ptr(in), Ptr(tmp), U64(n)});
+  b.MemsetD8(tmp, 0, n * 4, s);
+  b.CopyDeviceToDevice(tmp, out, n * 4, s);
+  b.Launch(scale, cfg, s, {Ptr(tmp), F32(2.0f), U64(n)});
+  b.CopyDeviceToHost(host_out, tmp, n * 4, s);
+}
+
+void TestGraphCaptureAndReplay() {
+  auto b = CreateMockBackend(Options(2, 64 * kMiB));
+  ModuleSource src;
+  ModuleId m = b->LoadModule(0, src, nullptr);
+  FunctionId fill = b->GetFunction(m, "emoe_fill_u32");
+  FunctionId add = b->GetFunction(m, "emoe_vector_add_f32");
+  FunctionId scale = b->GetFunction(m, "emoe_scale_f32");
+  StreamId s = b->CreateStream(0);
+  constexpr uint64_t n = 4096;
+  Buffer buf = MakeBuffer(*b, 0, 2 * kMiB, {0});
+  DevicePtr in = buf.base, tmp = buf.base + kMiB / 2, out = buf.base + kMiB;
+  auto* host_in = static_cast<float*>(b->HostAlloc(n * 4));
+  auto* host_out = static_cast<float*>(b->HostAlloc(n * 4));
+  for (uint64_t i = 0; i < n; ++i) host_in[i] = static_cast<float>(i);
+
+  // Directly, for reference.
+  QueueStep(*b, s, fill, add, scale, in, tmp, out, host_in, host_out, n);
+  b->SynchronizeStream(s);
+  std::vector<float> direct(host_out, host_out + n);
+  CHECK(direct[3] == 8.0f);
+
+  // Captured: nothing runs until the graph is launched.
+  std::memset(host_out, 0, n * 4);
+  b->MemsetD8(buf.base, 0, 2 * kMiB, s);
+  b->SynchronizeStream(s);
+  b->BeginCapture(s);
+  QueueStep(*b, s, fill, add, scale, in, tmp, out, host_in, host_out, n);
+  GraphId g = b->EndCapture(s);
+  CHECK(g != 0);
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  CHECK(host_out[3] == 0.0f && *reinterpret_cast<float*>(out + 12) == 0.0f);
+  b->LaunchGraph(g, s);
+  b->SynchronizeStream(s);
+  CHECK(std::memcmp(host_out, direct.data(), n * 4) == 0);
+
+  // A replay reads the host input as it is then, and writes the host output again.
+  for (uint64_t i = 0; i < n; ++i) host_in[i] = 100.0f;
+  std::memset(host_out, 0, n * 4);
+  b->LaunchGraph(g, s);
+  b->LaunchGraph(g, s);  // twice in a row: same result
+  b->SynchronizeStream(s);
+  for (uint64_t i = 0; i < n; ++i) CHECK(host_out[i] == 202.0f);
+
+  // ... and device memory as it is then: a step that consumes device state.
+  GraphId bump;
+  {
+    b->BeginCapture(s);
+    b->Launch(scale, LaunchConfig{}, s, {Ptr(out), F32(3.0f), U64(1)});
+    bump = b->EndCapture(s);
+  }
+  *reinterpret_cast<float*>(out) = 1.0f;
+  for (int i = 0; i < 4; ++i) b->LaunchGraph(bump, s);
+  b->SynchronizeStream(s);
+  CHECK(*reinterpret_cast<float*>(out) == 81.0f);
+
+  // An empty capture is a graph that does nothing; a graph can be launched into a capture.
+  b->BeginCapture(s);
+  GraphId empty = b->EndCapture(s);
+  b->BeginCapture(s);
+  b->LaunchGraph(bump, s);
+  b->LaunchGraph(empty, s);
+  b->LaunchGraph(bump, s);
+  GraphId outer = b->EndCapture(s);
+  b->LaunchGraph(outer, s);
+  b->SynchronizeStream(s);
+  CHECK(*reinterpret_cast<float*>(out) == 729.0f);
+
+  // Destroying a graph with launches still queued is safe; later use is an invalid handle.
+  FunctionId gate = b->GetFunction(m, "test_gate_wait");
+  CloseGate();
+  b->Launch(gate, LaunchConfig{}, s, {});
+  b->LaunchGraph(bump, s);
+  b->DestroyGraph(bump);
+  OpenGate();
+  b->SynchronizeStream(s);
+  CHECK(*reinterpret_cast<float*>(out) == 2187.0f);
+  EXPECT_ERROR(b->LaunchGraph(bump, s), ErrorKind::kInvalidHandle, "", "unknown graph handle");
+  EXPECT_ERROR(b->DestroyGraph(bump), ErrorKind::kInvalidHandle, "", "unknown graph handle");
+  b->LaunchGraph(outer, s);  // its inner graph lives on inside it
+  b->SynchronizeStream(s);
+  CHECK(*reinterpret_cast<float*>(out) == 2187.0f * 9.0f);
+
+  // Access rules hold at replay: a graph touching memory the device lost access
+  // to fails like the copy itself would (illegal address, device poisoned).
+  b->SetAccess(buf.base, 2 * kMiB, {1});
+  b->LaunchGraph(g, s);
+  Status st = EXPECT_ERROR(b->SynchronizeStream(s), ErrorKind::kIllegalAddress,
+                           "MOCK_ERROR_ILLEGAL_ADDRESS", "has no access");
+  CHECK(Contains(st.message, "graph " + std::to_string(g)) && Contains(st.message, "CopyHostToDevice"));
+  EXPECT_ERROR(b->LaunchGraph(g, s), ErrorKind::kIllegalAddress, "", "poisoned");
+  b->ResetDevice(0);
+  b->SetAccess(buf.base, 2 * kMiB, {0});
+
+  // A host buffer freed after capture fails the replay instead of touching freed memory.
+  b->HostFree(host_in);
+  b->LaunchGraph(g, s);
+  EXPECT_ERROR(b->SynchronizeStream(s), ErrorKind::kIllegalAddress, "", "was freed after it was captured");
+  b->ResetDevice(0);
+
+  b->DestroyGraph(g);
+  b->DestroyGraph(empty);
+  b->DestroyGraph(outer);
+  b->HostFree(host_out);
+  FreeBuffer(*b, buf);
+  b->DestroyStream(s);
+}
+
+void TestGraphForkJoin() {
+  auto b = CreateMockBackend(Options(2, 64 * kMiB));
+  ModuleSource src;
+  FunctionId fill0 = b->GetFunction(b->LoadModule(0, src, nullptr), "emoe_fill_u32");
+  FunctionId fill1 = b->GetFunction(b->LoadModule(1, src, nullptr), "emoe_fill_u32");
+  FunctionId add1 = b->GetFunction(b->LoadModule(1, src, nullptr), "emoe_vector_add_f32");
+  StreamId a = b->CreateStream(0), side = b->CreateStream(1), other = b->CreateStream(0);
+  EventId fork = b->CreateEvent(0, false), join = b->CreateEvent(1, false);
+  constexpr uint64_t n = 1024;
+  Buffer x = MakeBuffer(*b, 0, 2 * kMiB, {0, 1});  // written on device 0, read on device 1
+  Buffer y = MakeBuffer(*b, 1, 2 * kMiB, {0, 1});  // written on device 1, read on device 0
+  auto* host = static_cast<float*>(b->HostAlloc(n * 4));
+
+  // a: x = 1.0 | fork -> side (device 1): y = x + x | join -> a: download y.
+  b->BeginCapture(a);
+  b->Launch(fill0, LaunchConfig{}, a, {Ptr(x.base), U32(0x3f800000u), U64(n)});
+  b->RecordEvent(fork, a);
+  b->StreamWaitEvent(side, fork);  // side joins the capture
+  b->Launch(add1, LaunchConfig{}, side, {Ptr(y.base), Ptr(x.base), Ptr(x.base), U64(n)});
+  b->RecordEvent(join, side);
+  EXPECT_ERROR(b->EndCapture(side), ErrorKind::kInvalidArgument, "MOCK_ERROR_STREAM_CAPTURE_UNMATCHED",
+               "end the capture on stream " + std::to_string(a), "stream");
+  EXPECT_ERROR(b->BeginCapture(side), ErrorKind::kInvalidArgument, "", "is part of", "stream");
+  b->StreamWaitEvent(a, join);  // joined back
+  b->CopyDeviceToHost(host, y.base, n * 4, a);
+  GraphId g = b->EndCapture(a);
+  CHECK(host[0] == 0.0f && *reinterpret_cast<float*>(y.base) == 0.0f);
+  // Both streams left capture mode: they run work again.
+  b->SynchronizeStream(side);
+  b->Launch(fill1, LaunchConfig{}, side, {Ptr(y.base + kMiB), U32(7), U64(1)});
+  b->SynchronizeStream(side);
+  CHECK(*reinterpret_cast<uint32_t*>(y.base + kMiB) == 7);
+  // The graph may be launched on any stream; its nodes keep their devices.
+  b->LaunchGraph(g, other);
+  b->SynchronizeStream(other);
+  for (uint64_t i = 0; i < n; ++i) CHECK(host[i] == 2.0f);
+  // Events recorded during the capture are not recorded by a replay.
+  EXPECT_ERROR(b->SynchronizeEvent(join), ErrorKind::kNotSupported, "MOCK_ERROR_CAPTURED_EVENT", "captured");
+  b->RecordEvent(join, side);  // recorded outside capture again: usable
+  b->SynchronizeEvent(join);
+
+  // A forked stream that is not joined back fails EndCapture; both streams are
+  // out of capture mode afterwards.
+  b->BeginCapture(a);
+  b->RecordEvent(fork, a);
+  b->StreamWaitEvent(side, fork);
+  b->Launch(fill1, LaunchConfig{}, side, {Ptr(y.base), U32(1), U64(n)});
+  Status st = EXPECT_ERROR(b->EndCapture(a), ErrorKind::kInvalidArgument, "MOCK_ERROR_STREAM_CAPTURE_UNJOINED",
+                           "were not joined back", "stream");
+  CHECK(Contains(st.message, std::to_string(side)));
+  b->SynchronizeStream(a);
+  b->SynchronizeStream(side);
+  EXPECT_ERROR(b->EndCapture(a), ErrorKind::kInvalidArgument, "MOCK_ERROR_ILLEGAL_STATE", "not capturing", "stream");
+  // A fork with no work of its own needs no join.
+  b->BeginCapture(a);
+  b->RecordEvent(fork, a);
+  b->StreamWaitEvent(side, fork);
+  b->DestroyGraph(b->EndCapture(a));
+
+  // Replays run independent branches in the reverse of their capture order, so
+  // an order the capture only happened to give is not kept: here the copy on a
+  // does not wait for side's fill (the join comes after it).
+  *reinterpret_cast<uint32_t*>(x.base) = 5;
+  b->BeginCapture(a);
+  b->RecordEvent(fork, a);
+  b->StreamWaitEvent(side, fork);
+  b->Launch(fill1, LaunchConfig{}, side, {Ptr(x.base), U32(9), U64(1)});
+  b->RecordEvent(join, side);
+  b->CopyDeviceToDevice(y.base, x.base, 4, a);  // races with the fill
+  b->StreamWaitEvent(a, join);
+  GraphId racy = b->EndCapture(a);
+  b->LaunchGraph(racy, a);
+  b->SynchronizeStream(a);
+  CHECK(*reinterpret_cast<uint32_t*>(x.base) == 9 && *reinterpret_cast<uint32_t*>(y.base) == 5);
+  b->DestroyGraph(racy);
+
+  // Two captures cannot merge.
+  b->BeginCapture(a);
+  b->BeginCapture(side);
+  b->RecordEvent(fork, a);
+  EXPECT_ERROR(b->StreamWaitEvent(side, fork), ErrorKind::kNotSupported, "MOCK_ERROR_STREAM_CAPTURE_MERGE");
+  EXPECT_ERROR(b->EndCapture(side), ErrorKind::kNotSupported, "MOCK_ERROR_STREAM_CAPTURE_INVALIDATED");
+  EXPECT_ERROR(b->EndCapture(a), ErrorKind::kNotSupported, "MOCK_ERROR_STREAM_CAPTURE_INVALIDATED");
+
+  // Destroying a joined stream invalidates the capture; destroying the origin abandons it.
+  StreamId doomed = b->CreateStream(1);
+  b->BeginCapture(a);
+  b->RecordEvent(fork, a);
+  b->StreamWaitEvent(doomed, fork);
+  EXPECT_ERROR(b->DestroyStream(doomed), ErrorKind::kNotSupported, "MOCK_ERROR_STREAM_CAPTURE_UNSUPPORTED");
+  EXPECT_ERROR(b->EndCapture(a), ErrorKind::kNotSupported, "", "it is destroyed");
+  StreamId origin = b->CreateStream(0);
+  b->BeginCapture(origin);
+  b->RecordEvent(fork, origin);
+  b->StreamWaitEvent(side, fork);
+  b->DestroyStream(origin);
+  b->SynchronizeStream(side);  // no longer capturing
+  EXPECT_ERROR(b->StreamWaitEvent(a, fork), ErrorKind::kNotSupported, "MOCK_ERROR_CAPTURED_EVENT", "has ended");
+
+  b->DestroyGraph(g);
+  b->HostFree(host);
+  FreeBuffer(*b, x);
+  FreeBuffer(*b, y);
+  b->DestroyEvent(fork);
+  b->DestroyEvent(join);
+  b->DestroyStream(a);
+  b->DestroyStream(side);
+  b->DestroyStream(other);
+}
+
+void TestGraphIllegalDuringCapture() {
+  auto b = CreateMockBackend(Options(2, 64 * kMiB));
+  StreamId s = b->CreateStream(0), t = b->CreateStream(0);
+  Buffer buf = MakeBuffer(*b, 0, 2 * kMiB, {0});
+  auto* pinned = static_cast<uint32_t*>(b->HostAlloc(4096));
+  EventId outside = b->CreateEvent(0, true), inside = b->CreateEvent(0, true);
+
+  EXPECT_ERROR(b->BeginCapture(424242), ErrorKind::kInvalidHandle, "", "unknown stream handle");
+  EXPECT_ERROR(b->EndCapture(s), ErrorKind::kInvalidArgument, "MOCK_ERROR_ILLEGAL_STATE", "BeginCapture first", "stream");
+  b->BeginCapture(s);
+  EXPECT_ERROR(b->BeginCapture(s), ErrorKind::kInvalidArgument, "MOCK_ERROR_ILLEGAL_STATE", "capturing already", "stream");
+  // Pageable host memory is refused at once; the capture stays valid.
+  std::vector<uint32_t> pageable(16);
+  EXPECT_ERROR(b->CopyHostToDevice(buf.base, pageable.data(), 64, s), ErrorKind::kNotSupported,
+               "MOCK_ERROR_STREAM_CAPTURE_UNSUPPORTED", "not pinned memory from HostAlloc");
+  EXPECT_ERROR(b->CopyDeviceToHost(pinned + 1020, buf.base, 64, s), ErrorKind::kNotSupported,
+               "MOCK_ERROR_STREAM_CAPTURE_UNSUPPORTED", "dst");  // runs past the buffer
+  b->CopyHostToDevice(buf.base, pinned, 64, s);
+  b->DestroyGraph(b->EndCapture(s));
+
+  // Synchronizing a capturing stream fails at once (no hang) and invalidates the capture.
+  b->BeginCapture(s);
+  b->MemsetD8(buf.base, 1, 16, s);
+  Status st = EXPECT_ERROR(b->SynchronizeStream(s), ErrorKind::kNotSupported,
+                           "MOCK_ERROR_STREAM_CAPTURE_UNSUPPORTED", "is invalidated");
+  CHECK(st.api == "SynchronizeStream");
+  EXPECT_ERROR(b->MemsetD8(buf.base, 1, 16, s), ErrorKind::kNotSupported, "MOCK_ERROR_STREAM_CAPTURE_INVALIDATED",
+               "SynchronizeStream");
+  EXPECT_ERROR(b->EndCapture(s), ErrorKind::kNotSupported, "MOCK_ERROR_STREAM_CAPTURE_INVALIDATED",
+               "capture again");
+  b->SynchronizeStream(s);  // out of capture mode
+  CHECK(reinterpret_cast<uint8_t*>(buf.base)[0] != 1);  // the captured memset never ran
+
+  // Waiting on an event recorded outside the capture crosses its boundary.
+  b->RecordEvent(outside, t);
+  b->BeginCapture(s);
+  EXPECT_ERROR(b->StreamWaitEvent(s, outside), ErrorKind::kNotSupported, "MOCK_ERROR_STREAM_CAPTURE_ISOLATION",
+               "before BeginCapture");
+  EXPECT_ERROR(b->EndCapture(s), ErrorKind::kNotSupported, "MOCK_ERROR_STREAM_CAPTURE_INVALIDATED");
+  EventId never = b->CreateEvent(0, false);
+  b->BeginCapture(s);
+  b->StreamWaitEvent(s, never);  // never recorded: a no-op, as in CUDA
+  // Synchronizing or timing an event recorded during the capture is illegal.
+  b->RecordEvent(inside, s);
+  EXPECT_ERROR(b->SynchronizeEvent(inside), ErrorKind::kNotSupported, "MOCK_ERROR_CAPTURED_EVENT",
+               "is invalidated");
+  EXPECT_ERROR(b->EndCapture(s), ErrorKind::kNotSupported, "MOCK_ERROR_STREAM_CAPTURE_INVALIDATED");
+  b->BeginCapture(s);
+  b->RecordEvent(outside, s);
+  EXPECT_ERROR(b->ElapsedMs(inside, outside), ErrorKind::kNotSupported, "MOCK_ERROR_CAPTURED_EVENT", "(start)");
+  EXPECT_ERROR(b->EndCapture(s), ErrorKind::kNotSupported, "MOCK_ERROR_STREAM_CAPTURE_INVALIDATED");
+  // Other streams are unaffected by a capture.
+  b->BeginCapture(s);
+  b->MemsetD8(buf.base + 64, 2, 16, t);
+  b->SynchronizeStream(t);
+  CHECK(reinterpret_cast<uint8_t*>(buf.base)[64] == 2);
+  b->DestroyGraph(b->EndCapture(s));
+
+  b->DestroyEvent(outside);
+  b->DestroyEvent(inside);
+  b->DestroyEvent(never);
+  b->HostFree(pinned);
+  FreeBuffer(*b, buf);
+  b->DestroyStream(s);
+  b->DestroyStream(t);
+}
+
+void TestGraphFaultInjection() {
+  auto b = CreateMockBackend(Options(1, 64 * kMiB));
+  StreamId s = b->CreateStream(0);
+  Buffer buf = MakeBuffer(*b, 0, 2 * kMiB, {0});
+  b->InjectFault("BeginCapture", 1, ErrorKind::kInternal);
+  EXPECT_ERROR(b->BeginCapture(s), ErrorKind::kInternal, "MOCK_FAULT_INJECTED", "BeginCapture call #1");
+  b->SynchronizeStream(s);  // not capturing
+  // An EndCapture fault (a failed instantiation) still ends the capture.
+  b->BeginCapture(s);
+  b->MemsetD8(buf.base, 3, 16, s);
+  b->InjectFault("EndCapture", 1, ErrorKind::kOutOfMemory);
+  EXPECT_ERROR(b->EndCapture(s), ErrorKind::kOutOfMemory, "MOCK_FAULT_INJECTED", "EndCapture call #1");
+  b->SynchronizeStream(s);
+  CHECK(reinterpret_cast<uint8_t*>(buf.base)[0] == 0);
+  // A fault in an operation queued during capture invalidates the capture.
+  b->BeginCapture(s);
+  b->InjectFault("MemsetD8", 1, ErrorKind::kInternal);
+  EXPECT_ERROR(b->MemsetD8(buf.base, 3, 16, s), ErrorKind::kInternal, "MOCK_FAULT_INJECTED");
+  EXPECT_ERROR(b->EndCapture(s), ErrorKind::kNotSupported, "MOCK_ERROR_STREAM_CAPTURE_INVALIDATED", "injected fault");
+  b->BeginCapture(s);
+  b->MemsetD8(buf.base, 4, 16, s);
+  GraphId g = b->EndCapture(s);
+  b->InjectFault("LaunchGraph", 2, ErrorKind::kIllegalAddress);
+  b->LaunchGraph(g, s);
+  EXPECT_ERROR(b->LaunchGraph(g, s), ErrorKind::kIllegalAddress, "MOCK_FAULT_INJECTED", "LaunchGraph call #2");
+  b->SynchronizeStream(s);  // injected faults do not poison
+  CHECK(reinterpret_cast<uint8_t*>(buf.base)[15] == 4);
+  b->InjectFault("DestroyGraph", 1, ErrorKind::kInternal);
+  EXPECT_ERROR(b->DestroyGraph(g), ErrorKind::kInternal, "MOCK_FAULT_INJECTED");
+  b->DestroyGraph(g);
+  // The destructor cleans up a capture left open and graphs left behind.
+  b->BeginCapture(s);
+  b->MemsetD8(buf.base, 5, 16, s);
+  b->BeginCapture(b->CreateStream(0));
+  b->EndCapture(s);
+}
+
 // Streams on every device copying and running kernels while another thread maps,
 // sets access and unmaps elsewhere, and others create and release chunks.
 void TestConcurrency() {
@@ -849,6 +1188,10 @@ int main(int argc, char** argv) {
       {"streams and events", TestStreamsAndEvents},
       {"kernels", TestKernels},
       {"fault injection", TestFaultInjection},
+      {"graph capture and replay", TestGraphCaptureAndReplay},
+      {"graph fork and join", TestGraphForkJoin},
+      {"graph illegal during capture", TestGraphIllegalDuringCapture},
+      {"graph fault injection", TestGraphFaultInjection},
       {"concurrency", TestConcurrency},
       {"destructor cleans up", TestDestructorCleansUp},
   };

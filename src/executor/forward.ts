@@ -2,51 +2,87 @@
 // layout.devices[r], its sequences' KV blocks in that device's pool) and
 // expert-parallel FFN (each routed expert computed on a device that holds it).
 //
-// One step, per rank r on device d, all on d's stream unless said otherwise:
+// A step runs the ranks in lockstep, one layer at a time, in three phases: (A) every
+// rank's attention and router, (B) every rank's routed experts, (C) every rank's
+// combination. Queuing one phase for all ranks before the next keeps each stream
+// busy: device e's stream runs its rank's attention, then the expert rows of every
+// rank it computes for (its own included), then its rank's combination. For rank r
+// on device d, on d's stream unless said otherwise ("computing device e": the device
+// that computes an expert for r, fixed at create(): d itself when it holds a replica,
+// else the first holder in the placement):
 //   embed → for each layer:
-//     rmsnorm(input_layernorm) → q, k, v (+ bias, qwen2_moe) → q/k RMSNorm per head
-//     (qwen3_moe) → rope → kvStore at the tokens' slots → paged attention → o_proj →
-//     residual add → rmsnorm(post_attention_layernorm) → router logits → top-k
-//     → download the top-k ids (T*K i32) to the host and wait for them      [sync 1/layer]
-//       (meanwhile the qwen2_moe shared expert is already queued behind the download)
-//     → on the host: each (token, k) goes to the device chosen for its expert (the
-//       rank's own device when it holds a replica, else the first holder in the
-//       placement); rows are sorted by (device, grouped or large, expert, token)
-//     → upload the sorted row list, its permutation and, per device, the grouped
-//       experts' weight addresses and row offsets (one upload); gatherRows(normed x)
-//       into `sorted` [T*K, H], segment by segment per device
-//     → local segment, in place, on d: the expert FFN. Experts with at most
-//       groupedMaxRows rows (all of them at decode) run together: one grouped gate,
-//       one grouped up matmul, one siluMul over the segment, one grouped down matmul
-//       (emoe_grouped_matmul_bf16, reading the uploaded addresses and offsets); an
-//       expert with more rows runs its own three matmuls (the tiled path).
-//       Remote segment on device e, on e's stream: wait for d's event, copy the
-//       segment's rows to e (P2P), the same expert FFN there (its grouped launches
-//       read the addresses of e's replicas from d's upload), copy the result back
-//       into d's `sorted`, record an event that d's stream waits for
-//     → scatterRows(sorted → slots [T*K, H], row t*K + k) → combineTopk into the
-//       residual in k order (plus the sigmoid-gated shared expert, qwen2_moe).
+//   (A) rmsnorm(input_layernorm) → q, k, v (+ bias, qwen2_moe) → q/k RMSNorm per head
+//       (qwen3_moe) → rope → kvStore at the tokens' slots → paged attention → o_proj →
+//       residual add → rmsnorm(post_attention_layernorm) → router logits → top-k
+//       → [host path: download the top-k ids (T*K i32)] → record an event (unless d
+//       computes all of the layer's experts for r on the device path)
+//       → the qwen2_moe shared expert (needs no routing: it overlaps the routing)
+//   (B) routed experts, by one of two paths (the rule is below); the device-path ranks'
+//       work is queued first, then the host waits for the host-path ranks' ids:
+//       Device path, no host wait: for each computing device e of r's layer (a static
+//       list), on e's stream: wait for r's event (e != d), then
+//         emoe_route_rows: reads r's top-k ids (through a peer pointer when e != d),
+//           keeps the experts that r's route table (static, in e's scratch) gives to e,
+//           and writes in e's scratch their row offsets [E + 1] (offsets[E] = e's row
+//           count), gather rows (sorted row → token) and permutation (sorted row →
+//           t*K + k), sorted by (expert, token, k);
+//         gatherRowsCount(r's normed x, peer read → e's recv) → grouped gate and up
+//           matmuls with G = E groups over e's static address table of the layer (experts
+//           e does not compute: address 0, never read, their groups have no rows) →
+//           siluMulCount → grouped down matmul → scatterRowsCount into r's `slots` at
+//           row t*K + k (peer write); every launch is sized for the upper bound T*K and
+//           takes the real row count from device memory, so no row past it is read;
+//         record an event (e != d).
+//       Host path: wait on the host for the downloaded ids, for all host-path ranks of
+//       the step together (none when every rank is on the device path)    [sync 1/layer]
+//         → on the host: each (token, k) goes to the device that computes its expert;
+//           rows are sorted by (device, grouped or large, expert, token)
+//         → upload the sorted row list, its permutation and, per device, the grouped
+//           experts' weight addresses and row offsets (one upload); gatherRows(normed x)
+//           into `sorted` [T*K, H], segment by segment per device
+//         → local segment, in place, on d: the expert FFN. Experts with at most
+//           groupedMaxRows rows (all of them at decode) run together: one grouped gate,
+//           one grouped up matmul, one siluMul over the segment, one grouped down matmul
+//           (emoe_grouped_matmul_bf16, reading the uploaded addresses and offsets); an
+//           expert with more rows runs its own three matmuls (the tiled path).
+//           Remote segment on device e, on e's stream: wait for d's event, copy the
+//           segment's rows to e (P2P), the same expert FFN there (its grouped launches
+//           read the addresses of e's replicas from d's upload), copy the result back
+//           into d's `sorted`, record an event.
+//   (C) d waits for the events of the other computing devices → [host path:
+//       scatterRows(sorted → slots, row t*K + k)] → combineTopk into the residual in k
+//       order (plus the sigmoid-gated shared expert, qwen2_moe).
 //   final rmsnorm on the last token of each sampled sequence only → LM head in
-//   groups of rows → argmax → download the ids (and logits when asked) and wait
-//   for the rank's stream                                                    [sync 1/step]
+//   groups of rows → argmax → download the ids (and logits when asked); then the host
+//   waits for every device that worked in the step                       [sync 1/step]
+//
+// Which path: a rank's step takes the device path when its T*K (token, expert) rows are
+// at most deviceRoutingMaxRows (default min(MAX_ROUTE_ROWS = 4096, 8 * E): at most 8
+// rows per expert on average, one chunk of the grouped kernel), else the host path. The
+// rule depends on the rank's batch and the model only, never on the layout. The host
+// path costs a host round trip per layer but can give an expert with many rows the
+// tiled matmul (prefill); the device path runs every expert's rows in the grouped kernel.
 //
 // Why results do not depend on the layout: every expert row is computed from the
-// same inputs with the same kernels whichever device holds the expert (on the mock
+// same inputs with the same kernels whichever device computes the expert (on the mock
 // the kernels are row-independent and sequential, and the grouped twin computes a row
-// exactly as the per-expert one does; on CUDA the grouped kernel's result for a row
-// does not depend on the other rows, and the per-expert row count, which picks
-// grouped or per-expert and the matmul path, is the same for a given rank and batch),
-// and the combination of a token's K expert outputs always runs in k order on the
-// rank's own device (combineTopk), never in the order the devices answered.
+// exactly as the per-expert one does, so the two paths agree bit for bit too; on CUDA
+// the grouped kernel's result for a row does not depend on the other rows, and the path
+// and the per-expert row count, which pick grouped or per-expert and the matmul path, are
+// the same for a given rank and batch), and the combination of a token's K expert
+// outputs always runs in k order on the rank's own device (combineTopk), never in the
+// order the devices answered. Each (token, k) has exactly one computing device, so the
+// devices' scatters into `slots` never overlap.
 //
-// Sync points per step: one host wait per layer per rank (the top-k ids: the
-// expert row lists are built on the host — correctness first; a device-side
-// histogram/sort would remove it) and one at the end per rank. Ranks run
-// concurrently: each is an async loop on its own stream, cross-device
-// dependencies go through events recorded by the producer before the consumer
-// waits on them, so no stream ever waits on work that is not queued yet.
+// Sync points per step: the host path's one host wait per layer (the expert row lists
+// are built on the host; none in a step whose ranks all take the device path: the whole
+// step is queued without waiting), and one at the end. Cross-device
+// dependencies go through events recorded by the producer before the consumer waits on
+// them, so no stream ever waits on work that is not queued yet. Scratch a device lends
+// to other ranks (recv, expGate, expUp, the routing lists) is used by its stream only,
+// one rank's rows after another's.
 import type { ModelConfig } from '../model/config.js';
-import { ModelKernels } from '../model/kernels/index.js';
+import { MAX_ROUTE_EXPERTS, MAX_ROUTE_ROWS, ModelKernels } from '../model/kernels/index.js';
 import { InvalidArgumentError } from '../runtime/errors.js';
 import type { Chunk, DevicePointer, HostBuffer, VirtualRange } from '../runtime/memory.js';
 import type { Runtime } from '../runtime/runtime.js';
@@ -65,11 +101,22 @@ export interface ForwardEngineOptions {
    * Routed experts with at most this many rows in a rank's step run in the grouped expert
    * matmul (three launches per device and layer for all of them); an expert with more rows
    * runs its own matmuls (the tiled path, better for prefill). Default 64; 0: never grouped.
+   * Host routing path only: the device path runs every expert grouped.
    */
   groupedMaxRows?: number;
+  /**
+   * A rank's step routes its experts on the device (no host wait per layer) when its T*K
+   * (token, expert) rows are at most this, else on the host (one host wait per layer; experts
+   * with more than groupedMaxRows rows take the tiled matmul). Default min(4096, 8 * experts);
+   * 0: always the host path; at most 4096 (MAX_ROUTE_ROWS). A function of the rank's batch only,
+   * so results stay independent of the layout.
+   */
+  deviceRoutingMaxRows?: number;
 }
 
 const DEFAULT_GROUPED_MAX_ROWS = 64;
+/** Default deviceRoutingMaxRows per expert: 8 rows on average, one accumulator chunk of the grouped kernel. */
+const DEVICE_ROUTING_ROWS_PER_EXPERT = 8;
 
 interface ExpertGroup {
   expert: number;
@@ -160,9 +207,15 @@ interface Buffers {
   lastX: DevicePointer; // [T, H]
   lmLogits: DevicePointer; // [G, V]
   argOut: DevicePointer; // [T] i32
-  recv: DevicePointer; // [T*K, H] rows received from another rank
+  recv: DevicePointer; // [T*K, H] rows received from another rank (device path: gathered rows, then outputs)
   expGate: DevicePointer; // [T*K, I]
   expUp: DevicePointer; // [T*K, I]
+  // Device routing path (absent when it is off):
+  routeOffsets?: DevicePointer; // [E + 1] i32: per expert row offsets of the rank being served; [E] = the row count
+  routeRows?: DevicePointer; // [T*K] i32: sorted row → token
+  routePerm?: DevicePointer; // [T*K] i32: sorted row → slot t*K + k
+  routeTable?: DevicePointer; // static [ranks, L, E] i32: the device index that computes each expert for each rank
+  weightTable?: DevicePointer; // static [L, 3, E] u64: this device's gate, up, down addresses; 0 where it computes nothing
 }
 
 interface DeviceState {
@@ -237,6 +290,10 @@ export class ForwardEngine implements Disposable {
     private readonly lmHeadRows: number,
     private readonly hostLayout: HostLayout,
     private readonly groupedMaxRows: number,
+    /** Largest T*K of a rank's step that takes the device routing path (0: never). */
+    readonly deviceRoutingMaxRows: number,
+    /** Per rank and layer: the device indices that compute its experts, ascending (static). */
+    private readonly computers: number[][][],
   ) {
     this.H = config.hiddenSize;
     this.QD = config.heads * config.headDim;
@@ -259,6 +316,16 @@ export class ForwardEngine implements Disposable {
     const groupedMaxRows = options.groupedMaxRows ?? DEFAULT_GROUPED_MAX_ROWS;
     if (!Number.isSafeInteger(groupedMaxRows) || groupedMaxRows < 0) throw new InvalidArgumentError('groupedMaxRows', 'a non-negative integer');
     const c = config;
+    const routable = c.experts <= MAX_ROUTE_EXPERTS;
+    const deviceRoutingMaxRows = options.deviceRoutingMaxRows ??
+      (routable ? Math.min(MAX_ROUTE_ROWS, DEVICE_ROUTING_ROWS_PER_EXPERT * c.experts) : 0);
+    if (!Number.isSafeInteger(deviceRoutingMaxRows) || deviceRoutingMaxRows < 0 || deviceRoutingMaxRows > MAX_ROUTE_ROWS) {
+      throw new InvalidArgumentError('deviceRoutingMaxRows', `an integer in 0..${MAX_ROUTE_ROWS}`);
+    }
+    if (deviceRoutingMaxRows > 0 && !routable) {
+      throw new InvalidArgumentError('deviceRoutingMaxRows', `0 for a model of more than ${MAX_ROUTE_EXPERTS} experts (got ${c.experts})`);
+    }
+    const deviceRouting = deviceRoutingMaxRows > 0;
     const perToken = c.layers * 2 * c.kvHeads * c.headDim * 2;
     let BS = options.blockTokens;
     for (const d of devices) {
@@ -290,6 +357,8 @@ export class ForwardEngine implements Disposable {
       }
     }
     const routes = devices.map((_, r) => Int32Array.from(holders, (h) => (h.includes(r) ? r : h[0]!)));
+    const computers = routes.map((route) => Array.from({ length: c.layers },
+      (_, l) => [...new Set(route.subarray(l * E, (l + 1) * E))].sort((a, b) => a - b)));
 
     const MBmax = Math.ceil(c.maxPositions / blockTokens);
     const hostLayout = (() => {
@@ -309,18 +378,20 @@ export class ForwardEngine implements Disposable {
       const bad = loaded.find((k): k is PromiseRejectedResult => k.status === 'rejected');
       if (bad) throw bad.reason;
       for (const [r, d] of devices.entries()) {
-        made.push(ForwardEngine.deviceState(rt, c, layout, weights, kv.get(d)!, r, kernels[r]!, routes, T, G, MBmax, hostLayout));
+        made.push(ForwardEngine.deviceState(rt, c, layout, weights, kv.get(d)!, r, kernels[r]!, routes, T, G, MBmax, hostLayout, deviceRouting));
         kernels[r] = undefined; // owned by its state now
       }
+      if (deviceRouting) await Promise.all(made.map((s) => ForwardEngine.uploadTables(rt, c, s, routes)));
     } catch (e) {
       for (const s of made) ForwardEngine.disposeState(s);
       for (const k of kernels) k?.dispose();
       throw e;
     }
-    return new ForwardEngine(rt, c, layout, made, T, blockTokens, G, hostLayout, groupedMaxRows);
+    return new ForwardEngine(rt, c, layout, made, T, blockTokens, G, hostLayout, groupedMaxRows, deviceRoutingMaxRows, computers);
   }
 
-  private static buffers(c: ModelConfig, arena: Arena, T: number, G: number, MBmax: number, listStride: number): Buffers {
+  private static buffers(c: ModelConfig, arena: Arena, T: number, G: number, MBmax: number, listStride: number,
+    ranks: number, deviceRouting: boolean): Buffers {
     const H = c.hiddenSize, QD = c.heads * c.headDim, KVD = c.kvHeads * c.headDim, TK = T * c.topK, I = c.expertIntermediate;
     const S = c.sharedIntermediate;
     const f = (n: number) => arena.alloc(n * 4);
@@ -331,11 +402,35 @@ export class ForwardEngine implements Disposable {
       recv: f(TK * H), expGate: f(TK * I), expUp: f(TK * I),
     };
     if (S > 0) Object.assign(b, { sharedGate: f(T * S), sharedUp: f(T * S), sharedOut: f(T * H), sharedLogit: f(T) });
+    if (deviceRouting) {
+      const E = c.experts;
+      Object.assign(b, {
+        routeOffsets: f(E + 1), routeRows: f(TK), routePerm: f(TK),
+        routeTable: f(ranks * c.layers * E), weightTable: arena.alloc(c.layers * 3 * E * 8),
+      });
+    }
     return b;
   }
 
+  /** Uploads a device's static routing tables (device routing path) and waits. */
+  private static async uploadTables(rt: Runtime, c: ModelConfig, s: DeviceState, routes: Int32Array[]): Promise<void> {
+    const L = c.layers, E = c.experts;
+    const table = new Int32Array(routes.length * L * E);
+    routes.forEach((route, r) => table.set(route, r * L * E));
+    const addrs = new BigUint64Array(L * 3 * E);
+    s.experts.forEach((w, key) => {
+      if (!w) return;
+      const l = Math.floor(key / E), x = key % E;
+      addrs[(l * 3 + 0) * E + x] = w.gate.address;
+      addrs[(l * 3 + 1) * E + x] = w.up.address;
+      addrs[(l * 3 + 2) * E + x] = w.down.address;
+    });
+    await rt.write(s.buf.routeTable!, new Uint8Array(table.buffer), s.stream);
+    await rt.write(s.buf.weightTable!, new Uint8Array(addrs.buffer), s.stream);
+  }
+
   private static deviceState(rt: Runtime, c: ModelConfig, layout: Layout, weights: WeightSource, kv: KvPoolView, r: number,
-    kernels: ModelKernels, routes: Int32Array[], T: number, G: number, MBmax: number, hl: HostLayout): DeviceState {
+    kernels: ModelKernels, routes: Int32Array[], T: number, G: number, MBmax: number, hl: HostLayout, deviceRouting: boolean): DeviceState {
     const device = layout.devices[r]!;
     // Weights first (a missing tensor fails before anything is allocated).
     const model = resolveModelWeights(c, weights, device);
@@ -356,7 +451,7 @@ export class ForwardEngine implements Disposable {
     });
     const hostI32 = hl.total;
     const sizing = new Arena(undefined);
-    ForwardEngine.buffers(c, sizing, T, G, MBmax, hl.listStride);
+    ForwardEngine.buffers(c, sizing, T, G, MBmax, hl.listStride, routes.length, deviceRouting);
     const size = rt.roundUp(sizing.used, device);
     let chunk: Chunk | undefined;
     let range: VirtualRange | undefined;
@@ -366,9 +461,10 @@ export class ForwardEngine implements Disposable {
       chunk = rt.createChunk(device, size);
       range = rt.reserve(size);
       range.map(0, chunk);
-      // Every device of the layout may read and write it (P2P copies run on either side).
+      // Every device of the layout may read and write it (P2P copies run on either side; the
+      // device routing path's kernels read and write other ranks' scratch directly).
       range.setAccess(0, size, layout.devices);
-      const buf = ForwardEngine.buffers(c, new Arena(range.at(0)), T, G, MBmax, hl.listStride);
+      const buf = ForwardEngine.buffers(c, new Arena(range.at(0)), T, G, MBmax, hl.listStride, routes.length, deviceRouting);
       host = rt.hostBuffer(hostI32 * 4);
       const bytes = host.bytes();
       stream = rt.createStream(device);
@@ -493,17 +589,15 @@ export class ForwardEngine implements Disposable {
     const t0 = performance.now();
     const logitsHost: Array<HostBuffer | undefined> = [];
     try {
-      const runs = plans.map((p, r) => {
-        if (!p) return Promise.resolve(undefined);
-        if (returnLogits && p.sampled.length > 0) logitsHost[r] = this.rt.hostBuffer(p.sampled.length * this.config.vocabSize * 4);
-        return this.runRank(r, p, logitsHost[r]);
+      plans.forEach((p, r) => {
+        if (p && returnLogits && p.sampled.length > 0) logitsHost[r] = this.rt.hostBuffer(p.sampled.length * this.config.vocabSize * 4);
       });
-      const settled = await Promise.allSettled(runs);
-      const failed = settled.find((s): s is PromiseRejectedResult => s.status === 'rejected');
-      if (failed) {
+      try {
+        await this.run(plans, logitsHost);
+      } catch (e) {
         // Let whatever was queued drain before the host buffers go away.
         await Promise.allSettled(this.devs.map((d) => d.stream.synchronize()));
-        throw failed.reason;
+        throw e;
       }
       const next = new Map<string, number>();
       const logits = returnLogits ? new Map<string, Float32Array>() : undefined;
@@ -531,128 +625,238 @@ export class ForwardEngine implements Disposable {
     }
   }
 
-  private async runRank(r: number, p: RankPlan, logitsHost: HostBuffer | undefined): Promise<void> {
-    const c = this.config;
-    const dev = this.devs[r]!;
-    const { stream: s, kernels: kn, buf: b, layers: lw } = dev;
-    const { T, S, MB } = p;
-    const { H, QD, KVD } = this;
-    const NH = c.heads, KVH = c.kvHeads, D = c.headDim, E = c.experts, K = c.topK, V = c.vocabSize;
-    const TK = T * K;
-    const Tmax = this.maxTokensPerStep;
-    const eps = c.rmsNormEps;
-    const hl = this.hostLayout;
-    const h32 = dev.hostI32;
+  /** Whether a rank's step routes its experts on the device (see the header: a function of its batch only). */
+  private onDevice(p: RankPlan): boolean {
+    return p.T * this.config.topK <= this.deviceRoutingMaxRows;
+  }
 
-    // Step metadata: one upload (device layout = host layout, offsets for Tmax).
+  /** Queues the step for every rank, layer by layer in lockstep (phases A, B, C of the header), and waits. */
+  private async run(plans: Array<RankPlan | undefined>, logitsHost: Array<HostBuffer | undefined>): Promise<void> {
+    const ranks = plans.flatMap((p, r) => (p ? [r] : []));
+    const onDevice = plans.map((p) => p !== undefined && this.onDevice(p));
+    const hostRanks = ranks.filter((r) => !onDevice[r]);
+    /** Devices that got work in this step: the final wait covers each. */
+    const used = new Set(ranks);
+    for (const r of ranks) this.begin(r, plans[r]!);
+    for (let l = 0; l < this.config.layers; l++) {
+      // (A) attention and router; the event marks the top-k ids (and their download).
+      const routed = new Map<number, Event | undefined>();
+      for (const r of ranks) routed.set(r, this.attentionAndRouter(r, plans[r]!, l, !onDevice[r]));
+      // (B) routed experts: the device path's first (nothing to wait for), then the host path's;
+      // each rank's events of other computing devices.
+      const answers = new Map<number, Event[]>();
+      for (const r of ranks) if (onDevice[r]) answers.set(r, this.expertsOnDevice(r, plans[r]!, l, routed.get(r), used));
+      // Sync point (host path only): the host builds the expert row lists from the top-k ids.
+      if (hostRanks.length > 0) await Promise.all(hostRanks.map((r) => routed.get(r)!.synchronize()));
+      for (const r of hostRanks) answers.set(r, this.expertsOnHost(r, plans[r]!, l, used));
+      // (C) combination on each rank's own device, in k order.
+      for (const r of ranks) this.combine(r, plans[r]!, l, answers.get(r)!, !onDevice[r]);
+    }
+    for (const r of ranks) this.head(r, plans[r]!, logitsHost[r]);
+    // Sync point: every device that worked is done (a rank's stream waited for its computing devices).
+    await Promise.all([...used].sort((a, b) => a - b).map((j) => this.event(j).record(this.devs[j]!.stream).synchronize()));
+  }
+
+  /** Device pointers into a rank's step metadata (device layout = host layout, offsets for Tmax). */
+  private metaOf(b: Buffers) {
+    const Tmax = this.maxTokensPerStep;
+    return {
+      tokens: b.meta,
+      tokSeq: b.meta.add(Tmax * 4),
+      tokPos: b.meta.add(2 * Tmax * 4),
+      kvSlot: b.meta.add(3 * Tmax * 4),
+      lastRows: b.meta.add(4 * Tmax * 4),
+      blockTable: b.meta.add(5 * Tmax * 4),
+    };
+  }
+
+  /** The step's metadata (one upload) and the embedding, on the rank's stream. */
+  private begin(r: number, p: RankPlan): void {
+    const dev = this.devs[r]!;
+    const { stream: s, kernels: kn, buf: b } = dev;
+    const Tmax = this.maxTokensPerStep;
+    const h32 = dev.hostI32;
     h32.set(p.tokens, 0);
     h32.set(p.tokSeq, Tmax);
     h32.set(p.tokPos, 2 * Tmax);
     h32.set(p.kvSlot, 3 * Tmax);
     p.sampled.forEach((q, i) => (h32[4 * Tmax + i] = q.lastRow));
     h32.set(p.blockTable, 5 * Tmax);
-    s.upload(b.meta, dev.host, (5 * Tmax + S * MB) * 4, hl.meta * 4);
-    const tokens = b.meta;
-    const tokSeq = b.meta.add(Tmax * 4);
-    const tokPos = b.meta.add(2 * Tmax * 4);
-    const kvSlot = b.meta.add(3 * Tmax * 4);
-    const lastRows = b.meta.add(4 * Tmax * 4);
-    const blockTable = b.meta.add(5 * Tmax * 4);
+    s.upload(b.meta, dev.host, (5 * Tmax + p.S * p.MB) * 4, this.hostLayout.meta * 4);
+    kn.embed(s, { out: b.x, table: dev.model.embed, tokens: b.meta, T: p.T, H: this.H, V: this.config.vocabSize });
+  }
+
+  /**
+   * Phase A of layer l for rank r: attention block, router top-k (its ids downloaded to the host
+   * when `download`), an event recorded after them, then the shared expert. Returns the event
+   * (none for the device path when r's own device computes all of the layer's experts for it).
+   */
+  private attentionAndRouter(r: number, p: RankPlan, l: number, download: boolean): Event | undefined {
+    const c = this.config;
+    const dev = this.devs[r]!;
+    const { stream: s, kernels: kn, buf: b } = dev;
+    const w = dev.layers[l]!;
+    const { T, S, MB } = p;
+    const { H, QD, KVD } = this;
+    const NH = c.heads, KVH = c.kvHeads, D = c.headDim, E = c.experts, K = c.topK;
+    const eps = c.rmsNormEps;
+    const { tokSeq, tokPos, kvSlot, blockTable } = this.metaOf(b);
     const kvg = { KVH, D, L: c.layers, BS: this.blockTokens, blocks: dev.kv.spanBlocks };
+    kn.rmsnorm(s, { out: b.xn, x: b.x, w: w.inputNorm, R: T, N: H, eps });
+    kn.matmul(s, { out: b.q, x: b.xn, w: w.q, M: T, N: QD, K: H });
+    kn.matmul(s, { out: b.k, x: b.xn, w: w.k, M: T, N: KVD, K: H });
+    kn.matmul(s, { out: b.v, x: b.xn, w: w.v, M: T, N: KVD, K: H });
+    if (w.qBias) {
+      kn.addBias(s, { x: b.q, b: w.qBias, M: T, N: QD });
+      kn.addBias(s, { x: b.k, b: w.kBias!, M: T, N: KVD });
+      kn.addBias(s, { x: b.v, b: w.vBias!, M: T, N: KVD });
+    }
+    if (w.qNorm) {
+      kn.rmsnorm(s, { out: b.q, x: b.q, w: w.qNorm, R: T * NH, N: D, eps });
+      kn.rmsnorm(s, { out: b.k, x: b.k, w: w.kNorm!, R: T * KVH, N: D, eps });
+    }
+    kn.rope(s, { x: b.q, pos: tokPos, T, heads: NH, D, theta: c.ropeTheta });
+    kn.rope(s, { x: b.k, pos: tokPos, T, heads: KVH, D, theta: c.ropeTheta });
+    kn.kvStore(s, { pool: dev.kv.base, k: b.k, v: b.v, slots: kvSlot, T, layer: l, ...kvg });
+    kn.attention(s, {
+      out: b.att, q: b.q, pool: dev.kv.base, blockTable, tokSeq, tokPos, T, NH, layer: l, MB, scale: 1 / Math.sqrt(D), S, ...kvg,
+    });
+    kn.matmul(s, { out: b.proj, x: b.att, w: w.o, M: T, N: H, K: QD });
+    kn.add(s, { out: b.x, a: b.x, b: b.proj, n: T * H });
 
-    kn.embed(s, { out: b.x, table: dev.model.embed, tokens, T, H, V });
-    for (let l = 0; l < c.layers; l++) {
-      const w = lw[l]!;
-      // Attention block.
-      kn.rmsnorm(s, { out: b.xn, x: b.x, w: w.inputNorm, R: T, N: H, eps });
-      kn.matmul(s, { out: b.q, x: b.xn, w: w.q, M: T, N: QD, K: H });
-      kn.matmul(s, { out: b.k, x: b.xn, w: w.k, M: T, N: KVD, K: H });
-      kn.matmul(s, { out: b.v, x: b.xn, w: w.v, M: T, N: KVD, K: H });
-      if (w.qBias) {
-        kn.addBias(s, { x: b.q, b: w.qBias, M: T, N: QD });
-        kn.addBias(s, { x: b.k, b: w.kBias!, M: T, N: KVD });
-        kn.addBias(s, { x: b.v, b: w.vBias!, M: T, N: KVD });
-      }
-      if (w.qNorm) {
-        kn.rmsnorm(s, { out: b.q, x: b.q, w: w.qNorm, R: T * NH, N: D, eps });
-        kn.rmsnorm(s, { out: b.k, x: b.k, w: w.kNorm!, R: T * KVH, N: D, eps });
-      }
-      kn.rope(s, { x: b.q, pos: tokPos, T, heads: NH, D, theta: c.ropeTheta });
-      kn.rope(s, { x: b.k, pos: tokPos, T, heads: KVH, D, theta: c.ropeTheta });
-      kn.kvStore(s, { pool: dev.kv.base, k: b.k, v: b.v, slots: kvSlot, T, layer: l, ...kvg });
-      kn.attention(s, {
-        out: b.att, q: b.q, pool: dev.kv.base, blockTable, tokSeq, tokPos, T, NH, layer: l, MB, scale: 1 / Math.sqrt(D), S, ...kvg,
+    // Router.
+    kn.rmsnorm(s, { out: b.xn, x: b.x, w: w.postNorm, R: T, N: H, eps });
+    kn.matmul(s, { out: b.routerLogits, x: b.xn, w: w.router, M: T, N: E, K: H });
+    kn.routerTopk(s, { ids: b.ids, weights: b.wts, logits: b.routerLogits, T, E, K, renorm: c.normTopK });
+    if (download) s.download(dev.host, b.ids, T * K * 4, this.hostLayout.ids * 4);
+    const routed = download || this.computers[r]![l]!.some((e) => e !== r) ? this.event(r).record(s) : undefined;
+    // The shared expert (qwen2_moe) needs no routing: queue it behind the routing's event.
+    if (w.shared) {
+      const Sh = c.sharedIntermediate;
+      kn.matmul(s, { out: b.sharedGate!, x: b.xn, w: w.shared.gate, M: T, N: Sh, K: H });
+      kn.matmul(s, { out: b.sharedUp!, x: b.xn, w: w.shared.up, M: T, N: Sh, K: H });
+      kn.siluMul(s, { out: b.sharedGate!, gate: b.sharedGate!, up: b.sharedUp!, n: T * Sh });
+      kn.matmul(s, { out: b.sharedOut!, x: b.sharedGate!, w: w.shared.down, M: T, N: H, K: Sh });
+      kn.matmul(s, { out: b.sharedLogit!, x: b.xn, w: w.shared.gateLogit, M: T, N: 1, K: H });
+      kn.sigmoidScaleRows(s, { y: b.sharedOut!, g: b.sharedLogit!, T, H });
+    }
+    return routed;
+  }
+
+  /**
+   * Phase B, device path: each computing device of rank r's layer l routes, gathers, runs the expert
+   * FFN over its rows and scatters them into r's `slots`, all on its own stream with no host wait.
+   * Returns the events of the devices other than r's.
+   */
+  private expertsOnDevice(r: number, p: RankPlan, l: number, routed: Event | undefined, used: Set<number>): Event[] {
+    const c = this.config;
+    const E = c.experts, K = c.topK, L = c.layers, I = c.expertIntermediate;
+    const H = this.H;
+    const { T } = p;
+    const TK = T * K;
+    const b = this.devs[r]!.buf;
+    const answers: Event[] = [];
+    // Other devices first, then r's own rows, so r's stream does not wait before its own work.
+    const order = this.computers[r]![l]!;
+    for (const e of [...order.filter((j) => j !== r), ...order.filter((j) => j === r)]) {
+      const dev = this.devs[e]!;
+      const { stream: s, kernels: kn, buf: eb } = dev;
+      used.add(e);
+      if (e !== r) s.wait(routed!);
+      const rowOffsets = eb.routeOffsets!;
+      const count = rowOffsets.add(E * 4);
+      kn.routeRows(s, {
+        rowOffsets, rows: eb.routeRows!, perm: eb.routePerm!, ids: b.ids, route: eb.routeTable!.add((r * L + l) * E * 4),
+        device: e, T, K, E,
       });
-      kn.matmul(s, { out: b.proj, x: b.att, w: w.o, M: T, N: H, K: QD });
-      kn.add(s, { out: b.x, a: b.x, b: b.proj, n: T * H });
-
-      // Router.
-      kn.rmsnorm(s, { out: b.xn, x: b.x, w: w.postNorm, R: T, N: H, eps });
-      kn.matmul(s, { out: b.routerLogits, x: b.xn, w: w.router, M: T, N: E, K: H });
-      kn.routerTopk(s, { ids: b.ids, weights: b.wts, logits: b.routerLogits, T, E, K, renorm: c.normTopK });
-      s.download(dev.host, b.ids, TK * 4, hl.ids * 4);
-      const idsReady = this.event(r).record(s);
-      // The shared expert (qwen2_moe) needs no routing: queue it behind the download.
-      if (w.shared) {
-        const Sh = c.sharedIntermediate;
-        kn.matmul(s, { out: b.sharedGate!, x: b.xn, w: w.shared.gate, M: T, N: Sh, K: H });
-        kn.matmul(s, { out: b.sharedUp!, x: b.xn, w: w.shared.up, M: T, N: Sh, K: H });
-        kn.siluMul(s, { out: b.sharedGate!, gate: b.sharedGate!, up: b.sharedUp!, n: T * Sh });
-        kn.matmul(s, { out: b.sharedOut!, x: b.sharedGate!, w: w.shared.down, M: T, N: H, K: Sh });
-        kn.matmul(s, { out: b.sharedLogit!, x: b.xn, w: w.shared.gateLogit, M: T, N: 1, K: H });
-        kn.sigmoidScaleRows(s, { y: b.sharedOut!, g: b.sharedLogit!, T, H });
-      }
-      // Sync point: the host builds the expert row lists from the top-k ids.
-      await idsReady.synchronize();
-
-      const listsAt = hl.lists + l * hl.listStride;
-      const { segments, words } = this.routeRows(dev, l, h32.subarray(hl.ids, hl.ids + TK), T, listsAt);
-      s.upload(b.lists, dev.host, words * 4, listsAt * 4);
-      const perm = b.lists;
-      const rows = b.lists.add(TK * 4);
-      kn.gatherRows(s, { out: b.sorted, x: b.xn, rows, M: TK, H, R: T });
-      const gathered = segments.some((g) => g.rank !== r) ? this.event(r).record(s) : undefined;
-      for (const seg of segments) {
-        const at = b.sorted.add(seg.offset * H * 4);
-        const meta = b.lists.add(seg.meta * 4);
-        if (seg.rank === r) {
-          this.expertFfn(dev, l, seg, meta, at, at, s);
-          continue;
-        }
-        const other = this.devs[seg.rank]!;
-        const os = other.stream;
-        const bytes = seg.rows * H * 4;
-        os.wait(gathered!);
-        os.copy(other.buf.recv, at, bytes);
-        this.expertFfn(other, l, seg, meta, other.buf.recv, other.buf.recv, os);
-        os.copy(at, other.buf.recv, bytes);
-        s.wait(this.event(seg.rank).record(os));
-      }
-      kn.scatterRows(s, { out: b.slots, x: b.sorted, rows: perm, M: TK, H, R: TK });
-      if (w.shared) {
-        // HF order: (routed + shared) + residual; combineTopk adds the routed sum to sharedOut.
-        kn.combineTopk(s, { out: b.sharedOut!, slots: b.slots, weights: b.wts, T, K, H });
-        kn.add(s, { out: b.x, a: b.x, b: b.sharedOut!, n: T * H });
-      } else {
-        kn.combineTopk(s, { out: b.x, slots: b.slots, weights: b.wts, T, K, H });
-      }
+      kn.gatherRowsCount(s, { out: eb.recv, x: b.xn, rows: eb.routeRows!, count, M: TK, H, R: T });
+      const weights = (matrix: number) => eb.weightTable!.add((l * 3 + matrix) * E * 8);
+      kn.groupedMatmul(s, { out: eb.expGate, x: eb.recv, weights: weights(0), rowOffsets, G: E, M: TK, N: I, K: H });
+      kn.groupedMatmul(s, { out: eb.expUp, x: eb.recv, weights: weights(1), rowOffsets, G: E, M: TK, N: I, K: H });
+      kn.siluMulCount(s, { out: eb.expGate, gate: eb.expGate, up: eb.expUp, count, M: TK, N: I });
+      kn.groupedMatmul(s, { out: eb.recv, x: eb.expGate, weights: weights(2), rowOffsets, G: E, M: TK, N: H, K: I });
+      kn.scatterRowsCount(s, { out: b.slots, x: eb.recv, rows: eb.routePerm!, count, M: TK, H, R: TK });
+      if (e !== r) answers.push(this.event(e).record(s));
     }
+    return answers;
+  }
 
-    // Final norm and LM head on the sampled sequences' last tokens only.
+  /**
+   * Phase B, host path (the ids are on the host): builds and uploads the row lists, gathers the
+   * rows into `sorted` and runs each device's segment. Returns the events of the devices other than r's.
+   */
+  private expertsOnHost(r: number, p: RankPlan, l: number, used: Set<number>): Event[] {
+    const c = this.config;
+    const dev = this.devs[r]!;
+    const { stream: s, kernels: kn, buf: b } = dev;
+    const { T } = p;
+    const K = c.topK, TK = T * K;
+    const H = this.H;
+    const hl = this.hostLayout;
+    const h32 = dev.hostI32;
+    const listsAt = hl.lists + l * hl.listStride;
+    const { segments, words } = this.routeRows(dev, l, h32.subarray(hl.ids, hl.ids + TK), T, listsAt);
+    s.upload(b.lists, dev.host, words * 4, listsAt * 4);
+    const rows = b.lists.add(TK * 4);
+    kn.gatherRows(s, { out: b.sorted, x: b.xn, rows, M: TK, H, R: T });
+    const gathered = segments.some((g) => g.rank !== r) ? this.event(r).record(s) : undefined;
+    const answers: Event[] = [];
+    // Other devices' segments first, then r's own, so r's stream does not wait before its own work.
+    for (const seg of [...segments.filter((g) => g.rank !== r), ...segments.filter((g) => g.rank === r)]) {
+      const at = b.sorted.add(seg.offset * H * 4);
+      const meta = b.lists.add(seg.meta * 4);
+      if (seg.rank === r) {
+        this.expertFfn(dev, l, seg, meta, at, at, s);
+        continue;
+      }
+      const other = this.devs[seg.rank]!;
+      const os = other.stream;
+      const bytes = seg.rows * H * 4;
+      used.add(seg.rank);
+      os.wait(gathered!);
+      os.copy(other.buf.recv, at, bytes);
+      this.expertFfn(other, l, seg, meta, other.buf.recv, other.buf.recv, os);
+      os.copy(at, other.buf.recv, bytes);
+      answers.push(this.event(seg.rank).record(os));
+    }
+    return answers;
+  }
+
+  /** Phase C: waits for the other computing devices, [host path: scatter sorted → slots], combineTopk in k order. */
+  private combine(r: number, p: RankPlan, l: number, answers: Event[], scatter: boolean): void {
+    const c = this.config;
+    const dev = this.devs[r]!;
+    const { stream: s, kernels: kn, buf: b } = dev;
+    const { T } = p;
+    const K = c.topK, TK = T * K, H = this.H;
+    for (const e of answers) s.wait(e);
+    if (scatter) kn.scatterRows(s, { out: b.slots, x: b.sorted, rows: b.lists, M: TK, H, R: TK });
+    if (dev.layers[l]!.shared) {
+      // HF order: (routed + shared) + residual; combineTopk adds the routed sum to sharedOut.
+      kn.combineTopk(s, { out: b.sharedOut!, slots: b.slots, weights: b.wts, T, K, H });
+      kn.add(s, { out: b.x, a: b.x, b: b.sharedOut!, n: T * H });
+    } else {
+      kn.combineTopk(s, { out: b.x, slots: b.slots, weights: b.wts, T, K, H });
+    }
+  }
+
+  /** Final norm and LM head on the sampled sequences' last tokens only, argmax, downloads. */
+  private head(r: number, p: RankPlan, logitsHost: HostBuffer | undefined): void {
+    const dev = this.devs[r]!;
+    const { stream: s, kernels: kn, buf: b } = dev;
+    const { H } = this;
+    const V = this.config.vocabSize;
     const R = p.sampled.length;
-    if (R > 0) {
-      kn.gatherRows(s, { out: b.lastX, x: b.x, rows: lastRows, M: R, H, R: T });
-      kn.rmsnorm(s, { out: b.lastX, x: b.lastX, w: dev.model.finalNorm, R, N: H, eps });
-      for (let g0 = 0; g0 < R; g0 += this.lmHeadRows) {
-        const n = Math.min(this.lmHeadRows, R - g0);
-        kn.matmul(s, { out: b.lmLogits, x: b.lastX.add(g0 * H * 4), w: dev.model.lmHead, M: n, N: V, K: H });
-        kn.argmax(s, { out: b.argOut.add(g0 * 4), x: b.lmLogits, R: n, N: V });
-        if (logitsHost) s.download(logitsHost, b.lmLogits, n * V * 4, g0 * V * 4);
-      }
-      s.download(dev.host, b.argOut, R * 4, hl.argmax * 4);
+    if (R === 0) return;
+    kn.gatherRows(s, { out: b.lastX, x: b.x, rows: this.metaOf(b).lastRows, M: R, H, R: p.T });
+    kn.rmsnorm(s, { out: b.lastX, x: b.lastX, w: dev.model.finalNorm, R, N: H, eps: this.config.rmsNormEps });
+    for (let g0 = 0; g0 < R; g0 += this.lmHeadRows) {
+      const n = Math.min(this.lmHeadRows, R - g0);
+      kn.matmul(s, { out: b.lmLogits, x: b.lastX.add(g0 * H * 4), w: dev.model.lmHead, M: n, N: V, K: H });
+      kn.argmax(s, { out: b.argOut.add(g0 * 4), x: b.lmLogits, R: n, N: V });
+      if (logitsHost) s.download(logitsHost, b.lmLogits, n * V * 4, g0 * V * 4);
     }
-    // Sync point: the rank's stream is done (it waited for every device that computed experts for it).
-    await this.event(r).record(s).synchronize();
+    s.download(dev.host, b.argOut, R * 4, this.hostLayout.argmax * 4);
   }
 
   /**

@@ -90,6 +90,10 @@ export interface NativeStream {
   launch(fn: NativeFunction, grid: [number, number, number], block: [number, number, number],
          sharedBytes: number, args: NativeKernelArg[]): void;
   waitEvent(event: NativeEvent): void;
+  /** Work queued from now on is recorded into a graph instead of running. */
+  beginCapture(): void;
+  /** Ends the capture begun on this stream (also when it throws) and instantiates the graph. */
+  endCapture(): NativeGraph;
   /** Resolves when all queued work is done; rejects with the async error (e.g. ILLEGAL_ADDRESS). */
   synchronize(): Promise<void>;
   synchronizeSync(): void;
@@ -104,6 +108,14 @@ export interface NativeEvent {
   synchronizeSync(): void;
   /** Milliseconds from `start` to this event (both recorded with timing on). */
   elapsedSince(start: NativeEvent): number;
+  destroy(): void;
+  readonly destroyed: boolean;
+}
+
+export interface NativeGraph {
+  /** Queues one replay of the whole graph on `stream`. */
+  launch(stream: NativeStream): void;
+  /** Idempotent; launches already queued still run. */
   destroy(): void;
   readonly destroyed: boolean;
 }

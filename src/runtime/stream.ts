@@ -1,5 +1,6 @@
 // Streams (ordered queues of copies and launches on one device) and events.
 import { InvalidArgumentError } from './errors.js';
+import { Graph } from './graph.js';
 import { type Kernel, type KernelArg, toNativeArgs } from './kernel.js';
 import { DevicePointer, HostBuffer, checkSize } from './memory.js';
 import type { NativeEvent, NativeStream } from './native-types.js';
@@ -13,6 +14,10 @@ function dim3(name: string, d: Dim3): [number, number, number] {
     if (!Number.isInteger(x) || x < 1 || x > 0x7fffffff) throw new InvalidArgumentError(name, 'positive integers');
   }
   return out;
+}
+
+function isThenable(value: unknown): value is PromiseLike<unknown> {
+  return typeof value === 'object' && value !== null && typeof (value as { then?: unknown }).then === 'function';
 }
 
 export interface LaunchDims {
@@ -86,6 +91,60 @@ export class Stream implements Disposable {
   synchronize(): Promise<void> {
     return this.native.synchronize();
   }
+
+  /**
+   * Starts recording: copies, fills, launches, event records and waits queued on
+   * this stream are captured into a graph instead of running. A stream that
+   * waits on an event recorded here during the capture joins it (a fork); make
+   * this stream wait on an event recorded on that stream after its last
+   * captured work (a join) before endCapture. While capturing, synchronize()
+   * rejects and invalidates the capture (NotSupportedError), as does waiting on
+   * an event recorded outside the capture: wait for outside work before
+   * beginCapture.
+   */
+  beginCapture(): this {
+    this.native.beginCapture();
+    return this;
+  }
+  /**
+   * Ends the capture begun on this stream and returns the instantiated graph.
+   * The capture ends even when this throws: NotSupportedError if an illegal
+   * call invalidated it, InvalidArgumentError if a joined stream was not
+   * joined back or this stream did not begin the capture.
+   */
+  endCapture(): Graph {
+    return new Graph(this.native.endCapture());
+  }
+  /**
+   * Captures what `body` queues (synchronously) into a graph. If `body` throws,
+   * the capture is ended and discarded and the error is rethrown. A body that
+   * returns a promise is refused: a capture left open across an await records
+   * whatever else the process queues on this stream meanwhile.
+   */
+  capture(body: (stream: this) => void): Graph {
+    this.beginCapture();
+    let result: unknown;
+    try {
+      result = body(this);
+    } catch (error) {
+      this.discardCapture();
+      throw error;
+    }
+    if (isThenable(result)) {
+      this.discardCapture();
+      result.then(undefined, () => {}); // its outcome no longer matters; keep it from going unhandled
+      throw new InvalidArgumentError('body', 'a synchronous function (it returned a promise)');
+    }
+    return this.endCapture();
+  }
+  private discardCapture(): void {
+    try {
+      this.native.endCapture().destroy();
+    } catch {
+      // The capture has ended either way; the body's error is the one to report.
+    }
+  }
+
   dispose(): void {
     this.native.destroy();
   }

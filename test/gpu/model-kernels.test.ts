@@ -16,6 +16,8 @@
 // - grouped matmul: the matmul tolerance against the reference; against itself bit for
 //   bit, since its summation order is per row (the same result for a row whatever rows
 //   share its group, and on the 16-byte and the scalar load paths).
+// - device routing (route_rows: integers only) and the *_count gather/scatter: bit for bit;
+//   silu_mul_count and the grouped matmuls of the device-routed expert FFN: the tolerance.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
 import { type DevicePointer, Runtime, type Stream } from '../../src/index.js';
@@ -356,6 +358,130 @@ describe.runIf(onCuda)('model kernels on a real GPU (NVRTC) against the TypeScri
     expectSame(await arena.get(ids, wantIds), wantIds, 'router ids');
     expectClose(await arena.get(weights, wantW), wantW, 'router weights');
   });
+
+  /** Top-k ids [T, K], distinct per token and skewed toward low experts, and a route table over `devices`. */
+  function routing(T: number, K: number, E: number, devices: number, seed: number): { ids: Int32Array; route: Int32Array } {
+    const r = rng(seed);
+    const ids = new Int32Array(T * K);
+    for (let t = 0; t < T; t++) {
+      const chosen = new Set<number>();
+      for (let k = 0; k < K; k++) {
+        let x = Math.floor(E * r() ** 2);
+        while (chosen.has(x)) x = (x + 1) % E;
+        chosen.add(x);
+        ids[t * K + k] = x;
+      }
+    }
+    return { ids, route: Int32Array.from({ length: E }, () => Math.floor(r() * devices)) };
+  }
+
+  it.each([
+    [1, 8, 128, 4], // one decode token of Qwen3-30B-A3B
+    [128, 8, 128, 4], // a decode batch
+    [512, 8, 128, 2], // T*K = 4096, the largest
+    [70, 4, 60, 3], // E and T*K not multiples of 32
+    [33, 2, 8, 1], // mixtral-like, one device computes everything
+    [200, 8, 2048, 8], // the largest expert count
+  ])('route_rows T=%i K=%i E=%i over %i devices: the reference\'s lists, bit for bit', async (T, K, E, devices) => {
+    arena.reset();
+    const TK = T * K;
+    const { ids, route } = routing(T, K, E, devices, 300 + T + E);
+    const pids = await arena.put(ids), proute = await arena.put(route);
+    for (let d = 0; d < devices; d++) {
+      const offsets = arena.alloc((E + 1) * 4);
+      const rows = await arena.put(new Int32Array(TK).fill(-7)), perm = await arena.put(new Int32Array(TK).fill(-7));
+      mk.routeRows(s, { rowOffsets: offsets, rows, perm, ids: pids, route: proute, device: d, T, K, E });
+      const want = { rowOffsets: new Int32Array(E + 1), rows: new Int32Array(TK).fill(-7), perm: new Int32Array(TK).fill(-7) };
+      ref.routeRows({ ...want, ids, route, device: d, T, K, E });
+      expectSame(await arena.get(offsets, want.rowOffsets), want.rowOffsets, `route_rows offsets, device ${d}`);
+      expectSame(await arena.get(rows, want.rows), want.rows, `route_rows rows, device ${d}`);
+      expectSame(await arena.get(perm, want.perm), want.perm, `route_rows perm, device ${d}`);
+    }
+  }, 60_000);
+
+  it('gather_rows_count, scatter_rows_count, silu_mul_count over the first *count of M rows', async () => {
+    arena.reset();
+    const R = 300, H = 2048, M = 512, I = 768;
+    const x = randF32(R * H, 60);
+    const rows = randInt(M, 61, R);
+    const perm = Int32Array.from({ length: M }, (_, i) => (i * 13 + 5) % M);
+    const px = await arena.put(x), prow = await arena.put(rows), pperm = await arena.put(perm);
+    for (const n of [0, 1, 77, M]) {
+      const count = await arena.put(Int32Array.from([n]));
+      const cnt = Int32Array.from([n]);
+      const g0 = randF32(M * H, 62 + n);
+      const g = await arena.put(g0);
+      mk.gatherRowsCount(s, { out: g, x: px, rows: prow, count, M, H, R });
+      const wantG = g0.slice();
+      ref.gatherRowsCount({ out: wantG, x, rows, count: cnt, M, H });
+      expectSame(await arena.get(g, wantG), wantG, `gather_rows_count ${n}`);
+
+      const t0 = randF32(M * H, 63 + n);
+      const target = await arena.put(t0);
+      mk.scatterRowsCount(s, { out: target, x: g, rows: pperm, count, M, H, R: M });
+      const wantS = t0.slice();
+      ref.scatterRowsCount({ out: wantS, x: wantG, rows: perm, count: cnt, M, H });
+      expectSame(await arena.get(target, wantS), wantS, `scatter_rows_count ${n}`);
+
+      const gate = randF32(M * I, 64 + n, -20, 20), up = randF32(M * I, 65 + n, -3, 3);
+      const o0 = randF32(M * I, 66 + n);
+      const o = await arena.put(o0);
+      mk.siluMulCount(s, { out: o, gate: await arena.put(gate), up: await arena.put(up), count, M, N: I });
+      const wantU = o0.slice();
+      ref.siluMulCount({ out: wantU, gate, up, count: cnt, M, N: I });
+      const gotU = await arena.get(o, wantU);
+      expectClose(gotU, wantU, `silu_mul_count ${n}`);
+      expectSame(gotU.subarray(n * I), o0.subarray(n * I), `silu_mul_count ${n}: rows past the count untouched`);
+    }
+  }, 120_000);
+
+  it('the device-routed expert FFN: route, gather, grouped gate/up over all E (address 0 for other devices\' experts), silu, down, scatter', async () => {
+    arena.reset();
+    const T = 64, K = 8, E = 32, H = 256, I = 96, devices = 3, device = 1;
+    const TK = T * K;
+    const { ids, route } = routing(T, K, E, devices, 500);
+    const xs = randF32(T * H, 501);
+    const mats = [0, 1, 2].map((j) => Array.from({ length: E }, (_, x) => (route[x] === device ? randBf16((j === 2 ? H * I : I * H), 600 + 3 * x + j, 0.1) : undefined)));
+    const addrs = new BigUint64Array(3 * E);
+    for (let j = 0; j < 3; j++) {
+      for (let x = 0; x < E; x++) if (mats[j]![x]) addrs[j * E + x] = (await arena.put(mats[j]![x]!)).address;
+    }
+    const table = await arena.put(new Int32Array(addrs.buffer));
+    const pids = await arena.put(ids), proute = await arena.put(route), px = await arena.put(xs);
+    const offsets = arena.alloc((E + 1) * 4), rows = arena.alloc(TK * 4), perm = arena.alloc(TK * 4);
+    const recv = arena.alloc(TK * H * 4), gate = arena.alloc(TK * I * 4), up = arena.alloc(TK * I * 4);
+    const slots0 = randF32(TK * H, 502);
+    const slots = await arena.put(slots0);
+    const count = offsets.add(E * 4);
+    mk.routeRows(s, { rowOffsets: offsets, rows, perm, ids: pids, route: proute, device, T, K, E });
+    mk.gatherRowsCount(s, { out: recv, x: px, rows, count, M: TK, H, R: T });
+    mk.groupedMatmul(s, { out: gate, x: recv, weights: table, rowOffsets: offsets, G: E, M: TK, N: I, K: H });
+    mk.groupedMatmul(s, { out: up, x: recv, weights: table.add(E * 8), rowOffsets: offsets, G: E, M: TK, N: I, K: H });
+    mk.siluMulCount(s, { out: gate, gate, up, count, M: TK, N: I });
+    mk.groupedMatmul(s, { out: recv, x: gate, weights: table.add(2 * E * 8), rowOffsets: offsets, G: E, M: TK, N: H, K: I });
+    mk.scatterRowsCount(s, { out: slots, x: recv, rows: perm, count, M: TK, H, R: TK });
+    const got = await arena.get(slots, slots0);
+    // Reference: each of this device's (t, k) slots = down(silu(gate x_t) * up x_t) of expert ids[t*K + k].
+    const want = slots0.slice();
+    const g = new Float32Array(I), u = new Float32Array(I), o = new Float32Array(H);
+    let mine = 0;
+    ids.forEach((x, i) => {
+      if (route[x] !== device) return;
+      mine++;
+      const xt = xs.subarray(Math.floor(i / K) * H, (Math.floor(i / K) + 1) * H);
+      ref.matmul({ out: g, x: xt, w: mats[0]![x]!, M: 1, N: I, K: H });
+      ref.matmul({ out: u, x: xt, w: mats[1]![x]!, M: 1, N: I, K: H });
+      ref.siluMul({ out: g, gate: g, up: u, n: I });
+      ref.matmul({ out: o, x: g, w: mats[2]![x]!, M: 1, N: H, K: I });
+      want.set(o, i * H);
+    });
+    expect(mine).toBeGreaterThan(0);
+    expect(mine).toBeLessThan(TK);
+    expectClose(got, want, 'device-routed expert FFN');
+    ids.forEach((x, i) => {
+      if (route[x] !== device) expectSame(got.subarray(i * H, (i + 1) * H), slots0.subarray(i * H, (i + 1) * H), `slot ${i} of another device`);
+    });
+  }, 120_000);
 
   it('argmax over a Qwen3 vocabulary row, first maximum on ties', async () => {
     arena.reset();

@@ -2,7 +2,8 @@
 // qwen3_moe, mixtral and qwen2_moe configs with synthetic weights loaded by the HMM:
 // greedy tokens and logits are bit-identical whatever the layout and expert placement
 // (DESIGN invariant 1), match an independent TypeScript reference, do not depend on
-// the batch a sequence runs in or on how its prompt is chunked; bad steps are refused.
+// the batch a sequence runs in, on how its prompt is chunked or on the expert routing
+// path (on the device or on the host); bad steps are refused.
 import { mkdtempSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -19,7 +20,8 @@ import { HmmDaemon } from '../../src/hmm/daemon.js';
 import { Hmm } from '../../src/hmm/hmm.js';
 import type { TensorLocation } from '../../src/hmm/placement.js';
 import { type ModelConfig, parseConfig } from '../../src/model/config.js';
-import { ModelKernels } from '../../src/model/kernels/index.js';
+import { MAX_ROUTE_ROWS, ModelKernels } from '../../src/model/kernels/index.js';
+import { Event, Stream } from '../../src/runtime/stream.js';
 import { type ExpertPlacement, roundRobinPlacement, weightSpecs } from '../../src/model/weights.js';
 import { InvalidArgumentError, type Runtime } from '../../src/index.js';
 import { MIB, openMock, pattern, sameBytes } from '../helpers/mock.js';
@@ -223,18 +225,42 @@ for (const [arch, config] of Object.entries(CONFIGS)) {
     });
 
     it('gives bit-identical results with the experts grouped, one matmul each, or mixed', async () => {
-      // groupedMaxRows 0: every expert its own matmuls; 3: prefill mixes both kinds in one
-      // segment; the default groups everything here. Remote segments run grouped launches too.
+      // Host routing path. groupedMaxRows 0: every expert its own matmuls; 3: prefill mixes
+      // both kinds in one segment; the default groups everything here. Remote segments run
+      // grouped launches too.
       const layouts: Array<[string, Layout]> = [
         ['[0]', { devices: [0], placement: () => [0] }],
         ['[0,1,2,3] reversed', { devices: ALL, placement: reversedPlacement(8, ALL) }],
       ];
       for (const [what, layout] of layouts) {
         for (const groupedMaxRows of [0, 3]) {
-          const engine = await engineFor(fx, layout, 64, { groupedMaxRows });
+          const engine = await engineFor(fx, layout, 64, { groupedMaxRows, deviceRoutingMaxRows: 0 });
           expectIdentical(await generate(engine, fx.hmm, PROMPTS), baseline, `${what}, groupedMaxRows ${groupedMaxRows}`);
         }
       }
+    });
+
+    it('gives bit-identical results with the experts routed on the device, on the host, or both in one step', async () => {
+      // The default (8 rows per expert: 64 here) already mixes the paths across the layouts
+      // above (the one-device prefill of 34 tokens is routed on the host, everything else on
+      // the device). Here: every step on one path, and a step whose ranks take different paths.
+      const layouts: Array<[string, Layout]> = [
+        ['[0]', { devices: [0], placement: () => [0] }],
+        ['[0,1] round robin', { devices: [0, 1], placement: roundRobinPlacement(8, [0, 1]) }],
+        ['[0,1,2,3] reversed', { devices: ALL, placement: reversedPlacement(8, ALL) }],
+        ['[0,1,2,3] replicated on two devices', { devices: ALL, placement: replicatedPlacement(ALL) }],
+        ['[3,1] every expert on device 1', { devices: [3, 1], placement: () => [1] }],
+      ];
+      for (const [what, layout] of layouts) {
+        for (const deviceRoutingMaxRows of [0, MAX_ROUTE_ROWS]) {
+          const engine = await engineFor(fx, layout, 64, { deviceRoutingMaxRows });
+          expectIdentical(await generate(engine, fx.hmm, PROMPTS), baseline, `${what}, ${deviceRoutingMaxRows ? 'device' : 'host'} routing`);
+        }
+      }
+      // Prefill rows per rank on four ranks: 10, 18, 6, 34: ranks 0 and 2 on the device, 1 and 3 on the host.
+      const mixed = await engineFor(fx, { devices: ALL, placement: roundRobinPlacement(8, ALL) }, 64, { deviceRoutingMaxRows: 12 });
+      expectIdentical(await generate(mixed, fx.hmm, PROMPTS), baseline, 'device and host routing in one step');
+      expectIdentical(await generate(mixed, fx.hmm, PROMPTS, { rankOf: (i) => 3 - i }), baseline, 'device and host routing in one step, ranks reversed');
     });
 
     it('gives each sequence the same tokens alone as in a batch', async () => {
@@ -318,14 +344,18 @@ describe('forward pass: validation, KV views, attached weights (qwen3_moe)', () 
       expect(await arg(ForwardEngine.create(fx.rt, config, { devices: [0], placement: () => [0] }, ws, fx.views, { groupedMaxRows })
         .then(() => undefined, (e: unknown) => e))).toBe('groupedMaxRows');
     }
+    for (const deviceRoutingMaxRows of [-1, 1.5, MAX_ROUTE_ROWS + 1]) {
+      expect(await arg(ForwardEngine.create(fx.rt, config, { devices: [0], placement: () => [0] }, ws, fx.views, { deviceRoutingMaxRows })
+        .then(() => undefined, (e: unknown) => e))).toBe('deviceRoutingMaxRows');
+    }
   });
 
-  it('runs each device\'s routed experts in three grouped launches per layer (decode)', async () => {
+  it('runs each device\'s routed experts in three grouped launches per layer (host routing, decode)', async () => {
     const grouped = vi.spyOn(ModelKernels.prototype, 'groupedMatmul');
     const matmul = vi.spyOn(ModelKernels.prototype, 'matmul');
     try {
       for (const [devices, placement] of [[[0], () => [0]], [[0, 1], roundRobinPlacement(8, [0, 1])]] as const) {
-        const e = await engineFor(fx, { devices: [...devices], placement });
+        const e = await engineFor(fx, { devices: [...devices], placement }, 64, { deviceRoutingMaxRows: 0 });
         const blocks = fx.hmm.kv.allocate('launches', 0, 1);
         try {
           // Prefill of 5 tokens (at most 5 rows per expert), then one decode step; one rank.
@@ -356,6 +386,71 @@ describe('forward pass: validation, KV views, attached weights (qwen3_moe)', () 
     } finally {
       grouped.mockRestore();
       matmul.mockRestore();
+    }
+  });
+
+  it('routes on the device with no host wait until the end of the step; the host path waits once per layer', async () => {
+    const route = vi.spyOn(ModelKernels.prototype, 'routeRows');
+    const grouped = vi.spyOn(ModelKernels.prototype, 'groupedMatmul');
+    const scatter = vi.spyOn(ModelKernels.prototype, 'scatterRowsCount');
+    const eventWaits = vi.spyOn(Event.prototype, 'synchronize');
+    const streamWaits = vi.spyOn(Stream.prototype, 'synchronize');
+    const L = config.layers, K = config.topK, E = config.experts;
+    try {
+      const layouts = [
+        { devices: [0], placement: () => [0] },
+        { devices: [0, 1], placement: roundRobinPlacement(8, [0, 1]) },
+        { devices: ALL, placement: replicatedPlacement(ALL) },
+      ];
+      for (const layout of layouts) {
+        const n = layout.devices.length;
+        const e = await engineFor(fx, layout, 16);
+        expect(e.deviceRoutingMaxRows).toBe(64); // 8 rows per expert
+        const blocks = layout.devices.map((_, r) => fx.hmm.kv.allocate(`dev${r}`, layout.devices[r]!, 1));
+        try {
+          // Every rank decodes one token: T*K = 2 rows each, the device path.
+          for (const mocks of [route, grouped, scatter, eventWaits, streamWaits]) mocks.mockClear();
+          const ranks = layout.devices.map((_, r) => [{ seqId: `d${r}`, tokens: [3 + r], startPos: 0, blockTable: blocks[r]!, sample: true }]);
+          const res = await e.step({ ranks });
+          expect(res.next.size).toBe(n);
+          // One host wait per device that worked, all at the end; nothing per layer.
+          expect(streamWaits).not.toHaveBeenCalled();
+          expect(eventWaits.mock.calls.length).toBe(n);
+          // Per rank, layer and computing device: one routing launch, three grouped launches over
+          // all E experts sized for the T*K rows, one scatter into the rank's slots.
+          // The computing devices are static: those the placement gives any of the rank's experts of
+          // the layer (its own device where it holds a replica, else the first holder).
+          let computing = 0;
+          for (let r = 0; r < n; r++) {
+            for (let l = 0; l < L; l++) {
+              const by = new Set<number>();
+              for (let x = 0; x < E; x++) {
+                const h = layout.placement(l, x);
+                by.add(h.includes(layout.devices[r]!) ? layout.devices[r]! : h[0]!);
+              }
+              computing += by.size;
+            }
+          }
+          expect(route.mock.calls.length).toBe(computing);
+          expect(grouped.mock.calls.length).toBe(3 * computing);
+          for (const [, a] of grouped.mock.calls) expect([a.G, a.M]).toEqual([E, K]);
+          expect(scatter.mock.calls.length).toBe(computing);
+          for (const [, a] of route.mock.calls) expect([a.T, a.K, a.E]).toEqual([1, K, E]);
+
+          // The same step on the host path: one wait per layer for all ranks together.
+          const h = await engineFor(fx, layout, 16, { deviceRoutingMaxRows: 0 });
+          eventWaits.mockClear();
+          route.mockClear();
+          const hres = await h.step({ ranks: ranks.map((q) => q.map((x) => ({ ...x }))) });
+          expect(route).not.toHaveBeenCalled();
+          expect(eventWaits.mock.calls.length).toBe(L * n + n);
+          expect(hres.next).toEqual(res.next);
+        } finally {
+          layout.devices.forEach((_, r) => fx.hmm.kv.free(`dev${r}`));
+        }
+      }
+    } finally {
+      for (const mocks of [route, grouped, scatter, eventWaits, streamWaits]) mocks.mockRestore();
     }
   });
 

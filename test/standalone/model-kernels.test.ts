@@ -9,10 +9,10 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import {
   type DevicePointer, IllegalAddressError, InvalidArgumentError, type Runtime, type Stream,
 } from '../../src/index.js';
-import { MODEL_KERNEL_NAMES, ModelKernels } from '../../src/model/kernels/index.js';
+import { MAX_ROUTE_EXPERTS, MAX_ROUTE_ROWS, MODEL_KERNEL_NAMES, ModelKernels } from '../../src/model/kernels/index.js';
 import * as ref from '../../src/model/kernels/reference.js';
 import { Arena, type Typed, expectSame, randBf16, randF32, randInt, rng } from '../helpers/arrays.js';
-import { openMock } from '../helpers/mock.js';
+import { mappedChunk, openMock } from '../helpers/mock.js';
 
 
 
@@ -34,7 +34,7 @@ describe('model kernels on the mock (CPU twins vs TypeScript references, bit for
   });
 
   it('resolves a CPU twin for every kernel name', () => {
-    expect(MODEL_KERNEL_NAMES.length).toBe(17);
+    expect(MODEL_KERNEL_NAMES.length).toBe(21);
     for (const name of MODEL_KERNEL_NAMES) expect(mk.module.kernel(name).name).toBe(name);
   });
 
@@ -404,6 +404,193 @@ describe('model kernels on the mock (CPU twins vs TypeScript references, bit for
     const wantC = out0.slice();
     ref.combineTopk({ out: wantC, slots, weights, T, K, H });
     expectSame(await arena.get(pout, wantC), wantC, 'combine_topk');
+  });
+
+  /** Random top-k ids [T, K] (distinct within a token) and a route table of `devices` devices. */
+  function routing(T: number, K: number, E: number, devices: number, seed: number): { ids: Int32Array; route: Int32Array } {
+    const r = rng(seed);
+    const ids = new Int32Array(T * K);
+    for (let t = 0; t < T; t++) {
+      const chosen = new Set<number>();
+      for (let k = 0; k < K; k++) {
+        let x = Math.floor(r() * E);
+        while (chosen.has(x)) x = (x + 1) % E;
+        chosen.add(x);
+        ids[t * K + k] = x;
+      }
+    }
+    const route = Int32Array.from({ length: E }, () => Math.floor(r() * devices));
+    return { ids, route };
+  }
+
+  it('route_rows: every device\'s lists against the reference, a partition of the slots, stable within an expert', async () => {
+    for (const [T, K, E, devices] of [[1, 1, 1, 1], [5, 2, 8, 4], [37, 3, 16, 3], [200, 8, 128, 4], [512, 8, 128, 2], [33, 4, 40, 1]] as const) {
+      arena.reset();
+      const TK = T * K;
+      const { ids, route: fixed } = routing(T, K, E, devices, 1000 + T + E);
+      const pids = await arena.put(ids), proute = await arena.put(fixed);
+      const seen = new Int32Array(TK);
+      for (let d = 0; d < devices; d++) {
+        const offsets = arena.alloc((E + 1) * 4), rows = await arena.put(new Int32Array(TK).fill(-7)), perm = await arena.put(new Int32Array(TK).fill(-7));
+        mk.routeRows(s, { rowOffsets: offsets, rows, perm, ids: pids, route: proute, device: d, T, K, E });
+        const want = { rowOffsets: new Int32Array(E + 1), rows: new Int32Array(TK).fill(-7), perm: new Int32Array(TK).fill(-7) };
+        ref.routeRows({ ...want, ids, route: fixed, device: d, T, K, E });
+        expectSame(await arena.get(offsets, want.rowOffsets), want.rowOffsets, `route_rows offsets T=${T} E=${E} device ${d}`);
+        expectSame(await arena.get(rows, want.rows), want.rows, `route_rows rows T=${T} E=${E} device ${d}`);
+        expectSame(await arena.get(perm, want.perm), want.perm, `route_rows perm T=${T} E=${E} device ${d}`);
+        // Independently: a sort by (expert, t, k) of this device's pairs.
+        const mine = Array.from(ids, (x, i) => [x, i] as const).filter(([x]) => fixed[x] === d).sort((a, b) => a[0] - b[0] || a[1] - b[1]);
+        const total = want.rowOffsets[E]!;
+        expect(total).toBe(mine.length);
+        expect(Array.from(want.perm.subarray(0, total))).toEqual(mine.map(([, i]) => i));
+        expect(Array.from(want.rows.subarray(0, total))).toEqual(mine.map(([, i]) => Math.floor(i / K)));
+        expect(Array.from(want.rows.subarray(total))).toEqual(new Array(TK - total).fill(-7)); // past the total: untouched
+        for (let x = 0; x < E; x++) {
+          const n = want.rowOffsets[x + 1]! - want.rowOffsets[x]!;
+          expect(n).toBe(fixed[x] === d ? mine.filter(([y]) => y === x).length : 0);
+        }
+        for (const [, i] of mine) seen[i]!++;
+      }
+      expect(Array.from(seen)).toEqual(new Array(TK).fill(1)); // every slot computed exactly once
+    }
+  });
+
+  it('gather_rows_count, scatter_rows_count, silu_mul_count: the first *count rows only', async () => {
+    arena.reset();
+    const R = 10, H = 13, M = 6;
+    const x = randF32(R * H, 40);
+    const rows = Int32Array.from([9, 0, 4, 4, -5, 1 << 20]); // past the count: never read
+    const px = await arena.put(x);
+    const prow = await arena.put(rows);
+    for (const n of [0, 1, 4]) {
+      const count = await arena.put(Int32Array.from([n]));
+      const out0 = randF32(M * H, 41 + n);
+      const out = await arena.put(out0);
+      mk.gatherRowsCount(s, { out, x: px, rows: prow, count, M, H, R });
+      const want = out0.slice();
+      ref.gatherRowsCount({ out: want, x, rows, count: Int32Array.from([n]), M, H });
+      expectSame(await arena.get(out, want), want, `gather_rows_count ${n}`);
+      expectSame(want.subarray(n * H), out0.subarray(n * H), 'rows past the count');
+
+      const distinct = Int32Array.from([3, 8, 0, 5, -1, -1]);
+      const target0 = randF32(R * H, 50 + n);
+      const target = await arena.put(target0);
+      const src = randF32(M * H, 60 + n);
+      mk.scatterRowsCount(s, { out: target, x: await arena.put(src), rows: await arena.put(distinct), count, M, H, R });
+      const wantS = target0.slice();
+      ref.scatterRowsCount({ out: wantS, x: src, rows: distinct, count: Int32Array.from([n]), M, H });
+      expectSame(await arena.get(target, wantS), wantS, `scatter_rows_count ${n}`);
+
+      const N = 7;
+      const gate = randF32(M * N, 70 + n, -20, 20), up = randF32(M * N, 80 + n, -3, 3);
+      const so0 = randF32(M * N, 90 + n);
+      const so = await arena.put(so0);
+      mk.siluMulCount(s, { out: so, gate: await arena.put(gate), up: await arena.put(up), count, M, N });
+      const wantU = so0.slice();
+      ref.siluMulCount({ out: wantU, gate, up, count: Int32Array.from([n]), M, N });
+      expectSame(await arena.get(so, wantU), wantU, `silu_mul_count ${n}`);
+      const full = new Float32Array(n * N);
+      ref.siluMul({ out: full, gate, up, n: n * N });
+      expectSame(wantU.subarray(0, n * N), full, 'silu_mul_count = silu_mul over the count');
+    }
+    // A count outside 0..M, or an expert id outside 0..E-1, is an illegal address, as the CUDA kernels trap.
+    const illegal = async (launch: () => void) => {
+      launch();
+      await expect(s.synchronize()).rejects.toBeInstanceOf(IllegalAddressError);
+      rt.resetDevice(0);
+    };
+    const out = arena.alloc(M * H * 4);
+    for (const bad of [M + 1, -1]) {
+      const count = await arena.put(Int32Array.from([bad]));
+      await illegal(() => mk.gatherRowsCount(s, { out, x: px, rows: prow, count, M, H, R }));
+      await illegal(() => mk.scatterRowsCount(s, { out: px, x: out, rows: prow, count, M, H, R }));
+      await illegal(() => mk.siluMulCount(s, { out, gate: out, up: out, count, M, N: H }));
+    }
+    const offsets = arena.alloc(9 * 4), l1 = arena.alloc(8), l2 = arena.alloc(8);
+    await illegal(() => mk.routeRows(s, {
+      rowOffsets: offsets, rows: l1, perm: l2, ids: px.range.at(0), route: arena.alloc(32), device: 0, T: 1, K: 1, E: 8,
+    })); // x's first element is no expert id
+  });
+
+  it('routing kernels read and write another device\'s memory through peer access (and only with it)', async () => {
+    // Rank 0's ids, normed x and slots on device 0, mapped with access for devices 0 and 1; device 1
+    // routes, gathers, computes nothing here (rows as they are) and scatters back, as in the forward pass.
+    const T = 6, K = 2, E = 4, H = 5, TK = T * K;
+    const { ids, route } = routing(T, K, E, 2, 7);
+    const peer = mappedChunk(rt, 0, 2 * 1024 * 1024, [0, 1]);
+    const own = mappedChunk(rt, 0, 2 * 1024 * 1024, [0]); // device 1 has no access
+    const s1 = rt.createStream(1);
+    const mk1 = await ModelKernels.load(rt, 1);
+    const local = mappedChunk(rt, 1, 2 * 1024 * 1024, [1]);
+    try {
+      const x = randF32(T * H, 8);
+      const put = async (at: DevicePointer, data: Typed) => {
+        await rt.write(at, new Uint8Array(data.buffer, data.byteOffset, data.byteLength), s);
+        return at;
+      };
+      const pids = await put(peer.ptr, ids);
+      const px = await put(peer.ptr.add(4096), x);
+      const slots0 = randF32(TK * H, 9);
+      const pslots = await put(peer.ptr.add(8192), slots0);
+      const offsets = local.ptr, rows = local.ptr.add(256), perm = local.ptr.add(512), recv = local.ptr.add(1024);
+      const proute = local.ptr.add(4096);
+      await rt.write(proute, new Uint8Array(route.buffer), s1);
+      mk1.routeRows(s1, { rowOffsets: offsets, rows, perm, ids: pids, route: proute, device: 1, T, K, E });
+      const count = offsets.add(E * 4);
+      mk1.gatherRowsCount(s1, { out: recv, x: px, rows, count, M: TK, H, R: T });
+      mk1.scatterRowsCount(s1, { out: pslots, x: recv, rows: perm, count, M: TK, H, R: TK });
+      await s1.synchronize();
+      // Slot t*K + k holds x[t] where device 1 computes expert ids[t*K + k]; the other slots are untouched.
+      const got = new Float32Array((await rt.read(pslots, TK * H * 4, s)).buffer.slice(0));
+      const want = slots0.slice();
+      ids.forEach((e, i) => { if (route[e] === 1) want.set(x.subarray(Math.floor(i / K) * H, (Math.floor(i / K) + 1) * H), i * H); });
+      expectSame(got, want, 'peer scatter of peer-gathered rows');
+      expect(ids.some((e) => route[e] === 1) && ids.some((e) => route[e] === 0)).toBe(true);
+      // The same ids in memory device 1 may not touch: an illegal address on device 1.
+      const oids = await put(own.ptr, ids);
+      mk1.routeRows(s1, { rowOffsets: offsets, rows, perm, ids: oids, route: proute, device: 1, T, K, E });
+      await expect(s1.synchronize()).rejects.toBeInstanceOf(IllegalAddressError);
+      rt.resetDevice(1);
+    } finally {
+      mk1.dispose();
+      s1.dispose();
+      for (const m of [peer, own, local]) {
+        m.range.dispose();
+        m.chunk.dispose();
+      }
+    }
+  });
+
+  it('routing launchers validate sizes and pointers, naming the field', () => {
+    arena.reset();
+    const p = arena.alloc(64 * 1024);
+    const bad = (fn: () => void, field: string) => {
+      try {
+        fn();
+        expect.unreachable();
+      } catch (e) {
+        expect(e).toBeInstanceOf(InvalidArgumentError);
+        expect((e as InvalidArgumentError).argument).toBe(field);
+      }
+    };
+    const route = { rowOffsets: p, rows: p.add(1024), perm: p.add(2048), ids: p.add(3072), route: p.add(4096), device: 0, T: 4, K: 2, E: 8 };
+    bad(() => mk.routeRows(s, { ...route, K: 0 }), 'K');
+    bad(() => mk.routeRows(s, { ...route, E: 0 }), 'E');
+    bad(() => mk.routeRows(s, { ...route, E: MAX_ROUTE_EXPERTS + 1 }), 'E');
+    bad(() => mk.routeRows(s, { ...route, T: MAX_ROUTE_ROWS / 2 + 1 }), 'T');
+    bad(() => mk.routeRows(s, { ...route, device: -1 }), 'device');
+    bad(() => mk.routeRows(s, { ...route, rows: p.add(2) }), 'rows');
+    bad(() => mk.routeRows(s, { ...route, perm: p.add(1028) }), 'rows'); // overlaps rows
+    bad(() => mk.routeRows(s, { ...route, ids: p.add(4) }), 'rowOffsets'); // overlaps the offsets
+    bad(() => mk.routeRows(s, { ...route, route: p.range.at(p.range.size - 4) }), 'route');
+    const g = { out: p, x: p.add(8192), rows: p.add(16384), count: p.add(20000), M: 4, H: 8, R: 4 };
+    bad(() => mk.gatherRowsCount(s, { ...g, count: p.add(20002) }), 'count');
+    bad(() => mk.gatherRowsCount(s, { ...g, x: p.add(64) }), 'out');
+    bad(() => mk.scatterRowsCount(s, { ...g, count: p.range.at(p.range.size) }), 'count');
+    bad(() => mk.siluMulCount(s, { out: p, gate: p, up: p, count: p, M: 2, N: 0 }), 'N');
+    // nothing to do: nothing queued
+    mk.routeRows(s, { ...route, T: 0 });
+    mk.gatherRowsCount(s, { ...g, M: 0 });
   });
 
   it('argmax takes the first maximum; copy and add (in place)', async () => {

@@ -137,9 +137,27 @@ class AclBackend final : public Backend {
   void Launch(FunctionId function, const LaunchConfig& config, StreamId stream,
               const std::vector<KernelArg>& args) override;
 
+  // Stream capture is not implemented here (see GraphsNotSupported).
+  void BeginCapture(StreamId stream) override { GraphsNotSupported("BeginCapture"); }
+  GraphId EndCapture(StreamId stream) override { GraphsNotSupported("EndCapture"); }
+  void LaunchGraph(GraphId graph, StreamId stream) override { GraphsNotSupported("LaunchGraph"); }
+  void DestroyGraph(GraphId graph) override { GraphsNotSupported("DestroyGraph"); }
+
   void ResetDevice(int device) override;
 
  private:
+  // CANN has the same facility (aclmdlRICaptureBegin / aclmdlRICaptureEnd on a
+  // stream, aclmdlRIExecuteAsync to replay, aclmdlRIDestroy), but this project has
+  // no Ascend hardware to test it on, and the fake libascendcl.so could check
+  // only the calls, not the capture rules (joins, what is legal during capture).
+  // Refusing is better than an untested translation: callers run steps eagerly.
+  [[noreturn]] void GraphsNotSupported(const char* method) const {
+    ThrowError(ErrorKind::kNotSupported, kBackend, method, 0, "NOT_SUPPORTED",
+               "stream capture and graph replay are not implemented on the acl backend (CANN's "
+               "aclmdlRICapture* APIs are untested here: no Ascend hardware); launch the work "
+               "directly on the stream instead");
+  }
+
   struct Chunk {
     acl::aclrtDrvMemHandle handle = nullptr;
     uint64_t size = 0;

@@ -4,10 +4,16 @@
 // it touches current, because the current context is per thread and methods
 // run on the JS main thread and on libuv workers alike.
 //
-// Locking: mu_ guards the handle tables and the contexts; vmm_mu_ guards the
-// reservation and mapping tables and is held across the VMM driver call it
-// validates for (validate, call, record must not interleave). Order: vmm_mu_
-// before mu_. No lock is held across copies, launches or synchronizations.
+// Locking: mu_ guards the handle tables, the contexts and the set of capture
+// origins; vmm_mu_ guards the reservation and mapping tables and is held across
+// the VMM driver call it validates for (validate, call, record must not
+// interleave). Order: vmm_mu_ before mu_. No lock is held across copies,
+// launches, captures or synchronizations.
+//
+// Stream capture is the driver's: the backend only remembers which streams
+// began a capture (to name the mistakes it can see before the driver does) and
+// owns the executable graphs. Captures use CU_STREAM_CAPTURE_MODE_RELAXED, see
+// BeginCapture.
 #include "backends/cuda/cuda_backend.h"
 
 #include <unistd.h>
@@ -22,6 +28,7 @@
 #include <shared_mutex>
 #include <sstream>
 #include <unordered_map>
+#include <unordered_set>
 #include <utility>
 
 #include "backends/cuda/cuda_driver.h"
@@ -124,10 +131,15 @@ class CudaBackend final : public Backend {
   void Launch(FunctionId function, const LaunchConfig& config, StreamId stream,
               const std::vector<KernelArg>& args) override;
 
+  void BeginCapture(StreamId stream) override;
+  GraphId EndCapture(StreamId stream) override;
+  void LaunchGraph(GraphId graph, StreamId stream) override;
+  void DestroyGraph(GraphId graph) override;
+
   // Resets the primary context of `device` (cuDevicePrimaryCtxReset) and
   // retains it again. Every stream, event, module and function of the device
   // is invalid afterwards (dropped here: using one is kInvalidHandle), and so
-  // is pinned host memory when device == kHostDevice. Chunks, reservations and
+  // are its graphs, and pinned host memory when device == kHostDevice. Chunks, reservations and
   // mappings stay in the tables: they belong to the process's address space,
   // and releasing them reports whatever the driver says.
   // [measured, driver 580 / CUDA 13.0] this does NOT clear an illegal address:
@@ -177,6 +189,10 @@ class CudaBackend final : public Backend {
     ModuleId module = 0;
     std::string name;
   };
+  struct Graph {
+    CUgraphExec exec = nullptr;
+    int device = 0;  // the origin stream's: its context destroys the graph
+  };
 
   void InitDevice(int ordinal);
   void ReleaseContexts();
@@ -225,6 +241,18 @@ class CudaBackend final : public Backend {
   }
   Event FindEvent(EventId id, const char* api) const { return Find(events_, id, "event", api); }
 
+  // Host copies: whether [p, p+bytes) lies in one HostAlloc allocation.
+  bool Pinned(const void* p, uint64_t bytes) const;
+  // Refuses a copy from or to pageable memory on a capturing stream, before the
+  // driver sees it (the capture stays valid): a graph copies host memory when it
+  // runs, which needs pinned memory. The N-API layer only passes HostAlloc
+  // memory; this protects native callers.
+  void CheckHostSideForCapture(const Stream& s, StreamId stream, const void* host,
+                               uint64_t bytes, const char* api, const char* argument);
+  // Abandons the capture begun on `s`, if any (its graph is discarded). Requires
+  // the stream's device to be current.
+  void AbandonCapture(StreamId stream, const Stream& s);
+
   // Requires vmm_mu_. Mappings fully inside [address, address+size) that tile
   // it exactly; throws kInvalidArgument naming `address` otherwise.
   std::vector<Mapping*> CoveringMappings(DevicePtr address, uint64_t size, const char* api);
@@ -243,7 +271,9 @@ class CudaBackend final : public Backend {
   std::unordered_map<EventId, Event> events_;
   std::unordered_map<ModuleId, Module> modules_;
   std::unordered_map<FunctionId, Function> functions_;
-  std::unordered_map<void*, uint64_t> host_;  // pinned host allocation -> size
+  std::unordered_map<GraphId, Graph> graphs_;
+  std::unordered_set<StreamId> capture_origins_;  // BeginCapture called, EndCapture not yet
+  std::map<void*, uint64_t> host_;  // pinned host allocation -> size (ordered: range lookups)
 
   std::mutex vmm_mu_;
   std::map<DevicePtr, uint64_t> reservations_;  // base -> size
@@ -341,8 +371,21 @@ CudaBackend::~CudaBackend() {
   std::lock_guard<std::mutex> vmm_lock(vmm_mu_);
   std::unique_lock<std::shared_mutex> lock(mu_);
   auto use = [&](int device) { return d_.cuCtxSetCurrent(devices_[device].ctx) == CUDA_SUCCESS; };
+  // Captures still open are abandoned first: synchronizing a context with a
+  // capturing stream fails.
+  for (StreamId id : capture_origins_) {
+    auto s = streams_.find(id);
+    if (s == streams_.end() || !use(s->second.device)) continue;
+    CUgraph graph = nullptr;
+    d_.cuStreamEndCapture(s->second.handle, &graph);
+    if (graph != nullptr) d_.cuGraphDestroy(graph);
+  }
+  capture_origins_.clear();
   for (size_t i = 0; i < devices_.size(); ++i) {
     if (use(static_cast<int>(i))) d_.cuCtxSynchronize();  // nothing may still use what we free
+  }
+  for (auto& e : graphs_) {
+    if (use(e.second.device)) d_.cuGraphExecDestroy(e.second.exec);
   }
   for (auto& e : streams_) {
     if (use(e.second.device)) d_.cuStreamDestroy(e.second.handle);
@@ -368,6 +411,7 @@ CudaBackend::~CudaBackend() {
   streams_.clear();
   events_.clear();
   functions_.clear();
+  graphs_.clear();
   modules_.clear();
   host_.clear();
   mappings_.clear();
@@ -730,8 +774,11 @@ void CudaBackend::DestroyStream(StreamId stream) {
   const char* api = "DestroyStream";
   const Stream s = Take(streams_, stream, "stream", api);
   Use(s.device, api);
+  AbandonCapture(stream, s);  // a capture begun here can never be ended afterwards
   // Wait first: the caller may free memory right after, and queued work must
-  // not touch it. Destroy even if the wait reports an (async) error.
+  // not touch it. Destroy even if the wait reports an (async) error (a stream
+  // that joined another stream's capture cannot be synchronized: the driver says
+  // so, and invalidates that capture).
   const CUresult sync = d_.cuStreamSynchronize(s.handle);
   const CUresult destroy = d_.cuStreamDestroy(s.handle);
   auto where = [&] {
@@ -840,6 +887,7 @@ void CudaBackend::CopyHostToDevice(DevicePtr dst, const void* src, uint64_t byte
   if (bytes == 0) return;
   if (src == nullptr) FailArg(api, "src", "a host pointer");
   Use(s.device, api);
+  CheckHostSideForCapture(s, stream, src, bytes, api, "src");
   Check(d_.cuMemcpyHtoDAsync(dst, src, bytes, s.handle), "cuMemcpyHtoDAsync", [&] {
     return "copying " + Bytes(bytes) + " from host to " + Hex(dst) + " on " +
            DeviceText(s.device) + AccessHint(s.device, "dst");
@@ -852,6 +900,7 @@ void CudaBackend::CopyDeviceToHost(void* dst, DevicePtr src, uint64_t bytes, Str
   if (bytes == 0) return;
   if (dst == nullptr) FailArg(api, "dst", "a host pointer");
   Use(s.device, api);
+  CheckHostSideForCapture(s, stream, dst, bytes, api, "dst");
   Check(d_.cuMemcpyDtoHAsync(dst, src, bytes, s.handle), "cuMemcpyDtoHAsync", [&] {
     return "copying " + Bytes(bytes) + " from " + Hex(src) + " to host on " +
            DeviceText(s.device) + AccessHint(s.device, "src");
@@ -1014,6 +1063,156 @@ void CudaBackend::Launch(FunctionId function, const LaunchConfig& config, Stream
         }, "config");
 }
 
+// ---------------------------------------------------------------- stream capture
+
+bool CudaBackend::Pinned(const void* p, uint64_t bytes) const {
+  std::shared_lock<std::shared_mutex> lock(mu_);
+  auto it = host_.upper_bound(const_cast<void*>(p));
+  if (it == host_.begin()) return false;
+  --it;
+  const auto base = reinterpret_cast<uintptr_t>(it->first);
+  const auto addr = reinterpret_cast<uintptr_t>(p);
+  return addr >= base && addr - base <= it->second && bytes <= it->second - (addr - base);
+}
+
+void CudaBackend::CheckHostSideForCapture(const Stream& s, StreamId stream, const void* host,
+                                          uint64_t bytes, const char* api,
+                                          const char* argument) {
+  if (d_.cuStreamIsCapturing == nullptr || Pinned(host, bytes)) return;
+  int status = CU_STREAM_CAPTURE_STATUS_NONE;
+  if (d_.cuStreamIsCapturing(s.handle, &status) != CUDA_SUCCESS ||
+      status == CU_STREAM_CAPTURE_STATUS_NONE) {
+    return;  // not capturing (or cannot tell): the driver decides as usual
+  }
+  ThrowError(ErrorKind::kNotSupported, kName, api, CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED,
+             "CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED",
+             std::string(argument) + " [" + Hex(reinterpret_cast<uintptr_t>(host)) + ", +" +
+                 std::to_string(bytes) + ") is not pinned memory from HostAlloc, and stream " +
+                 std::to_string(stream) +
+                 " is capturing: a graph copies host memory when it runs, which pageable memory "
+                 "does not allow; use a host buffer from HostAlloc (refused before the driver "
+                 "saw it: the capture is still valid)");
+}
+
+void CudaBackend::AbandonCapture(StreamId stream, const Stream& s) {
+  {
+    std::unique_lock<std::shared_mutex> lock(mu_);
+    if (capture_origins_.erase(stream) == 0) return;
+  }
+  CUgraph graph = nullptr;
+  d_.cuStreamEndCapture(s.handle, &graph);  // whatever it says, the capture is over
+  if (graph != nullptr) d_.cuGraphDestroy(graph);
+}
+
+void CudaBackend::BeginCapture(StreamId stream) {
+  const char* api = "BeginCapture";
+  // All or nothing: never begin a capture that could not be ended and replayed.
+  const std::pair<bool, const char*> symbols[] = {
+      {d_.cuStreamBeginCapture != nullptr, "cuStreamBeginCapture_v2"},
+      {d_.cuStreamEndCapture != nullptr, "cuStreamEndCapture"},
+      {d_.cuStreamIsCapturing != nullptr, "cuStreamIsCapturing"},
+      {d_.cuGraphInstantiateWithFlags != nullptr, "cuGraphInstantiateWithFlags"},
+      {d_.cuGraphLaunch != nullptr, "cuGraphLaunch"},
+      {d_.cuGraphExecDestroy != nullptr, "cuGraphExecDestroy"},
+      {d_.cuGraphDestroy != nullptr, "cuGraphDestroy"},
+  };
+  for (const auto& symbol : symbols) {
+    if (!symbol.first) {
+      NotSupported(api, d_.path + " lacks " + symbol.second +
+                            ", which stream capture needs (driver older than CUDA 11.4?); launch "
+                            "the work directly instead");
+    }
+  }
+  const Stream s = FindStream(stream, api);
+  {
+    std::shared_lock<std::shared_mutex> lock(mu_);
+    if (capture_origins_.count(stream) != 0) {
+      FailArg(api, "stream", "a stream that is not capturing (BeginCapture was called on stream " +
+                                 std::to_string(stream) + " and EndCapture was not)");
+    }
+  }
+  Use(s.device, api);
+  // RELAXED, because the capturing thread is the JS main thread, which also runs
+  // every other runtime call of the process (chunk creation and mapping, pinned
+  // host allocation, synchronizeSync of other streams, the scaling layer) and may
+  // do so while a capture is open across an `await`. GLOBAL would make such
+  // "potentially unsafe" calls fail, and invalidate the capture, on every thread;
+  // THREAD_LOCAL still on the main thread. RELAXED forbids only what necessarily
+  // conflicts with the capture (synchronizing a capturing stream, querying a
+  // captured event), which is reported as such; none of our calls allocates in
+  // stream order, so nothing a capture must see is lost. It also lets EndCapture
+  // run on another thread than BeginCapture.
+  Check(d_.cuStreamBeginCapture(s.handle, CU_STREAM_CAPTURE_MODE_RELAXED), "cuStreamBeginCapture",
+        [&] {
+          return "beginning a capture on stream " + std::to_string(stream) + " of " +
+                 DeviceText(s.device) +
+                 " (a stream that joined another capture cannot begin its own)";
+        },
+        "stream");
+  std::unique_lock<std::shared_mutex> lock(mu_);
+  capture_origins_.insert(stream);
+}
+
+GraphId CudaBackend::EndCapture(StreamId stream) {
+  const char* api = "EndCapture";
+  const Stream s = FindStream(stream, api);
+  {
+    std::unique_lock<std::shared_mutex> lock(mu_);
+    if (capture_origins_.erase(stream) == 0) {
+      // Caught here, before the driver: ending a joined stream's capture on it
+      // (CUDA_ERROR_STREAM_CAPTURE_UNMATCHED) would invalidate the capture.
+      FailArg(api, "stream",
+              "the stream BeginCapture was called on (stream " + std::to_string(stream) +
+                  " is not capturing, or joined another stream's capture by waiting on an "
+                  "event recorded during it: end that capture on its origin stream)");
+    }
+  }
+  Use(s.device, api);
+  CUgraph graph = nullptr;
+  const CUresult r = d_.cuStreamEndCapture(s.handle, &graph);
+  if (r != CUDA_SUCCESS) {
+    if (graph != nullptr) d_.cuGraphDestroy(graph);
+    ThrowCu(d_, r, "cuStreamEndCapture",
+            "ending the capture on stream " + std::to_string(stream) + " of " +
+                DeviceText(s.device) + " (it has ended without a graph)",
+            "stream");
+  }
+  if (graph == nullptr) {
+    ThrowError(ErrorKind::kInternal, kName, "cuStreamEndCapture", 0, "NO_GRAPH",
+               "the driver ended the capture on stream " + std::to_string(stream) +
+                   " without an error and without a graph");
+  }
+  CUgraphExec exec = nullptr;
+  const CUresult ri = d_.cuGraphInstantiateWithFlags(&exec, graph, 0);
+  // The executable graph is independent of the graph it was made from.
+  d_.cuGraphDestroy(graph);
+  Check(ri, "cuGraphInstantiateWithFlags", [&] {
+    return "instantiating the graph captured on stream " + std::to_string(stream) + " of " +
+           DeviceText(s.device);
+  });
+  return Insert(graphs_, Graph{exec, s.device});
+}
+
+void CudaBackend::LaunchGraph(GraphId graph, StreamId stream) {
+  const char* api = "LaunchGraph";
+  const Graph g = Find(graphs_, graph, "graph", api);
+  const Stream s = FindStream(stream, api);
+  Use(s.device, api);
+  Check(d_.cuGraphLaunch(g.exec, s.handle), "cuGraphLaunch", [&] {
+    return "launching graph " + std::to_string(graph) + " on stream " + std::to_string(stream) +
+           " of " + DeviceText(s.device);
+  });
+}
+
+void CudaBackend::DestroyGraph(GraphId graph) {
+  const char* api = "DestroyGraph";
+  const Graph g = Take(graphs_, graph, "graph", api);
+  Use(g.device, api);
+  // Launches already queued complete first (the driver defers the release).
+  Check(d_.cuGraphExecDestroy(g.exec), "cuGraphExecDestroy",
+        [&] { return "destroying graph " + std::to_string(graph); });
+}
+
 // ---------------------------------------------------------------- health
 
 void CudaBackend::ResetDevice(int device) {
@@ -1030,10 +1229,16 @@ void CudaBackend::ResetDevice(int device) {
       it = it->second.device == device ? table.erase(it) : std::next(it);
     }
   };
+  for (const auto& e : streams_) {
+    if (e.second.device == device) capture_origins_.erase(e.first);
+  }
   drop(streams_);
   drop(events_);
   drop(functions_);
   drop(modules_);
+  // Graphs begun on this device. One begun elsewhere with nodes on this device
+  // (a cross-device fork) stays, and fails in the driver if launched again.
+  drop(graphs_);
   if (device == kHostDevice) host_.clear();
 
   // The reset keeps our retain count; retaining again hands back a live

@@ -82,6 +82,20 @@ bool ResolveAll(const DynLib& lib, Driver* d, std::string* missing) {
   need(d->cuModuleUnload, "cuModuleUnload");
   need(d->cuModuleGetFunction, "cuModuleGetFunction");
   need(d->cuLaunchKernel, "cuLaunchKernel");
+
+  // Stream capture. cuda.h maps cuStreamBeginCapture to cuStreamBeginCapture_v2
+  // (CUDA 10.1+, the one that takes a mode; the plain export is CUDA 10.0's
+  // one-argument form: never use it). cuStreamEndCapture, cuStreamIsCapturing and
+  // cuGraphLaunch have a single export (their _ptsz forms are for the per-thread
+  // default stream). cuGraphInstantiateWithFlags (11.4+) is what CUDA 12's
+  // cuGraphInstantiate macro expands to. All optional: see the table.
+  want(d->cuStreamBeginCapture, "cuStreamBeginCapture_v2");
+  want(d->cuStreamEndCapture, "cuStreamEndCapture");
+  want(d->cuStreamIsCapturing, "cuStreamIsCapturing");
+  want(d->cuGraphInstantiateWithFlags, "cuGraphInstantiateWithFlags");
+  want(d->cuGraphLaunch, "cuGraphLaunch");
+  want(d->cuGraphExecDestroy, "cuGraphExecDestroy");
+  want(d->cuGraphDestroy, "cuGraphDestroy");
   return missing->empty();
 }
 
@@ -176,6 +190,20 @@ ErrorKind KindOf(CUresult r) {
       return ErrorKind::kNotFound;
     case CUDA_ERROR_NOT_SUPPORTED:
       return ErrorKind::kNotSupported;
+    // An operation that a capture does not allow (or that met an invalidated one).
+    case CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED:
+    case CUDA_ERROR_STREAM_CAPTURE_INVALIDATED:
+    case CUDA_ERROR_STREAM_CAPTURE_MERGE:
+    case CUDA_ERROR_STREAM_CAPTURE_ISOLATION:
+    case CUDA_ERROR_STREAM_CAPTURE_IMPLICIT:
+    case CUDA_ERROR_CAPTURED_EVENT:
+    case CUDA_ERROR_STREAM_CAPTURE_WRONG_THREAD:
+      return ErrorKind::kNotSupported;
+    // A capture sequence got wrong by the caller: ended on the wrong stream, or
+    // with a forked stream never joined back.
+    case CUDA_ERROR_STREAM_CAPTURE_UNMATCHED:
+    case CUDA_ERROR_STREAM_CAPTURE_UNJOINED:
+      return ErrorKind::kInvalidArgument;
     // A module image the driver cannot use on this device: the kernel
     // "failed to compile" from the caller's point of view.
     case CUDA_ERROR_INVALID_IMAGE:
@@ -224,6 +252,41 @@ const char* Hint(ErrorKind kind) {
   }
 }
 
+// What to do about a stream-capture error; null for other codes.
+const char* CaptureHint(CUresult r) {
+  switch (r) {
+    case CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED:
+      return "the operation is not permitted while the stream is capturing (synchronizing it, "
+             "querying or synchronizing a captured event, a copy from pageable memory); the "
+             "capture is invalidated: EndCapture ends it with an error, then capture again";
+    case CUDA_ERROR_STREAM_CAPTURE_INVALIDATED:
+      return "an earlier call invalidated this capture (it returned the first error); "
+             "EndCapture on the origin stream ends it: capture again";
+    case CUDA_ERROR_STREAM_CAPTURE_MERGE:
+      return "a capturing stream waited on an event recorded by another capture: two captures "
+             "cannot merge";
+    case CUDA_ERROR_STREAM_CAPTURE_UNMATCHED:
+      return "end the capture on the stream where BeginCapture was called";
+    case CUDA_ERROR_STREAM_CAPTURE_UNJOINED:
+      return "every stream that joined the capture (by waiting on an event recorded during it) "
+             "must be joined back: record an event on it after its last captured work and make "
+             "the origin stream wait on it before EndCapture";
+    case CUDA_ERROR_STREAM_CAPTURE_ISOLATION:
+      return "during a capture a stream may wait only on events recorded during the same "
+             "capture; wait for outside work before BeginCapture";
+    case CUDA_ERROR_STREAM_CAPTURE_IMPLICIT:
+      return "the legacy default stream would depend on a capture; this backend uses "
+             "non-blocking streams, so some other code used the legacy stream";
+    case CUDA_ERROR_CAPTURED_EVENT:
+      return "the event's latest record was captured into a graph, so it marks no work that "
+             "will complete; record it again outside capture before synchronizing or timing it";
+    case CUDA_ERROR_STREAM_CAPTURE_WRONG_THREAD:
+      return "end the capture from the thread that began it";
+    default:
+      return nullptr;
+  }
+}
+
 }  // namespace
 
 void ThrowCu(const Driver& d, CUresult r, const char* api, const std::string& context,
@@ -240,10 +303,11 @@ void ThrowCu(const Driver& d, CUresult r, const char* api, const std::string& co
     s.message.pop_back();
   }
   if (!context.empty()) s.message += " while " + context;
+  const char* capture_hint = CaptureHint(r);
   const char* hint = r == CUDA_ERROR_CONTEXT_IS_DESTROYED
                          ? "the device's primary context is gone (a ResetDevice that could not "
                            "reopen it after a sticky error?); restart the process"
-                         : Hint(s.kind);
+                         : capture_hint != nullptr ? capture_hint : Hint(s.kind);
   if (*hint != '\0') s.message += std::string("; ") + hint;
   if (s.kind == ErrorKind::kInvalidArgument) {
     s.argument = r == CUDA_ERROR_INVALID_DEVICE ? "device" : (argument != nullptr ? argument : "");

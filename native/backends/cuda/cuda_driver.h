@@ -23,6 +23,8 @@ using CUstream = struct CUstream_st*;
 using CUevent = struct CUevent_st*;
 using CUmodule = struct CUmod_st*;
 using CUfunction = struct CUfunc_st*;
+using CUgraph = struct CUgraph_st*;
+using CUgraphExec = struct CUgraphExec_st*;
 
 struct CUmemLocation {
   int type;  // CUmemLocationType
@@ -73,6 +75,7 @@ constexpr CUresult CUDA_ERROR_JIT_COMPILER_NOT_FOUND = 221;
 constexpr CUresult CUDA_ERROR_UNSUPPORTED_PTX_VERSION = 222;
 constexpr CUresult CUDA_ERROR_JIT_COMPILATION_DISABLED = 223;
 constexpr CUresult CUDA_ERROR_INVALID_HANDLE = 400;
+constexpr CUresult CUDA_ERROR_ILLEGAL_STATE = 401;
 constexpr CUresult CUDA_ERROR_NOT_FOUND = 500;
 constexpr CUresult CUDA_ERROR_NOT_READY = 600;
 constexpr CUresult CUDA_ERROR_ILLEGAL_ADDRESS = 700;
@@ -90,6 +93,16 @@ constexpr CUresult CUDA_ERROR_NOT_SUPPORTED = 801;
 constexpr CUresult CUDA_ERROR_SYSTEM_NOT_READY = 802;
 constexpr CUresult CUDA_ERROR_SYSTEM_DRIVER_MISMATCH = 803;
 constexpr CUresult CUDA_ERROR_COMPAT_NOT_SUPPORTED_ON_DEVICE = 804;
+// Stream capture (cuda.h, CUDA 10.1+).
+constexpr CUresult CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED = 900;
+constexpr CUresult CUDA_ERROR_STREAM_CAPTURE_INVALIDATED = 901;
+constexpr CUresult CUDA_ERROR_STREAM_CAPTURE_MERGE = 902;
+constexpr CUresult CUDA_ERROR_STREAM_CAPTURE_UNMATCHED = 903;
+constexpr CUresult CUDA_ERROR_STREAM_CAPTURE_UNJOINED = 904;
+constexpr CUresult CUDA_ERROR_STREAM_CAPTURE_ISOLATION = 905;
+constexpr CUresult CUDA_ERROR_STREAM_CAPTURE_IMPLICIT = 906;
+constexpr CUresult CUDA_ERROR_CAPTURED_EVENT = 907;
+constexpr CUresult CUDA_ERROR_STREAM_CAPTURE_WRONG_THREAD = 908;
 constexpr CUresult CUDA_ERROR_UNKNOWN = 999;
 
 constexpr int CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT = 16;
@@ -110,6 +123,14 @@ constexpr unsigned CU_MEMHOSTALLOC_PORTABLE = 0x01;
 constexpr unsigned CU_STREAM_NON_BLOCKING = 0x1;
 constexpr unsigned CU_EVENT_DEFAULT = 0x0;
 constexpr unsigned CU_EVENT_DISABLE_TIMING = 0x2;
+
+// CUstreamCaptureMode and CUstreamCaptureStatus (enums: int on this ABI).
+constexpr int CU_STREAM_CAPTURE_MODE_GLOBAL = 0;
+constexpr int CU_STREAM_CAPTURE_MODE_THREAD_LOCAL = 1;
+constexpr int CU_STREAM_CAPTURE_MODE_RELAXED = 2;
+constexpr int CU_STREAM_CAPTURE_STATUS_NONE = 0;
+constexpr int CU_STREAM_CAPTURE_STATUS_ACTIVE = 1;
+constexpr int CU_STREAM_CAPTURE_STATUS_INVALIDATED = 2;
 
 constexpr int CU_JIT_ERROR_LOG_BUFFER = 5;             // option value: char*
 constexpr int CU_JIT_ERROR_LOG_BUFFER_SIZE_BYTES = 6;  // option value: (void*)(uintptr_t)size
@@ -180,6 +201,16 @@ struct Driver {
   CUresult (*cuModuleGetFunction)(CUfunction*, CUmodule, const char*) = nullptr;
   CUresult (*cuLaunchKernel)(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned,
                              unsigned, unsigned, CUstream, void**, void**) = nullptr;
+
+  // Stream capture and graphs: optional (a driver without them still runs
+  // everything else; the graph methods then throw kNotSupported naming the symbol).
+  CUresult (*cuStreamBeginCapture)(CUstream, int /*CUstreamCaptureMode*/) = nullptr;  // _v2
+  CUresult (*cuStreamEndCapture)(CUstream, CUgraph*) = nullptr;
+  CUresult (*cuStreamIsCapturing)(CUstream, int* /*CUstreamCaptureStatus*/) = nullptr;
+  CUresult (*cuGraphInstantiateWithFlags)(CUgraphExec*, CUgraph, unsigned long long) = nullptr;
+  CUresult (*cuGraphLaunch)(CUgraphExec, CUstream) = nullptr;
+  CUresult (*cuGraphExecDestroy)(CUgraphExec) = nullptr;
+  CUresult (*cuGraphDestroy)(CUgraph) = nullptr;
 };
 
 // Loads `library` (empty: "libcuda.so.1") once per process and resolves the

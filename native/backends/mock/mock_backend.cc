@@ -8,12 +8,22 @@
 //    stream's device when they execute and poison the device on a violation, like
 //    CUDA's sticky ILLEGAL_ADDRESS.
 //  - Each stream is a worker thread running its queue in order.
+//  - Stream capture (CUDA's rules): work queued on a capturing stream becomes a
+//    graph node instead of running; a stream that waits on an event recorded
+//    during a capture joins it; EndCapture checks that every joined stream was
+//    joined back and instantiates the graph; LaunchGraph queues one op that runs
+//    every node, each with the device of the stream that captured it, in an order
+//    that respects the captured dependencies but runs independent branches in the
+//    reverse of their capture order (so a missing dependency shows up here, not
+//    only on a GPU).
 //
-// Locking: mu_ guards the handle tables, chunk bookkeeping and fault injection;
-// map_mu_ (shared) guards reservations and mappings. Order: mu_ before map_mu_.
+// Locking: mu_ guards the handle tables, chunk bookkeeping and capture state;
+// fault_mu_ the armed faults; host_mu_ (shared) the pinned host allocations;
+// map_mu_ (shared) reservations and mappings. Order: mu_, host_mu_, map_mu_.
 // Stream workers take map_mu_ shared for the whole of a copy or kernel (so a check
 // and the memcpy see the same mappings) and never take mu_ while holding it.
-// map_mu_ prefers writers: busy streams must not starve Map/Unmap/SetAccess.
+// A replayed host copy holds host_mu_ shared, so HostFree cannot unmap the buffer
+// under it. map_mu_ prefers writers: busy streams must not starve Map/Unmap/SetAccess.
 #include "backends/mock/mock_backend.h"
 
 #include <fcntl.h>
@@ -34,7 +44,9 @@
 #include <map>
 #include <mutex>
 #include <optional>
-#include <shared_mutex>  // std::shared_lock
+#include <queue>
+#include <set>
+#include <shared_mutex>  // std::shared_lock, std::shared_mutex
 #include <thread>
 
 #include "backends/mock/mock_kernels.h"
@@ -48,10 +60,18 @@ constexpr const char* kMemfdPrefix = "emoe-mock-dev";
 // Numeric codes mirror the CUresult of the same failure.
 constexpr int64_t kCodeOutOfMemory = 2;
 constexpr int64_t kCodeInvalidHandle = 400;
+constexpr int64_t kCodeIllegalState = 401;
 constexpr int64_t kCodeNotFound = 500;
 constexpr int64_t kCodeNotReady = 600;
 constexpr int64_t kCodeIllegalAddress = 700;
 constexpr int64_t kCodeNotSupported = 801;
+constexpr int64_t kCodeCaptureUnsupported = 900;
+constexpr int64_t kCodeCaptureInvalidated = 901;
+constexpr int64_t kCodeCaptureMerge = 902;
+constexpr int64_t kCodeCaptureUnmatched = 903;
+constexpr int64_t kCodeCaptureUnjoined = 904;
+constexpr int64_t kCodeCaptureIsolation = 905;
+constexpr int64_t kCodeCapturedEvent = 907;
 constexpr int64_t kCodeInternal = 999;
 
 std::string Hex(uint64_t v) {
@@ -88,6 +108,14 @@ Status MakeStatus(ErrorKind kind, const std::string& api, int64_t code,
   ThrowInvalidArgument(kName, api, argument, expectation);
 }
 
+// An invalid argument that carries the CUDA-like code of the rule it broke.
+[[noreturn]] void FailArgCode(const std::string& api, const std::string& argument, int64_t code,
+                              const std::string& code_name, const std::string& message) {
+  Status s = MakeStatus(ErrorKind::kInvalidArgument, api, code, code_name, message);
+  s.argument = argument;
+  throw Error(std::move(s));
+}
+
 bool Overflows(uint64_t a, uint64_t b) { return a + b < a; }
 
 // A reader-writer lock that lets a waiting writer in before new readers. glibc's
@@ -121,7 +149,8 @@ const char* const kFaultOps[] = {
     "HostAlloc", "HostFree", "CreateStream", "DestroyStream", "SynchronizeStream",
     "CreateEvent", "DestroyEvent", "RecordEvent", "StreamWaitEvent", "SynchronizeEvent",
     "ElapsedMs", "CopyDeviceToDevice", "CopyHostToDevice", "CopyDeviceToHost", "MemsetD8",
-    "LoadModule", "UnloadModule", "GetFunction", "Launch", "ResetDevice"};
+    "LoadModule", "UnloadModule", "GetFunction", "Launch", "BeginCapture", "EndCapture",
+    "LaunchGraph", "DestroyGraph", "ResetDevice"};
 
 // Physical memory of one chunk. Shared by its handle and its mappings: it is freed
 // (capacity returned, memfd closed) when the handle is released and the last
@@ -145,6 +174,37 @@ struct Mapping {
   std::vector<int> access;  // devices that may touch it (sorted, unique)
 };
 
+// One recorded operation of a capture: what it runs and what it runs after.
+struct GraphNode {
+  const char* api = "";
+  int device = 0;        // the capturing stream's device: the node runs as that device
+  StreamId stream = 0;   // the stream that captured it (for messages)
+  bool touches_memory = true;
+  std::function<void()> run;  // takes its own locks; throws Error
+  std::vector<size_t> deps;   // earlier nodes it runs after (sorted, unique)
+};
+
+// One capture sequence, from BeginCapture on its origin stream to EndCapture.
+// Guarded by the backend's mu_.
+struct Capture {
+  StreamId origin = 0;
+  std::vector<GraphNode> nodes;
+  // Every stream capturing into it (the origin and the streams that joined) ->
+  // the nodes its next operation depends on (sorted, unique).
+  std::map<StreamId, std::vector<size_t>> frontier;
+  std::set<int> devices;          // every device a node runs on
+  bool ended = false;
+  std::optional<Status> invalid;  // the first offence; EndCapture then fails
+};
+
+// An instantiated graph. Immutable once built; queued launches share it.
+struct Graph {
+  GraphId id = 0;
+  std::vector<GraphNode> nodes;
+  std::vector<size_t> order;  // the replay order (a topological order)
+  std::vector<int> devices;
+};
+
 struct Event {
   int device = 0;
   bool timing = false;
@@ -153,6 +213,10 @@ struct Event {
   uint64_t enqueued = 0;   // records enqueued so far (sequence numbers 1..n)
   uint64_t completed = 0;  // highest record sequence a worker has reached
   std::chrono::steady_clock::time_point time;
+  // Set (under the backend's mu_) when the latest record was made by a capturing
+  // stream: that record is a set of graph nodes, not a point in any queue.
+  std::shared_ptr<Capture> captured;
+  std::vector<size_t> captured_nodes;
 };
 
 struct Op {
@@ -171,6 +235,7 @@ struct Stream {
   bool stop = false;
   std::optional<Status> error;  // first async error since the last synchronize
   std::thread worker;
+  std::shared_ptr<Capture> capture;  // the capture it records into (under mu_); null: none
 };
 
 struct Module {
@@ -182,6 +247,12 @@ struct Function {
   int device = 0;
   std::string name;
   MockKernelFn fn = nullptr;
+};
+
+// The host side of a copy: the pointer and the argument that named it.
+struct HostSpan {
+  const void* ptr = nullptr;
+  const char* argument = nullptr;
 };
 
 struct Fault {
@@ -506,14 +577,14 @@ class MockBackend final : public Backend {
       Fail(ErrorKind::kOutOfMemory, api, err, "MOCK_ERROR_OUT_OF_MEMORY",
            "cannot allocate " + std::to_string(size) + " bytes of host memory: " + std::strerror(err));
     }
-    std::lock_guard<std::mutex> lock(mu_);
+    std::unique_lock<std::shared_mutex> lock(host_mu_);
     host_[p] = size;
     return p;
   }
 
   void HostFree(void* ptr) override {
     Hook("HostFree");
-    std::lock_guard<std::mutex> lock(mu_);
+    std::unique_lock<std::shared_mutex> lock(host_mu_);  // waits for replayed copies using it
     auto it = host_.find(ptr);
     if (it == host_.end()) FailArg("HostFree", "ptr", "a pointer returned by HostAlloc");
     munmap(it->first, it->second);
@@ -539,20 +610,56 @@ class MockBackend final : public Backend {
   }
 
   void DestroyStream(StreamId stream) override {
-    Hook("DestroyStream");
+    const char* api = "DestroyStream";
+    Hook(api);
     std::shared_ptr<Stream> s;
+    std::optional<Status> capturing;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      s = FindStream("DestroyStream", stream);
+      s = FindStream(api, stream);
       streams_.erase(stream);
+      if (std::shared_ptr<Capture> c = s->capture) {
+        if (c->origin == stream) {
+          // The capture is abandoned: nothing can end it any more.
+          EndCaptureLocked(c);
+        } else {
+          // As on cuda, where the synchronize before the destroy fails: the
+          // stream goes, the capture it was part of is invalidated.
+          capturing = MakeStatus(
+              ErrorKind::kNotSupported, api, kCodeCaptureUnsupported,
+              "MOCK_ERROR_STREAM_CAPTURE_UNSUPPORTED",
+              "stream " + std::to_string(stream) + " was part of the capture begun on stream " +
+                  std::to_string(c->origin) +
+                  " (it cannot be synchronized before it is destroyed); it is destroyed and that "
+                  "capture is invalidated: EndCapture on stream " + std::to_string(c->origin) +
+                  " ends it with an error");
+          if (!c->invalid) c->invalid = capturing;
+          c->frontier.erase(stream);
+          s->capture.reset();
+        }
+      }
     }
     StopWorker(*s);  // drains the queue first
+    if (capturing) throw Error(*capturing);
   }
 
   void SynchronizeStream(StreamId stream) override {
     const char* api = "SynchronizeStream";
-    Hook(api);
-    std::shared_ptr<Stream> s = GetStream(api, stream);
+    Hook(api, stream);
+    std::shared_ptr<Stream> s;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      s = FindStream(api, stream);
+      if (s->capture) {
+        CheckCaptureUsable(api, *s);
+        FailInCapture(s->capture.get(), ErrorKind::kNotSupported, api, kCodeCaptureUnsupported,
+                      "MOCK_ERROR_STREAM_CAPTURE_UNSUPPORTED",
+                      "stream " + std::to_string(stream) + " is capturing (" +
+                          CaptureText(*s->capture) +
+                          "): its work is recorded, not run, so there is nothing to wait for; "
+                          "synchronize before BeginCapture or after EndCapture");
+      }
+    }
     {
       std::unique_lock<std::mutex> lock(s->mu);
       s->cv.wait(lock, [&] { return s->queue.empty() && !s->busy; });
@@ -587,7 +694,7 @@ class MockBackend final : public Backend {
 
   void RecordEvent(EventId event, StreamId stream) override {
     const char* api = "RecordEvent";
-    Hook(api);
+    Hook(api, stream);
     std::lock_guard<std::mutex> lock(mu_);
     std::shared_ptr<Event> e = FindEvent(api, event);
     std::shared_ptr<Stream> s = FindStream(api, stream);
@@ -596,6 +703,16 @@ class MockBackend final : public Backend {
                                  std::to_string(stream) + " is on device " +
                                  std::to_string(s->device) + ")");
     }
+    if (s->capture) {
+      // A captured record marks the stream's captured work so far: a stream that
+      // waits on it depends on those nodes (and joins the capture). Nothing is queued.
+      CheckCaptureUsable(api, *s);
+      e->captured = s->capture;
+      e->captured_nodes = s->capture->frontier[stream];
+      return;
+    }
+    e->captured.reset();
+    e->captured_nodes.clear();
     uint64_t seq;
     {
       std::lock_guard<std::mutex> elock(e->mu);
@@ -613,16 +730,65 @@ class MockBackend final : public Backend {
 
   void StreamWaitEvent(StreamId stream, EventId event) override {
     const char* api = "StreamWaitEvent";
-    Hook(api);
+    Hook(api, stream);
     std::lock_guard<std::mutex> lock(mu_);
     std::shared_ptr<Stream> s = FindStream(api, stream);
     std::shared_ptr<Event> e = FindEvent(api, event);
+    if (s->capture) CheckCaptureUsable(api, *s);
+    if (std::shared_ptr<Capture> from = e->captured) {
+      const std::string what = "event " + std::to_string(event) + "'s latest record was captured";
+      if (from->ended) {
+        FailInCapture(s->capture.get(), ErrorKind::kNotSupported, api, kCodeCapturedEvent,
+                      "MOCK_ERROR_CAPTURED_EVENT",
+                      what + " by a capture that has ended, so it marks no work stream " +
+                          std::to_string(stream) +
+                          " could wait for; record it again outside capture first");
+      }
+      if (from->invalid) {
+        FailInCapture(s->capture.get(), ErrorKind::kNotSupported, api, kCodeCaptureInvalidated,
+                      "MOCK_ERROR_STREAM_CAPTURE_INVALIDATED",
+                      what + " by the capture begun on stream " + std::to_string(from->origin) +
+                          ", which an earlier call invalidated (" + from->invalid->api + ": " +
+                          from->invalid->message + ")");
+      }
+      if (!s->capture) {
+        // CUDA's fork: the waiting stream joins the capture; its next work depends
+        // on what the event marks. Work it queued before keeps running as usual.
+        s->capture = from;
+        from->frontier[stream] = e->captured_nodes;
+        return;
+      }
+      if (s->capture != from) {
+        Invalidate(*from, MakeStatus(ErrorKind::kNotSupported, api, kCodeCaptureMerge,
+                                     "MOCK_ERROR_STREAM_CAPTURE_MERGE",
+                                     "stream " + std::to_string(stream) +
+                                         " of another capture waited on " + what + " by it"));
+        FailInCapture(s->capture.get(), ErrorKind::kNotSupported, api, kCodeCaptureMerge,
+                      "MOCK_ERROR_STREAM_CAPTURE_MERGE",
+                      "stream " + std::to_string(stream) + " records into " +
+                          CaptureText(*s->capture) + " and " + what + " by " + CaptureText(*from) +
+                          ": two captures cannot merge (both are invalidated)");
+      }
+      std::vector<size_t>& f = from->frontier[stream];
+      f.insert(f.end(), e->captured_nodes.begin(), e->captured_nodes.end());
+      std::sort(f.begin(), f.end());
+      f.erase(std::unique(f.begin(), f.end()), f.end());
+      return;
+    }
     uint64_t target;
     {
       std::lock_guard<std::mutex> elock(e->mu);
       target = e->enqueued;  // the most recent record at the time of this call
     }
     if (target == 0) return;  // never recorded: nothing to wait for, as in CUDA
+    if (s->capture) {
+      FailInCapture(s->capture.get(), ErrorKind::kNotSupported, api, kCodeCaptureIsolation,
+                    "MOCK_ERROR_STREAM_CAPTURE_ISOLATION",
+                    "stream " + std::to_string(stream) + " is capturing (" +
+                        CaptureText(*s->capture) + ") and event " + std::to_string(event) +
+                        " was recorded outside the capture: a graph cannot depend on work "
+                        "outside it; make the stream wait before BeginCapture");
+    }
     Enqueue(*s, Op{api, false, [e, target] {
                      std::unique_lock<std::mutex> elock(e->mu);
                      e->cv.wait(elock, [&] { return e->completed >= target; });
@@ -636,6 +802,7 @@ class MockBackend final : public Backend {
     {
       std::lock_guard<std::mutex> lock(mu_);
       e = FindEvent(api, event);
+      CheckNotCaptured(api, event, *e, "");
     }
     {
       std::unique_lock<std::mutex> elock(e->mu);
@@ -653,6 +820,14 @@ class MockBackend final : public Backend {
       std::lock_guard<std::mutex> lock(mu_);
       a = FindEvent(api, start);
       b = FindEvent(api, end);
+      if (a->captured && b->captured) {
+        // Both illegal: the one reported below is start's; end's capture is hit too.
+        Invalidate(*b->captured,
+                   MakeStatus(ErrorKind::kNotSupported, api, kCodeCapturedEvent,
+                              "MOCK_ERROR_CAPTURED_EVENT", CapturedEventText(end, *b, " (end)")));
+      }
+      CheckNotCaptured(api, start, *a, " (start)");
+      CheckNotCaptured(api, end, *b, " (end)");
     }
     auto when = [&](const std::shared_ptr<Event>& e, EventId id, const char* arg) {
       if (!e->timing) {
@@ -683,7 +858,7 @@ class MockBackend final : public Backend {
 
   void CopyDeviceToDevice(DevicePtr dst, DevicePtr src, uint64_t bytes, StreamId stream) override {
     const char* api = "CopyDeviceToDevice";
-    Hook(api);
+    Hook(api, stream);
     // A peer copy needs the stream's device to have access to both sides.
     EnqueueMemoryOp(api, stream, bytes, [=](int device) {
       CheckRange(api, stream, device, src, bytes, "source");
@@ -694,27 +869,27 @@ class MockBackend final : public Backend {
 
   void CopyHostToDevice(DevicePtr dst, const void* src, uint64_t bytes, StreamId stream) override {
     const char* api = "CopyHostToDevice";
-    Hook(api);
+    Hook(api, stream);
     if (src == nullptr && bytes > 0) FailArg(api, "src", "a host pointer");
     EnqueueMemoryOp(api, stream, bytes, [=](int device) {
       CheckRange(api, stream, device, dst, bytes, "destination");
       std::memcpy(reinterpret_cast<void*>(dst), src, bytes);
-    });
+    }, HostSpan{src, "src"});
   }
 
   void CopyDeviceToHost(void* dst, DevicePtr src, uint64_t bytes, StreamId stream) override {
     const char* api = "CopyDeviceToHost";
-    Hook(api);
+    Hook(api, stream);
     if (dst == nullptr && bytes > 0) FailArg(api, "dst", "a host pointer");
     EnqueueMemoryOp(api, stream, bytes, [=](int device) {
       CheckRange(api, stream, device, src, bytes, "source");
       std::memcpy(dst, reinterpret_cast<const void*>(src), bytes);
-    });
+    }, HostSpan{dst, "dst"});
   }
 
   void MemsetD8(DevicePtr dst, uint8_t value, uint64_t bytes, StreamId stream) override {
     const char* api = "MemsetD8";
-    Hook(api);
+    Hook(api, stream);
     EnqueueMemoryOp(api, stream, bytes, [=](int device) {
       CheckRange(api, stream, device, dst, bytes, "destination");
       std::memset(reinterpret_cast<void*>(dst), value, bytes);
@@ -766,7 +941,7 @@ class MockBackend final : public Backend {
   void Launch(FunctionId function, const LaunchConfig& config, StreamId stream,
               const std::vector<KernelArg>& args) override {
     const char* api = "Launch";
-    Hook(api);
+    Hook(api, stream);
     std::lock_guard<std::mutex> lock(mu_);
     auto f = functions_.find(function);
     if (f == functions_.end()) InvalidHandle(api, "function", function);
@@ -780,17 +955,141 @@ class MockBackend final : public Backend {
     MockKernelFn fn = f->second.fn;
     std::string name = f->second.name;
     int device = s->device;
-    Enqueue(*s, Op{api, true, [this, fn, name, config, args, device, stream] {
-                     std::shared_lock<WriterPreferringLock> map_lock(map_mu_);
-                     MockKernelContext ctx(config, args, device, name,
-                                           [&](uint64_t addr, uint64_t bytes, bool write, size_t i) {
-                                             CheckRange("Launch", stream, device, addr, bytes,
-                                                        "kernel '" + name + "' argument " +
-                                                            std::to_string(i) +
-                                                            (write ? " (written)" : " (read)"));
-                                           });
-                     fn(ctx);
-                   }});
+    // The arguments are copied here: a captured launch replays these values.
+    std::function<void()> run = [this, fn, name, config, args, device, stream] {
+      std::shared_lock<WriterPreferringLock> map_lock(map_mu_);
+      MockKernelContext ctx(config, args, device, name,
+                            [&](uint64_t addr, uint64_t bytes, bool write, size_t i) {
+                              CheckRange("Launch", stream, device, addr, bytes,
+                                         "kernel '" + name + "' argument " + std::to_string(i) +
+                                             (write ? " (written)" : " (read)"));
+                            });
+      fn(ctx);
+    };
+    if (s->capture) {
+      CheckCaptureUsable(api, *s);
+      Record(*s, api, true, std::move(run));
+      return;
+    }
+    Enqueue(*s, Op{api, true, std::move(run)});
+  }
+
+  // ---- stream capture
+
+  void BeginCapture(StreamId stream) override {
+    const char* api = "BeginCapture";
+    Hook(api);
+    std::lock_guard<std::mutex> lock(mu_);
+    std::shared_ptr<Stream> s = FindStream(api, stream);
+    CheckNotPoisoned(api, s->device);
+    if (s->capture) {
+      const std::string why =
+          s->capture->origin == stream
+              ? "is capturing already (BeginCapture was called on it and EndCapture was not)"
+              : "is part of " + CaptureText(*s->capture) +
+                    " (it waited on an event recorded during it); a stream records into one "
+                    "capture at a time";
+      FailArgCode(api, "stream", kCodeIllegalState, "MOCK_ERROR_ILLEGAL_STATE",
+                  "stream " + std::to_string(stream) + " " + why);
+    }
+    auto c = std::make_shared<Capture>();
+    c->origin = stream;
+    c->frontier[stream] = {};
+    s->capture = std::move(c);
+  }
+
+  GraphId EndCapture(StreamId stream) override {
+    const char* api = "EndCapture";
+    // An injected fault stands for a failed end or instantiation: like those,
+    // it still ends the capture (when `stream` is an origin).
+    std::optional<Status> fault = DueFault(api);
+    std::lock_guard<std::mutex> lock(mu_);
+    if (fault) {
+      auto it = streams_.find(stream);
+      if (it != streams_.end() && it->second->capture && it->second->capture->origin == stream) {
+        EndCaptureLocked(it->second->capture);
+      }
+      throw Error(*fault);
+    }
+    std::shared_ptr<Stream> s = FindStream(api, stream);
+    std::shared_ptr<Capture> c = s->capture;
+    if (!c) {
+      FailArgCode(api, "stream", kCodeIllegalState, "MOCK_ERROR_ILLEGAL_STATE",
+                  "stream " + std::to_string(stream) + " is not capturing; call BeginCapture first");
+    }
+    if (c->origin != stream) {
+      FailArgCode(api, "stream", kCodeCaptureUnmatched, "MOCK_ERROR_STREAM_CAPTURE_UNMATCHED",
+                  "stream " + std::to_string(stream) + " joined " + CaptureText(*c) +
+                      " (it waited on an event recorded during it); end the capture on stream " +
+                      std::to_string(c->origin));
+    }
+    EndCaptureLocked(c);  // from here on, whatever happens, no stream captures into it
+    if (c->invalid) {
+      Fail(ErrorKind::kNotSupported, api, kCodeCaptureInvalidated,
+           "MOCK_ERROR_STREAM_CAPTURE_INVALIDATED",
+           "the capture on stream " + std::to_string(stream) +
+               " was invalidated by an earlier call (" + c->invalid->api + ": " +
+               c->invalid->message + "); it has ended without a graph: capture again");
+    }
+    // Every joined stream must be joined back: its latest captured work must be
+    // something the origin's next operation already depends on.
+    std::vector<char> joined(c->nodes.size(), 0);
+    std::vector<size_t> todo = c->frontier[stream];
+    while (!todo.empty()) {
+      size_t n = todo.back();
+      todo.pop_back();
+      if (joined[n]) continue;
+      joined[n] = 1;
+      todo.insert(todo.end(), c->nodes[n].deps.begin(), c->nodes[n].deps.end());
+    }
+    std::string unjoined;
+    for (const auto& entry : c->frontier) {
+      bool ok = std::all_of(entry.second.begin(), entry.second.end(),
+                            [&](size_t n) { return joined[n] != 0; });
+      if (!ok) unjoined += (unjoined.empty() ? "" : ", ") + std::to_string(entry.first);
+    }
+    if (!unjoined.empty()) {
+      FailArgCode(api, "stream", kCodeCaptureUnjoined, "MOCK_ERROR_STREAM_CAPTURE_UNJOINED",
+                  "stream(s) " + unjoined + " joined the capture on stream " +
+                      std::to_string(stream) +
+                      " and were not joined back: record an event on each after its last "
+                      "captured work and make stream " + std::to_string(stream) +
+                      " wait on it before EndCapture; the capture has ended without a graph");
+    }
+    auto g = std::make_shared<Graph>();
+    g->id = NextId();
+    g->nodes = std::move(c->nodes);
+    g->devices.assign(c->devices.begin(), c->devices.end());
+    g->order = ReplayOrder(g->nodes);
+    graphs_[g->id] = g;
+    return g->id;
+  }
+
+  void LaunchGraph(GraphId graph, StreamId stream) override {
+    const char* api = "LaunchGraph";
+    Hook(api, stream);
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = graphs_.find(graph);
+    if (it == graphs_.end()) InvalidHandle(api, "graph", graph);
+    std::shared_ptr<const Graph> g = it->second;
+    std::shared_ptr<Stream> s = FindStream(api, stream);
+    CheckNotPoisoned(api, s->device);
+    for (int d : g->devices) CheckNotPoisoned(api, d);
+    if (s->capture) {
+      // A graph launched into a capture becomes one node of the outer graph.
+      CheckCaptureUsable(api, *s);
+      s->capture->devices.insert(g->devices.begin(), g->devices.end());
+      Record(*s, api, true, [this, g, stream] { Replay(*g, stream); });
+      return;
+    }
+    Enqueue(*s, Op{api, true, [this, g, stream] { Replay(*g, stream); }});
+  }
+
+  void DestroyGraph(GraphId graph) override {
+    Hook("DestroyGraph");
+    std::lock_guard<std::mutex> lock(mu_);
+    // Launches already queued hold their own reference and still run.
+    if (graphs_.erase(graph) == 0) InvalidHandle("DestroyGraph", "graph", graph);
   }
 
   // ---- health and test hooks
@@ -825,10 +1124,10 @@ class MockBackend final : public Backend {
   }
 
  private:
-  // Counts a call of `op` for every armed fault on it and throws the one that is due.
-  void Hook(const char* op) {
+  // Counts a call of `op` for every armed fault on it; the error of the one that is due.
+  std::optional<Status> DueFault(const char* op) {
     std::lock_guard<std::mutex> lock(fault_mu_);
-    if (faults_.empty()) return;
+    if (faults_.empty()) return std::nullopt;
     std::optional<Fault> fire;
     for (auto it = faults_.begin(); it != faults_.end();) {
       if (it->op == op && --it->remaining == 0) {
@@ -838,10 +1137,23 @@ class MockBackend final : public Backend {
         ++it;
       }
     }
-    if (fire) {
-      Fail(fire->kind, op, kCodeInternal, "MOCK_FAULT_INJECTED",
-           "injected fault: " + fire->op + " call #" + std::to_string(fire->nth));
+    if (!fire) return std::nullopt;
+    return MakeStatus(fire->kind, op, kCodeInternal, "MOCK_FAULT_INJECTED",
+                      "injected fault: " + fire->op + " call #" + std::to_string(fire->nth));
+  }
+
+  // Throws the fault due on this call of `op`, if any. Called before mu_ is taken.
+  // A fault in an operation queued on a capturing `stream` invalidates its capture,
+  // as a failed call during a CUDA capture does.
+  void Hook(const char* op, StreamId stream = 0) {
+    std::optional<Status> fire = DueFault(op);
+    if (!fire) return;
+    if (stream != 0) {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = streams_.find(stream);
+      if (it != streams_.end() && it->second->capture) Invalidate(*it->second->capture, *fire);
     }
+    throw Error(*fire);
   }
 
   ChunkId NextId() { return next_id_++; }  // one counter for every kind: a mix-up never aliases
@@ -889,9 +1201,143 @@ class MockBackend final : public Backend {
     if (it == events_.end()) InvalidHandle(api, "event", id);
     return it->second;
   }
+
+  // ---- capture helpers; all require mu_
+
+  static std::string CaptureText(const Capture& c) {
+    return "the capture begun on stream " + std::to_string(c.origin);
+  }
+
+  static void Invalidate(Capture& c, const Status& why) {
+    if (!c.ended && !c.invalid) c.invalid = why;  // the first offence is the one to report
+  }
+
+  // Throws this failure of an operation that is illegal during a capture, after
+  // invalidating `c` (null: no capture concerned), as CUDA invalidates it.
+  [[noreturn]] static void FailInCapture(Capture* c, ErrorKind kind, const char* api, int64_t code,
+                                         const char* code_name, const std::string& message) {
+    Status st = MakeStatus(kind, api, code, code_name, message);
+    if (c != nullptr && !c->ended) {
+      Invalidate(*c, st);
+      st.message += "; " + CaptureText(*c) + " is invalidated: EndCapture on stream " +
+                    std::to_string(c->origin) + " ends it with an error";
+    }
+    throw Error(std::move(st));
+  }
+
+  // Any use of a stream whose capture is invalidated fails until EndCapture (CUDA's rule).
+  static void CheckCaptureUsable(const char* api, const Stream& s) {
+    const Capture& c = *s.capture;
+    if (!c.invalid) return;
+    Fail(ErrorKind::kNotSupported, api, kCodeCaptureInvalidated,
+         "MOCK_ERROR_STREAM_CAPTURE_INVALIDATED",
+         "stream " + std::to_string(s.id) + " records into " + CaptureText(c) +
+             ", which an earlier call invalidated (" + c.invalid->api + ": " + c.invalid->message +
+             "); call EndCapture on stream " + std::to_string(c.origin) +
+             " to end it, then capture again");
+  }
+
+  // Synchronizing or timing an event whose latest record was captured is illegal:
+  // that record is a set of graph nodes, not work that will complete.
+  static void CheckNotCaptured(const char* api, EventId id, const Event& e, const char* which) {
+    if (!e.captured) return;
+    FailInCapture(e.captured.get(), ErrorKind::kNotSupported, api, kCodeCapturedEvent,
+                  "MOCK_ERROR_CAPTURED_EVENT", CapturedEventText(id, e, which));
+  }
+  static std::string CapturedEventText(EventId id, const Event& e, const char* which) {
+    return "event " + std::to_string(id) + which + "'s latest record was captured by " +
+           CaptureText(*e.captured) +
+           ", so it marks no work that will complete; record it again outside capture first";
+  }
+
+  // Takes every stream of the capture out of capture mode. By value: the streams
+  // may hold the last references.
+  void EndCaptureLocked(std::shared_ptr<Capture> c) {
+    c->ended = true;
+    for (const auto& entry : c->frontier) {
+      auto it = streams_.find(entry.first);
+      if (it != streams_.end() && it->second->capture == c) it->second->capture.reset();
+    }
+  }
+
+  // Appends a node for work queued on capturing stream `s`, after the stream's
+  // current dependencies; the stream's next work depends on it alone.
+  void Record(Stream& s, const char* api, bool touches_memory, std::function<void()> run) {
+    Capture& c = *s.capture;
+    std::vector<size_t>& f = c.frontier[s.id];
+    GraphNode n;
+    n.api = api;
+    n.device = s.device;
+    n.stream = s.id;
+    n.touches_memory = touches_memory;
+    n.run = std::move(run);
+    n.deps = f;
+    c.nodes.push_back(std::move(n));
+    c.devices.insert(s.device);
+    f.assign(1, c.nodes.size() - 1);
+  }
+
+  // A topological order that, among the nodes ready at each step, runs the one
+  // captured last: independent branches replay in the reverse of their capture
+  // order, so work that only happened to be ordered by the capture shows up wrong.
+  static std::vector<size_t> ReplayOrder(const std::vector<GraphNode>& nodes) {
+    std::vector<size_t> pending(nodes.size());
+    std::vector<std::vector<size_t>> users(nodes.size());
+    std::priority_queue<size_t> ready;
+    for (size_t i = 0; i < nodes.size(); ++i) {
+      pending[i] = nodes[i].deps.size();
+      for (size_t d : nodes[i].deps) users[d].push_back(i);
+      if (pending[i] == 0) ready.push(i);
+    }
+    std::vector<size_t> order;
+    order.reserve(nodes.size());
+    while (!ready.empty()) {
+      size_t n = ready.top();
+      ready.pop();
+      order.push_back(n);
+      for (size_t u : users[n]) {
+        if (--pending[u] == 0) ready.push(u);
+      }
+    }
+    return order;  // every node: dependencies only point to earlier nodes
+  }
+
+  // Runs every node of `g` on the calling worker (the launch stream's). A node on a
+  // device poisoned before it ran does nothing, like work on a dead context; the
+  // first failure stops the replay and poisons the node's device if it is an
+  // illegal address (the launch stream's worker then poisons its own device too).
+  void Replay(const Graph& g, StreamId launch) {
+    for (size_t i : g.order) {
+      const GraphNode& n = g.nodes[i];
+      if (n.touches_memory && poisoned_[n.device]) continue;
+      try {
+        n.run();
+      } catch (const Error& e) {
+        Status st = e.status();
+        if (st.kind == ErrorKind::kIllegalAddress) poisoned_[n.device] = true;
+        st.message = "graph " + std::to_string(g.id) + " launched on stream " +
+                     std::to_string(launch) + ", node " + std::to_string(i) + " (" + n.api +
+                     " captured on stream " + std::to_string(n.stream) + ", device " +
+                     std::to_string(n.device) + "): " + st.message;
+        throw Error(std::move(st));
+      }
+    }
+  }
+
   std::shared_ptr<Stream> GetStream(const char* api, StreamId id) {
     std::lock_guard<std::mutex> lock(mu_);
     return FindStream(api, id);
+  }
+
+  // Requires host_mu_ (shared is enough). Whether [p, p+bytes) lies in one live
+  // HostAlloc allocation.
+  bool HostLiveLocked(const void* p, uint64_t bytes) const {
+    auto it = host_.upper_bound(const_cast<void*>(p));
+    if (it == host_.begin()) return false;
+    --it;
+    auto base = reinterpret_cast<uintptr_t>(it->first);
+    auto addr = reinterpret_cast<uintptr_t>(p);
+    return addr >= base && !Overflows(addr, bytes) && addr + bytes <= base + it->second;
   }
 
   // Requires mu_. Frees a chunk's memory once released and unmapped everywhere here.
@@ -946,18 +1392,57 @@ class MockBackend final : public Backend {
   }
 
   // The shared half of every copy and memset: handle and poison checks at call time;
-  // the range checks and the memcpy run on the worker under map_mu_.
+  // the range checks and the memcpy run on the worker under map_mu_. On a capturing
+  // stream the work becomes a graph node instead; a host side must then be HostAlloc
+  // memory, and is checked to be still allocated each time the graph runs.
   void EnqueueMemoryOp(const char* api, StreamId stream, uint64_t bytes,
-                       std::function<void(int device)> body) {
+                       std::function<void(int device)> body, HostSpan host = {}) {
     std::lock_guard<std::mutex> lock(mu_);
     std::shared_ptr<Stream> s = FindStream(api, stream);
     CheckNotPoisoned(api, s->device);
+    if (s->capture) CheckCaptureUsable(api, *s);
     if (bytes == 0) return;  // nothing to touch, as CUDA accepts empty copies
     int device = s->device;
-    Enqueue(*s, Op{api, true, [this, body = std::move(body), device] {
-                     std::shared_lock<WriterPreferringLock> map_lock(map_mu_);
-                     body(device);
-                   }});
+    if (!s->capture) {
+      Enqueue(*s, Op{api, true, [this, body = std::move(body), device] {
+                       std::shared_lock<WriterPreferringLock> map_lock(map_mu_);
+                       body(device);
+                     }});
+      return;
+    }
+    if (host.ptr == nullptr) {
+      Record(*s, api, true, [this, body = std::move(body), device] {
+        std::shared_lock<WriterPreferringLock> map_lock(map_mu_);
+        body(device);
+      });
+      return;
+    }
+    {
+      std::shared_lock<std::shared_mutex> host_lock(host_mu_);
+      if (!HostLiveLocked(host.ptr, bytes)) {
+        // Refused before anything is recorded: the capture stays valid.
+        Fail(ErrorKind::kNotSupported, api, kCodeCaptureUnsupported,
+             "MOCK_ERROR_STREAM_CAPTURE_UNSUPPORTED",
+             std::string(host.argument) + " [" + Hex(reinterpret_cast<uintptr_t>(host.ptr)) +
+                 ", +" + std::to_string(bytes) + ") is not pinned memory from HostAlloc, and stream " +
+                 std::to_string(stream) + " is capturing (" + CaptureText(*s->capture) +
+                 "): a graph copies host memory when it runs, which pageable memory does not "
+                 "allow; use a host buffer from HostAlloc");
+      }
+    }
+    Record(*s, api, true, [this, api, stream, body = std::move(body), device, host, bytes] {
+      std::shared_lock<std::shared_mutex> host_lock(host_mu_);  // HostFree waits for the copy
+      if (!HostLiveLocked(host.ptr, bytes)) {
+        Fail(ErrorKind::kIllegalAddress, api, kCodeIllegalAddress, "MOCK_ERROR_ILLEGAL_ADDRESS",
+             std::string("illegal address in ") + api + " on stream " + std::to_string(stream) +
+                 " (device " + std::to_string(device) + "): host " + host.argument + " [" +
+                 Hex(reinterpret_cast<uintptr_t>(host.ptr)) + ", +" + std::to_string(bytes) +
+                 ") was freed after it was captured; keep host buffers alive while a graph "
+                 "that copies them exists");
+      }
+      std::shared_lock<WriterPreferringLock> map_lock(map_mu_);
+      body(device);
+    });
   }
 
   static void Enqueue(Stream& s, Op op) {
@@ -1016,8 +1501,11 @@ class MockBackend final : public Backend {
   std::map<EventId, std::shared_ptr<Event>> events_;
   std::map<ModuleId, Module> modules_;
   std::map<FunctionId, Function> functions_;
-  std::map<void*, uint64_t> host_;
+  std::map<GraphId, std::shared_ptr<const Graph>> graphs_;
   std::unique_ptr<std::atomic<bool>[]> poisoned_;  // read by workers without mu_
+
+  std::shared_mutex host_mu_;
+  std::map<void*, uint64_t> host_;  // HostAlloc base -> size
 
   mutable WriterPreferringLock map_mu_;
   std::map<uint64_t, uint64_t> reservations_;  // base -> size

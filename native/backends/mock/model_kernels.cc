@@ -449,4 +449,103 @@ EMOE_MOCK_KERNEL(emoe_grouped_matmul_bf16) {
   }
 }
 
+// 17. emoe_route_rows(i32* row_offsets[E+1], i32* rows[T*K], i32* perm[T*K], const i32* ids[T*K], const i32* route[E],
+//                     u32 device, u32 T, u32 K, u32 E)
+// For the experts x with route[x] == device: row_offsets[x]..row_offsets[x+1]-1 are expert x's sorted rows (the other
+// experts get none; row_offsets[E] is the total); sorted row p < total has rows[p] = t and perm[p] = t*K + k, in
+// increasing (t, k) order within an expert. Entries at or past the total are not written. An id outside 0..E-1 is
+// an illegal address (the CUDA kernel traps), found before anything is written. ids may be another device's memory.
+EMOE_MOCK_KERNEL(emoe_route_rows) {
+  const uint32_t device = ctx.U32(5);
+  const uint64_t T = ctx.U32(6), K = ctx.U32(7), E = ctx.U32(8);
+  const uint64_t TK = T * K;
+  if (TK > 0 && E == 0) BadSize(ctx, "E >= 1");
+  const int32_t* ids = ctx.Ptr<int32_t>(3, TK, false);
+  const int32_t* route = ctx.Ptr<int32_t>(4, TK > 0 ? E : 0, false);
+  for (uint64_t i = 0; i < TK; ++i) {
+    if (ids[i] < 0 || static_cast<uint64_t>(ids[i]) >= E) {
+      BadIndex(ctx, 3, i, ids[i], "an expert id must be in 0.." + std::to_string(E == 0 ? 0 : E - 1));
+    }
+  }
+  int32_t* offsets = ctx.Ptr<int32_t>(0, E + 1, true);
+  int32_t* rows = ctx.Ptr<int32_t>(1, TK, true);
+  int32_t* perm = ctx.Ptr<int32_t>(2, TK, true);
+  std::vector<int32_t> next(E + 1, 0);
+  for (uint64_t i = 0; i < TK; ++i) {
+    if (route[ids[i]] == static_cast<int32_t>(device)) ++next[ids[i]];
+  }
+  int32_t total = 0;
+  for (uint64_t x = 0; x < E; ++x) {
+    const int32_t c = next[x];
+    offsets[x] = total;
+    next[x] = total;
+    total += c;
+  }
+  offsets[E] = total;
+  for (uint64_t i = 0; i < TK; ++i) {
+    const int32_t x = ids[i];
+    if (route[x] != static_cast<int32_t>(device)) continue;
+    const int32_t p = next[x]++;
+    rows[p] = static_cast<int32_t>(i / K);
+    perm[p] = static_cast<int32_t>(i);
+  }
+}
+
+namespace {
+
+// The row count of the *_count twins: *count (argument `arg`), which must be in 0..M (else the illegal-address
+// error, as the CUDA kernels trap).
+uint64_t RowCount(const MockKernelContext& ctx, size_t arg, uint64_t M) {
+  const int32_t n = *ctx.Ptr<int32_t>(arg, 1, false);
+  if (n < 0 || static_cast<uint64_t>(n) > M) BadIndex(ctx, arg, 0, n, "a row count must be in 0.." + std::to_string(M));
+  return static_cast<uint64_t>(n);
+}
+
+}  // namespace
+
+// 18. emoe_gather_rows_count(f32* out[M,H], const f32* x[R,H], const i32* rows[M], const i32* count[1], u32 M, u32 H):
+// emoe_gather_rows over the first *count (<= M) rows; the rest of out is left as it is.
+EMOE_MOCK_KERNEL(emoe_gather_rows_count) {
+  const uint64_t M = ctx.U32(4), H = ctx.U32(5);
+  const uint64_t n = RowCount(ctx, 3, M);
+  const int32_t* rows = ctx.Ptr<int32_t>(2, n, false);
+  const uint64_t R = static_cast<uint64_t>(MaxIndex(ctx, 2, rows, n) + 1);
+  const float* x = ctx.Ptr<float>(1, R * H, false);
+  float* out = ctx.Ptr<float>(0, n * H, true);
+  for (uint64_t i = 0; i < n; ++i) {
+    const float* src = x + static_cast<uint64_t>(rows[i]) * H;
+    for (uint64_t h = 0; h < H; ++h) out[i * H + h] = src[h];
+  }
+}
+
+// 19. emoe_scatter_rows_count(f32* out[R,H], const f32* x[M,H], const i32* rows[M], const i32* count[1], u32 M, u32 H):
+// emoe_scatter_rows over the first *count (<= M) rows.
+EMOE_MOCK_KERNEL(emoe_scatter_rows_count) {
+  const uint64_t M = ctx.U32(4), H = ctx.U32(5);
+  const uint64_t n = RowCount(ctx, 3, M);
+  const int32_t* rows = ctx.Ptr<int32_t>(2, n, false);
+  const uint64_t R = static_cast<uint64_t>(MaxIndex(ctx, 2, rows, n) + 1);
+  const float* x = ctx.Ptr<float>(1, n * H, false);
+  float* out = ctx.Ptr<float>(0, R * H, true);
+  for (uint64_t i = 0; i < n; ++i) {
+    float* dst = out + static_cast<uint64_t>(rows[i]) * H;
+    for (uint64_t h = 0; h < H; ++h) dst[h] = x[i * H + h];
+  }
+}
+
+// 20. emoe_silu_mul_count(f32* out[M,N], const f32* gate[M,N], const f32* up[M,N], const i32* count[1], u32 M, u32 N):
+// emoe_silu_mul over the first *count (<= M) rows of N elements.
+EMOE_MOCK_KERNEL(emoe_silu_mul_count) {
+  const uint64_t M = ctx.U32(4), N = ctx.U32(5);
+  const uint64_t n = RowCount(ctx, 3, M) * N;
+  const float* gate = ctx.Ptr<float>(1, n, false);
+  const float* up = ctx.Ptr<float>(2, n, false);
+  float* out = ctx.Ptr<float>(0, n, true);
+  for (uint64_t i = 0; i < n; ++i) {
+    const float g = gate[i];
+    const float d = 1.0f + ExpD(-g);
+    out[i] = (g / d) * up[i];
+  }
+}
+
 }  // namespace emoe

@@ -26,6 +26,10 @@ const BLOCK = 256;
 export const MAX_HEAD_DIM = 256;
 /** Largest expert count emoe_router_topk supports (E floats of shared memory, 48 KiB). */
 export const MAX_EXPERTS = 12288;
+/** Largest T*K emoe_route_rows takes (its pairs' keys and ranks live in shared memory). */
+export const MAX_ROUTE_ROWS = 4096;
+/** Largest expert count emoe_route_rows takes ((2 * MAX_ROUTE_ROWS + E + 1) i32 of shared memory stay within 48 KiB). */
+export const MAX_ROUTE_EXPERTS = 2048;
 
 function u32(name: string, value: number, min = 0): number {
   if (!Number.isInteger(value) || value < min || value > U32_MAX) {
@@ -194,6 +198,36 @@ export interface ScatterRowsArgs {
   H: number;
   /** Rows of out, to check its extent (optional). */
   R?: number;
+}
+export interface RouteRowsArgs {
+  /**
+   * [E + 1] i32, written: rowOffsets[x]..rowOffsets[x+1]-1 are expert x's sorted rows when route[x] = device,
+   * none otherwise; rowOffsets[E] is the total (the row count of the *Count launchers).
+   */
+  rowOffsets: DevicePointer;
+  /** [T*K] i32, written below the total: sorted row → token t */ rows: DevicePointer;
+  /** [T*K] i32, written below the total: sorted row → slot t*K + k */ perm: DevicePointer;
+  /** [T, K] i32: the rank's top-k expert ids, in 0..E-1 (may be another device's memory) */ ids: DevicePointer;
+  /** [E] i32: for each expert, the index of the device that computes it for the rank */ route: DevicePointer;
+  /** The index (in route's numbering) of the device this launch routes for. */
+  device: number;
+  T: number;
+  K: number;
+  E: number;
+}
+export interface GatherRowsCountArgs extends GatherRowsArgs {
+  /** [1] i32: rows to gather, in 0..M (M is the upper bound the buffers are sized for) */ count: DevicePointer;
+}
+export interface ScatterRowsCountArgs extends ScatterRowsArgs {
+  /** [1] i32: rows to scatter, in 0..M */ count: DevicePointer;
+}
+export interface SiluMulCountArgs {
+  /** [M, N] f32 */ out: DevicePointer;
+  /** [M, N] f32 */ gate: DevicePointer;
+  /** [M, N] f32 */ up: DevicePointer;
+  /** [1] i32: rows to compute, in 0..M */ count: DevicePointer;
+  M: number;
+  N: number;
 }
 export interface CombineTopkArgs {
   /** [T, H] f32, accumulated into (must not overlap slots) */ out: DevicePointer;
@@ -445,6 +479,76 @@ export class ModelKernels implements Disposable {
     if (M === 0) return;
     if (a.R !== undefined) disjoint('out', a.out, a.R * H * 4, 'x', a.x, M * H * 4);
     this.launch(stream, 'emoe_scatter_rows', gridFor(M * H, BLOCK), BLOCK, [a.out, a.x, a.rows, arg.u32(M), arg.u32(H)]);
+  }
+
+  /**
+   * Routes a rank's T*K (token, k) pairs for one computing device, on the device: the experts that
+   * route[] gives to `device` get their rows (stable: increasing (t, k) within an expert), the others
+   * none. One block; no host round trip. An id outside 0..E-1 is a launch failure (illegal address).
+   */
+  routeRows(stream: Stream, a: RouteRowsArgs): void {
+    const T = u32('T', a.T);
+    const K = u32('K', a.K, 1);
+    const E = u32('E', a.E, 1);
+    const device = u32('device', a.device);
+    if (device > 0x7fffffff) throw new InvalidArgumentError('device', `an i32 index (got ${device})`);
+    if (E > MAX_ROUTE_EXPERTS) throw new InvalidArgumentError('E', `at most ${MAX_ROUTE_EXPERTS} (got ${E})`);
+    const TK = T * K;
+    if (TK > MAX_ROUTE_ROWS) throw new InvalidArgumentError('T', `T * K at most ${MAX_ROUTE_ROWS} (got ${T} * ${K})`);
+    ptr('rowOffsets', a.rowOffsets, E + 1, 4);
+    ptr('rows', a.rows, TK, 4);
+    ptr('perm', a.perm, TK, 4);
+    ptr('ids', a.ids, TK, 4);
+    ptr('route', a.route, E, 4);
+    if (T === 0) return;
+    const outs: Array<[string, DevicePointer, number]> = [['rowOffsets', a.rowOffsets, (E + 1) * 4], ['rows', a.rows, TK * 4], ['perm', a.perm, TK * 4]];
+    outs.forEach(([name, p, bytes], i) => {
+      for (const [other, q, qBytes] of outs.slice(i + 1)) disjoint(name, p, bytes, other, q, qBytes);
+      disjoint(name, p, bytes, 'ids', a.ids, TK * 4);
+      disjoint(name, p, bytes, 'route', a.route, E * 4);
+    });
+    this.launch(stream, 'emoe_route_rows', 1, BLOCK,
+      [a.rowOffsets, a.rows, a.perm, a.ids, a.route, arg.u32(device), arg.u32(T), arg.u32(K), arg.u32(E)], (2 * TK + E + 1) * 4);
+  }
+
+  /** gatherRows over the first *count rows (count in device memory, at most M; M sizes the buffers and the grid). */
+  gatherRowsCount(stream: Stream, a: GatherRowsCountArgs): void {
+    const M = u32('M', a.M);
+    const H = u32('H', a.H, 1);
+    ptr('out', a.out, M * H, 4);
+    ptr('rows', a.rows, M, 4);
+    ptr('count', a.count, 1, 4);
+    ptr('x', a.x, a.R === undefined ? 0 : u32('R', a.R) * H, 4);
+    if (M === 0) return;
+    if (a.R !== undefined) disjoint('out', a.out, M * H * 4, 'x', a.x, a.R * H * 4);
+    this.launch(stream, 'emoe_gather_rows_count', gridFor(M * H, BLOCK), BLOCK,
+      [a.out, a.x, a.rows, a.count, arg.u32(M), arg.u32(H)]);
+  }
+
+  /** scatterRows over the first *count rows (count in device memory, at most M). */
+  scatterRowsCount(stream: Stream, a: ScatterRowsCountArgs): void {
+    const M = u32('M', a.M);
+    const H = u32('H', a.H, 1);
+    ptr('x', a.x, M * H, 4);
+    ptr('rows', a.rows, M, 4);
+    ptr('count', a.count, 1, 4);
+    ptr('out', a.out, a.R === undefined ? 0 : u32('R', a.R) * H, 4);
+    if (M === 0) return;
+    if (a.R !== undefined) disjoint('out', a.out, a.R * H * 4, 'x', a.x, M * H * 4);
+    this.launch(stream, 'emoe_scatter_rows_count', gridFor(M * H, BLOCK), BLOCK,
+      [a.out, a.x, a.rows, a.count, arg.u32(M), arg.u32(H)]);
+  }
+
+  /** siluMul over the first *count rows of N elements (count in device memory, at most M). */
+  siluMulCount(stream: Stream, a: SiluMulCountArgs): void {
+    const M = u32('M', a.M);
+    const N = u32('N', a.N, 1);
+    ptr('out', a.out, M * N, 4);
+    ptr('gate', a.gate, M * N, 4);
+    ptr('up', a.up, M * N, 4);
+    ptr('count', a.count, 1, 4);
+    if (M === 0) return;
+    this.launch(stream, 'emoe_silu_mul_count', gridFor(M * N, BLOCK), BLOCK, [a.out, a.gate, a.up, a.count, arg.u32(M), arg.u32(N)]);
   }
 
   /** out[t, :] += sum over k in order of weights[t, k] * slots[t*K + k, :]. */

@@ -298,3 +298,60 @@ export function copyF32(o: { out: Float32Array; x: Float32Array; n: number }): v
 export function addF32(o: { out: Float32Array; a: Float32Array; b: Float32Array; n: number }): void {
   for (let i = 0; i < o.n; i++) o.out[i] = f(o.a[i]! + o.b[i]!);
 }
+
+/**
+ * Device-side routing of a rank's T*K (token, k) pairs for one computing device: for the experts x
+ * with route[x] === device, rowOffsets[x]..rowOffsets[x+1]-1 are expert x's sorted rows (the others
+ * get none; rowOffsets[E] is the total), and sorted row p < total has rows[p] = t, perm[p] = t*K + k,
+ * in increasing (t, k) order within an expert. Entries of rows and perm past the total are left as
+ * they are. Throws on an id outside 0..E-1 (the kernel traps).
+ */
+export function routeRows(o: {
+  rowOffsets: Int32Array; rows: Int32Array; perm: Int32Array; ids: Int32Array; route: Int32Array;
+  device: number; T: number; K: number; E: number;
+}): void {
+  const { K, E } = o;
+  const TK = o.T * K;
+  const next = new Int32Array(E + 1);
+  for (let i = 0; i < TK; i++) {
+    const x = o.ids[i]!;
+    if (!(x >= 0 && x < E)) throw new RangeError(`routeRows: id ${x} at ${i} is outside 0..${E - 1}`);
+    if (o.route[x] === o.device) next[x]!++;
+  }
+  let total = 0;
+  for (let x = 0; x < E; x++) {
+    const c = next[x]!;
+    o.rowOffsets[x] = total;
+    next[x] = total;
+    total += c;
+  }
+  o.rowOffsets[E] = total;
+  for (let i = 0; i < TK; i++) {
+    const x = o.ids[i]!;
+    if (o.route[x] !== o.device) continue;
+    const p = next[x]!++;
+    o.rows[p] = Math.floor(i / K);
+    o.perm[p] = i;
+  }
+}
+
+/** gatherRows over the first count[0] (<= M) rows. */
+export function gatherRowsCount(o: { out: Float32Array; x: Float32Array; rows: Int32Array; count: Int32Array; M: number; H: number }): void {
+  gatherRows({ ...o, M: rowCount(o.count, o.M) });
+}
+
+/** scatterRows over the first count[0] (<= M) rows. */
+export function scatterRowsCount(o: { out: Float32Array; x: Float32Array; rows: Int32Array; count: Int32Array; M: number; H: number }): void {
+  scatterRows({ ...o, M: rowCount(o.count, o.M) });
+}
+
+/** siluMul over the first count[0] (<= M) rows of N elements. */
+export function siluMulCount(o: { out: Float32Array; gate: Float32Array; up: Float32Array; count: Int32Array; M: number; N: number }): void {
+  siluMul({ out: o.out, gate: o.gate, up: o.up, n: rowCount(o.count, o.M) * o.N });
+}
+
+function rowCount(count: Int32Array, M: number): number {
+  const n = count[0]!;
+  if (!(n >= 0 && n <= M)) throw new RangeError(`row count ${n} is outside 0..${M}`);
+  return n;
+}

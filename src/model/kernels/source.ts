@@ -18,8 +18,15 @@
 // - launch shapes the kernels rely on (ModelKernels picks them): every block size a
 //   multiple of 32; emoe_matmul_bf16 with M > 16 needs 256 threads, emoe_attention
 //   256 threads, emoe_router_topk 32 threads and E * 4 bytes of dynamic shared
-//   memory, emoe_grouped_matmul_bf16 a one-dimensional block. A kernel given a
-//   shape it cannot use traps (launch failure) rather than compute something wrong.
+//   memory, emoe_grouped_matmul_bf16 a one-dimensional block, emoe_route_rows one
+//   block (a one-dimensional multiple of 32 threads; other blocks exit) with
+//   (2 * T*K + E + 1) * 4 bytes of dynamic shared memory. A kernel given a shape it
+//   cannot use traps (launch failure) rather than compute something wrong.
+// - device-side routing (no host round trip): emoe_route_rows turns a rank's top-k ids
+//   into one device's row lists; the *_count kernels take their row count from device
+//   memory (the routing kernel's total) and run over an upper bound M of rows, doing
+//   nothing for rows at or past the count. Their pointers may be another device's
+//   memory (peer access), which is how a device computes experts for another rank.
 export const MODEL_KERNELS_SOURCE = String.raw`
 typedef unsigned int u32;
 typedef unsigned long long u64;
@@ -588,6 +595,116 @@ extern "C" __global__ void emoe_grouped_matmul_bf16(float* out, const float* x, 
     }
   }
 }
+
+// 17. Device-side routing of one rank's T*K (token, k) pairs for one computing device.
+// ids [T*K] are the rank's top-k expert ids (row t*K + k; may be read from another
+// device), route [E] names the device index that computes each expert for that rank,
+// and device is this launch's computing device. Output, for the experts x with
+// route[x] == device only: row_offsets [E + 1] (row_offsets[x] .. row_offsets[x+1]-1 are
+// expert x's rows, empty for the other experts; row_offsets[E] = the total), and for
+// each sorted row p < total: rows[p] = t (the token whose hidden state is the row's input)
+// and perm[p] = t*K + k (its slot). Within an expert the rows are in increasing (t, k)
+// order, so the result is a pure function of the inputs. Entries of rows and perm at or
+// past the total are not written. An id outside 0..E-1 traps.
+// One block: the keys (x, or -1 for pairs another device computes) and each pair's rank
+// within its expert go to shared memory; warp 0 assigns the ranks 32 pairs at a time in
+// index order (__match_any_sync groups the lanes of one expert, the last of them advances
+// the expert's counter), then prefix-sums the counts; every thread writes the lists.
+// Integer counting only: no float math, no atomics.
+extern "C" __global__ void emoe_route_rows(int* row_offsets, int* rows, int* perm, const int* ids, const int* route,
+                                           u32 device, u32 T, u32 K, u32 E) {
+  extern __shared__ int emoe_route_shm[];  // key [T*K], rank [T*K], count/offset [E + 1]
+  if ((blockDim.x & 31) != 0 || blockDim.y != 1 || blockDim.z != 1) __trap();
+  if (blockIdx.x != 0 || blockIdx.y != 0 || blockIdx.z != 0) return;
+  const u32 TK = T * K;
+  int* s_key = emoe_route_shm;
+  int* s_rank = emoe_route_shm + TK;
+  int* s_cnt = emoe_route_shm + 2 * TK;
+  const u32 tid = threadIdx.x, nt = blockDim.x;
+  for (u32 x = tid; x <= E; x += nt) s_cnt[x] = 0;
+  for (u32 i = tid; i < TK; i += nt) {
+    const int x = ids[i];
+    if (x < 0 || (u32)x >= E) __trap();
+    s_key[i] = route[x] == (int)device ? x : -1;
+  }
+  __syncthreads();
+  if (tid < 32) {
+    const u32 lane = tid;
+    for (u32 base = 0; base < TK; base += 32) {  // uniform over the warp
+      const u32 i = base + lane;
+      const int x = i < TK ? s_key[i] : -1;
+      const u32 peers = __match_any_sync(EMOE_FULL_MASK, x);
+      const int c = x >= 0 ? s_cnt[x] : 0;
+      __syncwarp();  // every lane has read its expert's counter
+      if (x >= 0) {
+        s_rank[i] = c + __popc(peers & ((1u << lane) - 1u));
+        if (lane == 31u - __clz(peers)) s_cnt[x] = c + __popc(peers);
+      }
+      __syncwarp();
+    }
+    // Exclusive prefix sum of the counts, in place; s_cnt[E] = the total.
+    int carry = 0;
+    for (u32 b = 0; b < E; b += 32) {
+      const u32 j = b + lane;
+      const int v = j < E ? s_cnt[j] : 0;
+      int incl = v;
+      for (u32 o = 1; o < 32; o <<= 1) {
+        const int n = __shfl_up_sync(EMOE_FULL_MASK, incl, o);
+        if (lane >= o) incl += n;
+      }
+      if (j < E) s_cnt[j] = carry + incl - v;
+      carry += __shfl_sync(EMOE_FULL_MASK, incl, 31);
+    }
+    if (lane == 0) s_cnt[E] = carry;
+  }
+  __syncthreads();
+  for (u32 x = tid; x <= E; x += nt) row_offsets[x] = s_cnt[x];
+  for (u32 i = tid; i < TK; i += nt) {
+    const int x = s_key[i];
+    if (x < 0) continue;
+    const int p = s_cnt[x] + s_rank[i];
+    rows[p] = (int)(i / K);
+    perm[p] = (int)i;
+  }
+}
+
+// The row count of the *_count kernels: *count, which must be in 0..M (else trap).
+__device__ __forceinline__ u32 emoe_row_count(const int* count, u32 M) {
+  const int n = *count;
+  if (n < 0 || (u32)n > M) __trap();
+  return (u32)n;
+}
+
+// 18. emoe_gather_rows over the first *count rows: out[i, :] = x[rows[i], :] for i < *count <= M.
+extern "C" __global__ void emoe_gather_rows_count(float* out, const float* x, const int* rows, const int* count, u32 M,
+                                                  u32 H) {
+  const u64 n = (u64)emoe_row_count(count, M) * H;
+  EMOE_GRID_STRIDE(i, n) {
+    const u64 r = i / H, h = i - r * H;
+    out[i] = x[(u64)rows[r] * H + h];
+  }
+}
+
+// 19. emoe_scatter_rows over the first *count rows: out[rows[i], :] = x[i, :] for i < *count <= M (rows distinct).
+extern "C" __global__ void emoe_scatter_rows_count(float* out, const float* x, const int* rows, const int* count,
+                                                   u32 M, u32 H) {
+  const u64 n = (u64)emoe_row_count(count, M) * H;
+  EMOE_GRID_STRIDE(i, n) {
+    const u64 r = i / H, h = i - r * H;
+    out[(u64)rows[r] * H + h] = x[i];
+  }
+}
+
+// 20. emoe_silu_mul over the first *count rows of N: out = silu(gate) * up for elements < *count * N (*count <= M).
+extern "C" __global__ void emoe_silu_mul_count(float* out, const float* gate, const float* up, const int* count, u32 M,
+                                               u32 N) {
+  const u64 n = (u64)emoe_row_count(count, M) * N;
+  EMOE_GRID_STRIDE(i, n) {
+    const float g = gate[i];
+    const float d = __fadd_rn(1.0f, emoe_exp_d(-g));
+    out[i] = __fmul_rn(__fdiv_rn(g, d), up[i]);
+  }
+}
 `;
 
 /** Every kernel in MODEL_KERNELS_SOURCE (each has a CPU twin of the same name in the mock). */
@@ -609,6 +726,10 @@ export const MODEL_KERNEL_NAMES = [
   'emoe_copy_f32',
   'emoe_add_f32',
   'emoe_grouped_matmul_bf16',
+  'emoe_route_rows',
+  'emoe_gather_rows_count',
+  'emoe_scatter_rows_count',
+  'emoe_silu_mul_count',
 ] as const;
 
 export type ModelKernelName = (typeof MODEL_KERNEL_NAMES)[number];
