@@ -101,6 +101,45 @@ extern "C" __global__ void emoe_rmsnorm(float* out, const float* x, const u16* w
   }
 }
 
+// acc[i] += x[row i, k .. k+7] . (8 bf16 weights in wv), fmaf in ascending k, for rows
+// i < rows (x rows ldx floats apart, 16-byte aligned at k).
+__device__ __forceinline__ void emoe_dot8_rows(float* acc, uint4 wv, const float* xb, u64 ldx, u32 k, int rows) {
+  float wf[8];
+  wf[0] = __uint_as_float(wv.x << 16); wf[1] = __uint_as_float(wv.x & 0xffff0000u);
+  wf[2] = __uint_as_float(wv.y << 16); wf[3] = __uint_as_float(wv.y & 0xffff0000u);
+  wf[4] = __uint_as_float(wv.z << 16); wf[5] = __uint_as_float(wv.z & 0xffff0000u);
+  wf[6] = __uint_as_float(wv.w << 16); wf[7] = __uint_as_float(wv.w & 0xffff0000u);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    if (i < rows) {
+      const float4* xr = (const float4*)(xb + (u64)i * ldx + k);
+      const float4 a = xr[0], b = xr[1];
+      float s = acc[i];
+      s = fmaf(a.x, wf[0], s); s = fmaf(a.y, wf[1], s); s = fmaf(a.z, wf[2], s); s = fmaf(a.w, wf[3], s);
+      s = fmaf(b.x, wf[4], s); s = fmaf(b.y, wf[5], s); s = fmaf(b.z, wf[6], s); s = fmaf(b.w, wf[7], s);
+      acc[i] = s;
+    }
+  }
+}
+
+// One lane's share of up to 8 dot products of length K (K % 8 == 0, 16-byte aligned
+// rows): k = 256 j + 8 lane + (0..7) for j = 0, 1, ..., in that order. Four weight
+// loads are issued before they are used (more bytes in flight per warp); the
+// summation order is the same as one load at a time.
+__device__ __forceinline__ void emoe_dot_rows_vec(float* acc, const u16* wr, const float* xb, u32 K, u32 lane,
+                                                  int rows) {
+  u32 k = lane * 8;
+  for (; k + 768 < K; k += 1024) {
+    const uint4 w0 = *(const uint4*)(wr + k), w1 = *(const uint4*)(wr + k + 256);
+    const uint4 w2 = *(const uint4*)(wr + k + 512), w3 = *(const uint4*)(wr + k + 768);
+    emoe_dot8_rows(acc, w0, xb, K, k, rows);
+    emoe_dot8_rows(acc, w1, xb, K, k + 256, rows);
+    emoe_dot8_rows(acc, w2, xb, K, k + 512, rows);
+    emoe_dot8_rows(acc, w3, xb, K, k + 768, rows);
+  }
+  for (; k < K; k += 256) emoe_dot8_rows(acc, *(const uint4*)(wr + k), xb, K, k, rows);
+}
+
 // 3. out[M, N] = x[M, K] . w[N, K]^T, f32 accumulation.
 // Small M (decode): one warp per output column n, all rows in groups of 8, a shuffle
 // reduction per row; 16-byte loads when K % 8 == 0 and both pointers are 16-byte aligned.
@@ -116,25 +155,7 @@ __device__ void emoe_matmul_small(float* out, const float* x, const u16* w, u32 
 #pragma unroll
       for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
       if (vec) {
-        for (u32 k = lane * 8; k < K; k += 256) {
-          const uint4 wv = *(const uint4*)(wr + k);
-          float wf[8];
-          wf[0] = __uint_as_float(wv.x << 16); wf[1] = __uint_as_float(wv.x & 0xffff0000u);
-          wf[2] = __uint_as_float(wv.y << 16); wf[3] = __uint_as_float(wv.y & 0xffff0000u);
-          wf[4] = __uint_as_float(wv.z << 16); wf[5] = __uint_as_float(wv.z & 0xffff0000u);
-          wf[6] = __uint_as_float(wv.w << 16); wf[7] = __uint_as_float(wv.w & 0xffff0000u);
-#pragma unroll
-          for (int i = 0; i < 8; ++i) {
-            if (m0 + i < M) {
-              const float4* xr = (const float4*)(x + (u64)(m0 + i) * K + k);
-              const float4 a = xr[0], b = xr[1];
-              float s = acc[i];
-              s = fmaf(a.x, wf[0], s); s = fmaf(a.y, wf[1], s); s = fmaf(a.z, wf[2], s); s = fmaf(a.w, wf[3], s);
-              s = fmaf(b.x, wf[4], s); s = fmaf(b.y, wf[5], s); s = fmaf(b.z, wf[6], s); s = fmaf(b.w, wf[7], s);
-              acc[i] = s;
-            }
-          }
-        }
+        emoe_dot_rows_vec(acc, wr, x + (u64)m0 * K, K, lane, M - m0 < 8 ? (int)(M - m0) : 8);
       } else {
         for (u32 k = lane; k < K; k += 32) {
           const float wf = emoe_bf16_to_f32(wr[k]);
@@ -555,25 +576,7 @@ extern "C" __global__ void emoe_grouped_matmul_bf16(float* out, const float* x, 
 #pragma unroll
         for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
         if (vec) {
-          for (u32 k = lane * 8; k < K; k += 256) {
-            const uint4 wv = *(const uint4*)(wr + k);
-            float wf[8];
-            wf[0] = __uint_as_float(wv.x << 16); wf[1] = __uint_as_float(wv.x & 0xffff0000u);
-            wf[2] = __uint_as_float(wv.y << 16); wf[3] = __uint_as_float(wv.y & 0xffff0000u);
-            wf[4] = __uint_as_float(wv.z << 16); wf[5] = __uint_as_float(wv.z & 0xffff0000u);
-            wf[6] = __uint_as_float(wv.w << 16); wf[7] = __uint_as_float(wv.w & 0xffff0000u);
-#pragma unroll
-            for (int i = 0; i < 8; ++i) {
-              if (i < rows) {
-                const float4* xr = (const float4*)(xb + (u64)i * K + k);
-                const float4 a = xr[0], b = xr[1];
-                float s = acc[i];
-                s = fmaf(a.x, wf[0], s); s = fmaf(a.y, wf[1], s); s = fmaf(a.z, wf[2], s); s = fmaf(a.w, wf[3], s);
-                s = fmaf(b.x, wf[4], s); s = fmaf(b.y, wf[5], s); s = fmaf(b.z, wf[6], s); s = fmaf(b.w, wf[7], s);
-                acc[i] = s;
-              }
-            }
-          }
+          emoe_dot_rows_vec(acc, wr, xb, K, lane, rows);
         } else {
           for (u32 k0 = lane * 8; k0 < K; k0 += 256) {
             const u32 kn = K - k0 < 8 ? K - k0 : 8;
