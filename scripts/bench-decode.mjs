@@ -6,7 +6,9 @@
 // Knobs: BENCH_DEVICES (default "0"), BENCH_LAYERS (default 48), BENCH_BATCHES
 // (default "1,8,32,128"), BENCH_STEPS (decode steps timed, default 8),
 // BENCH_CONTEXT (prompt tokens per sequence before decoding, default 64),
-// BENCH_TTFT_PROMPT (default 2000).
+// BENCH_TTFT_PROMPT (default 2000), BENCH_GRAPHS (1: decode steps replayed as captured
+// graphs where the backend can, the default; 0: never; both: each batch decodes without
+// then with graphs on the same engine and sequences, a same-run baseline).
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
@@ -33,6 +35,12 @@ const steps = Number(env('BENCH_STEPS', 8));
 const context = Number(env('BENCH_CONTEXT', 64));
 const ttftPrompt = Number(env('BENCH_TTFT_PROMPT', 2000));
 const maxBatch = Math.max(...batches);
+const graphsKnob = env('BENCH_GRAPHS', '1');
+if (!['0', '1', 'both'].includes(graphsKnob)) throw new Error(`BENCH_GRAPHS: 0, 1 or both (got '${graphsKnob}')`);
+/** The decode modes timed per batch, in order: false = without graphs, true = with. */
+const modes = graphsKnob === 'both' ? [false, true] : [graphsKnob === '1'];
+/** Decode steps each sequence runs (a warm-up step and the timed ones, per mode). */
+const decodeSteps = modes.length * (steps + 1);
 
 // Same-run bandwidth: a 1 GiB device-local copy on each device (bytes copied per second).
 const GiB = 1024 ** 3;
@@ -59,13 +67,17 @@ const hmm = new Hmm(rt);
 const placement = roundRobinPlacement(config.experts, devices);
 await hmm.loadSynthetic(weightSpecs(config, devices, placement), { seed: 7n });
 const geo = kvGeometry(config, 16);
-const perSeqBlocks = Math.ceil((context + steps + 1) / geo.blockTokens);
+const perSeqBlocks = Math.ceil((context + decodeSteps + 1) / geo.blockTokens);
 const ttftBlocks = Math.ceil((ttftPrompt + 1) / geo.blockTokens);
 const seqsPerRank = Math.ceil(maxBatch / devices.length);
 for (const d of devices) hmm.kv.createPool({ device: d, blockBytes: geo.blockBytes, blocks: seqsPerRank * perSeqBlocks + ttftBlocks + 1 });
 const pools = mapHmmKvPools(rt, hmm, devices, () => devices);
 const engine = await ForwardEngine.create(rt, config, { devices, placement }, storeWeights(hmm.store), pools,
-  { blockTokens: geo.blockTokens, maxTokensPerStep: Math.max(2048, ttftPrompt) });
+  { blockTokens: geo.blockTokens, maxTokensPerStep: Math.max(2048, ttftPrompt), graphs: graphsKnob !== '0' });
+const graphStats = () => {
+  const { enabled, captures, replays, cached, evicted, disabledReason } = engine.graphStats;
+  return { enabled, captures, replays, cached, evicted, ...(disabledReason ? { disabledReason } : {}) };
+};
 
 // Bytes one decode step must read at least: dense weights once per rank, the
 // distinct experts the batch touches (expected E·(1−(1−K/E)^B) per layer under
@@ -81,7 +93,7 @@ let n = 0;
 const newSeqs = (count, promptLen) => Array.from({ length: count }, (_, i) => {
   const rank = i % devices.length;
   const id = `s${n++}`;
-  const blocks = hmm.kv.allocate(id, devices[rank], Math.ceil((promptLen + steps + 1) / geo.blockTokens));
+  const blocks = hmm.kv.allocate(id, devices[rank], Math.ceil((promptLen + decodeSteps + 1) / geo.blockTokens));
   const prompt = Array.from({ length: promptLen }, (_, k) => (k * 7919 + i * 104729) % config.vocabSize);
   return { id, rank, prompt, blocks, pos: 0, last: 0 };
 });
@@ -103,10 +115,10 @@ async function prefill(seqs) {
     pending = pending.filter((p) => p.off < p.s.prompt.length);
   }
 }
-async function decode(seqs) {
+async function decode(seqs, graph) {
   const ranks = devices.map(() => []);
   for (const s of seqs) ranks[s.rank].push({ seqId: s.id, tokens: [s.last], startPos: s.pos, blockTable: s.blocks, sample: true });
-  const r = await engine.step({ ranks });
+  const r = await engine.step({ ranks }, { graph });
   for (const s of seqs) { s.last = r.next.get(s.id); s.pos++; }
 }
 
@@ -125,20 +137,35 @@ async function decode(seqs) {
 for (const B of batches) {
   const seqs = newSeqs(B, context);
   await prefill(seqs);
-  await decode(seqs); // warm-up step
-  const t = performance.now();
-  for (let i = 0; i < steps; i++) await decode(seqs);
-  const ms = (performance.now() - t) / steps;
-  // Distinct experts a batch touches per layer, expected under uniform routing (synthetic weights route about uniformly).
-  const touched = config.experts * (1 - (1 - config.topK / config.experts) ** B);
-  const bytes = config.layers * touched * expertBytes + devices.length * denseBytes + B * (context + steps) * kvPerToken;
-  // All devices read in parallel: the roofline step time is the per-device share over the per-device bandwidth.
-  const rooflineMs = bytes / devices.length / hbm * 1e3;
-  emit({ bench: 'decode', devices, batch: B, msPerStep: ms, tokensPerSecond: (B * 1e3) / ms, rooflineMs,
-    rooflineFraction: rooflineMs / ms, rooflineTokensPerSecond: (B * 1e3) / rooflineMs, bytesPerStep: bytes });
-  log(`batch ${B}: ${ms.toFixed(1)} ms/step, ${((B * 1e3) / ms).toFixed(1)} tok/s, ${(100 * rooflineMs / ms).toFixed(1)}% of roofline`);
+  let eagerMs;
+  for (const graphs of modes) {
+    await decode(seqs, graphs); // warm-up step (with graphs: the capture of this batch's shape)
+    const warm = engine.graphStats;
+    const t = performance.now();
+    for (let i = 0; i < steps; i++) await decode(seqs, graphs);
+    const ms = (performance.now() - t) / steps;
+    const after = graphStats();
+    // Distinct experts a batch touches per layer, expected under uniform routing (synthetic weights route about uniformly).
+    const touched = config.experts * (1 - (1 - config.topK / config.experts) ** B);
+    const bytes = config.layers * touched * expertBytes + devices.length * denseBytes + B * seqs[0].pos * kvPerToken;
+    // All devices read in parallel: the roofline step time is the per-device share over the per-device bandwidth.
+    const rooflineMs = bytes / devices.length / hbm * 1e3;
+    // graphs: asked for; timedReplays / timedCaptures: what the timed steps really did (no replays
+    // where the backend cannot capture; a capture only where a shape changed mid-run).
+    const figures = { bench: 'decode', devices, batch: B, graphs, timedReplays: after.replays - warm.replays, timedCaptures: after.captures - warm.captures,
+      msPerStep: ms, tokensPerSecond: (B * 1e3) / ms, rooflineMs, rooflineFraction: rooflineMs / ms,
+      rooflineTokensPerSecond: (B * 1e3) / rooflineMs, bytesPerStep: bytes, graphStats: after };
+    if (graphs && eagerMs !== undefined) figures.speedupVsNoGraphs = eagerMs / ms;
+    if (!graphs) eagerMs = ms;
+    emit(figures);
+    log(`batch ${B}${modes.length > 1 ? (graphs ? ', graphs' : ', no graphs') : ''}: ${ms.toFixed(1)} ms/step, ` +
+      `${((B * 1e3) / ms).toFixed(1)} tok/s, ${(100 * rooflineMs / ms).toFixed(1)}% of roofline` +
+      (figures.speedupVsNoGraphs ? `, ${figures.speedupVsNoGraphs.toFixed(2)}x the speed without graphs` : ''));
+  }
   for (const s of seqs) hmm.kv.free(s.id);
 }
+emit({ bench: 'graphs', devices, mode: graphsKnob, ...graphStats() });
+if (graphsKnob !== '0' && !engine.graphStats.enabled) log(`graphs are off: ${engine.graphStats.disabledReason}`);
 engine.dispose();
 for (const p of pools.values()) p.dispose();
 hmm.dispose();

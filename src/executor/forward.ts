@@ -74,16 +74,40 @@
 // order the devices answered. Each (token, k) has exactly one computing device, so the
 // devices' scatters into `slots` never overlap.
 //
+// Graphs: a step whose ranks all take the device path, and that asks for no logits, is
+// queued with no host wait from its metadata upload (read from the rank's pinned host
+// buffer) to its argmax download (into the same buffer). When it is a decode step (one
+// token per sequence; a step with a prompt chunk rarely recurs with the same shape, and
+// capturing a step that runs once costs more than running it: nothing runs until the
+// capture ends, then the graph is instantiated), it is captured once into a
+// graph (Stream.beginCapture on the first rank's stream; every other stream the step uses
+// joins by waiting on an event recorded there right after, and is joined back by an event
+// the origin stream waits on before endCapture) and replayed with one launch for every
+// later step of the same shape. The shape is what enters kernel arguments and copy sizes:
+// which ranks are present and, per rank, T, S, MB and the sampled sequences' count. Token
+// ids, positions, KV slots and block tables travel in the metadata the graph's upload node
+// reads from the host buffer when it runs, so a replay refills the host buffer and launches.
+// MB, the block table's row stride, is rounded up to a power of two in such steps (the rows
+// padded; attention reads only the blocks a token's position needs), so a decoding batch
+// captures again only when its longest sequence doubles, not at every block boundary.
+// Graphs are cached per shape (LRU, maxGraphs) and die with the engine. Events recorded
+// during a capture come from their own per-device pool: an event the engine synchronizes
+// or reuses outside a capture is never one recorded inside it. A backend that cannot
+// capture (NotSupportedError: ACL, an old CUDA driver, or anything a capture refuses) turns
+// graphs off for the engine, the step runs as usual, and graphStats says why.
+//
 // Sync points per step: the host path's one host wait per layer (the expert row lists
 // are built on the host; none in a step whose ranks all take the device path: the whole
-// step is queued without waiting), and one at the end. Cross-device
+// step is queued without waiting), and one at the end (a replayed graph: one wait, on
+// the origin stream, which the graph's joins make wait for every device). Cross-device
 // dependencies go through events recorded by the producer before the consumer waits on
 // them, so no stream ever waits on work that is not queued yet. Scratch a device lends
 // to other ranks (recv, expGate, expUp, the routing lists) is used by its stream only,
 // one rank's rows after another's.
 import type { ModelConfig } from '../model/config.js';
 import { MAX_ROUTE_EXPERTS, MAX_ROUTE_ROWS, ModelKernels } from '../model/kernels/index.js';
-import { InvalidArgumentError } from '../runtime/errors.js';
+import { InvalidArgumentError, NotSupportedError } from '../runtime/errors.js';
+import type { Graph } from '../runtime/graph.js';
 import type { Chunk, DevicePointer, HostBuffer, VirtualRange } from '../runtime/memory.js';
 import type { Runtime } from '../runtime/runtime.js';
 import type { Event, Stream } from '../runtime/stream.js';
@@ -112,9 +136,35 @@ export interface ForwardEngineOptions {
    * so results stay independent of the layout.
    */
   deviceRoutingMaxRows?: number;
+  /**
+   * Replay steps as captured graphs (see the header): a decode step (one token per sequence)
+   * whose ranks all take the device routing path and that asks for no logits is captured at the
+   * first step of its shape and replayed with one launch after. Default true (at most 32 graphs
+   * cached, the least recently used evicted); `{ maxGraphs }` sets the bound (at least 1); false:
+   * never. Where the backend cannot capture (NotSupportedError), graphs turn off for the engine
+   * at the first try and steps run as usual: `graphStats.disabledReason` says why.
+   */
+  graphs?: boolean | { maxGraphs?: number };
+}
+
+/** How an engine's steps used graphs so far. */
+export interface GraphStats {
+  /** Whether steps may still be replayed as graphs (false: the option said so, or capture failed). */
+  enabled: boolean;
+  /** Steps captured into a new graph (each also ran, by one launch of it). */
+  captures: number;
+  /** Steps that launched a cached graph. */
+  replays: number;
+  /** Graphs cached now. */
+  cached: number;
+  /** Graphs evicted by the maxGraphs bound (and disposed). */
+  evicted: number;
+  /** Why graphs are off: 'graphs: false', or the NotSupportedError that turned them off. */
+  disabledReason?: string;
 }
 
 const DEFAULT_GROUPED_MAX_ROWS = 64;
+const DEFAULT_MAX_GRAPHS = 32;
 /** Default deviceRoutingMaxRows per expert: 8 rows on average, one accumulator chunk of the grouped kernel. */
 const DEVICE_ROUTING_ROWS_PER_EXPERT = 8;
 
@@ -161,8 +211,13 @@ function putAddress(words: Int32Array, at: number, p: DevicePointer): void {
 }
 
 export interface StepOptions {
-  /** Also return the f32 logits of the last position of each sampled sequence. */
+  /** Also return the f32 logits of the last position of each sampled sequence (such a step runs without a graph). */
   returnLogits?: boolean;
+  /**
+   * false: run this step as usual even where a graph could (same results; for same-run
+   * comparisons). Default true; graphs off for the engine win.
+   */
+  graph?: boolean;
 }
 
 const ALIGN = 256;
@@ -230,6 +285,9 @@ interface DeviceState {
   hostI32: Int32Array;
   events: Event[];
   eventsUsed: number;
+  /** Events recorded only inside captures (never synchronized, never recorded outside one). */
+  captureEvents: Event[];
+  captureEventsUsed: number;
   model: ModelWeights;
   layers: LayerWeights[];
   /** Experts this device computes: index layer * E + expert. */
@@ -279,6 +337,12 @@ export class ForwardEngine implements Disposable {
   private readonly MBmax: number;
   private busy = false;
   private disposed = false;
+  /** Captured steps by shape key, least recently used first. */
+  private readonly graphCache = new Map<string, Graph>();
+  /** Set while a step is being captured: event() then draws from the capture pool. */
+  private capturing = false;
+  private graphCounts = { captures: 0, replays: 0, evicted: 0 };
+  private graphsOff: string | undefined;
 
   private constructor(
     private readonly rt: Runtime,
@@ -294,7 +358,10 @@ export class ForwardEngine implements Disposable {
     readonly deviceRoutingMaxRows: number,
     /** Per rank and layer: the device indices that compute its experts, ascending (static). */
     private readonly computers: number[][][],
+    /** Graphs cached at most (0: graphs off by option). */
+    private readonly maxGraphs: number,
   ) {
+    if (maxGraphs === 0) this.graphsOff = 'graphs: false';
     this.H = config.hiddenSize;
     this.QD = config.heads * config.headDim;
     this.KVD = config.kvHeads * config.headDim;
@@ -326,6 +393,16 @@ export class ForwardEngine implements Disposable {
       throw new InvalidArgumentError('deviceRoutingMaxRows', `0 for a model of more than ${MAX_ROUTE_EXPERTS} experts (got ${c.experts})`);
     }
     const deviceRouting = deviceRoutingMaxRows > 0;
+    const graphs = options.graphs ?? true;
+    let maxGraphs: number;
+    if (typeof graphs === 'boolean') {
+      maxGraphs = graphs ? DEFAULT_MAX_GRAPHS : 0;
+    } else if (graphs !== null && typeof graphs === 'object') {
+      maxGraphs = graphs.maxGraphs ?? DEFAULT_MAX_GRAPHS;
+      if (!Number.isSafeInteger(maxGraphs) || maxGraphs < 1) throw new InvalidArgumentError('graphs.maxGraphs', 'a positive integer');
+    } else {
+      throw new InvalidArgumentError('graphs', 'a boolean or { maxGraphs }');
+    }
     const perToken = c.layers * 2 * c.kvHeads * c.headDim * 2;
     let BS = options.blockTokens;
     for (const d of devices) {
@@ -387,7 +464,8 @@ export class ForwardEngine implements Disposable {
       for (const k of kernels) k?.dispose();
       throw e;
     }
-    return new ForwardEngine(rt, c, layout, made, T, blockTokens, G, hostLayout, groupedMaxRows, deviceRoutingMaxRows, computers);
+    return new ForwardEngine(rt, c, layout, made, T, blockTokens, G, hostLayout, groupedMaxRows, deviceRoutingMaxRows, computers,
+      maxGraphs);
   }
 
   private static buffers(c: ModelConfig, arena: Arena, T: number, G: number, MBmax: number, listStride: number,
@@ -471,7 +549,7 @@ export class ForwardEngine implements Disposable {
       return {
         rank: r, device, kernels, stream, chunk, range, buf, host,
         hostI32: new Int32Array(bytes.buffer, bytes.byteOffset, hostI32),
-        events: [], eventsUsed: 0, model, layers, experts, expertWords, kv, route: routes[r]!,
+        events: [], eventsUsed: 0, captureEvents: [], captureEventsUsed: 0, model, layers, experts, expertWords, kv, route: routes[r]!,
       };
     } catch (e) {
       stream?.dispose();
@@ -483,8 +561,9 @@ export class ForwardEngine implements Disposable {
   }
 
   private static disposeState(s: DeviceState): void {
-    for (const e of s.events) e.dispose();
+    for (const e of [...s.events, ...s.captureEvents]) e.dispose();
     s.events.length = 0;
+    s.captureEvents.length = 0;
     s.stream.dispose();
     s.kernels.dispose();
     s.host.dispose();
@@ -492,11 +571,26 @@ export class ForwardEngine implements Disposable {
     s.chunk.dispose();
   }
 
-  /** An event of device slot j, unused in this step (events are reused across steps). */
+  /**
+   * An event of device slot j, unused in this step (events are reused across steps). While a step
+   * is captured, one of the capture pool: those are recorded only inside captures (and waited on
+   * only there), the others only outside, so none is synchronized after a capture recorded it.
+   */
   private event(j: number): Event {
     const s = this.devs[j]!;
+    if (this.capturing) {
+      if (s.captureEventsUsed === s.captureEvents.length) s.captureEvents.push(this.rt.createEvent(s.device));
+      return s.captureEvents[s.captureEventsUsed++]!;
+    }
     if (s.eventsUsed === s.events.length) s.events.push(this.rt.createEvent(s.device));
     return s.events[s.eventsUsed++]!;
+  }
+
+  /** How steps used graphs so far (see ForwardEngineOptions.graphs). */
+  get graphStats(): GraphStats {
+    const stats: GraphStats = { enabled: this.graphsOff === undefined, ...this.graphCounts, cached: this.graphCache.size };
+    if (this.graphsOff !== undefined) stats.disabledReason = this.graphsOff;
+    return stats;
   }
 
   // ---- validation ----
@@ -593,7 +687,7 @@ export class ForwardEngine implements Disposable {
         if (p && returnLogits && p.sampled.length > 0) logitsHost[r] = this.rt.hostBuffer(p.sampled.length * this.config.vocabSize * 4);
       });
       try {
-        await this.run(plans, logitsHost);
+        await this.run(plans, logitsHost, returnLogits || options.graph === false);
       } catch (e) {
         // Let whatever was queued drain before the host buffers go away.
         await Promise.allSettled(this.devs.map((d) => d.stream.synchronize()));
@@ -620,7 +714,10 @@ export class ForwardEngine implements Disposable {
       return result;
     } finally {
       for (const h of logitsHost) h?.dispose();
-      for (const d of this.devs) d.eventsUsed = 0;
+      for (const d of this.devs) {
+        d.eventsUsed = 0;
+        d.captureEventsUsed = 0;
+      }
       this.busy = false;
     }
   }
@@ -630,13 +727,49 @@ export class ForwardEngine implements Disposable {
     return p.T * this.config.topK <= this.deviceRoutingMaxRows;
   }
 
-  /** Queues the step for every rank, layer by layer in lockstep (phases A, B, C of the header), and waits. */
-  private async run(plans: Array<RankPlan | undefined>, logitsHost: Array<HostBuffer | undefined>): Promise<void> {
+  /**
+   * Queues the step for every rank, layer by layer in lockstep (phases A, B, C of the header), and
+   * waits; a decode step whose ranks all take the device path as a graph, unless `eager`.
+   */
+  private async run(plans: Array<RankPlan | undefined>, logitsHost: Array<HostBuffer | undefined>, eager: boolean): Promise<void> {
     const ranks = plans.flatMap((p, r) => (p ? [r] : []));
     const onDevice = plans.map((p) => p !== undefined && this.onDevice(p));
     const hostRanks = ranks.filter((r) => !onDevice[r]);
+    // Graphs for decode steps only (one token per sequence): a step with a prompt chunk rarely
+    // recurs with the same shape, and a one-off capture costs more than running the step.
+    const decode = ranks.every((r) => plans[r]!.T === plans[r]!.S);
+    if (ranks.length > 0 && hostRanks.length === 0 && decode && !eager && this.graphsOff === undefined) {
+      if (await this.runGraph(plans, ranks)) return;
+    }
     /** Devices that got work in this step: the final wait covers each. */
     const used = new Set(ranks);
+    if (hostRanks.length === 0) this.queueOnDevice(plans, ranks, logitsHost, used);
+    else await this.queueMixed(plans, ranks, onDevice, logitsHost, used);
+    // Sync point: every device that worked is done (a rank's stream waited for its computing devices).
+    await Promise.all([...used].sort((a, b) => a - b).map((j) => this.event(j).record(this.devs[j]!.stream).synchronize()));
+  }
+
+  /**
+   * Queues a step whose ranks all take the device path: no host wait anywhere, so this is also
+   * what a capture records. `used` gets every device that got work.
+   */
+  private queueOnDevice(plans: Array<RankPlan | undefined>, ranks: number[], logitsHost: Array<HostBuffer | undefined>,
+    used: Set<number>): void {
+    for (const r of ranks) this.begin(r, plans[r]!);
+    for (let l = 0; l < this.config.layers; l++) {
+      const routed = new Map<number, Event | undefined>();
+      for (const r of ranks) routed.set(r, this.attentionAndRouter(r, plans[r]!, l, false));
+      const answers = new Map<number, Event[]>();
+      for (const r of ranks) answers.set(r, this.expertsOnDevice(r, plans[r]!, l, routed.get(r), used));
+      for (const r of ranks) this.combine(r, plans[r]!, l, answers.get(r)!, false);
+    }
+    for (const r of ranks) this.head(r, plans[r]!, logitsHost[r]);
+  }
+
+  /** Queues a step with host-path ranks (one host wait per layer, for all of them together). */
+  private async queueMixed(plans: Array<RankPlan | undefined>, ranks: number[], onDevice: boolean[],
+    logitsHost: Array<HostBuffer | undefined>, used: Set<number>): Promise<void> {
+    const hostRanks = ranks.filter((r) => !onDevice[r]);
     for (const r of ranks) this.begin(r, plans[r]!);
     for (let l = 0; l < this.config.layers; l++) {
       // (A) attention and router; the event marks the top-k ids (and their download).
@@ -653,8 +786,119 @@ export class ForwardEngine implements Disposable {
       for (const r of ranks) this.combine(r, plans[r]!, l, answers.get(r)!, !onDevice[r]);
     }
     for (const r of ranks) this.head(r, plans[r]!, logitsHost[r]);
-    // Sync point: every device that worked is done (a rank's stream waited for its computing devices).
-    await Promise.all([...used].sort((a, b) => a - b).map((j) => this.event(j).record(this.devs[j]!.stream).synchronize()));
+  }
+
+  // ---- graphs
+
+  /**
+   * Runs an all-device-path step as a graph: launches the cached graph of its shape after refilling
+   * the host buffers, or captures the step (then launches it), and waits once, on the origin stream.
+   * False when graphs turned off instead (nothing was queued: run the step as usual).
+   */
+  private async runGraph(plans: Array<RankPlan | undefined>, ranks: number[]): Promise<boolean> {
+    const padded = plans.map((p) => p && this.padBlockTable(p));
+    const key = ranks.map((r) => {
+      const p = padded[r]!;
+      return `${r}:${p.T},${p.S},${p.MB},${p.sampled.length}`;
+    }).join(' ');
+    const origin = this.devs[ranks[0]!]!.stream;
+    let graph = this.graphCache.get(key);
+    let captured = false;
+    if (graph) {
+      this.graphCache.delete(key); // most recently used last
+      for (const r of ranks) this.fillMeta(r, padded[r]!);
+    } else {
+      graph = this.capture(padded, ranks); // fills the host buffers as it queues the uploads
+      if (!graph) return false;
+      captured = true;
+      this.graphCounts.captures++;
+      while (this.graphCache.size >= this.maxGraphs) {
+        const [oldest, g] = this.graphCache.entries().next().value!;
+        this.graphCache.delete(oldest);
+        g.dispose();
+        this.graphCounts.evicted++;
+      }
+    }
+    this.graphCache.set(key, graph);
+    try {
+      graph.launch(origin);
+    } catch (e) {
+      if (!(e instanceof NotSupportedError)) throw e;
+      this.disableGraphs(e);
+      return false;
+    }
+    if (!captured) this.graphCounts.replays++;
+    // One host wait: the origin stream joined every other stream of the graph. An event recorded
+    // outside the capture, after the launch.
+    await this.event(ranks[0]!).record(origin).synchronize();
+    return true;
+  }
+
+  /**
+   * Captures an all-device-path step (queued exactly as queueOnDevice queues it) into a graph.
+   * Undefined when the backend refused (NotSupportedError): graphs are then off, and nothing ran.
+   */
+  private capture(plans: Array<RankPlan | undefined>, ranks: number[]): Graph | undefined {
+    const first = ranks[0]!;
+    const os = this.devs[first]!.stream;
+    // Every device the step queues work on: its ranks' and their computing devices' (static).
+    const joined = new Set<number>(ranks);
+    for (const r of ranks) for (const list of this.computers[r]!) for (const e of list) joined.add(e);
+    const others = [...joined].filter((j) => j !== first).sort((a, b) => a - b);
+    try {
+      os.beginCapture();
+    } catch (e) {
+      if (!(e instanceof NotSupportedError)) throw e;
+      this.disableGraphs(e);
+      return undefined;
+    }
+    this.capturing = true;
+    let ending = false;
+    try {
+      // Fork: every other stream joins the capture.
+      const fork = this.event(first).record(os);
+      for (const j of others) this.devs[j]!.stream.wait(fork);
+      const used = new Set(ranks);
+      this.queueOnDevice(plans, ranks, [], used);
+      for (const j of used) {
+        if (!joined.has(j)) throw new Error(`internal: device slot ${j} got work outside the step's static device set`);
+      }
+      // Join: the origin stream waits for each other stream's last captured work.
+      for (const j of others) os.wait(this.event(j).record(this.devs[j]!.stream));
+      this.capturing = false;
+      ending = true;
+      return os.endCapture(); // ends the capture even when it throws
+    } catch (e) {
+      this.capturing = false;
+      if (!ending) {
+        try {
+          os.endCapture().dispose();
+        } catch {
+          // Ended either way; the first error is the one to report.
+        }
+      }
+      if (!(e instanceof NotSupportedError)) throw e;
+      this.disableGraphs(e);
+      return undefined;
+    }
+  }
+
+  /** Turns graphs off for the engine (the backend cannot capture or replay) and frees the cached ones. */
+  private disableGraphs(e: Error): void {
+    this.graphsOff = `${e.name}: ${e.message}`;
+    for (const g of this.graphCache.values()) g.dispose();
+    this.graphCache.clear();
+  }
+
+  /** A plan whose block table stride MB is rounded up to a power of two (at most MBmax), rows padded with block 0. */
+  private padBlockTable(p: RankPlan): RankPlan {
+    let MB = 1;
+    while (MB < p.MB) MB *= 2;
+    MB = Math.min(MB, this.MBmax);
+    if (MB === p.MB) return p;
+    const blockTable = new Int32Array(p.S * MB);
+    for (let i = 0; i < p.S; i++) blockTable.set(p.blockTable.subarray(i * p.MB, (i + 1) * p.MB), i * MB);
+    return { ...p, MB, blockTable };
   }
 
   /** Device pointers into a rank's step metadata (device layout = host layout, offsets for Tmax). */
@@ -670,18 +914,24 @@ export class ForwardEngine implements Disposable {
     };
   }
 
-  /** The step's metadata (one upload) and the embedding, on the rank's stream. */
-  private begin(r: number, p: RankPlan): void {
-    const dev = this.devs[r]!;
-    const { stream: s, kernels: kn, buf: b } = dev;
+  /** Writes the step's metadata into the rank's host buffer (what begin() uploads, and a graph's upload reads). */
+  private fillMeta(r: number, p: RankPlan): void {
     const Tmax = this.maxTokensPerStep;
-    const h32 = dev.hostI32;
+    const h32 = this.devs[r]!.hostI32;
     h32.set(p.tokens, 0);
     h32.set(p.tokSeq, Tmax);
     h32.set(p.tokPos, 2 * Tmax);
     h32.set(p.kvSlot, 3 * Tmax);
     p.sampled.forEach((q, i) => (h32[4 * Tmax + i] = q.lastRow));
     h32.set(p.blockTable, 5 * Tmax);
+  }
+
+  /** The step's metadata (one upload from the pinned host buffer) and the embedding, on the rank's stream. */
+  private begin(r: number, p: RankPlan): void {
+    const dev = this.devs[r]!;
+    const { stream: s, kernels: kn, buf: b } = dev;
+    const Tmax = this.maxTokensPerStep;
+    this.fillMeta(r, p);
     s.upload(b.meta, dev.host, (5 * Tmax + p.S * p.MB) * 4, this.hostLayout.meta * 4);
     kn.embed(s, { out: b.x, table: dev.model.embed, tokens: b.meta, T: p.T, H: this.H, V: this.config.vocabSize });
   }
@@ -953,10 +1203,12 @@ export class ForwardEngine implements Disposable {
     }
   }
 
-  /** Frees scratch, streams, events and kernels. Call only when no step is running. */
+  /** Frees graphs, scratch, streams, events and kernels. Call only when no step is running. */
   dispose(): void {
     if (this.disposed) return;
     this.disposed = true;
+    for (const g of this.graphCache.values()) g.dispose();
+    this.graphCache.clear();
     for (const s of this.devs) ForwardEngine.disposeState(s);
   }
   [Symbol.dispose](): void {

@@ -2,8 +2,9 @@
 // qwen3_moe, mixtral and qwen2_moe configs with synthetic weights loaded by the HMM:
 // greedy tokens and logits are bit-identical whatever the layout and expert placement
 // (DESIGN invariant 1), match an independent TypeScript reference, do not depend on
-// the batch a sequence runs in, on how its prompt is chunked or on the expert routing
-// path (on the device or on the host); bad steps are refused.
+// the batch a sequence runs in, on how its prompt is chunked, on the expert routing
+// path (on the device or on the host) or on decode steps replaying as captured graphs
+// (cached per step shape, LRU-bounded, off where the backend refuses); bad steps are refused.
 import { mkdtempSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -22,8 +23,9 @@ import type { TensorLocation } from '../../src/hmm/placement.js';
 import { type ModelConfig, parseConfig } from '../../src/model/config.js';
 import { MAX_ROUTE_ROWS, ModelKernels } from '../../src/model/kernels/index.js';
 import { Event, Stream } from '../../src/runtime/stream.js';
+import { Graph } from '../../src/runtime/graph.js';
 import { type ExpertPlacement, roundRobinPlacement, weightSpecs } from '../../src/model/weights.js';
-import { InvalidArgumentError, type Runtime } from '../../src/index.js';
+import { InvalidArgumentError, OutOfMemoryError, type Runtime } from '../../src/index.js';
 import { MIB, openMock, pattern, sameBytes } from '../helpers/mock.js';
 
 const SEED = 20251127n;
@@ -67,8 +69,8 @@ const replicatedPlacement = (devices: number[]): ExpertPlacement => {
 
 interface Generated {
   tokens: Map<string, number[]>;
-  /** Last-position logits of every step. */
-  logits: Map<string, Float32Array[]>;
+  /** Last-position logits of every step (undefined for a step that asked for none). */
+  logits: Map<string, Array<Float32Array | undefined>>;
 }
 
 let runCounter = 0;
@@ -76,10 +78,12 @@ let runCounter = 0;
 /**
  * Prefill then STEPS greedy decode steps for each prompt. Sequence i runs on rank
  * rankOf(i) (default i % ranks); `split` prefills in two steps, the first chunk of
- * `split` tokens unsampled.
+ * `split` tokens unsampled. Step j (counting the prefill steps) asks for logits when
+ * logitsAt(j) (default: every step); a step that asks for none may run as a graph.
  */
 async function generate(engine: ForwardEngine, hmm: Hmm, prompts: typeof PROMPTS,
-  { rankOf, split, steps = STEPS }: { rankOf?: (i: number) => number; split?: number; steps?: number } = {}): Promise<Generated> {
+  { rankOf, split, steps = STEPS, logitsAt = () => true }:
+  { rankOf?: (i: number) => number; split?: number; steps?: number; logitsAt?: (step: number) => boolean } = {}): Promise<Generated> {
   const devices = engine.layout.devices;
   const BS = engine.blockTokens;
   const run = ++runCounter;
@@ -87,8 +91,9 @@ async function generate(engine: ForwardEngine, hmm: Hmm, prompts: typeof PROMPTS
     const rank = rankOf ? rankOf(i) : i % devices.length;
     const req = `run${run}:${p.id}`;
     const blocks = hmm.kv.allocate(req, devices[rank]!, Math.ceil((p.prompt.length + steps + 1) / BS));
-    return { ...p, rank, req, blocks, out: [] as number[], logits: [] as Float32Array[] };
+    return { ...p, rank, req, blocks, out: [] as number[], logits: [] as Array<Float32Array | undefined> };
   });
+  let stepIndex = 0;
   try {
     const doStep = async (make: (s: (typeof seqs)[number]) => SeqStep | undefined) => {
       const ranks: SeqStep[][] = devices.map(() => []);
@@ -96,11 +101,13 @@ async function generate(engine: ForwardEngine, hmm: Hmm, prompts: typeof PROMPTS
         const st = make(s);
         if (st) ranks[s.rank]!.push(st);
       }
-      const r = await engine.step({ ranks }, { returnLogits: true });
+      const returnLogits = logitsAt(stepIndex++);
+      const r = await engine.step({ ranks }, { returnLogits });
+      expect(r.logits !== undefined).toBe(returnLogits);
       for (const s of seqs) {
         if (!r.next.has(s.id)) continue;
         s.out.push(r.next.get(s.id)!);
-        s.logits.push(r.logits!.get(s.id)!);
+        s.logits.push(returnLogits ? r.logits!.get(s.id)! : undefined);
       }
       return r;
     };
@@ -122,7 +129,7 @@ async function generate(engine: ForwardEngine, hmm: Hmm, prompts: typeof PROMPTS
 
 const bytesOf = (x: Float32Array) => new Uint8Array(x.buffer, x.byteOffset, x.byteLength);
 
-/** Same tokens, and every step's logits bit for bit. */
+/** Same tokens, and bit for bit the logits of every step that returned them in `got` (`want` has all). */
 function expectIdentical(got: Generated, want: Generated, what: string): void {
   for (const [id, tokens] of want.tokens) {
     expect(got.tokens.get(id), `${what}: tokens of ${id}`).toEqual(tokens);
@@ -130,10 +137,14 @@ function expectIdentical(got: Generated, want: Generated, what: string): void {
     const wl = want.logits.get(id)!;
     expect(gl.length).toBe(wl.length);
     for (let i = 0; i < wl.length; i++) {
+      if (gl[i] === undefined) continue;
       expect(sameBytes(bytesOf(gl[i]!), bytesOf(wl[i]!)), `${what}: logits of ${id} at step ${i}`).toBe(true);
     }
   }
 }
+
+/** Counts the graph disposals (evictions, engine disposal) from now on. */
+const spyGraphDispose = () => vi.spyOn(Graph.prototype, 'dispose');
 
 interface Fixture {
   rt: Runtime;
@@ -263,6 +274,45 @@ for (const [arch, config] of Object.entries(CONFIGS)) {
       expectIdentical(await generate(mixed, fx.hmm, PROMPTS, { rankOf: (i) => 3 - i }), baseline, 'device and host routing in one step, ranks reversed');
     });
 
+    it('gives the same tokens and logits with steps replayed as graphs, on 1, 2 and 4 devices', async () => {
+      const layouts: Array<[string, Layout]> = [
+        ['[0]', { devices: [0], placement: () => [0] }],
+        ['[0,1] round robin', { devices: [0, 1], placement: roundRobinPlacement(8, [0, 1]) }],
+        ['[0,1,2,3] replicated on two devices', { devices: ALL, placement: replicatedPlacement(ALL) }],
+      ];
+      for (const [what, layout] of layouts) {
+        const engine = await engineFor(fx, layout);
+        // Decode steps as graphs, with an eager step returning logits every fourth step: the KV cache
+        // the graphs wrote is bit-identical too. The prefill (step 0, no logits) runs as usual, on the
+        // device path or the host path: graphs are for decode steps only.
+        const got = await generate(engine, fx.hmm, PROMPTS, { logitsAt: (i) => i % 4 === 3 });
+        expectIdentical(got, baseline, `${what}, graphs`);
+        const st = engine.graphStats;
+        expect(st.enabled).toBe(true);
+        expect(st.disabledReason).toBeUndefined();
+        expect(st.captures + st.replays).toBe(STEPS - 3); // the decode steps without logits
+        expect(st.replays).toBeGreaterThan(st.captures);
+      }
+    });
+
+    it('replays one graph for sequences of the same shape with other tokens, positions and blocks', async () => {
+      const engine = await engineFor(fx, { devices: [0, 1], placement: roundRobinPlacement(8, [0, 1]) });
+      const none = () => false;
+      const a = PROMPTS[0]!, c = PROMPTS[2]!;
+      const alone = (p: typeof a, got: Generated) =>
+        expectIdentical(got, { tokens: new Map([[p.id, baseline.tokens.get(p.id)!]]), logits: new Map([[p.id, baseline.logits.get(p.id)!]]) }, `${p.id} alone`);
+      alone(a, await generate(engine, fx.hmm, [a], { rankOf: () => 1, logitsAt: none }));
+      const before = engine.graphStats;
+      // c: its prefill as usual, then decode steps of a's shape (T = S = R = 1, MB = 1) replayed.
+      alone(c, await generate(engine, fx.hmm, [c], { rankOf: () => 1, logitsAt: none }));
+      const after = engine.graphStats;
+      expect(after.captures).toBe(before.captures);
+      expect(after.replays - before.replays).toBe(STEPS);
+      // And a again, now that c's steps ran in between (its blocks are others).
+      alone(a, await generate(engine, fx.hmm, [a], { rankOf: () => 1, logitsAt: none }));
+      expect(engine.graphStats.captures).toBe(after.captures);
+    });
+
     it('gives each sequence the same tokens alone as in a batch', async () => {
       const engine = await engineFor(fx, { devices: ALL, placement: roundRobinPlacement(8, ALL) });
       for (const [i, p] of PROMPTS.entries()) {
@@ -348,6 +398,10 @@ describe('forward pass: validation, KV views, attached weights (qwen3_moe)', () 
       expect(await arg(ForwardEngine.create(fx.rt, config, { devices: [0], placement: () => [0] }, ws, fx.views, { deviceRoutingMaxRows })
         .then(() => undefined, (e: unknown) => e))).toBe('deviceRoutingMaxRows');
     }
+    for (const [graphs, field] of [[{ maxGraphs: 0 }, 'graphs.maxGraphs'], [{ maxGraphs: 2.5 }, 'graphs.maxGraphs'], ['yes', 'graphs'], [1, 'graphs']] as const) {
+      expect(await arg(ForwardEngine.create(fx.rt, config, { devices: [0], placement: () => [0] }, ws, fx.views, { graphs: graphs as never })
+        .then(() => undefined, (e: unknown) => e))).toBe(field);
+    }
   });
 
   it('runs each device\'s routed experts in three grouped launches per layer (host routing, decode)', async () => {
@@ -404,9 +458,11 @@ describe('forward pass: validation, KV views, attached weights (qwen3_moe)', () 
       ];
       for (const layout of layouts) {
         const n = layout.devices.length;
-        const e = await engineFor(fx, layout, 16);
+        const e = await engineFor(fx, layout, 16, { graphs: false });
         expect(e.deviceRoutingMaxRows).toBe(64); // 8 rows per expert
+        expect(e.graphStats).toEqual({ enabled: false, captures: 0, replays: 0, cached: 0, evicted: 0, disabledReason: 'graphs: false' });
         const blocks = layout.devices.map((_, r) => fx.hmm.kv.allocate(`dev${r}`, layout.devices[r]!, 1));
+        const gblocks = layout.devices.map((_, r) => fx.hmm.kv.allocate(`gdev${r}`, layout.devices[r]!, 1));
         try {
           // Every rank decodes one token: T*K = 2 rows each, the device path.
           for (const mocks of [route, grouped, scatter, eventWaits, streamWaits]) mocks.mockClear();
@@ -445,12 +501,197 @@ describe('forward pass: validation, KV views, attached weights (qwen3_moe)', () 
           expect(route).not.toHaveBeenCalled();
           expect(eventWaits.mock.calls.length).toBe(L * n + n);
           expect(hres.next).toEqual(res.next);
+
+          // As a graph: the capture queues the same launches, a replay none; one host wait each.
+          const g = await engineFor(fx, layout, 16);
+          const granks = ranks.map((q, r) => q.map((x) => ({ ...x, blockTable: gblocks[r]! })));
+          for (const mocks of [route, eventWaits, streamWaits]) mocks.mockClear();
+          const gres = await g.step({ ranks: granks });
+          expect(gres.next).toEqual(res.next);
+          expect(g.graphStats).toMatchObject({ enabled: true, captures: 1, replays: 0, cached: 1 });
+          expect(route.mock.calls.length).toBe(computing);
+          expect(streamWaits).not.toHaveBeenCalled();
+          expect(eventWaits.mock.calls.length).toBe(1);
+          for (const mocks of [route, eventWaits]) mocks.mockClear();
+          // The same shape again (the same tokens at the same positions: the same KV written, the same results).
+          expect((await g.step({ ranks: granks })).next).toEqual(res.next);
+          expect(g.graphStats).toMatchObject({ captures: 1, replays: 1, cached: 1 });
+          expect(route).not.toHaveBeenCalled();
+          expect(streamWaits).not.toHaveBeenCalled();
+          expect(eventWaits.mock.calls.length).toBe(1);
         } finally {
           layout.devices.forEach((_, r) => fx.hmm.kv.free(`dev${r}`));
+          layout.devices.forEach((_, r) => fx.hmm.kv.free(`gdev${r}`));
         }
       }
     } finally {
       for (const mocks of [route, grouped, scatter, eventWaits, streamWaits]) mocks.mockRestore();
+    }
+  });
+
+  /**
+   * Runs `script` on `e`: each step lists, per rank, the sequences that decode one token (fed their
+   * last token, positions from 0), with no logits. Sequence names are prefixed with `tag` for their
+   * KV blocks (one rank each, fixed by their first step). Returns each step's tokens by name.
+   */
+  async function decodeScript(e: ForwardEngine, tag: string, script: string[][][], after?: () => void): Promise<Array<Record<string, number>>> {
+    const seqs = new Map<string, { blocks: number[]; pos: number; last: number }>();
+    const out: Array<Record<string, number>> = [];
+    try {
+      for (const step of script) {
+        const ranks = step.map((names, r) => names.map((name): SeqStep => {
+          let s = seqs.get(name);
+          if (!s) {
+            s = { blocks: fx.hmm.kv.allocate(`${tag}:${name}`, e.layout.devices[r]!, 4), pos: 0, last: name.charCodeAt(0) % 97 };
+            seqs.set(name, s);
+          }
+          return { seqId: name, tokens: [s.last], startPos: s.pos, blockTable: s.blocks, sample: true };
+        }));
+        const res = await e.step({ ranks });
+        const next: Record<string, number> = {};
+        for (const [name, tok] of res.next) {
+          next[name] = tok;
+          const s = seqs.get(name)!;
+          s.last = tok;
+          s.pos++;
+        }
+        out.push(next);
+        after?.();
+      }
+    } finally {
+      for (const name of seqs.keys()) fx.hmm.kv.free(`${tag}:${name}`);
+    }
+    return out;
+  }
+
+  it('captures each new step shape, replays a known one, and evicts the least recently used beyond maxGraphs', async () => {
+    const layout = { devices: [0, 1], placement: roundRobinPlacement(8, [0, 1]) };
+    const A: string[][] = [['p'], []]; // rank 0 alone, one sequence
+    const B: string[][] = [['p'], ['q']]; // both ranks
+    const C: string[][] = [['p', 'r'], []]; // rank 0, two sequences
+    const script = [A, A, B, C, A, C, C, B];
+    // With maxGraphs 2 (LRU): A capture; A replay; B capture; C capture, evicting A; A capture, evicting B;
+    // C replay; C replay; B capture, evicting A.
+    const expected = [
+      [1, 0, 0, 1], [1, 1, 0, 1], [2, 1, 0, 2], [3, 1, 1, 2], [4, 1, 2, 2], [4, 2, 2, 2], [4, 3, 2, 2], [5, 3, 3, 2],
+    ].map(([captures, replays, evicted, cached]) => ({ enabled: true, captures, replays, evicted, cached }));
+    const want = await decodeScript(await engineFor(fx, layout, 16, { graphs: false }), 'eager', script);
+    const disposed = spyGraphDispose();
+    try {
+      const g = await engineFor(fx, layout, 16, { graphs: { maxGraphs: 2 } });
+      const stats: unknown[] = [];
+      expect(await decodeScript(g, 'graph', script, () => stats.push(g.graphStats))).toEqual(want);
+      expect(stats).toEqual(expected);
+      expect(disposed.mock.calls.length).toBe(3); // the evicted graphs
+      g.dispose();
+      expect(disposed.mock.calls.length).toBe(5); // and the cached ones, with the engine
+    } finally {
+      disposed.mockRestore();
+    }
+  });
+
+  it('captures a decoding batch again only when its block table stride doubles (padded to a power of two)', async () => {
+    const layout = { devices: [0, 1], placement: roundRobinPlacement(8, [0, 1]) };
+    // Two sequences on rank 1 from position 0 to 49: 1, 2, 3 then 4 blocks of 16 (MB 3 runs padded to 4).
+    const script: string[][][] = Array.from({ length: 50 }, () => [[], ['p', 'q']]);
+    const want = await decodeScript(await engineFor(fx, layout, 16, { graphs: false }), 'eager', script);
+    const g = await engineFor(fx, layout, 16);
+    expect(await decodeScript(g, 'graph', script)).toEqual(want);
+    expect(g.graphStats).toMatchObject({ captures: 3, replays: 47 });
+  });
+
+  it('runs host-path, mixed, prompt-chunk, logits and graph: false steps without a graph, and a decode step with one', async () => {
+    // T*K <= 12: at most 6 tokens per rank on the device path.
+    const e = await engineFor(fx, { devices: [0, 1], placement: roundRobinPlacement(8, [0, 1]) }, 16, { deviceRoutingMaxRows: 12 });
+    const eager = await engineFor(fx, { devices: [0, 1], placement: roundRobinPlacement(8, [0, 1]) }, 16, { deviceRoutingMaxRows: 12, graphs: false });
+    const route = vi.spyOn(ModelKernels.prototype, 'routeRows');
+    const gotTokens: number[] = [];
+    const wantTokens: number[] = [];
+    try {
+      for (const [engine, tag] of [[eager, 'e'], [e, 'g']] as const) {
+        const b0 = fx.hmm.kv.allocate(`${tag}0`, 0, 2), b1 = fx.hmm.kv.allocate(`${tag}1`, 1, 2);
+        try {
+          const prompt = [5, 17, 33, 2, 90, 11, 12, 13, 14];
+          const results: number[] = [];
+          const pos = { x: 0, y: 0 };
+          const last = { x: 0, y: 0 };
+          /** x (rank 0) and y (rank 1) decode one token each. */
+          const decodeXY = (options?: { returnLogits?: boolean; graph?: boolean }) => engine.step({ ranks: [
+            [{ seqId: 'x', tokens: [last.x], startPos: pos.x, blockTable: b0, sample: true }],
+            [{ seqId: 'y', tokens: [last.y], startPos: pos.y, blockTable: b1, sample: true }]] }, options);
+          const took = (res: { next: Map<string, number> }, ...ids: Array<'x' | 'y' | 'z'>) => {
+            for (const id of ids) {
+              results.push(res.next.get(id)!);
+              if (id !== 'z') {
+                last[id] = res.next.get(id)!;
+                pos[id] += pos[id] === 0 ? prompt.length : 1; // a prefill of the prompt, or one decoded token
+              }
+            }
+          };
+          const stats = (captures: number) => {
+            if (engine === e) expect(e.graphStats).toMatchObject({ captures, replays: 0 });
+          };
+          // Prefill of 9 tokens on rank 0 (host path).
+          took(await engine.step({ ranks: [[{ seqId: 'x', tokens: prompt, startPos: 0, blockTable: b0, sample: true }]] }), 'x');
+          stats(0);
+          // Mixed: rank 0 decodes (device path), rank 1 prefills 9 tokens (host path).
+          took(await engine.step({ ranks: [[{ seqId: 'x', tokens: [last.x], startPos: pos.x, blockTable: b0, sample: true }],
+            [{ seqId: 'y', tokens: prompt, startPos: 0, blockTable: b1, sample: true }]] }), 'x', 'y');
+          stats(0);
+          // Device path, a prompt chunk of 3 tokens on rank 1 (T > S): as usual.
+          const z = fx.hmm.kv.allocate(`${tag}z`, 1, 1);
+          took(await engine.step({ ranks: [[], [{ seqId: 'z', tokens: [1, 2, 3], startPos: 0, blockTable: z, sample: true }]] }), 'z');
+          fx.hmm.kv.free(`${tag}z`);
+          stats(0);
+          // Device path with logits: as usual.
+          route.mockClear();
+          const withLogits = await decodeXY({ returnLogits: true });
+          expect(withLogits.logits!.size).toBe(2);
+          expect(route).toHaveBeenCalled();
+          took(withLogits, 'x', 'y');
+          stats(0);
+          // Device path, a graph declined by the step.
+          took(await decodeXY({ graph: false }), 'x', 'y');
+          stats(0);
+          // Device path, no logits: a graph.
+          took(await decodeXY(), 'x', 'y');
+          stats(1);
+          expect(pos).toEqual({ x: 13, y: 12 });
+          (engine === e ? gotTokens : wantTokens).push(...results);
+        } finally {
+          fx.hmm.kv.free(`${tag}0`);
+          fx.hmm.kv.free(`${tag}1`);
+        }
+      }
+      expect(gotTokens).toEqual(wantTokens);
+    } finally {
+      route.mockRestore();
+    }
+  });
+
+  it('turns graphs off when the backend refuses a capture (NotSupportedError) and runs the step as usual', async () => {
+    const layout = { devices: [0, 1], placement: roundRobinPlacement(8, [0, 1]) };
+    const script: string[][][] = [[['p'], ['q']], [['p'], ['q']], [['p'], ['q']]];
+    const want = await decodeScript(await engineFor(fx, layout, 16, { graphs: false }), 'eager', script);
+    try {
+      // Refused at once (as ACL does), or in the middle of the capture (a launch it cannot record).
+      for (const [op, nth] of [['BeginCapture', 1], ['Launch', 5]] as const) {
+        const e = await engineFor(fx, layout, 16);
+        fx.rt.injectFault(op, nth, 'NOT_SUPPORTED');
+        expect(await decodeScript(e, `${op}`, script)).toEqual(want);
+        const st = e.graphStats;
+        expect(st).toMatchObject({ enabled: false, captures: 0, replays: 0, cached: 0 });
+        expect(st.disabledReason).toMatch(/^NotSupportedError: .*injected fault/);
+      }
+      // Any other capture failure fails the step; the engine keeps serving, with graphs.
+      const e = await engineFor(fx, layout, 16);
+      fx.rt.injectFault('EndCapture', 1, 'OUT_OF_MEMORY');
+      await expect(decodeScript(e, 'oom', script.slice(0, 1))).rejects.toBeInstanceOf(OutOfMemoryError);
+      expect(e.graphStats).toMatchObject({ enabled: true, captures: 0, cached: 0 });
+      expect(await decodeScript(e, 'after', script)).toEqual(want);
+      expect(e.graphStats).toMatchObject({ enabled: true, captures: 1, replays: 2 });
+    } finally {
+      fx.rt.clearFaults();
     }
   });
 
