@@ -36,6 +36,12 @@ export interface HmmDaemonOptions {
   /** Peer uids allowed to connect (default: only the daemon's own uid). */
   allowedUids?: number[];
   log?: (event: HmmDaemonEvent) => void;
+  /**
+   * Export every chunk already stored before listening (default true), so that attaches
+   * pay no export (the driver's cost grows with the chunk size). Chunks stored later are
+   * exported at their first attach and kept.
+   */
+  preExport?: boolean;
 }
 
 /** How long a refused peer may keep the connection open to read its FORBIDDEN reply. */
@@ -65,6 +71,7 @@ export function toWireError(e: unknown): WireError {
   return { code: 'INTERNAL', message: `internal error: ${e instanceof Error ? e.message : String(e)}` };
 }
 
+/** A reply; its fds are the store's exported handles (sent, never closed here). */
 type Reply<O extends Op> = { result: Result<O>; fds?: number[] };
 
 /** One client connection and its session (opened by hello). */
@@ -114,20 +121,19 @@ class Connection {
     this.send({ id, ok: false, error });
   }
 
-  /** Sends one message and closes the descriptors it carried (exported fds live only until sent). */
+  /**
+   * Sends one message with descriptors the chunk store owns (its exported handles):
+   * the kernel duplicates them into the peer; they stay open here.
+   */
   send(message: object, fds: number[] = []): void {
+    if (this.closed) return;
+    // Encoded first: a reply that cannot be encoded is the handler's error (INTERNAL), not the connection's.
+    const data = encode(message);
     try {
-      if (this.closed) return;
-      // Encoded first: a reply that cannot be encoded is the handler's error (INTERNAL), not the connection's.
-      const data = encode(message);
-      try {
-        this.channel.send(data, fds);
-      } catch (e) {
-        // The peer went away or stopped reading: end the connection and with it the session.
-        this.shutdown(`send failed: ${(e as Error).message}`);
-      }
-    } finally {
-      closeFds(fds);
+      this.channel.send(data, fds);
+    } catch (e) {
+      // The peer went away or stopped reading: end the connection and with it the session.
+      this.shutdown(`send failed: ${(e as Error).message}`);
     }
   }
 
@@ -165,6 +171,7 @@ export class HmmDaemon {
   /** Listens on `socketPath` (created with mode 0600; a stale socket file is replaced). */
   static async listen(hmm: Hmm, socketPath: string, options: HmmDaemonOptions = {}): Promise<HmmDaemon> {
     const daemon = new HmmDaemon(hmm, socketPath, options);
+    if (options.preExport ?? true) hmm.store.exportAll();
     // Requests over MAX_MESSAGE_BYTES get a TOO_LARGE answer; far larger ones (4x) close the connection
     // before they are buffered whole.
     daemon.listener = UnixListener.listen(socketPath, (ch) => daemon.accept(ch), { mode: 0o600, maxMessageBytes: 4 * MAX_MESSAGE_BYTES });
@@ -322,12 +329,7 @@ export class HmmDaemon {
   private exportBatch(c: Connection, session: HmmSession, entries: ChunkBatch['entries']): { batch: ChunkBatch; fds: number[] } {
     const fds: number[] = [];
     const handles: WireHandle[] = [];
-    try {
-      for (const e of entries) handles.push(this.wireHandle(c, session.exportChunk(e.id), fds));
-    } catch (e) {
-      closeFds(fds);
-      throw e;
-    }
+    for (const e of entries) handles.push(this.wireHandle(c, session.exportChunk(e.id), fds));
     return { batch: { entries, handles }, fds };
   }
 

@@ -52,11 +52,11 @@ export class HmmSession {
     return chunks.map((c) => manifestEntry(c.plan));
   }
 
-  /** A shareable handle for an attached chunk; for an fd the caller closes it after sending. */
+  /** The shareable handle of an attached chunk: owned by the store (send it, never close it). */
   exportChunk(id: string): SharedHandle {
     this.check();
     if (!this.attached.has(id)) throw new InvalidArgumentError('id', `a chunk this session attached ('${id}' is not)`);
-    return this.hmm.store.get(id).chunk.export();
+    return this.hmm.store.shared(id);
   }
 
   /** Drops the chunks (all when omitted); frees those nobody else holds. */

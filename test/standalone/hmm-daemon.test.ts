@@ -117,14 +117,16 @@ afterEach(async () => {
   rmSync(dir, { recursive: true, force: true });
 });
 
-async function setup({ load = true, allowedUids }: { load?: boolean; allowedUids?: number[] } = {}): Promise<Setup> {
+async function setup({ load = true, allowedUids, preExport }: { load?: boolean; allowedUids?: number[]; preExport?: boolean } = {}): Promise<Setup> {
   const rt = openMock({ mockCapacity: 256 * MIB });
   const startFree = rt.devices().map((d) => d.freeBytes);
   const hmm = new Hmm(rt);
   if (load) await hmm.loadSynthetic(specs(), { seed: SEED });
   const sock = path.join(dir, 'hmm.sock');
   const events: HmmDaemonEvent[] = [];
-  const daemon = await HmmDaemon.listen(hmm, sock, { log: (e) => events.push(e), ...(allowedUids ? { allowedUids } : {}) });
+  const daemon = await HmmDaemon.listen(hmm, sock, {
+    log: (e) => events.push(e), ...(allowedUids ? { allowedUids } : {}), ...(preExport === undefined ? {} : { preExport }),
+  });
   cleanups.push(() => hmm.dispose(), () => daemon.close());
   return { rt, hmm, daemon, sock, events, startFree };
 }
@@ -280,14 +282,40 @@ describe('HMM daemon: the attach stream', () => {
     expect(replies[0].result.checksum).toBe((await hmm.store.checksumChunk('dense@0#0')).toString());
   });
 
-  it('an attach that fails midway holds nothing for the session and leaves nothing mapped', async () => {
+  it('exports each chunk once, before listening: attaches export nothing, and a freed chunk closes its handle', async () => {
     const { rt, hmm, sock } = await setup();
+    rt.injectFault('ExportChunk', 1); // any export from here on fails
+    const first = await HmmClient.connect(sock, rt);
+    cleanups.push(() => first.close());
+    const a = await first.attach();
+    const second = await HmmClient.connect(sock, rt);
+    cleanups.push(() => second.close());
+    const b = await second.attach();
+    expect(a.size).toBe(hmm.store.size);
+    expect(b.size).toBe(hmm.store.size);
+    a.dispose();
+    b.dispose();
+    await first.detach();
+    await second.detach();
+    rt.clearFaults();
+    // The store holds one descriptor per exported chunk and closes it with the chunk.
+    const before = memfdsHere();
+    const id = 'L0.E0@0';
+    hmm.store.release(id, 'hmm');
+    expect(hmm.store.has(id)).toBe(false);
+    expect(memfdsHere()).toBe(before - 2); // the chunk's own memfd (the mock's memory) and its exported handle
+  });
+
+  it('an attach that fails midway holds nothing for the session and leaves nothing mapped', async () => {
+    const { rt, hmm, sock } = await setup({ preExport: false });
     const client = await HmmClient.connect(sock, rt);
     cleanups.push(() => client.close());
     const held = () => hmm.store.all().filter((c) => c.holders.has(client.session)).length;
     const before = await client.attach(['L0.E0@0']); // held before: must stay held
     cleanups.push(() => before.dispose()); // (kept referenced: a finalizer would close its memfd mid-test)
-    const memfds = memfdsHere();
+    // The store keeps the handles it exports (one memfd each, in this process: the daemon runs here).
+    const exported = () => hmm.store.all().filter((c) => c.exported).length;
+    const memfds = memfdsHere() - exported();
     rt.injectFault('ExportChunk', 70); // after the first batch of 64 went out
     const err = await client.attach().catch((e: unknown) => e);
     expect(err).toBeInstanceOf(HmmProtocolError);
@@ -295,7 +323,7 @@ describe('HMM daemon: the attach stream', () => {
     expect((err as Error).message).toMatch(/ExportChunk/);
     expect(held()).toBe(1);
     // The client dropped the first batch it had imported, and closed every descriptor it got.
-    expect(memfdsHere()).toBe(memfds);
+    expect(memfdsHere() - exported()).toBe(memfds);
     // The connection still works, and a retry succeeds.
     const set = await client.attach();
     expect(set.size).toBe(97);
