@@ -1,120 +1,289 @@
 #!/usr/bin/env node
 // Elastic scaling under a steady load, in one process (in-process HMM and
-// standby engine): 2→3→4→3→2 devices, then the cold-restart baseline measured in
-// the same run (stop; load the same weights from safetensors on local disk; start;
-// first token). One JSON line per figure; a timeline (JSON lines of steps) for plots.
+// standby engine), and the baselines measured in the same run:
+//   elastic   2→3→4→3→2 devices (BENCH_STEPS) with Deployment.scale;
+//   replica   horizontal scaling: while the elastic deployment (on the layout its
+//             steps ended on) keeps serving, a second, independent copy of the
+//             model is loaded from safetensors on local disk (page cache dropped)
+//             onto as many fresh devices, with its own HMM, KV pools and engine;
+//             command → first token served by the replica, the original's
+//             throughput meanwhile, then both serve (src/scaling/baselines.ts Replica);
+//   vertical  the paper's "extravagant" vertical scaling (VerticalBaseline): the
+//             new layout built on fresh memory — every weight copied from the
+//             running layout's devices into new chunks, a new engine — then the
+//             switch-over and the old weights released; latency, throughput during,
+//             peak memory per device;
+//   cold      stop; load the same weights from safetensors on local disk; start;
+//             first token.
+// One JSON line per figure; a timeline (JSON lines of steps) for plots.
 //   ELASTICMOE_BACKEND=cuda node scripts/bench-scale.mjs > scale.jsonl
 // Knobs: BENCH_CONFIG (default scripts/configs/qwen3-30b-a3b.json), BENCH_LAYERS,
 // BENCH_STEPS ("0,1;0,1,2;0,1,2,3;0,1,2;0,1"), BENCH_HOLD_S (steady seconds per
-// layout, default 6), BENCH_CONCURRENCY (requests kept running, default 32),
-// BENCH_PROMPT (64), BENCH_OUTPUT (64), BENCH_DIR (scratch on local disk),
-// BENCH_SKIP_COLD (skip the baseline).
+// layout, default 6), BENCH_CONCURRENCY (requests kept running on each instance, default 32),
+// BENCH_PROMPT (64), BENCH_OUTPUT (64), BENCH_OUTPUT_SPREAD (0: request i asks for
+// BENCH_OUTPUT + i % (spread + 1) tokens, so requests stop finishing in lockstep
+// waves), BENCH_DIR (scratch on local disk), BENCH_BASELINES (default
+// "cold,replica,vertical"; BENCH_SKIP_COLD drops cold), BENCH_REPLICA_DEVICES
+// ("2,3"; default: as many devices as the serving layout, the first ones not in it),
+// BENCH_VERTICAL_STEPS (default: the first two layouts of BENCH_STEPS),
+// BENCH_CHECKPOINT ("pattern": a byte pattern, the default, or "export": the
+// synthetic weights the deployments serve, read back from the devices).
+// Prepare pacing (elastic and vertical; DeploymentOptions.prepare): BENCH_PREPARE_PACED
+// (1; 0 = the HMM's CopyService, everything at once), BENCH_PREPARE_INFLIGHT_MB (512),
+// BENCH_PREPARE_RATE_GBPS (unlimited), BENCH_PREPARE_ALLOC_GROUP (64),
+// BENCH_PREPARE_YIELD_MS (0).
+// libuv's thread pool runs every blocking device wait (event/stream synchronize);
+// with 4 threads (Node's default) the forward pass's per-rank waits queue behind
+// any other: the script re-runs itself with UV_THREADPOOL_SIZE=16 unless it is set.
+import { spawnSync } from 'node:child_process';
 import { mkdirSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
-import { Runtime } from '../dist/index.js';
-import { dropPageCache, writePatternCheckpoint } from './lib/checkpoint.mjs';
-import { Hmm } from '../dist/hmm/hmm.js';
-import { planChunks } from '../dist/hmm/placement.js';
-import { openCheckpoint } from '../dist/hmm/safetensors.js';
-import { loadCheckpoint } from '../dist/hmm/weight-loader.js';
-import { readConfig } from '../dist/model/config.js';
-import { roundRobinPlacement, weightShapes, weightSpecs } from '../dist/model/weights.js';
-import { ForwardEngine } from '../dist/executor/forward.js';
-import { mapHmmKvPools } from '../dist/executor/kv-view.js';
-import { kvGeometry } from '../dist/executor/types.js';
-import { storeWeights } from '../dist/executor/weights.js';
-import { Deployment } from '../dist/scaling/orchestrator.js';
+if (!process.env.UV_THREADPOOL_SIZE) {
+  const r = spawnSync(process.execPath, [...process.execArgv, ...process.argv.slice(1)], {
+    stdio: 'inherit', env: { ...process.env, UV_THREADPOOL_SIZE: '16' },
+  });
+  process.exit(r.status ?? 1);
+}
+
+const { Runtime } = await import('../dist/index.js');
+const { dropPageCache, writePatternCheckpoint } = await import('./lib/checkpoint.mjs');
+const { Hmm } = await import('../dist/hmm/hmm.js');
+const { planChunks } = await import('../dist/hmm/placement.js');
+const { openCheckpoint } = await import('../dist/hmm/safetensors.js');
+const { loadCheckpoint } = await import('../dist/hmm/weight-loader.js');
+const { readConfig } = await import('../dist/model/config.js');
+const { roundRobinPlacement, weightShapes, weightSpecs } = await import('../dist/model/weights.js');
+const { ForwardEngine } = await import('../dist/executor/forward.js');
+const { mapHmmKvPools } = await import('../dist/executor/kv-view.js');
+const { kvGeometry } = await import('../dist/executor/types.js');
+const { storeWeights } = await import('../dist/executor/weights.js');
+const { Deployment } = await import('../dist/scaling/orchestrator.js');
+const { Replica, VerticalBaseline, exportCheckpoint } = await import('../dist/scaling/baselines.js');
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const env = (k, d) => process.env[k] ?? d;
 const emit = (o) => process.stdout.write(`${JSON.stringify(o)}\n`);
 const log = (m) => process.stderr.write(`bench-scale: ${m}\n`);
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+const devList = (s) => s.split(',').filter((x) => x !== '').map(Number);
 
 const rt = Runtime.open({});
 const config = await readConfig(env('BENCH_CONFIG', path.join(here, 'configs/qwen3-30b-a3b.json')));
 if (process.env.BENCH_LAYERS) config.layers = Number(process.env.BENCH_LAYERS);
-const plan = env('BENCH_STEPS', '0,1;0,1,2;0,1,2,3;0,1,2;0,1').split(';').map((s) => s.split(',').map(Number));
+const plan = env('BENCH_STEPS', '0,1;0,1,2;0,1,2,3;0,1,2;0,1').split(';').map(devList);
 const holdMs = Number(env('BENCH_HOLD_S', 6)) * 1000;
 const concurrency = Number(env('BENCH_CONCURRENCY', 32));
 const promptLen = Number(env('BENCH_PROMPT', 64));
 const outputLen = Number(env('BENCH_OUTPUT', 64));
+const outputSpread = Number(env('BENCH_OUTPUT_SPREAD', 0));
+const baselines = new Set(env('BENCH_BASELINES', 'cold,replica,vertical').split(',').map((s) => s.trim()).filter(Boolean));
+if (process.env.BENCH_SKIP_COLD) baselines.delete('cold');
+const verticalSteps = process.env.BENCH_VERTICAL_STEPS ? process.env.BENCH_VERTICAL_STEPS.split(';').map(devList) : plan.slice(0, 2);
+const checkpointKind = env('BENCH_CHECKPOINT', 'pattern');
+const prepare = {
+  paced: env('BENCH_PREPARE_PACED', '1') !== '0',
+  ...(process.env.BENCH_PREPARE_INFLIGHT_MB ? { maxInflightBytes: Number(process.env.BENCH_PREPARE_INFLIGHT_MB) * 2 ** 20 } : {}),
+  ...(process.env.BENCH_PREPARE_RATE_GBPS ? { bytesPerMs: Number(process.env.BENCH_PREPARE_RATE_GBPS) * 1e6 } : {}),
+  ...(process.env.BENCH_PREPARE_ALLOC_GROUP ? { allocateGroup: Number(process.env.BENCH_PREPARE_ALLOC_GROUP) } : {}),
+  ...(process.env.BENCH_PREPARE_YIELD_MS ? { yieldMs: Number(process.env.BENCH_PREPARE_YIELD_MS) } : {}),
+};
 const geo = kvGeometry(config, 16);
-const kvBlocksPerDevice = Math.ceil((concurrency * Math.ceil((promptLen + outputLen) / geo.blockTokens)) * 1.5);
+const kvBlocksPerDevice = Math.ceil((concurrency * Math.ceil((promptLen + outputLen + outputSpread) / geo.blockTokens)) * 1.5);
+const serving = { rt, config, kvBlocksPerDevice, maxTokensPerStep: 512, maxSeqs: concurrency };
 
 const t0 = performance.now();
-const timeline = [];
-let dep;
+const clock = () => performance.now() - t0;
+/** Every engine step of every instance: who ran it, when it ended, what it did. */
 const steps = [];
-const startT = performance.now();
-dep = await Deployment.start({
-  rt, config, devices: plan[0], seed: 11n, kvBlocksPerDevice, maxTokensPerStep: 512, maxSeqs: concurrency,
-  onStep: (f) => steps.push({ t: performance.now() - t0, ms: f.ms, tokens: f.tokens, decode: f.decodeTokens, seqs: f.batchSeqs, epoch: dep?.epoch ?? 0, devices: dep?.devices.length ?? plan[0].length }),
+const recorder = (who, inst) => (f) => steps.push({
+  who, t: clock(), ms: f.ms, tokens: f.tokens, decode: f.decodeTokens, seqs: f.batchSeqs, epoch: inst()?.epoch ?? 0, devices: inst()?.devices.length ?? 0,
 });
-emit({ bench: 'start', devices: plan[0], ms: performance.now() - startT, backend: rt.backend, gpus: rt.devices().map((d) => d.name) });
-
-// Steady load: keep `concurrency` requests in flight.
-let stop = false;
-let submitted = 0;
-let completed = 0;
-let failed = 0;
-const inflight = new Set();
-const pump = async () => {
-  while (!stop) {
-    while (inflight.size < concurrency && !stop) {
-      const id = submitted++;
-      const prompt = Array.from({ length: promptLen }, (_, k) => (k * 31 + id * 7) % config.vocabSize);
-      const p = dep.submit({ prompt, maxTokens: outputLen, ignoreEos: true }).then((c) => {
-        if (c.finishReason === 'length') completed++; else failed++;
-      }, () => failed++).finally(() => inflight.delete(p));
-      inflight.add(p);
-    }
-    await sleep(1);
-  }
-};
-const pumping = pump();
-
 const usedBytes = () => rt.devices().map((d) => d.totalBytes - d.freeBytes);
-const tokensBetween = (a, b) => steps.filter((s) => s.t > a && s.t <= b).reduce((x, s) => x + s.decode + 0, 0);
+const median = (xs) => (xs.length === 0 ? null : [...xs].sort((a, b) => a - b)[xs.length >> 1]);
+/** Decode tokens/s of `who` (default: every instance) in (a, b], and what the window held. */
+function window(a, b, who) {
+  const ss = steps.filter((s) => s.t > a && s.t <= b && (who === undefined || s.who === who));
+  const decode = ss.reduce((x, s) => x + s.decode, 0);
+  return {
+    tokensPerSecond: decode / ((b - a) / 1000),
+    steps: ss.length,
+    prefillSteps: ss.filter((s) => s.tokens > s.decode).length,
+    /** Median step time of decode-only steps: steady speed, independent of where the window falls in a wave of prefills. */
+    medianDecodeStepMs: median(ss.filter((s) => s.tokens === s.decode && s.decode > 0).map((s) => s.ms)),
+    meanSeqs: ss.length ? ss.reduce((x, s) => x + s.seqs, 0) / ss.length : 0,
+  };
+}
+function peakSampler() {
+  const peak = usedBytes();
+  const timer = setInterval(() => usedBytes().forEach((u, d) => (peak[d] = Math.max(peak[d], u))), 5);
+  return { stop: () => { clearInterval(timer); usedBytes().forEach((u, d) => (peak[d] = Math.max(peak[d], u))); return peak; } };
+}
+
+/** Keeps `concurrency` requests in flight on each instance of `targets`. */
+function startLoad(name) {
+  const state = { name, stop: false, submitted: 0, completed: 0, failed: 0, targets: [], inflight: new Set() };
+  const count = new Map();
+  const hungry = () => state.targets.find((t) => (count.get(t) ?? 0) < concurrency);
+  state.done = (async () => {
+    while (!state.stop) {
+      for (let target = hungry(); target && !state.stop; target = hungry()) {
+        const id = state.submitted++;
+        count.set(target, (count.get(target) ?? 0) + 1);
+        const prompt = Array.from({ length: promptLen }, (_, k) => (k * 31 + id * 7) % config.vocabSize);
+        const p = target.submit({ prompt, maxTokens: outputLen + (id % (outputSpread + 1)), ignoreEos: true }).then((c) => {
+          if (c.finishReason === 'length') state.completed++; else state.failed++;
+        }, () => state.failed++).finally(() => {
+          state.inflight.delete(p);
+          count.set(target, count.get(target) - 1);
+        });
+        state.inflight.add(p);
+      }
+      await sleep(1);
+    }
+    await Promise.allSettled([...state.inflight]);
+  })();
+  /** Stops routing to `target` and waits for its requests in flight. */
+  state.retire = async (target) => {
+    state.targets = state.targets.filter((t) => t !== target);
+    while ((count.get(target) ?? 0) > 0) await sleep(5);
+  };
+  state.finish = async () => {
+    state.stop = true;
+    await state.done;
+    emit({ bench: 'load', phase: name, submitted: state.submitted, completed: state.completed, failed: state.failed });
+  };
+  return state;
+}
+
+/** One scale of a deployment-like instance under load, measured as the elastic scales are. */
+async function measureScale(kind, inst, to) {
+  const from = inst.devices;
+  const epochBefore = inst.epoch;
+  const tCmd = clock();
+  const sampler = peakSampler();
+  const report = await inst.scale({ devices: to });
+  const peak = sampler.stop();
+  while (!steps.some((s) => s.who === kind && s.t > tCmd && s.epoch > epochBefore)) await sleep(2);
+  const first = steps.find((s) => s.who === kind && s.t > tCmd && s.epoch > epochBefore);
+  const before = window(tCmd - 3000, tCmd, kind);
+  const during = window(tCmd, first.t, kind);
+  return { from, to, tCmd, first, report, peak, before, during };
+}
+
+emit({ bench: 'start', backend: rt.backend, gpus: rt.devices().map((d) => d.name), uvThreadpool: Number(process.env.UV_THREADPOOL_SIZE),
+  steps: plan, baselines: [...baselines], prepare, concurrency, promptLen, outputLen, outputSpread });
+
+// ---- the checkpoint the cold restart and the replica load: written before anything serves.
+const dir = env('BENCH_DIR', path.join(os.tmpdir(), `emoe-scale-${process.pid}`));
+const ckpt = path.join(dir, 'ckpt');
+const needCkpt = baselines.has('cold') || baselines.has('replica');
+if (needCkpt && checkpointKind === 'pattern') {
+  mkdirSync(ckpt, { recursive: true });
+  writePatternCheckpoint(ckpt, weightShapes(config).map((w) => ({ name: w.name, shape: w.shape })), 16);
+}
+
+// ---- elastic
+const startT = clock();
+let dep;
+dep = await Deployment.start({ ...serving, devices: plan[0], seed: 11n, prepare, onStep: recorder('elastic', () => dep) });
+emit({ bench: 'start_deployment', devices: plan[0], ms: clock() - startT });
+if (needCkpt && checkpointKind === 'export') {
+  const t = clock();
+  const r = await exportCheckpoint(dep.hmm.store, config, ckpt, { files: 16 });
+  emit({ bench: 'checkpoint', kind: 'export', bytes: r.bytes, ms: clock() - t });
+}
+const load = startLoad('elastic');
+load.targets = [dep];
 await sleep(holdMs);
 for (let i = 1; i < plan.length; i++) {
-  const from = dep.devices;
-  const epochBefore = dep.epoch;
-  const tCmd = performance.now() - t0;
-  const peak = usedBytes();
-  const sampler = setInterval(() => usedBytes().forEach((u, d) => (peak[d] = Math.max(peak[d], u))), 5);
-  const report = await dep.scale({ devices: plan[i] });
-  clearInterval(sampler);
-  // First step served by the new layout.
-  while (!steps.some((s) => s.t > tCmd && s.epoch > epochBefore)) await sleep(2);
-  const first = steps.find((s) => s.t > tCmd && s.epoch > epochBefore);
-  const before = tokensBetween(tCmd - 3000, tCmd) / 3;
-  const during = tokensBetween(tCmd, first.t) / ((first.t - tCmd) / 1000);
-  emit({ bench: 'scale', from, to: plan[i], commandToFirstNewStepMs: first.t - tCmd, reportMs: report.ms, phases: report.phases,
-    decodeTokensPerSecondBefore: before, decodeTokensPerSecondDuring: during, duringOverBefore: during / before,
-    bytesCopied: report.bytesCopied, lowerBoundBytes: report.lowerBoundBytes, chunksCopied: report.chunksCopied,
-    chunksReused: report.chunksReused, chunksReleased: report.chunksReleased, switchover: report.switchover,
-    peakUsedBytes: peak });
-  log(`${from.join(',')} -> ${plan[i].join(',')}: ${(first.t - tCmd).toFixed(0)} ms to the first step on the new layout; throughput during ${(100 * during / before).toFixed(0)}% of before`);
+  const m = await measureScale('elastic', dep, plan[i]);
+  const r = m.report;
+  emit({ bench: 'scale', from: m.from, to: m.to, commandToFirstNewStepMs: m.first.t - m.tCmd, reportMs: r.ms, phases: r.phases,
+    decodeTokensPerSecondBefore: m.before.tokensPerSecond, decodeTokensPerSecondDuring: m.during.tokensPerSecond,
+    duringOverBefore: m.during.tokensPerSecond / m.before.tokensPerSecond, before: m.before, during: m.during,
+    bytesCopied: r.bytesCopied, lowerBoundBytes: r.lowerBoundBytes, chunksCopied: r.chunksCopied,
+    chunksReused: r.chunksReused, chunksReleased: r.chunksReleased, switchover: r.switchover, prepare: r.prepare,
+    peakUsedBytes: m.peak });
+  log(`elastic ${m.from.join(',')} -> ${m.to.join(',')}: ${(m.first.t - m.tCmd).toFixed(0)} ms to the first step on the new layout; ` +
+    `throughput during ${(100 * m.during.tokensPerSecond / m.before.tokensPerSecond).toFixed(0)}% of before`);
   await sleep(holdMs);
 }
-stop = true;
-await pumping;
-await Promise.allSettled([...inflight]);
-emit({ bench: 'load', submitted, completed, failed });
-for (const s of steps) emit({ bench: 'timeline', ...s });
+
+// ---- replica: a second copy of the model on fresh devices while the elastic deployment serves.
+if (baselines.has('replica')) {
+  const servingDevices = dep.devices;
+  const fresh = process.env.BENCH_REPLICA_DEVICES
+    ? devList(process.env.BENCH_REPLICA_DEVICES)
+    : Array.from({ length: rt.deviceCount }, (_, d) => d).filter((d) => !servingDevices.includes(d)).slice(0, servingDevices.length);
+  if (fresh.length === 0) {
+    emit({ bench: 'replica', skipped: `no fresh device (serving on ${servingDevices.join(',')} of ${rt.deviceCount})` });
+  } else {
+    const dropped = dropPageCache();
+    const tCmd = clock();
+    const sampler = peakSampler();
+    let replica;
+    replica = await Replica.start({ ...serving, devices: fresh, checkpoint: ckpt, onStep: recorder('replica', () => replica) });
+    const tReady = clock();
+    // The new replica's first token: a request of the same shape as the load's, sent as soon as it is up.
+    let tFirst;
+    const prompt = Array.from({ length: promptLen }, (_, k) => (k * 31 + 7) % config.vocabSize);
+    const probe = replica.submit({ prompt, maxTokens: outputLen, ignoreEos: true }, { onToken: () => { tFirst ??= clock(); } });
+    while (tFirst === undefined) await sleep(1);
+    // From now on the replica takes its share: `concurrency` requests in flight on each instance.
+    load.targets = [dep, replica];
+    const peak = sampler.stop();
+    const before = window(tCmd - 3000, tCmd, 'elastic');
+    const during = window(tCmd, tFirst, 'elastic');
+    await sleep(holdMs);
+    const tEnd = clock();
+    const after = { elastic: window(tEnd - holdMs / 2, tEnd, 'elastic'), replica: window(tEnd - holdMs / 2, tEnd, 'replica') };
+    emit({ bench: 'replica', servingDevices, devices: fresh, commandToFirstTokenMs: tFirst - tCmd, startMs: tReady - tCmd, timings: replica.timings,
+      pageCacheDropped: dropped, decodeTokensPerSecondBefore: before.tokensPerSecond, decodeTokensPerSecondDuring: during.tokensPerSecond,
+      duringOverBefore: during.tokensPerSecond / before.tokensPerSecond, before, during,
+      decodeTokensPerSecondAfter: after.elastic.tokensPerSecond + after.replica.tokensPerSecond, after, peakUsedBytes: peak,
+      note: 'in this process: device contexts already exist; a separate replica process also pays process start and context creation' });
+    log(`replica onto ${fresh.join(',')} (serving on ${servingDevices.join(',')}): ${(tFirst - tCmd).toFixed(0)} ms to its first token ` +
+      `(weights ${replica.timings.loadMs.toFixed(0)} ms); original's throughput during ${(100 * during.tokensPerSecond / before.tokensPerSecond).toFixed(0)}% of before`);
+    await load.retire(replica);
+    await probe;
+    await replica.close();
+  }
+}
+await load.finish();
 const lastDevices = dep.devices;
 await dep.close();
 
+// ---- vertical: the paper's "extravagant" scaling, under the same load.
+if (baselines.has('vertical') && verticalSteps.length > 1) {
+  let vb;
+  vb = await VerticalBaseline.start({ ...serving, devices: verticalSteps[0], seed: 11n, prepare, onStep: recorder('vertical', () => vb) });
+  const vload = startLoad('vertical');
+  vload.targets = [vb];
+  await sleep(holdMs);
+  for (let i = 1; i < verticalSteps.length; i++) {
+    const m = await measureScale('vertical', vb, verticalSteps[i]);
+    const r = m.report;
+    emit({ bench: 'vertical', from: m.from, to: m.to, commandToFirstNewStepMs: m.first.t - m.tCmd, reportMs: r.ms, phases: r.phases,
+      decodeTokensPerSecondBefore: m.before.tokensPerSecond, decodeTokensPerSecondDuring: m.during.tokensPerSecond,
+      duringOverBefore: m.during.tokensPerSecond / m.before.tokensPerSecond, before: m.before, during: m.during,
+      bytesCopied: r.bytesCopied, bytesCopiedLocal: r.bytesCopiedLocal, bytesCopiedPeer: r.bytesCopiedPeer, chunksCopied: r.chunksCopied,
+      weightBytes: r.weightBytes, peakWeightsOverSteady: r.weightBytes.peak.map((p, d) => (r.weightBytes.after[d] ? p / r.weightBytes.after[d] : null)),
+      switchover: r.switchover, prepare: r.prepare, peakUsedBytes: m.peak });
+    log(`vertical (extravagant) ${m.from.join(',')} -> ${m.to.join(',')}: ${(m.first.t - m.tCmd).toFixed(0)} ms to the first step on the new layout; ` +
+      `throughput during ${(100 * m.during.tokensPerSecond / m.before.tokensPerSecond).toFixed(0)}% of before; ` +
+      `peak weights ${r.weightBytes.peak.map((b) => (b / 1e9).toFixed(2)).join('/')} GB per device (after: ${r.weightBytes.after.map((b) => (b / 1e9).toFixed(2)).join('/')})`);
+    await sleep(holdMs);
+  }
+  await vload.finish();
+  await vb.close();
+}
+for (const s of steps) emit({ bench: 'timeline', ...s });
+
 // ---- cold restart baseline: the same weights from safetensors on local disk.
-if (!process.env.BENCH_SKIP_COLD) {
-  const dir = env('BENCH_DIR', path.join(os.tmpdir(), `emoe-scale-${process.pid}`));
-  const ckpt = path.join(dir, 'ckpt');
-  mkdirSync(ckpt, { recursive: true });
-  writePatternCheckpoint(ckpt, weightShapes(config).map((w) => ({ name: w.name, shape: w.shape })), 16);
+if (baselines.has('cold')) {
   const dropped = dropPageCache();
   // Cold restart onto the layout the elastic run ended on.
   const devices = lastDevices;
@@ -136,5 +305,5 @@ if (!process.env.BENCH_SKIP_COLD) {
   for (const p of pools.values()) p.dispose();
   hmm.kv.free('cold');
   hmm.dispose();
-  rmSync(dir, { recursive: true, force: true });
 }
+rmSync(dir, { recursive: true, force: true });

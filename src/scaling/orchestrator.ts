@@ -6,9 +6,13 @@
 //   1. plan      planPlacement / diffLayouts / scheduleTransfers (pure): the new
 //                placement, what is reused in place, copied, released.
 //   2. prepare   while the engine keeps stepping on the old layout: KV pools on
-//                the new devices; dense weights and expert chunks copied P2P by
-//                the CopyService (all or nothing) under the new layout's holder;
-//                chunks the new layout reuses retained under that holder too.
+//                the new devices; dense weights and expert chunks copied P2P
+//                (all or nothing) under the new layout's holder, paced
+//                (pacing.ts: bounded batches, one host wait per batch, target
+//                chunks created ahead in groups, the serving loop given turns
+//                in between; `prepare: { paced: false }` is the HMM's
+//                CopyService, everything at once); chunks the new layout
+//                reuses retained under that holder too.
 //   3. attach    a standby ForwardEngine for the new layout (kernels loaded,
 //                scratch allocated, new KV pools mapped, weights resolved).
 //   4. switch    Engine.reconfigure, applied between two engine steps: the new
@@ -45,7 +49,7 @@ import { RemoteStepper } from '../executor/remote.js';
 import { type MappedKvPool, mapHmmKvPools } from '../executor/kv-view.js';
 import { kvGeometry } from '../executor/types.js';
 import { storeWeights } from '../executor/weights.js';
-import { type CopyProgress, CopyService } from '../hmm/copy-service.js';
+import { type CopyProgress, CopyService, targetPlan } from '../hmm/copy-service.js';
 import { HmmDaemon } from '../hmm/daemon.js';
 import { Hmm } from '../hmm/hmm.js';
 import type { TensorLocation } from '../hmm/placement.js';
@@ -55,6 +59,7 @@ import { InvalidArgumentError } from '../runtime/errors.js';
 import { UnixChannel } from '../runtime/channel.js';
 import type { Runtime } from '../runtime/runtime.js';
 import { type LayoutLimits, type LayoutSpec, roundRobinLayout, toExpertPlacement, validateLayout } from './layout.js';
+import { type PacedCopyStats, type PrepareOptions, pacedCopy, resolvePrepare } from './pacing.js';
 import { type PlanSizes, diffLayouts, lowerBoundBytes, planPlacement, scheduleTransfers } from './planner.js';
 
 export interface DeploymentOptions {
@@ -79,6 +84,12 @@ export interface DeploymentOptions {
   /** Sources one expert copy is striped across (default 2). */
   maxSourcesPerTransfer?: number;
   onStep?: (figures: StepFigures) => void;
+  /**
+   * Pacing of the prepare phase's copies (src/scaling/pacing.ts): bounded batches,
+   * the serving loop given turns between them, target chunks created ahead in
+   * groups. Defaults: DEFAULT_PREPARE. A scale may override it (ScaleOptions.prepare).
+   */
+  prepare?: PrepareOptions;
   /**
    * Where the forward passes run (default 'in-process'). `{ process: { script } }`:
    * `node script SOCKET` for each layout, a script that calls runExecutorProcess
@@ -106,6 +117,8 @@ export interface ScaleProgress {
 
 export interface ScaleOptions {
   onProgress?: (p: ScaleProgress) => void;
+  /** Pacing of this scale's prepare phase, over DeploymentOptions.prepare. */
+  prepare?: PrepareOptions;
 }
 
 export interface ScaleTarget {
@@ -135,6 +148,8 @@ export interface ScaleReport {
   copies: Array<{ targetId: string; sourceIds: string[] }>;
   /** The new layout. */
   layout: LayoutSpec;
+  /** The pacing the prepare phase ran with and, when paced, what it did. */
+  prepare: { options: Required<PrepareOptions>; stats?: PacedCopyStats };
 }
 
 const now = () => performance.now();
@@ -437,10 +452,13 @@ export class Deployment {
     let reused: string[];
     let copies: ScaleReport['copies'];
     let bytesCopied = 0;
+    let prep: Required<PrepareOptions>;
+    let copyStats: PacedCopyStats | undefined;
     const phases = { planMs: 0, prepareMs: 0, attachMs: 0, switchMs: 0, releaseMs: 0 };
     try {
       // 1. Plan (pure).
       progress('plan');
+      prep = resolvePrepare(this.options.prepare, options.prepare);
       next = planPlacement({ current, targetDevices: to, balance, ...(target.load ? { load: target.load } : {}) });
       validateLayout(next, Deployment.limits(this.rt, this.config));
       const { sizes, denseChunkSizes } = this.sizes();
@@ -471,9 +489,19 @@ export class Deployment {
       }
       holderUsed = true;
       for (const id of reused) store.retain(id, newId);
-      const copied = await this.copier.copy(transfers, {
-        holder: newId, stripeAlignment: this.rt.granularity(0), onProgress: (copy) => progress('prepare', { copy }),
-      });
+      const copyOptions = { holder: newId, stripeAlignment: this.rt.granularity(0), onProgress: (copy: CopyProgress) => progress('prepare', { copy }) };
+      let copied;
+      if (prep.paced) {
+        const jobs = transfers.map((t) => {
+          const sources = [t.sourceId, ...(t.extraSourceIds ?? [])].map((id) => store.get(id));
+          return { plan: targetPlan(sources[0]!.plan, t.targetDevice, t.targetId), sources };
+        });
+        const r = await pacedCopy(store, jobs, { ...prep, ...copyOptions });
+        copied = r.chunks;
+        copyStats = r.stats;
+      } else {
+        copied = await this.copier.copy(transfers, copyOptions);
+      }
       bytesCopied = copied.reduce((a, c) => a + c.plan.size, 0);
       phases.prepareMs = lap();
 
@@ -542,6 +570,7 @@ export class Deployment {
     return {
       from, to: [...next.devices], ms: now() - t0, bytesCopied, chunksCopied: copies.length, chunksReused: reused.length, chunksReleased,
       lowerBoundBytes: lower, phases, switchover, copies, layout: cloneLayout(next),
+      prepare: { options: prep!, ...(copyStats ? { stats: copyStats } : {}) },
     };
   }
 

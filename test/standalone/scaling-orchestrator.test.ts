@@ -19,14 +19,18 @@ import { MIB, openMock } from '../helpers/mock.js';
 
 const config = parseConfig({
   model_type: 'qwen3_moe', hidden_size: 64, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, head_dim: 16,
-  vocab_size: 97, num_experts: 8, moe_intermediate_size: 32, norm_topk_prob: true, num_experts_per_tok: 2, max_position_embeddings: 256,
+  vocab_size: 97, num_experts: 8, moe_intermediate_size: 32, norm_topk_prob: true, num_experts_per_tok: 2, max_position_embeddings: 2048,
 });
 /** Weight scales that keep activations near unit size (non-degenerate greedy tokens). */
 const scaleFor = (t: TensorLocation) => (t.shape.length === 1 ? 1.0 : t.name.includes('embed_tokens') || t.name.includes('lm_head') ? 1.0 : 0.25);
 const SEED = 20251002n;
-const KV_BLOCKS = 256;
+const KV_BLOCKS = 1024; // 16,384 tokens: the 12 reference requests of MAX tokens on one device, and more
 /** Generated tokens of the reference runs: every request's output is a prefix of its prompt's. */
-const MAX = 200;
+/**
+ * Long requests (the steps go on through a scale's prepare phase — about 100–200 steps on the mock — so a
+ * request must outlive several scales to be mid-generation at each switch).
+ */
+const MAX = 800;
 const PROMPTS = Array.from({ length: 12 }, (_, k) => Array.from({ length: 3 + ((k * 5) % 17) }, (_, i) => (i * 13 + k * 29 + 1) % 97));
 
 const opened: Array<{ rt: Runtime; dep: Deployment }> = [];
@@ -150,10 +154,10 @@ describe('Deployment.scale', () => {
     const a = [0, 1, 2, 3].map((k) => submit(k, MAX));
     await waitTokens(streamed, a, 2);
     await scale([0, 1]);
-    const b = [4, 5, 6, 7].map((k) => submit(k, 160));
+    const b = [4, 5, 6, 7].map((k) => submit(k, 650));
     await waitTokens(streamed, b, 2);
     await scale([0, 1, 2, 3]);
-    const c = [8, 9, 10, 11].map((k) => submit(k, 120));
+    const c = [8, 9, 10, 11].map((k) => submit(k, 500));
     await waitTokens(streamed, c, 2);
     await scale([0, 1, 2]);
     await scale([0]);
@@ -257,41 +261,53 @@ describe('Deployment.scale', () => {
     const submit = (k: number) => {
       const id = `m${k}`;
       streamed.set(id, []);
-      done.push(dep.submit({ id, prompt: PROMPTS[k]!, maxTokens: 150, ignoreEos: true }, { onToken: (t) => streamed.get(id)!.push(t) }));
+      done.push(dep.submit({ id, prompt: PROMPTS[k]!, maxTokens: MAX, ignoreEos: true }, { onToken: (t) => streamed.get(id)!.push(t) }));
       return id;
     };
-    const first = [0, 1, 2].map(submit);
-    await waitTokens(streamed, first, 2);
-    const moved: number[] = [];
-    for (const devices of [[1], [3, 2], [2, 0, 3], [0]]) {
+    const switchovers: ScaleReport['switchover'][] = [];
+    for (const [i, devices] of [[1], [3, 2], [2, 0, 3], [0]].entries()) {
       const before = await checksums(dep);
-      const r = await dep.scale({ devices });
-      moved.push(r.switchover.moved);
+      // Requests submitted as each scale's prepare phase starts (three for the first, one for each other), so they are
+      // generating at its switch: steps run through the prepare phase, a request started earlier may be done by then.
+      let wave = false;
+      const r = await dep.scale({ devices }, {
+        onProgress: (p) => {
+          if (p.phase === 'prepare' && !wave) {
+            wave = true;
+            (i === 0 ? [0, 1, 2] : [4 + i]).forEach(submit);
+          }
+        },
+      });
+      switchovers.push(r.switchover);
       await expectCopiesExact(dep, r, before, original);
-      if (devices.length > 1) await waitTokens(streamed, [submit(devices.length + 5)], 2);
     }
-    // [0]→[1] and [1]→[3,2] share no device: every request in flight moves with its KV blocks.
-    expect(moved[0]).toBe(3);
-    expect(moved[1]).toBe(3);
+    // [0]→[1] and [1]→[3,2] share no device: every request in flight moves with its KV blocks (none kept, none recomputed).
+    for (const sw of switchovers.slice(0, 2)) expect(sw).toMatchObject({ kept: 0, requeued: 0 });
+    expect(switchovers[0]!.moved).toBe(3);
+    expect(switchovers[1]!.moved).toBeGreaterThanOrEqual(1);
     for (const c of await Promise.all(done)) {
-      expect(c.outputTokens, `tokens of ${c.id}`).toEqual(expected(PROMPTS[Number(c.id.slice(1))]!, 150));
+      expect(c.outputTokens, `tokens of ${c.id}`).toEqual(expected(PROMPTS[Number(c.id.slice(1))]!, MAX));
       expect(c.preemptions).toBe(0);
     }
     expect(freeBytes(rt)).toEqual(steady.get('0'));
   });
 
   it('recomputes a request whose KV cannot move (target pool full): nothing lost, the same tokens', async () => {
-    // Pools of 16 blocks (256 tokens): a 200-token prompt on device 0 leaves no room for the KV of device 1's request.
-    const { dep } = await start([0], { kvBlocksPerDevice: 16 });
-    const long = Array.from({ length: 200 }, (_, i) => (i * 31 + 7) % 97);
-    const short = Array.from({ length: 60 }, (_, i) => (i * 17 + 3) % 97);
-    const [wantLong, wantShort] = await referenceTokens([long, short], 56);
+    // Pools of 128 blocks (2,048 tokens): a 1,700-token prompt on device 0 (107+ blocks) leaves at most 21 blocks,
+    // too few for the KV of device 1's 340-token request (22+ blocks). Long keeps decoding for 340 tokens, well past
+    // the scale-down's prepare phase, through which the steps go on; short (400 tokens) too.
+    const { dep } = await start([0], { kvBlocksPerDevice: 128 });
+    const long = Array.from({ length: 1700 }, (_, i) => (i * 31 + 7) % 97);
+    const short = Array.from({ length: 340 }, (_, i) => (i * 17 + 3) % 97);
+    const [wantLong] = await referenceTokens([long], 340);
+    const [wantShort] = await referenceTokens([short], 400);
     const streamed = new Map<string, number[]>([['long', []], ['short', []]]);
     const onToken = (id: string) => (t: number) => streamed.get(id)!.push(t);
-    const pLong = dep.submit({ id: 'long', prompt: long, maxTokens: 56, ignoreEos: true }, { onToken: onToken('long') });
+    // Both join on [0, 1] (long on device 0, short on device 1), so only the scale-down runs while long decodes.
     await dep.scale({ devices: [0, 1] });
-    const pShort = dep.submit({ id: 'short', prompt: short, maxTokens: 56, ignoreEos: true }, { onToken: onToken('short') });
-    await waitTokens(streamed, ['short'], 1);
+    const pLong = dep.submit({ id: 'long', prompt: long, maxTokens: 340, ignoreEos: true }, { onToken: onToken('long') });
+    const pShort = dep.submit({ id: 'short', prompt: short, maxTokens: 400, ignoreEos: true }, { onToken: onToken('short') });
+    await waitTokens(streamed, ['short', 'long'], 1);
     const r = await dep.scale({ devices: [0] });
     expect(r.switchover).toMatchObject({ kept: 1, moved: 0, requeued: 1 });
     const [cLong, cShort] = await Promise.all([pLong, pShort]);

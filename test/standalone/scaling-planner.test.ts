@@ -336,6 +336,54 @@ describe('planner on Qwen3-30B-A3B-like shapes (48 layers × 128 experts)', () =
     expect(plan.bytesMoved).toBeGreaterThanOrEqual(lowerBoundBytes(hot, [0, 1, 2, 3, 4], QWEN, 1.1, { load, replicateHot: 4 }));
   });
 
+  it('a 4 → 3 plan keeps per-layer per-device expert counts within the balance bound, like round robin (issue: 213 tok/s after 4 → 3)', () => {
+    const counts = (spec: LayoutSpec) => spec.placement.map((row) => spec.devices.map((d) => row.filter((h) => h.includes(d)).length));
+    /** Uniform routing: the share of a rank's (token, k) rows that go to experts on other devices, per rank, averaged over layers. */
+    const remote = (spec: LayoutSpec) => spec.devices.map((_, i) => counts(spec).reduce((a, row) => a + (E - row[i]!) / E, 0) / L);
+    const cap = Math.floor(1.1 * E / 3);
+    const checkDown = (current: LayoutSpec, label: string) => {
+      const next = planPlacement({ current, targetDevices: [0, 1, 2] });
+      for (const [l, row] of counts(next).entries()) {
+        expect(Math.max(...row), `${label}: layer ${l} ${row.join('/')}`).toBeLessThanOrEqual(cap);
+        // Uniform load: as even as round robin (43/43/42), never just under the cap.
+        expect(Math.max(...row) - Math.min(...row), `${label}: layer ${l} ${row.join('/')}`).toBeLessThanOrEqual(1);
+      }
+      const plan = diffLayouts(current, next, QWEN);
+      expect(plan.bytesMoved).toBe(lowerBoundBytes(current, [0, 1, 2], QWEN));
+      // Exactly the leaving device's experts move.
+      expect(plan.copy.every((c) => c.sources.length === 1 && c.sources[0] === 3)).toBe(true);
+      return next;
+    };
+    // The benchmark's path: 2 → 3 → 4 → 3.
+    let current = roundRobinLayout([0, 1], L, E);
+    const seen: string[] = [];
+    for (const to of [[0, 1, 2], [0, 1, 2, 3]]) {
+      current = planPlacement({ current, targetDevices: to });
+      seen.push(`${to.length}: ${[...new Set(counts(current).map((r) => r.join('/')))].join(', ')}`);
+    }
+    const down = checkDown(current, '2→3→4→3');
+    const rr = roundRobinLayout([0, 1, 2], L, E);
+    expect(counts(down).map((r) => [...r].sort((a, b) => a - b))).toEqual(counts(rr).map((r) => [...r].sort((a, b) => a - b)));
+    remote(down).forEach((x, i) => expect(x).toBeCloseTo(remote(rr)[i]!, 9));
+    seen.push(`3 after 4→3: ${[...new Set(counts(down).map((r) => r.join('/')))].join(', ')} (round robin ${[...new Set(counts(rr).map((r) => r.join('/')))].join(', ')})`);
+    rows.push(`expert counts per device per layer along 2→3→4→3 (uniform): ${seen.join('; ')}; ` +
+      `remote share per rank after 4→3 ${remote(down).map((x) => (100 * x).toFixed(1)).join('/')} %, round robin ${remote(rr).map((x) => (100 * x).toFixed(1)).join('/')} %`);
+    // From the 4-device round robin, and from 20 random 4-device layouts within the 4-device bound.
+    checkDown(roundRobinLayout([0, 1, 2, 3], L, E), 'round robin 4→3');
+    const rand = rng(43);
+    for (let k = 0; k < 20; k++) {
+      const placement = Array.from({ length: L }, () => {
+        // 35 or fewer per device (cap 1.1 × 32), shuffled.
+        const owners = shuffled(E, rand).map((i) => i % 4);
+        const extra = Math.floor(rand() * 4); // move up to 3 experts onto device 0 to unbalance it within the cap
+        let moved = 0;
+        for (let e = 0; e < E && moved < extra; e++) if (owners[e] !== 0) { owners[e] = 0; moved++; }
+        return owners.map((d) => [d]);
+      });
+      checkDown({ devices: [0, 1, 2, 3], tp: 1, dp: 4, ep: 4, placement }, `random layout ${k}`);
+    }
+  });
+
   it('prints the plan / lower-bound ratios', () => {
     console.log(`plan / lower bound (expert ${QWEN.expertBytes / MIB} MiB, dense ${(QWEN.denseBytes / 1e9).toFixed(2)} GB, balance 1.1; ` +
       `stated factors ${FACTOR} on all bytes, ${EXPERT_FACTOR} on expert bytes):\n${rows.join('\n')}`);

@@ -21,11 +21,11 @@ import { MIB, openMock } from '../helpers/mock.js';
 const CHILD = path.resolve(__dirname, '../fixtures/executor-child.mjs');
 const config = parseConfig({
   model_type: 'qwen3_moe', hidden_size: 64, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, head_dim: 16,
-  vocab_size: 97, num_experts: 8, moe_intermediate_size: 32, norm_topk_prob: true, num_experts_per_tok: 2, max_position_embeddings: 256,
+  vocab_size: 97, num_experts: 8, moe_intermediate_size: 32, norm_topk_prob: true, num_experts_per_tok: 2, max_position_embeddings: 1024,
 });
 const scaleFor = (t: TensorLocation) => (t.shape.length === 1 ? 1.0 : t.name.includes('embed_tokens') || t.name.includes('lm_head') ? 1.0 : 0.25);
 const SEED = 20251002n;
-const MAX = 120;
+const MAX = 800; // long enough to be mid-generation after a standby process has started (the steps go on meanwhile)
 const PROMPTS = Array.from({ length: 6 }, (_, k) => Array.from({ length: 3 + ((k * 5) % 17) }, (_, i) => (i * 13 + k * 29 + 1) % 97));
 
 let dir: string;
@@ -34,7 +34,7 @@ const opened: Array<{ rt: Runtime; dep: Deployment }> = [];
 async function start(devices: number[], extra: Partial<DeploymentOptions> = {}) {
   // The child opens 4 mock devices of 256 MiB (executor-child.mjs): the same here.
   const rt = openMock({ mockCapacity: 256 * MIB });
-  const dep = await Deployment.start({ rt, config, devices, seed: SEED, scaleFor, kvBlocksPerDevice: 64, maxTokensPerStep: 64, ...extra });
+  const dep = await Deployment.start({ rt, config, devices, seed: SEED, scaleFor, kvBlocksPerDevice: 512, maxTokensPerStep: 64, ...extra });
   opened.push({ rt, dep });
   return { rt, dep };
 }
