@@ -12,6 +12,7 @@ import { z } from 'zod';
 
 import { type DType, DTYPES } from './dtype.js';
 import type { ChunkManifestEntry, HmmManifest } from './hmm.js';
+import type { TensorLocation } from './placement.js';
 
 /** Requests larger than this are refused with TOO_LARGE (responses may be larger: a manifest can be). */
 export const MAX_MESSAGE_BYTES = 1024 * 1024;
@@ -77,11 +78,82 @@ export const WireHandleSchema = z.discriminatedUnion('kind', [
 export type WireHandle = z.infer<typeof WireHandleSchema>;
 
 /** Chunk entries with their handles, aligned by index. */
-export const ChunkBatchSchema = z.object({
-  entries: z.array(ManifestEntrySchema),
-  handles: z.array(WireHandleSchema),
-}).refine((b) => b.entries.length === b.handles.length, { message: 'one handle per entry', path: ['handles'] });
-export type ChunkBatch = z.infer<typeof ChunkBatchSchema>;
+export interface ChunkBatch {
+  entries: ChunkManifestEntry[];
+  handles: WireHandle[];
+}
+
+const DTYPE_NAMES = new Set<string>(Object.keys(DTYPES));
+const KINDS = new Set<string>(['weight', 'kv', 'workspace']);
+const isIndex = (v: unknown, min = 0, max = Number.MAX_SAFE_INTEGER): v is number =>
+  typeof v === 'number' && Number.isInteger(v) && v >= min && v <= max;
+const isRecord = (v: unknown): v is Record<string, unknown> => typeof v === 'object' && v !== null && !Array.isArray(v);
+
+/**
+ * Checks a chunk batch (the attach reply and its partial batches) by hand, with the
+ * rules the zod schemas above state for its parts (ManifestEntrySchema,
+ * WireHandleSchema), and returns a copy with only the known fields, as zod would. An
+ * attach carries one entry per tensor of the model (tens of thousands); zod's
+ * per-object cost in a fresh process was most of a slab attach (~130 ms of 148 ms,
+ * H200), this loop is a small fraction of it. Returns a message naming the first bad
+ * field instead when the batch is malformed.
+ */
+export function checkChunkBatch(v: unknown): ChunkBatch | string {
+  if (!isRecord(v)) return 'expected an object';
+  const { entries, handles } = v;
+  if (!Array.isArray(entries)) return 'entries: expected an array';
+  if (!Array.isArray(handles)) return 'handles: expected an array';
+  if (entries.length !== handles.length) return 'handles: one handle per entry';
+  const outEntries: ChunkManifestEntry[] = new Array(entries.length);
+  for (let i = 0; i < entries.length; i++) {
+    const e: unknown = entries[i];
+    const at = `entries[${i}]`;
+    if (!isRecord(e)) return `${at}: expected an object`;
+    if (typeof e.id !== 'string') return `${at}.id: expected a string`;
+    if (typeof e.group !== 'string') return `${at}.group: expected a string`;
+    if (!isIndex(e.device)) return `${at}.device: expected a non-negative integer`;
+    if (typeof e.kind !== 'string' || !KINDS.has(e.kind)) return `${at}.kind: expected 'weight', 'kv' or 'workspace'`;
+    if (!isIndex(e.size, 1)) return `${at}.size: expected a positive integer`;
+    if (!Array.isArray(e.tensors)) return `${at}.tensors: expected an array`;
+    const tensors: TensorLocation[] = new Array(e.tensors.length);
+    for (let j = 0; j < e.tensors.length; j++) {
+      const t: unknown = e.tensors[j];
+      const tat = `${at}.tensors[${j}]`;
+      if (!isRecord(t)) return `${tat}: expected an object`;
+      if (typeof t.name !== 'string') return `${tat}.name: expected a string`;
+      if (typeof t.dtype !== 'string' || !DTYPE_NAMES.has(t.dtype)) return `${tat}.dtype: expected one of ${[...DTYPE_NAMES].join(', ')}`;
+      if (!Array.isArray(t.shape) || !t.shape.every((d) => isIndex(d))) return `${tat}.shape: expected an array of non-negative integers`;
+      if (!isIndex(t.bytes)) return `${tat}.bytes: expected a non-negative integer`;
+      if (!isIndex(t.offset)) return `${tat}.offset: expected a non-negative integer`;
+      tensors[j] = { name: t.name, dtype: t.dtype as DType, shape: [...(t.shape as number[])], bytes: t.bytes, offset: t.offset };
+    }
+    outEntries[i] = { id: e.id, group: e.group, device: e.device, kind: e.kind as ChunkManifestEntry['kind'], size: e.size, tensors };
+  }
+  const outHandles: WireHandle[] = new Array(handles.length);
+  for (let i = 0; i < handles.length; i++) {
+    const h: unknown = handles[i];
+    const at = `handles[${i}]`;
+    if (!isRecord(h)) return `${at}: expected an object`;
+    if (h.kind === 'fd') {
+      if (!isIndex(h.index, 0, MAX_FDS_PER_MESSAGE - 1)) return `${at}.index: expected an integer in 0..${MAX_FDS_PER_MESSAGE - 1}`;
+      outHandles[i] = { kind: 'fd', index: h.index };
+    } else if (h.kind === 'acl') {
+      if (typeof h.handle !== 'string' || !/^\d{1,20}$/.test(h.handle)) return `${at}.handle: expected up to 20 decimal digits`;
+      outHandles[i] = { kind: 'acl', handle: h.handle };
+    } else {
+      return `${at}.kind: expected 'fd' or 'acl'`;
+    }
+  }
+  return { entries: outEntries, handles: outHandles };
+}
+
+/** A chunk batch as a zod schema, checked by checkChunkBatch. */
+export const ChunkBatchSchema = z.unknown().transform((v, ctx): ChunkBatch => {
+  const r = checkChunkBatch(v);
+  if (typeof r !== 'string') return r;
+  ctx.addIssue({ code: z.ZodIssueCode.custom, message: r });
+  return z.NEVER;
+});
 
 const KvPoolInfoSchema = z.object({
   device: z.number().int(),
@@ -190,8 +262,13 @@ export const PartialResponseSchema = z.object({
   id: responseId,
   ok: z.literal(true),
   partial: z.literal(true),
-  entries: z.array(ManifestEntrySchema),
-  handles: z.array(WireHandleSchema),
+  entries: z.unknown(),
+  handles: z.unknown(),
+}).transform((m, ctx) => {
+  const batch = checkChunkBatch({ entries: m.entries, handles: m.handles });
+  if (typeof batch !== 'string') return { id: m.id, ok: m.ok, partial: m.partial, ...batch };
+  ctx.addIssue({ code: z.ZodIssueCode.custom, message: batch });
+  return z.NEVER;
 });
 export const ResponseSchema = z.union([
   PartialResponseSchema,
