@@ -221,6 +221,8 @@ if (baselines.has('replica')) {
   if (fresh.length === 0) {
     emit({ bench: 'replica', skipped: `no fresh device (serving on ${servingDevices.join(',')} of ${rt.deviceCount})` });
   } else {
+    // "Before" ends here: dropping the page cache blocks this process (seconds, with the checkpoint cached).
+    const tBefore = clock();
     const dropped = dropPageCache();
     const tCmd = clock();
     const sampler = peakSampler();
@@ -235,7 +237,7 @@ if (baselines.has('replica')) {
     // From now on the replica takes its share: `concurrency` requests in flight on each instance.
     load.targets = [dep, replica];
     const peak = sampler.stop();
-    const before = window(tCmd - 3000, tCmd, 'elastic');
+    const before = window(tBefore - 3000, tBefore, 'elastic');
     const during = window(tCmd, tFirst, 'elastic');
     await sleep(holdMs);
     const tEnd = clock();
@@ -246,7 +248,7 @@ if (baselines.has('replica')) {
       decodeTokensPerSecondAfter: after.elastic.tokensPerSecond + after.replica.tokensPerSecond, after, peakUsedBytes: peak,
       note: 'in this process: device contexts already exist; a separate replica process also pays process start and context creation' });
     log(`replica onto ${fresh.join(',')} (serving on ${servingDevices.join(',')}): ${(tFirst - tCmd).toFixed(0)} ms to its first token ` +
-      `(weights ${replica.timings.loadMs.toFixed(0)} ms); original's throughput during ${(100 * during.tokensPerSecond / before.tokensPerSecond).toFixed(0)}% of before`);
+      `(weights ${replica.timings.loadMs.toFixed(0)} ms); original's throughput during ${before.tokensPerSecond > 0 ? `${(100 * during.tokensPerSecond / before.tokensPerSecond).toFixed(0)}%` : 'n/a (nothing served'} of before${before.tokensPerSecond > 0 ? '' : ')'}`);
     await load.retire(replica);
     await probe;
     await replica.close();

@@ -25,13 +25,17 @@
 //           keeps the experts that r's route table (static, in e's scratch) gives to e,
 //           and writes in e's scratch their row offsets [E + 1] (offsets[E] = e's row
 //           count), gather rows (sorted row → token) and permutation (sorted row →
-//           t*K + k), sorted by (expert, token, k);
+//           t*K + k), sorted by (expert, token, k), and the active list [E + 1] (its
+//           count, then the experts that got rows on e, ascending);
 //         gatherRowsCount(r's normed x, peer read → e's recv) → grouped gate and up
 //           matmuls with G = E groups over e's static address table of the layer (experts
-//           e does not compute: address 0, never read, their groups have no rows) →
-//           siluMulCount → grouped down matmul → scatterRowsCount into r's `slots` at
-//           row t*K + k (peer write); every launch is sized for the upper bound T*K and
-//           takes the real row count from device memory, so no row past it is read;
+//           e does not compute: address 0, never read, their groups have no rows) that
+//           visit only the active list's groups, their grid's group dimension sized for
+//           min(E, T*K) (no more experts can have rows: at decode 8 of 128 for
+//           Qwen3-30B-A3B, not a block row per expert) → siluMulCount → grouped down
+//           matmul (the same list) → scatterRowsCount into r's `slots` at row t*K + k
+//           (peer write); every launch is sized for the upper bound T*K and takes the real
+//           row count and experts from device memory, so no row past it is read;
 //         record an event (e != d).
 //       Host path: wait on the host for the downloaded ids, for all host-path ranks of
 //       the step together (none when every rank is on the device path)    [sync 1/layer]
@@ -102,8 +106,8 @@
 // the origin stream, which the graph's joins make wait for every device). Cross-device
 // dependencies go through events recorded by the producer before the consumer waits on
 // them, so no stream ever waits on work that is not queued yet. Scratch a device lends
-// to other ranks (recv, expGate, expUp, the routing lists) is used by its stream only,
-// one rank's rows after another's.
+// to other ranks (recv, expGate, expUp, the routing and active lists) is used by its
+// stream only, one rank's rows after another's.
 import type { ModelConfig } from '../model/config.js';
 import { MAX_ROUTE_EXPERTS, MAX_ROUTE_ROWS, ModelKernels } from '../model/kernels/index.js';
 import { InvalidArgumentError, NotSupportedError } from '../runtime/errors.js';
@@ -269,6 +273,7 @@ interface Buffers {
   routeOffsets?: DevicePointer; // [E + 1] i32: per expert row offsets of the rank being served; [E] = the row count
   routeRows?: DevicePointer; // [T*K] i32: sorted row → token
   routePerm?: DevicePointer; // [T*K] i32: sorted row → slot t*K + k
+  routeActive?: DevicePointer; // [E + 1] i32: the count, then the experts with rows of the rank being served, ascending
   routeTable?: DevicePointer; // static [ranks, L, E] i32: the device index that computes each expert for each rank
   weightTable?: DevicePointer; // static [L, 3, E] u64: this device's gate, up, down addresses; 0 where it computes nothing
 }
@@ -483,7 +488,7 @@ export class ForwardEngine implements Disposable {
     if (deviceRouting) {
       const E = c.experts;
       Object.assign(b, {
-        routeOffsets: f(E + 1), routeRows: f(TK), routePerm: f(TK),
+        routeOffsets: f(E + 1), routeRows: f(TK), routePerm: f(TK), routeActive: f(E + 1),
         routeTable: f(ranks * c.layers * E), weightTable: arena.alloc(c.layers * 3 * E * 8),
       });
     }
@@ -1015,16 +1020,19 @@ export class ForwardEngine implements Disposable {
       if (e !== r) s.wait(routed!);
       const rowOffsets = eb.routeOffsets!;
       const count = rowOffsets.add(E * 4);
+      const active = eb.routeActive!;
       kn.routeRows(s, {
-        rowOffsets, rows: eb.routeRows!, perm: eb.routePerm!, ids: b.ids, route: eb.routeTable!.add((r * L + l) * E * 4),
+        rowOffsets, rows: eb.routeRows!, perm: eb.routePerm!, active, ids: b.ids, route: eb.routeTable!.add((r * L + l) * E * 4),
         device: e, T, K, E,
       });
       kn.gatherRowsCount(s, { out: eb.recv, x: b.xn, rows: eb.routeRows!, count, M: TK, H, R: T });
       const weights = (matrix: number) => eb.weightTable!.add((l * 3 + matrix) * E * 8);
-      kn.groupedMatmul(s, { out: eb.expGate, x: eb.recv, weights: weights(0), rowOffsets, G: E, M: TK, N: I, K: H });
-      kn.groupedMatmul(s, { out: eb.expUp, x: eb.recv, weights: weights(1), rowOffsets, G: E, M: TK, N: I, K: H });
+      // Only the experts with rows, a block row for each of at most min(E, T*K) of them.
+      const grouped = { rowOffsets, active, maxActive: Math.min(E, TK), G: E, M: TK };
+      kn.groupedMatmul(s, { ...grouped, out: eb.expGate, x: eb.recv, weights: weights(0), N: I, K: H });
+      kn.groupedMatmul(s, { ...grouped, out: eb.expUp, x: eb.recv, weights: weights(1), N: I, K: H });
       kn.siluMulCount(s, { out: eb.expGate, gate: eb.expGate, up: eb.expUp, count, M: TK, N: I });
-      kn.groupedMatmul(s, { out: eb.recv, x: eb.expGate, weights: weights(2), rowOffsets, G: E, M: TK, N: H, K: I });
+      kn.groupedMatmul(s, { ...grouped, out: eb.recv, x: eb.expGate, weights: weights(2), N: H, K: I });
       kn.scatterRowsCount(s, { out: b.slots, x: eb.recv, rows: eb.routePerm!, count, M: TK, H, R: TK });
       if (e !== r) answers.push(this.event(e).record(s));
     }

@@ -15,8 +15,10 @@
 //   how many elements did, but only asserts the tolerance.
 // - grouped matmul: the matmul tolerance against the reference; against itself bit for
 //   bit, since its summation order is per row (the same result for a row whatever rows
-//   share its group, and on the 16-byte and the scalar load paths).
-// - device routing (route_rows: integers only) and the *_count gather/scatter: bit for bit;
+//   share its group, and on the 16-byte and the scalar load paths), and with an active
+//   list against the same launch without it (the list picks the groups, not the order).
+// - device routing (route_rows, its active list included: integers only) and the *_count
+//   gather/scatter: bit for bit;
 //   silu_mul_count and the grouped matmuls of the device-routed expert FFN: the tolerance.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
@@ -222,6 +224,60 @@ describe.runIf(onCuda)('model kernels on a real GPU (NVRTC) against the TypeScri
     expectSame(got.subarray((M - 1) * N), out0.subarray((M - 1) * N), 'row after the groups');
   }, 120_000);
 
+  it.each([
+    [1, 8, 128, 768, 2048], // Qwen3-30B-A3B gate/up at batch-1 decode: 8 of 128 experts, one row each
+    [1, 8, 128, 2048, 768], // its down projection
+    [16, 8, 128, 768, 2048], // a decode batch: up to 128 rows over many experts, some with several
+    [5, 4, 60, 37, 45], // K odd: scalar loads
+  ])('grouped_matmul with an active list: T=%i K=%i over G=%i, N=%i K=%i: bit-identical to the launch without it', async (T, topK, G, N, K) => {
+    arena.reset();
+    // Rows as the device-routed FFN has them: the routing reference's offsets and active list, one
+    // device computing every expert; groups without rows have address 0 (never read).
+    const { ids } = routing(T, topK, G, 1, 900 + T + N);
+    const M = T * topK;
+    const offsets = new Int32Array(G + 1), active = new Int32Array(G + 1).fill(-1);
+    ref.routeRows({ rowOffsets: offsets, rows: new Int32Array(M), perm: new Int32Array(M), active, ids, route: new Int32Array(G), device: 0, T, K: topK, E: G });
+    const A = active[0]!;
+    expect(A).toBeGreaterThan(0);
+    expect(A).toBeLessThanOrEqual(Math.min(G, M));
+    const ws: Uint16Array[] = new Array<Uint16Array>(G).fill(new Uint16Array(0));
+    const ptrs: Array<DevicePointer | undefined> = new Array<DevicePointer | undefined>(G).fill(undefined);
+    for (const g of active.subarray(1, 1 + A)) {
+      ws[g] = bf16Weights(N * K, 2000 + g, 0.05);
+      ptrs[g] = await arena.put(ws[g]!);
+    }
+    const table = await arena.put(new Int32Array(BigUint64Array.from(ptrs, (p) => p?.address ?? 0n).buffer));
+    const x = randF32(M * K, 910 + N);
+    const px = await arena.put(x), po = await arena.put(offsets), pa = await arena.put(active);
+    const base = { x: px, weights: table, rowOffsets: po, G, M, N, K };
+    const out0 = randF32(M * N, 920);
+    const without = await arena.put(out0);
+    mk.groupedMatmul(s, { ...base, out: without });
+    const all = await arena.get(without, out0);
+    const want = out0.slice();
+    ref.groupedMatmul({ out: want, x, weights: ws, rowOffsets: offsets, G, M, N, K });
+    expectClose(all, want, `grouped_matmul G=${G} M=${M} N=${N} K=${K}, no list`);
+    // With the list, the grid sized for min(G, M) groups, for fewer than A (grid-stride over the
+    // list), and for all G: the same bits.
+    for (const maxActive of [Math.min(G, M), Math.max(1, A - 3), 1, G]) {
+      const out = await arena.put(out0);
+      mk.groupedMatmul(s, { ...base, out, active: pa, maxActive });
+      const got = await arena.get(out, out0);
+      expectSame(got, all, `grouped_matmul G=${G} M=${M} N=${N} K=${K}, active list of ${A}, maxActive ${maxActive}`);
+      expectClose(got, want, `grouped_matmul G=${G} M=${M} N=${N} K=${K}, active list of ${A}, maxActive ${maxActive}`);
+    }
+    // Part of the list (every other group, descending), and none: only the listed groups' rows are written.
+    const listed = Array.from(active.subarray(1, 1 + A)).filter((_, i) => i % 2 === 0).reverse();
+    for (const groups of [listed, []]) {
+      const out = await arena.put(out0);
+      mk.groupedMatmul(s, { ...base, out, active: await arena.put(Int32Array.from([groups.length, ...groups])), maxActive: Math.max(1, groups.length) });
+      const got = await arena.get(out, out0);
+      const wantPart = out0.slice();
+      for (const g of groups) wantPart.set(all.subarray(offsets[g]! * N, offsets[g + 1]! * N), offsets[g]! * N);
+      expectSame(got, wantPart, `grouped_matmul G=${G} N=${N} K=${K}, ${groups.length} of ${A} groups listed`);
+    }
+  }, 120_000);
+
   it('add_bias, combine_topk, silu_mul, sigmoid_scale_rows', async () => {
     arena.reset();
     const M = 33, N = 4096;
@@ -387,15 +443,47 @@ describe.runIf(onCuda)('model kernels on a real GPU (NVRTC) against the TypeScri
     const TK = T * K;
     const { ids, route } = routing(T, K, E, devices, 300 + T + E);
     const pids = await arena.put(ids), proute = await arena.put(route);
-    for (let d = 0; d < devices; d++) {
-      const offsets = arena.alloc((E + 1) * 4);
-      const rows = await arena.put(new Int32Array(TK).fill(-7)), perm = await arena.put(new Int32Array(TK).fill(-7));
-      mk.routeRows(s, { rowOffsets: offsets, rows, perm, ids: pids, route: proute, device: d, T, K, E });
-      const want = { rowOffsets: new Int32Array(E + 1), rows: new Int32Array(TK).fill(-7), perm: new Int32Array(TK).fill(-7) };
-      ref.routeRows({ ...want, ids, route, device: d, T, K, E });
-      expectSame(await arena.get(offsets, want.rowOffsets), want.rowOffsets, `route_rows offsets, device ${d}`);
-      expectSame(await arena.get(rows, want.rows), want.rows, `route_rows rows, device ${d}`);
-      expectSame(await arena.get(perm, want.perm), want.perm, `route_rows perm, device ${d}`);
+    for (let d = 0; d < devices; d++) await checkRoute(T, K, E, pids, ids, proute, route, d, `device ${d}`);
+  }, 60_000);
+
+  /** route_rows on the GPU against the reference, every output bit for bit (active included; -7: not written). */
+  async function checkRoute(T: number, K: number, E: number, pids: DevicePointer, ids: Int32Array, proute: DevicePointer, route: Int32Array,
+    device: number, what: string): Promise<Int32Array> {
+    const TK = T * K;
+    const offsets = arena.alloc((E + 1) * 4);
+    const rows = await arena.put(new Int32Array(TK).fill(-7)), perm = await arena.put(new Int32Array(TK).fill(-7));
+    const active = await arena.put(new Int32Array(E + 1).fill(-7));
+    mk.routeRows(s, { rowOffsets: offsets, rows, perm, active, ids: pids, route: proute, device, T, K, E });
+    const want = {
+      rowOffsets: new Int32Array(E + 1), rows: new Int32Array(TK).fill(-7), perm: new Int32Array(TK).fill(-7), active: new Int32Array(E + 1).fill(-7),
+    };
+    ref.routeRows({ ...want, ids, route, device, T, K, E });
+    expectSame(await arena.get(offsets, want.rowOffsets), want.rowOffsets, `route_rows offsets, ${what}`);
+    expectSame(await arena.get(rows, want.rows), want.rows, `route_rows rows, ${what}`);
+    expectSame(await arena.get(perm, want.perm), want.perm, `route_rows perm, ${what}`);
+    expectSame(await arena.get(active, want.active), want.active, `route_rows active, ${what}`);
+    return want.active;
+  }
+
+  it('route_rows: the active list when no expert has rows on the device, and when every expert has (E up to 2048)', async () => {
+    arena.reset();
+    const { ids } = routing(7, 8, 128, 1, 321);
+    const pids = await arena.put(ids);
+    // Nothing routed to device 1, or device 1 computing only experts nobody chose: A = 0.
+    const zeros = new Int32Array(128);
+    expect((await checkRoute(7, 8, 128, pids, ids, await arena.put(zeros), zeros, 1, 'no rows (route elsewhere)'))[0]).toBe(0);
+    const unchosen = Int32Array.from({ length: 128 }, (_, x) => (ids.includes(x) ? 0 : 1));
+    expect((await checkRoute(7, 8, 128, pids, ids, await arena.put(unchosen), unchosen, 1, 'no rows (unchosen experts)'))[0]).toBe(0);
+    // Every expert with rows: T*K = E (each once), and E = 2048 over 64 passes of the ballot.
+    for (const [T, K, E] of [[1, 8, 8], [16, 8, 128], [512, 8, 2048], [9, 4, 33]] as const) {
+      arena.reset();
+      const all = Int32Array.from({ length: T * K }, (_, i) => (Math.floor(i / K) + (i % K) * Math.ceil(E / K)) % E); // distinct per token
+      const pall = await arena.put(all);
+      const one = new Int32Array(E);
+      const got = await checkRoute(T, K, E, pall, all, await arena.put(one), one, 0, `all active T=${T} K=${K} E=${E}`);
+      expect(Array.from(got)).toEqual([E, ...Array.from({ length: E }, (_, x) => x)]);
+      const half = Int32Array.from({ length: E }, (_, x) => x % 2);
+      await checkRoute(T, K, E, pall, all, await arena.put(half), half, 1, `odd experts T=${T} E=${E}`);
     }
   }, 60_000);
 
@@ -435,7 +523,7 @@ describe.runIf(onCuda)('model kernels on a real GPU (NVRTC) against the TypeScri
     }
   }, 120_000);
 
-  it('the device-routed expert FFN: route, gather, grouped gate/up over all E (address 0 for other devices\' experts), silu, down, scatter', async () => {
+  it('the device-routed expert FFN: route, gather, grouped gate/up over the active experts of E (address 0 for other devices\' experts), silu, down, scatter', async () => {
     arena.reset();
     const T = 64, K = 8, E = 32, H = 256, I = 96, devices = 3, device = 1;
     const TK = T * K;
@@ -448,17 +536,19 @@ describe.runIf(onCuda)('model kernels on a real GPU (NVRTC) against the TypeScri
     }
     const table = await arena.put(new Int32Array(addrs.buffer));
     const pids = await arena.put(ids), proute = await arena.put(route), px = await arena.put(xs);
-    const offsets = arena.alloc((E + 1) * 4), rows = arena.alloc(TK * 4), perm = arena.alloc(TK * 4);
+    const offsets = arena.alloc((E + 1) * 4), rows = arena.alloc(TK * 4), perm = arena.alloc(TK * 4), active = arena.alloc((E + 1) * 4);
     const recv = arena.alloc(TK * H * 4), gate = arena.alloc(TK * I * 4), up = arena.alloc(TK * I * 4);
     const slots0 = randF32(TK * H, 502);
     const slots = await arena.put(slots0);
     const count = offsets.add(E * 4);
-    mk.routeRows(s, { rowOffsets: offsets, rows, perm, ids: pids, route: proute, device, T, K, E });
+    mk.routeRows(s, { rowOffsets: offsets, rows, perm, active, ids: pids, route: proute, device, T, K, E });
     mk.gatherRowsCount(s, { out: recv, x: px, rows, count, M: TK, H, R: T });
-    mk.groupedMatmul(s, { out: gate, x: recv, weights: table, rowOffsets: offsets, G: E, M: TK, N: I, K: H });
-    mk.groupedMatmul(s, { out: up, x: recv, weights: table.add(E * 8), rowOffsets: offsets, G: E, M: TK, N: I, K: H });
+    // As the forward pass launches them: the active list, a block row for each of min(E, T*K) groups.
+    const list = { rowOffsets: offsets, active, maxActive: Math.min(E, TK), G: E, M: TK };
+    mk.groupedMatmul(s, { ...list, out: gate, x: recv, weights: table, N: I, K: H });
+    mk.groupedMatmul(s, { ...list, out: up, x: recv, weights: table.add(E * 8), N: I, K: H });
     mk.siluMulCount(s, { out: gate, gate, up, count, M: TK, N: I });
-    mk.groupedMatmul(s, { out: recv, x: gate, weights: table.add(2 * E * 8), rowOffsets: offsets, G: E, M: TK, N: H, K: I });
+    mk.groupedMatmul(s, { ...list, out: recv, x: gate, weights: table.add(2 * E * 8), N: H, K: I });
     mk.scatterRowsCount(s, { out: slots, x: recv, rows: perm, count, M: TK, H, R: TK });
     const got = await arena.get(slots, slots0);
     // Reference: each of this device's (t, k) slots = down(silu(gate x_t) * up x_t) of expert ids[t*K + k].

@@ -262,12 +262,29 @@ for (const [arch, config] of Object.entries(CONFIGS)) {
         ['[0,1,2,3] replicated on two devices', { devices: ALL, placement: replicatedPlacement(ALL) }],
         ['[3,1] every expert on device 1', { devices: [3, 1], placement: () => [1] }],
       ];
-      for (const [what, layout] of layouts) {
-        for (const deviceRoutingMaxRows of [0, MAX_ROUTE_ROWS]) {
-          const engine = await engineFor(fx, layout, 64, { deviceRoutingMaxRows });
-          expectIdentical(await generate(engine, fx.hmm, PROMPTS), baseline, `${what}, ${deviceRoutingMaxRows ? 'device' : 'host'} routing`);
+      // The device path's grouped launches visit the active list only, their grid sized for
+      // min(E, T*K) groups: below E at decode (T*K = 2 of 8 experts here), E for a long prefill.
+      const grouped = vi.spyOn(ModelKernels.prototype, 'groupedMatmul');
+      const bounds = new Set<number>();
+      try {
+        for (const [what, layout] of layouts) {
+          for (const deviceRoutingMaxRows of [0, MAX_ROUTE_ROWS]) {
+            grouped.mockClear();
+            const engine = await engineFor(fx, layout, 64, { deviceRoutingMaxRows });
+            expectIdentical(await generate(engine, fx.hmm, PROMPTS), baseline, `${what}, ${deviceRoutingMaxRows ? 'device' : 'host'} routing`);
+            expect(grouped).toHaveBeenCalled();
+            for (const [, a] of grouped.mock.calls) {
+              expect(a.active !== undefined, `${what}: an active list on the device path only`).toBe(deviceRoutingMaxRows > 0);
+              if (a.active === undefined) continue;
+              expect([a.G, a.maxActive]).toEqual([config.experts, Math.min(config.experts, a.M)]);
+              bounds.add(a.maxActive!);
+            }
+          }
         }
+      } finally {
+        grouped.mockRestore();
       }
+      expect(bounds.has(config.experts) && bounds.has(config.topK)).toBe(true);
       // Prefill rows per rank on four ranks: 10, 18, 6, 34: ranks 0 and 2 on the device, 1 and 3 on the host.
       const mixed = await engineFor(fx, { devices: ALL, placement: roundRobinPlacement(8, ALL) }, 64, { deviceRoutingMaxRows: 12 });
       expectIdentical(await generate(mixed, fx.hmm, PROMPTS), baseline, 'device and host routing in one step');
@@ -489,7 +506,14 @@ describe('forward pass: validation, KV views, attached weights (qwen3_moe)', () 
           }
           expect(route.mock.calls.length).toBe(computing);
           expect(grouped.mock.calls.length).toBe(3 * computing);
-          for (const [, a] of grouped.mock.calls) expect([a.G, a.M]).toEqual([E, K]);
+          // Each visits the active list its device's routing launch wrote, a block row per expert
+          // that can have rows: min(E, T*K) = K.
+          grouped.mock.calls.forEach(([, a], j) => {
+            expect([a.G, a.M, a.maxActive]).toEqual([E, K, Math.min(E, K)]);
+            const [rs, ra] = route.mock.calls[Math.floor(j / 3)]!;
+            expect(a.active).toBe(ra.active);
+            expect(grouped.mock.calls[j]![0]).toBe(rs);
+          });
           expect(scatter.mock.calls.length).toBe(computing);
           for (const [, a] of route.mock.calls) expect([a.T, a.K, a.E]).toEqual([1, K, E]);
 

@@ -4,7 +4,7 @@
 // double, rounded once), so every comparison here is bit for bit. A few independent
 // checks (dense double-precision attention, rope from the formula, a sort-based top-k)
 // make sure the shared semantics are the intended ones.
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 
 import {
   type DevicePointer, IllegalAddressError, InvalidArgumentError, type Runtime, type Stream,
@@ -224,6 +224,129 @@ describe('model kernels on the mock (CPU twins vs TypeScript references, bit for
     await s.synchronize();
   });
 
+  it('grouped_matmul with an active list: the listed groups only, their rows bit-identical to the launch without it', async () => {
+    const r = rng(4242);
+    for (const [G, N, K] of [[20, 13, 45], [1, 7, 16], [64, 9, 40]] as const) {
+      arena.reset();
+      const rows = Array.from({ length: G }, (_, g) => (g % 3 === 1 ? 0 : 1 + Math.floor(r() * 9))); // 0..9 rows, some empty
+      const offsets = new Int32Array(G + 1);
+      offsets[0] = 1; // row 0 is in no group
+      rows.forEach((m, g) => (offsets[g + 1] = offsets[g]! + m));
+      const M = offsets[G]! + 1; // nor is the last row
+      const x = randF32(M * K, 500 + G);
+      const ws = Array.from({ length: G }, (_, g) => randBf16(N * K, 600 + G + g));
+      const { table } = await putGroups(ws);
+      const px = await arena.put(x), po = await arena.put(offsets);
+      const out0 = randF32(M * N, 700 + G, 5, 6);
+      const base = { x: px, weights: table, rowOffsets: po, G, M, N, K };
+      const full = await arena.put(out0);
+      mk.groupedMatmul(s, { ...base, out: full });
+      const all = await arena.get(full, out0);
+      const wantAll = out0.slice();
+      ref.groupedMatmul({ out: wantAll, x, weights: ws, rowOffsets: offsets, G, M, N, K });
+      expectSame(all, wantAll, `grouped_matmul G=${G}, no list`);
+
+      const withRows = rows.flatMap((m, g) => (m > 0 ? [g] : []));
+      const shuffled = withRows.filter((_, i) => i % 2 === 0).reverse();
+      const lists: Array<[string, number[]]> = [
+        ['the groups with rows, ascending (as route_rows writes it)', withRows],
+        ['every group', Array.from({ length: G }, (_, g) => g)],
+        ['every other group with rows, descending, plus empty ones', [...shuffled, ...rows.flatMap((m, g) => (m === 0 ? [g] : []))]],
+        ['no group', []],
+      ];
+      for (const [what, groups] of lists) {
+        for (const maxActive of [undefined, 1, 3, G + 5]) {
+          const buf = new Int32Array(G + 1).fill(-9); // past the count: never read
+          buf[0] = groups.length;
+          buf.set(groups, 1);
+          const pa = await arena.put(buf);
+          const out = await arena.put(out0);
+          const launch = vi.spyOn(s, 'launch');
+          try {
+            mk.groupedMatmul(s, { ...base, out, active: pa, ...(maxActive === undefined ? {} : { maxActive }) });
+            expect(launch.mock.calls.length).toBe(1);
+            expect(launch.mock.calls[0]![1].grid).toEqual([Math.ceil(N / 8), Math.min(G, maxActive ?? G)]);
+          } finally {
+            launch.mockRestore();
+          }
+          const got = await arena.get(out, out0);
+          const want = out0.slice();
+          ref.groupedMatmul({ out: want, x, weights: ws, rowOffsets: offsets, active: buf, G, M, N, K });
+          expectSame(got, want, `G=${G}, ${what}, maxActive ${String(maxActive)}: twin vs reference`);
+          // Listed groups' rows: the bits of the launch without the list; every other row untouched.
+          const listed = new Set(groups);
+          for (let m = 0; m < M; m++) {
+            const g = rows.findIndex((_, i) => offsets[i]! <= m && m < offsets[i + 1]!);
+            const from = g >= 0 && listed.has(g) ? all : out0;
+            expectSame(got.subarray(m * N, (m + 1) * N), from.subarray(m * N, (m + 1) * N), `G=${G}, ${what}: row ${m} (group ${g})`);
+          }
+        }
+      }
+      // An unlisted group's matrix is never read, even when the group has rows.
+      const g1 = withRows[withRows.length - 1]!;
+      const addrs = BigUint64Array.from((await putGroups(ws)).ptrs, (p) => p.address);
+      addrs[g1] = 1n << 40n; // unmapped
+      const t = await arena.put(new Int32Array(addrs.buffer));
+      const others = withRows.filter((g) => g !== g1);
+      const out = await arena.put(out0);
+      mk.groupedMatmul(s, { ...base, weights: t, out, active: await arena.put(Int32Array.from([others.length, ...others])), maxActive: G });
+      const got = await arena.get(out, out0);
+      expectSame(got.subarray(offsets[g1]! * N, offsets[g1 + 1]! * N), out0.subarray(offsets[g1]! * N, offsets[g1 + 1]! * N), 'unlisted group untouched');
+    }
+  });
+
+  it('grouped_matmul with an active list: the list and maxActive are checked', async () => {
+    arena.reset();
+    const N = 4, K = 8, M = 3, G = 2;
+    const w = randBf16(N * K, 1);
+    const { table } = await putGroups([w, w]);
+    const x = await arena.put(randF32(M * K, 2));
+    const out0 = randF32(M * N, 3);
+    const out = await arena.put(out0);
+    const offs = await arena.put(Int32Array.from([0, 1, 3]));
+    const active = await arena.put(Int32Array.from([2, 0, 1]));
+    const args = { out, x, weights: table, rowOffsets: offs, active, maxActive: 2, G, M, N, K };
+    const bad = (patch: Partial<typeof args>, field: string) => {
+      try {
+        mk.groupedMatmul(s, { ...args, ...patch });
+        expect.unreachable();
+      } catch (e) {
+        expect(e).toBeInstanceOf(InvalidArgumentError);
+        expect((e as InvalidArgumentError).argument).toBe(field);
+      }
+    };
+    bad({ active: active.add(2) }, 'active'); // misaligned
+    bad({ active: active.range.at(active.range.size - 8) }, 'active'); // G + 1 = 3 entries need 12 bytes
+    bad({ active: out.add(4) }, 'out'); // overlaps out
+    bad({ maxActive: 0 }, 'maxActive');
+    bad({ maxActive: 1.5 }, 'maxActive');
+    bad({ active: undefined }, 'maxActive'); // a bound without a list
+    mk.groupedMatmul(s, { ...args, maxActive: 1 }); // any positive bound is fine
+    mk.groupedMatmul(s, { ...args, M: 0 }); // nothing to do
+    await s.synchronize();
+    const done = await arena.get(out, out0);
+    const wantDone = out0.slice();
+    ref.groupedMatmul({ out: wantDone, x: await arena.get(x, new Float32Array(M * K)), weights: [w, w], rowOffsets: Int32Array.from([0, 1, 3]), G, M, N, K });
+    expectSame(done, wantDone, 'both groups listed, maxActive 1');
+
+    // A count outside 0..G or a group outside 0..G-1 is an illegal address (the kernel traps), found
+    // before anything is written; so is a bad row offset of a group the list leaves out (the twin
+    // checks every offset).
+    const badRun = async (list: number[], offsets = [0, 1, 3]) => {
+      mk.groupedMatmul(s, { ...args, active: await arena.put(Int32Array.from(list)), rowOffsets: await arena.put(Int32Array.from(offsets)) });
+      await expect(s.synchronize()).rejects.toBeInstanceOf(IllegalAddressError);
+      rt.resetDevice(0);
+      expectSame(await arena.get(out, done), done, 'out untouched');
+    };
+    await badRun([3, 0, 1]);
+    await badRun([-1, 0, 1]);
+    await badRun([2, 0, 2]);
+    await badRun([1, -1, 0]);
+    await badRun([1, 0, 0], [0, 1, 4]);
+    expect(() => ref.groupedMatmul({ out: new Float32Array(M * N), x: new Float32Array(M * K), weights: [w, w], rowOffsets: Int32Array.from([0, 1, 3]),
+      active: Int32Array.from([1, 2, 0]), G, M, N, K })).toThrow(RangeError);
+  });
+
   it('add_bias', async () => {
     arena.reset();
     const M = 4, N = 29;
@@ -423,35 +546,76 @@ describe('model kernels on the mock (CPU twins vs TypeScript references, bit for
     return { ids, route };
   }
 
+  /**
+   * Routes (ids, route) for `device` on the twin and in the reference, compares every output bit for
+   * bit, checks them against a sort by (expert, t, k) too, and returns the device's pairs [expert, slot].
+   */
+  async function checkRoute(T: number, K: number, E: number, ids: Int32Array, route: Int32Array, device: number, what: string) {
+    const TK = T * K;
+    const offsets = arena.alloc((E + 1) * 4), rows = await arena.put(new Int32Array(TK).fill(-7)), perm = await arena.put(new Int32Array(TK).fill(-7));
+    const active = await arena.put(new Int32Array(E + 1).fill(-7));
+    mk.routeRows(s, { rowOffsets: offsets, rows, perm, active, ids: await arena.put(ids), route: await arena.put(route), device, T, K, E });
+    const want = {
+      rowOffsets: new Int32Array(E + 1), rows: new Int32Array(TK).fill(-7), perm: new Int32Array(TK).fill(-7), active: new Int32Array(E + 1).fill(-7),
+    };
+    ref.routeRows({ ...want, ids, route, device, T, K, E });
+    expectSame(await arena.get(offsets, want.rowOffsets), want.rowOffsets, `route_rows offsets ${what}`);
+    expectSame(await arena.get(rows, want.rows), want.rows, `route_rows rows ${what}`);
+    expectSame(await arena.get(perm, want.perm), want.perm, `route_rows perm ${what}`);
+    expectSame(await arena.get(active, want.active), want.active, `route_rows active ${what}`);
+    // Independently: a sort by (expert, t, k) of this device's pairs.
+    const mine = Array.from(ids, (x, i) => [x, i] as const).filter(([x]) => route[x] === device).sort((a, b) => a[0] - b[0] || a[1] - b[1]);
+    const total = want.rowOffsets[E]!;
+    expect(total).toBe(mine.length);
+    expect(Array.from(want.perm.subarray(0, total))).toEqual(mine.map(([, i]) => i));
+    expect(Array.from(want.rows.subarray(0, total))).toEqual(mine.map(([, i]) => Math.floor(i / K)));
+    expect(Array.from(want.rows.subarray(total))).toEqual(new Array(TK - total).fill(-7)); // past the total: untouched
+    for (let x = 0; x < E; x++) {
+      const n = want.rowOffsets[x + 1]! - want.rowOffsets[x]!;
+      expect(n).toBe(route[x] === device ? mine.filter(([y]) => y === x).length : 0);
+    }
+    // The active list: the experts with rows here, ascending, behind their count; past it untouched.
+    const experts = [...new Set(mine.map(([x]) => x))];
+    expect(want.active[0]).toBe(experts.length);
+    expect(experts.length).toBeLessThanOrEqual(Math.min(E, TK));
+    expect(Array.from(want.active.subarray(1, 1 + experts.length))).toEqual(experts);
+    expect(Array.from(want.active.subarray(1 + experts.length))).toEqual(new Array(E - experts.length).fill(-7));
+    return mine;
+  }
+
   it('route_rows: every device\'s lists against the reference, a partition of the slots, stable within an expert', async () => {
-    for (const [T, K, E, devices] of [[1, 1, 1, 1], [5, 2, 8, 4], [37, 3, 16, 3], [200, 8, 128, 4], [512, 8, 128, 2], [33, 4, 40, 1]] as const) {
+    for (const [T, K, E, devices] of [[1, 1, 1, 1], [5, 2, 8, 4], [37, 3, 16, 3], [200, 8, 128, 4], [512, 8, 128, 2], [33, 4, 40, 1], [1, 8, 128, 4], [3, 8, 2048, 2]] as const) {
       arena.reset();
       const TK = T * K;
-      const { ids, route: fixed } = routing(T, K, E, devices, 1000 + T + E);
-      const pids = await arena.put(ids), proute = await arena.put(fixed);
+      const { ids, route } = routing(T, K, E, devices, 1000 + T + E);
       const seen = new Int32Array(TK);
       for (let d = 0; d < devices; d++) {
-        const offsets = arena.alloc((E + 1) * 4), rows = await arena.put(new Int32Array(TK).fill(-7)), perm = await arena.put(new Int32Array(TK).fill(-7));
-        mk.routeRows(s, { rowOffsets: offsets, rows, perm, ids: pids, route: proute, device: d, T, K, E });
-        const want = { rowOffsets: new Int32Array(E + 1), rows: new Int32Array(TK).fill(-7), perm: new Int32Array(TK).fill(-7) };
-        ref.routeRows({ ...want, ids, route: fixed, device: d, T, K, E });
-        expectSame(await arena.get(offsets, want.rowOffsets), want.rowOffsets, `route_rows offsets T=${T} E=${E} device ${d}`);
-        expectSame(await arena.get(rows, want.rows), want.rows, `route_rows rows T=${T} E=${E} device ${d}`);
-        expectSame(await arena.get(perm, want.perm), want.perm, `route_rows perm T=${T} E=${E} device ${d}`);
-        // Independently: a sort by (expert, t, k) of this device's pairs.
-        const mine = Array.from(ids, (x, i) => [x, i] as const).filter(([x]) => fixed[x] === d).sort((a, b) => a[0] - b[0] || a[1] - b[1]);
-        const total = want.rowOffsets[E]!;
-        expect(total).toBe(mine.length);
-        expect(Array.from(want.perm.subarray(0, total))).toEqual(mine.map(([, i]) => i));
-        expect(Array.from(want.rows.subarray(0, total))).toEqual(mine.map(([, i]) => Math.floor(i / K)));
-        expect(Array.from(want.rows.subarray(total))).toEqual(new Array(TK - total).fill(-7)); // past the total: untouched
-        for (let x = 0; x < E; x++) {
-          const n = want.rowOffsets[x + 1]! - want.rowOffsets[x]!;
-          expect(n).toBe(fixed[x] === d ? mine.filter(([y]) => y === x).length : 0);
-        }
-        for (const [, i] of mine) seen[i]!++;
+        for (const [, i] of await checkRoute(T, K, E, ids, route, d, `T=${T} E=${E} device ${d}`)) seen[i]!++;
       }
       expect(Array.from(seen)).toEqual(new Array(TK).fill(1)); // every slot computed exactly once
+    }
+  });
+
+  it('route_rows: the active list when no expert has rows here, and when every expert has', async () => {
+    arena.reset();
+    // No rows at all: device 1 computes nothing of this rank, or computes experts nobody chose.
+    const { ids } = routing(5, 2, 8, 1, 77);
+    const none = await checkRoute(5, 2, 8, ids, new Int32Array(8), 1, 'no rows (route elsewhere)');
+    expect(none.length).toBe(0);
+    const unchosen = Int32Array.from({ length: 8 }, (_, x) => (ids.includes(x) ? 0 : 1));
+    expect(unchosen.includes(1)).toBe(true);
+    expect((await checkRoute(5, 2, 8, ids, unchosen, 1, 'no rows (unchosen experts)')).length).toBe(0);
+    // Every expert active: T*K = E with each expert once, and every expert of many in several rows.
+    for (const [T, K, E] of [[1, 8, 8], [40, 4, 16], [512, 8, 2048], [9, 4, 33]] as const) {
+      arena.reset();
+      const all = Int32Array.from({ length: T * K }, (_, i) => (Math.floor(i / K) + (i % K) * Math.ceil(E / K)) % E); // distinct per token
+      const cover = new Set(all);
+      expect(cover.size).toBe(E);
+      const mine = await checkRoute(T, K, E, all, new Int32Array(E), 0, `all active T=${T} K=${K} E=${E}`);
+      expect(mine.length).toBe(T * K);
+      // Two devices: each gets its experts, all of them active.
+      const half = Int32Array.from({ length: E }, (_, x) => x % 2);
+      await checkRoute(T, K, E, all, half, 1, `odd experts T=${T} E=${E}`);
     }
   });
 
@@ -506,9 +670,9 @@ describe('model kernels on the mock (CPU twins vs TypeScript references, bit for
       await illegal(() => mk.scatterRowsCount(s, { out: px, x: out, rows: prow, count, M, H, R }));
       await illegal(() => mk.siluMulCount(s, { out, gate: out, up: out, count, M, N: H }));
     }
-    const offsets = arena.alloc(9 * 4), l1 = arena.alloc(8), l2 = arena.alloc(8);
+    const offsets = arena.alloc(9 * 4), l1 = arena.alloc(8), l2 = arena.alloc(8), act = arena.alloc(9 * 4);
     await illegal(() => mk.routeRows(s, {
-      rowOffsets: offsets, rows: l1, perm: l2, ids: px.range.at(0), route: arena.alloc(32), device: 0, T: 1, K: 1, E: 8,
+      rowOffsets: offsets, rows: l1, perm: l2, active: act, ids: px.range.at(0), route: arena.alloc(32), device: 0, T: 1, K: 1, E: 8,
     })); // x's first element is no expert id
   });
 
@@ -533,9 +697,10 @@ describe('model kernels on the mock (CPU twins vs TypeScript references, bit for
       const slots0 = randF32(TK * H, 9);
       const pslots = await put(peer.ptr.add(8192), slots0);
       const offsets = local.ptr, rows = local.ptr.add(256), perm = local.ptr.add(512), recv = local.ptr.add(1024);
+      const active = local.ptr.add(768);
       const proute = local.ptr.add(4096);
       await rt.write(proute, new Uint8Array(route.buffer), s1);
-      mk1.routeRows(s1, { rowOffsets: offsets, rows, perm, ids: pids, route: proute, device: 1, T, K, E });
+      mk1.routeRows(s1, { rowOffsets: offsets, rows, perm, active, ids: pids, route: proute, device: 1, T, K, E });
       const count = offsets.add(E * 4);
       mk1.gatherRowsCount(s1, { out: recv, x: px, rows, count, M: TK, H, R: T });
       mk1.scatterRowsCount(s1, { out: pslots, x: recv, rows: perm, count, M: TK, H, R: TK });
@@ -548,7 +713,7 @@ describe('model kernels on the mock (CPU twins vs TypeScript references, bit for
       expect(ids.some((e) => route[e] === 1) && ids.some((e) => route[e] === 0)).toBe(true);
       // The same ids in memory device 1 may not touch: an illegal address on device 1.
       const oids = await put(own.ptr, ids);
-      mk1.routeRows(s1, { rowOffsets: offsets, rows, perm, ids: oids, route: proute, device: 1, T, K, E });
+      mk1.routeRows(s1, { rowOffsets: offsets, rows, perm, active, ids: oids, route: proute, device: 1, T, K, E });
       await expect(s1.synchronize()).rejects.toBeInstanceOf(IllegalAddressError);
       rt.resetDevice(1);
     } finally {
@@ -573,7 +738,9 @@ describe('model kernels on the mock (CPU twins vs TypeScript references, bit for
         expect((e as InvalidArgumentError).argument).toBe(field);
       }
     };
-    const route = { rowOffsets: p, rows: p.add(1024), perm: p.add(2048), ids: p.add(3072), route: p.add(4096), device: 0, T: 4, K: 2, E: 8 };
+    const route = {
+      rowOffsets: p, rows: p.add(1024), perm: p.add(2048), active: p.add(5120), ids: p.add(3072), route: p.add(4096), device: 0, T: 4, K: 2, E: 8,
+    };
     bad(() => mk.routeRows(s, { ...route, K: 0 }), 'K');
     bad(() => mk.routeRows(s, { ...route, E: 0 }), 'E');
     bad(() => mk.routeRows(s, { ...route, E: MAX_ROUTE_EXPERTS + 1 }), 'E');
@@ -583,6 +750,10 @@ describe('model kernels on the mock (CPU twins vs TypeScript references, bit for
     bad(() => mk.routeRows(s, { ...route, perm: p.add(1028) }), 'rows'); // overlaps rows
     bad(() => mk.routeRows(s, { ...route, ids: p.add(4) }), 'rowOffsets'); // overlaps the offsets
     bad(() => mk.routeRows(s, { ...route, route: p.range.at(p.range.size - 4) }), 'route');
+    bad(() => mk.routeRows(s, { ...route, active: p.add(5122) }), 'active'); // misaligned
+    bad(() => mk.routeRows(s, { ...route, active: p.range.at(p.range.size - 32) }), 'active'); // E + 1 = 9 entries need 36 bytes
+    bad(() => mk.routeRows(s, { ...route, active: p.add(3072) }), 'active'); // overlaps ids
+    bad(() => mk.routeRows(s, { ...route, active: p.add(1024 + 16) }), 'rows'); // overlaps rows
     const g = { out: p, x: p.add(8192), rows: p.add(16384), count: p.add(20000), M: 4, H: 8, R: 4 };
     bad(() => mk.gatherRowsCount(s, { ...g, count: p.add(20002) }), 'count');
     bad(() => mk.gatherRowsCount(s, { ...g, x: p.add(64) }), 'out');

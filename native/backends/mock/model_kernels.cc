@@ -68,6 +68,14 @@ int64_t MaxIndex(const MockKernelContext& ctx, size_t arg, const int32_t* idx, u
   return m;
 }
 
+// Whether the optional pointer argument `i` is given: a pointer (true), or the null address passed as the u64 0
+// (false, the launchers' "none"). Anything else is an invalid argument list.
+bool OptionalPtr(const MockKernelContext& ctx, size_t i) {
+  if (i < ctx.args.size() && ctx.args[i].type == ArgType::kPtr) return true;
+  if (ctx.U64(i) != 0) BadSize(ctx, "argument " + std::to_string(i) + ": a pointer, or the u64 0 for none");
+  return false;
+}
+
 }  // namespace
 
 // 1. emoe_embed(f32* out[T,H], const u16* table[V,H], const i32* tokens[T], u32 T, u32 H)
@@ -407,14 +415,17 @@ EMOE_MOCK_KERNEL(emoe_add_f32) {
 }
 
 // 16. emoe_grouped_matmul_bf16(f32* out[M,N], const f32* x[M,K], const u64* weights[G], const i32* row_offsets[G+1],
-//                              u32 G, u32 M, u32 N, u32 K)
+//                              const i32* active[G+1] or 0, u32 G, u32 M, u32 N, u32 K)
 // Rows row_offsets[g]..row_offsets[g+1]-1 of out = the same rows of x . W_g^T, W_g the bf16 [N,K] matrix at
 // address weights[g]. Each output element is the sequential dot product of emoe_matmul_bf16's twin (k in order),
 // so a row's result depends on its x row and W_g alone, never on the other rows of its group. Offsets must be
-// non-decreasing in 0..M (else the illegal-address error); a group of 0 rows never dereferences its pointer; rows
-// outside [row_offsets[0], row_offsets[G]) are left as they are.
+// non-decreasing in 0..M (else the illegal-address error; checked for every group, listed or not, which is stricter
+// than the CUDA kernel with a list); a group of 0 rows never dereferences its pointer; rows outside
+// [row_offsets[0], row_offsets[G]) are left as they are. With an active list (active[0] = A in 0..G, then A group
+// ids in 0..G-1, else the illegal-address error), only the listed groups run, in list order: an unlisted group's
+// pointer is never dereferenced and its rows are left as they are; a listed group's rows are the same as without it.
 EMOE_MOCK_KERNEL(emoe_grouped_matmul_bf16) {
-  const uint64_t G = ctx.U32(4), M = ctx.U32(5), N = ctx.U32(6), K = ctx.U32(7);
+  const uint64_t G = ctx.U32(5), M = ctx.U32(6), N = ctx.U32(7), K = ctx.U32(8);
   if (G == 0) BadSize(ctx, "G >= 1");
   const int32_t* offsets = ctx.Ptr<int32_t>(3, G + 1, false);
   const uint64_t* weights = ctx.Ptr<uint64_t>(2, G, false);
@@ -425,15 +436,32 @@ EMOE_MOCK_KERNEL(emoe_grouped_matmul_bf16) {
     }
     if (g > 0 && o < offsets[g - 1]) BadIndex(ctx, 3, g, o, "row offsets must not decrease");
   }
+  // The groups to run: all, or the active list's.
+  std::vector<uint64_t> groups;
+  if (OptionalPtr(ctx, 4)) {
+    const int32_t A = *ctx.Ptr<int32_t>(4, 1, false);
+    if (A < 0 || static_cast<uint64_t>(A) > G) {
+      BadIndex(ctx, 4, 0, A, "an active list's count must be in 0.." + std::to_string(G));
+    }
+    const int32_t* active = ctx.Ptr<int32_t>(4, 1 + static_cast<uint64_t>(A), false);
+    for (uint64_t a = 1; a <= static_cast<uint64_t>(A); ++a) {
+      if (active[a] < 0 || static_cast<uint64_t>(active[a]) >= G) {
+        BadIndex(ctx, 4, a, active[a], "an active group must be in 0.." + std::to_string(G - 1));
+      }
+      groups.push_back(static_cast<uint64_t>(active[a]));
+    }
+  } else {
+    for (uint64_t g = 0; g < G; ++g) groups.push_back(g);
+  }
   const float* x = ctx.Ptr<float>(1, M * K, false);
   float* out = ctx.Ptr<float>(0, M * N, true);
   // Every group's matrix is validated before anything is written.
   std::vector<const uint16_t*> w(G, nullptr);
-  for (uint64_t g = 0; g < G; ++g) {
+  for (const uint64_t g : groups) {
     if (offsets[g + 1] > offsets[g]) w[g] = ctx.PtrAt<const uint16_t>(2, weights[g], N * K, false);
   }
   std::vector<float> wf(K);
-  for (uint64_t g = 0; g < G; ++g) {
+  for (const uint64_t g : groups) {
     const uint64_t r0 = static_cast<uint64_t>(offsets[g]), r1 = static_cast<uint64_t>(offsets[g + 1]);
     if (r1 == r0) continue;
     for (uint64_t n = 0; n < N; ++n) {
@@ -449,39 +477,43 @@ EMOE_MOCK_KERNEL(emoe_grouped_matmul_bf16) {
   }
 }
 
-// 17. emoe_route_rows(i32* row_offsets[E+1], i32* rows[T*K], i32* perm[T*K], const i32* ids[T*K], const i32* route[E],
-//                     u32 device, u32 T, u32 K, u32 E)
+// 17. emoe_route_rows(i32* row_offsets[E+1], i32* rows[T*K], i32* perm[T*K], i32* active[E+1], const i32* ids[T*K],
+//                     const i32* route[E], u32 device, u32 T, u32 K, u32 E)
 // For the experts x with route[x] == device: row_offsets[x]..row_offsets[x+1]-1 are expert x's sorted rows (the other
 // experts get none; row_offsets[E] is the total); sorted row p < total has rows[p] = t and perm[p] = t*K + k, in
-// increasing (t, k) order within an expert. Entries at or past the total are not written. An id outside 0..E-1 is
+// increasing (t, k) order within an expert. Entries at or past the total are not written. active[0] = A, the number
+// of experts with rows, active[1..A] those experts ascending; entries past A are not written. An id outside 0..E-1 is
 // an illegal address (the CUDA kernel traps), found before anything is written. ids may be another device's memory.
 EMOE_MOCK_KERNEL(emoe_route_rows) {
-  const uint32_t device = ctx.U32(5);
-  const uint64_t T = ctx.U32(6), K = ctx.U32(7), E = ctx.U32(8);
+  const uint32_t device = ctx.U32(6);
+  const uint64_t T = ctx.U32(7), K = ctx.U32(8), E = ctx.U32(9);
   const uint64_t TK = T * K;
   if (TK > 0 && E == 0) BadSize(ctx, "E >= 1");
-  const int32_t* ids = ctx.Ptr<int32_t>(3, TK, false);
-  const int32_t* route = ctx.Ptr<int32_t>(4, TK > 0 ? E : 0, false);
+  const int32_t* ids = ctx.Ptr<int32_t>(4, TK, false);
+  const int32_t* route = ctx.Ptr<int32_t>(5, TK > 0 ? E : 0, false);
   for (uint64_t i = 0; i < TK; ++i) {
     if (ids[i] < 0 || static_cast<uint64_t>(ids[i]) >= E) {
-      BadIndex(ctx, 3, i, ids[i], "an expert id must be in 0.." + std::to_string(E == 0 ? 0 : E - 1));
+      BadIndex(ctx, 4, i, ids[i], "an expert id must be in 0.." + std::to_string(E == 0 ? 0 : E - 1));
     }
   }
   int32_t* offsets = ctx.Ptr<int32_t>(0, E + 1, true);
   int32_t* rows = ctx.Ptr<int32_t>(1, TK, true);
   int32_t* perm = ctx.Ptr<int32_t>(2, TK, true);
+  int32_t* active = ctx.Ptr<int32_t>(3, E + 1, true);
   std::vector<int32_t> next(E + 1, 0);
   for (uint64_t i = 0; i < TK; ++i) {
     if (route[ids[i]] == static_cast<int32_t>(device)) ++next[ids[i]];
   }
-  int32_t total = 0;
+  int32_t total = 0, nact = 0;
   for (uint64_t x = 0; x < E; ++x) {
     const int32_t c = next[x];
+    if (c > 0) active[1 + nact++] = static_cast<int32_t>(x);
     offsets[x] = total;
     next[x] = total;
     total += c;
   }
   offsets[E] = total;
+  active[0] = nact;
   for (uint64_t i = 0; i < TK; ++i) {
     const int32_t x = ids[i];
     if (route[x] != static_cast<int32_t>(device)) continue;

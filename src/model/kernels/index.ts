@@ -113,6 +113,20 @@ export interface GroupedMatmulArgs {
    */
   weights: DevicePointer;
   /** [G + 1] i32, non-decreasing, in 0..M: group g is rows rowOffsets[g]..rowOffsets[g+1]-1 */ rowOffsets: DevicePointer;
+  /**
+   * Optional [G + 1] i32 active list (as routeRows writes it): active[0] = A in 0..G, then A group ids
+   * in 0..G-1. Given, only the listed groups run (the others' offsets, addresses and rows are not
+   * touched) and a listed group's rows get exactly the bits the launch without the list gives them;
+   * a count or id out of range is a launch failure (the kernel traps; the mock: illegal address).
+   * Absent: every group runs.
+   */
+  active?: DevicePointer;
+  /**
+   * With `active` only: an upper bound on the list's count A that sizes the launch's group
+   * dimension (grid.y = min(G, maxActive, 65535); any value is correct, the kernel strides over
+   * the list). Default G. The device-routed FFN passes min(E, T*K): no more experts have rows.
+   */
+  maxActive?: number;
   G: number;
   M: number;
   N: number;
@@ -207,6 +221,12 @@ export interface RouteRowsArgs {
   rowOffsets: DevicePointer;
   /** [T*K] i32, written below the total: sorted row → token t */ rows: DevicePointer;
   /** [T*K] i32, written below the total: sorted row → slot t*K + k */ perm: DevicePointer;
+  /**
+   * [E + 1] i32, written: active[0] = A, the number of experts with rows on this device (at most
+   * min(E, T*K)), and active[1..A] those experts in ascending order (groupedMatmul's `active`); the
+   * entries past A are not written.
+   */
+  active: DevicePointer;
   /** [T, K] i32: the rank's top-k expert ids, in 0..E-1 (may be another device's memory) */ ids: DevicePointer;
   /** [E] i32: for each expert, the index of the device that computes it for the rank */ route: DevicePointer;
   /** The index (in route's numbering) of the device this launch routes for. */
@@ -334,8 +354,9 @@ export class ModelKernels implements Disposable {
 
   /**
    * Rows rowOffsets[g]..rowOffsets[g+1]-1 of out = the same rows of x . W_g^T for each group g (W_g at
-   * weights[g]), f32 accumulation, one launch for all groups. A row's result does not depend on
-   * the other rows of its group (on CUDA too: emoe_grouped_matmul_bf16's summation order is per row).
+   * weights[g]), f32 accumulation, one launch for all groups, or for the groups of the `active` list
+   * only. A row's result does not depend on the other rows of its group nor on the list (on CUDA too:
+   * emoe_grouped_matmul_bf16's summation order is per row).
    */
   groupedMatmul(stream: Stream, a: GroupedMatmulArgs): void {
     const G = u32('G', a.G, 1);
@@ -346,12 +367,21 @@ export class ModelKernels implements Disposable {
     ptr('x', a.x, M * K, 4);
     ptr('weights', a.weights, G, 8);
     ptr('rowOffsets', a.rowOffsets, G + 1, 4);
+    const listed = a.active !== undefined;
+    if (listed) ptr('active', a.active!, G + 1, 4);
+    let slots = G;
+    if (a.maxActive !== undefined) {
+      if (!listed) throw new InvalidArgumentError('maxActive', 'given only with an active list');
+      slots = Math.min(G, u32('maxActive', a.maxActive, 1));
+    }
     if (M === 0) return;
     disjoint('out', a.out, M * N * 4, 'x', a.x, M * K * 4);
-    // One warp per output column (8 per block) of one group: grid (columns / 8, groups),
-    // both capped; the kernel strides over columns and groups.
-    this.launch(stream, 'emoe_grouped_matmul_bf16', [gridFor(N, BLOCK / 32), Math.min(G, MAX_GRID)], BLOCK,
-      [a.out, a.x, a.weights, a.rowOffsets, arg.u32(G), arg.u32(M), arg.u32(N), arg.u32(K)]);
+    if (listed) disjoint('out', a.out, M * N * 4, 'active', a.active!, (G + 1) * 4);
+    // One warp per output column (8 per block) of one group: grid (columns / 8, group slots),
+    // both capped; the kernel strides over columns and over the groups (all G, or the listed
+    // ones: then at most maxActive slots are worth a block row).
+    this.launch(stream, 'emoe_grouped_matmul_bf16', [gridFor(N, BLOCK / 32), Math.min(slots, MAX_GRID)], BLOCK,
+      [a.out, a.x, a.weights, a.rowOffsets, listed ? a.active! : arg.u64(0), arg.u32(G), arg.u32(M), arg.u32(N), arg.u32(K)]);
   }
 
   /** x[M, N] += b[N]. */
@@ -484,7 +514,7 @@ export class ModelKernels implements Disposable {
   /**
    * Routes a rank's T*K (token, k) pairs for one computing device, on the device: the experts that
    * route[] gives to `device` get their rows (stable: increasing (t, k) within an expert), the others
-   * none. One block; no host round trip. An id outside 0..E-1 is a launch failure (illegal address).
+   * none, and the experts that got rows are listed in `active` (ascending). One block; no host round trip. An id outside 0..E-1 is a launch failure (illegal address).
    */
   routeRows(stream: Stream, a: RouteRowsArgs): void {
     const T = u32('T', a.T);
@@ -498,17 +528,21 @@ export class ModelKernels implements Disposable {
     ptr('rowOffsets', a.rowOffsets, E + 1, 4);
     ptr('rows', a.rows, TK, 4);
     ptr('perm', a.perm, TK, 4);
+    ptr('active', a.active, E + 1, 4);
     ptr('ids', a.ids, TK, 4);
     ptr('route', a.route, E, 4);
     if (T === 0) return;
-    const outs: Array<[string, DevicePointer, number]> = [['rowOffsets', a.rowOffsets, (E + 1) * 4], ['rows', a.rows, TK * 4], ['perm', a.perm, TK * 4]];
+    const outs: Array<[string, DevicePointer, number]> = [
+      ['rowOffsets', a.rowOffsets, (E + 1) * 4], ['rows', a.rows, TK * 4], ['perm', a.perm, TK * 4], ['active', a.active, (E + 1) * 4],
+    ];
     outs.forEach(([name, p, bytes], i) => {
       for (const [other, q, qBytes] of outs.slice(i + 1)) disjoint(name, p, bytes, other, q, qBytes);
       disjoint(name, p, bytes, 'ids', a.ids, TK * 4);
       disjoint(name, p, bytes, 'route', a.route, E * 4);
     });
     this.launch(stream, 'emoe_route_rows', 1, BLOCK,
-      [a.rowOffsets, a.rows, a.perm, a.ids, a.route, arg.u32(device), arg.u32(T), arg.u32(K), arg.u32(E)], (2 * TK + E + 1) * 4);
+      [a.rowOffsets, a.rows, a.perm, a.active, a.ids, a.route, arg.u32(device), arg.u32(T), arg.u32(K), arg.u32(E)],
+      (2 * TK + E + 1) * 4);
   }
 
   /** gatherRows over the first *count rows (count in device memory, at most M; M sizes the buffers and the grid). */

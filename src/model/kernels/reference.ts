@@ -97,13 +97,17 @@ export function matmul(o: { out: Float32Array; x: Float32Array; w: Uint16Array; 
  * Grouped matmul: rows rowOffsets[g]..rowOffsets[g+1]-1 of out = the same rows of x . weights[g]^T
  * (weights[g] is group g's [N, K] bf16 matrix, where the kernel takes its device address). Each
  * element is `matmul`'s sequential dot product; rows outside the groups are left as they are.
+ * With `active` (active[0] = A, then A group ids), only the listed groups, in list order; a count
+ * outside 0..G or an id outside 0..G-1 throws (the kernel traps). A listed group's rows are the
+ * same as without the list.
  */
 export function groupedMatmul(o: {
-  out: Float32Array; x: Float32Array; weights: ArrayLike<Uint16Array>; rowOffsets: Int32Array; G: number; M: number; N: number; K: number;
+  out: Float32Array; x: Float32Array; weights: ArrayLike<Uint16Array>; rowOffsets: Int32Array; active?: Int32Array;
+  G: number; M: number; N: number; K: number;
 }): void {
   const { G, N, K } = o;
   const wf = new Float32Array(K);
-  for (let g = 0; g < G; g++) {
+  for (const g of activeGroups(o.active, G)) {
     const r0 = o.rowOffsets[g]!, r1 = o.rowOffsets[g + 1]!;
     if (r1 <= r0) continue;
     const w = o.weights[g]!;
@@ -116,6 +120,18 @@ export function groupedMatmul(o: {
       }
     }
   }
+}
+
+/** The groups a grouped launch visits: 0..G-1, or those of the active list (validated). */
+function activeGroups(active: Int32Array | undefined, G: number): number[] {
+  if (active === undefined) return Array.from({ length: G }, (_, g) => g);
+  const A = active[0]!;
+  if (!(A >= 0 && A <= G)) throw new RangeError(`active list count ${A} is outside 0..${G}`);
+  const groups = Array.from(active.subarray(1, 1 + A));
+  groups.forEach((g, a) => {
+    if (!(g >= 0 && g < G)) throw new RangeError(`active list entry ${a + 1} is group ${g}, outside 0..${G - 1}`);
+  });
+  return groups;
 }
 
 export function addBias(o: { x: Float32Array; b: Uint16Array; M: number; N: number }): void {
@@ -304,10 +320,11 @@ export function addF32(o: { out: Float32Array; a: Float32Array; b: Float32Array;
  * with route[x] === device, rowOffsets[x]..rowOffsets[x+1]-1 are expert x's sorted rows (the others
  * get none; rowOffsets[E] is the total), and sorted row p < total has rows[p] = t, perm[p] = t*K + k,
  * in increasing (t, k) order within an expert. Entries of rows and perm past the total are left as
- * they are. Throws on an id outside 0..E-1 (the kernel traps).
+ * they are. active[0] = A, the number of experts with rows, active[1..A] those experts ascending
+ * (entries past A left as they are). Throws on an id outside 0..E-1 (the kernel traps).
  */
 export function routeRows(o: {
-  rowOffsets: Int32Array; rows: Int32Array; perm: Int32Array; ids: Int32Array; route: Int32Array;
+  rowOffsets: Int32Array; rows: Int32Array; perm: Int32Array; active: Int32Array; ids: Int32Array; route: Int32Array;
   device: number; T: number; K: number; E: number;
 }): void {
   const { K, E } = o;
@@ -318,14 +335,16 @@ export function routeRows(o: {
     if (!(x >= 0 && x < E)) throw new RangeError(`routeRows: id ${x} at ${i} is outside 0..${E - 1}`);
     if (o.route[x] === o.device) next[x]!++;
   }
-  let total = 0;
+  let total = 0, A = 0;
   for (let x = 0; x < E; x++) {
     const c = next[x]!;
+    if (c > 0) o.active[1 + A++] = x;
     o.rowOffsets[x] = total;
     next[x] = total;
     total += c;
   }
   o.rowOffsets[E] = total;
+  o.active[0] = A;
   for (let i = 0; i < TK; i++) {
     const x = o.ids[i]!;
     if (o.route[x] !== o.device) continue;

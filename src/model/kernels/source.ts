@@ -27,6 +27,10 @@
 //   memory (the routing kernel's total) and run over an upper bound M of rows, doing
 //   nothing for rows at or past the count. Their pointers may be another device's
 //   memory (peer access), which is how a device computes experts for another rank.
+//   emoe_route_rows also writes the device's active list (the experts that got rows,
+//   ascending, behind their count), which emoe_grouped_matmul_bf16 takes to visit only
+//   those groups: at decode a few of E, so the grid's group dimension is sized for the
+//   few (min(E, T*K)) instead of E.
 export const MODEL_KERNELS_SOURCE = String.raw`
 typedef unsigned int u32;
 typedef unsigned long long u64;
@@ -535,23 +539,45 @@ extern "C" __global__ void emoe_add_f32(float* out, const float* a, const float*
 // W_g^T, where W_g is the bf16 [N, K] matrix at device address weights[g]; f32
 // accumulation. Rows outside [row_offsets[0], row_offsets[G]) are not written; a group
 // of 0 rows never reads its pointer. Offsets that are negative, decrease or pass M trap.
-// Grid (column blocks, groups), both grid-stride: each warp owns one output column n of
-// one group and walks the group's rows in chunks of 8 accumulators, reading W_g[n, :]
-// once per chunk (16-byte loads when K % 8 == 0 and x and W_g are 16-byte aligned) and
-// the x rows from L1/L2. Summation order of one output element, fixed: lane l adds, with
+// Which groups: all G when active is null; else only the listed ones, active[0] = A
+// (0..G) followed by A group ids (each in 0..G-1; emoe_route_rows writes them ascending
+// and distinct), the other groups' offsets and pointers never read and their rows not
+// written. A bad count or id traps. The list changes which groups are visited, never
+// how a group's rows are computed: a listed group's rows are bit for bit what the launch
+// without the list gives them.
+// Grid (column blocks, group slots), both grid-stride: slot a = blockIdx.y, a +=
+// gridDim.y, over a < G (group a) or a < A (group active[1 + a]), so any grid.y is
+// correct; the launcher sizes it for the groups that can have rows. Each warp owns one
+// output column n of one group and walks the group's rows in chunks of 8 accumulators,
+// reading W_g[n, :] once per chunk (16-byte loads when K % 8 == 0 and x and W_g are
+// 16-byte aligned) and the x rows from L1/L2. Summation order of one output element, fixed: lane l adds, with
 // fmaf in ascending order, k = 256 j + 8 l + i (i = 0..7, j = 0, 1, ...), then the 32
 // lane sums meet in the xor-shuffle tree (16, 8, 4, 2, 1). The scalar path walks the
 // same k sequence, so a row's result depends only on its x row, W_g[n, :] and K: not on
 // the rows that share its group, its place in a chunk, or alignment.
 extern "C" __global__ void emoe_grouped_matmul_bf16(float* out, const float* x, const u64* weights,
-                                                    const int* row_offsets, u32 G, u32 M, u32 N, u32 K) {
+                                                    const int* row_offsets, const int* active, u32 G, u32 M, u32 N,
+                                                    u32 K) {
   if ((blockDim.x & 31) != 0 || blockDim.y != 1 || blockDim.z != 1) __trap();
   const u32 lane = threadIdx.x & 31;
   const u64 wpb = blockDim.x >> 5;
   const u64 warp0 = blockIdx.x * wpb + (threadIdx.x >> 5);
   const u64 nstride = (u64)gridDim.x * wpb;
   const bool xvec = (K % 8 == 0) && ((((u64)x) & 15) == 0);
-  for (u32 g = blockIdx.y; g < G; g += gridDim.y) {
+  const bool listed = active != nullptr;
+  u32 A = G;  // group slots: all groups, or the listed ones
+  if (listed) {
+    const int a0 = active[0];
+    if (a0 < 0 || (u32)a0 > G) __trap();
+    A = (u32)a0;
+  }
+  for (u32 a = blockIdx.y; a < A; a += gridDim.y) {  // uniform over the block
+    u32 g = a;
+    if (listed) {
+      const int ga = active[1 + a];
+      if (ga < 0 || (u32)ga >= G) __trap();
+      g = (u32)ga;
+    }
     const int r0 = row_offsets[g], r1 = row_offsets[g + 1];
     if (r0 < 0 || r1 < r0 || (u32)r1 > M) __trap();
     if (r0 == r1) continue;  // uniform over the block
@@ -598,14 +624,20 @@ extern "C" __global__ void emoe_grouped_matmul_bf16(float* out, const float* x, 
 // each sorted row p < total: rows[p] = t (the token whose hidden state is the row's input)
 // and perm[p] = t*K + k (its slot). Within an expert the rows are in increasing (t, k)
 // order, so the result is a pure function of the inputs. Entries of rows and perm at or
-// past the total are not written. An id outside 0..E-1 traps.
+// past the total are not written. active [E + 1]: active[0] = A, the number of experts
+// with at least one row here, and active[1..A] those experts in ascending order (the
+// list emoe_grouped_matmul_bf16 takes); entries past A are not written. An id outside
+// 0..E-1 traps.
 // One block: the keys (x, or -1 for pairs another device computes) and each pair's rank
 // within its expert go to shared memory; warp 0 assigns the ranks 32 pairs at a time in
 // index order (__match_any_sync groups the lanes of one expert, the last of them advances
-// the expert's counter), then prefix-sums the counts; every thread writes the lists.
+// the expert's counter), then prefix-sums the counts, 32 experts at a time, and in the
+// same pass appends the experts of nonzero count to the active list (a ballot of the 32
+// counts; each such lane's place is the number of set lanes below it, after those of the
+// earlier passes); every thread writes the row lists.
 // Integer counting only: no float math, no atomics.
-extern "C" __global__ void emoe_route_rows(int* row_offsets, int* rows, int* perm, const int* ids, const int* route,
-                                           u32 device, u32 T, u32 K, u32 E) {
+extern "C" __global__ void emoe_route_rows(int* row_offsets, int* rows, int* perm, int* active, const int* ids,
+                                           const int* route, u32 device, u32 T, u32 K, u32 E) {
   extern __shared__ int emoe_route_shm[];  // key [T*K], rank [T*K], count/offset [E + 1]
   if ((blockDim.x & 31) != 0 || blockDim.y != 1 || blockDim.z != 1) __trap();
   if (blockIdx.x != 0 || blockIdx.y != 0 || blockIdx.z != 0) return;
@@ -635,11 +667,15 @@ extern "C" __global__ void emoe_route_rows(int* row_offsets, int* rows, int* per
       }
       __syncwarp();
     }
-    // Exclusive prefix sum of the counts, in place; s_cnt[E] = the total.
-    int carry = 0;
-    for (u32 b = 0; b < E; b += 32) {
+    // Exclusive prefix sum of the counts, in place; s_cnt[E] = the total. The experts with
+    // rows go to the active list in ascending order.
+    int carry = 0, nact = 0;
+    for (u32 b = 0; b < E; b += 32) {  // uniform over the warp
       const u32 j = b + lane;
       const int v = j < E ? s_cnt[j] : 0;
+      const u32 has = __ballot_sync(EMOE_FULL_MASK, v > 0);
+      if (v > 0) active[1 + nact + __popc(has & ((1u << lane) - 1u))] = (int)j;
+      nact += __popc(has);
       int incl = v;
       for (u32 o = 1; o < 32; o <<= 1) {
         const int n = __shfl_up_sync(EMOE_FULL_MASK, incl, o);
@@ -648,7 +684,10 @@ extern "C" __global__ void emoe_route_rows(int* row_offsets, int* rows, int* per
       if (j < E) s_cnt[j] = carry + incl - v;
       carry += __shfl_sync(EMOE_FULL_MASK, incl, 31);
     }
-    if (lane == 0) s_cnt[E] = carry;
+    if (lane == 0) {
+      s_cnt[E] = carry;
+      active[0] = nact;
+    }
   }
   __syncthreads();
   for (u32 x = tid; x <= E; x += nt) row_offsets[x] = s_cnt[x];
