@@ -92,7 +92,9 @@ const prepare = {
 };
 const geo = kvGeometry(config, 16);
 const kvBlocksPerDevice = Math.ceil((concurrency * Math.ceil((promptLen + outputLen + outputSpread) / geo.blockTokens)) * 1.5);
+// BENCH_GRAPHS=0: the elastic deployment's engines run without graph replay (A/B).
 const serving = { rt, config, kvBlocksPerDevice, maxTokensPerStep: 512, maxSeqs: concurrency };
+const forward = env('BENCH_GRAPHS', '1') === '0' ? { graphs: false } : {};
 
 const t0 = performance.now();
 const clock = () => performance.now() - t0;
@@ -188,7 +190,7 @@ if (needCkpt && checkpointKind === 'pattern') {
 // ---- elastic
 const startT = clock();
 let dep;
-dep = await Deployment.start({ ...serving, devices: plan[0], seed: 11n, prepare, onStep: recorder('elastic', () => dep) });
+dep = await Deployment.start({ ...serving, forward, devices: plan[0], seed: 11n, prepare, onStep: recorder('elastic', () => dep) });
 emit({ bench: 'start_deployment', devices: plan[0], ms: clock() - startT });
 if (needCkpt && checkpointKind === 'export') {
   const t = clock();

@@ -44,7 +44,7 @@ import os from 'node:os';
 import path from 'node:path';
 
 import { Engine, type Completion, type GenerationCallbacks, type GenerationRequest, type ReconfigureReport, type StepFigures } from '../executor/engine.js';
-import { ForwardEngine } from '../executor/forward.js';
+import { ForwardEngine, type ForwardEngineOptions } from '../executor/forward.js';
 import { RemoteStepper } from '../executor/remote.js';
 import { type MappedKvPool, mapHmmKvPools } from '../executor/kv-view.js';
 import { kvGeometry } from '../executor/types.js';
@@ -96,6 +96,8 @@ export interface DeploymentOptions {
    * with channelFd 3; `env` is added to this process's environment.
    */
   executor?: ExecutorMode;
+  /** Forward-pass options of every in-process layout's engine (graphs, routing thresholds). */
+  forward?: Omit<ForwardEngineOptions, 'maxTokensPerStep' | 'blockTokens'>;
 }
 
 export type ExecutorMode = 'in-process' | { process: { script: string; env?: Record<string, string> } };
@@ -338,7 +340,7 @@ export class Deployment {
   private static createForward(options: DeploymentOptions, hmm: Hmm, layout: LayoutSpec, views: ReadonlyMap<number, MappedKvPool>): Promise<ForwardEngine> {
     const kv = new Map(layout.devices.map((d) => [d, views.get(d)!] as const));
     return ForwardEngine.create(options.rt, options.config, { devices: [...layout.devices], placement: toExpertPlacement(layout) },
-      storeWeights(hmm.store), kv, { maxTokensPerStep: options.maxTokensPerStep ?? 64, blockTokens: options.blockTokens ?? 16 });
+      storeWeights(hmm.store), kv, { ...options.forward, maxTokensPerStep: options.maxTokensPerStep ?? 64, blockTokens: options.blockTokens ?? 16 });
   }
 
   /** The current layout (a copy). */
