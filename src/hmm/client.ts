@@ -191,12 +191,21 @@ function importGroup(rt: Runtime, items: ReadonlyArray<{ entry: ChunkManifestEnt
   });
 }
 
+/** Tensors one chunk may list (the packing of AttachedSet's tensor references). */
+const TENSOR_SLOTS = 1 << 20;
+
 /** Chunks attached by one attach call, mapped in this process. */
 export class AttachedSet implements Disposable {
   private readonly byId = new Map<string, AttachedChunk>();
   readonly timings: AttachTimings = { importMs: 0, mapMs: 0, accessMs: 0 };
-  /** Tensor name → device → where it is mapped here (dense weights have one replica per device). */
-  private readonly byTensor = new Map<string, Map<number, { chunk: AttachedChunk; location: TensorLocation }>>();
+  /** Chunks in arrival order: what byTensor's packed references point into. */
+  private readonly list: AttachedChunk[] = [];
+  /**
+   * Tensor name → where it is mapped here, packed as chunk index * 2^20 + tensor index
+   * (a small integer, no allocation per tensor: an attach carries ~19,000 of them), or a
+   * list of those for a tensor with replicas on several devices (dense weights).
+   */
+  private readonly byTensor = new Map<string, number | number[]>();
 
   /** @internal */
   constructor(
@@ -223,10 +232,17 @@ export class AttachedSet implements Disposable {
       for (const g of groups.values()) {
         for (const c of importGroup(this.rt, g.items, g.access, this.timings)) {
           this.byId.set(c.entry.id, c);
-          for (const location of c.entry.tensors) {
-            let replicas = this.byTensor.get(location.name);
-            if (!replicas) this.byTensor.set(location.name, (replicas = new Map()));
-            replicas.set(c.entry.device, { chunk: c, location });
+          const base = this.list.length * TENSOR_SLOTS;
+          this.list.push(c);
+          const tensors = c.entry.tensors;
+          if (tensors.length > TENSOR_SLOTS) throw new HmmProtocolError('BAD_RESPONSE', `chunk '${c.entry.id}' lists over ${TENSOR_SLOTS} tensors`);
+          for (let t = 0; t < tensors.length; t++) {
+            const name = tensors[t]!.name;
+            const ref = base + t;
+            const had = this.byTensor.get(name);
+            if (had === undefined) this.byTensor.set(name, ref);
+            else if (typeof had === 'number') this.byTensor.set(name, [had, ref]);
+            else had.push(ref);
           }
         }
       }
@@ -253,17 +269,25 @@ export class AttachedSet implements Disposable {
     return this.tensorInfo(name, device).ptr;
   }
   tensorInfo(name: string, device?: number): { ptr: DevicePointer; location: TensorLocation; entry: ChunkManifestEntry } {
-    const replicas = this.byTensor.get(name);
-    if (!replicas) throw new NotFoundError('NOT_FOUND', `tensor '${name}' is not in this attached set`);
-    const t = replicas.get(device ?? Math.min(...replicas.keys()));
-    if (!t) throw new NotFoundError('NOT_FOUND', `tensor '${name}' has no replica on device ${device} in this attached set`);
-    return { ptr: t.chunk.ptr.add(t.location.offset), location: t.location, entry: t.chunk.entry };
+    const refs = this.byTensor.get(name);
+    if (refs === undefined) throw new NotFoundError('NOT_FOUND', `tensor '${name}' is not in this attached set`);
+    let best: { chunk: AttachedChunk; location: TensorLocation } | undefined;
+    for (const ref of typeof refs === 'number' ? [refs] : refs) {
+      const chunk = this.list[Math.floor(ref / TENSOR_SLOTS)]!;
+      const d = chunk.entry.device;
+      if (device === undefined ? best === undefined || d < best.chunk.entry.device : d === device) {
+        best = { chunk, location: chunk.entry.tensors[ref % TENSOR_SLOTS]! };
+      }
+    }
+    if (!best) throw new NotFoundError('NOT_FOUND', `tensor '${name}' has no replica on device ${device} in this attached set`);
+    return { ptr: best.chunk.ptr.add(best.location.offset), location: best.location, entry: best.chunk.entry };
   }
 
   /** Unmaps and releases every chunk in this process. Idempotent. */
   dispose(): void {
     for (const c of this.byId.values()) c.dispose();
     this.byId.clear();
+    this.list.length = 0;
     this.byTensor.clear();
   }
   [Symbol.dispose](): void {

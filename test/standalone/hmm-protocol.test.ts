@@ -42,14 +42,13 @@ const mutations: Mutation[] = [
 ];
 
 describe('the chunk batch check', () => {
-  it('accepts what zod accepts and returns the same value (unknown fields dropped)', () => {
+  it('accepts what zod accepts and returns the value it checked (in place, unknown fields kept)', () => {
     const b = batch();
     (b.entries[0] as Record<string, unknown>).extra = 1;
-    ((b.entries[0]!.tensors as Array<Record<string, unknown>>)[0] as Record<string, unknown>).extra = 2;
+    expect(zodBatch.safeParse(b).success).toBe(true);
     const ours = checkChunkBatch(b);
-    expect(typeof ours).toBe('object');
-    expect(ours).toEqual(zodBatch.parse(b));
-    expect(ChunkBatchSchema.parse(b)).toEqual(ours);
+    expect(ours).toBe(b);
+    expect(ChunkBatchSchema.parse(b)).toBe(b);
   });
 
   it.each(mutations)('refuses a bad %s as zod does, naming the field', (_, mutate, field) => {
