@@ -11,9 +11,12 @@
 // that computes an expert for r, fixed at create(): d itself when it holds a replica,
 // else the first holder in the placement):
 //   embed → for each layer:
-//   (A) rmsnorm(input_layernorm) → q, k, v (+ bias, qwen2_moe) → q/k RMSNorm per head
-//       (qwen3_moe) → rope → kvStore at the tokens' slots → paged attention → o_proj →
-//       residual add → rmsnorm(post_attention_layernorm) → router logits → top-k
+//   (A) rmsnorm(input_layernorm) → q, k, v in one launch (emoe_matmul_qkv_bf16; three
+//       matmuls above QKV_FUSED_MAX_ROWS = 16 tokens) (+ bias, qwen2_moe: three launches)
+//       → q/k RMSNorm per head (qwen3_moe) and rope of q and k in one launch
+//       (emoe_qk_norm_rope; rope only without q/k norm) → kvStore at the tokens' slots
+//       → paged attention → o_proj → residual add and rmsnorm(post_attention_layernorm) in
+//       one launch (emoe_add_rmsnorm) → router logits → top-k
 //       → [host path: download the top-k ids (T*K i32)] → record an event (unless d
 //       computes all of the layer's experts for r on the device path)
 //       → the qwen2_moe shared expert (needs no routing: it overlaps the routing)
@@ -59,6 +62,15 @@
 //   final rmsnorm on the last token of each sampled sequence only → LM head in
 //   groups of rows → argmax → download the ids (and logits when asked); then the host
 //   waits for every device that worked in the step                       [sync 1/step]
+//
+// Kernels per layer and rank, at decode (T <= 16) on the device path with one computing
+// device: 9 in (A) (rmsnorm, qkv, qk-norm+rope, kvStore, attention, o_proj, add+rmsnorm,
+// router, top-k), 7 in (B) (route, gather, gate, up, SwiGLU, down, scatter), 1 in (C)
+// (combineTopk): 17 for qwen3_moe and mixtral (23 and 21 before the three fusions);
+// qwen2_moe adds 3 bias launches, 6 for the shared expert and 1 add: 27 (31 before). Each
+// further computing device adds 7. The fused kernels give the unfused sequence's bits (on
+// the mock by construction, on CUDA by sharing its per-element helpers), so the fusions
+// change no result and apply to every step, prefill and decode, either routing path.
 //
 // Which path: a rank's step takes the device path when its T*K (token, expert) rows are
 // at most deviceRoutingMaxRows (default min(MAX_ROUTE_ROWS = 4096, 8 * E): at most 8
@@ -958,29 +970,24 @@ export class ForwardEngine implements Disposable {
     const { tokSeq, tokPos, kvSlot, blockTable } = this.metaOf(b);
     const kvg = { KVH, D, L: c.layers, BS: this.blockTokens, blocks: dev.kv.spanBlocks };
     kn.rmsnorm(s, { out: b.xn, x: b.x, w: w.inputNorm, R: T, N: H, eps });
-    kn.matmul(s, { out: b.q, x: b.xn, w: w.q, M: T, N: QD, K: H });
-    kn.matmul(s, { out: b.k, x: b.xn, w: w.k, M: T, N: KVD, K: H });
-    kn.matmul(s, { out: b.v, x: b.xn, w: w.v, M: T, N: KVD, K: H });
+    // q, k and v in one launch (three above QKV_FUSED_MAX_ROWS tokens).
+    kn.matmulQkv(s, { q: b.q, k: b.k, v: b.v, x: b.xn, wq: w.q, wk: w.k, wv: w.v, M: T, Nq: QD, Nkv: KVD, K: H });
     if (w.qBias) {
       kn.addBias(s, { x: b.q, b: w.qBias, M: T, N: QD });
       kn.addBias(s, { x: b.k, b: w.kBias!, M: T, N: KVD });
       kn.addBias(s, { x: b.v, b: w.vBias!, M: T, N: KVD });
     }
-    if (w.qNorm) {
-      kn.rmsnorm(s, { out: b.q, x: b.q, w: w.qNorm, R: T * NH, N: D, eps });
-      kn.rmsnorm(s, { out: b.k, x: b.k, w: w.kNorm!, R: T * KVH, N: D, eps });
-    }
-    kn.rope(s, { x: b.q, pos: tokPos, T, heads: NH, D, theta: c.ropeTheta });
-    kn.rope(s, { x: b.k, pos: tokPos, T, heads: KVH, D, theta: c.ropeTheta });
+    // q/k RMSNorm per head (qwen3_moe) and rope of q and k: one launch (rope only without q/k norm).
+    kn.qkNormRope(s, { q: b.q, k: b.k, qNorm: w.qNorm, kNorm: w.kNorm, pos: tokPos, T, NH, KVH, D, eps, theta: c.ropeTheta });
     kn.kvStore(s, { pool: dev.kv.base, k: b.k, v: b.v, slots: kvSlot, T, layer: l, ...kvg });
     kn.attention(s, {
       out: b.att, q: b.q, pool: dev.kv.base, blockTable, tokSeq, tokPos, T, NH, layer: l, MB, scale: 1 / Math.sqrt(D), S, ...kvg,
     });
     kn.matmul(s, { out: b.proj, x: b.att, w: w.o, M: T, N: H, K: QD });
-    kn.add(s, { out: b.x, a: b.x, b: b.proj, n: T * H });
+    // Residual add and the post-attention norm in one launch.
+    kn.addRmsnorm(s, { x: b.x, y: b.proj, xn: b.xn, w: w.postNorm, R: T, N: H, eps });
 
     // Router.
-    kn.rmsnorm(s, { out: b.xn, x: b.x, w: w.postNorm, R: T, N: H, eps });
     kn.matmul(s, { out: b.routerLogits, x: b.xn, w: w.router, M: T, N: E, K: H });
     kn.routerTopk(s, { ids: b.ids, weights: b.wts, logits: b.routerLogits, T, E, K, renorm: c.normTopK });
     if (download) s.download(dev.host, b.ids, T * K * 4, this.hostLayout.ids * 4);

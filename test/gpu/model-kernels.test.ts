@@ -20,6 +20,14 @@
 // - device routing (route_rows, its active list included: integers only) and the *_count
 //   gather/scatter: bit for bit;
 //   silu_mul_count and the grouped matmuls of the device-routed expert FFN: the tolerance.
+// - fused kernels (qk_norm_rope, matmul_qkv, add_rmsnorm): the tolerance against the
+//   references, and bit for bit against the unfused CUDA kernels they replace (rmsnorm q,
+//   rmsnorm k, rope q, rope k; three matmuls; add then rmsnorm), with the count of bit-exact
+//   elements logged. Bit for bit holds by construction: each fused kernel computes an element
+//   with the unfused kernels' helpers and rounded operations (emoe_rms_inv, emoe_rope_cs,
+//   emoe_matmul_small_col), and its RMSNorm reduction has the same shape: one block per row,
+//   thread j summing elements j, j + blockDim.x, ...; qk_norm_rope's block of D threads (D <=
+//   256) only drops warps that add zeros in rmsnorm's 256, and add_rmsnorm uses 256 like rmsnorm.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
 import { type DevicePointer, Runtime, type Stream } from '../../src/index.js';
@@ -46,6 +54,14 @@ function expectClose(got: Float32Array, want: Float32Array, what: string, rtol =
   }
   console.log(`${what}: ${exact}/${want.length} bit-exact, worst error ${(worst * rtol).toExponential(2)} of scale (limit ${rtol})`);
   if (worstAt >= 0 && !(worst <= 1)) expect.fail(`${what}: element ${worstAt} is ${got[worstAt]}, reference ${want[worstAt]} (rms ${rms})`);
+}
+
+/** Logs how many elements of a fused kernel's output equal the unfused kernels' bits, and asserts all do. */
+function expectUnfused(got: Float32Array, unfused: Float32Array, what: string): void {
+  let exact = 0;
+  for (let i = 0; i < got.length; i++) if (Object.is(got[i], unfused[i])) exact++;
+  console.log(`${what}: ${exact}/${got.length} bit-exact against the unfused kernels`);
+  expectSame(got, unfused, `${what}: fused vs unfused`);
 }
 
 /** Random bf16 bits in [-scale, scale], without an f32 staging array (large weight sets). */
@@ -328,6 +344,89 @@ describe.runIf(onCuda)('model kernels on a real GPU (NVRTC) against the TypeScri
     const want = x.slice();
     ref.rope({ x: want, pos, T, heads, D, theta });
     expectClose(await arena.get(px, want), want, 'rope');
+  }, 60_000);
+
+  it.each([
+    [1, 32, 4, 128], // Qwen3-30B-A3B at batch-1 decode
+    [300, 32, 4, 128], // a prefill
+    [5, 6, 2, 64],
+    [3, 2, 1, 300], // D above 256: 256 threads, more than one element each
+    [2, 3, 3, 34], // D not a multiple of 32, D/2 odd
+  ])('qk_norm_rope T=%i NH=%i KVH=%i D=%i (theta 1e6): vs the reference, and bit for bit vs rmsnorm q, rmsnorm k, rope q, rope k', async (T, NH, KVH, D) => {
+    arena.reset();
+    const eps = 1e-6, theta = 1e6;
+    const q = randF32(T * NH * D, 110 + D, -3, 3), k = randF32(T * KVH * D, 111 + D, -3, 3);
+    const qw = randBf16(D, 112, 2), kw = randBf16(D, 113, 2);
+    const pos = Int32Array.from({ length: T }, (_, i) => (i < 200 ? i : i * 97) + (T === 1 ? 4095 : 0));
+    const pqw = await arena.put(qw), pkw = await arena.put(kw), ppos = await arena.put(pos);
+    for (const norm of [true, false]) {
+      const what = `qk_norm_rope T=${T} NH=${NH} KVH=${KVH} D=${D}${norm ? '' : ', rope only'}`;
+      const fq = await arena.put(q), fk = await arena.put(k);
+      mk.qkNormRope(s, { q: fq, k: fk, ...(norm ? { qNorm: pqw, kNorm: pkw } : {}), pos: ppos, T, NH, KVH, D, eps, theta });
+      const wantQ = q.slice(), wantK = k.slice();
+      ref.qkNormRope({ q: wantQ, k: wantK, ...(norm ? { qw, kw } : {}), pos, T, NH, KVH, D, eps, theta });
+      const gotQ = await arena.get(fq, wantQ), gotK = await arena.get(fk, wantK);
+      expectClose(gotQ, wantQ, `${what}: q`);
+      expectClose(gotK, wantK, `${what}: k`);
+      const uq = await arena.put(q), uk = await arena.put(k);
+      if (norm) {
+        mk.rmsnorm(s, { out: uq, x: uq, w: pqw, R: T * NH, N: D, eps });
+        mk.rmsnorm(s, { out: uk, x: uk, w: pkw, R: T * KVH, N: D, eps });
+      }
+      mk.rope(s, { x: uq, pos: ppos, T, heads: NH, D, theta });
+      mk.rope(s, { x: uk, pos: ppos, T, heads: KVH, D, theta });
+      expectUnfused(gotQ, await arena.get(uq, q), `${what}: q`);
+      expectUnfused(gotK, await arena.get(uk, k), `${what}: k`);
+    }
+  }, 60_000);
+
+  it.each([
+    [1, 4096, 512, 2048], // Qwen3-30B-A3B q/k/v at batch-1 decode
+    [16, 4096, 512, 2048], // the largest M of the one launch
+    [3, 50, 13, 45], // K odd: scalar loads
+    [17, 130, 65, 264], // above QKV_FUSED_MAX_ROWS: three matmul launches (tiled)
+  ])('matmul_qkv M=%i Nq=%i Nkv=%i K=%i: vs the reference, and bit for bit vs three matmuls', async (M, Nq, Nkv, K) => {
+    arena.reset();
+    const x = randF32(M * K, 120 + M);
+    const wq = bf16Weights(Nq * K, 121, 0.05), wk = bf16Weights(Nkv * K, 122, 0.05), wv = bf16Weights(Nkv * K, 123, 0.05);
+    const px = await arena.put(x), pwq = await arena.put(wq), pwk = await arena.put(wk), pwv = await arena.put(wv);
+    // x at a 4-byte offset too: the scalar load path of both kernels.
+    const xs = arena.alloc(M * K * 4 + 16).add(4);
+    await rt.write(xs, new Uint8Array(x.buffer, x.byteOffset, x.byteLength), s);
+    const want = { q: new Float32Array(M * Nq), k: new Float32Array(M * Nkv), v: new Float32Array(M * Nkv) };
+    ref.matmulQkv({ ...want, x, wq, wk, wv, M, Nq, Nkv, K });
+    for (const [where, xp] of [['aligned', px], ['x misaligned', xs]] as const) {
+      const q = arena.alloc(M * Nq * 4), k = arena.alloc(M * Nkv * 4), v = arena.alloc(M * Nkv * 4);
+      mk.matmulQkv(s, { q, k, v, x: xp, wq: pwq, wk: pwk, wv: pwv, M, Nq, Nkv, K });
+      const got = { q: await arena.get(q, want.q), k: await arena.get(k, want.k), v: await arena.get(v, want.v) };
+      for (const [name, w, N] of [['q', pwq, Nq], ['k', pwk, Nkv], ['v', pwv, Nkv]] as const) {
+        const what = `matmul_qkv ${M}x(${Nq}+2x${Nkv})x${K} ${name}, ${where}`;
+        expectClose(got[name], want[name], what);
+        const o = arena.alloc(M * N * 4);
+        mk.matmul(s, { out: o, x: xp, w, M, N, K });
+        expectUnfused(got[name], await arena.get(o, got[name]), what);
+      }
+    }
+  }, 120_000);
+
+  it.each([[1, 2048], [300, 2048], [70_000, 64], [3, 5]])('add_rmsnorm R=%i N=%i: vs the reference, and bit for bit vs add then rmsnorm', async (R, N) => {
+    arena.reset();
+    const eps = 1e-6;
+    const x = randF32(R * N, 130, -3, 3), y = randF32(R * N, 131, -3, 3);
+    const w = randBf16(N, 132, 2);
+    const pw = await arena.put(w), py = await arena.put(y);
+    const px = await arena.put(x), xn = arena.alloc(R * N * 4);
+    mk.addRmsnorm(s, { x: px, xn, y: py, w: pw, R, N, eps });
+    const wantX = x.slice(), wantXn = new Float32Array(R * N);
+    ref.addRmsnorm({ x: wantX, xn: wantXn, y, w, R, N, eps });
+    const gotX = await arena.get(px, wantX), gotXn = await arena.get(xn, wantXn);
+    expectSame(gotX, wantX, `add_rmsnorm ${R}x${N}: x (one rounded add)`);
+    expectClose(gotXn, wantXn, `add_rmsnorm ${R}x${N}: xn`);
+    const ux = await arena.put(x), uxn = arena.alloc(R * N * 4);
+    mk.add(s, { out: ux, a: ux, b: py, n: R * N });
+    mk.rmsnorm(s, { out: uxn, x: ux, w: pw, R, N, eps });
+    expectUnfused(gotX, await arena.get(ux, x), `add_rmsnorm ${R}x${N}: x`);
+    expectUnfused(gotXn, await arena.get(uxn, x), `add_rmsnorm ${R}x${N}: xn`);
   }, 60_000);
 
   it('kv_store then attention: two prefills, decodes and padding (GQA 32/4, D=128)', async () => {

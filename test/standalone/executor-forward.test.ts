@@ -21,7 +21,7 @@ import { HmmDaemon } from '../../src/hmm/daemon.js';
 import { Hmm } from '../../src/hmm/hmm.js';
 import type { TensorLocation } from '../../src/hmm/placement.js';
 import { type ModelConfig, parseConfig } from '../../src/model/config.js';
-import { MAX_ROUTE_ROWS, ModelKernels } from '../../src/model/kernels/index.js';
+import { MAX_ROUTE_ROWS, ModelKernels, QKV_FUSED_MAX_ROWS } from '../../src/model/kernels/index.js';
 import { Event, Stream } from '../../src/runtime/stream.js';
 import { Graph } from '../../src/runtime/graph.js';
 import { type ExpertPlacement, roundRobinPlacement, weightSpecs } from '../../src/model/weights.js';
@@ -291,6 +291,49 @@ for (const [arch, config] of Object.entries(CONFIGS)) {
       expectIdentical(await generate(mixed, fx.hmm, PROMPTS, { rankOf: (i) => 3 - i }), baseline, 'device and host routing in one step, ranks reversed');
     });
 
+    it('queues the fused attention block: the kernel sequence of a step, computed from the config', async () => {
+      // One rank on one device, device routing path (T*K <= 64), no graph: embed, then per layer
+      // (A) norm, q/k/v (one launch up to QKV_FUSED_MAX_ROWS tokens), [biases], q/k norm + rope in
+      // one launch, KV store, attention, o_proj, add + norm in one launch, router, top-k, [shared
+      // expert]; (B) the device-routed experts; (C) the combination [+ the shared expert's add];
+      // then the head on the one sampled token.
+      const L = config.layers;
+      const shared = config.sharedIntermediate > 0;
+      const layerKernels = (T: number) => [
+        'emoe_rmsnorm',
+        ...(T <= QKV_FUSED_MAX_ROWS ? ['emoe_matmul_qkv_bf16'] : new Array<string>(3).fill('emoe_matmul_bf16')),
+        ...(config.qkvBias ? new Array<string>(3).fill('emoe_add_bias_bf16') : []),
+        'emoe_qk_norm_rope', 'emoe_kv_store', 'emoe_attention', 'emoe_matmul_bf16', 'emoe_add_rmsnorm', 'emoe_matmul_bf16', 'emoe_router_topk',
+        ...(shared ? ['emoe_matmul_bf16', 'emoe_matmul_bf16', 'emoe_silu_mul', 'emoe_matmul_bf16', 'emoe_matmul_bf16', 'emoe_sigmoid_scale_rows'] : []),
+        'emoe_route_rows', 'emoe_gather_rows_count', 'emoe_grouped_matmul_bf16', 'emoe_grouped_matmul_bf16', 'emoe_silu_mul_count',
+        'emoe_grouped_matmul_bf16', 'emoe_scatter_rows_count',
+        'emoe_combine_topk', ...(shared ? ['emoe_add_f32'] : []),
+      ];
+      const stepKernels = (T: number) => [
+        'emoe_embed', ...Array.from({ length: L }, () => layerKernels(T)).flat(), 'emoe_gather_rows', 'emoe_rmsnorm', 'emoe_matmul_bf16', 'emoe_argmax',
+      ];
+      // At decode: 17 per layer (23 unfused with q/k norm, 21 without); qwen2_moe 27 (31 unfused).
+      expect(layerKernels(1).length).toBe(shared ? 27 : 17);
+      const e = await engineFor(fx, { devices: [0], placement: () => [0] }, 64, { graphs: false });
+      const launch = vi.spyOn(Stream.prototype, 'launch');
+      const p = PROMPTS[3]!; // 17 tokens: a prefill above QKV_FUSED_MAX_ROWS
+      const blocks = fx.hmm.kv.allocate('fused', 0, 4);
+      try {
+        // A prefill of 5 tokens, one of all 17 (the same positions written again), then a decode step.
+        const steps: Array<[number[], number]> = [[p.prompt.slice(0, 5), 0], [p.prompt, 0], [[7], 17]];
+        expect(p.prompt.length).toBeGreaterThan(QKV_FUSED_MAX_ROWS);
+        for (const [tokens, startPos] of steps) {
+          expect(tokens.length * config.topK).toBeLessThanOrEqual(e.deviceRoutingMaxRows);
+          launch.mockClear();
+          await e.step({ ranks: [[{ seqId: 'f', tokens, startPos, blockTable: blocks, sample: true }]] });
+          expect(launch.mock.calls.map(([k]) => k.name), `T = ${tokens.length}`).toEqual(stepKernels(tokens.length));
+        }
+      } finally {
+        launch.mockRestore();
+        fx.hmm.kv.free('fused');
+      }
+    });
+
     it('gives the same tokens and logits with steps replayed as graphs, on 1, 2 and 4 devices', async () => {
       const layouts: Array<[string, Layout]> = [
         ['[0]', { devices: [0], placement: () => [0] }],
@@ -424,6 +467,7 @@ describe('forward pass: validation, KV views, attached weights (qwen3_moe)', () 
   it('runs each device\'s routed experts in three grouped launches per layer (host routing, decode)', async () => {
     const grouped = vi.spyOn(ModelKernels.prototype, 'groupedMatmul');
     const matmul = vi.spyOn(ModelKernels.prototype, 'matmul');
+    const qkv = vi.spyOn(ModelKernels.prototype, 'matmulQkv');
     try {
       for (const [devices, placement] of [[[0], () => [0]], [[0, 1], roundRobinPlacement(8, [0, 1])]] as const) {
         const e = await engineFor(fx, { devices: [...devices], placement }, 64, { deviceRoutingMaxRows: 0 });
@@ -433,6 +477,7 @@ describe('forward pass: validation, KV views, attached weights (qwen3_moe)', () 
           for (const [tokens, startPos] of [[[5, 17, 33, 2, 90], 0], [[7], 5]] as const) {
             grouped.mockClear();
             matmul.mockClear();
+            qkv.mockClear();
             await e.step({ ranks: [[{ seqId: 'g', tokens: [...tokens], startPos, blockTable: blocks, sample: true }]] });
             const L = config.layers, K = config.topK;
             // Each device that computed experts in a layer: gate, up and down, one launch each.
@@ -447,8 +492,10 @@ describe('forward pass: validation, KV views, attached weights (qwen3_moe)', () 
               rows += a.M;
             }
             expect(rows).toBe(3 * L * tokens.length * K);
-            // The only plain matmuls left: q, k, v, o, router per layer and the LM head.
-            expect(matmul.mock.calls.length).toBe(5 * L + 1);
+            // The only plain matmuls left: o and router per layer and the LM head; q, k and v go
+            // through matmulQkv (one launch; three matmuls only above QKV_FUSED_MAX_ROWS tokens).
+            expect(qkv.mock.calls.length).toBe(L);
+            expect(matmul.mock.calls.length).toBe((tokens.length > QKV_FUSED_MAX_ROWS ? 3 * L : 0) + 2 * L + 1);
           }
         } finally {
           fx.hmm.kv.free('launches');
@@ -457,6 +504,7 @@ describe('forward pass: validation, KV views, attached weights (qwen3_moe)', () 
     } finally {
       grouped.mockRestore();
       matmul.mockRestore();
+      qkv.mockRestore();
     }
   });
 

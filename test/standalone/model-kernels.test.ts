@@ -9,7 +9,9 @@ import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import {
   type DevicePointer, IllegalAddressError, InvalidArgumentError, type Runtime, type Stream,
 } from '../../src/index.js';
-import { MAX_ROUTE_EXPERTS, MAX_ROUTE_ROWS, MODEL_KERNEL_NAMES, ModelKernels } from '../../src/model/kernels/index.js';
+import {
+  MAX_ROUTE_EXPERTS, MAX_ROUTE_ROWS, MODEL_KERNEL_NAMES, ModelKernels, QKV_FUSED_MAX_ROWS,
+} from '../../src/model/kernels/index.js';
 import * as ref from '../../src/model/kernels/reference.js';
 import { Arena, type Typed, expectSame, randBf16, randF32, randInt, rng } from '../helpers/arrays.js';
 import { mappedChunk, openMock } from '../helpers/mock.js';
@@ -34,7 +36,7 @@ describe('model kernels on the mock (CPU twins vs TypeScript references, bit for
   });
 
   it('resolves a CPU twin for every kernel name', () => {
-    expect(MODEL_KERNEL_NAMES.length).toBe(21);
+    expect(MODEL_KERNEL_NAMES.length).toBe(24);
     for (const name of MODEL_KERNEL_NAMES) expect(mk.module.kernel(name).name).toBe(name);
   });
 
@@ -381,6 +383,160 @@ describe('model kernels on the mock (CPU twins vs TypeScript references, bit for
       }
     }
     expectSame(want.subarray(0, heads * D), x.subarray(0, heads * D), 'position 0 is the identity');
+  });
+
+  /** Runs `fn` with the stream's launches recorded; returns the launched kernels' names. */
+  function launchesOf(fn: () => void): string[] {
+    const launch = vi.spyOn(s, 'launch');
+    try {
+      fn();
+      return launch.mock.calls.map(([k]) => k.name);
+    } finally {
+      launch.mockRestore();
+    }
+  }
+
+  it.each([
+    [1, 4, 2, 16, 1e4], // one decode token, GQA
+    [7, 6, 3, 34, 1e6], // D/2 odd
+    [3, 2, 2, 2, 10], // the smallest head
+    [2, 1, 1, 300, 1e6], // D above 256: more than one element per thread
+  ])('qk_norm_rope T=%i NH=%i KVH=%i D=%i: twin vs reference, and bit-identical to rmsnorm q, rmsnorm k, rope q, rope k', async (T, NH, KVH, D, theta) => {
+    arena.reset();
+    const eps = 1e-6;
+    const q = randF32(T * NH * D, 31 + D, -3, 3), k = randF32(T * KVH * D, 32 + D, -3, 3);
+    const qw = randBf16(D, 33, 2), kw = randBf16(D, 34, 2);
+    const pos = Int32Array.from({ length: T }, (_, t) => [0, 1, 17, 300, 30000, 5, 99][t % 7]!);
+    const pqw = await arena.put(qw), pkw = await arena.put(kw), ppos = await arena.put(pos);
+    for (const norm of [true, false]) {
+      const what = `T=${T} NH=${NH} KVH=${KVH} D=${D}${norm ? '' : ', rope only'}`;
+      const fq = await arena.put(q), fk = await arena.put(k);
+      const weights = norm ? { qNorm: pqw, kNorm: pkw } : {};
+      const names = launchesOf(() => mk.qkNormRope(s, { q: fq, k: fk, ...weights, pos: ppos, T, NH, KVH, D, eps, theta }));
+      expect(names).toEqual(['emoe_qk_norm_rope']);
+      const wantQ = q.slice(), wantK = k.slice();
+      ref.qkNormRope({ q: wantQ, k: wantK, ...(norm ? { qw, kw } : {}), pos, T, NH, KVH, D, eps, theta });
+      const gotQ = await arena.get(fq, wantQ), gotK = await arena.get(fk, wantK);
+      expectSame(gotQ, wantQ, `qk_norm_rope q, ${what}: twin vs reference`);
+      expectSame(gotK, wantK, `qk_norm_rope k, ${what}: twin vs reference`);
+      // The unfused sequence on the mock: the same bits.
+      const uq = await arena.put(q), uk = await arena.put(k);
+      const unfused = launchesOf(() => {
+        if (norm) {
+          mk.rmsnorm(s, { out: uq, x: uq, w: pqw, R: T * NH, N: D, eps });
+          mk.rmsnorm(s, { out: uk, x: uk, w: pkw, R: T * KVH, N: D, eps });
+        }
+        mk.rope(s, { x: uq, pos: ppos, T, heads: NH, D, theta });
+        mk.rope(s, { x: uk, pos: ppos, T, heads: KVH, D, theta });
+      });
+      expect(unfused.length).toBe(norm ? 4 : 2);
+      expectSame(gotQ, await arena.get(uq, q), `qk_norm_rope q, ${what}: fused vs unfused`);
+      expectSame(gotK, await arena.get(uk, k), `qk_norm_rope k, ${what}: fused vs unfused`);
+    }
+    // Position 0 is the identity rotation: the normed rows of the first token (rope only: the input).
+    if (pos[0] === 0) {
+      const wantQ = new Float32Array(NH * D);
+      ref.rmsnorm({ out: wantQ, x: q.subarray(0, NH * D), w: qw, R: NH, N: D, eps });
+      const fq = await arena.put(q), fk = await arena.put(k);
+      mk.qkNormRope(s, { q: fq, k: fk, qNorm: pqw, kNorm: pkw, pos: ppos, T, NH, KVH, D, eps, theta });
+      expectSame((await arena.get(fq, q)).subarray(0, NH * D), wantQ, 'position 0: the normed row');
+    }
+  });
+
+  it.each([
+    [1, 37, 13, 45], // K odd
+    [5, 32, 16, 64],
+    [QKV_FUSED_MAX_ROWS, 20, 7, 24], // the largest M of the one launch
+    [QKV_FUSED_MAX_ROWS + 1, 20, 7, 24], // three matmul launches
+    [40, 9, 3, 33],
+  ])('matmul_qkv M=%i Nq=%i Nkv=%i K=%i: twin vs reference, bit-identical to three matmuls; one launch up to QKV_FUSED_MAX_ROWS rows', async (M, Nq, Nkv, K) => {
+    arena.reset();
+    const x = randF32(M * K, 40 + M);
+    const wq = randBf16(Nq * K, 41), wk = randBf16(Nkv * K, 42), wv = randBf16(Nkv * K, 43);
+    const px = await arena.put(x), pwq = await arena.put(wq), pwk = await arena.put(wk), pwv = await arena.put(wv);
+    const q = arena.alloc(M * Nq * 4), k = arena.alloc(M * Nkv * 4), v = arena.alloc(M * Nkv * 4);
+    const names = launchesOf(() => mk.matmulQkv(s, { q, k, v, x: px, wq: pwq, wk: pwk, wv: pwv, M, Nq, Nkv, K }));
+    expect(names).toEqual(M <= QKV_FUSED_MAX_ROWS ? ['emoe_matmul_qkv_bf16'] : new Array(3).fill('emoe_matmul_bf16'));
+    const want = { q: new Float32Array(M * Nq), k: new Float32Array(M * Nkv), v: new Float32Array(M * Nkv) };
+    ref.matmulQkv({ ...want, x, wq, wk, wv, M, Nq, Nkv, K });
+    const got = { q: await arena.get(q, want.q), k: await arena.get(k, want.k), v: await arena.get(v, want.v) };
+    for (const [name, w] of [['q', wq], ['k', wk], ['v', wv]] as const) {
+      expectSame(got[name], want[name], `matmul_qkv ${name}: twin vs reference`);
+      const o = arena.alloc(got[name].byteLength);
+      mk.matmul(s, { out: o, x: px, w: await arena.put(w), M, N: name === 'q' ? Nq : Nkv, K });
+      expectSame(got[name], await arena.get(o, got[name]), `matmul_qkv ${name}: fused vs matmul`);
+    }
+  });
+
+  it.each([[5, 77], [1, 2048], [3, 1]])('add_rmsnorm R=%i N=%i: twin vs reference, bit-identical to add then rmsnorm', async (R, N) => {
+    arena.reset();
+    const eps = 1e-6;
+    const x = randF32(R * N, 50 + N, -3, 3), y = randF32(R * N, 51 + N, -3, 3);
+    const w = randBf16(N, 52, 2);
+    const pw = await arena.put(w), py = await arena.put(y);
+    const px = await arena.put(x), xn = arena.alloc(R * N * 4);
+    expect(launchesOf(() => mk.addRmsnorm(s, { x: px, xn, y: py, w: pw, R, N, eps }))).toEqual(['emoe_add_rmsnorm']);
+    const wantX = x.slice(), wantXn = new Float32Array(R * N);
+    ref.addRmsnorm({ x: wantX, xn: wantXn, y, w, R, N, eps });
+    const gotX = await arena.get(px, wantX), gotXn = await arena.get(xn, wantXn);
+    expectSame(gotX, wantX, 'add_rmsnorm x: twin vs reference');
+    expectSame(gotXn, wantXn, 'add_rmsnorm xn: twin vs reference');
+    const ux = await arena.put(x), uxn = arena.alloc(R * N * 4);
+    mk.add(s, { out: ux, a: ux, b: py, n: R * N });
+    mk.rmsnorm(s, { out: uxn, x: ux, w: pw, R, N, eps });
+    expectSame(gotX, await arena.get(ux, x), 'add_rmsnorm x: fused vs add');
+    expectSame(gotXn, await arena.get(uxn, x), 'add_rmsnorm xn: fused vs add then rmsnorm');
+  });
+
+  it('fused launchers validate sizes and pointers, naming the field', async () => {
+    arena.reset();
+    const p = arena.alloc(64 * 1024);
+    const bad = (fn: () => void, field: string) => {
+      try {
+        fn();
+        expect.unreachable();
+      } catch (e) {
+        expect(e).toBeInstanceOf(InvalidArgumentError);
+        expect((e as InvalidArgumentError).argument).toBe(field);
+      }
+    };
+    const qk = { q: p, k: p.add(4096), qNorm: p.add(8192), kNorm: p.add(8448), pos: p.add(8704), T: 2, NH: 4, KVH: 2, D: 16, eps: 1e-6, theta: 1e4 };
+    bad(() => mk.qkNormRope(s, { ...qk, D: 7 }), 'D');
+    bad(() => mk.qkNormRope(s, { ...qk, D: 0 }), 'D');
+    bad(() => mk.qkNormRope(s, { ...qk, NH: 0 }), 'NH');
+    bad(() => mk.qkNormRope(s, { ...qk, KVH: 1.5 }), 'KVH');
+    bad(() => mk.qkNormRope(s, { ...qk, theta: -1 }), 'theta');
+    bad(() => mk.qkNormRope(s, { ...qk, kNorm: undefined }), 'kNorm');
+    bad(() => mk.qkNormRope(s, { ...qk, qNorm: undefined }), 'qNorm');
+    bad(() => mk.qkNormRope(s, { ...qk, eps: undefined }), 'eps');
+    bad(() => mk.qkNormRope(s, { ...qk, eps: -1 }), 'eps');
+    bad(() => mk.qkNormRope(s, { ...qk, qNorm: p.add(8193) }), 'qNorm');
+    bad(() => mk.qkNormRope(s, { ...qk, pos: p.range.at(p.range.size - 4) }), 'pos');
+    bad(() => mk.qkNormRope(s, { ...qk, k: p.add(64) }), 'k'); // overlaps q
+    bad(() => mk.qkNormRope(s, { ...qk, q: p.range.at(p.range.size - 4) }), 'q');
+    const mm = { q: p, k: p.add(4096), v: p.add(8192), x: p.add(12288), wq: p.add(16384), wk: p.add(20480), wv: p.add(24576), M: 2, Nq: 8, Nkv: 4, K: 16 };
+    bad(() => mk.matmulQkv(s, { ...mm, Nq: 0 }), 'Nq');
+    bad(() => mk.matmulQkv(s, { ...mm, Nkv: 0 }), 'Nkv');
+    bad(() => mk.matmulQkv(s, { ...mm, K: 0 }), 'K');
+    bad(() => mk.matmulQkv(s, { ...mm, M: -1 }), 'M');
+    bad(() => mk.matmulQkv(s, { ...mm, wk: p.add(20481) }), 'wk');
+    bad(() => mk.matmulQkv(s, { ...mm, wv: p.range.at(p.range.size - 2) }), 'wv');
+    bad(() => mk.matmulQkv(s, { ...mm, x: p.add(4096 + 16) }), 'k'); // overlaps k
+    bad(() => mk.matmulQkv(s, { ...mm, v: p.add(4) }), 'q'); // overlaps q
+    const an = { x: p, xn: p.add(4096), y: p.add(8192), w: p.add(12288), R: 2, N: 16, eps: 1e-6 };
+    bad(() => mk.addRmsnorm(s, { ...an, N: 0 }), 'N');
+    bad(() => mk.addRmsnorm(s, { ...an, eps: Number.NaN }), 'eps');
+    bad(() => mk.addRmsnorm(s, { ...an, xn: p.add(64) }), 'xn'); // overlaps x
+    bad(() => mk.addRmsnorm(s, { ...an, y: p.add(4096 + 8) }), 'xn'); // overlaps xn
+    bad(() => mk.addRmsnorm(s, { ...an, y: p }), 'y'); // is x
+    bad(() => mk.addRmsnorm(s, { ...an, w: p.add(12289) }), 'w');
+    // nothing to do: nothing queued
+    expect(launchesOf(() => {
+      mk.qkNormRope(s, { ...qk, T: 0 });
+      mk.matmulQkv(s, { ...mm, M: 0 });
+      mk.addRmsnorm(s, { ...an, R: 0 });
+    })).toEqual([]);
+    await s.synchronize();
   });
 
   it('kv_store and attention over a paged cache (prefill, decode, padding), against dense attention too', async () => {

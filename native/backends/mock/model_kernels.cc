@@ -76,6 +76,63 @@ bool OptionalPtr(const MockKernelContext& ctx, size_t i) {
   return false;
 }
 
+// The loops of the twins that the fused twins compose (emoe_qk_norm_rope, emoe_matmul_qkv_bf16,
+// emoe_add_rmsnorm): one definition each, so a fused twin is the unfused sequence bit for bit.
+
+// emoe_rmsnorm over R rows of N; out may alias x.
+void RmsnormRows(float* out, const float* x, const uint16_t* w, uint64_t R, uint64_t N, float eps) {
+  for (uint64_t r = 0; r < R; ++r) {
+    const float* xr = x + r * N;
+    float* orow = out + r * N;
+    float ss = 0.0f;
+    for (uint64_t j = 0; j < N; ++j) ss = ss + xr[j] * xr[j];
+    const float mean = ss / static_cast<float>(N);
+    const float inv = 1.0f / std::sqrt(mean + eps);
+    for (uint64_t j = 0; j < N; ++j) orow[j] = (xr[j] * inv) * Bf16ToF32(w[j]);
+  }
+}
+
+// emoe_rope in place over x[T, heads, D] (D even).
+void RopeHeads(float* x, const int32_t* pos, uint64_t T, uint64_t heads, uint64_t D, float theta) {
+  const uint64_t half = D / 2;
+  for (uint64_t t = 0; t < T; ++t) {
+    for (uint64_t j = 0; j < half; ++j) {
+      const float e = static_cast<float>(2 * j) / static_cast<float>(D);
+      const float p = static_cast<float>(std::pow(static_cast<double>(theta), static_cast<double>(e)));
+      const float inv = 1.0f / p;
+      const float a = static_cast<float>(pos[t]) * inv;
+      const float c = static_cast<float>(std::cos(static_cast<double>(a)));
+      const float s = static_cast<float>(std::sin(static_cast<double>(a)));
+      for (uint64_t h = 0; h < heads; ++h) {
+        float* xh = x + (t * heads + h) * D;
+        const float x1 = xh[j], x2 = xh[j + half];
+        xh[j] = x1 * c - x2 * s;
+        xh[j + half] = x2 * c + x1 * s;
+      }
+    }
+  }
+}
+
+// emoe_matmul_bf16: out[M, N] = x[M, K] . w[N, K]^T, each element a sequential dot product (k in order).
+void MatmulRows(float* out, const float* x, const uint16_t* w, uint64_t M, uint64_t N, uint64_t K) {
+  std::vector<float> wf(K);
+  for (uint64_t n = 0; n < N && M > 0; ++n) {
+    const uint16_t* wr = w + n * K;
+    for (uint64_t k = 0; k < K; ++k) wf[k] = Bf16ToF32(wr[k]);
+    for (uint64_t m = 0; m < M; ++m) {
+      const float* xr = x + m * K;
+      float acc = 0.0f;
+      for (uint64_t k = 0; k < K; ++k) acc = acc + xr[k] * wf[k];
+      out[m * N + n] = acc;
+    }
+  }
+}
+
+// emoe_add_f32: out = a + b over n elements (out may be a).
+void AddF32(float* out, const float* a, const float* b, uint64_t n) {
+  for (uint64_t i = 0; i < n; ++i) out[i] = a[i] + b[i];
+}
+
 }  // namespace
 
 // 1. emoe_embed(f32* out[T,H], const u16* table[V,H], const i32* tokens[T], u32 T, u32 H)
@@ -98,15 +155,7 @@ EMOE_MOCK_KERNEL(emoe_rmsnorm) {
   const float* x = ctx.Ptr<float>(1, R * N, false);
   const uint16_t* w = ctx.Ptr<uint16_t>(2, R > 0 ? N : 0, false);
   float* out = ctx.Ptr<float>(0, R * N, true);
-  for (uint64_t r = 0; r < R; ++r) {
-    const float* xr = x + r * N;
-    float* orow = out + r * N;
-    float ss = 0.0f;
-    for (uint64_t j = 0; j < N; ++j) ss = ss + xr[j] * xr[j];
-    const float mean = ss / static_cast<float>(N);
-    const float inv = 1.0f / std::sqrt(mean + eps);
-    for (uint64_t j = 0; j < N; ++j) orow[j] = (xr[j] * inv) * Bf16ToF32(w[j]);
-  }
+  RmsnormRows(out, x, w, R, N, eps);
 }
 
 // 3. emoe_matmul_bf16(f32* out[M,N], const f32* x[M,K], const u16* w[N,K], u32 M, u32 N, u32 K)
@@ -115,17 +164,7 @@ EMOE_MOCK_KERNEL(emoe_matmul_bf16) {
   const float* x = ctx.Ptr<float>(1, M * K, false);
   const uint16_t* w = ctx.Ptr<uint16_t>(2, M > 0 ? N * K : 0, false);
   float* out = ctx.Ptr<float>(0, M * N, true);
-  std::vector<float> wf(K);
-  for (uint64_t n = 0; n < N && M > 0; ++n) {
-    const uint16_t* wr = w + n * K;
-    for (uint64_t k = 0; k < K; ++k) wf[k] = Bf16ToF32(wr[k]);
-    for (uint64_t m = 0; m < M; ++m) {
-      const float* xr = x + m * K;
-      float acc = 0.0f;
-      for (uint64_t k = 0; k < K; ++k) acc = acc + xr[k] * wf[k];
-      out[m * N + n] = acc;
-    }
-  }
+  MatmulRows(out, x, w, M, N, K);
 }
 
 // 4. emoe_add_bias_bf16(f32* x[M,N], const u16* b[N], u32 M, u32 N)
@@ -144,23 +183,7 @@ EMOE_MOCK_KERNEL(emoe_rope) {
   if (D % 2 != 0) BadSize(ctx, "an even head dim D (got " + std::to_string(D) + ")");
   const int32_t* pos = ctx.Ptr<int32_t>(1, T, false);
   float* x = ctx.Ptr<float>(0, T * heads * D, true);
-  const uint64_t half = D / 2;
-  for (uint64_t t = 0; t < T; ++t) {
-    for (uint64_t j = 0; j < half; ++j) {
-      const float e = static_cast<float>(2 * j) / static_cast<float>(D);
-      const float p = static_cast<float>(std::pow(static_cast<double>(theta), static_cast<double>(e)));
-      const float inv = 1.0f / p;
-      const float a = static_cast<float>(pos[t]) * inv;
-      const float c = static_cast<float>(std::cos(static_cast<double>(a)));
-      const float s = static_cast<float>(std::sin(static_cast<double>(a)));
-      for (uint64_t h = 0; h < heads; ++h) {
-        float* xh = x + (t * heads + h) * D;
-        const float x1 = xh[j], x2 = xh[j + half];
-        xh[j] = x1 * c - x2 * s;
-        xh[j + half] = x2 * c + x1 * s;
-      }
-    }
-  }
+  RopeHeads(x, pos, T, heads, D, theta);
 }
 
 // 6. emoe_kv_store(u16* pool, const f32* k[T,KVH,D], const f32* v[T,KVH,D], const i32* slots[T],
@@ -411,7 +434,7 @@ EMOE_MOCK_KERNEL(emoe_add_f32) {
   const float* a = ctx.Ptr<float>(1, n, false);
   const float* b = ctx.Ptr<float>(2, n, false);
   float* out = ctx.Ptr<float>(0, n, true);
-  for (uint64_t i = 0; i < n; ++i) out[i] = a[i] + b[i];
+  AddF32(out, a, b, n);
 }
 
 // 16. emoe_grouped_matmul_bf16(f32* out[M,N], const f32* x[M,K], const u64* weights[G], const i32* row_offsets[G+1],
@@ -578,6 +601,60 @@ EMOE_MOCK_KERNEL(emoe_silu_mul_count) {
     const float d = 1.0f + ExpD(-g);
     out[i] = (g / d) * up[i];
   }
+}
+
+// 21. emoe_qk_norm_rope(f32* q[T,NH,D], f32* k[T,KVH,D], const u16* qw[D] or 0, const u16* kw[D] or 0,
+//                       const i32* pos[T], u32 T, u32 NH, u32 KVH, u32 D, f32 eps, f32 theta)
+// With the norm weights: emoe_rmsnorm in place over q's T*NH rows (qw) and k's T*KVH rows (kw) of D, then emoe_rope
+// over q and over k; without (both 0): the two emoe_rope only. Every pointer is validated before anything is written.
+EMOE_MOCK_KERNEL(emoe_qk_norm_rope) {
+  const uint64_t T = ctx.U32(5), NH = ctx.U32(6), KVH = ctx.U32(7), D = ctx.U32(8);
+  const float eps = ctx.F32(9), theta = ctx.F32(10);
+  if (D % 2 != 0) BadSize(ctx, "an even head dim D (got " + std::to_string(D) + ")");
+  const bool qn = OptionalPtr(ctx, 2), kn = OptionalPtr(ctx, 3);
+  if (qn != kn) BadSize(ctx, "both norm weights (arguments 2 and 3) or neither");
+  const uint64_t rows = T * (NH + KVH);
+  const uint16_t* qw = qn ? ctx.Ptr<uint16_t>(2, rows > 0 ? D : 0, false) : nullptr;
+  const uint16_t* kw = kn ? ctx.Ptr<uint16_t>(3, rows > 0 ? D : 0, false) : nullptr;
+  const int32_t* pos = ctx.Ptr<int32_t>(4, T, false);
+  float* q = ctx.Ptr<float>(0, T * NH * D, true);
+  float* k = ctx.Ptr<float>(1, T * KVH * D, true);
+  if (qn) {
+    RmsnormRows(q, q, qw, T * NH, D, eps);
+    RmsnormRows(k, k, kw, T * KVH, D, eps);
+  }
+  RopeHeads(q, pos, T, NH, D, theta);
+  RopeHeads(k, pos, T, KVH, D, theta);
+}
+
+// 22. emoe_matmul_qkv_bf16(f32* q[M,Nq], f32* k[M,Nkv], f32* v[M,Nkv], const f32* x[M,K], const u16* wq[Nq,K],
+//                          const u16* wk[Nkv,K], const u16* wv[Nkv,K], u32 M, u32 Nq, u32 Nkv, u32 K)
+// emoe_matmul_bf16 three times: q = x . wq^T, k = x . wk^T, v = x . wv^T.
+EMOE_MOCK_KERNEL(emoe_matmul_qkv_bf16) {
+  const uint64_t M = ctx.U32(7), Nq = ctx.U32(8), Nkv = ctx.U32(9), K = ctx.U32(10);
+  const float* x = ctx.Ptr<float>(3, M * K, false);
+  const uint16_t* wq = ctx.Ptr<uint16_t>(4, M > 0 ? Nq * K : 0, false);
+  const uint16_t* wk = ctx.Ptr<uint16_t>(5, M > 0 ? Nkv * K : 0, false);
+  const uint16_t* wv = ctx.Ptr<uint16_t>(6, M > 0 ? Nkv * K : 0, false);
+  float* q = ctx.Ptr<float>(0, M * Nq, true);
+  float* k = ctx.Ptr<float>(1, M * Nkv, true);
+  float* v = ctx.Ptr<float>(2, M * Nkv, true);
+  MatmulRows(q, x, wq, M, Nq, K);
+  MatmulRows(k, x, wk, M, Nkv, K);
+  MatmulRows(v, x, wv, M, Nkv, K);
+}
+
+// 23. emoe_add_rmsnorm(f32* x[R,N], f32* xn[R,N], const f32* y[R,N], const u16* w[N], u32 R, u32 N, f32 eps)
+// emoe_add_f32 (x = x + y) then emoe_rmsnorm (xn = rmsnorm(x) * w).
+EMOE_MOCK_KERNEL(emoe_add_rmsnorm) {
+  const uint64_t R = ctx.U32(4), N = ctx.U32(5);
+  const float eps = ctx.F32(6);
+  const float* y = ctx.Ptr<float>(2, R * N, false);
+  const uint16_t* w = ctx.Ptr<uint16_t>(3, R > 0 ? N : 0, false);
+  float* x = ctx.Ptr<float>(0, R * N, true);
+  float* xn = ctx.Ptr<float>(1, R * N, true);
+  AddF32(x, x, y, R * N);
+  RmsnormRows(xn, x, w, R, N, eps);
 }
 
 }  // namespace emoe

@@ -30,6 +30,11 @@ export const MAX_EXPERTS = 12288;
 export const MAX_ROUTE_ROWS = 4096;
 /** Largest expert count emoe_route_rows takes ((2 * MAX_ROUTE_ROWS + E + 1) i32 of shared memory stay within 48 KiB). */
 export const MAX_ROUTE_EXPERTS = 2048;
+/**
+ * Largest M that matmulQkv computes in one launch (emoe_matmul_qkv_bf16, emoe_matmul_bf16's warp-per-column
+ * path); above it, three matmul launches (the tiled path).
+ */
+export const QKV_FUSED_MAX_ROWS = 16;
 
 function u32(name: string, value: number, min = 0): number {
   if (!Number.isInteger(value) || value < min || value > U32_MAX) {
@@ -145,6 +150,42 @@ export interface RopeArgs {
   heads: number;
   D: number;
   theta: number;
+}
+export interface QkNormRopeArgs {
+  /** [T, NH, D] f32, in place */ q: DevicePointer;
+  /** [T, KVH, D] f32, in place (must not overlap q) */ k: DevicePointer;
+  /** [D] bf16: q_norm's weight; given with kNorm (per-head RMSNorm, then rope) or neither (rope only) */ qNorm?: DevicePointer | undefined;
+  /** [D] bf16: k_norm's weight */ kNorm?: DevicePointer | undefined;
+  /** [T] i32 */ pos: DevicePointer;
+  T: number;
+  NH: number;
+  KVH: number;
+  D: number;
+  /** The RMSNorm epsilon; required with the norm weights, ignored without. */
+  eps?: number;
+  theta: number;
+}
+export interface MatmulQkvArgs {
+  /** [M, Nq] f32 */ q: DevicePointer;
+  /** [M, Nkv] f32 */ k: DevicePointer;
+  /** [M, Nkv] f32 */ v: DevicePointer;
+  /** [M, K] f32 (must not overlap q, k or v) */ x: DevicePointer;
+  /** [Nq, K] bf16 */ wq: DevicePointer;
+  /** [Nkv, K] bf16 */ wk: DevicePointer;
+  /** [Nkv, K] bf16 */ wv: DevicePointer;
+  M: number;
+  Nq: number;
+  Nkv: number;
+  K: number;
+}
+export interface AddRmsnormArgs {
+  /** [R, N] f32, the residual: x += y in place */ x: DevicePointer;
+  /** [R, N] f32: rmsnorm(x + y) * w (must not overlap x or y) */ xn: DevicePointer;
+  /** [R, N] f32 (must not overlap x) */ y: DevicePointer;
+  /** [N] bf16 */ w: DevicePointer;
+  R: number;
+  N: number;
+  eps: number;
 }
 export interface KvGeometry {
   KVH: number;
@@ -406,6 +447,100 @@ export class ModelKernels implements Disposable {
     if (T === 0) return;
     this.launch(stream, 'emoe_rope', gridFor(T * (D / 2), BLOCK), BLOCK,
       [a.x, a.pos, arg.u32(T), arg.u32(heads), arg.u32(D), arg.f32(theta)]);
+  }
+
+  /**
+   * Per-head RMSNorm (qNorm, kNorm) then rotary embedding, in place, over q [T, NH, D] and k [T, KVH, D]
+   * in one launch: rmsnorm(q rows), rmsnorm(k rows), rope(q), rope(k) (the same bits on the mock;
+   * on CUDA too, see emoe_qk_norm_rope). Without the norm weights: rope(q) and rope(k) in one launch.
+   */
+  qkNormRope(stream: Stream, a: QkNormRopeArgs): void {
+    const T = u32('T', a.T);
+    const NH = u32('NH', a.NH, 1);
+    const KVH = u32('KVH', a.KVH, 1);
+    const D = u32('D', a.D, 2);
+    if (D % 2 !== 0) throw new InvalidArgumentError('D', `even (got ${D})`);
+    const theta = f32('theta', a.theta, { positive: true });
+    const norm = a.qNorm !== undefined;
+    if (a.kNorm !== undefined && !norm) throw new InvalidArgumentError('qNorm', 'given with kNorm (or neither)');
+    if (norm && a.kNorm === undefined) throw new InvalidArgumentError('kNorm', 'given with qNorm (or neither)');
+    let eps = 0;
+    if (norm) {
+      if (a.eps === undefined) throw new InvalidArgumentError('eps', 'given with the norm weights');
+      eps = f32('eps', a.eps);
+      if (eps < 0) throw new InvalidArgumentError('eps', 'non-negative');
+    }
+    const rows = T * (NH + KVH);
+    if (!Number.isSafeInteger(rows * D)) throw new InvalidArgumentError('T', 'T * (NH + KVH) * D a safe integer');
+    ptr('q', a.q, T * NH * D, 4);
+    ptr('k', a.k, T * KVH * D, 4);
+    if (norm) {
+      ptr('qNorm', a.qNorm!, D, 2);
+      ptr('kNorm', a.kNorm!, D, 2);
+    }
+    ptr('pos', a.pos, T, 4);
+    if (T === 0) return;
+    disjoint('k', a.k, T * KVH * D * 4, 'q', a.q, T * NH * D * 4);
+    // One block per head row. With the norm: D threads (rounded up to a warp, at most 256), so a
+    // row's sum of squares is emoe_rmsnorm's (256 threads) bit for bit; rope only: a thread per pair.
+    const threads = Math.min(BLOCK, Math.ceil((norm ? D : D / 2) / 32) * 32);
+    this.launch(stream, 'emoe_qk_norm_rope', Math.min(rows, MAX_GRID), threads, [
+      a.q, a.k, norm ? a.qNorm! : arg.u64(0), norm ? a.kNorm! : arg.u64(0), a.pos,
+      arg.u32(T), arg.u32(NH), arg.u32(KVH), arg.u32(D), arg.f32(eps), arg.f32(theta),
+    ]);
+  }
+
+  /**
+   * q = x . wq^T, k = x . wk^T, v = x . wv^T (f32 accumulation): one launch for M <= QKV_FUSED_MAX_ROWS
+   * (each element the bits matmul gives it), else three matmul launches.
+   */
+  matmulQkv(stream: Stream, a: MatmulQkvArgs): void {
+    const M = u32('M', a.M);
+    const Nq = u32('Nq', a.Nq, 1);
+    const Nkv = u32('Nkv', a.Nkv, 1);
+    const K = u32('K', a.K, 1);
+    ptr('q', a.q, M * Nq, 4);
+    ptr('k', a.k, M * Nkv, 4);
+    ptr('v', a.v, M * Nkv, 4);
+    ptr('x', a.x, M * K, 4);
+    ptr('wq', a.wq, Nq * K, 2);
+    ptr('wk', a.wk, Nkv * K, 2);
+    ptr('wv', a.wv, Nkv * K, 2);
+    if (M === 0) return;
+    const outs: Array<[string, DevicePointer, number]> = [['q', a.q, M * Nq * 4], ['k', a.k, M * Nkv * 4], ['v', a.v, M * Nkv * 4]];
+    outs.forEach(([name, p, bytes], i) => {
+      for (const [other, o, oBytes] of outs.slice(i + 1)) disjoint(name, p, bytes, other, o, oBytes);
+      disjoint(name, p, bytes, 'x', a.x, M * K * 4);
+    });
+    if (M > QKV_FUSED_MAX_ROWS) {
+      this.matmul(stream, { out: a.q, x: a.x, w: a.wq, M, N: Nq, K });
+      this.matmul(stream, { out: a.k, x: a.x, w: a.wk, M, N: Nkv, K });
+      this.matmul(stream, { out: a.v, x: a.x, w: a.wv, M, N: Nkv, K });
+      return;
+    }
+    // One warp per output column of the Nq + 2 Nkv (8 per block), as matmul's M <= 16 path.
+    this.launch(stream, 'emoe_matmul_qkv_bf16', gridFor(Nq + 2 * Nkv, BLOCK / 32), BLOCK, [
+      a.q, a.k, a.v, a.x, a.wq, a.wk, a.wv, arg.u32(M), arg.u32(Nq), arg.u32(Nkv), arg.u32(K),
+    ]);
+  }
+
+  /** x += y, then xn = x / sqrt(mean(x^2) + eps) * w per row of N: add then rmsnorm in one launch (the same bits). */
+  addRmsnorm(stream: Stream, a: AddRmsnormArgs): void {
+    const R = u32('R', a.R);
+    const N = u32('N', a.N, 1);
+    const eps = f32('eps', a.eps);
+    if (eps < 0) throw new InvalidArgumentError('eps', 'non-negative');
+    ptr('x', a.x, R * N, 4);
+    ptr('xn', a.xn, R * N, 4);
+    ptr('y', a.y, R * N, 4);
+    ptr('w', a.w, N, 2);
+    if (R === 0) return;
+    disjoint('xn', a.xn, R * N * 4, 'x', a.x, R * N * 4);
+    disjoint('xn', a.xn, R * N * 4, 'y', a.y, R * N * 4);
+    disjoint('y', a.y, R * N * 4, 'x', a.x, R * N * 4);
+    // 256 threads, as rmsnorm: the same per-thread sums and reduction.
+    this.launch(stream, 'emoe_add_rmsnorm', Math.min(R, MAX_GRID), BLOCK,
+      [a.x, a.xn, a.y, a.w, arg.u32(R), arg.u32(N), arg.f32(eps)]);
   }
 
   private kvGeometry(g: KvGeometry): { KVH: number; D: number; layer: number; L: number; BS: number } {

@@ -163,6 +163,41 @@ export function rope(o: { x: Float32Array; pos: Int32Array; T: number; heads: nu
   }
 }
 
+/**
+ * emoe_qk_norm_rope: with norm weights (qw and kw), rmsnorm in place over q's T*NH and k's T*KVH
+ * head rows of D, then rope over q and k; without, rope only. The unfused sequence, step by step.
+ */
+export function qkNormRope(o: {
+  q: Float32Array; k: Float32Array; qw?: Uint16Array; kw?: Uint16Array; pos: Int32Array;
+  T: number; NH: number; KVH: number; D: number; eps: number; theta: number;
+}): void {
+  const { T, NH, KVH, D } = o;
+  if ((o.qw === undefined) !== (o.kw === undefined)) throw new RangeError('qkNormRope: both norm weights or neither');
+  if (o.qw) {
+    rmsnorm({ out: o.q, x: o.q, w: o.qw, R: T * NH, N: D, eps: o.eps });
+    rmsnorm({ out: o.k, x: o.k, w: o.kw!, R: T * KVH, N: D, eps: o.eps });
+  }
+  rope({ x: o.q, pos: o.pos, T, heads: NH, D, theta: o.theta });
+  rope({ x: o.k, pos: o.pos, T, heads: KVH, D, theta: o.theta });
+}
+
+/** emoe_matmul_qkv_bf16: q = x . wq^T [M, Nq], k = x . wk^T and v = x . wv^T [M, Nkv]. */
+export function matmulQkv(o: {
+  q: Float32Array; k: Float32Array; v: Float32Array; x: Float32Array; wq: Uint16Array; wk: Uint16Array; wv: Uint16Array;
+  M: number; Nq: number; Nkv: number; K: number;
+}): void {
+  const { x, M, K } = o;
+  matmul({ out: o.q, x, w: o.wq, M, N: o.Nq, K });
+  matmul({ out: o.k, x, w: o.wk, M, N: o.Nkv, K });
+  matmul({ out: o.v, x, w: o.wv, M, N: o.Nkv, K });
+}
+
+/** emoe_add_rmsnorm: x += y (in place), then xn = rmsnorm(x) * w, rows of N. */
+export function addRmsnorm(o: { x: Float32Array; xn: Float32Array; y: Float32Array; w: Uint16Array; R: number; N: number; eps: number }): void {
+  addF32({ out: o.x, a: o.x, b: o.y, n: o.R * o.N });
+  rmsnorm({ out: o.xn, x: o.x, w: o.w, R: o.R, N: o.N, eps: o.eps });
+}
+
 export function kvStore(o: {
   pool: Uint16Array; k: Float32Array; v: Float32Array; slots: Int32Array;
   T: number; KVH: number; D: number; layer: number; L: number; BS: number;

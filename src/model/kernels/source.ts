@@ -22,6 +22,10 @@
 //   block (a one-dimensional multiple of 32 threads; other blocks exit) with
 //   (2 * T*K + E + 1) * 4 bytes of dynamic shared memory. A kernel given a shape it
 //   cannot use traps (launch failure) rather than compute something wrong.
+// - fused kernels (21-23: emoe_qk_norm_rope, emoe_matmul_qkv_bf16, emoe_add_rmsnorm) share
+//   their per-element math with the unfused kernels they replace (emoe_rms_inv,
+//   emoe_rope_cs, emoe_matmul_small_col), so with the launchers' block sizes they give the
+//   same bits as the unfused sequence; their twins are the unfused twins' compositions.
 // - device-side routing (no host round trip): emoe_route_rows turns a rank's top-k ids
 //   into one device's row lists; the *_count kernels take their row count from device
 //   memory (the routing kernel's total) and run over an upper bound M of rows, doing
@@ -86,6 +90,17 @@ extern "C" __global__ void emoe_embed(float* out, const u16* table, const int* t
   }
 }
 
+// RMSNorm's scale 1 / sqrt(mean(x^2) + eps) of a row of N from each thread's partial sum of
+// squares (thread j: elements j, j + blockDim.x, ..., added with __fadd_rn(ss, __fmul_rn(v, v))).
+// Shared by emoe_rmsnorm, emoe_add_rmsnorm and emoe_qk_norm_rope, so a row's scale is the same
+// bits in all three for the same block size. Every thread gets it; it ends with every earlier
+// read of the row done (barrier inside emoe_block_sum).
+__device__ __forceinline__ float emoe_rms_inv(float ss, u32 N, float eps, float* shm) {
+  ss = emoe_block_sum(ss, shm);
+  const float mean = __fdiv_rn(ss, (float)N);
+  return __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(mean, eps)));
+}
+
 // 2. out = x * (1 / sqrt(mean(x^2) + eps)) * w, one block per row; out may alias x.
 extern "C" __global__ void emoe_rmsnorm(float* out, const float* x, const u16* w, u32 R, u32 N, float eps) {
   __shared__ float shm[32];
@@ -97,9 +112,7 @@ extern "C" __global__ void emoe_rmsnorm(float* out, const float* x, const u16* w
       const float v = xr[j];
       ss = __fadd_rn(ss, __fmul_rn(v, v));
     }
-    ss = emoe_block_sum(ss, shm);  // ends with every read of the row done (barrier inside)
-    const float mean = __fdiv_rn(ss, (float)N);
-    const float inv = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(mean, eps)));
+    const float inv = emoe_rms_inv(ss, N, eps, shm);
     for (u32 j = threadIdx.x; j < N; j += blockDim.x)
       orow[j] = __fmul_rn(__fmul_rn(xr[j], inv), emoe_bf16_to_f32(w[j]));
   }
@@ -137,34 +150,38 @@ __device__ __forceinline__ void emoe_dot_rows_vec(float* acc, const u16* wr, con
 // 3. out[M, N] = x[M, K] . w[N, K]^T, f32 accumulation.
 // Small M (decode): one warp per output column n, all rows in groups of 8, a shuffle
 // reduction per row; 16-byte loads when K % 8 == 0 and both pointers are 16-byte aligned.
+// emoe_matmul_small_col is one warp's column (wr = w + n * K; vec: the 16-byte path), shared
+// with emoe_matmul_qkv_bf16, so an output element's summation order is the same in both.
+__device__ __forceinline__ void emoe_matmul_small_col(float* out, const float* x, const u16* wr, u32 M, u32 N, u32 K,
+                                                      u64 n, u32 lane, bool vec) {
+  for (u32 m0 = 0; m0 < M; m0 += 8) {
+    float acc[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
+    if (vec) {
+      emoe_dot_rows_vec(acc, wr, x + (u64)m0 * K, K, lane, M - m0 < 8 ? (int)(M - m0) : 8);
+    } else {
+      for (u32 k = lane; k < K; k += 32) {
+        const float wf = emoe_bf16_to_f32(wr[k]);
+#pragma unroll
+        for (int i = 0; i < 8; ++i)
+          if (m0 + i < M) acc[i] = fmaf(x[(u64)(m0 + i) * K + k], wf, acc[i]);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const float v = emoe_warp_sum(acc[i]);
+      if (lane == 0 && m0 + i < M) out[(u64)(m0 + i) * N + n] = v;
+    }
+  }
+}
+
 __device__ void emoe_matmul_small(float* out, const float* x, const u16* w, u32 M, u32 N, u32 K) {
   const u32 lane = threadIdx.x & 31;
   const u64 warp = (blockIdx.x * (u64)blockDim.x + threadIdx.x) >> 5;
   const u64 nwarps = ((u64)gridDim.x * blockDim.x) >> 5;
   const bool vec = (K % 8 == 0) && ((((u64)x) & 15) == 0) && ((((u64)w) & 15) == 0);
-  for (u64 n = warp; n < N; n += nwarps) {
-    const u16* wr = w + n * K;
-    for (u32 m0 = 0; m0 < M; m0 += 8) {
-      float acc[8];
-#pragma unroll
-      for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
-      if (vec) {
-        emoe_dot_rows_vec(acc, wr, x + (u64)m0 * K, K, lane, M - m0 < 8 ? (int)(M - m0) : 8);
-      } else {
-        for (u32 k = lane; k < K; k += 32) {
-          const float wf = emoe_bf16_to_f32(wr[k]);
-#pragma unroll
-          for (int i = 0; i < 8; ++i)
-            if (m0 + i < M) acc[i] = fmaf(x[(u64)(m0 + i) * K + k], wf, acc[i]);
-        }
-      }
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const float v = emoe_warp_sum(acc[i]);
-        if (lane == 0 && m0 + i < M) out[(u64)(m0 + i) * N + n] = v;
-      }
-    }
-  }
+  for (u64 n = warp; n < N; n += nwarps) emoe_matmul_small_col(out, x, w + n * K, M, N, K, n, lane, vec);
 }
 
 // Larger M: TS x TS output tiles (TS = 64, or 32 when 64-tiles would leave most SMs
@@ -260,17 +277,25 @@ extern "C" __global__ void emoe_add_bias_bf16(float* x, const u16* b, u32 M, u32
 
 // 5. Rotary embedding, rotate_half (neox) style, in place over x[T, heads, D]. One
 // thread per (token, i < D/2) computes the angle once and rotates every head.
+// The rotation of pair j (0 <= j < D/2) at position p: cos and sin of p / theta^(2j/D).
+// Shared by emoe_rope and emoe_qk_norm_rope (the same bits in both).
+__device__ __forceinline__ void emoe_rope_cs(int p, u32 j, u32 D, float theta, float* c, float* s) {
+  const float e = __fdiv_rn((float)(2 * j), (float)D);
+  const float pw = (float)pow((double)theta, (double)e);
+  const float inv = __fdiv_rn(1.0f, pw);
+  const float a = __fmul_rn((float)p, inv);
+  *c = (float)cos((double)a);
+  *s = (float)sin((double)a);
+}
+
 extern "C" __global__ void emoe_rope(float* x, const int* pos, u32 T, u32 heads, u32 D, float theta) {
   const u32 half = D / 2;
   const u64 n = (u64)T * half;
   EMOE_GRID_STRIDE(i, n) {
     const u64 t = i / half;
     const u32 j = (u32)(i - t * half);
-    const float e = __fdiv_rn((float)(2 * j), (float)D);
-    const float p = (float)pow((double)theta, (double)e);
-    const float inv = __fdiv_rn(1.0f, p);
-    const float a = __fmul_rn((float)pos[t], inv);
-    const float c = (float)cos((double)a), s = (float)sin((double)a);
+    float c, s;
+    emoe_rope_cs(pos[t], j, D, theta, &c, &s);
     for (u32 h = 0; h < heads; ++h) {
       float* xh = x + (t * heads + h) * D;
       const float x1 = xh[j], x2 = xh[j + half];
@@ -737,6 +762,117 @@ extern "C" __global__ void emoe_silu_mul_count(float* out, const float* gate, co
     out[i] = __fmul_rn(__fdiv_rn(g, d), up[i]);
   }
 }
+
+// Fused kernels of the attention block (fewer launches per layer: at batch-1 decode every
+// kernel is latency-bound). Each computes its elements with the same helpers and rounded
+// operations as the unfused sequence it replaces, so on the same launch shapes the results
+// are the same bits (the CPU twins are the exact compositions of the unfused twins).
+
+// 21. Per-head RMSNorm then rotary embedding, in place, over q [T, NH, D] and k [T, KVH, D] in
+// one launch (qwen3_moe's q_norm/k_norm then RoPE; replaces emoe_rmsnorm on q, on k, and
+// emoe_rope on q, on k). One block per head row, block-stride: rows 0..T*NH-1 are q's
+// (token row / NH, weights qw), the next T*KVH are k's (token (row - T*NH) / KVH, weights kw).
+// A row is normed as emoe_rmsnorm does (thread j's partial sum over j, j + blockDim.x, ...,
+// emoe_rms_inv, then (x * inv) * w), and each pair (i, i + D/2) rotated with emoe_rope_cs and
+// emoe_rope's formula. The norm's bits equal emoe_rmsnorm's at 256 threads when blockDim.x >= D
+// (one element per thread; the extra warps of 256 only add zeros) or blockDim.x == 256: the
+// launcher gives min(256, D rounded up to 32). qw and kw null: no norm, rope only (mixtral,
+// qwen2_moe; replaces the two emoe_rope launches; the launcher gives D/2 rounded up to 32
+// threads). D even; the blockDim a multiple of 32.
+extern "C" __global__ void emoe_qk_norm_rope(float* q, float* k, const u16* qw, const u16* kw, const int* pos, u32 T,
+                                             u32 NH, u32 KVH, u32 D, float eps, float theta) {
+  __shared__ float shm[32];
+  const u32 half = D / 2;
+  const u64 qrows = (u64)T * NH;
+  const u64 rows = qrows + (u64)T * KVH;
+  for (u64 r = blockIdx.x; r < rows; r += gridDim.x) {  // uniform over the block
+    const bool isq = r < qrows;
+    const u64 t = isq ? r / NH : (r - qrows) / KVH;
+    float* xr = isq ? q + r * D : k + (r - qrows) * D;
+    const u16* w = isq ? qw : kw;
+    const int p = pos[t];
+    // This thread's first pair's angle, before the reduction (its latency overlaps the sums).
+    float c0 = 1.0f, s0 = 0.0f;
+    if (threadIdx.x < half) emoe_rope_cs(p, threadIdx.x, D, theta, &c0, &s0);
+    float inv = 1.0f;
+    if (w != nullptr) {
+      float ss = 0.0f;
+      for (u32 j = threadIdx.x; j < D; j += blockDim.x) {
+        const float v = xr[j];
+        ss = __fadd_rn(ss, __fmul_rn(v, v));
+      }
+      inv = emoe_rms_inv(ss, D, eps, shm);  // every read of the row's sums done before any write
+    }
+    for (u32 i = threadIdx.x; i < half; i += blockDim.x) {
+      float c = c0, s = s0;
+      if (i != threadIdx.x) emoe_rope_cs(p, i, D, theta, &c, &s);
+      float x1 = xr[i], x2 = xr[i + half];
+      if (w != nullptr) {
+        x1 = __fmul_rn(__fmul_rn(x1, inv), emoe_bf16_to_f32(w[i]));
+        x2 = __fmul_rn(__fmul_rn(x2, inv), emoe_bf16_to_f32(w[i + half]));
+      }
+      xr[i] = __fsub_rn(__fmul_rn(x1, c), __fmul_rn(x2, s));
+      xr[i + half] = __fadd_rn(__fmul_rn(x2, c), __fmul_rn(x1, s));
+    }
+  }
+}
+
+// 22. q = x . wq^T [M, Nq], k = x . wk^T and v = x . wv^T [M, Nkv] in one launch (replaces three
+// emoe_matmul_bf16 launches at decode): one warp per output column of the Nq + 2 Nkv, as
+// emoe_matmul_small (emoe_matmul_small_col: the same dot helper, the same 16-byte load rule per
+// matrix, the same shuffle reduction), so each element is the bits emoe_matmul_bf16 gives it for
+// M <= 16. Correct for any M, but the launcher takes it for M <= 16 only (three emoe_matmul_bf16
+// launches above: their tiled path).
+extern "C" __global__ void emoe_matmul_qkv_bf16(float* q, float* k, float* v, const float* x, const u16* wq,
+                                                const u16* wk, const u16* wv, u32 M, u32 Nq, u32 Nkv, u32 K) {
+  const u32 lane = threadIdx.x & 31;
+  const u64 warp = (blockIdx.x * (u64)blockDim.x + threadIdx.x) >> 5;
+  const u64 nwarps = ((u64)gridDim.x * blockDim.x) >> 5;
+  const bool xvec = (K % 8 == 0) && ((((u64)x) & 15) == 0);
+  const u64 cols = (u64)Nq + 2 * (u64)Nkv;
+  for (u64 col = warp; col < cols; col += nwarps) {  // uniform over the warp
+    float* out = q;
+    const u16* w = wq;
+    u32 N = Nq;
+    u64 n = col;
+    if (col >= Nq) {
+      n = col - Nq;
+      N = Nkv;
+      out = k;
+      w = wk;
+      if (n >= Nkv) {
+        n -= Nkv;
+        out = v;
+        w = wv;
+      }
+    }
+    const bool vec = xvec && ((((u64)w) & 15) == 0);
+    emoe_matmul_small_col(out, x, w + n * K, M, N, K, n, lane, vec);
+  }
+}
+
+// 23. x[R, N] += y (the o_proj output), then xn = rmsnorm(x) * w, one block per row (replaces
+// emoe_add_f32 then emoe_rmsnorm): the sum rounded once as emoe_add_f32 does, then the row normed
+// as emoe_rmsnorm does (the same bits for the same block size: the launchers give both 256). xn
+// must not overlap x or y.
+extern "C" __global__ void emoe_add_rmsnorm(float* x, float* xn, const float* y, const u16* w, u32 R, u32 N,
+                                            float eps) {
+  __shared__ float shm[32];
+  for (u64 r = blockIdx.x; r < R; r += gridDim.x) {
+    float* xr = x + r * N;
+    const float* yr = y + r * N;
+    float* orow = xn + r * N;
+    float ss = 0.0f;
+    for (u32 j = threadIdx.x; j < N; j += blockDim.x) {
+      const float v = __fadd_rn(xr[j], yr[j]);
+      xr[j] = v;
+      ss = __fadd_rn(ss, __fmul_rn(v, v));
+    }
+    const float inv = emoe_rms_inv(ss, N, eps, shm);
+    for (u32 j = threadIdx.x; j < N; j += blockDim.x)  // xr[j]: this thread's own write
+      orow[j] = __fmul_rn(__fmul_rn(xr[j], inv), emoe_bf16_to_f32(w[j]));
+  }
+}
 `;
 
 /** Every kernel in MODEL_KERNELS_SOURCE (each has a CPU twin of the same name in the mock). */
@@ -762,6 +898,9 @@ export const MODEL_KERNEL_NAMES = [
   'emoe_gather_rows_count',
   'emoe_scatter_rows_count',
   'emoe_silu_mul_count',
+  'emoe_qk_norm_rope',
+  'emoe_matmul_qkv_bf16',
+  'emoe_add_rmsnorm',
 ] as const;
 
 export type ModelKernelName = (typeof MODEL_KERNEL_NAMES)[number];
