@@ -118,6 +118,14 @@ function window(a, b, who) {
     meanSeqs: ss.length ? ss.reduce((x, s) => x + s.seqs, 0) / ss.length : 0,
   };
 }
+/**
+ * Speed of a decode-only step during a transition relative to before (median step times,
+ * same batch size): the transition's cost to serving without the noise of where the
+ * windows fall in a wave of prefills. null when a window holds no decode-only step.
+ */
+function stepSpeed(before, during) {
+  return before.medianDecodeStepMs && during.medianDecodeStepMs ? before.medianDecodeStepMs / during.medianDecodeStepMs : null;
+}
 function peakSampler() {
   const peak = usedBytes();
   const timer = setInterval(() => usedBytes().forEach((u, d) => (peak[d] = Math.max(peak[d], u))), 5);
@@ -206,11 +214,14 @@ for (let i = 1; i < plan.length; i++) {
   emit({ bench: 'scale', from: m.from, to: m.to, commandToFirstNewStepMs: m.first.t - m.tCmd, reportMs: r.ms, phases: r.phases,
     decodeTokensPerSecondBefore: m.before.tokensPerSecond, decodeTokensPerSecondDuring: m.during.tokensPerSecond,
     duringOverBefore: m.during.tokensPerSecond / m.before.tokensPerSecond, before: m.before, during: m.during,
+    decodeStepSpeedDuringOverBefore: stepSpeed(m.before, m.during),
     bytesCopied: r.bytesCopied, lowerBoundBytes: r.lowerBoundBytes, chunksCopied: r.chunksCopied,
     chunksReused: r.chunksReused, chunksReleased: r.chunksReleased, switchover: r.switchover, prepare: r.prepare,
     peakUsedBytes: m.peak });
+  const speed = stepSpeed(m.before, m.during);
   log(`elastic ${m.from.join(',')} -> ${m.to.join(',')}: ${(m.first.t - m.tCmd).toFixed(0)} ms to the first step on the new layout; ` +
-    `throughput during ${(100 * m.during.tokensPerSecond / m.before.tokensPerSecond).toFixed(0)}% of before`);
+    `throughput during ${(100 * m.during.tokensPerSecond / m.before.tokensPerSecond).toFixed(0)}% of before; ` +
+    `decode step speed during ${speed === null ? 'n/a (no decode-only step)' : `${(100 * speed).toFixed(0)}%`} of before`);
   await sleep(holdMs);
 }
 
