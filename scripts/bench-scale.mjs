@@ -94,7 +94,9 @@ const geo = kvGeometry(config, 16);
 const kvBlocksPerDevice = Math.ceil((concurrency * Math.ceil((promptLen + outputLen + outputSpread) / geo.blockTokens)) * 1.5);
 // BENCH_GRAPHS=0: the elastic deployment's engines run without graph replay (A/B).
 const serving = { rt, config, kvBlocksPerDevice, maxTokensPerStep: 512, maxSeqs: concurrency };
+// BENCH_DEVICE_ROUTING_MAX_ROWS: the engines' deviceRoutingMaxRows (default: the engine's).
 const forward = env('BENCH_GRAPHS', '1') === '0' ? { graphs: false } : {};
+if (process.env.BENCH_DEVICE_ROUTING_MAX_ROWS) forward.deviceRoutingMaxRows = Number(process.env.BENCH_DEVICE_ROUTING_MAX_ROWS);
 
 const t0 = performance.now();
 const clock = () => performance.now() - t0;
