@@ -524,7 +524,7 @@ describe('forward pass: validation, KV views, attached weights (qwen3_moe)', () 
       for (const layout of layouts) {
         const n = layout.devices.length;
         const e = await engineFor(fx, layout, 16, { graphs: false });
-        expect(e.deviceRoutingMaxRows).toBe(64); // 8 rows per expert
+        expect(e.deviceRoutingMaxRows).toBe(32 * E); // 32 rows per expert
         expect(e.graphStats).toEqual({ enabled: false, captures: 0, replays: 0, cached: 0, evicted: 0, disabledReason: 'graphs: false' });
         const blocks = layout.devices.map((_, r) => fx.hmm.kv.allocate(`dev${r}`, layout.devices[r]!, 1));
         const gblocks = layout.devices.map((_, r) => fx.hmm.kv.allocate(`gdev${r}`, layout.devices[r]!, 1));
