@@ -133,6 +133,45 @@ void AddF32(float* out, const float* a, const float* b, uint64_t n) {
   for (uint64_t i = 0; i < n; ++i) out[i] = a[i] + b[i];
 }
 
+// The bodies that the plain and the *_count twins share (their pointer arguments sit at the
+// same places: out 0, x or gate 1, rows or up 2), over the first n rows or elements.
+
+// out[i, :] = x[rows[i], :] for i < n.
+void GatherRowsFirst(MockKernelContext& ctx, uint64_t n, uint64_t H) {
+  const int32_t* rows = ctx.Ptr<int32_t>(2, n, false);
+  const uint64_t R = static_cast<uint64_t>(MaxIndex(ctx, 2, rows, n) + 1);
+  const float* x = ctx.Ptr<float>(1, R * H, false);
+  float* out = ctx.Ptr<float>(0, n * H, true);
+  for (uint64_t i = 0; i < n; ++i) {
+    const float* src = x + static_cast<uint64_t>(rows[i]) * H;
+    for (uint64_t h = 0; h < H; ++h) out[i * H + h] = src[h];
+  }
+}
+
+// out[rows[i], :] = x[i, :] for i < n.
+void ScatterRowsFirst(MockKernelContext& ctx, uint64_t n, uint64_t H) {
+  const int32_t* rows = ctx.Ptr<int32_t>(2, n, false);
+  const uint64_t R = static_cast<uint64_t>(MaxIndex(ctx, 2, rows, n) + 1);
+  const float* x = ctx.Ptr<float>(1, n * H, false);
+  float* out = ctx.Ptr<float>(0, R * H, true);
+  for (uint64_t i = 0; i < n; ++i) {
+    float* dst = out + static_cast<uint64_t>(rows[i]) * H;
+    for (uint64_t h = 0; h < H; ++h) dst[h] = x[i * H + h];
+  }
+}
+
+// out = silu(gate) * up over the first n elements.
+void SiluMulFirst(MockKernelContext& ctx, uint64_t n) {
+  const float* gate = ctx.Ptr<float>(1, n, false);
+  const float* up = ctx.Ptr<float>(2, n, false);
+  float* out = ctx.Ptr<float>(0, n, true);
+  for (uint64_t i = 0; i < n; ++i) {
+    const float g = gate[i];
+    const float d = 1.0f + ExpD(-g);
+    out[i] = (g / d) * up[i];
+  }
+}
+
 }  // namespace
 
 // 1. emoe_embed(f32* out[T,H], const u16* table[V,H], const i32* tokens[T], u32 T, u32 H)
@@ -338,41 +377,17 @@ EMOE_MOCK_KERNEL(emoe_router_topk) {
 
 // 9. emoe_silu_mul(f32* out[n], const f32* gate[n], const f32* up[n], u64 n)
 EMOE_MOCK_KERNEL(emoe_silu_mul) {
-  const uint64_t n = ctx.U64(3);
-  const float* gate = ctx.Ptr<float>(1, n, false);
-  const float* up = ctx.Ptr<float>(2, n, false);
-  float* out = ctx.Ptr<float>(0, n, true);
-  for (uint64_t i = 0; i < n; ++i) {
-    const float g = gate[i];
-    const float d = 1.0f + ExpD(-g);
-    out[i] = (g / d) * up[i];
-  }
+  SiluMulFirst(ctx, ctx.U64(3));
 }
 
 // 10. emoe_gather_rows(f32* out[M,H], const f32* x[R,H], const i32* rows[M], u32 M, u32 H)
 EMOE_MOCK_KERNEL(emoe_gather_rows) {
-  const uint64_t M = ctx.U32(3), H = ctx.U32(4);
-  const int32_t* rows = ctx.Ptr<int32_t>(2, M, false);
-  const uint64_t R = static_cast<uint64_t>(MaxIndex(ctx, 2, rows, M) + 1);
-  const float* x = ctx.Ptr<float>(1, R * H, false);
-  float* out = ctx.Ptr<float>(0, M * H, true);
-  for (uint64_t i = 0; i < M; ++i) {
-    const float* src = x + static_cast<uint64_t>(rows[i]) * H;
-    for (uint64_t h = 0; h < H; ++h) out[i * H + h] = src[h];
-  }
+  GatherRowsFirst(ctx, ctx.U32(3), ctx.U32(4));
 }
 
 // 11. emoe_scatter_rows(f32* out[R,H], const f32* x[M,H], const i32* rows[M], u32 M, u32 H)
 EMOE_MOCK_KERNEL(emoe_scatter_rows) {
-  const uint64_t M = ctx.U32(3), H = ctx.U32(4);
-  const int32_t* rows = ctx.Ptr<int32_t>(2, M, false);
-  const uint64_t R = static_cast<uint64_t>(MaxIndex(ctx, 2, rows, M) + 1);
-  const float* x = ctx.Ptr<float>(1, M * H, false);
-  float* out = ctx.Ptr<float>(0, R * H, true);
-  for (uint64_t i = 0; i < M; ++i) {
-    float* dst = out + static_cast<uint64_t>(rows[i]) * H;
-    for (uint64_t h = 0; h < H; ++h) dst[h] = x[i * H + h];
-  }
+  ScatterRowsFirst(ctx, ctx.U32(3), ctx.U32(4));
 }
 
 // 12. emoe_combine_topk(f32* out[T,H], const f32* slots[T*K,H], const f32* weights[T,K], u32 T, u32 K, u32 H)
@@ -562,45 +577,21 @@ uint64_t RowCount(const MockKernelContext& ctx, size_t arg, uint64_t M) {
 // emoe_gather_rows over the first *count (<= M) rows; the rest of out is left as it is.
 EMOE_MOCK_KERNEL(emoe_gather_rows_count) {
   const uint64_t M = ctx.U32(4), H = ctx.U32(5);
-  const uint64_t n = RowCount(ctx, 3, M);
-  const int32_t* rows = ctx.Ptr<int32_t>(2, n, false);
-  const uint64_t R = static_cast<uint64_t>(MaxIndex(ctx, 2, rows, n) + 1);
-  const float* x = ctx.Ptr<float>(1, R * H, false);
-  float* out = ctx.Ptr<float>(0, n * H, true);
-  for (uint64_t i = 0; i < n; ++i) {
-    const float* src = x + static_cast<uint64_t>(rows[i]) * H;
-    for (uint64_t h = 0; h < H; ++h) out[i * H + h] = src[h];
-  }
+  GatherRowsFirst(ctx, RowCount(ctx, 3, M), H);
 }
 
 // 19. emoe_scatter_rows_count(f32* out[R,H], const f32* x[M,H], const i32* rows[M], const i32* count[1], u32 M, u32 H):
 // emoe_scatter_rows over the first *count (<= M) rows.
 EMOE_MOCK_KERNEL(emoe_scatter_rows_count) {
   const uint64_t M = ctx.U32(4), H = ctx.U32(5);
-  const uint64_t n = RowCount(ctx, 3, M);
-  const int32_t* rows = ctx.Ptr<int32_t>(2, n, false);
-  const uint64_t R = static_cast<uint64_t>(MaxIndex(ctx, 2, rows, n) + 1);
-  const float* x = ctx.Ptr<float>(1, n * H, false);
-  float* out = ctx.Ptr<float>(0, R * H, true);
-  for (uint64_t i = 0; i < n; ++i) {
-    float* dst = out + static_cast<uint64_t>(rows[i]) * H;
-    for (uint64_t h = 0; h < H; ++h) dst[h] = x[i * H + h];
-  }
+  ScatterRowsFirst(ctx, RowCount(ctx, 3, M), H);
 }
 
 // 20. emoe_silu_mul_count(f32* out[M,N], const f32* gate[M,N], const f32* up[M,N], const i32* count[1], u32 M, u32 N):
 // emoe_silu_mul over the first *count (<= M) rows of N elements.
 EMOE_MOCK_KERNEL(emoe_silu_mul_count) {
   const uint64_t M = ctx.U32(4), N = ctx.U32(5);
-  const uint64_t n = RowCount(ctx, 3, M) * N;
-  const float* gate = ctx.Ptr<float>(1, n, false);
-  const float* up = ctx.Ptr<float>(2, n, false);
-  float* out = ctx.Ptr<float>(0, n, true);
-  for (uint64_t i = 0; i < n; ++i) {
-    const float g = gate[i];
-    const float d = 1.0f + ExpD(-g);
-    out[i] = (g / d) * up[i];
-  }
+  SiluMulFirst(ctx, RowCount(ctx, 3, M) * N);
 }
 
 // 21. emoe_qk_norm_rope(f32* q[T,NH,D], f32* k[T,KVH,D], const u16* qw[D] or 0, const u16* kw[D] or 0,
