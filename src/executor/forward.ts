@@ -97,7 +97,7 @@
 // buffer) to its argmax download (into the same buffer). When it is a decode step (one
 // token per sequence; a step with a prompt chunk rarely recurs with the same shape, and
 // capturing a step that runs once costs more than running it: nothing runs until the
-// capture ends, then the graph is instantiated), it is captured once into a
+// capture ends, then the graph is instantiated), it may be captured once into a
 // graph (Stream.beginCapture on the first rank's stream; every other stream the step uses
 // joins by waiting on an event recorded there right after, and is joined back by an event
 // the origin stream waits on before endCapture) and replayed with one launch for every
@@ -108,7 +108,9 @@
 // MB, the block table's row stride, is rounded up to a power of two in such steps (the rows
 // padded; attention reads only the blocks a token's position needs), so a decoding batch
 // captures again only when its longest sequence doubles, not at every block boundary.
-// Graphs are cached per shape (LRU, maxGraphs) and die with the engine. Events recorded
+// A shape is captured at its captureAfter-th sighting (default 2; before that the step runs
+// as usual): under request churn with several ranks most decode shapes never recur, and a
+// capture costs more than a step. Graphs are cached per shape (LRU, maxGraphs) and die with the engine. Events recorded
 // during a capture come from their own per-device pool: an event the engine synchronizes
 // or reuses outside a capture is never one recorded inside it. A backend that cannot
 // capture (NotSupportedError: ACL, an old CUDA driver, or anything a capture refuses) turns
@@ -157,12 +159,14 @@ export interface ForwardEngineOptions {
   /**
    * Replay steps as captured graphs (see the header): a decode step (one token per sequence)
    * whose ranks all take the device routing path and that asks for no logits is captured at the
-   * first step of its shape and replayed with one launch after. Default true (at most 32 graphs
-   * cached, the least recently used evicted); `{ maxGraphs }` sets the bound (at least 1); false:
-   * never. Where the backend cannot capture (NotSupportedError), graphs turn off for the engine
-   * at the first try and steps run as usual: `graphStats.disabledReason` says why.
+   * captureAfter-th step of its shape (default 2: a shape seen once runs as usual, because a
+   * capture costs more than a step) and replayed with one launch after. Default true (at most
+   * 32 graphs cached, the least recently used evicted); `{ maxGraphs, captureAfter }` set the
+   * bound (at least 1) and the sightings (at least 1); false: never. Where the backend cannot
+   * capture (NotSupportedError), graphs turn off for the engine at the first try and steps run
+   * as usual: `graphStats.disabledReason` says why.
    */
-  graphs?: boolean | { maxGraphs?: number };
+  graphs?: boolean | { maxGraphs?: number; captureAfter?: number };
 }
 
 /** How an engine's steps used graphs so far. */
@@ -177,12 +181,20 @@ export interface GraphStats {
   cached: number;
   /** Graphs evicted by the maxGraphs bound (and disposed). */
   evicted: number;
+  /** Graph-eligible steps run as usual because their shape had been seen fewer than captureAfter times. */
+  deferred: number;
   /** Why graphs are off: 'graphs: false', or the NotSupportedError that turned them off. */
   disabledReason?: string;
 }
 
 const DEFAULT_GROUPED_MAX_ROWS = 64;
 const DEFAULT_MAX_GRAPHS = 32;
+/**
+ * Default sightings of a step shape before it is captured. With 4 ranks under request churn
+ * most decode shapes never recur (H200, 4 GPUs: steps that captured every time ran 206-279 ms
+ * against 28 ms for replays), and a capture costs more than running the step once.
+ */
+const DEFAULT_CAPTURE_AFTER = 2;
 /**
  * Default deviceRoutingMaxRows per expert: 32 rows on average. Mixed prefill steps are
  * faster on the device path than with a host round trip per layer (measured: see the header).
@@ -363,7 +375,9 @@ export class ForwardEngine implements Disposable {
   private readonly graphCache = new Map<string, Graph>();
   /** Set while a step is being captured: event() then draws from the capture pool. */
   private capturing = false;
-  private graphCounts = { captures: 0, replays: 0, evicted: 0 };
+  private graphCounts = { captures: 0, replays: 0, evicted: 0, deferred: 0 };
+  /** Shapes seen but not captured yet, with their sightings (bounded: least recently seen dropped). */
+  private readonly graphSightings = new Map<string, number>();
   private graphsOff: string | undefined;
 
   private constructor(
@@ -382,6 +396,8 @@ export class ForwardEngine implements Disposable {
     private readonly computers: number[][][],
     /** Graphs cached at most (0: graphs off by option). */
     private readonly maxGraphs: number,
+    /** Sightings of a shape before it is captured. */
+    private readonly captureAfter: number,
   ) {
     if (maxGraphs === 0) this.graphsOff = 'graphs: false';
     this.H = config.hiddenSize;
@@ -417,13 +433,16 @@ export class ForwardEngine implements Disposable {
     const deviceRouting = deviceRoutingMaxRows > 0;
     const graphs = options.graphs ?? true;
     let maxGraphs: number;
+    let captureAfter = DEFAULT_CAPTURE_AFTER;
     if (typeof graphs === 'boolean') {
       maxGraphs = graphs ? DEFAULT_MAX_GRAPHS : 0;
     } else if (graphs !== null && typeof graphs === 'object') {
       maxGraphs = graphs.maxGraphs ?? DEFAULT_MAX_GRAPHS;
       if (!Number.isSafeInteger(maxGraphs) || maxGraphs < 1) throw new InvalidArgumentError('graphs.maxGraphs', 'a positive integer');
+      captureAfter = graphs.captureAfter ?? DEFAULT_CAPTURE_AFTER;
+      if (!Number.isSafeInteger(captureAfter) || captureAfter < 1) throw new InvalidArgumentError('graphs.captureAfter', 'a positive integer');
     } else {
-      throw new InvalidArgumentError('graphs', 'a boolean or { maxGraphs }');
+      throw new InvalidArgumentError('graphs', 'a boolean or { maxGraphs, captureAfter }');
     }
     const perToken = c.layers * 2 * c.kvHeads * c.headDim * 2;
     let BS = options.blockTokens;
@@ -487,7 +506,7 @@ export class ForwardEngine implements Disposable {
       throw e;
     }
     return new ForwardEngine(rt, c, layout, made, T, blockTokens, G, hostLayout, groupedMaxRows, deviceRoutingMaxRows, computers,
-      maxGraphs);
+      maxGraphs, captureAfter);
   }
 
   private static buffers(c: ModelConfig, arena: Arena, T: number, G: number, MBmax: number, listStride: number,
@@ -815,7 +834,8 @@ export class ForwardEngine implements Disposable {
   /**
    * Runs an all-device-path step as a graph: launches the cached graph of its shape after refilling
    * the host buffers, or captures the step (then launches it), and waits once, on the origin stream.
-   * False when graphs turned off instead (nothing was queued: run the step as usual).
+   * False when the step is to run as usual instead (nothing was queued): its shape has not been
+   * seen captureAfter times yet, or graphs turned off.
    */
   private async runGraph(plans: Array<RankPlan | undefined>, ranks: number[]): Promise<boolean> {
     const padded = plans.map((p) => p && this.padBlockTable(p));
@@ -830,6 +850,15 @@ export class ForwardEngine implements Disposable {
       this.graphCache.delete(key); // most recently used last
       for (const r of ranks) this.fillMeta(r, padded[r]!);
     } else {
+      // A shape seen fewer than captureAfter times runs as usual (the caller queues it).
+      const seen = (this.graphSightings.get(key) ?? 0) + 1;
+      this.graphSightings.delete(key); // most recently seen last
+      if (seen < this.captureAfter) {
+        this.graphSightings.set(key, seen);
+        while (this.graphSightings.size > 4 * this.maxGraphs) this.graphSightings.delete(this.graphSightings.keys().next().value!);
+        this.graphCounts.deferred++;
+        return false;
+      }
       graph = this.capture(padded, ranks); // fills the host buffers as it queues the uploads
       if (!graph) return false;
       captured = true;

@@ -163,9 +163,15 @@ async function fixture(config: ModelConfig): Promise<Fixture> {
   return { rt, hmm, config, views: mapHmmKvPools(rt, hmm, ALL), engines: [] };
 }
 
+/**
+ * An engine over the fixture's weights. Unless the options say otherwise, a decode shape is captured
+ * at its first sighting (graphs: { captureAfter: 1 }), so the graph tests see each capture at once;
+ * the default of 2 has its own test.
+ */
 async function engineFor(fx: Fixture, layout: Layout, maxTokensPerStep = 64, options: ForwardEngineOptions = {}): Promise<ForwardEngine> {
   const views = new Map(layout.devices.map((d) => [d, fx.views.get(d)!]));
-  const e = await ForwardEngine.create(fx.rt, fx.config, layout, storeWeights(fx.hmm.store), views, { maxTokensPerStep, ...options });
+  const e = await ForwardEngine.create(fx.rt, fx.config, layout, storeWeights(fx.hmm.store), views,
+    { maxTokensPerStep, graphs: { captureAfter: 1 }, ...options });
   fx.engines.push(e);
   return e;
 }
@@ -458,7 +464,8 @@ describe('forward pass: validation, KV views, attached weights (qwen3_moe)', () 
       expect(await arg(ForwardEngine.create(fx.rt, config, { devices: [0], placement: () => [0] }, ws, fx.views, { deviceRoutingMaxRows })
         .then(() => undefined, (e: unknown) => e))).toBe('deviceRoutingMaxRows');
     }
-    for (const [graphs, field] of [[{ maxGraphs: 0 }, 'graphs.maxGraphs'], [{ maxGraphs: 2.5 }, 'graphs.maxGraphs'], ['yes', 'graphs'], [1, 'graphs']] as const) {
+    for (const [graphs, field] of [[{ maxGraphs: 0 }, 'graphs.maxGraphs'], [{ maxGraphs: 2.5 }, 'graphs.maxGraphs'],
+      [{ captureAfter: 0 }, 'graphs.captureAfter'], ['yes', 'graphs'], [1, 'graphs']] as const) {
       expect(await arg(ForwardEngine.create(fx.rt, config, { devices: [0], placement: () => [0] }, ws, fx.views, { graphs: graphs as never })
         .then(() => undefined, (e: unknown) => e))).toBe(field);
     }
@@ -525,7 +532,7 @@ describe('forward pass: validation, KV views, attached weights (qwen3_moe)', () 
         const n = layout.devices.length;
         const e = await engineFor(fx, layout, 16, { graphs: false });
         expect(e.deviceRoutingMaxRows).toBe(32 * E); // 32 rows per expert
-        expect(e.graphStats).toEqual({ enabled: false, captures: 0, replays: 0, cached: 0, evicted: 0, disabledReason: 'graphs: false' });
+        expect(e.graphStats).toEqual({ enabled: false, captures: 0, replays: 0, cached: 0, evicted: 0, deferred: 0, disabledReason: 'graphs: false' });
         const blocks = layout.devices.map((_, r) => fx.hmm.kv.allocate(`dev${r}`, layout.devices[r]!, 1));
         const gblocks = layout.devices.map((_, r) => fx.hmm.kv.allocate(`gdev${r}`, layout.devices[r]!, 1));
         try {
@@ -646,11 +653,11 @@ describe('forward pass: validation, KV views, attached weights (qwen3_moe)', () 
     // C replay; C replay; B capture, evicting A.
     const expected = [
       [1, 0, 0, 1], [1, 1, 0, 1], [2, 1, 0, 2], [3, 1, 1, 2], [4, 1, 2, 2], [4, 2, 2, 2], [4, 3, 2, 2], [5, 3, 3, 2],
-    ].map(([captures, replays, evicted, cached]) => ({ enabled: true, captures, replays, evicted, cached }));
+    ].map(([captures, replays, evicted, cached]) => ({ enabled: true, captures, replays, evicted, cached, deferred: 0 }));
     const want = await decodeScript(await engineFor(fx, layout, 16, { graphs: false }), 'eager', script);
     const disposed = spyGraphDispose();
     try {
-      const g = await engineFor(fx, layout, 16, { graphs: { maxGraphs: 2 } });
+      const g = await engineFor(fx, layout, 16, { graphs: { maxGraphs: 2, captureAfter: 1 } });
       const stats: unknown[] = [];
       expect(await decodeScript(g, 'graph', script, () => stats.push(g.graphStats))).toEqual(want);
       expect(stats).toEqual(expected);
@@ -660,6 +667,27 @@ describe('forward pass: validation, KV views, attached weights (qwen3_moe)', () 
     } finally {
       disposed.mockRestore();
     }
+  });
+
+  it('by default captures a shape at its second sighting: a shape seen once runs as usual', async () => {
+    const layout = { devices: [0, 1], placement: roundRobinPlacement(8, [0, 1]) };
+    const A: string[][] = [['p'], []];
+    const B: string[][] = [['p'], ['q']];
+    const C: string[][] = [['p', 'r'], []];
+    const script = [A, B, A, A, C, B, A];
+    // A seen (deferred); B seen (deferred); A captured; A replayed; C seen (deferred); B captured; A replayed.
+    const expected = [
+      [0, 0, 1], [0, 0, 2], [1, 0, 2], [1, 1, 2], [1, 1, 3], [2, 1, 3], [2, 2, 3],
+    ].map(([captures, replays, deferred]) => ({ captures, replays, deferred }));
+    const want = await decodeScript(await engineFor(fx, layout, 16, { graphs: false }), 'eager', script);
+    const g = await engineFor(fx, layout, 16, { graphs: true });
+    const stats: unknown[] = [];
+    expect(await decodeScript(g, 'graph', script, () => {
+      const { captures, replays, deferred } = g.graphStats;
+      stats.push({ captures, replays, deferred });
+    })).toEqual(want);
+    expect(stats).toEqual(expected);
+    expect(g.graphStats.cached).toBe(2);
   });
 
   it('captures a decoding batch again only when its block table stride doubles (padded to a power of two)', async () => {
