@@ -31,7 +31,7 @@
 // Prepare pacing (elastic and vertical; DeploymentOptions.prepare): BENCH_PREPARE_PACED
 // (1; 0 = the HMM's CopyService, everything at once), BENCH_PREPARE_INFLIGHT_MB (512),
 // BENCH_PREPARE_RATE_GBPS (unlimited), BENCH_PREPARE_ALLOC_GROUP (64),
-// BENCH_PREPARE_YIELD_MS (0).
+// BENCH_PREPARE_YIELD_MS (0). Engines: BENCH_GRAPHS, BENCH_DEVICE_ROUTING_MAX_ROWS, BENCH_EXECUTOR (below).
 // libuv's thread pool runs every blocking device wait (event/stream synchronize);
 // with 4 threads (Node's default) the forward pass's per-rank waits queue behind
 // any other: the script re-runs itself with UV_THREADPOOL_SIZE=16 unless it is set.
@@ -97,6 +97,11 @@ const serving = { rt, config, kvBlocksPerDevice, maxTokensPerStep: 512, maxSeqs:
 // BENCH_DEVICE_ROUTING_MAX_ROWS: the engines' deviceRoutingMaxRows (default: the engine's).
 const forward = env('BENCH_GRAPHS', '1') === '0' ? { graphs: false } : {};
 if (process.env.BENCH_DEVICE_ROUTING_MAX_ROWS) forward.deviceRoutingMaxRows = Number(process.env.BENCH_DEVICE_ROUTING_MAX_ROWS);
+// BENCH_EXECUTOR=process: the elastic deployment's executors run as their own processes (dist/executor/main.js),
+// the standby attaching the new layout through the HMM daemon (forward options then stay the executor's defaults).
+const executorKnob = env('BENCH_EXECUTOR', 'in-process');
+if (!['in-process', 'process'].includes(executorKnob)) throw new Error(`BENCH_EXECUTOR: in-process or process (got '${executorKnob}')`);
+const executor = executorKnob === 'process' ? { process: { script: path.join(here, '../dist/executor/main.js') } } : 'in-process';
 
 const t0 = performance.now();
 const clock = () => performance.now() - t0;
@@ -185,7 +190,7 @@ async function measureScale(kind, inst, to) {
   return { from, to, tCmd, first, report, peak, before, during };
 }
 
-emit({ bench: 'start', backend: rt.backend, gpus: rt.devices().map((d) => d.name), uvThreadpool: Number(process.env.UV_THREADPOOL_SIZE),
+emit({ bench: 'start', executor: executorKnob, backend: rt.backend, gpus: rt.devices().map((d) => d.name), uvThreadpool: Number(process.env.UV_THREADPOOL_SIZE),
   steps: plan, baselines: [...baselines], prepare, concurrency, promptLen, outputLen, outputSpread });
 
 // ---- the checkpoint the cold restart and the replica load: written before anything serves.
@@ -200,7 +205,7 @@ if (needCkpt && checkpointKind === 'pattern') {
 // ---- elastic
 const startT = clock();
 let dep;
-dep = await Deployment.start({ ...serving, forward, devices: plan[0], seed: 11n, prepare, onStep: recorder('elastic', () => dep) });
+dep = await Deployment.start({ ...serving, forward, executor, devices: plan[0], seed: 11n, prepare, onStep: recorder('elastic', () => dep) });
 emit({ bench: 'start_deployment', devices: plan[0], ms: clock() - startT });
 if (needCkpt && checkpointKind === 'export') {
   const t = clock();
