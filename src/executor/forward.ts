@@ -167,6 +167,22 @@ export interface ForwardEngineOptions {
    * as usual: `graphStats.disabledReason` says why.
    */
   graphs?: boolean | { maxGraphs?: number; captureAfter?: number };
+  /**
+   * Observe the experts' load: every n-th step (counted from the first) runs its ranks on the
+   * host routing path, whose row lists are built from the top-k ids on the host, and those
+   * ids are counted per layer and expert (every other host-path step counts too). Such a
+   * step groups every expert's rows (no tiled matmul), so its results equal the device
+   * path's. Default 0: off. Read with `expertLoad`.
+   */
+  observeLoadEvery?: number;
+}
+
+/** Tokens routed to each expert in the steps observed (ForwardEngineOptions.observeLoadEvery). */
+export interface ExpertLoad {
+  /** Steps whose routing was counted. */
+  steps: number;
+  /** load[layer][expert]: (token, k) pairs routed to the expert. */
+  load: number[][];
 }
 
 /** How an engine's steps used graphs so far. */
@@ -376,6 +392,12 @@ export class ForwardEngine implements Disposable {
   /** Set while a step is being captured: event() then draws from the capture pool. */
   private capturing = false;
   private graphCounts = { captures: 0, replays: 0, evicted: 0, deferred: 0 };
+  /** Host-path routing counts per layer * E + expert, and the steps they cover; steps run so far. */
+  private readonly observed: Float64Array;
+  private observedSteps = 0;
+  private stepCount = 0;
+  /** groupedMaxRows for the step being queued (Infinity in a load-observing step). */
+  private groupedLimit: number;
   /** Shapes seen but not captured yet, with their sightings (bounded: least recently seen dropped). */
   private readonly graphSightings = new Map<string, number>();
   private graphsOff: string | undefined;
@@ -398,7 +420,11 @@ export class ForwardEngine implements Disposable {
     private readonly maxGraphs: number,
     /** Sightings of a shape before it is captured. */
     private readonly captureAfter: number,
+    /** Every n-th step observes the experts' load on the host path (0: never). */
+    private readonly observeLoadEvery: number,
   ) {
+    this.observed = new Float64Array(config.layers * config.experts);
+    this.groupedLimit = groupedMaxRows;
     if (maxGraphs === 0) this.graphsOff = 'graphs: false';
     this.H = config.hiddenSize;
     this.QD = config.heads * config.headDim;
@@ -444,6 +470,8 @@ export class ForwardEngine implements Disposable {
     } else {
       throw new InvalidArgumentError('graphs', 'a boolean or { maxGraphs, captureAfter }');
     }
+    const observeLoadEvery = options.observeLoadEvery ?? 0;
+    if (!Number.isSafeInteger(observeLoadEvery) || observeLoadEvery < 0) throw new InvalidArgumentError('observeLoadEvery', 'a non-negative integer (0: off)');
     const perToken = c.layers * 2 * c.kvHeads * c.headDim * 2;
     let BS = options.blockTokens;
     for (const d of devices) {
@@ -506,7 +534,7 @@ export class ForwardEngine implements Disposable {
       throw e;
     }
     return new ForwardEngine(rt, c, layout, made, T, blockTokens, G, hostLayout, groupedMaxRows, deviceRoutingMaxRows, computers,
-      maxGraphs, captureAfter);
+      maxGraphs, captureAfter, observeLoadEvery);
   }
 
   private static buffers(c: ModelConfig, arena: Arena, T: number, G: number, MBmax: number, listStride: number,
@@ -625,6 +653,21 @@ export class ForwardEngine implements Disposable {
     }
     if (s.eventsUsed === s.events.length) s.events.push(this.rt.createEvent(s.device));
     return s.events[s.eventsUsed++]!;
+  }
+
+  /** Tokens routed per layer and expert in the host-path steps so far (ForwardEngineOptions.observeLoadEvery). */
+  get expertLoad(): ExpertLoad {
+    const E = this.config.experts;
+    return {
+      steps: this.observedSteps,
+      load: Array.from({ length: this.config.layers }, (_, l) => Array.from(this.observed.subarray(l * E, (l + 1) * E))),
+    };
+  }
+
+  /** Starts the load counts over. */
+  resetExpertLoad(): void {
+    this.observed.fill(0);
+    this.observedSteps = 0;
   }
 
   /** How steps used graphs so far (see ForwardEngineOptions.graphs). */
@@ -774,8 +817,12 @@ export class ForwardEngine implements Disposable {
    */
   private async run(plans: Array<RankPlan | undefined>, logitsHost: Array<HostBuffer | undefined>, eager: boolean): Promise<void> {
     const ranks = plans.flatMap((p, r) => (p ? [r] : []));
-    const onDevice = plans.map((p) => p !== undefined && this.onDevice(p));
+    // A load-observing step: every rank on the host path, every expert's rows grouped.
+    const observe = this.observeLoadEvery > 0 && this.stepCount++ % this.observeLoadEvery === 0;
+    this.groupedLimit = observe ? Infinity : this.groupedMaxRows;
+    const onDevice = plans.map((p) => p !== undefined && !observe && this.onDevice(p));
     const hostRanks = ranks.filter((r) => !onDevice[r]);
+    if (hostRanks.length > 0) this.observedSteps++;
     // Graphs for decode steps only (one token per sequence): a step with a prompt chunk rarely
     // recurs with the same shape, and a one-off capture costs more than running the step.
     const decode = ranks.every((r) => plans[r]!.T === plans[r]!.S);
@@ -1174,6 +1221,7 @@ export class ForwardEngine implements Disposable {
       const x = ids[i]!;
       if (!(x >= 0 && x < E)) throw new InvalidArgumentError('router', `expert ids in 0..${E - 1} from emoe_router_topk (got ${x})`);
       counts[keyOf(x)]!++;
+      this.observed[layer * E + x]!++;
     }
     const h32 = dev.hostI32;
     const starts = new Int32Array(nd * E); // first sorted row of each key
@@ -1187,7 +1235,7 @@ export class ForwardEngine implements Disposable {
       for (const big of [false, true]) {
         for (let x = 0; x < E; x++) {
           const m = counts[rank * E + x]!;
-          if (m === 0 || (m > this.groupedMaxRows) !== big) continue;
+          if (m === 0 || (m > this.groupedLimit) !== big) continue;
           starts[rank * E + x] = pos;
           (big ? large : grouped).push({ expert: x, offset: pos - offset, rows: m });
           pos += m;

@@ -98,6 +98,14 @@ export interface DeploymentOptions {
   executor?: ExecutorMode;
   /** Forward-pass options of every in-process layout's engine (graphs, routing thresholds). */
   forward?: Omit<ForwardEngineOptions, 'maxTokensPerStep' | 'blockTokens'>;
+  /**
+   * Observe the experts' load while serving and plan scales with it (ScaleTarget.load wins):
+   * every `every`-th engine step counts the routed tokens per layer and expert
+   * (ForwardEngineOptions.observeLoadEvery); `{}` observes every 32 steps. Default false: plan
+   * with a uniform load (observed counts of a few steps are noisy and can make a plan move
+   * more bytes than a uniform one; not measured on GPUs yet). In-process executors only.
+   */
+  observeLoad?: { every?: number } | false;
 }
 
 export type ExecutorMode = 'in-process' | { process: { script: string; env?: Record<string, string> } };
@@ -125,7 +133,7 @@ export interface ScaleOptions {
 
 export interface ScaleTarget {
   devices: number[];
-  /** load[layer][expert]: observed tokens per expert (default: uniform). */
+  /** load[layer][expert]: tokens per expert (default: the load observed while serving, else uniform). */
   load?: number[][];
 }
 
@@ -152,7 +160,12 @@ export interface ScaleReport {
   layout: LayoutSpec;
   /** The pacing the prepare phase ran with and, when paced, what it did. */
   prepare: { options: Required<PrepareOptions>; stats?: PacedCopyStats };
+  /** The expert load the plan balanced: given with the target, observed while serving (over `observedSteps`), or uniform. */
+  load: { source: 'given' | 'observed' | 'uniform'; observedSteps?: number };
 }
+
+/** Default steps between load observations (ForwardEngineOptions.observeLoadEvery). */
+const DEFAULT_OBSERVE_EVERY = 32;
 
 const now = () => performance.now();
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
@@ -337,10 +350,40 @@ export class Deployment {
     return kvGeometry(options.config, options.blockTokens ?? 16);
   }
 
+  /** Steps between load observations for in-process engines (0: off). */
+  private static observeEvery(options: DeploymentOptions): number {
+    const o = options.observeLoad ?? false;
+    if (o === false) return 0;
+    const every = o.every ?? DEFAULT_OBSERVE_EVERY;
+    if (!Number.isSafeInteger(every) || every < 1) throw new InvalidArgumentError('observeLoad.every', 'a positive integer (or observeLoad: false)');
+    return every;
+  }
+
+  /**
+   * The load observed by the serving engine, smoothed toward uniform: each expert's count plus
+   * the layer's mean count, so that a short observation does not make the plan chase noise.
+   * Undefined when nothing was observed (then the plan is uniform).
+   */
+  private observedLoad(): { load: number[][]; steps: number } | undefined {
+    if (!(this.forward instanceof ForwardEngine)) return undefined;
+    const { steps, load } = this.forward.expertLoad;
+    if (steps === 0) return undefined;
+    return {
+      steps,
+      load: load.map((row) => {
+        const mean = row.reduce((a, b) => a + b, 0) / row.length;
+        return row.map((v) => v + mean);
+      }),
+    };
+  }
+
   private static createForward(options: DeploymentOptions, hmm: Hmm, layout: LayoutSpec, views: ReadonlyMap<number, MappedKvPool>): Promise<ForwardEngine> {
     const kv = new Map(layout.devices.map((d) => [d, views.get(d)!] as const));
     return ForwardEngine.create(options.rt, options.config, { devices: [...layout.devices], placement: toExpertPlacement(layout) },
-      storeWeights(hmm.store), kv, { ...options.forward, maxTokensPerStep: options.maxTokensPerStep ?? 64, blockTokens: options.blockTokens ?? 16 });
+      storeWeights(hmm.store), kv, {
+        observeLoadEvery: Deployment.observeEvery(options), ...options.forward,
+        maxTokensPerStep: options.maxTokensPerStep ?? 64, blockTokens: options.blockTokens ?? 16,
+      });
   }
 
   /** The current layout (a copy). */
@@ -457,15 +500,19 @@ export class Deployment {
     let prep: Required<PrepareOptions>;
     let copyStats: PacedCopyStats | undefined;
     const phases = { planMs: 0, prepareMs: 0, attachMs: 0, switchMs: 0, releaseMs: 0 };
+    let loadUsed: ScaleReport['load'] = { source: 'uniform' };
     try {
       // 1. Plan (pure).
       progress('plan');
       prep = resolvePrepare(this.options.prepare, options.prepare);
-      next = planPlacement({ current, targetDevices: to, balance, ...(target.load ? { load: target.load } : {}) });
+      const observed = target.load ? undefined : this.observedLoad();
+      const load = target.load ?? observed?.load;
+      loadUsed = target.load ? { source: 'given' } : observed ? { source: 'observed', observedSteps: observed.steps } : { source: 'uniform' };
+      next = planPlacement({ current, targetDevices: to, balance, ...(load ? { load } : {}) });
       validateLayout(next, Deployment.limits(this.rt, this.config));
       const { sizes, denseChunkSizes } = this.sizes();
       const plan = diffLayouts(current, next, sizes);
-      lower = lowerBoundBytes(current, to, sizes, balance, target.load ? { load: target.load } : {});
+      lower = lowerBoundBytes(current, to, sizes, balance, load ? { load } : {});
       const transfers = scheduleTransfers(plan, {
         denseChunkSizes, maxSourcesPerTransfer: this.options.maxSourcesPerTransfer ?? 2, stripeAlignment: this.rt.granularity(0),
       });
@@ -572,7 +619,7 @@ export class Deployment {
     return {
       from, to: [...next.devices], ms: now() - t0, bytesCopied, chunksCopied: copies.length, chunksReused: reused.length, chunksReleased,
       lowerBoundBytes: lower, phases, switchover, copies, layout: cloneLayout(next),
-      prepare: { options: prep!, ...(copyStats ? { stats: copyStats } : {}) },
+      prepare: { options: prep!, ...(copyStats ? { stats: copyStats } : {}) }, load: loadUsed,
     };
   }
 

@@ -469,6 +469,10 @@ describe('forward pass: validation, KV views, attached weights (qwen3_moe)', () 
       expect(await arg(ForwardEngine.create(fx.rt, config, { devices: [0], placement: () => [0] }, ws, fx.views, { graphs: graphs as never })
         .then(() => undefined, (e: unknown) => e))).toBe(field);
     }
+    for (const observeLoadEvery of [-1, 0.5]) {
+      expect(await arg(ForwardEngine.create(fx.rt, config, { devices: [0], placement: () => [0] }, ws, fx.views, { observeLoadEvery })
+        .then(() => undefined, (e: unknown) => e))).toBe('observeLoadEvery');
+    }
   });
 
   it('runs each device\'s routed experts in three grouped launches per layer (host routing, decode)', async () => {
@@ -667,6 +671,40 @@ describe('forward pass: validation, KV views, attached weights (qwen3_moe)', () 
     } finally {
       disposed.mockRestore();
     }
+  });
+
+  it('observes the experts\' load on every n-th step without changing a token', async () => {
+    const layout = { devices: [0, 1], placement: roundRobinPlacement(8, [0, 1]) };
+    const A: string[][] = [['p'], ['q']];
+    const script = [A, A, A, A, A, A, A];
+    const want = await decodeScript(await engineFor(fx, layout, 16, { graphs: false }), 'eager', script);
+    const K = config.topK, L = config.layers;
+    // Every step on the host path (deviceRoutingMaxRows 0) counts every step: the reference counts.
+    const host = await engineFor(fx, layout, 16, { deviceRoutingMaxRows: 0, graphs: false });
+    expect(await decodeScript(host, 'host', script)).toEqual(want);
+    const all = host.expertLoad;
+    expect(all.steps).toBe(script.length);
+    expect(all.load).toHaveLength(L);
+    // Two tokens per step (one per rank), K experts each, in every layer.
+    for (const row of all.load) expect(row.reduce((a, b) => a + b, 0)).toBe(script.length * 2 * K);
+    // Observing every step on the device-path engine: the same counts and the same tokens.
+    const every = await engineFor(fx, layout, 16, { observeLoadEvery: 1 });
+    expect(await decodeScript(every, 'every', script)).toEqual(want);
+    expect(every.expertLoad).toEqual(all);
+    expect(every.graphStats.captures).toBe(0); // observing steps run on the host path, never as graphs
+    // Every third step: steps 0, 3 and 6 are counted; the others replay graphs as usual.
+    const third = await engineFor(fx, layout, 16, { observeLoadEvery: 3 });
+    expect(await decodeScript(third, 'third', script)).toEqual(want);
+    expect(third.expertLoad.steps).toBe(3);
+    for (const row of third.expertLoad.load) expect(row.reduce((a, b) => a + b, 0)).toBe(3 * 2 * K);
+    expect(third.graphStats.captures + third.graphStats.replays).toBe(4);
+    third.resetExpertLoad();
+    expect(third.expertLoad.steps).toBe(0);
+    expect(third.expertLoad.load.flat().every((v) => v === 0)).toBe(true);
+    // Off by default.
+    const off = await engineFor(fx, layout, 16);
+    await decodeScript(off, 'off', [A]);
+    expect(off.expertLoad.steps).toBe(0);
   });
 
   it('by default captures a shape at its second sighting: a shape seen once runs as usual', async () => {

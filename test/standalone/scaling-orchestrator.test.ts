@@ -410,6 +410,39 @@ describe('Deployment.scale', () => {
     expect(freeBytes(rt)).toEqual(steady.get('0'));
   });
 
+  it('plans a scale with the load observed while serving when asked, and says which load it balanced', async () => {
+    const { dep } = await start([0, 1], { observeLoad: { every: 1 } });
+    const prompts = PROMPTS.slice(0, 4);
+    const want = await referenceTokens(prompts, 24);
+    const first = await Promise.all(prompts.map((prompt) => dep.submit({ prompt, maxTokens: 24, ignoreEos: true })));
+    expect(first.map((c) => c.outputTokens)).toEqual(want); // observing changes no token
+    const observed = await dep.scale({ devices: [0, 1, 2] });
+    expect(observed.load.source).toBe('observed');
+    expect(observed.load.observedSteps).toBeGreaterThan(0);
+    // Bound and plan balance the same (observed) load; with uneven loads the plan may move more than
+    // the bound (seen: 14.7 MB against 12.6 MB; how many steps were observed varies with timing), never less.
+    expect(observed.bytesCopied).toBeGreaterThanOrEqual(observed.lowerBoundBytes);
+    // A load given with the target wins; the new layout's engine starts counting afresh.
+    const given = config.experts;
+    const skew = Array.from({ length: config.layers }, () => Array.from({ length: given }, (_, e) => (e === 0 ? 10 : 1)));
+    const withGiven = await dep.scale({ devices: [0, 1], load: skew });
+    expect(withGiven.load).toEqual({ source: 'given' });
+    expect(withGiven.bytesCopied).toBeGreaterThanOrEqual(withGiven.lowerBoundBytes);
+    // Nothing served since the last switch: nothing observed, so the plan is uniform.
+    const uniform = await dep.scale({ devices: [0, 1, 2] });
+    expect(uniform.load).toEqual({ source: 'uniform' });
+    const again = await Promise.all(prompts.map((prompt) => dep.submit({ prompt, maxTokens: 24, ignoreEos: true })));
+    expect(again.map((c) => c.outputTokens)).toEqual(want);
+  });
+
+  it('plans with a uniform load by default', async () => {
+    const { dep } = await start([0]);
+    await dep.submit({ prompt: PROMPTS[0]!, maxTokens: 4, ignoreEos: true });
+    expect((await dep.scale({ devices: [0, 1] })).load).toEqual({ source: 'uniform' });
+    await expect(Deployment.start({ rt: openMock({ mockCapacity: 128 * MIB }), config, devices: [0], seed: SEED, scaleFor,
+      kvBlocksPerDevice: KV_BLOCKS, observeLoad: { every: 0 } })).rejects.toThrow(/observeLoad\.every/);
+  });
+
   it('refuses impossible targets and a second scale at once, changing nothing', async () => {
     const { rt, dep } = await start([0]);
     const memory = freeBytes(rt);
