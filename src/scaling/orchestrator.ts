@@ -365,7 +365,8 @@ export class Deployment {
    * Undefined when nothing was observed (then the plan is uniform).
    */
   private observedLoad(): { load: number[][]; steps: number } | undefined {
-    if (!(this.forward instanceof ForwardEngine)) return undefined;
+    // Off unless asked for (host-path steps count too, whether or not observation was asked for).
+    if (Deployment.observeEvery(this.options) === 0 || !(this.forward instanceof ForwardEngine)) return undefined;
     const { steps, load } = this.forward.expertLoad;
     if (steps === 0) return undefined;
     return {

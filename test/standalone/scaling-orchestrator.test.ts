@@ -435,8 +435,8 @@ describe('Deployment.scale', () => {
     expect(again.map((c) => c.outputTokens)).toEqual(want);
   });
 
-  it('plans with a uniform load by default', async () => {
-    const { dep } = await start([0]);
+  it('plans with a uniform load by default, even where host-path steps counted the routing', async () => {
+    const { dep } = await start([0], { forward: { deviceRoutingMaxRows: 0 } }); // every step on the host path
     await dep.submit({ prompt: PROMPTS[0]!, maxTokens: 4, ignoreEos: true });
     expect((await dep.scale({ devices: [0, 1] })).load).toEqual({ source: 'uniform' });
     await expect(Deployment.start({ rt: openMock({ mockCapacity: 128 * MIB }), config, devices: [0], seed: SEED, scaleFor,
