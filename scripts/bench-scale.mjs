@@ -133,6 +133,15 @@ function window(a, b, who) {
 function stepSpeed(before, during) {
   return before.medianDecodeStepMs && during.medianDecodeStepMs ? before.medianDecodeStepMs / during.medianDecodeStepMs : null;
 }
+/** The figures of one measured transition (measureScale's result) that the elastic and the vertical lines share. */
+function transitionFigures(m) {
+  return {
+    from: m.from, to: m.to, commandToFirstNewStepMs: m.first.t - m.tCmd, reportMs: m.report.ms, phases: m.report.phases,
+    decodeTokensPerSecondBefore: m.before.tokensPerSecond, decodeTokensPerSecondDuring: m.during.tokensPerSecond,
+    duringOverBefore: m.during.tokensPerSecond / m.before.tokensPerSecond, before: m.before, during: m.during,
+    decodeStepSpeedDuringOverBefore: stepSpeed(m.before, m.during),
+  };
+}
 function peakSampler() {
   const peak = usedBytes();
   const timer = setInterval(() => usedBytes().forEach((u, d) => (peak[d] = Math.max(peak[d], u))), 5);
@@ -218,10 +227,7 @@ await sleep(holdMs);
 for (let i = 1; i < plan.length; i++) {
   const m = await measureScale('elastic', dep, plan[i]);
   const r = m.report;
-  emit({ bench: 'scale', from: m.from, to: m.to, commandToFirstNewStepMs: m.first.t - m.tCmd, reportMs: r.ms, phases: r.phases,
-    decodeTokensPerSecondBefore: m.before.tokensPerSecond, decodeTokensPerSecondDuring: m.during.tokensPerSecond,
-    duringOverBefore: m.during.tokensPerSecond / m.before.tokensPerSecond, before: m.before, during: m.during,
-    decodeStepSpeedDuringOverBefore: stepSpeed(m.before, m.during),
+  emit({ bench: 'scale', ...transitionFigures(m),
     bytesCopied: r.bytesCopied, lowerBoundBytes: r.lowerBoundBytes, chunksCopied: r.chunksCopied,
     chunksReused: r.chunksReused, chunksReleased: r.chunksReleased, switchover: r.switchover, prepare: r.prepare,
     peakUsedBytes: m.peak });
@@ -288,9 +294,7 @@ if (baselines.has('vertical') && verticalSteps.length > 1) {
   for (let i = 1; i < verticalSteps.length; i++) {
     const m = await measureScale('vertical', vb, verticalSteps[i]);
     const r = m.report;
-    emit({ bench: 'vertical', from: m.from, to: m.to, commandToFirstNewStepMs: m.first.t - m.tCmd, reportMs: r.ms, phases: r.phases,
-      decodeTokensPerSecondBefore: m.before.tokensPerSecond, decodeTokensPerSecondDuring: m.during.tokensPerSecond,
-      duringOverBefore: m.during.tokensPerSecond / m.before.tokensPerSecond, before: m.before, during: m.during,
+    emit({ bench: 'vertical', ...transitionFigures(m),
       bytesCopied: r.bytesCopied, bytesCopiedLocal: r.bytesCopiedLocal, bytesCopiedPeer: r.bytesCopiedPeer, chunksCopied: r.chunksCopied,
       weightBytes: r.weightBytes, peakWeightsOverSteady: r.weightBytes.peak.map((p, d) => (r.weightBytes.after[d] ? p / r.weightBytes.after[d] : null)),
       switchover: r.switchover, prepare: r.prepare, peakUsedBytes: m.peak });

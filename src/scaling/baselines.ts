@@ -46,6 +46,7 @@ import { weightShapes, weightSpecs } from '../model/weights.js';
 import { InvalidArgumentError } from '../runtime/errors.js';
 import type { Runtime } from '../runtime/runtime.js';
 import { type LayoutSpec, roundRobinLayout, toExpertPlacement, validateLayout } from './layout.js';
+import { switchOver } from './orchestrator.js';
 import { type CopyJob, type PacedCopyStats, type PrepareOptions, pacedCopy, resolvePrepare } from './pacing.js';
 
 /** What a serving instance needs besides its weights (the same fields as DeploymentOptions). */
@@ -456,11 +457,7 @@ export class VerticalBaseline {
     progress('switch');
     let switchover: ReconfigureReport;
     try {
-      switchover = await this.engine.reconfigure({
-        stepper: standby,
-        devices: next.devices,
-        move: async (id, device) => (await this.kvHmm.kv.move(id, device)).blocks,
-      });
+      switchover = await switchOver(this.engine, standby, next.devices, this.kvHmm);
     } catch (e) {
       rollback();
       throw e;

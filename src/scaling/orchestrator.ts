@@ -167,6 +167,17 @@ export interface ScaleReport {
 /** Default steps between load observations (ForwardEngineOptions.observeLoadEvery). */
 const DEFAULT_OBSERVE_EVERY = 32;
 
+/**
+ * Switches `engine` to `stepper` on `devices` between two engine steps; requests in flight
+ * keep their KV blocks, moved through the HMM where their rank changes device. Rejects only
+ * before anything changed (the old layout still serves). Shared by the elastic scale and the
+ * vertical baseline, so both switch over the same way.
+ */
+export function switchOver(engine: Engine, stepper: Parameters<Engine['reconfigure']>[0]['stepper'], devices: readonly number[],
+  hmm: Hmm): Promise<ReconfigureReport> {
+  return engine.reconfigure({ stepper, devices: [...devices], move: async (id, device) => (await hmm.kv.move(id, device)).blocks });
+}
+
 const now = () => performance.now();
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 const exitOf = (proc: ChildProcess) => new Promise<void>((resolve) => {
@@ -581,11 +592,7 @@ export class Deployment {
     progress('switch');
     let switchover: ReconfigureReport;
     try {
-      switchover = await this.engine.reconfigure({
-        stepper: standby,
-        devices: next.devices,
-        move: async (id, device) => (await this.hmm.kv.move(id, device)).blocks,
-      });
+      switchover = await switchOver(this.engine, standby, next.devices, this.hmm);
     } catch (e) {
       // reconfigure rejects only before changing anything: the old layout still serves.
       await rollback(e);
