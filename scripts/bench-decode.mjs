@@ -6,7 +6,8 @@
 // Knobs: BENCH_DEVICES (default "0"), BENCH_LAYERS (default 48), BENCH_BATCHES
 // (default "1,8,32,128"), BENCH_STEPS (decode steps timed, default 8),
 // BENCH_CONTEXT (prompt tokens per sequence before decoding, default 64),
-// BENCH_TTFT_PROMPT (default 2000), BENCH_GRAPHS (1: decode steps replayed as captured
+// BENCH_TTFT_PROMPT (default 2000), BENCH_PROFILE (1: one more step per batch with
+// every kernel timed, see profileStep), BENCH_GRAPHS (1: decode steps replayed as captured
 // graphs where the backend can, the default; 0: never; both: each batch decodes without
 // then with graphs on the same engine and sequences, a same-run baseline).
 import path from 'node:path';
@@ -17,6 +18,7 @@ import { Hmm } from '../dist/hmm/hmm.js';
 import { readConfig } from '../dist/model/config.js';
 import { roundRobinPlacement, weightShapes, weightSpecs } from '../dist/model/weights.js';
 import { ForwardEngine } from '../dist/executor/forward.js';
+import { ModelKernels } from '../dist/model/kernels/index.js';
 import { mapHmmKvPools } from '../dist/executor/kv-view.js';
 import { kvGeometry } from '../dist/executor/types.js';
 import { storeWeights } from '../dist/executor/weights.js';
@@ -36,6 +38,7 @@ const context = Number(env('BENCH_CONTEXT', 64));
 const ttftPrompt = Number(env('BENCH_TTFT_PROMPT', 2000));
 const maxBatch = Math.max(...batches);
 const graphsKnob = env('BENCH_GRAPHS', '1');
+const profile = env('BENCH_PROFILE', '0') === '1';
 if (!['0', '1', 'both'].includes(graphsKnob)) throw new Error(`BENCH_GRAPHS: 0, 1 or both (got '${graphsKnob}')`);
 /** The decode modes timed per batch, in order: false = without graphs, true = with. */
 const modes = graphsKnob === 'both' ? [false, true] : [graphsKnob === '1'];
@@ -124,6 +127,38 @@ async function decode(seqs, graph) {
   for (const s of seqs) { s.last = r.next.get(s.id); s.pos++; }
 }
 
+/**
+ * BENCH_PROFILE=1: one more decode step of the batch without graphs, every kernel launch
+ * timed by an event pair (ModelKernels.profile); one line with the GPU time per kernel name
+ * (summed over launches and devices), largest first, against the step's wall time.
+ */
+async function profileStep(B, seqs) {
+  const sink = [];
+  ModelKernels.profile(sink);
+  const t = performance.now();
+  try {
+    await decode(seqs, false);
+  } finally {
+    ModelKernels.profile(undefined);
+  }
+  const wallMs = performance.now() - t;
+  await Promise.all(sink.map((k) => k.end.synchronize()));
+  const byName = new Map();
+  for (const k of sink) {
+    const e = byName.get(k.name) ?? { name: k.name, launches: 0, ms: 0 };
+    e.launches++;
+    e.ms += k.end.elapsedSince(k.start);
+    byName.set(k.name, e);
+    k.start.dispose();
+    k.end.dispose();
+  }
+  const kernels = [...byName.values()].sort((a, b) => b.ms - a.ms);
+  const gpuMs = kernels.reduce((a, k) => a + k.ms, 0);
+  emit({ bench: 'profile', devices, batch: B, wallMs, gpuMs, launches: sink.length, kernels });
+  log(`profile batch ${B}: ${sink.length} launches, ${gpuMs.toFixed(1)} ms of kernels (all devices) in a ${wallMs.toFixed(1)} ms step; ` +
+    kernels.slice(0, 6).map((k) => `${k.name} ${k.ms.toFixed(1)}`).join(', '));
+}
+
 // Time to first token: one 2000-token prompt, prefilled in one step (after a warm-up).
 {
   const warm = newSeqs(1, ttftPrompt);
@@ -164,6 +199,7 @@ for (const B of batches) {
       `${((B * 1e3) / ms).toFixed(1)} tok/s, ${(100 * rooflineMs / ms).toFixed(1)}% of roofline` +
       (figures.speedupVsNoGraphs ? `, ${figures.speedupVsNoGraphs.toFixed(2)}x the speed without graphs` : ''));
   }
+  if (profile) await profileStep(B, seqs);
   for (const s of seqs) hmm.kv.free(s.id);
 }
 emit({ bench: 'graphs', devices, mode: graphsKnob, ...graphStats() });

@@ -6,6 +6,7 @@
 import path from 'node:path';
 
 import type { RuntimeOptionsInput } from '../runtime/config.js';
+import { checkKvDtype } from '../model/kernels/index.js';
 import { InvalidArgumentError } from '../runtime/errors.js';
 import { Runtime } from '../runtime/runtime.js';
 import { type LocalStack, loadModelFiles, startLocalStack } from '../serve/local.js';
@@ -34,6 +35,8 @@ export interface GenerateCommandOptions {
   kvBlocks?: string;
   /** Token budget of one step per rank (default 512). */
   maxTokensPerStep?: string;
+  /** KV cache element type: "bf16" (default) or "f32". */
+  kvDtype?: string;
   ignoreEos?: boolean;
   json?: boolean;
   runtime: RuntimeOptionsInput;
@@ -66,6 +69,7 @@ export async function runGenerate(o: GenerateCommandOptions, { out, err }: Strea
   if (o.chat && o.prompt === undefined) throw new InvalidArgumentError('--chat', 'given with --prompt (it wraps the text as a user message)');
   const maxTokens = positiveInt('--max-tokens', o.maxTokens, 64);
   const maxTokensPerStep = positiveInt('--max-tokens-per-step', o.maxTokensPerStep, 512);
+  const kvDtype = checkKvDtype('--kv-dtype', o.kvDtype ?? 'bf16');
   let seed: bigint;
   try {
     seed = BigInt(o.seed ?? '0');
@@ -102,6 +106,7 @@ export async function runGenerate(o: GenerateCommandOptions, { out, err }: Strea
       devices,
       seed,
       maxTokensPerStep,
+      kvDtype,
       ...(o.kvBlocks === undefined ? {} : { kvBlocks: positiveInt('--kv-blocks', o.kvBlocks, 1) }),
       progress: (label) => createProgressBar(label, err),
       signal: abort.signal,
@@ -126,6 +131,7 @@ export async function runGenerate(o: GenerateCommandOptions, { out, err }: Strea
         backend: rt.backend,
         devices,
         kvBlocks: devices.map((d) => hmm.kv.info(d).blocks),
+        kvDtype,
         loadMs,
         tokensPerSecond: n / (t.totalMs / 1000),
       }, null, 2)}\n`);

@@ -28,6 +28,8 @@ commands:
                 --max-tokens N           (default 64)
                 --kv-blocks N            KV blocks per device (default: from free memory)
                 --max-tokens-per-step N  token budget of a step per rank (default 512)
+                --kv-dtype bf16|f32      KV cache element type (default bf16; f32 doubles the
+                                         KV memory per token and keeps K and V unrounded)
                 --tokenizer DIR          tokenizer.json folder (default: --model)
                 --ignore-eos             generate exactly --max-tokens
                 --seed N                 synthetic seed (default 0)
@@ -48,7 +50,7 @@ commands:
                                          bound is --max-devices
                 --host ADDR              (default 127.0.0.1)
                 --port N                 (default 8000; 0 picks a free port)
-                --kv-blocks N, --max-tokens-per-step N, --seed N  as for generate
+                --kv-blocks N, --max-tokens-per-step N, --kv-dtype bf16|f32, --seed N  as for generate
                 --log-level LEVEL        pino level: info (default), debug, warn, silent, ...
                 --executor process       run every executor as its own process, attached through
                                          the HMM daemon (synthetic weights; default in-process)
@@ -90,6 +92,7 @@ export async function main(argv: string[]): Promise<number> {
       'max-tokens': { type: 'string' },
       'kv-blocks': { type: 'string' },
       'max-tokens-per-step': { type: 'string' },
+      'kv-dtype': { type: 'string' },
       'ignore-eos': { type: 'boolean', default: false },
       'max-devices': { type: 'string' },
       'min-devices': { type: 'string' },
@@ -141,6 +144,7 @@ export async function main(argv: string[]): Promise<number> {
         seed: values.seed,
         kvBlocks: values['kv-blocks'],
         maxTokensPerStep: values['max-tokens-per-step'],
+        kvDtype: values['kv-dtype'],
         ignoreEos: values['ignore-eos'],
         json: values.json,
         runtime: options,
@@ -167,6 +171,7 @@ export async function main(argv: string[]): Promise<number> {
         seed: values.seed,
         kvBlocks: values['kv-blocks'],
         maxTokensPerStep: values['max-tokens-per-step'],
+        kvDtype: values['kv-dtype'],
         logLevel: values['log-level'],
         executor: values.executor,
         runtime: options,

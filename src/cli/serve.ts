@@ -12,6 +12,7 @@ import { fileURLToPath } from 'node:url';
 import { pino } from 'pino';
 
 import type { RuntimeOptionsInput } from '../runtime/config.js';
+import { checkKvDtype } from '../model/kernels/index.js';
 import { ElasticMoeError, InvalidArgumentError } from '../runtime/errors.js';
 import { Runtime } from '../runtime/runtime.js';
 import type { StepFigures } from '../executor/engine.js';
@@ -48,6 +49,8 @@ export interface ServeCommandOptions {
   seed?: string;
   kvBlocks?: string;
   maxTokensPerStep?: string;
+  /** KV cache element type: "bf16" (default) or "f32". */
+  kvDtype?: string;
   /** pino level: fatal, error, warn, info, debug, trace, silent (default info). */
   logLevel?: string;
   /** "in-process" (default) or "process": executors as separate processes (synthetic weights only). */
@@ -114,6 +117,7 @@ export async function runServe(o: ServeCommandOptions, err: NodeJS.WritableStrea
   const port = integer('--port', o.port, 8000, 0, 65535);
   const maxTokensPerStep = integer('--max-tokens-per-step', o.maxTokensPerStep, 512, 1);
   const kvBlocks = o.kvBlocks === undefined ? undefined : integer('--kv-blocks', o.kvBlocks, 1, 1);
+  const kvDtype = checkKvDtype('--kv-dtype', o.kvDtype ?? 'bf16');
   let seed: bigint;
   try {
     seed = BigInt(o.seed ?? '0');
@@ -180,6 +184,7 @@ export async function runServe(o: ServeCommandOptions, err: NodeJS.WritableStrea
         : 'in-process' as const;
       const dep = await Deployment.start({
         rt, config: files.config, devices, seed, maxTokensPerStep, kvBlocksPerDevice: kvBlocks ?? 1024, executor,
+        forward: { kvDtype },
         onStep: (f) => listeners.forEach((l) => l(f)),
       });
       scalable = dep;
@@ -192,7 +197,7 @@ export async function runServe(o: ServeCommandOptions, err: NodeJS.WritableStrea
     } else {
       // A checkpoint: a fixed layout for now (the orchestrator loads synthetic weights only).
       stack = await startLocalStack(rt, files, {
-        devices, seed, maxTokensPerStep,
+        devices, seed, maxTokensPerStep, kvDtype,
         ...(kvBlocks !== undefined ? { kvBlocks } : {}),
         progress: (label) => createProgressBar(label, err),
       });
@@ -207,7 +212,7 @@ export async function runServe(o: ServeCommandOptions, err: NodeJS.WritableStrea
     process.off('SIGINT', onSignalEarly);
     process.off('SIGTERM', onSignalEarly);
     log.info({
-      url, backend: rt.backend, devices, maxDevices, model: files.name, maxPositions: files.config.maxPositions,
+      url, backend: rt.backend, devices, maxDevices, model: files.name, maxPositions: files.config.maxPositions, kvDtype,
       tokenizer: files.tokenizer !== undefined, scalable: scalable !== undefined, autoscale: autoscaler !== undefined,
       ...(stack ? { kvBlocks: stack.hmm.kv.poolDevices().map((d) => stack!.hmm.kv.info(d).blocks), loadMs: Math.round(stack.loadMs) } : {}),
     }, 'serving');

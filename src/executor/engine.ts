@@ -334,6 +334,8 @@ export class Engine {
   private loop: Promise<void> | undefined;
   private wake: (() => void) | undefined;
   private closed = false;
+  /** Callers of afterNextStep, resolved when a step ends or the loop stops. */
+  private readonly stepWaiters: Array<() => void> = [];
   /** A switch-over waiting for the next step boundary (see reconfigure). */
   private pendingReconfigure:
     | { change: EngineReconfiguration; resolve: (r: ReconfigureReport) => void; reject: (e: unknown) => void }
@@ -509,6 +511,21 @@ export class Engine {
 
   // ---- the loop
 
+  /**
+   * Resolves once the engine has finished its next step (on whatever stepper it has then),
+   * or at once when it has nothing to run: the scale orchestrator frees the old layout only
+   * after the first step on the new one, so the release never delays that step.
+   */
+  afterNextStep(): Promise<void> {
+    if (!this.loop) return Promise.resolve();
+    return new Promise<void>((resolve) => this.stepWaiters.push(resolve));
+  }
+
+  private settleStepWaiters(): void {
+    const ws = this.stepWaiters.splice(0);
+    for (const w of ws) w();
+  }
+
   private kick(): void {
     if (this.wake) {
       const w = this.wake;
@@ -518,6 +535,7 @@ export class Engine {
     if (!this.loop) {
       this.loop = this.run().finally(() => {
         this.loop = undefined;
+        this.settleStepWaiters(); // idle: no step is coming
         // Work that arrived while the loop was ending.
         if (this.waiting.length > 0 || this.running.length > 0) this.kick();
       });
@@ -556,6 +574,7 @@ export class Engine {
         }
         backoff = 1;
         await this.runStep(entries);
+        this.settleStepWaiters();
       } catch (e) {
         // A bug in the engine itself: fail everything rather than hang.
         for (const s of [...this.running, ...this.waiting]) {

@@ -12,7 +12,7 @@
 // else the first holder in the placement):
 //   embed → for each layer:
 //   (A) rmsnorm(input_layernorm) → q, k, v in one launch (emoe_matmul_qkv_bf16; three
-//       matmuls above QKV_FUSED_MAX_ROWS = 16 tokens) (+ bias, qwen2_moe: three launches)
+//       matmuls above QKV_FUSED_MAX_ROWS = 64 tokens) (+ bias, qwen2_moe: three launches)
 //       → q/k RMSNorm per head (qwen3_moe) and rope of q and k in one launch
 //       (emoe_qk_norm_rope; rope only without q/k norm) → kvStore at the tokens' slots
 //       → paged attention → o_proj → residual add and rmsnorm(post_attention_layernorm) in
@@ -63,7 +63,7 @@
 //   groups of rows → argmax → download the ids (and logits when asked); then the host
 //   waits for every device that worked in the step                       [sync 1/step]
 //
-// Kernels per layer and rank, at decode (T <= 16) on the device path with one computing
+// Kernels per layer and rank, at decode (T <= 64) on the device path with one computing
 // device: 9 in (A) (rmsnorm, qkv, qk-norm+rope, kvStore, attention, o_proj, add+rmsnorm,
 // router, top-k), 7 in (B) (route, gather, gate, up, SwiGLU, down, scatter), 1 in (C)
 // (combineTopk): 17 for qwen3_moe and mixtral (23 and 21 before the three fusions);
@@ -94,15 +94,15 @@
 //
 // Graphs: a step whose ranks all take the device path, and that asks for no logits, is
 // queued with no host wait from its metadata upload (read from the rank's pinned host
-// buffer) to its argmax download (into the same buffer). When it is a decode step (one
-// token per sequence; a step with a prompt chunk rarely recurs with the same shape, and
-// capturing a step that runs once costs more than running it: nothing runs until the
-// capture ends, then the graph is instantiated), it may be captured once into a
-// graph (Stream.beginCapture on the first rank's stream; every other stream the step uses
+// buffer) to its argmax download (into the same buffer). Such a step may be captured once
+// into a graph (Stream.beginCapture on the first rank's stream; every other stream the step uses
 // joins by waiting on an event recorded there right after, and is joined back by an event
 // the origin stream waits on before endCapture) and replayed with one launch for every
 // later step of the same shape. The shape is what enters kernel arguments and copy sizes:
-// which ranks are present and, per rank, T, S, MB and the sampled sequences' count. Token
+// which ranks are present and, per rank, T, S, MB and the sampled sequences' count. T and S
+// are padded up to the step buckets first (padToBucket: padding sequences whose tokens sit at
+// position -1, so attention and the KV store skip them), so that decode steps and mixed
+// steps (decodes plus a prompt chunk) recur while requests come and go. Token
 // ids, positions, KV slots and block tables travel in the metadata the graph's upload node
 // reads from the host buffer when it runs, so a replay refills the host buffer and launches.
 // MB, the block table's row stride, is rounded up to a power of two in such steps (the rows
@@ -125,14 +125,26 @@
 // to other ranks (recv, expGate, expUp, the routing and active lists) is used by its
 // stream only, one rank's rows after another's.
 import type { ModelConfig } from '../model/config.js';
-import { MAX_ROUTE_EXPERTS, MAX_ROUTE_ROWS, ModelKernels } from '../model/kernels/index.js';
+import { type KvDtype, MAX_ROUTE_EXPERTS, MAX_ROUTE_ROWS, ModelKernels, checkKvDtype, kvDtypeBytes } from '../model/kernels/index.js';
 import { InvalidArgumentError, NotSupportedError } from '../runtime/errors.js';
 import type { Graph } from '../runtime/graph.js';
 import type { Chunk, DevicePointer, HostBuffer, VirtualRange } from '../runtime/memory.js';
 import type { Runtime } from '../runtime/runtime.js';
 import type { Event, Stream } from '../runtime/stream.js';
-import type { KvPoolView, Layout, StepBatch, StepResult, WeightSource } from './types.js';
+import { type KvPoolView, type Layout, type StepBatch, type StepResult, type WeightSource, kvBytesPerToken } from './types.js';
 import { type ExpertWeights, type LayerWeights, type ModelWeights, expertWeights, resolveLayerWeights, resolveModelWeights } from './weights.js';
+
+/** Milliseconds ForwardEngine.create spent, summed over the layout's devices. */
+export interface ForwardCreateStats {
+  /** Model kernels loaded on every device (in parallel). */
+  kernelsMs: number;
+  /** Weight addresses resolved from the weight source (the per-device expert tables built). */
+  weightsMs: number;
+  /** Scratch chunk, host buffer and stream of each device. */
+  buffersMs: number;
+  /** Routing and expert address tables uploaded (device routing). */
+  tablesMs: number;
+}
 
 export interface ForwardEngineOptions {
   /** Tokens one rank may run in one step (default 512). Scratch buffers are sized for it. */
@@ -175,6 +187,14 @@ export interface ForwardEngineOptions {
    * path's. Default 0: off. Read with `expertLoad`.
    */
   observeLoadEvery?: number;
+  /**
+   * Element type of the KV cache (default 'bf16'). 'f32' keeps K and V unrounded, so the
+   * whole pass runs in f32 (for comparisons with a higher-precision reference), at twice the
+   * KV memory per token: the pools must be made for it, kvGeometry(config, blockTokens, 'f32').
+   * A pool holds bytes only, so its block size in tokens is derived from this dtype; give
+   * blockTokens too and a pool made for the other dtype is refused.
+   */
+  kvDtype?: KvDtype;
 }
 
 /** Tokens routed to each expert in the steps observed (ForwardEngineOptions.observeLoadEvery). */
@@ -205,6 +225,21 @@ export interface GraphStats {
 
 const DEFAULT_GROUPED_MAX_ROWS = 64;
 const DEFAULT_MAX_GRAPHS = 32;
+/**
+ * Sizes a graph step's token and sequence counts are padded up to (see the header): under
+ * request churn the exact counts change nearly every step, so without padding almost no
+ * shape recurred (H200, bench-scale: steps that could not replay ran 80-240 ms against
+ * 29-38 ms for replays). At most 1.5x the rows; padded rows cost little at decode, where a
+ * step's time is the expert weights it reads, and they all route alike (one token, one
+ * position), so they touch at most top-k more experts per layer.
+ */
+const STEP_BUCKETS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096];
+
+/** The smallest bucket at or above n (beyond the list: n rounded up to a multiple of 1024). */
+export function stepBucket(n: number): number {
+  for (const b of STEP_BUCKETS) if (b >= n) return b;
+  return Math.ceil(n / 1024) * 1024;
+}
 /**
  * Default sightings of a step shape before it is captured. With 4 ranks under request churn
  * most decode shapes never recur (H200, 4 GPUs: steps that captured every time ran 206-279 ms
@@ -333,6 +368,8 @@ interface DeviceState {
   buf: Buffers;
   host: HostBuffer;
   hostI32: Int32Array;
+  /** Pinned source of the routing and expert address tables' upload (device routing) and the event after it. */
+  tables?: { host: HostBuffer; uploaded: Event };
   events: Event[];
   eventsUsed: number;
   /** Events recorded only inside captures (never synchronized, never recorded outside one). */
@@ -354,6 +391,8 @@ interface SeqPlan {
   sample: boolean;
   /** Row of its last token in the rank's flattened batch. */
   lastRow: number;
+  /** A padding sequence of a graph step (padToBucket): no request's, its token never read. */
+  padding?: boolean;
 }
 
 interface RankPlan {
@@ -402,6 +441,9 @@ export class ForwardEngine implements Disposable {
   private readonly graphSightings = new Map<string, number>();
   private graphsOff: string | undefined;
 
+  /** Where ForwardEngine.create spent its time (the attach phase of a scale builds one). */
+  createStats: ForwardCreateStats = { kernelsMs: 0, weightsMs: 0, buffersMs: 0, tablesMs: 0 };
+
   private constructor(
     private readonly rt: Runtime,
     readonly config: ModelConfig,
@@ -422,6 +464,8 @@ export class ForwardEngine implements Disposable {
     private readonly captureAfter: number,
     /** Every n-th step observes the experts' load on the host path (0: never). */
     private readonly observeLoadEvery: number,
+    /** Element type of the KV cache (ForwardEngineOptions.kvDtype). */
+    readonly kvDtype: KvDtype,
   ) {
     this.observed = new Float64Array(config.layers * config.experts);
     this.groupedLimit = groupedMaxRows;
@@ -472,15 +516,24 @@ export class ForwardEngine implements Disposable {
     }
     const observeLoadEvery = options.observeLoadEvery ?? 0;
     if (!Number.isSafeInteger(observeLoadEvery) || observeLoadEvery < 0) throw new InvalidArgumentError('observeLoadEvery', 'a non-negative integer (0: off)');
-    const perToken = c.layers * 2 * c.kvHeads * c.headDim * 2;
+    const kvDtype = checkKvDtype('kvDtype', options.kvDtype ?? 'bf16');
+    const perToken = kvBytesPerToken(c, kvDtype);
+    const otherDtype: KvDtype = kvDtype === 'f32' ? 'bf16' : 'f32';
     let BS = options.blockTokens;
     for (const d of devices) {
       const view = kv.get(d);
       if (!view) throw new InvalidArgumentError('kv', `a KV pool view for every device of the layout (none for device ${d})`);
       if (view.device !== d) throw new InvalidArgumentError('kv', `views keyed by their device (the view under ${d} is on ${view.device})`);
+      // A pool is bytes only: with blockTokens given, a pool made for the other dtype is recognised by its size.
+      const want = options.blockTokens;
+      if (want !== undefined && view.blockBytes !== want * perToken && view.blockBytes === want * kvBytesPerToken(c, otherDtype)) {
+        throw new InvalidArgumentError('kvDtype', `'${otherDtype}', the dtype device ${d}'s pool was made for (${view.blockBytes} bytes a block: ${want} tokens of ${otherDtype}, `
+          + `where kvDtype '${kvDtype}' needs ${want * perToken}); for '${kvDtype}', make the pools with kvGeometry(config, ${want}, '${kvDtype}')`);
+      }
       const bs = view.blockBytes / perToken;
       if (!Number.isInteger(bs) || bs < 1) {
-        throw new InvalidArgumentError('kv', `pools whose block size is a multiple of ${perToken} bytes (layers*2*kvHeads*headDim*2; device ${d} has ${view.blockBytes})`);
+        throw new InvalidArgumentError('kv', `pools whose block size is a multiple of ${perToken} bytes (layers*2*kvHeads*headDim*${kvDtypeBytes(kvDtype)} for kvDtype '${kvDtype}'; `
+          + `device ${d} has ${view.blockBytes}): make them with kvGeometry(config, blockTokens, '${kvDtype}')`);
       }
       if (BS === undefined) BS = bs;
       if (bs !== BS) throw new InvalidArgumentError(options.blockTokens === undefined ? 'kv' : 'blockTokens', `one block size on every device (${BS} tokens; device ${d} has ${bs})`);
@@ -517,24 +570,40 @@ export class ForwardEngine implements Disposable {
       return { meta: 0, metaMax, lists, listStride, ids, argmax, total: argmax + T };
     })();
 
+    const stats: ForwardCreateStats = { kernelsMs: 0, weightsMs: 0, buffersMs: 0, tablesMs: 0 };
+    let t = performance.now();
+    const lap = () => {
+      const ms = performance.now() - t;
+      t += ms;
+      return ms;
+    };
     const loaded = await Promise.allSettled(devices.map((d) => ModelKernels.load(rt, d)));
+    stats.kernelsMs = lap();
     const kernels = loaded.map((k) => (k.status === 'fulfilled' ? k.value : undefined));
     const made: DeviceState[] = [];
     try {
       const bad = loaded.find((k): k is PromiseRejectedResult => k.status === 'rejected');
       if (bad) throw bad.reason;
       for (const [r, d] of devices.entries()) {
-        made.push(ForwardEngine.deviceState(rt, c, layout, weights, kv.get(d)!, r, kernels[r]!, routes, T, G, MBmax, hostLayout, deviceRouting));
+        made.push(ForwardEngine.deviceState(rt, c, layout, weights, kv.get(d)!, r, kernels[r]!, routes, T, G, MBmax, hostLayout, deviceRouting, stats));
         kernels[r] = undefined; // owned by its state now
       }
-      if (deviceRouting) await Promise.all(made.map((s) => ForwardEngine.uploadTables(rt, c, s, routes)));
+      lap();
+      if (deviceRouting) {
+        for (const s of made) ForwardEngine.uploadTables(rt, c, s, routes);
+        // One wait for all: a rank's routing kernels read other devices' tables too.
+        await Promise.all(made.map((s) => s.tables!.uploaded.synchronize()));
+      }
+      stats.tablesMs = lap();
     } catch (e) {
       for (const s of made) ForwardEngine.disposeState(s);
       for (const k of kernels) k?.dispose();
       throw e;
     }
-    return new ForwardEngine(rt, c, layout, made, T, blockTokens, G, hostLayout, groupedMaxRows, deviceRoutingMaxRows, computers,
-      maxGraphs, captureAfter, observeLoadEvery);
+    const engine = new ForwardEngine(rt, c, layout, made, T, blockTokens, G, hostLayout, groupedMaxRows, deviceRoutingMaxRows, computers,
+      maxGraphs, captureAfter, observeLoadEvery, kvDtype);
+    engine.createStats = stats;
+    return engine;
   }
 
   private static buffers(c: ModelConfig, arena: Arena, T: number, G: number, MBmax: number, listStride: number,
@@ -560,7 +629,14 @@ export class ForwardEngine implements Disposable {
   }
 
   /** Uploads a device's static routing tables (device routing path) and waits. */
-  private static async uploadTables(rt: Runtime, c: ModelConfig, s: DeviceState, routes: Int32Array[]): Promise<void> {
+  /**
+   * Queues the upload of the routing and expert address tables on the device's stream, from a
+   * pinned buffer the state keeps, and records an event after it; create() waits for all
+   * devices' events at once (a scale's attach phase spent 46-153 ms in two synchronous
+   * writes per device, with a pinned buffer allocated and freed for each, while serving kept
+   * the thread pool busy).
+   */
+  private static uploadTables(rt: Runtime, c: ModelConfig, s: DeviceState, routes: Int32Array[]): void {
     const L = c.layers, E = c.experts;
     const table = new Int32Array(routes.length * L * E);
     routes.forEach((route, r) => table.set(route, r * L * E));
@@ -572,13 +648,19 @@ export class ForwardEngine implements Disposable {
       addrs[(l * 3 + 1) * E + x] = w.up.address;
       addrs[(l * 3 + 2) * E + x] = w.down.address;
     });
-    await rt.write(s.buf.routeTable!, new Uint8Array(table.buffer), s.stream);
-    await rt.write(s.buf.weightTable!, new Uint8Array(addrs.buffer), s.stream);
+    const host = rt.hostBuffer(table.byteLength + addrs.byteLength);
+    host.bytes(0, table.byteLength).set(new Uint8Array(table.buffer));
+    host.bytes(table.byteLength, addrs.byteLength).set(new Uint8Array(addrs.buffer));
+    s.stream.upload(s.buf.routeTable!, host, table.byteLength);
+    s.stream.upload(s.buf.weightTable!, host, addrs.byteLength, table.byteLength);
+    s.tables = { host, uploaded: rt.createEvent(s.device).record(s.stream) };
   }
 
   private static deviceState(rt: Runtime, c: ModelConfig, layout: Layout, weights: WeightSource, kv: KvPoolView, r: number,
-    kernels: ModelKernels, routes: Int32Array[], T: number, G: number, MBmax: number, hl: HostLayout, deviceRouting: boolean): DeviceState {
+    kernels: ModelKernels, routes: Int32Array[], T: number, G: number, MBmax: number, hl: HostLayout, deviceRouting: boolean,
+    stats: ForwardCreateStats): DeviceState {
     const device = layout.devices[r]!;
+    const t0 = performance.now();
     // Weights first (a missing tensor fails before anything is allocated).
     const model = resolveModelWeights(c, weights, device);
     const layers = Array.from({ length: c.layers }, (_, l) => resolveLayerWeights(c, weights, device, l));
@@ -597,6 +679,8 @@ export class ForwardEngine implements Disposable {
       putAddress(expertWords, key * 6 + 4, w.down);
     });
     const hostI32 = hl.total;
+    const t1 = performance.now();
+    stats.weightsMs += t1 - t0;
     const sizing = new Arena(undefined);
     ForwardEngine.buffers(c, sizing, T, G, MBmax, hl.listStride, routes.length, deviceRouting);
     const size = rt.roundUp(sizing.used, device);
@@ -615,6 +699,7 @@ export class ForwardEngine implements Disposable {
       host = rt.hostBuffer(hostI32 * 4);
       const bytes = host.bytes();
       stream = rt.createStream(device);
+      stats.buffersMs += performance.now() - t1;
       return {
         rank: r, device, kernels, stream, chunk, range, buf, host,
         hostI32: new Int32Array(bytes.buffer, bytes.byteOffset, hostI32),
@@ -636,6 +721,10 @@ export class ForwardEngine implements Disposable {
     s.stream.dispose();
     s.kernels.dispose();
     s.host.dispose();
+    // The tables' pinned buffer goes once its upload has run (an engine disposed before any step).
+    const t = s.tables;
+    if (t) t.uploaded.synchronize().catch(() => undefined).finally(() => { t.uploaded.dispose(); t.host.dispose(); });
+    s.tables = undefined;
     s.range.dispose();
     s.chunk.dispose();
   }
@@ -823,10 +912,10 @@ export class ForwardEngine implements Disposable {
     const onDevice = plans.map((p) => p !== undefined && !observe && this.onDevice(p));
     const hostRanks = ranks.filter((r) => !onDevice[r]);
     if (hostRanks.length > 0) this.observedSteps++;
-    // Graphs for decode steps only (one token per sequence): a step with a prompt chunk rarely
-    // recurs with the same shape, and a one-off capture costs more than running the step.
-    const decode = ranks.every((r) => plans[r]!.T === plans[r]!.S);
-    if (ranks.length > 0 && hostRanks.length === 0 && decode && !eager && this.graphsOff === undefined) {
+    // Any all-device-path step may replay as a graph: padded to the step buckets, decode steps
+    // and mixed steps (decodes plus a prompt chunk) recur under churn; a shape seen fewer
+    // than captureAfter times runs as usual.
+    if (ranks.length > 0 && hostRanks.length === 0 && !eager && this.graphsOff === undefined) {
       if (await this.runGraph(plans, ranks)) return;
     }
     /** Devices that got work in this step: the final wait covers each. */
@@ -885,7 +974,7 @@ export class ForwardEngine implements Disposable {
    * seen captureAfter times yet, or graphs turned off.
    */
   private async runGraph(plans: Array<RankPlan | undefined>, ranks: number[]): Promise<boolean> {
-    const padded = plans.map((p) => p && this.padBlockTable(p));
+    const padded = plans.map((p) => p && this.padBlockTable(this.padToBucket(p)));
     const key = ranks.map((r) => {
       const p = padded[r]!;
       return `${r}:${p.T},${p.S},${p.MB},${p.sampled.length}`;
@@ -988,6 +1077,47 @@ export class ForwardEngine implements Disposable {
     this.graphCache.clear();
   }
 
+  /**
+   * A plan padded up to the step buckets (stepBucket) for a graph: S' - S padding sequences of
+   * one token each (the last takes any tokens left to reach T'), token id 0 at position -1
+   * with KV slot -1 (attention gives them a zero row, the KV store skips them), block table
+   * rows of block 0, sampled (they get an argmax nobody reads: step() reads the real
+   * sequences', which come first). Rows never mix, so the real rows' results are the same bits
+   * as unpadded. The plan itself when it is already on a bucket, or when the padded step
+   * would leave the device path or the buffers (maxTokensPerStep, deviceRoutingMaxRows).
+   */
+  private padToBucket(p: RankPlan): RankPlan {
+    let S = stepBucket(p.S);
+    let T = stepBucket(p.T + S - p.S);
+    if (T > p.T + S - p.S && S === p.S) {
+      // Tokens to pad but no padding sequence to own them: one more sequence.
+      S = stepBucket(p.S + 1);
+      T = stepBucket(p.T + S - p.S);
+    }
+    const maxT = Math.min(this.maxTokensPerStep, Math.floor(this.deviceRoutingMaxRows / this.config.topK));
+    if ((T === p.T && S === p.S) || T > maxT) return p;
+    const pad = <A extends Int32Array>(a: A, n: number, fill: number) => {
+      const out = new Int32Array(n).fill(fill);
+      out.set(a);
+      return out;
+    };
+    const tokSeq = pad(p.tokSeq, T, 0);
+    const seqs = [...p.seqs];
+    const sampled = [...p.sampled];
+    for (let i = 0; i < S - p.S; i++) {
+      const first = p.T + i;
+      const last = i === S - p.S - 1 ? T - 1 : first;
+      for (let row = first; row <= last; row++) tokSeq[row] = p.S + i;
+      const q: SeqPlan = { seqId: '', sample: true, lastRow: last, padding: true };
+      seqs.push(q);
+      sampled.push(q);
+    }
+    return {
+      T, S, MB: p.MB, tokens: pad(p.tokens, T, 0), tokSeq, tokPos: pad(p.tokPos, T, -1), kvSlot: pad(p.kvSlot, T, -1),
+      blockTable: pad(p.blockTable, S * p.MB, 0), seqs, sampled,
+    };
+  }
+
   /** A plan whose block table stride MB is rounded up to a power of two (at most MBmax), rows padded with block 0. */
   private padBlockTable(p: RankPlan): RankPlan {
     let MB = 1;
@@ -1049,7 +1179,7 @@ export class ForwardEngine implements Disposable {
     const NH = c.heads, KVH = c.kvHeads, D = c.headDim, E = c.experts, K = c.topK;
     const eps = c.rmsNormEps;
     const { tokSeq, tokPos, kvSlot, blockTable } = this.metaOf(b);
-    const kvg = { KVH, D, L: c.layers, BS: this.blockTokens, blocks: dev.kv.spanBlocks };
+    const kvg = { KVH, D, L: c.layers, BS: this.blockTokens, blocks: dev.kv.spanBlocks, dtype: this.kvDtype };
     kn.rmsnorm(s, { out: b.xn, x: b.x, w: w.inputNorm, R: T, N: H, eps });
     // q, k and v in one launch (three above QKV_FUSED_MAX_ROWS tokens).
     kn.matmulQkv(s, { q: b.q, k: b.k, v: b.v, x: b.xn, wq: w.q, wk: w.k, wv: w.v, M: T, Nq: QD, Nkv: KVD, K: H });

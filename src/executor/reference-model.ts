@@ -2,11 +2,13 @@
 // independent check of the executor (src/executor/forward.ts). It shares nothing
 // with the executor but the single-row math of src/model/kernels/reference.ts:
 // one token at a time, a dense per-sequence KV cache (values rounded to bf16, as
-// the executor's paged cache stores them), its own attention loop, every routed
-// expert evaluated per token and combined in top-k order; no paging, no batching,
-// no devices. Weights come from host arrays (bf16 bits, Hugging Face names).
+// the executor's paged cache stores them, or kept in f32 with kvDtype 'f32'), its
+// own attention loop, every routed expert evaluated per token and combined in top-k
+// order; no paging, no batching, no devices. Weights come from host arrays (bf16
+// bits, Hugging Face names).
 import type { ChunkStore } from '../hmm/chunk-store.js';
 import type { ModelConfig } from '../model/config.js';
+import { type KvDtype, checkKvDtype } from '../model/kernels/index.js';
 import * as ref from '../model/kernels/reference.js';
 import { weightShapes } from '../model/weights.js';
 import type { Runtime } from '../runtime/runtime.js';
@@ -28,8 +30,17 @@ export async function readHostWeights(rt: Runtime, store: ChunkStore, config: Mo
   return out;
 }
 
+export interface ReferenceModelOptions {
+  /** Element type of the KV cache (default 'bf16'), as ForwardEngineOptions.kvDtype. */
+  kvDtype?: KvDtype;
+}
+
 export class ReferenceModel {
-  constructor(readonly config: ModelConfig, private readonly weights: HostWeights) {}
+  readonly kvDtype: KvDtype;
+
+  constructor(readonly config: ModelConfig, private readonly weights: HostWeights, options: ReferenceModelOptions = {}) {
+    this.kvDtype = checkKvDtype('kvDtype', options.kvDtype ?? 'bf16');
+  }
 
   /** @internal */
   w(name: string): Uint16Array {
@@ -64,7 +75,9 @@ export function argmax(x: Float32Array): number {
   return bi;
 }
 
-const roundBf16 = (x: Float32Array) => {
+/** A K or V row as the cache keeps it: rounded to bf16, or an f32 copy. */
+const cached = (x: Float32Array, dtype: KvDtype) => {
+  if (dtype === 'f32') return x.slice();
   const out = new Float32Array(x.length);
   for (let i = 0; i < x.length; i++) out[i] = ref.bf16ToF32(ref.f32ToBf16(x[i]!));
   return out;
@@ -72,7 +85,7 @@ const roundBf16 = (x: Float32Array) => {
 
 /** One sequence: a dense KV cache per layer, fed one token at a time. */
 export class ReferenceSequence {
-  /** [layer][position] → k / v rows [KVH * D] (bf16-rounded). */
+  /** [layer][position] → k / v rows [KVH * D] (bf16-rounded, or f32 with kvDtype 'f32'). */
   private readonly keys: Float32Array[][];
   private readonly values: Float32Array[][];
 
@@ -137,8 +150,8 @@ export class ReferenceSequence {
       }
       ref.rope({ x: q, pos: posArr, T: 1, heads: NH, D, theta: c.ropeTheta });
       ref.rope({ x: k, pos: posArr, T: 1, heads: KVH, D, theta: c.ropeTheta });
-      this.keys[l]!.push(roundBf16(k));
-      this.values[l]!.push(roundBf16(v));
+      this.keys[l]!.push(cached(k, this.model.kvDtype));
+      this.values[l]!.push(cached(v, this.model.kvDtype));
 
       // Causal attention over positions 0..pos (softmax with the max subtracted).
       const att = new Float32Array(NH * D);

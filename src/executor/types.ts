@@ -3,7 +3,10 @@
 // request engine (engine.ts) meet here.
 import type { DevicePointer } from '../runtime/memory.js';
 import type { ModelConfig } from '../model/config.js';
+import { type KvDtype, kvDtypeBytes } from '../model/kernels/index.js';
 import type { ExpertPlacement } from '../model/weights.js';
+
+export type { KvDtype } from '../model/kernels/index.js';
 
 /** Where each weight tensor is mapped in this process. */
 export interface WeightSource {
@@ -32,15 +35,24 @@ export interface KvPoolView {
   spanBlocks: number;
 }
 
-/** The KV geometry the model needs: blocks hold every layer's K and V for blockTokens tokens (bf16). */
+/** The KV geometry the model needs: blocks hold every layer's K and V for blockTokens tokens (bf16 or f32 elements). */
 export interface KvGeometry {
   blockTokens: number;
-  /** layers * 2 * blockTokens * kvHeads * headDim * 2 bytes. */
+  /** layers * 2 * blockTokens * kvHeads * headDim * (2 for bf16, 4 for f32) bytes. */
   blockBytes: number;
 }
 
-export function kvGeometry(config: ModelConfig, blockTokens = 16): KvGeometry {
-  return { blockTokens, blockBytes: config.layers * 2 * blockTokens * config.kvHeads * config.headDim * 2 };
+/** KV cache bytes of one token: every layer's K and V, layers * 2 * kvHeads * headDim elements of kvDtype. */
+export function kvBytesPerToken(config: ModelConfig, kvDtype: KvDtype = 'bf16'): number {
+  return config.layers * 2 * config.kvHeads * config.headDim * kvDtypeBytes(kvDtype);
+}
+
+/**
+ * The pools an engine with ForwardEngineOptions.kvDtype = kvDtype needs: create them with this
+ * blockBytes and give the engine the same kvDtype (and blockTokens, so a mismatch is refused).
+ */
+export function kvGeometry(config: ModelConfig, blockTokens = 16, kvDtype: KvDtype = 'bf16'): KvGeometry {
+  return { blockTokens, blockBytes: blockTokens * kvBytesPerToken(config, kvDtype) };
 }
 
 /** Data parallel attention + expert parallel FFN over `devices`; TP is 1. */

@@ -49,6 +49,8 @@ export class ChunkStore {
   /** Tensor name → device → where it lives (a tensor may have replicas on several devices). */
   private readonly tensors = new Map<string, Map<number, { chunkId: string; location: TensorLocation }>>();
   private readonly streams = new Map<number, Stream>();
+  /** Copy streams by source and target device ("from>to"), on the source device. */
+  private readonly copyStreams = new Map<string, Stream>();
   private readonly modules = new Map<number, Promise<Module>>();
 
   constructor(readonly rt: Runtime) {}
@@ -215,6 +217,21 @@ export class ChunkStore {
     return s;
   }
 
+  /**
+   * A copy stream on device `from` for copies to device `to` (one per pair, created on first
+   * use): copies from one device to several others run in parallel over their links instead
+   * of one after another on the source's single stream.
+   */
+  copyStream(from: number, to: number): Stream {
+    const key = `${from}>${to}`;
+    let s = this.copyStreams.get(key);
+    if (!s) {
+      s = this.rt.createStream(from);
+      this.copyStreams.set(key, s);
+    }
+    return s;
+  }
+
   /** The runtime's basic kernels on a device, compiled once. */
   basicKernels(device: number): Promise<Module> {
     let m = this.modules.get(device);
@@ -260,8 +277,9 @@ export class ChunkStore {
   /** Frees everything (the daemon is shutting down). */
   dispose(): void {
     for (const c of [...this.chunks.values()]) this.free(c);
-    for (const s of this.streams.values()) s.dispose();
+    for (const s of [...this.streams.values(), ...this.copyStreams.values()]) s.dispose();
     this.streams.clear();
+    this.copyStreams.clear();
     for (const m of this.modules.values()) m.then((x) => x.dispose(), () => undefined);
     this.modules.clear();
   }

@@ -9,12 +9,13 @@ import path from 'node:path';
 import { Engine, type StepFigures } from '../executor/engine.js';
 import { ForwardEngine } from '../executor/forward.js';
 import { mapHmmKvPools, type MappedKvPool } from '../executor/kv-view.js';
-import { kvGeometry } from '../executor/types.js';
+import { type KvDtype, kvGeometry } from '../executor/types.js';
 import { storeWeights } from '../executor/weights.js';
 import { Hmm, RESIDENT } from '../hmm/hmm.js';
 import { openCheckpoint } from '../hmm/safetensors.js';
 import { loadCheckpoint } from '../hmm/weight-loader.js';
 import { type ModelConfig, readConfig } from '../model/config.js';
+import { checkKvDtype } from '../model/kernels/index.js';
 import { loadTokenizer, type TextTokenizer } from '../model/tokenizer.js';
 import { type ExpertPlacement, roundRobinPlacement, weightSpecs } from '../model/weights.js';
 import { InvalidArgumentError } from '../runtime/errors.js';
@@ -78,6 +79,8 @@ export interface LocalStackOptions {
   kvBlocks?: number;
   /** Token budget of one step per rank (default 512). */
   maxTokensPerStep?: number;
+  /** Element type of the KV cache (default 'bf16'; 'f32': twice the KV memory per token, K and V unrounded). */
+  kvDtype?: KvDtype;
   /** Most running sequences per rank (default: the engine's, 64). */
   maxSeqs?: number;
   /** A progress reporter for the weight load, made with its label ('loading weights' or 'synthetic weights'). */
@@ -114,6 +117,7 @@ export interface LocalStack {
 export async function startLocalStack(rt: Runtime, model: ModelFiles, o: LocalStackOptions): Promise<LocalStack> {
   const { config, tokenizer } = model;
   const devices = [...o.devices];
+  const kvDtype = checkKvDtype('kvDtype', o.kvDtype ?? 'bf16'); // before the weights load
   const hmm = new Hmm(rt);
   let views: Map<number, MappedKvPool> | undefined;
   let forward: ForwardEngine | undefined;
@@ -136,7 +140,7 @@ export async function startLocalStack(rt: Runtime, model: ModelFiles, o: LocalSt
     }
     const loadMs = performance.now() - t0;
 
-    const geometry = kvGeometry(config);
+    const geometry = kvGeometry(config, 16, kvDtype);
     for (const d of devices) {
       const free = rt.deviceInfo(d).freeBytes;
       const blocks = o.kvBlocks ?? kvBlocksFromMemory(free, geometry.blockBytes, geometry.blockTokens, config);
@@ -146,7 +150,9 @@ export async function startLocalStack(rt: Runtime, model: ModelFiles, o: LocalSt
       hmm.kv.createPool({ device: d, blockBytes: geometry.blockBytes, blocks });
     }
     views = mapHmmKvPools(rt, hmm, devices);
-    forward = await ForwardEngine.create(rt, config, { devices, placement }, storeWeights(hmm.store), views, { maxTokensPerStep: o.maxTokensPerStep ?? 512 });
+    // blockTokens too, so the engine checks the pools against the dtype instead of deriving their block size.
+    forward = await ForwardEngine.create(rt, config, { devices, placement }, storeWeights(hmm.store), views,
+      { maxTokensPerStep: o.maxTokensPerStep ?? 512, blockTokens: geometry.blockTokens, kvDtype });
 
     const listeners = new Set<(f: StepFigures) => void>();
     const eos = [...new Set([...config.eosTokenIds, ...(tokenizer?.eosTokenIds ?? [])])];

@@ -5,7 +5,7 @@
 // Tolerances:
 // - kernels that only move data or do one correctly rounded operation per element in
 //   a fixed order (embed, gather, scatter, copy, add, add_bias, combine_topk, kv_store
-//   bf16 stores, argmax ids): bit for bit;
+//   bf16 stores and f32 copies, argmax ids): bit for bit;
 // - router ids: exact; f32 math (everything else): |got - ref| <= 1e-4 * max(|ref|, rms(ref)),
 //   where rms(ref) is the tensor's root mean square: parallel reductions (matmul,
 //   rmsnorm, attention) add in another order than the sequential reference, and an
@@ -429,7 +429,9 @@ describe.runIf(onCuda)('model kernels on a real GPU (NVRTC) against the TypeScri
     expectUnfused(gotXn, await arena.get(uxn, x), `add_rmsnorm ${R}x${N}: xn`);
   }, 60_000);
 
-  it('kv_store then attention: two prefills, decodes and padding (GQA 32/4, D=128)', async () => {
+  // emoe_kv_store / emoe_attention (bf16 cache) and emoe_kv_store_f32 / emoe_attention_f32 (f32 cache): one
+  // templated body each, so the same shapes and tolerances; the reference takes the dtype from the pool's array type.
+  it.each(['bf16', 'f32'] as const)('kv_store then attention, %s cache: two prefills, decodes and padding (GQA 32/4, D=128)', async (dtype) => {
     arena.reset();
     const L = 3, layer = 2, BS = 16, KVH = 4, D = 128, NH = 32, MB = 24, blocks = 40;
     const geo = { L, BS, KVH, D };
@@ -446,9 +448,9 @@ describe.runIf(onCuda)('model kernels on a real GPU (NVRTC) against the TypeScri
     for (let t = 0; t < Tk - 1; t++) slots[t] = table[seqOf[t]! * MB + Math.floor(posOf[t]! / BS)]! * BS + (posOf[t]! % BS);
     const k = randF32(Tk * KVH * D, 10, -2, 2);
     const v = randF32(Tk * KVH * D, 11, -2, 2);
-    const pool0 = randBf16(blocks * ref.kvBlockElements(geo), 12);
+    const pool0 = dtype === 'bf16' ? randBf16(blocks * ref.kvBlockElements(geo), 12) : randF32(blocks * ref.kvBlockElements(geo), 12);
     const pool = await arena.put(pool0);
-    mk.kvStore(s, { pool, k: await arena.put(k), v: await arena.put(v), slots: await arena.put(slots), T: Tk, KVH, D, layer, L, BS, blocks });
+    mk.kvStore(s, { pool, k: await arena.put(k), v: await arena.put(v), slots: await arena.put(slots), T: Tk, KVH, D, layer, L, BS, blocks, dtype });
     const poolRef = pool0.slice();
     ref.kvStore({ pool: poolRef, k, v, slots, T: Tk, KVH, D, layer, L, BS });
     expectSame(await arena.get(pool, poolRef), poolRef, 'kv_store pool');
@@ -463,17 +465,17 @@ describe.runIf(onCuda)('model kernels on a real GPU (NVRTC) against the TypeScri
     const scale = 1 / Math.sqrt(D);
     const out = arena.alloc(T * NH * D * 4);
     const args = {
-      T, NH, KVH, D, layer, L, BS, MB, scale, blocks, S: lens.length,
+      T, NH, KVH, D, layer, L, BS, MB, scale, blocks, S: lens.length, dtype,
       tokSeq: await arena.put(Int32Array.from(tokSeq)), tokPos: await arena.put(Int32Array.from(tokPos)),
     };
     mk.attention(s, { out, q: await arena.put(q), pool, blockTable: await arena.put(table), ...args });
     const want = new Float32Array(T * NH * D);
     ref.attention({ out: want, q, pool: poolRef, blockTable: table, tokSeq: Int32Array.from(tokSeq), tokPos: Int32Array.from(tokPos),
       T, NH, KVH, D, layer, L, BS, MB, scale });
-    expectClose(await arena.get(out, want), want, 'attention');
+    expectClose(await arena.get(out, want), want, `attention (${dtype} cache)`);
   }, 120_000);
 
-  it('attention over more than 65535 (token, head) pairs: many short sequences (grid-stride)', async () => {
+  it.each(['bf16', 'f32'] as const)('attention, %s cache, over more than 65535 (token, head) pairs: many short sequences (grid-stride)', async (dtype) => {
     arena.reset();
     const L = 1, layer = 0, BS = 4, KVH = 4, D = 64, NH = 32, MB = 1;
     const S = 2100, T = S;
@@ -484,9 +486,9 @@ describe.runIf(onCuda)('model kernels on a real GPU (NVRTC) against the TypeScri
     const slots = Int32Array.from({ length: Tk }, (_, i) => table[Math.floor(i / 4)]! * BS + (i % 4));
     const k = randF32(Tk * KVH * D, 30, -2, 2);
     const v = randF32(Tk * KVH * D, 31, -2, 2);
-    const pool = arena.alloc(S * ref.kvBlockElements(geo) * 2);
-    mk.kvStore(s, { pool, k: await arena.put(k), v: await arena.put(v), slots: await arena.put(slots), T: Tk, KVH, D, layer, L, BS, blocks: S });
-    const poolRef = new Uint16Array(S * ref.kvBlockElements(geo));
+    const pool = arena.alloc(S * ref.kvBlockElements(geo) * (dtype === 'f32' ? 4 : 2));
+    mk.kvStore(s, { pool, k: await arena.put(k), v: await arena.put(v), slots: await arena.put(slots), T: Tk, KVH, D, layer, L, BS, blocks: S, dtype });
+    const poolRef = dtype === 'f32' ? new Float32Array(S * ref.kvBlockElements(geo)) : new Uint16Array(S * ref.kvBlockElements(geo));
     ref.kvStore({ pool: poolRef, k, v, slots, T: Tk, KVH, D, layer, L, BS });
     expectSame(await arena.get(pool, poolRef), poolRef, 'kv_store pool');
     const tokSeq = Int32Array.from({ length: T }, (_, i) => i);
@@ -495,11 +497,11 @@ describe.runIf(onCuda)('model kernels on a real GPU (NVRTC) against the TypeScri
     const out = arena.alloc(T * NH * D * 4);
     mk.attention(s, {
       out, q: await arena.put(q), pool, blockTable: await arena.put(table), tokSeq: await arena.put(tokSeq),
-      tokPos: await arena.put(tokPos), T, NH, KVH, D, layer, L, BS, MB, scale: 0.125, blocks: S, S,
+      tokPos: await arena.put(tokPos), T, NH, KVH, D, layer, L, BS, MB, scale: 0.125, blocks: S, S, dtype,
     });
     const want = new Float32Array(T * NH * D);
     ref.attention({ out: want, q, pool: poolRef, blockTable: table, tokSeq, tokPos, T, NH, KVH, D, layer, L, BS, MB, scale: 0.125 });
-    expectClose(await arena.get(out, want), want, 'attention, many sequences');
+    expectClose(await arena.get(out, want), want, `attention, many sequences (${dtype} cache)`);
   }, 120_000);
 
   it.each([[300, 128, 8, true], [70, 60, 4, false], [5, 8, 2, true]])('router_topk T=%i E=%i K=%i renorm=%s', async (T, E, K, renorm) => {

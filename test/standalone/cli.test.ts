@@ -42,5 +42,10 @@ describe('elasticmoe devices', () => {
     const flag = run(['devices', '--nope']);
     expect(flag.status).toBe(1);
     expect(flag.stderr).toMatch(/nope/);
+    for (const args of [['generate', '--prompt-ids', '1'], ['serve']]) {
+      const dtype = run([...args, '--backend', 'mock', '--kv-dtype', 'f16']);
+      expect(dtype.status).toBe(1);
+      expect(dtype.stderr).toMatch(/--kv-dtype must be 'bf16' or 'f32'/);
+    }
   });
 });

@@ -7,7 +7,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { Writable } from 'node:stream';
 
-import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest';
 
 import { type GenerateCommandOptions, runGenerate } from '../../src/cli/generate.js';
 
@@ -739,5 +739,29 @@ describe('elasticmoe generate', () => {
     await expect(run({ model: dir, prompt: 'hello' })).rejects.toThrow(/config\.json/);
     await expect(run({ synthetic: file, promptIds: '1,2,999' })).rejects.toThrow(/--prompt-ids.*below the vocabulary size 116.*999/);
     await expect(run({ synthetic: file, promptIds: '1', maxTokens: '200' })).rejects.toThrow(/--max-tokens must be at most 127/);
+  });
+
+  it('--kv-dtype f32: f32 pools and engines, the same tokens on one and two devices; another dtype is refused', async () => {
+    const file = path.join(dir, 'synthetic-f32.json');
+    writeFileSync(file, JSON.stringify(raw));
+    const create = vi.spyOn(ForwardEngine, 'create');
+    try {
+      const args = { synthetic: file, promptIds: '1,2,3', maxTokens: '6', ignoreEos: true, json: true, seed: '3', kvDtype: 'f32' };
+      const one = JSON.parse((await run({ ...args, devices: '1' })).out);
+      const two = JSON.parse((await run({ ...args, devices: '0,1' })).out);
+      expect(one.kvDtype).toBe('f32');
+      expect(one.outputTokens).toHaveLength(6);
+      expect(two.outputTokens).toEqual(one.outputTokens);
+      // The pools were made for f32 and the engines asked for it (with blockTokens, so a mismatch would be refused).
+      expect(create).toHaveBeenCalledTimes(2);
+      const f32Block = kvGeometry(parseConfig(raw), 16, 'f32').blockBytes;
+      for (const [, , , , views, options] of create.mock.calls) {
+        expect(options).toMatchObject({ kvDtype: 'f32', blockTokens: 16 });
+        for (const v of views.values()) expect(v.blockBytes).toBe(f32Block);
+      }
+    } finally {
+      create.mockRestore();
+    }
+    await expect(run({ synthetic: file, promptIds: '1', kvDtype: 'f16' })).rejects.toThrow(/--kv-dtype must be 'bf16' or 'f32'.*got 'f16'/);
   });
 });

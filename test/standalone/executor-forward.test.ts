@@ -4,14 +4,16 @@
 // (DESIGN invariant 1), match an independent TypeScript reference, do not depend on
 // the batch a sequence runs in, on how its prompt is chunked, on the expert routing
 // path (on the device or on the host) or on decode steps replaying as captured graphs
-// (cached per step shape, LRU-bounded, off where the backend refuses); bad steps are refused.
+// (cached per step shape, LRU-bounded, off where the backend refuses); the same holds with an
+// f32 KV cache (kvDtype 'f32'), which equals the reference model with an f32 cache bit for
+// bit; bad steps and pools made for another KV dtype are refused.
 import { mkdtempSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 
-import { ForwardEngine, type ForwardEngineOptions } from '../../src/executor/forward.js';
+import { ForwardEngine, type ForwardEngineOptions, stepBucket } from '../../src/executor/forward.js';
 import { mapAttachedKvPools, mapHmmKvPools, mapKvPool, hmmKvChunks, type MappedKvPool } from '../../src/executor/kv-view.js';
 import { type HostWeights, ReferenceModel, readHostWeights } from '../../src/executor/reference-model.js';
 import { type Layout, type SeqStep, kvGeometry } from '../../src/executor/types.js';
@@ -150,8 +152,11 @@ interface Fixture {
   rt: Runtime;
   hmm: Hmm;
   config: ModelConfig;
+  /** bf16 KV pools (the default kvDtype) on every device, in `hmm`. */
   views: Map<number, MappedKvPool>;
   engines: ForwardEngine[];
+  /** f32 KV pools on every device, in an HMM of their own (an HMM has one pool per device); made by f32Kv. */
+  kv32?: { hmm: Hmm; views: Map<number, MappedKvPool> };
 }
 
 async function fixture(config: ModelConfig): Promise<Fixture> {
@@ -169,17 +174,30 @@ async function fixture(config: ModelConfig): Promise<Fixture> {
  * the default of 2 has its own test.
  */
 async function engineFor(fx: Fixture, layout: Layout, maxTokensPerStep = 64, options: ForwardEngineOptions = {}): Promise<ForwardEngine> {
-  const views = new Map(layout.devices.map((d) => [d, fx.views.get(d)!]));
+  const pools = options.kvDtype === 'f32' ? f32Kv(fx).views : fx.views;
+  const views = new Map(layout.devices.map((d) => [d, pools.get(d)!]));
   const e = await ForwardEngine.create(fx.rt, fx.config, layout, storeWeights(fx.hmm.store), views,
     { maxTokensPerStep, graphs: { captureAfter: 1 }, ...options });
   fx.engines.push(e);
   return e;
 }
 
+/** The fixture's f32 KV pools (kvGeometry(config, 16, 'f32')), made on first use. */
+function f32Kv(fx: Fixture): { hmm: Hmm; views: Map<number, MappedKvPool> } {
+  if (!fx.kv32) {
+    const hmm = new Hmm(fx.rt);
+    for (const d of ALL) hmm.kv.createPool({ device: d, blockBytes: kvGeometry(fx.config, 16, 'f32').blockBytes, blocks: 256 });
+    fx.kv32 = { hmm, views: mapHmmKvPools(fx.rt, hmm, ALL) };
+  }
+  return fx.kv32;
+}
+
 function disposeFixture(fx: Fixture | undefined): void {
   if (!fx) return;
   for (const e of fx.engines) e.dispose();
   for (const v of fx.views.values()) v.dispose();
+  for (const v of fx.kv32?.views.values() ?? []) v.dispose();
+  fx.kv32?.hmm.dispose();
   fx.hmm.dispose();
 }
 
@@ -239,6 +257,43 @@ for (const [arch, config] of Object.entries(CONFIGS)) {
         });
       }
       expect(worst).toBeLessThan(1e-5);
+    });
+
+    it('with an f32 KV cache: the f32 kernels, the same tokens and logits on 1, 2 and 4 devices, bit for bit the reference model with an f32 cache', async () => {
+      const kv = f32Kv(fx);
+      const layouts: Array<[string, Layout]> = [
+        ['[0]', { devices: [0], placement: () => [0] }],
+        ['[0,1] round robin', { devices: [0, 1], placement: roundRobinPlacement(8, [0, 1]) }],
+        ['[0,1,2,3] reversed', { devices: ALL, placement: reversedPlacement(8, ALL) }],
+        ['[0,1,2,3] replicated on two devices', { devices: ALL, placement: replicatedPlacement(ALL) }],
+      ];
+      let first: Generated | undefined;
+      const launch = vi.spyOn(Stream.prototype, 'launch');
+      try {
+        for (const [what, layout] of layouts) {
+          const engine = await engineFor(fx, layout, 64, { kvDtype: 'f32', blockTokens: 16 });
+          expect([engine.kvDtype, engine.blockTokens]).toEqual(['f32', 16]);
+          launch.mockClear();
+          const got = await generate(engine, kv.hmm, PROMPTS);
+          const names = new Set(launch.mock.calls.map(([k]) => k.name));
+          expect(names.has('emoe_kv_store_f32') && names.has('emoe_attention_f32'), `${what}: the f32 kernels`).toBe(true);
+          expect(names.has('emoe_kv_store') || names.has('emoe_attention'), `${what}: no bf16 KV kernel`).toBe(false);
+          if (first) expectIdentical(got, first, `f32 KV, ${what}`);
+          else first = got;
+        }
+      } finally {
+        launch.mockRestore();
+      }
+      const model = new ReferenceModel(config, host, { kvDtype: 'f32' });
+      let differs = false;
+      for (const p of PROMPTS) {
+        const want = model.greedy(p.prompt, STEPS);
+        expectIdentical({ tokens: new Map([[p.id, first!.tokens.get(p.id)!]]), logits: new Map([[p.id, first!.logits.get(p.id)!]]) },
+          { tokens: new Map([[p.id, want.tokens]]), logits: new Map([[p.id, want.logits]]) }, `f32 KV against the reference model: ${p.id}`);
+        // Not the bf16 cache's results: K and V were kept unrounded.
+        differs ||= want.logits.some((w, i) => !sameBytes(bytesOf(w), bytesOf(baseline.logits.get(p.id)![i]!)));
+      }
+      expect(differs).toBe(true);
     });
 
     it('gives bit-identical results with the experts grouped, one matmul each, or mixed', async () => {
@@ -320,13 +375,14 @@ for (const [arch, config] of Object.entries(CONFIGS)) {
       ];
       // At decode: 17 per layer (23 unfused with q/k norm, 21 without); qwen2_moe 27 (31 unfused).
       expect(layerKernels(1).length).toBe(shared ? 27 : 17);
-      const e = await engineFor(fx, { devices: [0], placement: () => [0] }, 64, { graphs: false });
+      const e = await engineFor(fx, { devices: [0], placement: () => [0] }, 128, { graphs: false });
       const launch = vi.spyOn(Stream.prototype, 'launch');
-      const p = PROMPTS[3]!; // 17 tokens: a prefill above QKV_FUSED_MAX_ROWS
-      const blocks = fx.hmm.kv.allocate('fused', 0, 4);
+      // 70 tokens: a prefill above QKV_FUSED_MAX_ROWS.
+      const p = { prompt: Array.from({ length: 70 }, (_, i) => (i * 37 + 11) % config.vocabSize) };
+      const blocks = fx.hmm.kv.allocate('fused', 0, Math.ceil(71 / e.blockTokens));
       try {
-        // A prefill of 5 tokens, one of all 17 (the same positions written again), then a decode step.
-        const steps: Array<[number[], number]> = [[p.prompt.slice(0, 5), 0], [p.prompt, 0], [[7], 17]];
+        // A prefill of 5 tokens, one of all 70 (the same positions written again), then a decode step.
+        const steps: Array<[number[], number]> = [[p.prompt.slice(0, 5), 0], [p.prompt, 0], [[7], 70]];
         expect(p.prompt.length).toBeGreaterThan(QKV_FUSED_MAX_ROWS);
         for (const [tokens, startPos] of steps) {
           expect(tokens.length * config.topK).toBeLessThanOrEqual(e.deviceRoutingMaxRows);
@@ -348,15 +404,15 @@ for (const [arch, config] of Object.entries(CONFIGS)) {
       ];
       for (const [what, layout] of layouts) {
         const engine = await engineFor(fx, layout);
-        // Decode steps as graphs, with an eager step returning logits every fourth step: the KV cache
-        // the graphs wrote is bit-identical too. The prefill (step 0, no logits) runs as usual, on the
-        // device path or the host path: graphs are for decode steps only.
+        // Steps as graphs (padded to the step buckets), with an eager step returning logits every
+        // fourth step: the KV cache the graphs wrote is bit-identical too. The prefill (step 0, no
+        // logits, on the device path) is a graph as well.
         const got = await generate(engine, fx.hmm, PROMPTS, { logitsAt: (i) => i % 4 === 3 });
         expectIdentical(got, baseline, `${what}, graphs`);
         const st = engine.graphStats;
         expect(st.enabled).toBe(true);
         expect(st.disabledReason).toBeUndefined();
-        expect(st.captures + st.replays).toBe(STEPS - 3); // the decode steps without logits
+        expect(st.captures + st.replays).toBe(STEPS - 2); // every step without logits
         expect(st.replays).toBeGreaterThan(st.captures);
       }
     });
@@ -369,10 +425,12 @@ for (const [arch, config] of Object.entries(CONFIGS)) {
         expectIdentical(got, { tokens: new Map([[p.id, baseline.tokens.get(p.id)!]]), logits: new Map([[p.id, baseline.logits.get(p.id)!]]) }, `${p.id} alone`);
       alone(a, await generate(engine, fx.hmm, [a], { rankOf: () => 1, logitsAt: none }));
       const before = engine.graphStats;
-      // c: its prefill as usual, then decode steps of a's shape (T = S = R = 1, MB = 1) replayed.
+      // c: its prefill (3 tokens: bucket 3, a's 5 tokens bucket 6) is a new shape, captured; then
+      // decode steps of a's shape (T = S = R = 1, MB = 1) replayed.
+      expect(stepBucket(c.prompt.length)).not.toBe(stepBucket(a.prompt.length));
       alone(c, await generate(engine, fx.hmm, [c], { rankOf: () => 1, logitsAt: none }));
       const after = engine.graphStats;
-      expect(after.captures).toBe(before.captures);
+      expect(after.captures).toBe(before.captures + 1);
       expect(after.replays - before.replays).toBe(STEPS);
       // And a again, now that c's steps ran in between (its blocks are others).
       alone(a, await generate(engine, fx.hmm, [a], { rankOf: () => 1, logitsAt: none }));
@@ -473,6 +531,26 @@ describe('forward pass: validation, KV views, attached weights (qwen3_moe)', () 
       expect(await arg(ForwardEngine.create(fx.rt, config, { devices: [0], placement: () => [0] }, ws, fx.views, { observeLoadEvery })
         .then(() => undefined, (e: unknown) => e))).toBe('observeLoadEvery');
     }
+    const one = { devices: [0], placement: () => [0] };
+    for (const kvDtype of ['f16', 'fp32', 2]) {
+      expect(await arg(ForwardEngine.create(fx.rt, config, one, ws, fx.views, { kvDtype: kvDtype as never })
+        .then(() => undefined, (e: unknown) => e))).toBe('kvDtype');
+    }
+    // The fixture's pools are bf16 blocks of 16 tokens: an engine asked for an f32 cache of 16-token blocks
+    // refuses them (and an f32 pool for a bf16 engine), saying which dtype they were made for and how to make the right ones.
+    const mismatch = async (views: Map<number, MappedKvPool>, kvDtype: 'bf16' | 'f32', madeFor: string) => {
+      const e = await ForwardEngine.create(fx.rt, config, one, ws, views, { kvDtype, blockTokens: 16 }).then(() => undefined, (x: unknown) => x);
+      expect(e).toBeInstanceOf(InvalidArgumentError);
+      expect((e as InvalidArgumentError).argument).toBe('kvDtype');
+      expect((e as Error).message).toContain(`'${madeFor}', the dtype device 0's pool was made for`);
+      expect((e as Error).message).toContain(`kvGeometry(config, 16, '${kvDtype}')`);
+    };
+    await mismatch(fx.views, 'f32', 'bf16');
+    await mismatch(f32Kv(fx).views, 'bf16', 'f32');
+    // Without blockTokens a pool is taken as bytes: the same bf16 pool reads as f32 blocks of 8 tokens.
+    const derived = await ForwardEngine.create(fx.rt, config, one, ws, fx.views, { kvDtype: 'f32' });
+    fx.engines.push(derived);
+    expect([derived.kvDtype, derived.blockTokens]).toEqual(['f32', 8]);
   });
 
   it('runs each device\'s routed experts in three grouped launches per layer (host routing, decode)', async () => {
@@ -673,6 +751,22 @@ describe('forward pass: validation, KV views, attached weights (qwen3_moe)', () 
     }
   });
 
+  it('pads steps to the step buckets: 5 and 6 sequences share one graph, 7 takes the next, tokens as eager', async () => {
+    const layout = { devices: [0, 1], placement: roundRobinPlacement(8, [0, 1]) };
+    const five = ['p', 'q', 'r', 's', 't'];
+    const S5: string[][] = [five, []];
+    const S6: string[][] = [[...five, 'u'], []];
+    const S7: string[][] = [[...five, 'u', 'v'], []];
+    expect([stepBucket(5), stepBucket(6), stepBucket(7)]).toEqual([6, 6, 8]);
+    const script = [S5, S6, S5, S7, S6];
+    const want = await decodeScript(await engineFor(fx, layout, 16, { graphs: false }), 'eager', script);
+    const g = await engineFor(fx, layout, 16, { graphs: { captureAfter: 1 } });
+    const stats: Array<{ captures: number; replays: number }> = [];
+    expect(await decodeScript(g, 'graph', script, () => stats.push(g.graphStats))).toEqual(want);
+    // S5 capture (bucket 6); S6 replay; S5 replay; S7 capture (bucket 8); S6 replay.
+    expect(stats.map((x) => [x.captures, x.replays])).toEqual([[1, 0], [1, 1], [1, 2], [2, 2], [2, 3]]);
+  });
+
   it('observes the experts\' load on every n-th step without changing a token', async () => {
     const layout = { devices: [0, 1], placement: roundRobinPlacement(8, [0, 1]) };
     const A: string[][] = [['p'], ['q']];
@@ -776,24 +870,24 @@ describe('forward pass: validation, KV views, attached weights (qwen3_moe)', () 
           took(await engine.step({ ranks: [[{ seqId: 'x', tokens: [last.x], startPos: pos.x, blockTable: b0, sample: true }],
             [{ seqId: 'y', tokens: prompt, startPos: 0, blockTable: b1, sample: true }]] }), 'x', 'y');
           stats(0);
-          // Device path, a prompt chunk of 3 tokens on rank 1 (T > S): as usual.
+          // Device path, a prompt chunk of 3 tokens on rank 1 (T > S): a graph (padded to T = 4, S = 2).
           const z = fx.hmm.kv.allocate(`${tag}z`, 1, 1);
           took(await engine.step({ ranks: [[], [{ seqId: 'z', tokens: [1, 2, 3], startPos: 0, blockTable: z, sample: true }]] }), 'z');
           fx.hmm.kv.free(`${tag}z`);
-          stats(0);
+          stats(1);
           // Device path with logits: as usual.
           route.mockClear();
           const withLogits = await decodeXY({ returnLogits: true });
           expect(withLogits.logits!.size).toBe(2);
           expect(route).toHaveBeenCalled();
           took(withLogits, 'x', 'y');
-          stats(0);
+          stats(1);
           // Device path, a graph declined by the step.
           took(await decodeXY({ graph: false }), 'x', 'y');
-          stats(0);
+          stats(1);
           // Device path, no logits: a graph.
           took(await decodeXY(), 'x', 'y');
-          stats(1);
+          stats(2);
           expect(pos).toEqual({ x: 13, y: 12 });
           (engine === e ? gotTokens : wantTokens).push(...results);
         } finally {

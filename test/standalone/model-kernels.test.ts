@@ -36,7 +36,7 @@ describe('model kernels on the mock (CPU twins vs TypeScript references, bit for
   });
 
   it('resolves a CPU twin for every kernel name', () => {
-    expect(MODEL_KERNEL_NAMES.length).toBe(24);
+    expect(MODEL_KERNEL_NAMES.length).toBe(26);
     for (const name of MODEL_KERNEL_NAMES) expect(mk.module.kernel(name).name).toBe(name);
   });
 
@@ -267,7 +267,10 @@ describe('model kernels on the mock (CPU twins vs TypeScript references, bit for
           try {
             mk.groupedMatmul(s, { ...base, out, active: pa, ...(maxActive === undefined ? {} : { maxActive }) });
             expect(launch.mock.calls.length).toBe(1);
-            expect(launch.mock.calls[0]![1].grid).toEqual([Math.ceil(N / 8), Math.min(G, maxActive ?? G)]);
+            // 16 columns per block (two per warp), a block row per group slot; x rows staged in
+            // shared memory: 8 of K floats when 8 K fit 48 KiB.
+            expect(launch.mock.calls[0]![1].grid).toEqual([Math.ceil(N / 16), Math.min(G, maxActive ?? G)]);
+            expect(launch.mock.calls[0]![1].sharedBytes).toBe(K % 8 === 0 ? Math.min(8, Math.floor(12288 / K)) * K * 4 : 0);
           } finally {
             launch.mockRestore();
           }
@@ -539,7 +542,7 @@ describe('model kernels on the mock (CPU twins vs TypeScript references, bit for
     await s.synchronize();
   });
 
-  it('kv_store and attention over a paged cache (prefill, decode, padding), against dense attention too', async () => {
+  it.each(['bf16', 'f32'] as const)('kv_store and attention, %s cache, over a paged cache (prefill, decode, padding), against dense attention too', async (dtype) => {
     arena.reset();
     const L = 2, layer = 1, BS = 4, KVH = 2, D = 8, NH = 4, MB = 3, blocks = 8;
     const lens = [9, 5, 1];
@@ -554,13 +557,18 @@ describe('model kernels on the mock (CPU twins vs TypeScript references, bit for
     for (let t = 0; t < seqOf.length; t++) slots[t] = table[seqOf[t]! * MB + Math.floor(posOf[t]! / BS)]! * BS + (posOf[t]! % BS);
     const k = randF32(Tk * KVH * D, 10, -2, 2);
     const v = randF32(Tk * KVH * D, 11, -2, 2);
-    const pool0 = randBf16(blocks * ref.kvBlockElements(geo), 12);
+    // The reference takes the dtype from the pool's array type.
+    const pool0 = dtype === 'bf16' ? randBf16(blocks * ref.kvBlockElements(geo), 12) : randF32(blocks * ref.kvBlockElements(geo), 12);
     const pool = await arena.put(pool0);
-    mk.kvStore(s, { pool, k: await arena.put(k), v: await arena.put(v), slots: await arena.put(slots), T: Tk, KVH, D, layer, L, BS, blocks });
+    mk.kvStore(s, { pool, k: await arena.put(k), v: await arena.put(v), slots: await arena.put(slots), T: Tk, KVH, D, layer, L, BS, blocks, dtype });
     const poolRef = pool0.slice();
     ref.kvStore({ pool: poolRef, k, v, slots, T: Tk, KVH, D, layer, L, BS });
     expectSame(await arena.get(pool, poolRef), poolRef, 'kv_store pool');
     expect(poolRef.subarray(0, ref.kvOffset(geo, 0, 1, 0, 0))).toEqual(pool0.subarray(0, ref.kvOffset(geo, 0, 1, 0, 0))); // layer 0 untouched
+    // Token 0's K row as stored: rounded to bf16, or exactly k for an f32 cache.
+    const k0 = ref.kvOffset(geo, Math.floor(slots[0]! / BS), layer, 0, slots[0]! % BS);
+    const storedK0 = Array.from(poolRef.subarray(k0, k0 + KVH * D));
+    expect(storedK0).toEqual(Array.from(dtype === 'bf16' ? ref.toBf16(k.subarray(0, KVH * D)) : k.subarray(0, KVH * D)));
 
     // queries: all of sequence 0 (prefill), sequence 1 at its last position, sequence 2 at 0, padding
     const tokSeq = Int32Array.from([...Array.from({ length: 9 }, () => 0), 1, 2, 0]);
@@ -571,15 +579,16 @@ describe('model kernels on the mock (CPU twins vs TypeScript references, bit for
     const out = arena.alloc(T * NH * D * 4);
     mk.attention(s, {
       out, q: await arena.put(q), pool, blockTable: await arena.put(table), tokSeq: await arena.put(tokSeq),
-      tokPos: await arena.put(tokPos), T, NH, KVH, D, layer, L, BS, MB, scale, blocks, S: 3,
+      tokPos: await arena.put(tokPos), T, NH, KVH, D, layer, L, BS, MB, scale, blocks, S: 3, dtype,
     });
     const want = new Float32Array(T * NH * D).fill(7);
     ref.attention({ out: want, q, pool: poolRef, blockTable: table, tokSeq, tokPos, T, NH, KVH, D, layer, L, BS, MB, scale });
     expectSame(await arena.get(out, want), want, 'attention');
     expect(Array.from(want.subarray((T - 1) * NH * D))).toEqual(new Array(NH * D).fill(0));
 
-    // dense double-precision attention from the bf16-rounded K/V of each sequence
-    const kb = ref.fromBf16(ref.toBf16(k)), vb = ref.fromBf16(ref.toBf16(v));
+    // dense double-precision attention from the K/V of each sequence as the cache holds them (bf16-rounded
+    // or not): with an f32 cache, a kernel that rounded K or V to bf16 would miss this by ~1e-3
+    const kb = dtype === 'bf16' ? ref.fromBf16(ref.toBf16(k)) : k, vb = dtype === 'bf16' ? ref.fromBf16(ref.toBf16(v)) : v;
     const tokenIndex = (sq: number, p: number) => seqOf.findIndex((x, i) => x === sq && posOf[i] === p);
     for (let t = 0; t < T - 1; t++) {
       for (let h = 0; h < NH; h++) {
@@ -969,6 +978,18 @@ describe('model kernels on the mock (CPU twins vs TypeScript references, bit for
       out: p, q: p, pool: p, blockTable: p, tokSeq: p, tokPos: p, T: 0, NH: 6, KVH: 4, D: 8, layer: 0, L: 1, BS: 4, MB: 1, scale: 1,
     }), 'KVH');
     bad(() => mk.kvStore(s, { pool: p, k: p, v: p, slots: p, T: 0, KVH: 1, D: 8, layer: 2, L: 2, BS: 4 }), 'layer');
+    for (const dtype of ['f16', 'F32', 4]) {
+      bad(() => mk.kvStore(s, { pool: p, k: p, v: p, slots: p, T: 1, KVH: 1, D: 8, layer: 0, L: 1, BS: 4, dtype: dtype as never }), 'dtype');
+      bad(() => mk.attention(s, {
+        out: p, q: p.add(256), pool: p, blockTable: p, tokSeq: p, tokPos: p, T: 1, NH: 1, KVH: 1, D: 8, layer: 0, L: 1, BS: 4, MB: 1, scale: 1,
+        dtype: dtype as never,
+      }), 'dtype');
+    }
+    // An f32 pool is 4-byte elements: a pool of 4 blocks that fits bf16 elements does not fit f32 ones.
+    const geo = { KVH: 1, D: 8, layer: 0, L: 1, BS: 4, blocks: 4 };
+    const bf16Pool = p.range.at(p.range.size - 4 * 2 * 4 * 8 * 2); // exactly 4 bf16 blocks left in the range
+    mk.kvStore(s, { pool: bf16Pool, k: p, v: p, slots: p, T: 0, ...geo });
+    bad(() => mk.kvStore(s, { pool: bf16Pool, k: p, v: p, slots: p, T: 0, ...geo, dtype: 'f32' }), 'pool');
     bad(() => mk.attention(s, {
       out: p, q: p, pool: p, blockTable: p, tokSeq: p, tokPos: p, T: 0, NH: 4, KVH: 4, D: 512, layer: 0, L: 1, BS: 4, MB: 1, scale: 1,
     }), 'D');

@@ -10,6 +10,7 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
 import type { Completion, StepFigures } from '../../src/executor/engine.js';
+import { kvGeometry } from '../../src/executor/types.js';
 import type { TensorLocation } from '../../src/hmm/placement.js';
 import { parseConfig } from '../../src/model/config.js';
 import { FaultInjectedError, InvalidArgumentError } from '../../src/runtime/errors.js';
@@ -342,7 +343,8 @@ describe('Deployment.scale', () => {
   });
 
   it('rolls back a failure at each step (allocation, mapping, copy, standby engine): the old layout serves, memory as before', async () => {
-    const { rt, dep } = await start([0]);
+    // Kernels not preloaded, so the standby engine loads them on the device it adds (a step that can fail).
+    const { rt, dep } = await start([0], { preloadKernels: false });
     const load: Array<{ k: number; maxTokens: number; done: Promise<Completion> }> = [];
     const request = (k: number, maxTokens: number) =>
       load.push({ k, maxTokens, done: dep.submit({ prompt: PROMPTS[k]!, maxTokens, ignoreEos: true }) });
@@ -390,13 +392,14 @@ describe('Deployment.scale', () => {
     for (const op of ['CreateChunk', 'ReserveRange', 'Map', 'SetAccess', 'CopyDeviceToDevice', 'LoadModule', 'CreateStream']) {
       counts[op] = await sweep(op, [0], [0, 1]);
     }
-    // Every step was hit: the new KV pool, 9 copies, the KV view, the standby engine's scratch and kernels.
+    // Every step was hit: the new KV pool, 9 copies, the KV view, the standby engine's scratch and
+    // its kernels on device 1 (device 0's module is the serving engine's, shared).
     expect(counts.CreateChunk).toBeGreaterThanOrEqual(1 + 9 + 2);
     expect(counts.CopyDeviceToDevice).toBe(9);
-    expect(counts.LoadModule).toBe(2);
+    expect(counts.LoadModule).toBe(1);
     // Scale-down 2→1 with [0,1] serving: expert copies to device 0 and the standby engine fail.
     await dep.scale({ devices: [0, 1] });
-    for (const op of ['CreateChunk', 'LoadModule']) counts[`down:${op}`] = await sweep(op, [0, 1], [0]);
+    for (const op of ['CreateChunk', 'CreateStream']) counts[`down:${op}`] = await sweep(op, [0, 1], [0]);
     expect(counts['down:CreateChunk']).toBeGreaterThanOrEqual(8 + 1);
     await dep.scale({ devices: [0] });
 
@@ -441,6 +444,30 @@ describe('Deployment.scale', () => {
     expect((await dep.scale({ devices: [0, 1] })).load).toEqual({ source: 'uniform' });
     await expect(Deployment.start({ rt: openMock({ mockCapacity: 128 * MIB }), config, devices: [0], seed: SEED, scaleFor,
       kvBlocksPerDevice: KV_BLOCKS, observeLoad: { every: 0 } })).rejects.toThrow(/observeLoad\.every/);
+  });
+
+  it('serves and scales with an f32 KV cache (forward.kvDtype): f32 pools on every layout, requests move with their KV, the same tokens', async () => {
+    const { dep } = await start([0], { forward: { kvDtype: 'f32' } });
+    const f32Block = kvGeometry(config, 16, 'f32').blockBytes;
+    expect(f32Block).toBe(2 * kvGeometry(config, 16).blockBytes);
+    expect(dep.hmm.kv.info(0).blockBytes).toBe(f32Block);
+    const prompts = PROMPTS.slice(0, 3);
+    const want = (await Promise.all(prompts.map((prompt) => dep.submit({ prompt, maxTokens: MAX, ignoreEos: true })))).map((c) => c.outputTokens);
+    // Not the bf16 cache's tokens: the engines ran the f32 kernels.
+    expect(want).not.toEqual(await referenceTokens(prompts, MAX));
+    const done: Array<Promise<Completion>> = [];
+    let wave = false;
+    // [0] → [1]: no device shared, so requests generating at the switch move with their (f32) KV blocks.
+    const r = await dep.scale({ devices: [1] }, {
+      onProgress: (p) => {
+        if (p.phase !== 'prepare' || wave) return;
+        wave = true;
+        for (const prompt of prompts) done.push(dep.submit({ prompt, maxTokens: MAX, ignoreEos: true }));
+      },
+    });
+    expect(r.switchover).toMatchObject({ moved: 3, kept: 0, requeued: 0 });
+    expect(dep.hmm.kv.info(1).blockBytes).toBe(f32Block);
+    expect((await Promise.all(done)).map((c) => c.outputTokens)).toEqual(want);
   });
 
   it('refuses impossible targets and a second scale at once, changing nothing', async () => {

@@ -41,10 +41,10 @@ function trace(hmm: Hmm): Array<['alloc', number] | ['copy', number]> {
     log.push(['alloc', plans.length]);
     return allocate(plans, holder, access);
   };
-  const stream = store.stream.bind(store);
+  const stream = store.copyStream.bind(store);
   const wrapped = new Set<Stream>();
-  store.stream = (device: number) => {
-    const s = stream(device);
+  store.copyStream = (from: number, to: number) => {
+    const s = stream(from, to);
     if (!wrapped.has(s)) {
       wrapped.add(s);
       const copy = s.copy.bind(s);
@@ -95,6 +95,29 @@ describe('pacedCopy', () => {
       expect(created - copied).toBeLessThanOrEqual(8 * MIB + 3 * 2 * MIB + 4 * MIB);
     }
     expect(stats.batches).toBe(20); // 2 MiB chunks, one source stripe each (one 2 MiB granule), 4 MiB batches
+    rt.dispose();
+  });
+
+  it('copies from one source to several targets on a stream per target (their links in parallel)', async () => {
+    const { rt, hmm } = await setup(4, 2);
+    // Device 0's chunks to devices 2 and 3, two each.
+    const jobs: CopyJob[] = [0, 1, 2, 3].map((i) => ({ plan: targetPlan(hmm.store.get(`G${i}@0`).plan, 2 + (i % 2), `G${i}@t`), sources: [hmm.store.get(`G${i}@0`)] }));
+    const used = new Map<Stream, Set<number>>();
+    const copyStream = hmm.store.copyStream.bind(hmm.store);
+    hmm.store.copyStream = (from: number, to: number) => {
+      const s = copyStream(from, to);
+      const copy = s.copy.bind(s);
+      s.copy = (dst, src, bytes) => {
+        if (!used.has(s)) used.set(s, new Set());
+        used.get(s)!.add(to);
+        return copy(dst, src, bytes);
+      };
+      return s;
+    };
+    const { chunks } = await pacedCopy(hmm.store, jobs, { holder: 'x' });
+    expect([...used.keys()].map((s) => s.device)).toEqual([0, 0]);
+    expect([...used.values()].map((t) => [...t])).toEqual([[2], [3]]);
+    for (const [i, c] of chunks.entries()) expect(await hmm.store.checksumChunk(c.plan.id)).toBe(await hmm.store.checksumChunk(`G${i}@0`));
     rt.dispose();
   });
 

@@ -3,7 +3,8 @@
 // attaches through the deployment's HMM daemon. (1) greedy tokens across a 1→2→1
 // scale mid-generation equal a fixed in-process run; (2) a standby process dying
 // during attach rolls the scale back: the old process keeps serving, device memory
-// and chunks are exactly as before, and no standby process is left.
+// and chunks are exactly as before, and no standby process is left; (3) with an f32 KV
+// cache (forward.kvDtype) the processes give the in-process f32 tokens, before and after a scale.
 // The children run the compiled dist (`npx tsc -p .` first).
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
@@ -157,5 +158,20 @@ describe('Deployment with executor processes', () => {
     expect(dep.devices).toEqual([0, 1]);
     await expect.poll(() => alive(pid)).toBe(false);
     expect((await dep.submit({ prompt: PROMPTS[3]!, maxTokens: 30, ignoreEos: true })).outputTokens).toEqual(reference[3]!.slice(0, 30));
+  }, 20_000);
+
+  it('runs an f32 KV cache (forward.kvDtype) in the executor processes too: the in-process f32 tokens, before and after a scale', async () => {
+    const prompts = PROMPTS.slice(0, 2);
+    const run = (dep: Deployment) => Promise.all(prompts.map((prompt) => dep.submit({ prompt, maxTokens: 60, ignoreEos: true })))
+      .then((cs) => cs.map((c) => c.outputTokens));
+    const { dep: local } = await start([0], { forward: { kvDtype: 'f32' } });
+    const want = await run(local);
+    // The pools are made for f32 (Deployment.geometry): an executor process given no kvDtype would refuse them
+    // (blockTokens is always given to it, so a pool of the other dtype is recognised by its size).
+    const { dep } = await start([0], { ...processMode(), forward: { kvDtype: 'f32' } });
+    expect(dep.executorPid).toBeDefined();
+    expect(await run(dep)).toEqual(want);
+    await dep.scale({ devices: [0, 1] });
+    expect(await run(dep)).toEqual(want);
   }, 20_000);
 });

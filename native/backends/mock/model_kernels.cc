@@ -225,9 +225,21 @@ EMOE_MOCK_KERNEL(emoe_rope) {
   RopeHeads(x, pos, T, heads, D, theta);
 }
 
-// 6. emoe_kv_store(u16* pool, const f32* k[T,KVH,D], const f32* v[T,KVH,D], const i32* slots[T],
-//                  u32 T, u32 KVH, u32 D, u32 layer, u32 L, u32 BS); a negative slot is skipped
-EMOE_MOCK_KERNEL(emoe_kv_store) {
+namespace {
+
+// KV cache elements: bf16 bits (uint16_t) or f32. The twins of sections 6 and 7 are one template
+// each, instantiated for both element types, so a bf16 twin and its f32 twin differ only in
+// these conversions: same validation, same indexing, same sums in the same order.
+inline uint16_t KvElem(uint16_t*, float x) { return F32ToBf16(x); }
+inline float KvElem(float*, float x) { return x; }
+inline float KvLoad(uint16_t b) { return Bf16ToF32(b); }
+inline float KvLoad(float x) { return x; }
+
+// 6. emoe_kv_store(u16* pool, ...) and emoe_kv_store_f32(f32* pool, ...), the rest of the arguments
+//    const f32* k[T,KVH,D], const f32* v[T,KVH,D], const i32* slots[T], u32 T, u32 KVH, u32 D,
+//    u32 layer, u32 L, u32 BS; a negative slot is skipped
+template <typename KV>
+void KvStoreTwin(MockKernelContext& ctx) {
   const uint64_t T = ctx.U32(4), KVH = ctx.U32(5), D = ctx.U32(6), layer = ctx.U32(7), L = ctx.U32(8),
                  BS = ctx.U32(9);
   if (T > 0 && (BS == 0 || layer >= L)) {
@@ -243,24 +255,25 @@ EMOE_MOCK_KERNEL(emoe_kv_store) {
   for (uint64_t t = 0; t < T; ++t) {
     if (slots[t] >= 0) maxBlock = std::max<int64_t>(maxBlock, static_cast<int64_t>(slots[t] / BS));
   }
-  uint16_t* pool = ctx.Ptr<uint16_t>(0, static_cast<uint64_t>(maxBlock + 1) * blockElems, true);
+  KV* pool = ctx.Ptr<KV>(0, static_cast<uint64_t>(maxBlock + 1) * blockElems, true);
   for (uint64_t t = 0; t < T; ++t) {
     if (slots[t] < 0) continue;
     const uint64_t slot = static_cast<uint64_t>(slots[t]);
     const uint64_t base = (slot / BS) * blockElems + layer * 2 * BS * row + (slot % BS) * row;
     for (uint64_t r = 0; r < row; ++r) {
-      pool[base + r] = F32ToBf16(k[t * row + r]);
-      pool[base + BS * row + r] = F32ToBf16(v[t * row + r]);
+      pool[base + r] = KvElem(pool, k[t * row + r]);
+      pool[base + BS * row + r] = KvElem(pool, v[t * row + r]);
     }
   }
 }
 
 // 7. emoe_attention(f32* out[T,NH,D], const f32* q[T,NH,D], const u16* pool, const i32* block_table[S,MB],
 //                   const i32* tok_seq[T], const i32* tok_pos[T], u32 T, u32 NH, u32 KVH, u32 D, u32 layer,
-//                   u32 L, u32 BS, u32 MB, f32 scale)
+//                   u32 L, u32 BS, u32 MB, f32 scale), and emoe_attention_f32 (const f32* pool)
 // Scores s_j = (sum_d q[d]*k_j[d]) * scale for j = 0..p; m = max s_j; e_j = exp(s_j - m);
 // out[d] = (sum_j e_j * v_j[d]) / (sum_j e_j), every sum in index order. Negative position: zeros.
-EMOE_MOCK_KERNEL(emoe_attention) {
+template <typename KV>
+void AttentionTwin(MockKernelContext& ctx) {
   const uint64_t T = ctx.U32(6), NH = ctx.U32(7), KVH = ctx.U32(8), D = ctx.U32(9), layer = ctx.U32(10),
                  L = ctx.U32(11), BS = ctx.U32(12), MB = ctx.U32(13);
   const float scale = ctx.F32(14);
@@ -294,7 +307,7 @@ EMOE_MOCK_KERNEL(emoe_attention) {
   }
   const uint64_t row = KVH * D;
   const uint64_t blockElems = L * 2 * BS * row;
-  const uint16_t* pool = ctx.Ptr<uint16_t>(2, static_cast<uint64_t>(maxBlock + 1) * blockElems, false);
+  const KV* pool = ctx.Ptr<KV>(2, static_cast<uint64_t>(maxBlock + 1) * blockElems, false);
   const uint64_t group = KVH > 0 ? NH / KVH : 1;
   std::vector<float> scores, acc(D);
   for (uint64_t t = 0; t < T; ++t) {
@@ -312,9 +325,9 @@ EMOE_MOCK_KERNEL(emoe_attention) {
         return pool + static_cast<uint64_t>(bt[j / BS]) * blockElems + layer * 2 * BS * row + (j % BS) * row + g * D;
       };
       for (uint64_t j = 0; j <= static_cast<uint64_t>(p); ++j) {
-        const uint16_t* kp = key(j);
+        const KV* kp = key(j);
         float dot = 0.0f;
-        for (uint64_t d = 0; d < D; ++d) dot = dot + qh[d] * Bf16ToF32(kp[d]);
+        for (uint64_t d = 0; d < D; ++d) dot = dot + qh[d] * KvLoad(kp[d]);
         scores[j] = dot * scale;
       }
       float m = scores[0];
@@ -326,14 +339,21 @@ EMOE_MOCK_KERNEL(emoe_attention) {
       }
       for (uint64_t d = 0; d < D; ++d) acc[d] = 0.0f;
       for (uint64_t j = 0; j <= static_cast<uint64_t>(p); ++j) {
-        const uint16_t* vp = key(j) + BS * row;
-        for (uint64_t d = 0; d < D; ++d) acc[d] = acc[d] + scores[j] * Bf16ToF32(vp[d]);
+        const KV* vp = key(j) + BS * row;
+        for (uint64_t d = 0; d < D; ++d) acc[d] = acc[d] + scores[j] * KvLoad(vp[d]);
       }
       float* orow = out + (t * NH + h) * D;
       for (uint64_t d = 0; d < D; ++d) orow[d] = acc[d] / sum;
     }
   }
 }
+
+}  // namespace
+
+EMOE_MOCK_KERNEL(emoe_kv_store) { KvStoreTwin<uint16_t>(ctx); }
+EMOE_MOCK_KERNEL(emoe_kv_store_f32) { KvStoreTwin<float>(ctx); }
+EMOE_MOCK_KERNEL(emoe_attention) { AttentionTwin<uint16_t>(ctx); }
+EMOE_MOCK_KERNEL(emoe_attention_f32) { AttentionTwin<float>(ctx); }
 
 // 8. emoe_router_topk(i32* ids[T,K], f32* weights[T,K], const f32* logits[T,E], u32 T, u32 E, u32 K, u32 renorm)
 EMOE_MOCK_KERNEL(emoe_router_topk) {

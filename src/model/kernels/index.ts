@@ -14,13 +14,15 @@ import { InvalidArgumentError } from '../../runtime/errors.js';
 import { type Kernel, type KernelArg, type Module, arg } from '../../runtime/kernel.js';
 import { DevicePointer } from '../../runtime/memory.js';
 import type { Runtime } from '../../runtime/runtime.js';
-import type { Dim3, Stream } from '../../runtime/stream.js';
+import type { Dim3, Event, Stream } from '../../runtime/stream.js';
 import { MODEL_KERNELS_SOURCE, MODEL_KERNEL_NAMES, type ModelKernelName } from './source.js';
 
 export { MODEL_KERNELS_SOURCE, MODEL_KERNEL_NAMES, type ModelKernelName } from './source.js';
 
 const U32_MAX = 0xffffffff;
 const MAX_GRID = 65535;
+/** x floats emoe_grouped_matmul_bf16 stages in shared memory at most (EMOE_GMM_SMEM_FLOATS: 48 KiB). */
+const GMM_SMEM_FLOATS = 12288;
 const BLOCK = 256;
 /** Largest head dim emoe_attention supports (registers per lane: 8 dims). */
 export const MAX_HEAD_DIM = 256;
@@ -34,7 +36,27 @@ export const MAX_ROUTE_EXPERTS = 2048;
  * Largest M that matmulQkv computes in one launch (emoe_matmul_qkv_bf16, emoe_matmul_bf16's warp-per-column
  * path); above it, three matmul launches (the tiled path).
  */
-export const QKV_FUSED_MAX_ROWS = 16;
+export const QKV_FUSED_MAX_ROWS = 64;
+
+/**
+ * Element type of the paged KV cache: 'bf16' (the default: half the memory) or 'f32' (K and V
+ * exactly as computed, so that the whole forward pass runs in f32: for comparisons with an f32
+ * or f64 reference, where a bf16 rounding of K or V can flip a near-tied greedy token).
+ */
+export type KvDtype = 'bf16' | 'f32';
+
+/** `value` as a KvDtype, or an InvalidArgumentError naming `field`. */
+export function checkKvDtype(field: string, value: unknown): KvDtype {
+  if (value !== 'bf16' && value !== 'f32') {
+    throw new InvalidArgumentError(field, `'bf16' or 'f32', the KV cache's element type (got ${typeof value === 'string' ? `'${value}'` : String(value)})`);
+  }
+  return value;
+}
+
+/** Bytes of one KV cache element. */
+export function kvDtypeBytes(dtype: KvDtype): 2 | 4 {
+  return checkKvDtype('kvDtype', dtype) === 'f32' ? 4 : 2;
+}
 
 function u32(name: string, value: number, min = 0): number {
   if (!Number.isInteger(value) || value < min || value > U32_MAX) {
@@ -197,9 +219,11 @@ export interface KvGeometry {
   BS: number;
   /** Blocks in the pool, to check its extent (optional). */
   blocks?: number;
+  /** Element type of the pool (default 'bf16'): picks the kernel (emoe_kv_store / emoe_attention, or their _f32 twins). */
+  dtype?: KvDtype;
 }
 export interface KvStoreArgs extends KvGeometry {
-  /** bf16 pool: block b at b * L*2*BS*KVH*D elements, inside [layer][k|v][slot][KVH][D] */ pool: DevicePointer;
+  /** pool of `dtype` elements: block b at b * L*2*BS*KVH*D elements, inside [layer][k|v][slot][KVH][D] */ pool: DevicePointer;
   /** [T, KVH, D] f32 */ k: DevicePointer;
   /** [T, KVH, D] f32 */ v: DevicePointer;
   /** [T] i32: block * BS + offset; negative = skip (padding) */ slots: DevicePointer;
@@ -323,29 +347,95 @@ export interface AddArgs {
 }
 
 /** The model kernels loaded on one device, with one typed launcher per kernel. */
+/** A device's model-kernel module, shared by every ModelKernels of one runtime on it. */
+interface SharedModule {
+  module: Promise<Module>;
+  refs: number;
+}
+const sharedModules = new WeakMap<Runtime, Map<number, SharedModule>>();
+
+/** One profiled launch (ModelKernels.profile): timing events recorded around it on its stream. */
+export interface KernelTiming {
+  name: ModelKernelName;
+  device: number;
+  start: Event;
+  end: Event;
+}
+/** Where launches are recorded while profiling (a diagnostic: graphs must be off meanwhile). */
+let profileSink: KernelTiming[] | undefined;
+
 export class ModelKernels implements Disposable {
   private readonly kernels: Map<ModelKernelName, Kernel>;
+  private released = false;
 
-  private constructor(readonly module: Module, readonly device: number) {
+  private constructor(readonly module: Module, readonly device: number, private readonly release: () => void,
+    private readonly rt: Runtime) {
     this.kernels = new Map(MODEL_KERNEL_NAMES.map((name) => [name, module.kernel(name)]));
   }
 
-  /** Compiles (cuda: NVRTC) or resolves (mock: CPU twins) every model kernel on `device`. */
+  /**
+   * Compiles (cuda: NVRTC) or resolves (mock: CPU twins) every model kernel on `device`. The
+   * module is loaded once per runtime and device and shared while any ModelKernels of it is
+   * alive (reference counted; unloaded with the last dispose): a scale's standby engine then
+   * pays no module load on the devices it shares with the serving one (H200: 100-190 ms of
+   * the attach phase), and a deployment can keep the kernels of idle devices loaded ahead.
+   */
   static async load(rt: Runtime, device: number): Promise<ModelKernels> {
-    const module = await rt.loadModule(device, { format: 'cuda', data: MODEL_KERNELS_SOURCE, name: 'emoe_model_kernels.cu' });
+    let perRt = sharedModules.get(rt);
+    if (!perRt) sharedModules.set(rt, (perRt = new Map()));
+    const table = perRt;
+    let shared = table.get(device);
+    if (!shared) {
+      const entry: SharedModule = {
+        module: rt.loadModule(device, { format: 'cuda', data: MODEL_KERNELS_SOURCE, name: 'emoe_model_kernels.cu' }),
+        refs: 0,
+      };
+      shared = entry;
+      table.set(device, entry);
+      // A failed load is not cached: the next call tries again.
+      entry.module.catch(() => { if (table.get(device) === entry) table.delete(device); });
+    }
+    shared.refs++;
+    const entry = shared;
+    const release = () => {
+      if (--entry.refs > 0) return;
+      if (table.get(device) === entry) table.delete(device);
+      entry.module.then((m) => m.dispose(), () => undefined);
+    };
+    let module: Module;
     try {
-      return new ModelKernels(module, device);
+      module = await entry.module;
     } catch (e) {
-      module.dispose();
+      entry.refs--;
       throw e;
     }
+    try {
+      return new ModelKernels(module, device, release, rt);
+    } catch (e) {
+      release();
+      throw e;
+    }
+  }
+
+  /**
+   * Diagnostics: while `sink` is set, every launch of every ModelKernels records a pair of
+   * timing events around it on its stream and pushes them to `sink` (the caller synchronizes,
+   * reads elapsed times and disposes the events). The events serialize launches with the host
+   * a little; steps must run without graphs meanwhile (a capture would record the events).
+   * `undefined` stops it.
+   */
+  static profile(sink: KernelTiming[] | undefined): void {
+    profileSink = sink;
   }
 
   private launch(stream: Stream, name: ModelKernelName, grid: Dim3, block: number, args: KernelArg[], sharedBytes = 0): void {
     if (stream.device !== this.device) {
       throw new InvalidArgumentError('stream', `a stream on device ${this.device} (got device ${stream.device})`);
     }
+    const sink = profileSink;
+    const start = sink && this.rt.createEvent(this.device, { timing: true }).record(stream);
     stream.launch(this.kernels.get(name)!, { grid, block, sharedBytes }, args);
+    if (sink) sink.push({ name, device: this.device, start: start!, end: this.rt.createEvent(this.device, { timing: true }).record(stream) });
   }
 
   /** out[t, :] = table[tokens[t], :] as f32. */
@@ -385,10 +475,10 @@ export class ModelKernels implements Disposable {
     ptr('w', a.w, N * K, 2);
     if (M === 0) return;
     disjoint('out', a.out, M * N * 4, 'x', a.x, M * K * 4);
-    // The kernel picks its path from (M, N) alone (emoe_matmul_path): M <= 16, one warp
-    // per output column (8 per block); else 64x64 tiles when there are at least 256 of
-    // them, 32x32 tiles otherwise; always 256 threads.
-    const tile = M <= 16 ? 0 : Math.ceil(M / 64) * Math.ceil(N / 64) >= 256 ? 64 : 32;
+    // The kernel picks its path from (M, N) alone (emoe_matmul_path): M <= QKV_FUSED_MAX_ROWS
+    // (EMOE_MATMUL_SMALL_ROWS), one warp per output column (8 per block); else 64x64 tiles
+    // when there are at least 256 of them, 32x32 tiles otherwise; always 256 threads.
+    const tile = M <= QKV_FUSED_MAX_ROWS ? 0 : Math.ceil(M / 64) * Math.ceil(N / 64) >= 256 ? 64 : 32;
     const grid = tile === 0 ? gridFor(N, BLOCK / 32) : Math.min(MAX_GRID, Math.ceil(M / tile) * Math.ceil(N / tile));
     this.launch(stream, 'emoe_matmul_bf16', grid, BLOCK, [a.out, a.x, a.w, arg.u32(M), arg.u32(N), arg.u32(K)]);
   }
@@ -418,11 +508,14 @@ export class ModelKernels implements Disposable {
     if (M === 0) return;
     disjoint('out', a.out, M * N * 4, 'x', a.x, M * K * 4);
     if (listed) disjoint('out', a.out, M * N * 4, 'active', a.active!, (G + 1) * 4);
-    // One warp per output column (8 per block) of one group: grid (columns / 8, group slots),
-    // both capped; the kernel strides over columns and over the groups (all G, or the listed
-    // ones: then at most maxActive slots are worth a block row).
-    this.launch(stream, 'emoe_grouped_matmul_bf16', [gridFor(N, BLOCK / 32), Math.min(slots, MAX_GRID)], BLOCK,
-      [a.out, a.x, a.weights, a.rowOffsets, listed ? a.active! : arg.u64(0), arg.u32(G), arg.u32(M), arg.u32(N), arg.u32(K)]);
+    // One warp per two output columns (16 per block) of one group: grid (columns / 16, group
+    // slots), both capped; the kernel strides over columns and over the groups (all G, or the
+    // listed ones: then at most maxActive slots are worth a block row). Dynamic shared memory
+    // for the x rows the kernel stages (as many of 8 as GMM_SMEM_FLOATS holds; see the kernel).
+    const staged = K % 8 === 0 && K <= GMM_SMEM_FLOATS ? Math.min(8, Math.floor(GMM_SMEM_FLOATS / K)) : 0;
+    this.launch(stream, 'emoe_grouped_matmul_bf16', [gridFor(N, (BLOCK / 32) * 2), Math.min(slots, MAX_GRID)], BLOCK,
+      [a.out, a.x, a.weights, a.rowOffsets, listed ? a.active! : arg.u64(0), arg.u32(G), arg.u32(M), arg.u32(N), arg.u32(K)],
+      staged * K * 4);
   }
 
   /** x[M, N] += b[N]. */
@@ -543,7 +636,8 @@ export class ModelKernels implements Disposable {
       [a.x, a.xn, a.y, a.w, arg.u32(R), arg.u32(N), arg.f32(eps)]);
   }
 
-  private kvGeometry(g: KvGeometry): { KVH: number; D: number; layer: number; L: number; BS: number } {
+  private kvGeometry(g: KvGeometry): { KVH: number; D: number; layer: number; L: number; BS: number; dtype: KvDtype } {
+    const dtype = checkKvDtype('dtype', g.dtype ?? 'bf16');
     const KVH = u32('KVH', g.KVH, 1);
     const D = u32('D', g.D, 1);
     const L = u32('L', g.L, 1);
@@ -552,24 +646,24 @@ export class ModelKernels implements Disposable {
     const BS = u32('BS', g.BS, 1);
     const blockElements = L * 2 * BS * KVH * D;
     if (!Number.isSafeInteger(blockElements)) throw new InvalidArgumentError('BS', 'a KV block size that fits a safe integer');
-    return { KVH, D, layer, L, BS };
+    return { KVH, D, layer, L, BS, dtype };
   }
 
-  private checkPool(pool: DevicePointer, g: KvGeometry): void {
+  private checkPool(pool: DevicePointer, g: KvGeometry, dtype: KvDtype): void {
     const blocks = g.blocks === undefined ? 0 : count('blocks', g.blocks);
-    ptr('pool', pool, blocks * g.L * 2 * g.BS * g.KVH * g.D, 2);
+    ptr('pool', pool, blocks * g.L * 2 * g.BS * g.KVH * g.D, kvDtypeBytes(dtype));
   }
 
-  /** Writes each token's K and V (as bf16) into its slot of the paged cache at `layer`. */
+  /** Writes each token's K and V (rounded to bf16, or as they are for an f32 pool) into its slot of the paged cache at `layer`. */
   kvStore(stream: Stream, a: KvStoreArgs): void {
     const T = u32('T', a.T);
-    const { KVH, D, layer, L, BS } = this.kvGeometry(a);
+    const { KVH, D, layer, L, BS, dtype } = this.kvGeometry(a);
     ptr('k', a.k, T * KVH * D, 4);
     ptr('v', a.v, T * KVH * D, 4);
     ptr('slots', a.slots, T, 4);
-    this.checkPool(a.pool, a);
+    this.checkPool(a.pool, a, dtype);
     if (T === 0) return;
-    this.launch(stream, 'emoe_kv_store', gridFor(T * KVH * D, BLOCK), BLOCK,
+    this.launch(stream, dtype === 'f32' ? 'emoe_kv_store_f32' : 'emoe_kv_store', gridFor(T * KVH * D, BLOCK), BLOCK,
       [a.pool, a.k, a.v, a.slots, arg.u32(T), arg.u32(KVH), arg.u32(D), arg.u32(layer), arg.u32(L), arg.u32(BS)]);
   }
 
@@ -577,7 +671,7 @@ export class ModelKernels implements Disposable {
   attention(stream: Stream, a: AttentionArgs): void {
     const T = u32('T', a.T);
     const NH = u32('NH', a.NH, 1);
-    const { KVH, D, layer, L, BS } = this.kvGeometry(a);
+    const { KVH, D, layer, L, BS, dtype } = this.kvGeometry(a);
     if (NH % KVH !== 0) throw new InvalidArgumentError('KVH', `a divisor of NH = ${NH} (got ${KVH})`);
     if (D > MAX_HEAD_DIM) throw new InvalidArgumentError('D', `at most ${MAX_HEAD_DIM} (got ${D})`);
     const MB = u32('MB', a.MB, 1);
@@ -587,10 +681,10 @@ export class ModelKernels implements Disposable {
     ptr('tokSeq', a.tokSeq, T, 4);
     ptr('tokPos', a.tokPos, T, 4);
     ptr('blockTable', a.blockTable, a.S === undefined ? 0 : count('S', a.S) * MB, 4);
-    this.checkPool(a.pool, a);
+    this.checkPool(a.pool, a, dtype);
     if (T === 0) return;
     disjoint('out', a.out, T * NH * D * 4, 'q', a.q, T * NH * D * 4);
-    this.launch(stream, 'emoe_attention', Math.min(T * NH, MAX_GRID), 256, [
+    this.launch(stream, dtype === 'f32' ? 'emoe_attention_f32' : 'emoe_attention', Math.min(T * NH, MAX_GRID), 256, [
       a.out, a.q, a.pool, a.blockTable, a.tokSeq, a.tokPos, arg.u32(T), arg.u32(NH), arg.u32(KVH), arg.u32(D),
       arg.u32(layer), arg.u32(L), arg.u32(BS), arg.u32(MB), arg.f32(scale),
     ]);
@@ -775,8 +869,10 @@ export class ModelKernels implements Disposable {
   }
 
   dispose(): void {
+    if (this.released) return;
+    this.released = true;
     this.kernels.clear();
-    this.module.dispose();
+    this.release();
   }
   [Symbol.dispose](): void {
     this.dispose();

@@ -198,10 +198,22 @@ export function addRmsnorm(o: { x: Float32Array; xn: Float32Array; y: Float32Arr
   rmsnorm({ out: o.xn, x: o.x, w: o.w, R: o.R, N: o.N, eps: o.eps });
 }
 
+/**
+ * A KV pool: bf16 bits (emoe_kv_store / emoe_attention) or f32 elements (their _f32 twins). The array
+ * type is the dtype, so kvStore and attention serve both with the same loops, as the twins do.
+ */
+export type KvPool = Uint16Array | Float32Array;
+
+/** How the pool's elements are written and read: rounded to bf16 and back, or kept as f32. */
+function kvCodec(pool: KvPool): { put: (x: number) => number; get: (e: number) => number } {
+  return pool instanceof Float32Array ? { put: f, get: (e) => e } : { put: f32ToBf16, get: bf16ToF32 };
+}
+
 export function kvStore(o: {
-  pool: Uint16Array; k: Float32Array; v: Float32Array; slots: Int32Array;
+  pool: KvPool; k: Float32Array; v: Float32Array; slots: Int32Array;
   T: number; KVH: number; D: number; layer: number; L: number; BS: number;
 }): void {
+  const { put } = kvCodec(o.pool);
   const row = o.KVH * o.D;
   for (let t = 0; t < o.T; t++) {
     const slot = o.slots[t]!;
@@ -209,17 +221,18 @@ export function kvStore(o: {
     const kb = kvOffset(o, Math.floor(slot / o.BS), o.layer, 0, slot % o.BS);
     const vb = kvOffset(o, Math.floor(slot / o.BS), o.layer, 1, slot % o.BS);
     for (let r = 0; r < row; r++) {
-      o.pool[kb + r] = f32ToBf16(o.k[t * row + r]!);
-      o.pool[vb + r] = f32ToBf16(o.v[t * row + r]!);
+      o.pool[kb + r] = put(o.k[t * row + r]!);
+      o.pool[vb + r] = put(o.v[t * row + r]!);
     }
   }
 }
 
 export function attention(o: {
-  out: Float32Array; q: Float32Array; pool: Uint16Array; blockTable: Int32Array; tokSeq: Int32Array; tokPos: Int32Array;
+  out: Float32Array; q: Float32Array; pool: KvPool; blockTable: Int32Array; tokSeq: Int32Array; tokPos: Int32Array;
   T: number; NH: number; KVH: number; D: number; layer: number; L: number; BS: number; MB: number; scale: number;
 }): void {
   const { T, NH, KVH, D, BS, MB } = o;
+  const { get } = kvCodec(o.pool);
   const scale = f(o.scale);
   const group = NH / KVH;
   const acc = new Float32Array(D);
@@ -238,7 +251,7 @@ export function attention(o: {
       for (let j = 0; j <= p; j++) {
         const kb = at(j, 0);
         let dot = 0;
-        for (let d = 0; d < D; d++) dot = f(dot + f(o.q[qb + d]! * bf16ToF32(o.pool[kb + d]!)));
+        for (let d = 0; d < D; d++) dot = f(dot + f(o.q[qb + d]! * get(o.pool[kb + d]!)));
         scores[j] = f(dot * scale);
       }
       let m = scores[0]!;
@@ -251,7 +264,7 @@ export function attention(o: {
       acc.fill(0);
       for (let j = 0; j <= p; j++) {
         const vb = at(j, 1);
-        for (let d = 0; d < D; d++) acc[d] = f(acc[d]! + f(scores[j]! * bf16ToF32(o.pool[vb + d]!)));
+        for (let d = 0; d < D; d++) acc[d] = f(acc[d]! + f(scores[j]! * get(o.pool[vb + d]!)));
       }
       for (let d = 0; d < D; d++) o.out[qb + d] = f(acc[d]! / sum);
     }

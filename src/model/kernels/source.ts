@@ -16,7 +16,7 @@
 //   rounding boundary. Reductions (matmul, grouped matmul, rmsnorm, attention) run in
 //   parallel and differ from the sequential twins by rounding only.
 // - launch shapes the kernels rely on (ModelKernels picks them): every block size a
-//   multiple of 32; emoe_matmul_bf16 with M > 16 needs 256 threads, emoe_attention
+//   multiple of 32; emoe_matmul_bf16 with M > 16 needs 256 threads, emoe_attention(_f32)
 //   256 threads, emoe_router_topk 32 threads and E * 4 bytes of dynamic shared
 //   memory, emoe_grouped_matmul_bf16 a one-dimensional block, emoe_route_rows one
 //   block (a one-dimensional multiple of 32 threads; other blocks exit) with
@@ -148,6 +148,7 @@ __device__ __forceinline__ void emoe_dot_rows_vec(float* acc, const u16* wr, con
 }
 
 // 3. out[M, N] = x[M, K] . w[N, K]^T, f32 accumulation.
+#define EMOE_MATMUL_SMALL_ROWS 64u  // QKV_FUSED_MAX_ROWS and ModelKernels.matmul mirror it
 // Small M (decode): one warp per output column n, all rows in groups of 8, a shuffle
 // reduction per row; 16-byte loads when K % 8 == 0 and both pointers are 16-byte aligned.
 // emoe_matmul_small_col is one warp's column (wr = w + n * K; vec: the 16-byte path), shared
@@ -255,10 +256,11 @@ __device__ void emoe_matmul_tiled(float* out, const float* x, const u16* w, u32 
 }
 
 // The path is a pure function of (M, N), mirrored by ModelKernels.matmul for the grid:
-// 0 = warp per column (M <= 16), 1 = 32-tiles, 2 = 64-tiles (when there are at least
-// 256 of them, about two per SM of an H100).
+// 0 = warp per column (M <= 64), 1 = 32-tiles, 2 = 64-tiles (when there are at least
+// 256 of them, about two per SM of an H100). (H200, batch 32: the tiled path took 23 of a
+// 58 ms step for the o_proj and LM head matmuls, which read their weights once as columns.)
 __device__ __forceinline__ int emoe_matmul_path(u32 M, u32 N) {
-  if (M <= 16) return 0;
+  if (M <= EMOE_MATMUL_SMALL_ROWS) return 0;
   return (u64)((M + 63) / 64) * ((N + 63) / 64) >= 256 ? 2 : 1;
 }
 
@@ -305,10 +307,22 @@ extern "C" __global__ void emoe_rope(float* x, const int* pos, u32 T, u32 heads,
   }
 }
 
-// 6. Paged KV cache store (bf16). Block b starts at b * L*2*BS*KVH*D; inside:
-// [layer][0 = k, 1 = v][slot in block][KVH][D]. A negative slot is skipped (padding).
-extern "C" __global__ void emoe_kv_store(u16* pool, const float* k, const float* v, const int* slots, u32 T, u32 KVH,
-                                         u32 D, u32 layer, u32 L, u32 BS) {
+// KV cache elements: bf16 (u16 bits, the default: half the memory) or f32 (K and V exactly as
+// computed: with it a model runs in f32 throughout, for comparisons with an f32/f64 reference).
+// Sections 6 and 7 are each one body templated on the element type, so the two kernels of a pair
+// differ only in how an element is written and read (these overloads): same indexing, same
+// products and reductions in the same order.
+__device__ __forceinline__ float emoe_kv_load(u16 b) { return emoe_bf16_to_f32(b); }
+__device__ __forceinline__ float emoe_kv_load(float f) { return f; }
+__device__ __forceinline__ u16 emoe_kv_elem(u16*, float f) { return emoe_f32_to_bf16(f); }
+__device__ __forceinline__ float emoe_kv_elem(float*, float f) { return f; }
+
+// 6. Paged KV cache store: emoe_kv_store (bf16 pool), emoe_kv_store_f32 (f32 pool). Block b
+// starts at b * L*2*BS*KVH*D elements; inside: [layer][0 = k, 1 = v][slot in block][KVH][D].
+// A negative slot is skipped (padding).
+template <typename KV>
+__device__ __forceinline__ void emoe_kv_store_body(KV* pool, const float* k, const float* v, const int* slots, u32 T,
+                                                   u32 KVH, u32 D, u32 layer, u32 L, u32 BS) {
   const u64 row = (u64)KVH * D;
   const u64 n = (u64)T * row;
   const u64 blockElems = (u64)L * 2 * BS * row;
@@ -319,21 +333,31 @@ extern "C" __global__ void emoe_kv_store(u16* pool, const float* k, const float*
     if (slot < 0) continue;
     const u64 b = (u64)slot / BS, off = (u64)slot % BS;
     const u64 at = b * blockElems + layerOff + off * row + r;
-    pool[at] = emoe_f32_to_bf16(k[i]);
-    pool[at + (u64)BS * row] = emoe_f32_to_bf16(v[i]);
+    pool[at] = emoe_kv_elem(pool, k[i]);
+    pool[at + (u64)BS * row] = emoe_kv_elem(pool, v[i]);
   }
 }
+extern "C" __global__ void emoe_kv_store(u16* pool, const float* k, const float* v, const int* slots, u32 T, u32 KVH,
+                                         u32 D, u32 layer, u32 L, u32 BS) {
+  emoe_kv_store_body(pool, k, v, slots, T, KVH, D, layer, L, BS);
+}
+extern "C" __global__ void emoe_kv_store_f32(float* pool, const float* k, const float* v, const int* slots, u32 T,
+                                             u32 KVH, u32 D, u32 layer, u32 L, u32 BS) {
+  emoe_kv_store_body(pool, k, v, slots, T, KVH, D, layer, L, BS);
+}
 
-// 7. Causal attention over the paged cache, prefill and decode alike. One block of
-// 8 warps per (token, head); warp w takes keys w, w+8, ... with an online softmax
-// (lane owns dims lane + 32i, D <= 256), then the 8 partial states are merged.
+// 7. Causal attention over the paged cache, prefill and decode alike: emoe_attention (bf16
+// pool), emoe_attention_f32 (f32 pool). One block of 8 warps per (token, head); warp w takes
+// keys w, w+8, ... with an online softmax (lane owns dims lane + 32i, D <= 256), then the 8
+// partial states are merged.
 // (On an H100, 8 warps halved decode time against 4 and matched it for prefill.)
 // A token with a negative position gets a zero output row (padding).
 #define EMOE_ATT_WARPS 8
 #define EMOE_ATT_MAXD 256
-extern "C" __global__ void emoe_attention(float* out, const float* q, const u16* pool, const int* block_table,
-                                          const int* tok_seq, const int* tok_pos, u32 T, u32 NH, u32 KVH, u32 D,
-                                          u32 layer, u32 L, u32 BS, u32 MB, float scale) {
+template <typename KV>
+__device__ __forceinline__ void emoe_attention_body(float* out, const float* q, const KV* pool, const int* block_table,
+                                                    const int* tok_seq, const int* tok_pos, u32 T, u32 NH, u32 KVH,
+                                                    u32 D, u32 layer, u32 L, u32 BS, u32 MB, float scale) {
   __shared__ float s_acc[EMOE_ATT_WARPS][EMOE_ATT_MAXD];
   __shared__ float s_m[EMOE_ATT_WARPS];
   __shared__ float s_l[EMOE_ATT_WARPS];
@@ -368,13 +392,13 @@ extern "C" __global__ void emoe_attention(float* out, const float* q, const u16*
     const int* bt = block_table + (u64)s * MB;
     for (int j = (int)wid; j <= p; j += EMOE_ATT_WARPS) {
       const int blk = bt[(u32)j / BS];
-      const u16* kp = pool + (u64)blk * blockElems + layerOff + (u64)((u32)j % BS) * row + (u64)g * D;
-      const u16* vp = kp + (u64)BS * row;
+      const KV* kp = pool + (u64)blk * blockElems + layerOff + (u64)((u32)j % BS) * row + (u64)g * D;
+      const KV* vp = kp + (u64)BS * row;
       float dot = 0.0f;
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
         const u32 d = lane + 32 * i;
-        if (d < D) dot = fmaf(qv[i], emoe_bf16_to_f32(kp[d]), dot);
+        if (d < D) dot = fmaf(qv[i], emoe_kv_load(kp[d]), dot);
       }
       dot = emoe_warp_sum(dot);
       const float sc = dot * scale;
@@ -385,7 +409,7 @@ extern "C" __global__ void emoe_attention(float* out, const float* q, const u16*
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
         const u32 d = lane + 32 * i;
-        if (d < D) acc[i] = acc[i] * corr + pj * emoe_bf16_to_f32(vp[d]);
+        if (d < D) acc[i] = acc[i] * corr + pj * emoe_kv_load(vp[d]);
       }
       m = mn;
     }
@@ -411,6 +435,16 @@ extern "C" __global__ void emoe_attention(float* out, const float* q, const u16*
     }
     __syncthreads();  // shared state is reused by the next pair
   }
+}
+extern "C" __global__ void emoe_attention(float* out, const float* q, const u16* pool, const int* block_table,
+                                          const int* tok_seq, const int* tok_pos, u32 T, u32 NH, u32 KVH, u32 D,
+                                          u32 layer, u32 L, u32 BS, u32 MB, float scale) {
+  emoe_attention_body(out, q, pool, block_table, tok_seq, tok_pos, T, NH, KVH, D, layer, L, BS, MB, scale);
+}
+extern "C" __global__ void emoe_attention_f32(float* out, const float* q, const float* pool, const int* block_table,
+                                              const int* tok_seq, const int* tok_pos, u32 T, u32 NH, u32 KVH, u32 D,
+                                              u32 layer, u32 L, u32 BS, u32 MB, float scale) {
+  emoe_attention_body(out, q, pool, block_table, tok_seq, tok_pos, T, NH, KVH, D, layer, L, BS, MB, scale);
 }
 
 // 8. Router: softmax over E (f32, max-subtracted), top K in descending order (ties ->
@@ -572,23 +606,40 @@ extern "C" __global__ void emoe_add_f32(float* out, const float* a, const float*
 // without the list gives them.
 // Grid (column blocks, group slots), both grid-stride: slot a = blockIdx.y, a +=
 // gridDim.y, over a < G (group a) or a < A (group active[1 + a]), so any grid.y is
-// correct; the launcher sizes it for the groups that can have rows. Each warp owns one
-// output column n of one group and walks the group's rows in chunks of 8 accumulators,
-// reading W_g[n, :] once per chunk (16-byte loads when K % 8 == 0 and x and W_g are
-// 16-byte aligned) and the x rows from L1/L2. Summation order of one output element, fixed: lane l adds, with
+// correct; the launcher sizes it for the groups that can have rows. Each warp owns two
+// adjacent output columns n, n+1 of one group and walks the group's rows in chunks,
+// reading W_g[n, :] and W_g[n+1, :] once per chunk. Fast path (K % 8 == 0, x and W_g
+// 16-byte aligned, K <= EMOE_GMM_SMEM_FLOATS): the block first stages the chunk's x rows
+// (EMOE_GMM_SMEM_FLOATS / K of them, at most 8) in dynamic shared memory, which the
+// launcher sizes to that (ModelKernels.groupedMatmul), and the warps read x from there:
+// on H200 at decode shapes (scripts/native/gmm_bench.cu) 15-24 % faster than reading x
+// through L1 at 1-32 tokens, equal at 128. Otherwise rows in chunks of 8 read from global
+// memory. Summation order of one output element, fixed on both paths: lane l adds, with
 // fmaf in ascending order, k = 256 j + 8 l + i (i = 0..7, j = 0, 1, ...), then the 32
 // lane sums meet in the xor-shuffle tree (16, 8, 4, 2, 1). The scalar path walks the
 // same k sequence, so a row's result depends only on its x row, W_g[n, :] and K: not on
-// the rows that share its group, its place in a chunk, or alignment.
+// the rows that share its group, its place in a chunk, the path, or alignment.
+#define EMOE_GMM_SMEM_FLOATS 12288u  // 48 KiB: the default dynamic shared memory limit
+__device__ __forceinline__ void emoe_gmm_store(float* out, const float* acc, u32 lane, int rows, int m0, u32 N, u64 n) {
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    float v = acc[i];
+    for (int o = 16; o > 0; o >>= 1) v = __fadd_rn(v, __shfl_xor_sync(EMOE_FULL_MASK, v, o));
+    if (lane == 0 && i < rows) out[(u64)(m0 + i) * N + n] = v;
+  }
+}
+
 extern "C" __global__ void emoe_grouped_matmul_bf16(float* out, const float* x, const u64* weights,
                                                     const int* row_offsets, const int* active, u32 G, u32 M, u32 N,
                                                     u32 K) {
+  extern __shared__ float emoe_gmm_xs[];
   if ((blockDim.x & 31) != 0 || blockDim.y != 1 || blockDim.z != 1) __trap();
   const u32 lane = threadIdx.x & 31;
   const u64 wpb = blockDim.x >> 5;
   const u64 warp0 = blockIdx.x * wpb + (threadIdx.x >> 5);
-  const u64 nstride = (u64)gridDim.x * wpb;
+  const u64 nstride = (u64)gridDim.x * wpb * 2;
   const bool xvec = (K % 8 == 0) && ((((u64)x) & 15) == 0);
+  const u32 staged = K <= EMOE_GMM_SMEM_FLOATS ? (EMOE_GMM_SMEM_FLOATS / K < 8 ? EMOE_GMM_SMEM_FLOATS / K : 8) : 0;
   const bool listed = active != nullptr;
   u32 A = G;  // group slots: all groups, or the listed ones
   if (listed) {
@@ -608,32 +659,54 @@ extern "C" __global__ void emoe_grouped_matmul_bf16(float* out, const float* x, 
     if (r0 == r1) continue;  // uniform over the block
     const u16* wg = (const u16*)weights[g];
     const bool vec = xvec && ((((u64)wg) & 15) == 0);
-    for (u64 n = warp0; n < N; n += nstride) {
-      const u16* wr = wg + n * K;
-      for (int m0 = r0; m0 < r1; m0 += 8) {
-        const int rows = r1 - m0 < 8 ? r1 - m0 : 8;
-        const float* xb = x + (u64)m0 * K;
-        float acc[8];
+    if (vec && staged > 0) {
+      for (int m0 = r0; m0 < r1; m0 += (int)staged) {  // uniform over the block
+        const int rows = r1 - m0 < (int)staged ? r1 - m0 : (int)staged;
+        __syncthreads();  // the previous chunk's readers are done
+        const float4* src = (const float4*)(x + (u64)m0 * K);
+        for (u32 i = threadIdx.x; i < (u32)rows * K / 4; i += blockDim.x) ((float4*)emoe_gmm_xs)[i] = src[i];
+        __syncthreads();
+        for (u64 n = warp0 * 2; n < N; n += nstride) {
+          const bool two = n + 1 < N;
+          const u16* w0 = wg + n * K;
+          const u16* w1 = two ? w0 + K : w0;
+          float acc0[8], acc1[8];
 #pragma unroll
-        for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
-        if (vec) {
-          emoe_dot_rows_vec(acc, wr, xb, K, lane, rows);
-        } else {
-          for (u32 k0 = lane * 8; k0 < K; k0 += 256) {
-            const u32 kn = K - k0 < 8 ? K - k0 : 8;
-            for (u32 j = 0; j < kn; ++j) {
-              const float wf = emoe_bf16_to_f32(wr[k0 + j]);
+          for (int i = 0; i < 8; ++i) { acc0[i] = 0.0f; acc1[i] = 0.0f; }
+          for (u32 k = lane * 8; k < K; k += 256) {
+            const uint4 v0 = *(const uint4*)(w0 + k), v1 = *(const uint4*)(w1 + k);
+            emoe_dot8_rows(acc0, v0, emoe_gmm_xs, K, k, rows);
+            if (two) emoe_dot8_rows(acc1, v1, emoe_gmm_xs, K, k, rows);
+          }
+          emoe_gmm_store(out, acc0, lane, rows, m0, N, n);
+          if (two) emoe_gmm_store(out, acc1, lane, rows, m0, N, n + 1);
+        }
+      }
+      continue;
+    }
+    for (u64 n0 = warp0 * 2; n0 < N; n0 += nstride) {
+      for (u64 n = n0; n < n0 + 2 && n < N; ++n) {
+        const u16* wr = wg + n * K;
+        for (int m0 = r0; m0 < r1; m0 += 8) {
+          const int rows = r1 - m0 < 8 ? r1 - m0 : 8;
+          const float* xb = x + (u64)m0 * K;
+          float acc[8];
 #pragma unroll
-              for (int i = 0; i < 8; ++i)
-                if (i < rows) acc[i] = fmaf(xb[(u64)i * K + k0 + j], wf, acc[i]);
+          for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
+          if (vec) {
+            emoe_dot_rows_vec(acc, wr, xb, K, lane, rows);
+          } else {
+            for (u32 k0 = lane * 8; k0 < K; k0 += 256) {
+              const u32 kn = K - k0 < 8 ? K - k0 : 8;
+              for (u32 j = 0; j < kn; ++j) {
+                const float wf = emoe_bf16_to_f32(wr[k0 + j]);
+#pragma unroll
+                for (int i = 0; i < 8; ++i)
+                  if (i < rows) acc[i] = fmaf(xb[(u64)i * K + k0 + j], wf, acc[i]);
+              }
             }
           }
-        }
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-          float v = acc[i];
-          for (int o = 16; o > 0; o >>= 1) v = __fadd_rn(v, __shfl_xor_sync(EMOE_FULL_MASK, v, o));
-          if (lane == 0 && i < rows) out[(u64)(m0 + i) * N + n] = v;
+          emoe_gmm_store(out, acc, lane, rows, m0, N, n);
         }
       }
     }
@@ -821,8 +894,8 @@ extern "C" __global__ void emoe_qk_norm_rope(float* q, float* k, const u16* qw, 
 // emoe_matmul_bf16 launches at decode): one warp per output column of the Nq + 2 Nkv, as
 // emoe_matmul_small (emoe_matmul_small_col: the same dot helper, the same 16-byte load rule per
 // matrix, the same shuffle reduction), so each element is the bits emoe_matmul_bf16 gives it for
-// M <= 16. Correct for any M, but the launcher takes it for M <= 16 only (three emoe_matmul_bf16
-// launches above: their tiled path).
+// M <= EMOE_MATMUL_SMALL_ROWS. Correct for any M, but the launcher takes it for such M only (three
+// emoe_matmul_bf16 launches above: their tiled path).
 extern "C" __global__ void emoe_matmul_qkv_bf16(float* q, float* k, float* v, const float* x, const u16* wq,
                                                 const u16* wk, const u16* wv, u32 M, u32 Nq, u32 Nkv, u32 K) {
   const u32 lane = threadIdx.x & 31;
@@ -901,6 +974,8 @@ export const MODEL_KERNEL_NAMES = [
   'emoe_qk_norm_rope',
   'emoe_matmul_qkv_bf16',
   'emoe_add_rmsnorm',
+  'emoe_kv_store_f32',
+  'emoe_attention_f32',
 ] as const;
 
 export type ModelKernelName = (typeof MODEL_KERNEL_NAMES)[number];
