@@ -116,8 +116,11 @@ const median = (xs) => (xs.length === 0 ? null : [...xs].sort((a, b) => a - b)[x
 function window(a, b, who) {
   const ss = steps.filter((s) => s.t > a && s.t <= b && (who === undefined || s.who === who));
   const decode = ss.reduce((x, s) => x + s.decode, 0);
+  const all = ss.reduce((x, s) => x + s.tokens, 0);
   return {
     tokensPerSecond: decode / ((b - a) / 1000),
+    /** Every token the steps processed (prompt and decode): a window that falls on a wave of prefills does the same work as others, in prompt tokens. */
+    allTokensPerSecond: all / ((b - a) / 1000),
     steps: ss.length,
     prefillSteps: ss.filter((s) => s.tokens > s.decode).length,
     /** Median step time of decode-only steps: steady speed, independent of where the window falls in a wave of prefills. */
@@ -141,6 +144,7 @@ function transitionFigures(m) {
     decodeTokensPerSecondBefore: m.before.tokensPerSecond, decodeTokensPerSecondDuring: m.during.tokensPerSecond,
     duringOverBefore: m.during.tokensPerSecond / m.before.tokensPerSecond, before: m.before, during: m.during,
     decodeStepSpeedDuringOverBefore: stepSpeed(m.before, m.during),
+    allTokensDuringOverBefore: m.during.allTokensPerSecond / m.before.allTokensPerSecond,
   };
 }
 function peakSampler() {
@@ -234,7 +238,8 @@ for (let i = 1; i < plan.length; i++) {
     peakUsedBytes: m.peak });
   const speed = stepSpeed(m.before, m.during);
   log(`elastic ${m.from.join(',')} -> ${m.to.join(',')}: ${(m.first.t - m.tCmd).toFixed(0)} ms to the first step on the new layout; ` +
-    `throughput during ${(100 * m.during.tokensPerSecond / m.before.tokensPerSecond).toFixed(0)}% of before; ` +
+    `throughput during ${(100 * m.during.tokensPerSecond / m.before.tokensPerSecond).toFixed(0)}% of before ` +
+    `(all tokens, prompt and decode: ${(100 * m.during.allTokensPerSecond / m.before.allTokensPerSecond).toFixed(0)}%); ` +
     `decode step speed during ${speed === null ? 'n/a (no decode-only step)' : `${(100 * speed).toFixed(0)}%`} of before`);
   await sleep(holdMs);
 }

@@ -173,7 +173,7 @@ export interface ForwardEngineOptions {
    * whose ranks all take the device routing path and that asks for no logits is captured at the
    * captureAfter-th step of its shape (default 2: a shape seen once runs as usual, because a
    * capture costs more than a step) and replayed with one launch after. Default true (at most
-   * 32 graphs cached, the least recently used evicted); `{ maxGraphs, captureAfter }` set the
+   * 64 graphs cached, the least recently used evicted); `{ maxGraphs, captureAfter }` set the
    * bound (at least 1) and the sightings (at least 1); false: never. Where the backend cannot
    * capture (NotSupportedError), graphs turn off for the engine at the first try and steps run
    * as usual: `graphStats.disabledReason` says why.
@@ -224,7 +224,7 @@ export interface GraphStats {
 }
 
 const DEFAULT_GROUPED_MAX_ROWS = 64;
-const DEFAULT_MAX_GRAPHS = 32;
+const DEFAULT_MAX_GRAPHS = 64;
 /**
  * Sizes a graph step's token and sequence counts are padded up to (see the header): under
  * request churn the exact counts change nearly every step, so without padding almost no
@@ -974,7 +974,11 @@ export class ForwardEngine implements Disposable {
    * seen captureAfter times yet, or graphs turned off.
    */
   private async runGraph(plans: Array<RankPlan | undefined>, ranks: number[]): Promise<boolean> {
-    const padded = plans.map((p) => p && this.padBlockTable(this.padToBucket(p)));
+    // One block-table stride for every rank of the step (the largest, rounded up to a power of
+    // two): ranks whose sequences cross a power of two at different times would otherwise
+    // multiply the shapes (4 ranks under churn: ~3x the captures, the cache thrashing).
+    const stride = Math.max(...ranks.map((r) => plans[r]!.MB));
+    const padded = plans.map((p) => p && this.padBlockTable(this.padToBucket(p), stride));
     const key = ranks.map((r) => {
       const p = padded[r]!;
       return `${r}:${p.T},${p.S},${p.MB},${p.sampled.length}`;
@@ -1118,10 +1122,10 @@ export class ForwardEngine implements Disposable {
     };
   }
 
-  /** A plan whose block table stride MB is rounded up to a power of two (at most MBmax), rows padded with block 0. */
-  private padBlockTable(p: RankPlan): RankPlan {
+  /** A plan whose block table stride MB is `atLeast` rounded up to a power of two (at most MBmax), rows padded with block 0. */
+  private padBlockTable(p: RankPlan, atLeast = p.MB): RankPlan {
     let MB = 1;
-    while (MB < p.MB) MB *= 2;
+    while (MB < Math.max(p.MB, atLeast)) MB *= 2;
     MB = Math.min(MB, this.MBmax);
     if (MB === p.MB) return p;
     const blockTable = new Int32Array(p.S * MB);

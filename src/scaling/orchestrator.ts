@@ -44,7 +44,7 @@ import os from 'node:os';
 import path from 'node:path';
 
 import { Engine, type Completion, type GenerationCallbacks, type GenerationRequest, type ReconfigureReport, type StepFigures } from '../executor/engine.js';
-import { type ForwardCreateStats, ForwardEngine, type ForwardEngineOptions } from '../executor/forward.js';
+import { type ForwardCreateStats, ForwardEngine, type ForwardEngineOptions, type GraphStats } from '../executor/forward.js';
 import { RemoteStepper } from '../executor/remote.js';
 import { type MappedKvPool, mapHmmKvPools } from '../executor/kv-view.js';
 import { kvGeometry } from '../executor/types.js';
@@ -97,7 +97,7 @@ export interface DeploymentOptions {
    * with channelFd 3; `env` is added to this process's environment.
    */
   executor?: ExecutorMode;
-  /** Forward-pass options of every in-process layout's engine (graphs, routing thresholds). */
+  /** Forward-pass options of every layout's engine (graphs, routing thresholds, kvDtype); executor processes get kvDtype only. */
   forward?: Omit<ForwardEngineOptions, 'maxTokensPerStep' | 'blockTokens'>;
   /**
    * Observe the experts' load while serving and plan scales with it (ScaleTarget.load wins):
@@ -374,6 +374,11 @@ export class Deployment {
         // ended meanwhile
       }
     }
+  }
+
+  /** How the current layout's engine used graphs (in-process executors; undefined with executor processes). */
+  get graphStats(): GraphStats | undefined {
+    return this.forward instanceof ForwardEngine ? this.forward.graphStats : undefined;
   }
 
   /** Pid of the executor process serving the current layout (process mode), else undefined. */

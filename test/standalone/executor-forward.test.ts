@@ -767,6 +767,22 @@ describe('forward pass: validation, KV views, attached weights (qwen3_moe)', () 
     expect(stats.map((x) => [x.captures, x.replays])).toEqual([[1, 0], [1, 1], [1, 2], [2, 2], [2, 3]]);
   });
 
+  it('gives every rank of a graph step one block-table stride: ranks whose sequences differ in length share a graph', async () => {
+    const layout = { devices: [0, 1], placement: roundRobinPlacement(8, [0, 1]) };
+    const long: string[][] = [['p'], ['s']];
+    // p and s decode 17 tokens (2 blocks of 16: stride 2); then a step with p beside a new q
+    // (rank strides 2 and 1), then one with a new r beside s (1 and 2): per-rank strides would
+    // make these two shapes, one stride per step makes them one.
+    const script = [...Array.from({ length: 17 }, () => long), [['p'], ['q']], [['r'], ['s']]];
+    const want = await decodeScript(await engineFor(fx, layout, 16, { graphs: false }), 'eager', script);
+    const g = await engineFor(fx, layout, 16, { graphs: { captureAfter: 1 } });
+    const stats: Array<{ captures: number; replays: number }> = [];
+    expect(await decodeScript(g, 'graph', script, () => stats.push(g.graphStats))).toEqual(want);
+    const [x, y] = stats.slice(-2);
+    expect(y!.captures).toBe(x!.captures);
+    expect(y!.replays).toBe(x!.replays + 1);
+  });
+
   it('observes the experts\' load on every n-th step without changing a token', async () => {
     const layout = { devices: [0, 1], placement: roundRobinPlacement(8, [0, 1]) };
     const A: string[][] = [['p'], ['q']];
