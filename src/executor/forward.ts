@@ -105,12 +105,12 @@
 // steps (decodes plus a prompt chunk) recur while requests come and go. Token
 // ids, positions, KV slots and block tables travel in the metadata the graph's upload node
 // reads from the host buffer when it runs, so a replay refills the host buffer and launches.
-// MB, the block table's row stride, is rounded up to a power of two in such steps (the rows
-// padded; attention reads only the blocks a token's position needs), so a decoding batch
-// captures again only when its longest sequence doubles, not at every block boundary.
-// A shape is captured at its captureAfter-th sighting (default 2; before that the step runs
-// as usual): under request churn with several ranks most decode shapes never recur, and a
-// capture costs more than a step. Graphs are cached per shape (LRU, maxGraphs) and die with the engine. Events recorded
+// MB, the block table's row stride, is one per step (the largest rank's, rounded up to a
+// power of two; the rows padded; attention reads only the blocks a token's position needs),
+// and every rank's sequence count is padded to the bucket of the largest, so a decoding batch
+// captures again only when its longest sequence doubles, and which rank is one sequence short
+// does not matter. A shape is captured at its captureAfter-th sighting (default 1; before
+// that the step runs as usual). Graphs are cached per shape (LRU, maxGraphs) and die with the engine. Events recorded
 // during a capture come from their own per-device pool: an event the engine synchronizes
 // or reuses outside a capture is never one recorded inside it. A backend that cannot
 // capture (NotSupportedError: ACL, an old CUDA driver, or anything a capture refuses) turns
@@ -169,10 +169,9 @@ export interface ForwardEngineOptions {
    */
   deviceRoutingMaxRows?: number;
   /**
-   * Replay steps as captured graphs (see the header): a decode step (one token per sequence)
-   * whose ranks all take the device routing path and that asks for no logits is captured at the
-   * captureAfter-th step of its shape (default 2: a shape seen once runs as usual, because a
-   * capture costs more than a step) and replayed with one launch after. Default true (at most
+   * Replay steps as captured graphs (see the header): a step whose ranks all take the device
+   * routing path and that asks for no logits is padded to the step buckets, captured at the
+   * captureAfter-th step of its shape (default 1) and replayed with one launch after. Default true (at most
    * 64 graphs cached, the least recently used evicted); `{ maxGraphs, captureAfter }` set the
    * bound (at least 1) and the sightings (at least 1); false: never. Where the backend cannot
    * capture (NotSupportedError), graphs turn off for the engine at the first try and steps run
@@ -241,11 +240,13 @@ export function stepBucket(n: number): number {
   return Math.ceil(n / 1024) * 1024;
 }
 /**
- * Default sightings of a step shape before it is captured. With 4 ranks under request churn
- * most decode shapes never recur (H200, 4 GPUs: steps that captured every time ran 206-279 ms
- * against 28 ms for replays), and a capture costs more than running the step once.
+ * Default sightings of a step shape before it is captured: the first. With step buckets and
+ * one sequence count and block-table stride per step, shapes recur under churn, and on H200
+ * (4 GPUs) a capture cost little more than running the step eagerly (214 against 184 ms; a
+ * replay 30 ms), so waiting for a second sighting only added an eager step per shape. (Before
+ * the buckets most shapes never recurred and 2 was the better default.)
  */
-const DEFAULT_CAPTURE_AFTER = 2;
+const DEFAULT_CAPTURE_AFTER = 1;
 /**
  * Default deviceRoutingMaxRows per expert: 32 rows on average. Mixed prefill steps are
  * faster on the device path than with a host round trip per layer (measured: see the header).
@@ -977,8 +978,11 @@ export class ForwardEngine implements Disposable {
     // One block-table stride for every rank of the step (the largest, rounded up to a power of
     // two): ranks whose sequences cross a power of two at different times would otherwise
     // multiply the shapes (4 ranks under churn: ~3x the captures, the cache thrashing).
+    // Likewise one sequence count (every rank padded to the bucket of the largest): which rank
+    // is one sequence short changes from step to step.
     const stride = Math.max(...ranks.map((r) => plans[r]!.MB));
-    const padded = plans.map((p) => p && this.padBlockTable(this.padToBucket(p), stride));
+    const seqs = Math.max(...ranks.map((r) => plans[r]!.S));
+    const padded = plans.map((p) => p && this.padBlockTable(this.padToBucket(p, seqs), stride));
     const key = ranks.map((r) => {
       const p = padded[r]!;
       return `${r}:${p.T},${p.S},${p.MB},${p.sampled.length}`;
@@ -1090,8 +1094,8 @@ export class ForwardEngine implements Disposable {
    * as unpadded. The plan itself when it is already on a bucket, or when the padded step
    * would leave the device path or the buffers (maxTokensPerStep, deviceRoutingMaxRows).
    */
-  private padToBucket(p: RankPlan): RankPlan {
-    let S = stepBucket(p.S);
+  private padToBucket(p: RankPlan, sAtLeast = p.S): RankPlan {
+    let S = stepBucket(Math.max(p.S, sAtLeast));
     let T = stepBucket(p.T + S - p.S);
     if (T > p.T + S - p.S && S === p.S) {
       // Tokens to pad but no padding sequence to own them: one more sequence.

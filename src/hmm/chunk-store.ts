@@ -20,6 +20,8 @@ export interface StoredChunk {
   readonly range: VirtualRange;
   /** Who keeps the chunk alive: "hmm" (resident), session ids, layout ids. Freed when empty. */
   readonly holders: Set<string>;
+  /** Devices the HMM's mapping grants access to (allocate, then grantAccess). */
+  readonly access: ReadonlySet<number>;
   /**
    * Its shareable handle, exported once and kept until the chunk is freed: on CUDA an
    * export costs about 1.6 ms for a 600 MB chunk (it grows with the size), so attaches
@@ -49,7 +51,7 @@ export class ChunkStore {
   /** Tensor name → device → where it lives (a tensor may have replicas on several devices). */
   private readonly tensors = new Map<string, Map<number, { chunkId: string; location: TensorLocation }>>();
   private readonly streams = new Map<number, Stream>();
-  /** Copy streams by source and target device ("from>to"), on the source device. */
+  /** Copy streams by device and peer ("on>peer"), on the first. */
   private readonly copyStreams = new Map<string, Stream>();
   private readonly modules = new Map<number, Promise<Module>>();
 
@@ -91,16 +93,17 @@ export class ChunkStore {
         }
         const chunk = this.rt.createChunk(plan.device, plan.size, { exportable: true });
         let range: VirtualRange | undefined;
+        const devices = access ? access(plan) : [plan.device];
         try {
           range = this.rt.reserve(plan.size);
           range.map(0, chunk);
-          range.setAccess(0, plan.size, access ? access(plan) : [plan.device]);
+          range.setAccess(0, plan.size, devices);
         } catch (e) {
           range?.dispose();
           chunk.dispose();
           throw e;
         }
-        const stored: StoredChunk = { plan, chunk, range, holders: new Set([holder]) };
+        const stored: StoredChunk = { plan, chunk, range, holders: new Set([holder]), access: new Set(devices) };
         this.chunks.set(plan.id, stored);
         for (const t of plan.tensors) {
           let replicas = this.tensors.get(t.name);
@@ -150,6 +153,21 @@ export class ChunkStore {
       n++;
     }
     return n;
+  }
+
+  /**
+   * Adds `devices` to the devices the chunk's HMM mapping grants access to (one set-access call
+   * with the union; nothing when it grants them already). Returns whether it called the driver.
+   * A chunk every device may read can be the source of a copy issued on the target's stream
+   * (a pull), so the target needs access for its own device only (pacing.ts).
+   */
+  grantAccess(id: string, devices: readonly number[]): boolean {
+    const c = this.get(id);
+    if (devices.every((d) => c.access.has(d))) return false;
+    const all = [...new Set([...c.access, ...devices])].sort((a, b) => a - b);
+    c.range.setAccess(0, c.plan.size, all);
+    for (const d of all) (c.access as Set<number>).add(d);
+    return true;
   }
 
   retain(id: string, holder: string): void {
@@ -218,15 +236,15 @@ export class ChunkStore {
   }
 
   /**
-   * A copy stream on device `from` for copies to device `to` (one per pair, created on first
-   * use): copies from one device to several others run in parallel over their links instead
-   * of one after another on the source's single stream.
+   * A copy stream on device `on` for copies between it and device `peer` (one per ordered pair,
+   * created on first use): a device copying to or from several others drives their links in
+   * parallel instead of one copy after another on a single stream.
    */
-  copyStream(from: number, to: number): Stream {
-    const key = `${from}>${to}`;
+  copyStream(on: number, peer: number): Stream {
+    const key = `${on}>${peer}`;
     let s = this.copyStreams.get(key);
     if (!s) {
-      s = this.rt.createStream(from);
+      s = this.rt.createStream(on);
       this.copyStreams.set(key, s);
     }
     return s;

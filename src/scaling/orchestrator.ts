@@ -222,6 +222,8 @@ export class Deployment {
   private readonly copier: CopyService;
   private scaling: Promise<unknown> | undefined;
   private closed = false;
+  /** Access for every device being granted to the last scale's new chunks (after its release). */
+  private accessGrant: Promise<void> | undefined;
   /** Kernels kept loaded on every device (DeploymentOptions.preloadKernels), freed at close. */
   private preloaded: ModelKernels[] = [];
   private switches = 0;
@@ -270,6 +272,10 @@ export class Deployment {
       if (options.seed !== undefined) load.seed = options.seed;
       if (options.scaleFor) load.scaleFor = options.scaleFor;
       await hmm.loadSynthetic(weightSpecs(config, layout.devices, placement), load);
+      // Every weight chunk readable from every device: a scale's copies are then pulled by the
+      // devices they go to, whose new chunks need a mapping for their own device only.
+      const node = Array.from({ length: rt.deviceCount }, (_, d) => d);
+      for (const c of hmm.store.all()) if (c.plan.kind === 'weight') hmm.store.grantAccess(c.plan.id, node);
       const { blockBytes } = Deployment.geometry(options);
       for (const d of layout.devices) hmm.kv.createPool({ device: d, blockBytes, blocks });
       if (mode === 'in-process') {
@@ -456,6 +462,34 @@ export class Deployment {
   }
 
   /**
+   * Grants every device access to the chunks `holder` holds that lack it (a scale's pulled
+   * copies, mapped for their own device only), in groups with the event loop given a turn
+   * between them, after the switch-over: off the path to the first token, done before the
+   * next scale plans (it awaits this).
+   */
+  private async grantNodeAccess(holder: string): Promise<void> {
+    const node = Array.from({ length: this.rt.deviceCount }, (_, d) => d);
+    const store = this.hmm.store;
+    const ids = store.all().filter((c) => c.plan.kind === 'weight' && c.holders.has(holder) && c.access.size < node.length).map((c) => c.plan.id);
+    for (let i = 0; i < ids.length; i += RELEASE_GROUP) {
+      await new Promise<void>((r) => setImmediate(r));
+      for (const id of ids.slice(i, i + RELEASE_GROUP)) {
+        try {
+          if (store.has(id)) store.grantAccess(id, node);
+        } catch {
+          // Best effort: a chunk left without access for some device keeps its access set, and a
+          // later copy from it is pushed by its own device instead of pulled (pacing.ts).
+        }
+      }
+    }
+  }
+
+  /** Resolves when the background work after the last scale (access grants) is done. */
+  async settled(): Promise<void> {
+    await this.accessGrant;
+  }
+
+  /**
    * Runs the planner once on a scale that is not made (one device more, or one fewer), so the
    * first real scale finds its code compiled by the JIT: on H200 the first plan took 123 ms
    * against 20-60 ms for later ones. Pure: nothing is allocated or changed.
@@ -505,6 +539,8 @@ export class Deployment {
   }
 
   private async doScale(target: ScaleTarget, options: ScaleOptions): Promise<ScaleReport> {
+    // The previous scale's new chunks become this one's sources: readable from every device first.
+    await this.accessGrant;
     const t0 = now();
     let mark = t0;
     const lap = () => {
@@ -689,6 +725,7 @@ export class Deployment {
       this.hmm.kv.destroyPool(d);
     }
     phases.releaseMs = lap();
+    this.accessGrant = this.grantNodeAccess(newId);
     progress('done');
     return {
       from, to: [...next.devices], ms: now() - t0, bytesCopied, chunksCopied: copies.length, chunksReused: reused.length, chunksReleased,
@@ -703,6 +740,7 @@ export class Deployment {
     if (this.closed) return;
     this.closed = true;
     await this.scaling?.catch(() => undefined);
+    await this.accessGrant?.catch(() => undefined);
     await this.engine.close();
     await Deployment.disposeExecutor(this.forward, false);
     for (const k of this.preloaded) k.dispose();

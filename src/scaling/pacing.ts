@@ -173,8 +173,13 @@ export async function pacedCopy(target: ChunkStore, jobs: readonly CopyJob[], op
   batches.forEach((b, bi) => { for (const p of b) lastBatchOf.set(p.job, bi); });
   const finishing = batches.map(() => 0);
   for (const bi of lastBatchOf.values()) finishing[bi]!++;
-  // Each target is mapped with access for its own device and its sources' devices (they copy into it).
-  const access = new Map<ChunkPlan, number[]>(jobs.map((j) => [j.plan, [...new Set([j.plan.device, ...j.sources.map((s) => s.plan.device)])]]));
+  // A job whose sources all grant its target device access is pulled: its copies run on streams
+  // of the target device, and the target is mapped for its own device only (one access
+  // descriptor: on H200 set-access cost 52 µs per 12 MiB chunk for one device, 148 µs for three).
+  // Otherwise it is pushed by its sources' devices, which then need access to the target too.
+  const pull = jobs.map((j) => j.sources.every((s) => s.access.has(j.plan.device)));
+  const access = new Map<ChunkPlan, number[]>(jobs.map((j, i) =>
+    [j.plan, pull[i] ? [j.plan.device] : [...new Set([j.plan.device, ...j.sources.map((s) => s.plan.device)])]]));
 
   const stats: PacedCopyStats = {
     bytes: jobs.reduce((a, j) => a + j.plan.size, 0), chunks: jobs.length, batches: batches.length, pieces: pieces.length,
@@ -235,10 +240,12 @@ export async function pacedCopy(target: ChunkStore, jobs: readonly CopyJob[], op
       const used = new Map<string, Stream>();
       let bytes = 0;
       for (const p of batch) {
-        // Each copy runs on a stream of its source device for its target device (of the target
-        // store): a source feeding several targets drives their links in parallel.
-        const s = target.copyStream(p.source.plan.device, jobs[p.job]!.plan.device);
-        used.set(`${p.source.plan.device}>${jobs[p.job]!.plan.device}`, s);
+        // Each copy runs on a stream per (source, target) pair (of the target store), on the
+        // target's device for a pull, the source's for a push: one device feeding or fed by
+        // several others drives their links in parallel.
+        const from = p.source.plan.device, to = jobs[p.job]!.plan.device;
+        const s = pull[p.job] ? target.copyStream(to, from) : target.copyStream(from, to);
+        used.set(`${pull[p.job] ? 'pull' : 'push'}:${from}>${to}`, s);
         streams.add(s);
         s.copy(made[p.job]!.range.at(p.offset), p.source.range.at(p.offset), p.bytes);
         bytes += p.bytes;

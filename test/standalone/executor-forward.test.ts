@@ -783,6 +783,16 @@ describe('forward pass: validation, KV views, attached weights (qwen3_moe)', () 
     expect(y!.replays).toBe(x!.replays + 1);
   });
 
+  it('pads every rank of a graph step to one sequence bucket: which rank is a sequence short does not matter', async () => {
+    const layout = { devices: [0, 1], placement: roundRobinPlacement(8, [0, 1]) };
+    // Two sequences on rank 0 and one on rank 1, then one and two: one shape (2 and 2).
+    const script = [[['p', 'q'], ['s']], [['p'], ['s', 't']], [['p', 'q'], ['s']]];
+    const want = await decodeScript(await engineFor(fx, layout, 16, { graphs: false }), 'eager', script);
+    const g = await engineFor(fx, layout, 16, { graphs: { captureAfter: 1 } });
+    expect(await decodeScript(g, 'graph', script)).toEqual(want);
+    expect(g.graphStats).toMatchObject({ captures: 1, replays: 2 });
+  });
+
   it('observes the experts\' load on every n-th step without changing a token', async () => {
     const layout = { devices: [0, 1], placement: roundRobinPlacement(8, [0, 1]) };
     const A: string[][] = [['p'], ['q']];
@@ -817,7 +827,7 @@ describe('forward pass: validation, KV views, attached weights (qwen3_moe)', () 
     expect(off.expertLoad.steps).toBe(0);
   });
 
-  it('by default captures a shape at its second sighting: a shape seen once runs as usual', async () => {
+  it('with captureAfter 2 captures a shape at its second sighting (a shape seen once runs as usual); by default at its first', async () => {
     const layout = { devices: [0, 1], placement: roundRobinPlacement(8, [0, 1]) };
     const A: string[][] = [['p'], []];
     const B: string[][] = [['p'], ['q']];
@@ -828,7 +838,7 @@ describe('forward pass: validation, KV views, attached weights (qwen3_moe)', () 
       [0, 0, 1], [0, 0, 2], [1, 0, 2], [1, 1, 2], [1, 1, 3], [2, 1, 3], [2, 2, 3],
     ].map(([captures, replays, deferred]) => ({ captures, replays, deferred }));
     const want = await decodeScript(await engineFor(fx, layout, 16, { graphs: false }), 'eager', script);
-    const g = await engineFor(fx, layout, 16, { graphs: true });
+    const g = await engineFor(fx, layout, 16, { graphs: { captureAfter: 2 } });
     const stats: unknown[] = [];
     expect(await decodeScript(g, 'graph', script, () => {
       const { captures, replays, deferred } = g.graphStats;
@@ -836,6 +846,9 @@ describe('forward pass: validation, KV views, attached weights (qwen3_moe)', () 
     })).toEqual(want);
     expect(stats).toEqual(expected);
     expect(g.graphStats.cached).toBe(2);
+    const d = await engineFor(fx, layout, 16, { graphs: true });
+    expect(await decodeScript(d, 'default', [A, A])).toEqual(await decodeScript(await engineFor(fx, layout, 16, { graphs: false }), 'eager2', [A, A]));
+    expect(d.graphStats).toMatchObject({ captures: 1, replays: 1, deferred: 0 });
   });
 
   it('captures a decoding batch again only when its block table stride doubles (padded to a power of two)', async () => {

@@ -144,10 +144,19 @@ describe('Deployment.scale', () => {
     const scale = async (devices: number[]) => {
       const before = await checksums(dep);
       const r = await dep.scale({ devices }, { onProgress: (p: ScaleProgress) => phases.push(p.phase) });
+      // Every source was readable from every device, so every copy was pulled by its target
+      // device, whose new chunk is mapped for that device alone until the background grants.
+      for (const c of r.copies) {
+        const t = dep.hmm.store.get(c.targetId);
+        expect([...t.access], c.targetId).toEqual([t.plan.device]);
+      }
       expect(r.to).toEqual(devices);
       expect(dep.devices).toEqual(devices);
       expect(dep.engine.rankDevices).toEqual(devices);
       await expectCopiesExact(dep, r, before, original);
+      // After the background grants every weight chunk of the layout is readable from every device again.
+      await dep.settled();
+      for (const id of dep.chunkIds()) expect(dep.hmm.store.get(id).access.size, id).toBe(rt.deviceCount);
       reports.push(r);
     };
 
@@ -361,6 +370,7 @@ describe('Deployment.scale', () => {
         const all = dep.hmm.store.ids().sort();
         const pools = dep.hmm.kv.poolDevices();
         const seen: string[] = [];
+        await dep.settled(); // the last scale's background access grants: not part of this attempt
         rt.injectFault(op, nth);
         let report: ScaleReport | undefined;
         try {

@@ -121,6 +121,26 @@ describe('pacedCopy', () => {
     rt.dispose();
   });
 
+  it('pulls a copy whose sources grant the target device access: the target mapped for its own device only, copied on its streams', async () => {
+    for (const granted of [false, true]) {
+      const { rt, hmm, jobs } = await setup(4, 2);
+      if (granted) for (const j of jobs) for (const src of j.sources) hmm.store.grantAccess(src.plan.id, [2]);
+      const devices = new Set<number>();
+      const copyStream = hmm.store.copyStream.bind(hmm.store);
+      hmm.store.copyStream = (on: number, peer: number) => {
+        devices.add(on);
+        return copyStream(on, peer);
+      };
+      const { chunks } = await pacedCopy(hmm.store, jobs, { holder: 'x' });
+      // Pulled: streams of device 2, targets mapped for device 2 alone. Pushed: the source's stream
+      // (2 MiB chunks: one stripe, from the first source), targets mapped for 0, 1 and 2.
+      expect([...devices].sort()).toEqual(granted ? [2] : [0]);
+      for (const c of chunks) expect([...c.access].sort()).toEqual(granted ? [2] : [0, 1, 2]);
+      for (const [i, c] of chunks.entries()) expect(await hmm.store.checksumChunk(c.plan.id)).toBe(await hmm.store.checksumChunk(`G${i}@0`));
+      rt.dispose();
+    }
+  });
+
   it('is all or nothing: a failed copy frees every target it created, the sources stay intact', async () => {
     const { rt, hmm, jobs } = await setup(10, 2);
     const before = rt.devices().map((d) => d.freeBytes);
