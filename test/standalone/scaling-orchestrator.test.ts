@@ -144,19 +144,17 @@ describe('Deployment.scale', () => {
     const scale = async (devices: number[]) => {
       const before = await checksums(dep);
       const r = await dep.scale({ devices }, { onProgress: (p: ScaleProgress) => phases.push(p.phase) });
-      // Every source was readable from every device, so every copy was pulled by its target
-      // device, whose new chunk is mapped for that device alone until the background grants.
+      // Each target is mapped for its own device and, where its sources pushed it, theirs; a
+      // target whose sources all grant its device access (an earlier scale's target) was pulled.
       for (const c of r.copies) {
         const t = dep.hmm.store.get(c.targetId);
-        expect([...t.access], c.targetId).toEqual([t.plan.device]);
+        const pushed = [...new Set([t.plan.device, ...c.sourceIds.map((id) => Number(id.split('@')[1]!.split('#')[0]))])].sort();
+        expect([[t.plan.device], pushed], c.targetId).toContainEqual([...t.access].sort());
       }
       expect(r.to).toEqual(devices);
       expect(dep.devices).toEqual(devices);
       expect(dep.engine.rankDevices).toEqual(devices);
       await expectCopiesExact(dep, r, before, original);
-      // After the background grants every weight chunk of the layout is readable from every device again.
-      await dep.settled();
-      for (const id of dep.chunkIds()) expect(dep.hmm.store.get(id).access.size, id).toBe(rt.deviceCount);
       reports.push(r);
     };
 
@@ -349,6 +347,25 @@ describe('Deployment.scale', () => {
     // Still serving, correctly.
     const c = await dep.submit({ prompt: PROMPTS[3]!, maxTokens: 20, ignoreEos: true });
     expect(c.outputTokens).toEqual(expected(PROMPTS[3]!, 20));
+  });
+
+  it('with peerAccess \'all\' pulls the copies: targets mapped for their own device, granted every device after the switch-over', async () => {
+    const { rt, dep } = await start([0], { peerAccess: 'all' });
+    for (const id of dep.chunkIds()) expect(dep.hmm.store.get(id).access.size, id).toBe(rt.deviceCount);
+    const running = dep.submit({ prompt: PROMPTS[0]!, maxTokens: 40, ignoreEos: true });
+    for (const devices of [[0, 1], [1, 2], [0]]) {
+      const r = await dep.scale({ devices });
+      expect(r.copies.length).toBeGreaterThan(0);
+      for (const c of r.copies) {
+        const t = dep.hmm.store.get(c.targetId);
+        expect([...t.access], c.targetId).toEqual([t.plan.device]);
+      }
+      await dep.settled();
+      for (const id of dep.chunkIds()) expect(dep.hmm.store.get(id).access.size, id).toBe(rt.deviceCount);
+    }
+    expect((await running).outputTokens).toEqual(expected(PROMPTS[0]!, 40));
+    await expect(Deployment.start({ rt: openMock({ mockCapacity: 128 * MIB }), config, devices: [0], kvBlocksPerDevice: 8, peerAccess: 'some' as 'all' }))
+      .rejects.toThrow(InvalidArgumentError);
   });
 
   it('rolls back a failure at each step (allocation, mapping, copy, standby engine): the old layout serves, memory as before', async () => {
