@@ -52,6 +52,42 @@ __device__ __forceinline__ float xor_sum(float v) {
   return v;
 }
 
+// C columns n0.. of one group over `rows` x rows at xb (global or shared memory): the lane's
+// share of each dot product, one 16-byte weight load per column per step (v1, v2).
+template <int C>
+__device__ __forceinline__ void dot_cols(float (*acc)[8], const u16* wg, u64 n0, int cols, const float* xb, u32 K, u32 lane, int rows) {
+#pragma unroll
+  for (int c = 0; c < C; ++c)
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[c][i] = 0.0f;
+  for (u32 k = lane * 8; k < K; k += 256) {
+    uint4 wv[C];
+#pragma unroll
+    for (int c = 0; c < C; ++c) wv[c] = c < cols ? *(const uint4*)(wg + (n0 + c) * K + k) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+    for (int c = 0; c < C; ++c) dot8(acc[c], wv[c], xb, K, k, rows);
+  }
+}
+
+// The lane sums of C columns reduced and written (lane 0) for rows m0 .. m0 + rows - 1.
+template <int C>
+__device__ __forceinline__ void store_cols(float* out, float (*acc)[8], u32 lane, int rows, int cols, int m0, u32 N, u64 n0) {
+#pragma unroll
+  for (int c = 0; c < C; ++c)
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const float v = xor_sum(acc[c][i]);
+      if (lane == 0 && i < rows && c < cols) out[(u64)(m0 + i) * N + n0 + c] = v;
+    }
+}
+
+// The block copies `rows` x rows of K floats to shared memory (every thread takes part).
+__device__ __forceinline__ void stage_rows(float* xs, const float* src, int rows, u32 K) {
+  __syncthreads();  // the previous chunk's readers are done
+  for (u32 i = threadIdx.x; i < (u32)rows * K / 4; i += blockDim.x) ((float4*)xs)[i] = ((const float4*)src)[i];
+  __syncthreads();
+}
+
 // v0: the engine's kernel (vector path only): one warp per output column of one group.
 __global__ void gmm_v0(float* out, const float* x, const u64* weights, const int* off, const int* active, u32 N, u32 K) {
   const u32 lane = threadIdx.x & 31;
@@ -102,26 +138,9 @@ __global__ void gmm_v1(float* out, const float* x, const u64* weights, const int
       const int cols = N - n0 < (u64)C ? (int)(N - n0) : C;
       for (int m0 = r0; m0 < r1; m0 += 8) {
         const int rows = r1 - m0 < 8 ? r1 - m0 : 8;
-        const float* xb = x + (u64)m0 * K;
         float acc[C][8];
-#pragma unroll
-        for (int c = 0; c < C; ++c)
-#pragma unroll
-          for (int i = 0; i < 8; ++i) acc[c][i] = 0.0f;
-        for (u32 k = lane * 8; k < K; k += 256) {
-          uint4 wv[C];
-#pragma unroll
-          for (int c = 0; c < C; ++c) wv[c] = c < cols ? *(const uint4*)(wg + (n0 + c) * K + k) : make_uint4(0, 0, 0, 0);
-#pragma unroll
-          for (int c = 0; c < C; ++c) dot8(acc[c], wv[c], xb, K, k, rows);
-        }
-#pragma unroll
-        for (int c = 0; c < C; ++c)
-#pragma unroll
-          for (int i = 0; i < 8; ++i) {
-            const float v = xor_sum(acc[c][i]);
-            if (lane == 0 && i < rows && c < cols) out[(u64)(m0 + i) * N + n0 + c] = v;
-          }
+        dot_cols<C>(acc, wg, n0, cols, x + (u64)m0 * K, K, lane, rows);
+        store_cols<C>(out, acc, lane, rows, cols, m0, N, n0);
       }
     }
   }
@@ -144,31 +163,12 @@ __global__ void gmm_v2(float* out, const float* x, const u64* weights, const int
     const u16* wg = (const u16*)weights[g];
     for (int m0 = r0; m0 < r1; m0 += 8) {
       const int rows = r1 - m0 < 8 ? r1 - m0 : 8;
-      __syncthreads();
-      const float4* src = (const float4*)(x + (u64)m0 * K);
-      for (u32 i = threadIdx.x; i < (u32)rows * K / 4; i += blockDim.x) ((float4*)xs)[i] = src[i];
-      __syncthreads();
+      stage_rows(xs, x + (u64)m0 * K, rows, K);
       for (u64 n0 = warp0 * C; n0 < N; n0 += nstride) {
         const int cols = N - n0 < (u64)C ? (int)(N - n0) : C;
         float acc[C][8];
-#pragma unroll
-        for (int c = 0; c < C; ++c)
-#pragma unroll
-          for (int i = 0; i < 8; ++i) acc[c][i] = 0.0f;
-        for (u32 k = lane * 8; k < K; k += 256) {
-          uint4 wv[C];
-#pragma unroll
-          for (int c = 0; c < C; ++c) wv[c] = c < cols ? *(const uint4*)(wg + (n0 + c) * K + k) : make_uint4(0, 0, 0, 0);
-#pragma unroll
-          for (int c = 0; c < C; ++c) dot8(acc[c], wv[c], xs, K, k, rows);
-        }
-#pragma unroll
-        for (int c = 0; c < C; ++c)
-#pragma unroll
-          for (int i = 0; i < 8; ++i) {
-            const float v = xor_sum(acc[c][i]);
-            if (lane == 0 && i < rows && c < cols) out[(u64)(m0 + i) * N + n0 + c] = v;
-          }
+        dot_cols<C>(acc, wg, n0, cols, xs, K, lane, rows);
+        store_cols<C>(out, acc, lane, rows, cols, m0, N, n0);
       }
     }
   }
@@ -193,10 +193,7 @@ __global__ void gmm_v3(float* out, const float* x, const u64* weights, const int
     const u16* wg = (const u16*)weights[g];
     for (int m0 = r0; m0 < r1; m0 += 8) {
       const int rows = r1 - m0 < 8 ? r1 - m0 : 8;
-      __syncthreads();
-      const float4* src = (const float4*)(x + (u64)m0 * K);
-      for (u32 i = threadIdx.x; i < (u32)rows * K / 4; i += blockDim.x) ((float4*)xs)[i] = src[i];
-      __syncthreads();
+      stage_rows(xs, x + (u64)m0 * K, rows, K);
       for (u64 n0 = warp0 * C; n0 < N; n0 += nstride) {
         const int cols = N - n0 < (u64)C ? (int)(N - n0) : C;
         uint4 wv[C][8];
@@ -215,13 +212,7 @@ __global__ void gmm_v3(float* out, const float* x, const u64* weights, const int
           if ((u32)j < iters)
 #pragma unroll
             for (int c = 0; c < C; ++c) dot8(acc[c], wv[c][j], xs, K, lane * 8 + 256 * j, rows);
-#pragma unroll
-        for (int c = 0; c < C; ++c)
-#pragma unroll
-          for (int i = 0; i < 8; ++i) {
-            const float v = xor_sum(acc[c][i]);
-            if (lane == 0 && i < rows && c < cols) out[(u64)(m0 + i) * N + n0 + c] = v;
-          }
+        store_cols<C>(out, acc, lane, rows, cols, m0, N, n0);
       }
     }
   }
