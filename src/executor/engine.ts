@@ -513,8 +513,9 @@ export class Engine {
 
   /**
    * Resolves once the engine has finished its next step (on whatever stepper it has then),
-   * or at once when it has nothing to run: the scale orchestrator frees the old layout only
-   * after the first step on the new one, so the release never delays that step.
+   * or as soon as it has no step to run (idle, or queued work waiting for KV blocks): the
+   * scale orchestrator frees the old layout only after the first step on the new one, so the
+   * release never delays that step, and never waits on a step that cannot come.
    */
   afterNextStep(): Promise<void> {
     if (!this.loop) return Promise.resolve();
@@ -567,6 +568,8 @@ export class Engine {
         if (this.waiting.length === 0 && this.running.length === 0) return;
         const entries = await this.schedule();
         if (entries.length === 0) {
+          // No step is coming now: whoever waits for the next one (afterNextStep) goes on.
+          this.settleStepWaiters();
           // Queued work, but no KV blocks to admit it (they are held outside this engine): poll until some free.
           await this.sleep(backoff);
           backoff = Math.min(backoff * 2, 100);

@@ -471,7 +471,10 @@ export class VerticalBaseline {
     for (const [d, v] of newViews) this.views.set(d, v);
     phases.switchMs = lap();
 
-    // 5. Release the old layout's weights (all of them) and the pools of devices that left.
+    // 5. Release the old layout's weights (all of them) and the pools of devices that left,
+    // after the first step on the new layout, as the elastic path does (a fair baseline: the
+    // release's frees do not delay that step).
+    await this.engine.afterNextStep();
     progress('release');
     oldForward.dispose();
     oldWeights.dispose();

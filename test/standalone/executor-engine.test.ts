@@ -396,6 +396,27 @@ describe('Engine: KV blocks, cancellation, failures (HMM pools on the mock)', ()
     return { engine, stepper, kv: hmm.kv, steps };
   }
 
+  it('afterNextStep: at once when idle, after the next step while running, and when queued work cannot get blocks', async () => {
+    const { engine, steps, kv } = withHmm(32, { fake: { delayMs: 5 } });
+    await engine.afterNextStep(); // idle: nothing to wait for
+    const c = engine.submit({ id: 'x', prompt: prompt(9, 5), maxTokens: 6, ignoreEos: true });
+    await new Promise((r) => setTimeout(r, 1));
+    const before = steps.length;
+    await engine.afterNextStep();
+    expect(steps.length).toBe(before + 1);
+    await c;
+    // Blocks held outside the engine: the request waits, and no step comes.
+    const all = kv.info!(1).freeBlocks;
+    kv.allocate('hog', 1, all);
+    const waiting = engine.submit({ id: 'w', prompt: prompt(9, 5), maxTokens: 2, ignoreEos: true });
+    await new Promise((r) => setTimeout(r, 5));
+    const n = steps.length;
+    await engine.afterNextStep();
+    expect(steps.length).toBe(n);
+    kv.free('hog');
+    expect((await waiting).outputTokens.length).toBe(2);
+  });
+
   it('cancellation mid-generation frees the blocks and resolves as cancelled', async () => {
     const { engine, kv } = withHmm(32, { fake: { delayMs: 5 } });
     const ac = new AbortController();
