@@ -93,7 +93,7 @@ const prepare = {
 };
 const geo = kvGeometry(config, 16);
 const kvBlocksPerDevice = Math.ceil((concurrency * Math.ceil((promptLen + outputLen + outputSpread) / geo.blockTokens)) * 1.5);
-// BENCH_GRAPHS=0: the elastic deployment's engines run without graph replay (A/B).
+// BENCH_GRAPHS=0: every engine (elastic and baselines) runs without graph replay (A/B).
 const serving = { rt, config, kvBlocksPerDevice, maxTokensPerStep: 512, maxSeqs: concurrency, peerAccess: env('BENCH_PEER_ACCESS', 'own') };
 // BENCH_DEVICE_ROUTING_MAX_ROWS: the engines' deviceRoutingMaxRows (default: the engine's).
 const forward = env('BENCH_GRAPHS', '1') === '0' ? { graphs: false } : {};
@@ -260,7 +260,7 @@ if (baselines.has('replica')) {
     const tCmd = clock();
     const sampler = peakSampler();
     let replica;
-    replica = await Replica.start({ ...serving, devices: fresh, checkpoint: ckpt, onStep: recorder('replica', () => replica) });
+    replica = await Replica.start({ ...serving, forward, devices: fresh, checkpoint: ckpt, onStep: recorder('replica', () => replica) });
     const tReady = clock();
     // The new replica's first token: a request of the same shape as the load's, sent as soon as it is up.
     let tFirst;
@@ -294,7 +294,7 @@ await dep.close();
 // ---- vertical: the paper's "extravagant" scaling, under the same load.
 if (baselines.has('vertical') && verticalSteps.length > 1) {
   let vb;
-  vb = await VerticalBaseline.start({ ...serving, devices: verticalSteps[0], seed: 11n, prepare, onStep: recorder('vertical', () => vb) });
+  vb = await VerticalBaseline.start({ ...serving, forward, devices: verticalSteps[0], seed: 11n, prepare, onStep: recorder('vertical', () => vb) });
   const vload = startLoad('vertical');
   vload.targets = [vb];
   await sleep(holdMs);
@@ -327,7 +327,7 @@ if (baselines.has('cold')) {
   const tLoaded = performance.now();
   for (const d of devices) hmm.kv.createPool({ device: d, blockBytes: geo.blockBytes, blocks: kvBlocksPerDevice });
   const pools = mapHmmKvPools(rt, hmm, devices, () => devices);
-  const fwd = await ForwardEngine.create(rt, config, { devices, placement }, storeWeights(hmm.store), pools, { blockTokens: geo.blockTokens });
+  const fwd = await ForwardEngine.create(rt, config, { devices, placement }, storeWeights(hmm.store), pools, { ...forward, blockTokens: geo.blockTokens });
   const blocks = hmm.kv.allocate('cold', devices[0], Math.ceil((promptLen + 1) / geo.blockTokens));
   await fwd.step({ ranks: devices.map((_, r) => (r === 0 ? [{ seqId: 'cold', tokens: Array.from({ length: promptLen }, (_, k) => k), startPos: 0, blockTable: blocks, sample: true }] : [])) });
   const ms = performance.now() - t;

@@ -32,7 +32,7 @@ import { mkdirSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 
 import { Engine, type Completion, type GenerationCallbacks, type GenerationRequest, type ReconfigureReport, type StepFigures } from '../executor/engine.js';
-import { ForwardEngine } from '../executor/forward.js';
+import { ForwardEngine, type ForwardEngineOptions } from '../executor/forward.js';
 import { type MappedKvPool, mapHmmKvPools } from '../executor/kv-view.js';
 import { type WeightSource, kvGeometry } from '../executor/types.js';
 import { storeWeights } from '../executor/weights.js';
@@ -62,9 +62,13 @@ export interface ServingOptions {
   /** Most running sequences per DP rank (default 64). */
   maxSeqs?: number;
   onStep?: (figures: StepFigures) => void;
+  /** Forward-pass options of the baseline's engines (graphs, routing thresholds, kvDtype), as DeploymentOptions.forward. */
+  forward?: Omit<ForwardEngineOptions, 'maxTokensPerStep' | 'blockTokens'>;
 }
 
 const now = () => performance.now();
+/** The KV pools' geometry for the engines' kvDtype. */
+const geometryOf = (o: ServingOptions) => kvGeometry(o.config, o.blockTokens ?? 16, o.forward?.kvDtype ?? 'bf16');
 const cloneLayout = (l: LayoutSpec): LayoutSpec => ({ ...l, devices: [...l.devices], placement: l.placement.map((row) => row.map((h) => [...h])) });
 
 function checkBlocks(o: ServingOptions): void {
@@ -81,7 +85,7 @@ function layoutFor(o: ServingOptions, devices: number[]): LayoutSpec {
 function createForward(o: ServingOptions, weights: WeightSource, layout: LayoutSpec, views: ReadonlyMap<number, MappedKvPool>): Promise<ForwardEngine> {
   const kv = new Map(layout.devices.map((d) => [d, views.get(d)!] as const));
   return ForwardEngine.create(o.rt, o.config, { devices: [...layout.devices], placement: toExpertPlacement(layout) }, weights, kv,
-    { maxTokensPerStep: o.maxTokensPerStep ?? 64, blockTokens: o.blockTokens ?? 16 });
+    { ...o.forward, maxTokensPerStep: o.maxTokensPerStep ?? 64, blockTokens: o.blockTokens ?? 16 });
 }
 
 function createEngine(o: ServingOptions, forward: ForwardEngine, hmm: Hmm, devices: number[]): Engine {
@@ -194,7 +198,7 @@ export class Replica {
       await loadCheckpoint(hmm.store, hmm.placement(weightSpecs(config, layout.devices, toExpertPlacement(layout))), checkpoint, options.load ?? {});
       const loadMs = now() - t;
       t = now();
-      const { blockBytes } = kvGeometry(config, options.blockTokens ?? 16);
+      const { blockBytes } = geometryOf(options);
       for (const d of layout.devices) hmm.kv.createPool({ device: d, blockBytes, blocks: options.kvBlocksPerDevice });
       views = mapHmmKvPools(rt, hmm, layout.devices);
       const kvMs = now() - t;
@@ -299,7 +303,7 @@ export class VerticalBaseline {
       if (options.seed !== undefined) load.seed = options.seed;
       if (options.scaleFor) load.scaleFor = options.scaleFor;
       await weightHmm.loadSynthetic(weightSpecs(config, layout.devices, toExpertPlacement(layout)), load);
-      const { blockBytes } = kvGeometry(config, options.blockTokens ?? 16);
+      const { blockBytes } = geometryOf(options);
       for (const d of layout.devices) kvHmm.kv.createPool({ device: d, blockBytes, blocks: options.kvBlocksPerDevice });
       views = mapHmmKvPools(rt, kvHmm, layout.devices);
       forward = await createForward(options, storeWeights(weightHmm.store), layout, views);
@@ -432,7 +436,7 @@ export class VerticalBaseline {
       // 2. Prepare: KV pools on new devices; every weight of the new layout into new chunks.
       progress('prepare');
       const oldSet = new Set(from);
-      const { blockBytes } = kvGeometry(config, this.options.blockTokens ?? 16);
+      const { blockBytes } = geometryOf(this.options);
       for (const d of next.devices) {
         if (oldSet.has(d)) continue;
         this.kvHmm.kv.createPool({ device: d, blockBytes, blocks: this.options.kvBlocksPerDevice });

@@ -16,6 +16,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
 import type { Completion } from '../../src/executor/engine.js';
 import type { TensorLocation } from '../../src/hmm/placement.js';
+import { kvGeometry } from '../../src/executor/types.js';
 import { parseConfig } from '../../src/model/config.js';
 import { FaultInjectedError } from '../../src/runtime/errors.js';
 import type { Runtime } from '../../src/runtime/runtime.js';
@@ -157,6 +158,21 @@ describe('VerticalBaseline (the paper\'s "extravagant" vertical scaling)', () =>
     expect(vb.kvHmm.kv.poolDevices()).toEqual([0]);
     await vb.close();
     expect(freeBytes(rt)).toEqual(rt.devices().map((d) => d.totalBytes));
+  });
+
+  it('passes forward options to its engines: an f32 KV cache gives the elastic deployment\'s f32 tokens', async () => {
+    const f32 = { forward: { kvDtype: 'f32' as const } };
+    const rt = mock();
+    const dep = await Deployment.start({ rt, ...common, ...f32, devices: [0], seed: SEED, scaleFor });
+    const wantF32 = (await dep.submit({ prompt: PROMPTS[1]!, maxTokens: 40, ignoreEos: true })).outputTokens;
+    await dep.close();
+    const vb = await VerticalBaseline.start({ rt, ...common, ...f32, devices: [0], seed: SEED, scaleFor });
+    expect(vb.kvHmm.kv.info(0).blockBytes).toBe(kvGeometry(config, 16, 'f32').blockBytes);
+    const running = vb.submit({ prompt: PROMPTS[1]!, maxTokens: 40, ignoreEos: true });
+    await vb.scale({ devices: [0, 1] });
+    expect(vb.kvHmm.kv.info(1).blockBytes).toBe(kvGeometry(config, 16, 'f32').blockBytes);
+    expect((await running).outputTokens).toEqual(wantF32);
+    await vb.close();
   });
 
   it('rolls back a failure before the switch: the old layout serves, memory as before', async () => {
