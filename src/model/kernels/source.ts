@@ -16,9 +16,10 @@
 //   rounding boundary. Reductions (matmul, grouped matmul, rmsnorm, attention) run in
 //   parallel and differ from the sequential twins by rounding only.
 // - launch shapes the kernels rely on (ModelKernels picks them): every block size a
-//   multiple of 32; emoe_matmul_bf16 with M > 16 needs 256 threads, emoe_attention(_f32)
+//   multiple of 32; emoe_matmul_bf16 with M > 64 needs 256 threads, emoe_attention(_f32)
 //   256 threads, emoe_router_topk 32 threads and E * 4 bytes of dynamic shared
-//   memory, emoe_grouped_matmul_bf16 a one-dimensional block, emoe_route_rows one
+//   memory, emoe_grouped_matmul_bf16 a one-dimensional block (and the dynamic shared memory
+//   ModelKernels.groupedMatmul sizes for its staged x rows), emoe_route_rows one
 //   block (a one-dimensional multiple of 32 threads; other blocks exit) with
 //   (2 * T*K + E + 1) * 4 bytes of dynamic shared memory. A kernel given a shape it
 //   cannot use traps (launch failure) rather than compute something wrong.
