@@ -113,6 +113,27 @@ describe('chunk store and synthetic weights', () => {
     expect(rt.devices().map((d) => d.freeBytes)).toEqual(new Array(4).fill(8 * MIB));
   });
 
+  it('grants more devices access to a chunk\'s mapping: the union, once; a failed grant changes nothing', async () => {
+    const rt = openMock();
+    const store = new ChunkStore(rt);
+    const [c] = store.allocate([{ id: 'a', group: 'a', device: 1, kind: 'weight', size: GRAN, tensors: [] }]);
+    expect([...c!.access]).toEqual([1]);
+    // Device 0 may not touch it yet: a kernel reading it from device 0 is an illegal address.
+    const s0 = rt.createStream(0);
+    s0.memset(c!.range.at(0), 7, 64);
+    await expect(s0.synchronize()).rejects.toThrow();
+    rt.resetDevice(0);
+    const s = rt.createStream(0);
+    rt.injectFault('SetAccess', 1);
+    expect(() => store.grantAccess('a', [0])).toThrow(FaultInjectedError);
+    expect([...c!.access]).toEqual([1]);
+    expect(store.grantAccess('a', [0, 1])).toBe(true);
+    expect([...c!.access].sort()).toEqual([0, 1]);
+    expect(store.grantAccess('a', [1, 0])).toBe(false); // nothing new: no driver call
+    s.memset(c!.range.at(0), 7, 64);
+    await s.synchronize();
+  });
+
   it('frees a chunk only when its last holder lets go', async () => {
     const rt = openMock();
     const hmm = new Hmm(rt);
