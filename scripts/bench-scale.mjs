@@ -27,6 +27,7 @@
 // ("2,3"; default: as many devices as the serving layout, the first ones not in it),
 // BENCH_VERTICAL_STEPS (default: the first two layouts of BENCH_STEPS), BENCH_PEER_ACCESS
 // (own: copies pushed by their sources, the default; all: pulled by their targets),
+// BENCH_PAUSE_CAPTURES (1: the serving engine captures no new graph while a scale prepares),
 // BENCH_CHECKPOINT ("pattern": a byte pattern, the default, or "export": the
 // synthetic weights the deployments serve, read back from the devices).
 // Prepare pacing (elastic and vertical; DeploymentOptions.prepare): BENCH_PREPARE_PACED
@@ -94,7 +95,8 @@ const prepare = {
 const geo = kvGeometry(config, 16);
 const kvBlocksPerDevice = Math.ceil((concurrency * Math.ceil((promptLen + outputLen + outputSpread) / geo.blockTokens)) * 1.5);
 // BENCH_GRAPHS=0: every engine (elastic and baselines) runs without graph replay (A/B).
-const serving = { rt, config, kvBlocksPerDevice, maxTokensPerStep: 512, maxSeqs: concurrency, peerAccess: env('BENCH_PEER_ACCESS', 'own') };
+const serving = { rt, config, kvBlocksPerDevice, maxTokensPerStep: 512, maxSeqs: concurrency, peerAccess: env('BENCH_PEER_ACCESS', 'own'),
+  pauseCaptures: env('BENCH_PAUSE_CAPTURES', '0') === '1' };
 // BENCH_DEVICE_ROUTING_MAX_ROWS: the engines' deviceRoutingMaxRows (default: the engine's).
 const forward = env('BENCH_GRAPHS', '1') === '0' ? { graphs: false } : {};
 if (process.env.BENCH_DEVICE_ROUTING_MAX_ROWS) forward.deviceRoutingMaxRows = Number(process.env.BENCH_DEVICE_ROUTING_MAX_ROWS);

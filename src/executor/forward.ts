@@ -441,6 +441,14 @@ export class ForwardEngine implements Disposable {
   /** Shapes seen but not captured yet, with their sightings (bounded: least recently seen dropped). */
   private readonly graphSightings = new Map<string, number>();
   private graphsOff: string | undefined;
+  /**
+   * While true, a step whose shape has no graph yet runs as usual instead of being captured
+   * (cached graphs still replay; graphStats.deferred counts the others). A capture holds the
+   * host thread for longer than the step it records (200-300 ms on 4 H200s), so a scale's
+   * prepare phase, which creates its chunks on the same thread, may pause them
+   * (DeploymentOptions.pauseCaptures).
+   */
+  capturesPaused = false;
 
   /** Where ForwardEngine.create spent its time (the attach phase of a scale builds one). */
   createStats: ForwardCreateStats = { kernelsMs: 0, weightsMs: 0, buffersMs: 0, tablesMs: 0 };
@@ -994,6 +1002,10 @@ export class ForwardEngine implements Disposable {
       this.graphCache.delete(key); // most recently used last
       for (const r of ranks) this.fillMeta(r, padded[r]!);
     } else {
+      if (this.capturesPaused) {
+        this.graphCounts.deferred++;
+        return false;
+      }
       // A shape seen fewer than captureAfter times runs as usual (the caller queues it).
       const seen = (this.graphSightings.get(key) ?? 0) + 1;
       this.graphSightings.delete(key); // most recently seen last

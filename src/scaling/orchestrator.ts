@@ -124,6 +124,13 @@ export interface DeploymentOptions {
    * device slowing down while that device also ran the copies (721 against 577 ms).
    */
   peerAccess?: 'all' | 'own';
+  /**
+   * Pause graph captures of the serving engine from the plan to the switch-over (default
+   * false): shapes with a graph still replay, new ones run as usual instead of being captured,
+   * leaving the host thread to the prepare phase's chunk creation (in-process executors). Not
+   * measured on GPUs yet (bench-scale: BENCH_PAUSE_CAPTURES=1).
+   */
+  pauseCaptures?: boolean;
 }
 
 export type ExecutorMode = 'in-process' | { process: { script: string; env?: Record<string, string> } };
@@ -576,8 +583,13 @@ export class Deployment {
     let standby: Executor | undefined;
     let holderUsed = false;
     const serving = this.forward;
+    const pause = (on: boolean) => {
+      if (this.options.pauseCaptures && serving instanceof ForwardEngine) serving.capturesPaused = on;
+    };
+    pause(true);
     /** Frees everything allocated for the new layout, each step on its own (one failing does not keep the rest). */
     const rollback = async (error: unknown) => {
+      pause(false);
       progress('rollback', { error });
       if (this.daemon) {
         // The standby process (if any) dies first, then its daemon session ends, releasing its holds.

@@ -368,6 +368,35 @@ describe('Deployment.scale', () => {
       .rejects.toThrow(InvalidArgumentError);
   });
 
+  it('with pauseCaptures the serving engine captures no new graph while a scale prepares, and captures again after a rollback', async () => {
+    const { rt, dep } = await start([0], { pauseCaptures: true });
+    const snap = () => ({ ...dep.graphStats! });
+    const running = [0, 1, 2].map((k) => dep.submit({ prompt: PROMPTS[k]!, maxTokens: 30, ignoreEos: true }));
+    await sleep(5);
+    // A failed attempt: from its plan to its rollback the engine captures nothing new.
+    let atPlan: ReturnType<typeof snap> | undefined;
+    let atRollback: ReturnType<typeof snap> | undefined;
+    rt.injectFault('CopyDeviceToDevice', 3);
+    let late: Promise<Completion> | undefined;
+    const onProgress = (p: ScaleProgress) => {
+      if (p.phase === 'plan') atPlan = snap();
+      // A request arriving during the prepare phase: its prefill and the steps after are new shapes.
+      if (p.phase === 'prepare' && !late) late = dep.submit({ prompt: PROMPTS[4]!, maxTokens: 30, ignoreEos: true });
+      if (p.phase === 'rollback') atRollback = snap();
+    };
+    await expect(dep.scale({ devices: [0, 1] }, { onProgress })).rejects.toBeInstanceOf(FaultInjectedError);
+    rt.clearFaults();
+    expect(atRollback!.captures).toBe(atPlan!.captures);
+    expect(atRollback!.deferred).toBeGreaterThan(atPlan!.deferred);
+    await late;
+    // Then capturing again: a new shape (one sequence fewer) gets a graph.
+    const before = snap();
+    const extra = dep.submit({ prompt: PROMPTS[3]!, maxTokens: 30, ignoreEos: true });
+    await Promise.all([...running, extra]);
+    expect(dep.graphStats!.captures).toBeGreaterThan(before.captures);
+    for (const [k, c] of (await Promise.all(running)).entries()) expect(c.outputTokens).toEqual(expected(PROMPTS[k]!, 30));
+  });
+
   it('rolls back a failure at each step (allocation, mapping, copy, standby engine): the old layout serves, memory as before', async () => {
     // Kernels not preloaded, so the standby engine loads them on the device it adds (a step that can fail).
     const { rt, dep } = await start([0], { preloadKernels: false });
