@@ -687,10 +687,20 @@ export function planPlacement(options: PlanPlacementOptions): LayoutSpec {
   const stay = new Set(ctx.target);
   const retained = options.current.devices.filter((d) => stay.has(d));
   const placement: number[][][] = [];
+  // Layers with the same placement and load get the same plan (a pure function of them): with a
+  // uniform load every layer of a round-robin layout is one case, planned once (Qwen3-30B-A3B,
+  // 48 layers: 2→3 in ~2 ms instead of ~20 ms, median of 20 JIT-warm runs on the development machine).
+  const planned = new Map<string, number[][]>();
   for (let l = 0; l < ctx.layers; l++) {
     const { w, r, cap } = ctx.layerPlan(l);
     const row = options.current.placement[l]!;
-    placement.push(planLayer(row, ctx.target, isNew, w, r, cap, ctx.slots, layerBound(row, stay, retained, w, r, cap, ctx.slots)));
+    const key = JSON.stringify([row, w, r, cap]);
+    let plan = planned.get(key);
+    if (!plan) {
+      plan = planLayer(row, ctx.target, isNew, w, r, cap, ctx.slots, layerBound(row, stay, retained, w, r, cap, ctx.slots));
+      planned.set(key, plan);
+    }
+    placement.push(plan.map((h) => [...h]));
   }
   return { devices: [...ctx.target], tp: ctx.tp, dp: ctx.target.length / ctx.tp, ep: ctx.target.length, placement };
 }

@@ -208,6 +208,15 @@ describe('planner on Qwen3-30B-A3B-like shapes (48 layers × 128 experts)', () =
   const loads: Array<[string, number[][] | undefined]> = [['uniform', undefined], ['zipf 1.0', zipfLoad(L, E, 1.0, 7)], ['zipf 0.8', zipfLoad(L, E, 0.8, 11)]];
   const rows: string[] = [];
 
+  it('plans layers with the same placement and load once: the same plan as each layer alone, in arrays of its own', () => {
+    const current = roundRobinLayout([0, 1], L, E);
+    const next = planPlacement({ current, targetDevices: [0, 1, 2] });
+    const alone = planPlacement({ current: { ...current, placement: [current.placement[5]!] }, targetDevices: [0, 1, 2] });
+    for (const row of next.placement) expect(row).toEqual(alone.placement[0]);
+    next.placement[0]![0]!.push(2);
+    expect(next.placement[1]![0]).toEqual(alone.placement[0]![0]);
+  });
+
   it('uses the real model\'s sizes', () => {
     expect(qwenConfig).toMatchObject({ layers: L, experts: E });
     expect(QWEN.expertBytes).toBe(10 * MIB);
