@@ -11,6 +11,7 @@ import { InvalidArgumentError } from '../runtime/errors.js';
 import { Runtime } from '../runtime/runtime.js';
 import { type LocalStack, loadModelFiles, startLocalStack } from '../serve/local.js';
 import { parseDeviceList } from './hmm.js';
+import { integerFlag, seedFlag } from './flags.js';
 import { createProgressBar } from './progress.js';
 
 export { kvBlocksFromMemory } from '../serve/local.js';
@@ -42,13 +43,6 @@ export interface GenerateCommandOptions {
   runtime: RuntimeOptionsInput;
 }
 
-function positiveInt(flag: string, text: string | undefined, fallback: number): number {
-  if (text === undefined) return fallback;
-  const n = Number(text);
-  if (!/^\d+$/.test(text.trim()) || !Number.isSafeInteger(n) || n < 1) throw new InvalidArgumentError(flag, `a positive integer (got '${text}')`);
-  return n;
-}
-
 function parseIds(text: string, vocab: number): number[] {
   const parts = text.split(',').map((s) => s.trim()).filter((s) => s.length > 0);
   const ids = parts.map(Number);
@@ -67,15 +61,10 @@ interface Streams {
 export async function runGenerate(o: GenerateCommandOptions, { out, err }: Streams = { out: process.stdout, err: process.stderr }): Promise<number> {
   if ((o.prompt === undefined) === (o.promptIds === undefined)) throw new InvalidArgumentError('--prompt / --prompt-ids', 'exactly one of them');
   if (o.chat && o.prompt === undefined) throw new InvalidArgumentError('--chat', 'given with --prompt (it wraps the text as a user message)');
-  const maxTokens = positiveInt('--max-tokens', o.maxTokens, 64);
-  const maxTokensPerStep = positiveInt('--max-tokens-per-step', o.maxTokensPerStep, 512);
+  const maxTokens = integerFlag('--max-tokens', o.maxTokens, 64, 1);
+  const maxTokensPerStep = integerFlag('--max-tokens-per-step', o.maxTokensPerStep, 512, 1);
   const kvDtype = checkKvDtype('--kv-dtype', o.kvDtype ?? 'bf16');
-  let seed: bigint;
-  try {
-    seed = BigInt(o.seed ?? '0');
-  } catch {
-    throw new InvalidArgumentError('--seed', `an integer (got '${o.seed}')`);
-  }
+  const seed = seedFlag('--seed', o.seed);
 
   const model = await loadModelFiles(o);
   const { config, tokenizer, tokenizerDir: tokDir } = model;
@@ -107,7 +96,7 @@ export async function runGenerate(o: GenerateCommandOptions, { out, err }: Strea
       seed,
       maxTokensPerStep,
       kvDtype,
-      ...(o.kvBlocks === undefined ? {} : { kvBlocks: positiveInt('--kv-blocks', o.kvBlocks, 1) }),
+      ...(o.kvBlocks === undefined ? {} : { kvBlocks: integerFlag('--kv-blocks', o.kvBlocks, 1, 1) }),
       progress: (label) => createProgressBar(label, err),
       signal: abort.signal,
     });

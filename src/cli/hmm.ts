@@ -13,6 +13,7 @@ import type { TensorSpec } from '../hmm/placement.js';
 import { InvalidArgumentError } from '../runtime/errors.js';
 import { Runtime } from '../runtime/runtime.js';
 import type { RuntimeOptionsInput } from '../runtime/config.js';
+import { seedFlag } from './flags.js';
 
 export interface HmmCommandOptions {
   socket: string;
@@ -79,12 +80,7 @@ async function loadSynthetic(hmm: Hmm, options: HmmCommandOptions): Promise<void
   const file = readSyntheticFile(options.synthetic!);
   const devices = options.devices === undefined ? undefined : parseDeviceList(options.devices, hmm.rt.deviceCount);
   const specs: TensorSpec[] = file.tensors.map((t) => ({ ...t, device: physical(devices, t.device, `${t.name}.device`) }));
-  let seed: bigint;
-  try {
-    seed = BigInt(options.seed ?? '0');
-  } catch {
-    throw new InvalidArgumentError('--seed', `an integer (got '${options.seed}')`);
-  }
+  const seed = seedFlag('--seed', options.seed);
   await hmm.loadSynthetic(specs, { seed });
   for (const p of file.kvPools ?? []) hmm.kv.createPool({ ...p, device: physical(devices, p.device, 'kvPools.device') });
 }

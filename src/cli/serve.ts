@@ -22,6 +22,7 @@ import { type ServingDeployment, localDeployment, scalableDeployment } from '../
 import { type LocalStack, loadModelFiles, startLocalStack } from '../serve/local.js';
 import { type ServerHandle, createServer } from '../serve/server.js';
 import { parseDeviceList } from './hmm.js';
+import { integerFlag, seedFlag } from './flags.js';
 import { createProgressBar } from './progress.js';
 
 /** The model served when neither --model nor --synthetic is given. */
@@ -59,15 +60,6 @@ export interface ServeCommandOptions {
 }
 
 const LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'];
-
-function integer(flag: string, text: string | undefined, fallback: number, min: number, max = Number.MAX_SAFE_INTEGER): number {
-  if (text === undefined) return fallback;
-  const n = Number(text);
-  if (!/^\d+$/.test(text.trim()) || !Number.isSafeInteger(n) || n < min || n > max) {
-    throw new InvalidArgumentError(flag, `an integer in ${min}..${max === Number.MAX_SAFE_INTEGER ? 'N' : max} (got '${text}')`);
-  }
-  return n;
-}
 
 function positive(flag: string, text: string): number {
   const n = Number(text);
@@ -107,23 +99,18 @@ function autoscaleInput(o: ServeCommandOptions): Record<string, unknown> | undef
   }
   if (o.sloTtftMs !== undefined) input.ttftMs = positive('--slo-ttft-ms', o.sloTtftMs);
   if (o.sloTpotMs !== undefined) input.tpotMs = positive('--slo-tpot-ms', o.sloTpotMs);
-  if (o.minDevices !== undefined) input.minDevices = integer('--min-devices', o.minDevices, 1, 1);
+  if (o.minDevices !== undefined) input.minDevices = integerFlag('--min-devices', o.minDevices, 1, 1);
   return input;
 }
 
 export async function runServe(o: ServeCommandOptions, err: NodeJS.WritableStream = process.stderr): Promise<number> {
   const level = o.logLevel ?? 'info';
   if (!LEVELS.includes(level)) throw new InvalidArgumentError('--log-level', `one of ${LEVELS.join(', ')} (got '${level}')`);
-  const port = integer('--port', o.port, 8000, 0, 65535);
-  const maxTokensPerStep = integer('--max-tokens-per-step', o.maxTokensPerStep, 512, 1);
-  const kvBlocks = o.kvBlocks === undefined ? undefined : integer('--kv-blocks', o.kvBlocks, 1, 1);
+  const port = integerFlag('--port', o.port, 8000, 0, 65535);
+  const maxTokensPerStep = integerFlag('--max-tokens-per-step', o.maxTokensPerStep, 512, 1);
+  const kvBlocks = o.kvBlocks === undefined ? undefined : integerFlag('--kv-blocks', o.kvBlocks, 1, 1);
   const kvDtype = checkKvDtype('--kv-dtype', o.kvDtype ?? 'bf16');
-  let seed: bigint;
-  try {
-    seed = BigInt(o.seed ?? '0');
-  } catch {
-    throw new InvalidArgumentError('--seed', `an integer (got '${o.seed}')`);
-  }
+  const seed = seedFlag('--seed', o.seed);
   const autoscaleAsked = autoscaleInput(o);
   const synthetic = o.model === undefined && o.synthetic === undefined ? DEFAULT_SYNTHETIC : o.synthetic;
   const files = await loadModelFiles({ model: o.model, synthetic, tokenizer: o.tokenizer });
@@ -145,7 +132,7 @@ export async function runServe(o: ServeCommandOptions, err: NodeJS.WritableStrea
   process.once('SIGTERM', onSignalEarly);
   try {
     const devices = parseDeviceList(o.devices ?? '0', rt.deviceCount);
-    const maxDevices = integer('--max-devices', o.maxDevices, rt.deviceCount, devices.length, rt.deviceCount);
+    const maxDevices = integerFlag('--max-devices', o.maxDevices, rt.deviceCount, devices.length, rt.deviceCount);
     let autoscaleConfig: AutoscaleConfig | undefined;
     if (autoscaleAsked) {
       // Checked before the weights load. Pool by default: the serving devices, then the node's others.

@@ -6,6 +6,7 @@ import {
   FaultInjectedError, IllegalAddressError, InvalidArgumentError, InvalidHandleError, NotSupportedError,
   OutOfMemoryError,
 } from '../../src/index.js';
+import { expectArgumentError } from '../helpers/errors.js';
 import { GRAN, MIB, mappedChunk, openMock, pattern, sameBytes } from '../helpers/mock.js';
 
 describe('mock devices', () => {
@@ -27,13 +28,7 @@ describe('granularity and whole-chunk mapping', () => {
     const rt = openMock();
     expect(rt.granularity(0)).toBe(GRAN);
     expect(rt.roundUp(3 * MIB)).toBe(4 * MIB);
-    try {
-      rt.createChunk(0, MIB);
-      expect.unreachable();
-    } catch (e) {
-      expect(e).toBeInstanceOf(InvalidArgumentError);
-      expect((e as InvalidArgumentError).argument).toBe('size');
-    }
+    expectArgumentError(() => rt.createChunk(0, MIB), 'size');
     expect(() => rt.reserve(3 * MIB)).toThrow(InvalidArgumentError);
   });
 
@@ -167,22 +162,13 @@ describe('bad arguments', () => {
   it('names the argument', () => {
     const rt = openMock();
     const range = rt.reserve(GRAN);
-    const expectArg = (fn: () => unknown, name: RegExp) => {
-      try {
-        fn();
-        expect.unreachable();
-      } catch (e) {
-        expect(e).toBeInstanceOf(InvalidArgumentError);
-        expect((e as InvalidArgumentError).argument).toMatch(name);
-      }
-    };
-    expectArg(() => rt.createChunk(-1, GRAN), /device/);
-    expectArg(() => rt.createChunk(0, 1.5), /size/);
-    expectArg(() => rt.native.createChunk(0, -2, false), /size/);
-    expectArg(() => range.at(-1), /offset/);
-    expectArg(() => range.native.setAccess(0, GRAN, [0, 9]), /device/);
-    expectArg(() => rt.native.createStream('zero' as never), /device/);
-    expectArg(() => rt.createStream(0).memset(range.at(0), 300, 1), /value/);
+    expectArgumentError(() => rt.createChunk(-1, GRAN), /device/);
+    expectArgumentError(() => rt.createChunk(0, 1.5), /size/);
+    expectArgumentError(() => rt.native.createChunk(0, -2, false), /size/);
+    expectArgumentError(() => range.at(-1), /offset/);
+    expectArgumentError(() => range.native.setAccess(0, GRAN, [0, 9]), /device/);
+    expectArgumentError(() => rt.native.createStream('zero' as never), /device/);
+    expectArgumentError(() => rt.createStream(0).memset(range.at(0), 300, 1), /value/);
     expect(() => (rt.native.createChunk as (...a: unknown[]) => unknown).call({}, 0, GRAN, false)).toThrow(TypeError);
   });
 });

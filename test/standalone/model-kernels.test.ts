@@ -14,6 +14,7 @@ import {
 } from '../../src/model/kernels/index.js';
 import * as ref from '../../src/model/kernels/reference.js';
 import { Arena, type Typed, expectSame, randBf16, randF32, randInt, rng } from '../helpers/arrays.js';
+import { expectArgumentError } from '../helpers/errors.js';
 import { mappedChunk, openMock } from '../helpers/mock.js';
 
 
@@ -185,15 +186,7 @@ describe('model kernels on the mock (CPU twins vs TypeScript references, bit for
     const out = await arena.put(out0);
     const offs = await arena.put(Int32Array.from([0, 1, 3]));
     const args = { out, x, weights: table, rowOffsets: offs, G: 2, M, N, K };
-    const bad = (patch: Partial<typeof args>, field: string) => {
-      try {
-        mk.groupedMatmul(s, { ...args, ...patch });
-        expect.unreachable();
-      } catch (e) {
-        expect(e).toBeInstanceOf(InvalidArgumentError);
-        expect((e as InvalidArgumentError).argument).toBe(field);
-      }
-    };
+    const bad = (patch: Partial<typeof args>, field: string) => expectArgumentError(() => mk.groupedMatmul(s, { ...args, ...patch }), field);
     bad({ G: 0 }, 'G');
     bad({ N: 0 }, 'N');
     bad({ M: -1 }, 'M');
@@ -311,15 +304,7 @@ describe('model kernels on the mock (CPU twins vs TypeScript references, bit for
     const offs = await arena.put(Int32Array.from([0, 1, 3]));
     const active = await arena.put(Int32Array.from([2, 0, 1]));
     const args = { out, x, weights: table, rowOffsets: offs, active, maxActive: 2, G, M, N, K };
-    const bad = (patch: Partial<typeof args>, field: string) => {
-      try {
-        mk.groupedMatmul(s, { ...args, ...patch });
-        expect.unreachable();
-      } catch (e) {
-        expect(e).toBeInstanceOf(InvalidArgumentError);
-        expect((e as InvalidArgumentError).argument).toBe(field);
-      }
-    };
+    const bad = (patch: Partial<typeof args>, field: string) => expectArgumentError(() => mk.groupedMatmul(s, { ...args, ...patch }), field);
     bad({ active: active.add(2) }, 'active'); // misaligned
     bad({ active: active.range.at(active.range.size - 8) }, 'active'); // G + 1 = 3 entries need 12 bytes
     bad({ active: out.add(4) }, 'out'); // overlaps out
@@ -494,45 +479,36 @@ describe('model kernels on the mock (CPU twins vs TypeScript references, bit for
   it('fused launchers validate sizes and pointers, naming the field', async () => {
     arena.reset();
     const p = arena.alloc(64 * 1024);
-    const bad = (fn: () => void, field: string) => {
-      try {
-        fn();
-        expect.unreachable();
-      } catch (e) {
-        expect(e).toBeInstanceOf(InvalidArgumentError);
-        expect((e as InvalidArgumentError).argument).toBe(field);
-      }
-    };
     const qk = { q: p, k: p.add(4096), qNorm: p.add(8192), kNorm: p.add(8448), pos: p.add(8704), T: 2, NH: 4, KVH: 2, D: 16, eps: 1e-6, theta: 1e4 };
-    bad(() => mk.qkNormRope(s, { ...qk, D: 7 }), 'D');
-    bad(() => mk.qkNormRope(s, { ...qk, D: 0 }), 'D');
-    bad(() => mk.qkNormRope(s, { ...qk, NH: 0 }), 'NH');
-    bad(() => mk.qkNormRope(s, { ...qk, KVH: 1.5 }), 'KVH');
-    bad(() => mk.qkNormRope(s, { ...qk, theta: -1 }), 'theta');
-    bad(() => mk.qkNormRope(s, { ...qk, kNorm: undefined }), 'kNorm');
-    bad(() => mk.qkNormRope(s, { ...qk, qNorm: undefined }), 'qNorm');
-    bad(() => mk.qkNormRope(s, { ...qk, eps: undefined }), 'eps');
-    bad(() => mk.qkNormRope(s, { ...qk, eps: -1 }), 'eps');
-    bad(() => mk.qkNormRope(s, { ...qk, qNorm: p.add(8193) }), 'qNorm');
-    bad(() => mk.qkNormRope(s, { ...qk, pos: p.range.at(p.range.size - 4) }), 'pos');
-    bad(() => mk.qkNormRope(s, { ...qk, k: p.add(64) }), 'k'); // overlaps q
-    bad(() => mk.qkNormRope(s, { ...qk, q: p.range.at(p.range.size - 4) }), 'q');
+    expectArgumentError(() => mk.qkNormRope(s, { ...qk, D: 7 }), 'D');
+    expectArgumentError(() => mk.qkNormRope(s, { ...qk, D: 0 }), 'D');
+    expectArgumentError(() => mk.qkNormRope(s, { ...qk, NH: 0 }), 'NH');
+    expectArgumentError(() => mk.qkNormRope(s, { ...qk, KVH: 1.5 }), 'KVH');
+    expectArgumentError(() => mk.qkNormRope(s, { ...qk, theta: -1 }), 'theta');
+    expectArgumentError(() => mk.qkNormRope(s, { ...qk, kNorm: undefined }), 'kNorm');
+    expectArgumentError(() => mk.qkNormRope(s, { ...qk, qNorm: undefined }), 'qNorm');
+    expectArgumentError(() => mk.qkNormRope(s, { ...qk, eps: undefined }), 'eps');
+    expectArgumentError(() => mk.qkNormRope(s, { ...qk, eps: -1 }), 'eps');
+    expectArgumentError(() => mk.qkNormRope(s, { ...qk, qNorm: p.add(8193) }), 'qNorm');
+    expectArgumentError(() => mk.qkNormRope(s, { ...qk, pos: p.range.at(p.range.size - 4) }), 'pos');
+    expectArgumentError(() => mk.qkNormRope(s, { ...qk, k: p.add(64) }), 'k'); // overlaps q
+    expectArgumentError(() => mk.qkNormRope(s, { ...qk, q: p.range.at(p.range.size - 4) }), 'q');
     const mm = { q: p, k: p.add(4096), v: p.add(8192), x: p.add(12288), wq: p.add(16384), wk: p.add(20480), wv: p.add(24576), M: 2, Nq: 8, Nkv: 4, K: 16 };
-    bad(() => mk.matmulQkv(s, { ...mm, Nq: 0 }), 'Nq');
-    bad(() => mk.matmulQkv(s, { ...mm, Nkv: 0 }), 'Nkv');
-    bad(() => mk.matmulQkv(s, { ...mm, K: 0 }), 'K');
-    bad(() => mk.matmulQkv(s, { ...mm, M: -1 }), 'M');
-    bad(() => mk.matmulQkv(s, { ...mm, wk: p.add(20481) }), 'wk');
-    bad(() => mk.matmulQkv(s, { ...mm, wv: p.range.at(p.range.size - 2) }), 'wv');
-    bad(() => mk.matmulQkv(s, { ...mm, x: p.add(4096 + 16) }), 'k'); // overlaps k
-    bad(() => mk.matmulQkv(s, { ...mm, v: p.add(4) }), 'q'); // overlaps q
+    expectArgumentError(() => mk.matmulQkv(s, { ...mm, Nq: 0 }), 'Nq');
+    expectArgumentError(() => mk.matmulQkv(s, { ...mm, Nkv: 0 }), 'Nkv');
+    expectArgumentError(() => mk.matmulQkv(s, { ...mm, K: 0 }), 'K');
+    expectArgumentError(() => mk.matmulQkv(s, { ...mm, M: -1 }), 'M');
+    expectArgumentError(() => mk.matmulQkv(s, { ...mm, wk: p.add(20481) }), 'wk');
+    expectArgumentError(() => mk.matmulQkv(s, { ...mm, wv: p.range.at(p.range.size - 2) }), 'wv');
+    expectArgumentError(() => mk.matmulQkv(s, { ...mm, x: p.add(4096 + 16) }), 'k'); // overlaps k
+    expectArgumentError(() => mk.matmulQkv(s, { ...mm, v: p.add(4) }), 'q'); // overlaps q
     const an = { x: p, xn: p.add(4096), y: p.add(8192), w: p.add(12288), R: 2, N: 16, eps: 1e-6 };
-    bad(() => mk.addRmsnorm(s, { ...an, N: 0 }), 'N');
-    bad(() => mk.addRmsnorm(s, { ...an, eps: Number.NaN }), 'eps');
-    bad(() => mk.addRmsnorm(s, { ...an, xn: p.add(64) }), 'xn'); // overlaps x
-    bad(() => mk.addRmsnorm(s, { ...an, y: p.add(4096 + 8) }), 'xn'); // overlaps xn
-    bad(() => mk.addRmsnorm(s, { ...an, y: p }), 'y'); // is x
-    bad(() => mk.addRmsnorm(s, { ...an, w: p.add(12289) }), 'w');
+    expectArgumentError(() => mk.addRmsnorm(s, { ...an, N: 0 }), 'N');
+    expectArgumentError(() => mk.addRmsnorm(s, { ...an, eps: Number.NaN }), 'eps');
+    expectArgumentError(() => mk.addRmsnorm(s, { ...an, xn: p.add(64) }), 'xn'); // overlaps x
+    expectArgumentError(() => mk.addRmsnorm(s, { ...an, y: p.add(4096 + 8) }), 'xn'); // overlaps xn
+    expectArgumentError(() => mk.addRmsnorm(s, { ...an, y: p }), 'y'); // is x
+    expectArgumentError(() => mk.addRmsnorm(s, { ...an, w: p.add(12289) }), 'w');
     // nothing to do: nothing queued
     expect(launchesOf(() => {
       mk.qkNormRope(s, { ...qk, T: 0 });
@@ -894,36 +870,27 @@ describe('model kernels on the mock (CPU twins vs TypeScript references, bit for
   it('routing launchers validate sizes and pointers, naming the field', () => {
     arena.reset();
     const p = arena.alloc(64 * 1024);
-    const bad = (fn: () => void, field: string) => {
-      try {
-        fn();
-        expect.unreachable();
-      } catch (e) {
-        expect(e).toBeInstanceOf(InvalidArgumentError);
-        expect((e as InvalidArgumentError).argument).toBe(field);
-      }
-    };
     const route = {
       rowOffsets: p, rows: p.add(1024), perm: p.add(2048), active: p.add(5120), ids: p.add(3072), route: p.add(4096), device: 0, T: 4, K: 2, E: 8,
     };
-    bad(() => mk.routeRows(s, { ...route, K: 0 }), 'K');
-    bad(() => mk.routeRows(s, { ...route, E: 0 }), 'E');
-    bad(() => mk.routeRows(s, { ...route, E: MAX_ROUTE_EXPERTS + 1 }), 'E');
-    bad(() => mk.routeRows(s, { ...route, T: MAX_ROUTE_ROWS / 2 + 1 }), 'T');
-    bad(() => mk.routeRows(s, { ...route, device: -1 }), 'device');
-    bad(() => mk.routeRows(s, { ...route, rows: p.add(2) }), 'rows');
-    bad(() => mk.routeRows(s, { ...route, perm: p.add(1028) }), 'rows'); // overlaps rows
-    bad(() => mk.routeRows(s, { ...route, ids: p.add(4) }), 'rowOffsets'); // overlaps the offsets
-    bad(() => mk.routeRows(s, { ...route, route: p.range.at(p.range.size - 4) }), 'route');
-    bad(() => mk.routeRows(s, { ...route, active: p.add(5122) }), 'active'); // misaligned
-    bad(() => mk.routeRows(s, { ...route, active: p.range.at(p.range.size - 32) }), 'active'); // E + 1 = 9 entries need 36 bytes
-    bad(() => mk.routeRows(s, { ...route, active: p.add(3072) }), 'active'); // overlaps ids
-    bad(() => mk.routeRows(s, { ...route, active: p.add(1024 + 16) }), 'rows'); // overlaps rows
+    expectArgumentError(() => mk.routeRows(s, { ...route, K: 0 }), 'K');
+    expectArgumentError(() => mk.routeRows(s, { ...route, E: 0 }), 'E');
+    expectArgumentError(() => mk.routeRows(s, { ...route, E: MAX_ROUTE_EXPERTS + 1 }), 'E');
+    expectArgumentError(() => mk.routeRows(s, { ...route, T: MAX_ROUTE_ROWS / 2 + 1 }), 'T');
+    expectArgumentError(() => mk.routeRows(s, { ...route, device: -1 }), 'device');
+    expectArgumentError(() => mk.routeRows(s, { ...route, rows: p.add(2) }), 'rows');
+    expectArgumentError(() => mk.routeRows(s, { ...route, perm: p.add(1028) }), 'rows'); // overlaps rows
+    expectArgumentError(() => mk.routeRows(s, { ...route, ids: p.add(4) }), 'rowOffsets'); // overlaps the offsets
+    expectArgumentError(() => mk.routeRows(s, { ...route, route: p.range.at(p.range.size - 4) }), 'route');
+    expectArgumentError(() => mk.routeRows(s, { ...route, active: p.add(5122) }), 'active'); // misaligned
+    expectArgumentError(() => mk.routeRows(s, { ...route, active: p.range.at(p.range.size - 32) }), 'active'); // E + 1 = 9 entries need 36 bytes
+    expectArgumentError(() => mk.routeRows(s, { ...route, active: p.add(3072) }), 'active'); // overlaps ids
+    expectArgumentError(() => mk.routeRows(s, { ...route, active: p.add(1024 + 16) }), 'rows'); // overlaps rows
     const g = { out: p, x: p.add(8192), rows: p.add(16384), count: p.add(20000), M: 4, H: 8, R: 4 };
-    bad(() => mk.gatherRowsCount(s, { ...g, count: p.add(20002) }), 'count');
-    bad(() => mk.gatherRowsCount(s, { ...g, x: p.add(64) }), 'out');
-    bad(() => mk.scatterRowsCount(s, { ...g, count: p.range.at(p.range.size) }), 'count');
-    bad(() => mk.siluMulCount(s, { out: p, gate: p, up: p, count: p, M: 2, N: 0 }), 'N');
+    expectArgumentError(() => mk.gatherRowsCount(s, { ...g, count: p.add(20002) }), 'count');
+    expectArgumentError(() => mk.gatherRowsCount(s, { ...g, x: p.add(64) }), 'out');
+    expectArgumentError(() => mk.scatterRowsCount(s, { ...g, count: p.range.at(p.range.size) }), 'count');
+    expectArgumentError(() => mk.siluMulCount(s, { out: p, gate: p, up: p, count: p, M: 2, N: 0 }), 'N');
     // nothing to do: nothing queued
     mk.routeRows(s, { ...route, T: 0 });
     mk.gatherRowsCount(s, { ...g, M: 0 });
@@ -958,29 +925,20 @@ describe('model kernels on the mock (CPU twins vs TypeScript references, bit for
   it('validates sizes and pointers, naming the field', async () => {
     arena.reset();
     const p = arena.alloc(4096);
-    const bad = (fn: () => void, field: string) => {
-      try {
-        fn();
-        expect.unreachable();
-      } catch (e) {
-        expect(e).toBeInstanceOf(InvalidArgumentError);
-        expect((e as InvalidArgumentError).argument).toBe(field);
-      }
-    };
-    bad(() => mk.routerTopk(s, { ids: p, weights: p, logits: p, T: 1, E: 4, K: 5, renorm: true }), 'K');
-    bad(() => mk.rope(s, { x: p, pos: p, T: 1, heads: 1, D: 7, theta: 1e4 }), 'D');
-    bad(() => mk.rope(s, { x: p, pos: p, T: 1, heads: 1, D: 8, theta: 0 }), 'theta');
-    bad(() => mk.matmul(s, { out: p, x: p.add(16), w: p, M: 2, N: 4, K: 4 }), 'out');
-    bad(() => mk.matmul(s, { out: p, x: p, w: p, M: 1.5, N: 4, K: 4 }), 'M');
-    bad(() => mk.embed(s, { out: p, table: p, tokens: p.add(2), T: 1, H: 4 }), 'tokens');
-    bad(() => mk.copy(s, { out: arena.alloc(4), x: p, n: 2 ** 30 }), 'out');
-    bad(() => mk.attention(s, {
+    expectArgumentError(() => mk.routerTopk(s, { ids: p, weights: p, logits: p, T: 1, E: 4, K: 5, renorm: true }), 'K');
+    expectArgumentError(() => mk.rope(s, { x: p, pos: p, T: 1, heads: 1, D: 7, theta: 1e4 }), 'D');
+    expectArgumentError(() => mk.rope(s, { x: p, pos: p, T: 1, heads: 1, D: 8, theta: 0 }), 'theta');
+    expectArgumentError(() => mk.matmul(s, { out: p, x: p.add(16), w: p, M: 2, N: 4, K: 4 }), 'out');
+    expectArgumentError(() => mk.matmul(s, { out: p, x: p, w: p, M: 1.5, N: 4, K: 4 }), 'M');
+    expectArgumentError(() => mk.embed(s, { out: p, table: p, tokens: p.add(2), T: 1, H: 4 }), 'tokens');
+    expectArgumentError(() => mk.copy(s, { out: arena.alloc(4), x: p, n: 2 ** 30 }), 'out');
+    expectArgumentError(() => mk.attention(s, {
       out: p, q: p, pool: p, blockTable: p, tokSeq: p, tokPos: p, T: 0, NH: 6, KVH: 4, D: 8, layer: 0, L: 1, BS: 4, MB: 1, scale: 1,
     }), 'KVH');
-    bad(() => mk.kvStore(s, { pool: p, k: p, v: p, slots: p, T: 0, KVH: 1, D: 8, layer: 2, L: 2, BS: 4 }), 'layer');
+    expectArgumentError(() => mk.kvStore(s, { pool: p, k: p, v: p, slots: p, T: 0, KVH: 1, D: 8, layer: 2, L: 2, BS: 4 }), 'layer');
     for (const dtype of ['f16', 'F32', 4]) {
-      bad(() => mk.kvStore(s, { pool: p, k: p, v: p, slots: p, T: 1, KVH: 1, D: 8, layer: 0, L: 1, BS: 4, dtype: dtype as never }), 'dtype');
-      bad(() => mk.attention(s, {
+      expectArgumentError(() => mk.kvStore(s, { pool: p, k: p, v: p, slots: p, T: 1, KVH: 1, D: 8, layer: 0, L: 1, BS: 4, dtype: dtype as never }), 'dtype');
+      expectArgumentError(() => mk.attention(s, {
         out: p, q: p.add(256), pool: p, blockTable: p, tokSeq: p, tokPos: p, T: 1, NH: 1, KVH: 1, D: 8, layer: 0, L: 1, BS: 4, MB: 1, scale: 1,
         dtype: dtype as never,
       }), 'dtype');
@@ -989,12 +947,12 @@ describe('model kernels on the mock (CPU twins vs TypeScript references, bit for
     const geo = { KVH: 1, D: 8, layer: 0, L: 1, BS: 4, blocks: 4 };
     const bf16Pool = p.range.at(p.range.size - 4 * 2 * 4 * 8 * 2); // exactly 4 bf16 blocks left in the range
     mk.kvStore(s, { pool: bf16Pool, k: p, v: p, slots: p, T: 0, ...geo });
-    bad(() => mk.kvStore(s, { pool: bf16Pool, k: p, v: p, slots: p, T: 0, ...geo, dtype: 'f32' }), 'pool');
-    bad(() => mk.attention(s, {
+    expectArgumentError(() => mk.kvStore(s, { pool: bf16Pool, k: p, v: p, slots: p, T: 0, ...geo, dtype: 'f32' }), 'pool');
+    expectArgumentError(() => mk.attention(s, {
       out: p, q: p, pool: p, blockTable: p, tokSeq: p, tokPos: p, T: 0, NH: 4, KVH: 4, D: 512, layer: 0, L: 1, BS: 4, MB: 1, scale: 1,
     }), 'D');
     const other = rt.createStream(1);
-    bad(() => mk.copy(other, { out: p, x: p, n: 1 }), 'stream');
+    expectArgumentError(() => mk.copy(other, { out: p, x: p, n: 1 }), 'stream');
     other.dispose();
     // nothing to do: nothing queued, no error
     mk.matmul(s, { out: p, x: p, w: p, M: 0, N: 4, K: 4 });

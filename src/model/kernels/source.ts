@@ -613,7 +613,7 @@ extern "C" __global__ void emoe_add_f32(float* out, const float* a, const float*
 // 16-byte aligned, K <= EMOE_GMM_SMEM_FLOATS): the block first stages the chunk's x rows
 // (EMOE_GMM_SMEM_FLOATS / K of them, at most 8) in dynamic shared memory, which the
 // launcher sizes to that (ModelKernels.groupedMatmul), and the warps read x from there:
-// on H200 at decode shapes (scripts/native/gmm_bench.cu) 15-24 % faster than reading x
+// on H200 at decode shapes (scripts/native/gmm_bench.cu) 14-24 % less time than reading x
 // through L1 at 1-32 tokens, equal at 128. Otherwise rows in chunks of 8 read from global
 // memory. Summation order of one output element, fixed on both paths: lane l adds, with
 // fmaf in ascending order, k = 256 j + 8 l + i (i = 0..7, j = 0, 1, ...), then the 32
