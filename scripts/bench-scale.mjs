@@ -28,6 +28,8 @@
 // BENCH_VERTICAL_STEPS (default: the first two layouts of BENCH_STEPS), BENCH_PEER_ACCESS
 // (own: copies pushed by their sources, the default; all: pulled by their targets),
 // BENCH_PAUSE_CAPTURES (1: the serving engine captures no new graph while a scale prepares),
+// BENCH_STANDBY (1, the default: standby chunks kept on the devices outside the layout; 0: none; the
+// bench waits for them before each scale and reports how long making them took),
 // BENCH_CHECKPOINT ("pattern": a byte pattern, the default, or "export": the
 // synthetic weights the deployments serve, read back from the devices).
 // Prepare pacing (elastic and vertical; DeploymentOptions.prepare): BENCH_PREPARE_PACED
@@ -96,7 +98,7 @@ const geo = kvGeometry(config, 16);
 const kvBlocksPerDevice = Math.ceil((concurrency * Math.ceil((promptLen + outputLen + outputSpread) / geo.blockTokens)) * 1.5);
 // BENCH_GRAPHS=0: every engine (elastic and baselines) runs without graph replay (A/B).
 const serving = { rt, config, kvBlocksPerDevice, maxTokensPerStep: 512, maxSeqs: concurrency, peerAccess: env('BENCH_PEER_ACCESS', 'own'),
-  pauseCaptures: env('BENCH_PAUSE_CAPTURES', '0') === '1' };
+  pauseCaptures: env('BENCH_PAUSE_CAPTURES', '0') === '1', standbyChunks: env('BENCH_STANDBY', '1') !== '0' };
 // BENCH_DEVICE_ROUTING_MAX_ROWS: the engines' deviceRoutingMaxRows (default: the engine's).
 const forward = env('BENCH_GRAPHS', '1') === '0' ? { graphs: false } : {};
 if (process.env.BENCH_DEVICE_ROUTING_MAX_ROWS) forward.deviceRoutingMaxRows = Number(process.env.BENCH_DEVICE_ROUTING_MAX_ROWS);
@@ -224,6 +226,14 @@ const startT = clock();
 let dep;
 dep = await Deployment.start({ ...serving, forward, executor, devices: plan[0], seed: 11n, prepare, onStep: recorder('elastic', () => dep) });
 emit({ bench: 'start_deployment', devices: plan[0], ms: clock() - startT });
+/** Waits for the deployment's background work (standby chunks, access grants) and reports it. */
+async function settle(when) {
+  const t = clock();
+  await dep.settled();
+  const standby = dep.standby;
+  emit({ bench: 'standby', when, settleMs: clock() - t, devices: standby.devices, ...(standby.error ? { error: String(standby.error) } : {}) });
+}
+await settle('start');
 if (needCkpt && checkpointKind === 'export') {
   const t = clock();
   const r = await exportCheckpoint(dep.hmm.store, config, ckpt, { files: 16 });
@@ -233,17 +243,19 @@ const load = startLoad('elastic');
 load.targets = [dep];
 await sleep(holdMs);
 for (let i = 1; i < plan.length; i++) {
+  if (i > 1) await settle(`before ${plan[i].join(',')}`);
   const m = await measureScale('elastic', dep, plan[i]);
   const r = m.report;
   emit({ bench: 'scale', ...transitionFigures(m),
-    bytesCopied: r.bytesCopied, lowerBoundBytes: r.lowerBoundBytes, chunksCopied: r.chunksCopied,
+    bytesCopied: r.bytesCopied, lowerBoundBytes: r.lowerBoundBytes, chunksCopied: r.chunksCopied, chunksFromStandby: r.chunksFromStandby,
     chunksReused: r.chunksReused, chunksReleased: r.chunksReleased, switchover: r.switchover, prepare: r.prepare,
     peakUsedBytes: m.peak });
   const speed = stepSpeed(m.before, m.during);
   log(`elastic ${m.from.join(',')} -> ${m.to.join(',')}: ${(m.first.t - m.tCmd).toFixed(0)} ms to the first step on the new layout; ` +
     `throughput during ${(100 * m.during.tokensPerSecond / m.before.tokensPerSecond).toFixed(0)}% of before ` +
     `(all tokens, prompt and decode: ${(100 * m.during.allTokensPerSecond / m.before.allTokensPerSecond).toFixed(0)}%); ` +
-    `decode step speed during ${speed === null ? 'n/a (no decode-only step)' : `${(100 * speed).toFixed(0)}%`} of before`);
+    `decode step speed during ${speed === null ? 'n/a (no decode-only step)' : `${(100 * speed).toFixed(0)}%`} of before; ` +
+    `${r.chunksFromStandby} of ${r.chunksCopied} target chunks were standby chunks`);
   await sleep(holdMs);
 }
 

@@ -594,6 +594,13 @@ export class ForwardEngine implements Disposable {
       const bad = loaded.find((k): k is PromiseRejectedResult => k.status === 'rejected');
       if (bad) throw bad.reason;
       for (const [r, d] of devices.entries()) {
+        // A turn between devices (each takes 10-30 ms of host time on Qwen3-30B-A3B shapes): an engine
+        // serving in this process meanwhile (a scale's standby being made) launches its next step.
+        if (r > 0) {
+          const t0 = performance.now();
+          await new Promise<void>((resolve) => setImmediate(resolve));
+          t += performance.now() - t0; // not this engine's time
+        }
         made.push(ForwardEngine.deviceState(rt, c, layout, weights, kv.get(d)!, r, kernels[r]!, routes, T, G, MBmax, hostLayout, deviceRouting, stats));
         kernels[r] = undefined; // owned by its state now
       }

@@ -48,6 +48,26 @@ class KvPool {
   }
 }
 
+/**
+ * How a pool is cut into chunks (pure): blocks per chunk and each chunk's size, in order.
+ * Checks the spec; `granularity` is the device's.
+ */
+export function kvPoolLayout(input: KvPoolSpec, granularity: number): { spec: Required<KvPoolSpec>; blocksPerChunk: number; sizes: number[] } {
+  const spec = { maxChunkBytes: 256 * 1024 * 1024, ...input };
+  for (const k of ['blockBytes', 'blocks', 'maxChunkBytes'] as const) {
+    if (!Number.isSafeInteger(spec[k]) || spec[k] <= 0) throw new InvalidArgumentError(k, 'a positive integer');
+  }
+  const g = granularity;
+  const chunkBytes = Math.max(g, Math.floor(spec.maxChunkBytes / g) * g);
+  if (spec.blockBytes > chunkBytes) throw new InvalidArgumentError('blockBytes', `at most maxChunkBytes (${chunkBytes})`);
+  const blocksPerChunk = Math.floor(chunkBytes / spec.blockBytes);
+  const sizes: number[] = [];
+  for (let first = 0; first < spec.blocks; first += blocksPerChunk) {
+    sizes.push(Math.ceil((Math.min(blocksPerChunk, spec.blocks - first) * spec.blockBytes) / g) * g);
+  }
+  return { spec, blocksPerChunk, sizes };
+}
+
 export class KvManager {
   private readonly pools = new Map<number, KvPool>();
   private readonly tables = new Map<string, BlockTableEntry>();
@@ -55,27 +75,9 @@ export class KvManager {
   constructor(private readonly store: ChunkStore, private readonly holder = 'hmm') {}
 
   createPool(input: KvPoolSpec): KvPoolInfo {
-    const spec = { maxChunkBytes: 256 * 1024 * 1024, ...input };
-    if (this.pools.has(spec.device)) throw new InvalidArgumentError('device', `a device without a KV pool (device ${spec.device} has one)`);
-    for (const k of ['blockBytes', 'blocks', 'maxChunkBytes'] as const) {
-      if (!Number.isSafeInteger(spec[k]) || spec[k] <= 0) throw new InvalidArgumentError(k, 'a positive integer');
-    }
-    const g = this.store.rt.granularity(spec.device);
-    const chunkBytes = Math.max(g, Math.floor(spec.maxChunkBytes / g) * g);
-    if (spec.blockBytes > chunkBytes) throw new InvalidArgumentError('blockBytes', `at most maxChunkBytes (${chunkBytes})`);
-    const blocksPerChunk = Math.floor(chunkBytes / spec.blockBytes);
-    const plans: ChunkPlan[] = [];
-    for (let first = 0, i = 0; first < spec.blocks; first += blocksPerChunk, i++) {
-      const n = Math.min(blocksPerChunk, spec.blocks - first);
-      plans.push({
-        id: `kv@${spec.device}#${i}`,
-        group: 'kv',
-        device: spec.device,
-        kind: 'kv',
-        size: Math.ceil((n * spec.blockBytes) / g) * g,
-        tensors: [],
-      });
-    }
+    if (this.pools.has(input.device)) throw new InvalidArgumentError('device', `a device without a KV pool (device ${input.device} has one)`);
+    const { spec, blocksPerChunk, sizes } = kvPoolLayout(input, this.store.rt.granularity(input.device));
+    const plans: ChunkPlan[] = sizes.map((size, i) => ({ id: `kv@${spec.device}#${i}`, group: 'kv', device: spec.device, kind: 'kv', size, tensors: [] }));
     const chunks = this.store.allocate(plans, this.holder);
     this.pools.set(spec.device, new KvPool(spec, blocksPerChunk, chunks));
     return this.info(spec.device);

@@ -176,6 +176,7 @@ const DeviceAccountingSchema = z.object({
   weightBytes: z.number(),
   kvBytes: z.number(),
   workspaceBytes: z.number(),
+  spareBytes: z.number(),
   freeBytes: z.number(),
   totalBytes: z.number(),
 });

@@ -67,15 +67,16 @@ export class DevicePointer {
 
 /** A reserved range of virtual addresses in this process, where chunks are mapped. */
 export class VirtualRange implements Disposable {
+  /** First address of the range (fixed at reserve, read once: every pointer into the range uses it). */
+  readonly base: bigint;
+  /** Bytes reserved (fixed at reserve, read once: every pointer into the range checks against it). */
+  readonly size: number;
   /** @internal */
-  constructor(readonly native: NativeRange) {}
+  constructor(readonly native: NativeRange) {
+    this.base = native.base;
+    this.size = native.size;
+  }
 
-  get base(): bigint {
-    return this.native.base;
-  }
-  get size(): number {
-    return this.native.size;
-  }
   get disposed(): boolean {
     return this.native.freed;
   }

@@ -145,7 +145,7 @@ export class ServeMetrics {
     if (d.memory) {
       const memory = d.memory.bind(d);
       new Gauge({
-        name: `${PREFIX}device_memory_bytes`, help: 'Device memory by kind: weight, kv, workspace (HMM accounting), free and total (device)',
+        name: `${PREFIX}device_memory_bytes`, help: 'Device memory by kind: weight, kv, workspace, spare (HMM accounting), free and total (device)',
         labelNames: ['device', 'kind'] as const, registers,
         collect() {
           this.reset();
@@ -154,6 +154,7 @@ export class ServeMetrics {
             this.set({ device, kind: 'weight' }, a.weightBytes);
             this.set({ device, kind: 'kv' }, a.kvBytes);
             this.set({ device, kind: 'workspace' }, a.workspaceBytes);
+            this.set({ device, kind: 'spare' }, a.spareBytes);
             this.set({ device, kind: 'free' }, a.freeBytes);
             this.set({ device, kind: 'total' }, a.totalBytes);
           }

@@ -134,6 +134,50 @@ describe('chunk store and synthetic weights', () => {
     await s.synchronize();
   });
 
+  it('keeps spare chunks: allocate takes one matching device, size and access with no driver call; trimmed, counted, freed', async () => {
+    const rt = openMock({ mockCapacity: 64 * MIB });
+    const store = new ChunkStore(rt);
+    const plan = (id: string, device: number, size = 2 * GRAN) => ({ id, group: id, device, kind: 'weight' as const, size, tensors: [] });
+    store.addSpares(1, 2 * GRAN, 3, [0]);
+    expect(store.spareCount(1)).toBe(3);
+    expect(store.accounting()[1]!.spareBytes).toBe(6 * GRAN);
+    expect(store.accounting()[1]!.weightBytes).toBe(0);
+    expect(rt.deviceInfo(1).freeBytes).toBe(64 * MIB - 6 * GRAN);
+    // A match calls no driver function: each of them would fail now.
+    for (const op of ['CreateChunk', 'ReserveRange', 'Map', 'SetAccess']) rt.injectFault(op, 1);
+    const [a] = store.allocate([plan('a', 1)], 'h', () => [1, 0]);
+    rt.clearFaults();
+    expect(store.sparesTaken).toBe(1);
+    expect(store.spareCount(1)).toBe(2);
+    expect([...a!.access].sort()).toEqual([0, 1]);
+    expect(rt.deviceInfo(1).freeBytes).toBe(64 * MIB - 6 * GRAN); // the same bytes, now a's
+    // Mapped with access for device 0 already: a copy issued there may write it.
+    const s0 = rt.createStream(0);
+    s0.memset(a!.range.at(0), 9, 64);
+    await s0.synchronize();
+    // No match: another size, another device, or an access the spares do not cover: created anew.
+    store.allocate([plan('b', 1, GRAN), plan('c', 2)]);
+    store.allocate([plan('d', 1)], 'h', () => [1, 2]);
+    expect(store.spareCount(1)).toBe(2);
+    expect(store.sparesTaken).toBe(1);
+    // The device's own access is always covered.
+    store.allocate([plan('e', 1)]);
+    expect(store.spareCount(1)).toBe(1);
+    expect(store.spareSizes(1)).toEqual(new Map([[2 * GRAN, 1]]));
+    // Trimmed beyond `keep`; all or nothing on failure; bad arguments named.
+    expect(store.trimSpares(1, 0)).toBe(1);
+    expect(store.spareCount(1)).toBe(0);
+    expect(() => store.addSpares(3, 16 * MIB, 5)).toThrow(/out of memory|OUT_OF_MEMORY/i);
+    expect(store.spareCount(3)).toBe(0);
+    expect(rt.deviceInfo(3).freeBytes).toBe(64 * MIB);
+    expect(() => store.addSpares(3, GRAN + 1, 1)).toThrow(InvalidArgumentError);
+    expect(() => store.addSpares(3, GRAN, -1)).toThrow(InvalidArgumentError);
+    // dispose frees the spares with the chunks.
+    store.addSpares(3, GRAN, 2);
+    store.dispose();
+    expect(rt.devices().map((d) => d.freeBytes)).toEqual(new Array(4).fill(64 * MIB));
+  });
+
   it('frees a chunk only when its last holder lets go', async () => {
     const rt = openMock();
     const hmm = new Hmm(rt);

@@ -43,6 +43,11 @@ async function start(devices: number[], extra: Partial<DeploymentOptions> = {}) 
 }
 
 const freeBytes = (rt: Runtime) => rt.devices().map((d) => d.freeBytes);
+/** Device memory once the deployment's background work (standby chunks, access grants) is done. */
+const settledFree = async (dep: Deployment, rt: Runtime) => {
+  await dep.settled();
+  return freeBytes(rt);
+};
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 /** Greedy tokens of each prompt on a fixed one-device layout (no scaling). */
@@ -101,10 +106,10 @@ async function waitTokens(streamed: Map<string, number[]>, ids: string[], n: num
 
 beforeAll(async () => {
   ({ dep: fixed } = await start([0]));
-  const { rt: r1 } = await start([0]);
-  steady.set('0', freeBytes(r1));
-  const { rt: r2 } = await start([0, 1]);
-  steady.set('0,1', freeBytes(r2));
+  const s1 = await start([0]);
+  steady.set('0', await settledFree(s1.dep, s1.rt));
+  const s2 = await start([0, 1]);
+  steady.set('0,1', await settledFree(s2.dep, s2.rt));
   const want = await referenceTokens(PROMPTS);
   // Not degenerate: the comparisons mean something.
   expect(new Set(want.flat()).size).toBeGreaterThan(10);
@@ -145,11 +150,13 @@ describe('Deployment.scale', () => {
       const before = await checksums(dep);
       const r = await dep.scale({ devices }, { onProgress: (p: ScaleProgress) => phases.push(p.phase) });
       // Each target is mapped for its own device and, where its sources pushed it, theirs; a
-      // target whose sources all grant its device access (an earlier scale's target) was pulled.
+      // target whose sources all grant its device access (an earlier scale's target) was pulled;
+      // a target taken from the standby chunks is mapped for every device of the node.
+      const node = [...Array(rt.deviceCount).keys()];
       for (const c of r.copies) {
         const t = dep.hmm.store.get(c.targetId);
         const pushed = [...new Set([t.plan.device, ...c.sourceIds.map((id) => Number(id.split('@')[1]!.split('#')[0]))])].sort();
-        expect([[t.plan.device], pushed], c.targetId).toContainEqual([...t.access].sort());
+        expect([[t.plan.device], pushed, node], c.targetId).toContainEqual([...t.access].sort());
       }
       expect(r.to).toEqual(devices);
       expect(dep.devices).toEqual(devices);
@@ -199,7 +206,7 @@ describe('Deployment.scale', () => {
     expect(reports[0]).toMatchObject({ from: [0], to: [0, 1], chunksCopied: 9, chunksReused: 9, chunksReleased: 8 }); // dense + 8 experts to device 1
     expect(phases.filter((p) => p !== 'prepare')).toEqual(Array(4).fill(['plan', 'attach', 'switch', 'release', 'done']).flat());
     // Back on [0]: exactly the steady memory of that layout, pools of the devices that left are gone.
-    expect(freeBytes(rt)).toEqual(steady.get('0'));
+    expect(await settledFree(dep, rt)).toEqual(steady.get('0'));
     expect(dep.hmm.kv.poolDevices()).toEqual([0]);
   });
 
@@ -258,7 +265,7 @@ describe('Deployment.scale', () => {
     // Several ranks really served, and leaving devices' requests moved with their KV.
     expect(Math.max(...figures.map((f) => f.rankSeqs.length))).toBe(4);
     expect(reports.reduce((a, r) => a + r.switchover.moved, 0)).toBeGreaterThan(0);
-    expect(freeBytes(rt)).toEqual(steady.get('0'));
+    expect(await settledFree(dep, rt)).toEqual(steady.get('0'));
   });
 
   it('migrates to disjoint and reordered device sets mid-generation: every request moves with its KV, the same tokens', async () => {
@@ -297,7 +304,7 @@ describe('Deployment.scale', () => {
       expect(c.outputTokens, `tokens of ${c.id}`).toEqual(expected(PROMPTS[Number(c.id.slice(1))]!, MAX));
       expect(c.preemptions).toBe(0);
     }
-    expect(freeBytes(rt)).toEqual(steady.get('0'));
+    expect(await settledFree(dep, rt)).toEqual(steady.get('0'));
   });
 
   it('recomputes a request whose KV cannot move (target pool full): nothing lost, the same tokens', async () => {
@@ -331,26 +338,31 @@ describe('Deployment.scale', () => {
     const chunks0 = dep.chunkIds();
     let chunks01: string[] | undefined;
     const total = rt.devices().map((d) => d.totalBytes);
-    expect(freeBytes(rt)).toEqual(steady.get('0'));
+    expect(await settledFree(dep, rt)).toEqual(steady.get('0'));
     for (let i = 0; i < 200; i++) {
       await dep.scale({ devices: [0, 1] });
-      expect(freeBytes(rt), `on [0,1], cycle ${i}`).toEqual(steady.get('0,1'));
+      expect(await settledFree(dep, rt), `on [0,1], cycle ${i}`).toEqual(steady.get('0,1'));
       chunks01 ??= dep.chunkIds();
       expect(dep.chunkIds()).toEqual(chunks01);
       await dep.scale({ devices: [0] });
-      expect(freeBytes(rt), `on [0], cycle ${i}`).toEqual(steady.get('0'));
+      expect(await settledFree(dep, rt), `on [0], cycle ${i}`).toEqual(steady.get('0'));
       expect(dep.chunkIds()).toEqual(chunks0);
     }
     expect(dep.hmm.store.size).toBe(chunks0.length + 1); // + the KV pool chunk
     expect(dep.hmm.kv.poolDevices()).toEqual([0]);
-    expect(freeBytes(rt).slice(2)).toEqual(total.slice(2));
+    // Devices outside the layout hold nothing but their standby chunks.
+    const spare = dep.hmm.accounting().map((a) => a.spareBytes);
+    expect(spare[0]).toBe(0);
+    expect(spare[2]).toBeGreaterThan(0);
+    expect(freeBytes(rt).slice(2)).toEqual(total.slice(2).map((t, i) => t - spare[i + 2]!));
     // Still serving, correctly.
     const c = await dep.submit({ prompt: PROMPTS[3]!, maxTokens: 20, ignoreEos: true });
     expect(c.outputTokens).toEqual(expected(PROMPTS[3]!, 20));
   });
 
   it('with peerAccess \'all\' pulls the copies: targets mapped for their own device, granted every device after the switch-over', async () => {
-    const { rt, dep } = await start([0], { peerAccess: 'all' });
+    // No standby chunks: those are mapped for every device already (see the standby test).
+    const { rt, dep } = await start([0], { peerAccess: 'all', standbyChunks: false });
     for (const id of dep.chunkIds()) expect(dep.hmm.store.get(id).access.size, id).toBe(rt.deviceCount);
     const running = dep.submit({ prompt: PROMPTS[0]!, maxTokens: 40, ignoreEos: true });
     for (const devices of [[0, 1], [1, 2], [0]]) {
@@ -399,7 +411,8 @@ describe('Deployment.scale', () => {
 
   it('rolls back a failure at each step (allocation, mapping, copy, standby engine): the old layout serves, memory as before', async () => {
     // Kernels not preloaded, so the standby engine loads them on the device it adds (a step that can fail).
-    const { rt, dep } = await start([0], { preloadKernels: false });
+    // No standby chunks either, so every target chunk is created by the scale (standby: see below).
+    const { rt, dep } = await start([0], { preloadKernels: false, standbyChunks: false });
     const load: Array<{ k: number; maxTokens: number; done: Promise<Completion> }> = [];
     const request = (k: number, maxTokens: number) =>
       load.push({ k, maxTokens, done: dep.submit({ prompt: PROMPTS[k]!, maxTokens, ignoreEos: true }) });
@@ -466,7 +479,75 @@ describe('Deployment.scale', () => {
       expect(c.outputTokens).toEqual(expected(PROMPTS[l.k]!, l.maxTokens));
     }
     expect(dep.engine.stats().requestsFailed).toBe(0);
-    expect(freeBytes(rt)).toEqual(steady.get('0'));
+    // The steady figure of [0] less the standby chunks it would keep on the other devices.
+    expect(await settledFree(dep, rt)).toEqual(rt.devices().map((d, i) => (i === 0 ? steady.get('0')![0] : d.totalBytes)));
+  });
+
+  it('keeps standby chunks on the devices outside the layout: a scale-up copies into them, a failed one rolls back and they are made again', async () => {
+    const { rt, dep } = await start([0]);
+    await dep.settled();
+    // Devices 1-3 each keep what a scale-up onto them allocates there: its KV pool chunk, the dense chunk and half
+    // the experts (1→2).
+    const standby = dep.standby;
+    expect(standby.error).toBeUndefined();
+    expect(standby.devices.map((d) => [d.device, d.chunks])).toEqual([[1, 10], [2, 10], [3, 10]]);
+    expect(dep.hmm.accounting().map((a) => a.spareBytes)).toEqual([0, ...standby.devices.map((d) => d.bytes)]);
+    const running = dep.submit({ prompt: PROMPTS[1]!, maxTokens: 60, ignoreEos: true });
+
+    // A copy failing: rolled back, memory (with the standby chunks made again) as before.
+    const memory = freeBytes(rt);
+    rt.injectFault('CopyDeviceToDevice', 4);
+    await expect(dep.scale({ devices: [0, 1] })).rejects.toBeInstanceOf(FaultInjectedError);
+    rt.clearFaults();
+    expect(dep.devices).toEqual([0]);
+    expect(await settledFree(dep, rt)).toEqual(memory);
+    expect(dep.standby.devices.map((d) => d.chunks)).toEqual([10, 10, 10]);
+
+    // The scale-up takes its KV pool and every target chunk from the standby chunks: the driver creates only scratch.
+    const original = await originalSums(dep);
+    const before = await checksums(dep);
+    const creates: number[] = [];
+    for (let nth = 1; nth < 40; nth++) {
+      // Count the chunk creations of a scale from a sweep of its first failure (as the rollback test does).
+      rt.injectFault('CreateChunk', nth);
+      try {
+        const r = await dep.scale({ devices: [0, 1] });
+        rt.clearFaults();
+        expect(r.chunksCopied).toBe(9);
+        expect(r.chunksFromStandby).toBe(9);
+        expect(r.plannedAhead).toBe(true);
+        for (const c of r.copies) expect([...dep.hmm.store.get(c.targetId).access].sort(), c.targetId).toEqual([0, 1, 2, 3]);
+        await expectCopiesExact(dep, r, before, original);
+        break;
+      } catch (e) {
+        rt.clearFaults();
+        expect(e).toBeInstanceOf(FaultInjectedError);
+        creates.push(nth);
+        await dep.settled();
+      }
+    }
+    expect(creates.length).toBeGreaterThan(0);
+    expect(creates.length).toBeLessThan(9); // with no standby chunks it is at least 1 + 9 + 2 (the rollback test)
+    expect(dep.hmm.store.sparesTaken).toBeGreaterThanOrEqual(10 * (creates.length + 1)); // each attempt took the pool's and the copies'
+    // On [0, 1]: device 1 keeps none; 2 and 3 keep what a scale-up onto them from [0, 1] takes (the KV pool chunk,
+    // the dense chunk and 2 experts of each layer: the plan deals each layer's 8 experts 3/3/2).
+    await dep.settled();
+    expect(dep.standby.devices.map((d) => [d.device, d.chunks])).toEqual([[2, 6], [3, 6]]);
+    expect(await settledFree(dep, rt)).toEqual(steady.get('0,1'));
+    // A scale right after another, with the standby chunks still being made: it takes what exists, creates the rest.
+    await dep.scale({ devices: [0] });
+    const r = await dep.scale({ devices: [0, 1] });
+    expect(r.chunksFromStandby).toBeLessThanOrEqual(r.chunksCopied);
+    expect(await settledFree(dep, rt)).toEqual(steady.get('0,1'));
+    expect((await running).outputTokens).toEqual(expected(PROMPTS[1]!, 60));
+    // Off: nothing kept (the plans are still made ahead); a scale not by one device is planned when asked.
+    const { dep: off } = await start([0], { standbyChunks: false });
+    await off.settled();
+    expect(off.standby.devices).toEqual([]);
+    const offUp = await off.scale({ devices: [0, 1] });
+    expect(offUp).toMatchObject({ chunksFromStandby: 0, plannedAhead: true });
+    await off.settled();
+    expect((await off.scale({ devices: [2, 3] })).plannedAhead).toBe(false);
   });
 
   it('plans a scale with the load observed while serving when asked, and says which load it balanced', async () => {
@@ -528,15 +609,15 @@ describe('Deployment.scale', () => {
 
   it('refuses impossible targets and a second scale at once, changing nothing', async () => {
     const { rt, dep } = await start([0]);
-    const memory = freeBytes(rt);
+    const memory = await settledFree(dep, rt);
     await expect(dep.scale({ devices: [0, 7] })).rejects.toBeInstanceOf(InvalidArgumentError);
     await expect(dep.scale({ devices: [] })).rejects.toBeInstanceOf(InvalidArgumentError);
     await expect(dep.scale({ devices: [1, 1] })).rejects.toBeInstanceOf(InvalidArgumentError);
-    expect(freeBytes(rt)).toEqual(memory);
+    expect(await settledFree(dep, rt)).toEqual(memory);
     const first = dep.scale({ devices: [0, 1] });
     await expect(dep.scale({ devices: [0, 1, 2] })).rejects.toThrow(/previous scale/);
     await first;
     expect(dep.devices).toEqual([0, 1]);
-    expect(freeBytes(rt)).toEqual(steady.get('0,1'));
+    expect(await settledFree(dep, rt)).toEqual(steady.get('0,1'));
   });
 });

@@ -210,6 +210,7 @@ describe('Deployment with a paced prepare phase', () => {
     const rts = [openMock({ mockCapacity: 128 * MIB }), openMock({ mockCapacity: 128 * MIB })];
     const ref = await Deployment.start({ rt: rts[0]!, config, devices: [0], seed: 3n, kvBlocksPerDevice: 64 });
     const want = await Promise.all(prompts.map((prompt) => ref.submit({ prompt, maxTokens: 40, ignoreEos: true })));
+    await ref.settled(); // with its standby chunks
     const steady = rts[0]!.devices().map((d) => d.freeBytes);
     await ref.close();
 
@@ -227,6 +228,7 @@ describe('Deployment with a paced prepare phase', () => {
     expect(last.phases.prepareMs).toBeGreaterThanOrEqual((last.bytesCopied - 4 * MIB) / (MIB / 16) - 1);
     const got = await Promise.all(done);
     got.forEach((c, i) => expect(c.outputTokens, `prompt ${i}`).toEqual(want[i]!.outputTokens));
+    await dep.settled();
     expect(rt.devices().map((d) => d.freeBytes)).toEqual(steady);
     await dep.close();
     for (const r of rts) r.dispose();

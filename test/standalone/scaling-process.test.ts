@@ -117,6 +117,7 @@ describe('Deployment with executor processes', () => {
     const pid = dep.executorPid!;
     const want = (await dep.submit({ prompt: PROMPTS[0]!, maxTokens: 30, ignoreEos: true })).outputTokens;
     expect(want).toEqual(reference[0]!.slice(0, 30));
+    await dep.settled(); // standby chunks made
     const memory = freeBytes(rt);
     const chunks = dep.hmm.store.all().map((c) => c.plan.id).sort();
     const layoutChunks = dep.chunkIds();
@@ -145,6 +146,7 @@ describe('Deployment with executor processes', () => {
     expect(dep.epoch).toBe(0);
     expect(dep.executorPid).toBe(pid);
     expect(alive(pid)).toBe(true);
+    await dep.settled(); // the standby chunks the attempt took, made again
     expect(freeBytes(rt)).toEqual(memory);
     expect(dep.hmm.store.all().map((c) => c.plan.id).sort()).toEqual(chunks);
     expect(dep.chunkIds()).toEqual(layoutChunks);
