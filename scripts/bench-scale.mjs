@@ -35,7 +35,7 @@
 // Prepare pacing (elastic and vertical; DeploymentOptions.prepare): BENCH_PREPARE_PACED
 // (1; 0 = the HMM's CopyService, everything at once), BENCH_PREPARE_INFLIGHT_MB (512),
 // BENCH_PREPARE_RATE_GBPS (unlimited), BENCH_PREPARE_ALLOC_GROUP (64),
-// BENCH_PREPARE_YIELD_MS (0). Engines: BENCH_GRAPHS, BENCH_DEVICE_ROUTING_MAX_ROWS, BENCH_EXECUTOR (below).
+// BENCH_PREPARE_YIELD_MS (0). Engines: BENCH_GRAPHS, BENCH_DEVICE_ROUTING_MAX_ROWS, BENCH_EXECUTOR and BENCH_PRESTART (below).
 // libuv's thread pool runs every blocking device wait (event/stream synchronize);
 // with 4 threads (Node's default) the forward pass's per-rank waits queue behind
 // any other: the script re-runs itself with UV_THREADPOOL_SIZE=16 unless it is set.
@@ -106,7 +106,9 @@ if (process.env.BENCH_DEVICE_ROUTING_MAX_ROWS) forward.deviceRoutingMaxRows = Nu
 // the standby attaching the new layout through the HMM daemon (forward options then stay the executor's defaults).
 const executorKnob = env('BENCH_EXECUTOR', 'in-process');
 if (!['in-process', 'process'].includes(executorKnob)) throw new Error(`BENCH_EXECUTOR: in-process or process (got '${executorKnob}')`);
-const executor = executorKnob === 'process' ? { process: { script: path.join(here, '../dist/executor/main.js') } } : 'in-process';
+// BENCH_PRESTART=0: no executor process started ahead (each scale's attach phase spawns its standby).
+const executor = executorKnob === 'process'
+  ? { process: { script: path.join(here, '../dist/executor/main.js'), prestart: env('BENCH_PRESTART', '1') !== '0' } } : 'in-process';
 
 const t0 = performance.now();
 const clock = () => performance.now() - t0;
@@ -248,6 +250,7 @@ for (let i = 1; i < plan.length; i++) {
   const r = m.report;
   emit({ bench: 'scale', ...transitionFigures(m),
     bytesCopied: r.bytesCopied, lowerBoundBytes: r.lowerBoundBytes, chunksCopied: r.chunksCopied, chunksFromStandby: r.chunksFromStandby,
+    plannedAhead: r.plannedAhead, prestartedExecutor: r.prestartedExecutor,
     chunksReused: r.chunksReused, chunksReleased: r.chunksReleased, switchover: r.switchover, prepare: r.prepare,
     peakUsedBytes: m.peak });
   const speed = stepSpeed(m.before, m.during);

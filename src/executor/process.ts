@@ -14,10 +14,16 @@
 //   parent → executor  { type: 'shutdown' }
 // Steps are answered in the order they arrive. The process ends cleanly on
 // `shutdown` or when the parent's end of the channel closes.
+//
+// While it waits for `init` it warms up: the runtime opened (a context on every device)
+// and the model kernels loaded on every device of the node (`preloadKernels`), so a process
+// started ahead — a deployment's pre-started standby executor — pays only for attaching
+// its layout when the scale comes.
 import { closeSync } from 'node:fs';
 
 import { HmmClient } from '../hmm/client.js';
 import type { ModelConfig } from '../model/config.js';
+import { ModelKernels } from '../model/kernels/index.js';
 import { type ChannelMessage, UnixChannel } from '../runtime/channel.js';
 import type { RuntimeOptionsInput } from '../runtime/config.js';
 import { Runtime } from '../runtime/runtime.js';
@@ -145,6 +151,8 @@ export interface ExecutorProcessOptions {
   runtime?: RuntimeOptionsInput;
   /** HMM client request timeout (ms). */
   timeoutMs?: number;
+  /** Load the model kernels on every device while waiting for init (default true). */
+  preloadKernels?: boolean;
 }
 
 const send = (ch: UnixChannel, m: FromExecutor) => ch.send(JSON.stringify(m));
@@ -167,18 +175,36 @@ export async function runExecutorProcess(options: ExecutorProcessOptions): Promi
   let set: Awaited<ReturnType<HmmClient['attach']>> | undefined;
   let views: Map<number, MappedKvPool> | undefined;
   let engine: ForwardEngine | undefined;
+  let kernels: ModelKernels[] = [];
+  // Warm-up while init is on its way (see the top of this file); its failure is init's.
+  const warm = (async () => {
+    rt = Runtime.open(options.runtime ?? {});
+    if (options.preloadKernels !== false) {
+      const r = rt;
+      const loaded = await Promise.allSettled(Array.from({ length: r.deviceCount }, (_, d) => ModelKernels.load(r, d)));
+      kernels = loaded.flatMap((k) => (k.status === 'fulfilled' ? [k.value] : []));
+      const bad = loaded.find((k): k is PromiseRejectedResult => k.status === 'rejected');
+      if (bad) throw bad.reason;
+    }
+  })();
+  warm.catch(() => undefined); // reported at init
   try {
     let first: ChannelMessage;
     try {
       first = await channel.receive();
     } catch {
+      await warm.catch(() => undefined);
       return; // the parent left before init
     }
     const init = JSON.parse(first.data.toString('utf8')) as ToExecutor;
-    if (init.type === 'shutdown') return;
+    if (init.type === 'shutdown') {
+      await warm.catch(() => undefined);
+      return;
+    }
     try {
       if (init.type !== 'init') throw new Error(`expected an init message first (got '${init.type}')`);
-      rt = Runtime.open(options.runtime ?? {});
+      await warm;
+      if (!rt) throw new Error('internal: the runtime did not open');
       client = await HmmClient.connect(options.socket, rt, {
         name: `executor-${process.pid}`,
         ...(options.timeoutMs !== undefined ? { timeoutMs: options.timeoutMs } : {}),
@@ -247,7 +273,9 @@ export async function runExecutorProcess(options: ExecutorProcessOptions): Promi
       void channel.closed.then(finish);
     });
   } finally {
+    await warm.catch(() => undefined);
     engine?.dispose();
+    for (const k of kernels) k.dispose();
     if (views) for (const v of views.values()) v.dispose();
     set?.dispose();
     client?.close();

@@ -144,10 +144,21 @@ export interface DeploymentOptions {
   standbyChunks?: boolean;
 }
 
-export type ExecutorMode = 'in-process' | { process: { script: string; env?: Record<string, string> } };
+/**
+ * `prestart` (default true): keep one executor process started ahead, warmed up (runtime open,
+ * kernels loaded on every device) and waiting for its layout, so a scale's attach phase does not
+ * start a process; a new one is started after each scale.
+ */
+export type ExecutorMode = 'in-process' | { process: { script: string; env?: Record<string, string>; prestart?: boolean } };
 
 /** The forward pass of a layout: in process, or an executor process. */
 type Executor = ForwardEngine | RemoteStepper;
+
+/** An executor process spawned, its channel open, not initialised yet. */
+interface Spawned {
+  proc: ChildProcess;
+  channel: UnixChannel;
+}
 
 export type ScalePhase = 'plan' | 'prepare' | 'attach' | 'switch' | 'release' | 'rollback' | 'done';
 
@@ -185,6 +196,8 @@ export interface ScaleReport {
   chunksFromStandby: number;
   /** Whether the plan was made ahead, in the background after the last scale (uniform-load scales by one device). */
   plannedAhead: boolean;
+  /** Executor processes: whether the standby was the process started ahead (ExecutorMode prestart). */
+  prestartedExecutor?: boolean;
   /** Weight chunks of the old layout the new one uses in place. */
   chunksReused: number;
   /** Weight chunks freed at release (held by the old layout only). */
@@ -251,6 +264,7 @@ interface DaemonState {
   socket: string;
   script: string;
   env: Record<string, string>;
+  prestart: boolean;
 }
 const cloneLayout = (l: LayoutSpec): LayoutSpec => ({ ...l, devices: [...l.devices], placement: l.placement.map((row) => row.map((h) => [...h])) });
 
@@ -278,6 +292,8 @@ export class Deployment {
   private readonly plans = new Map<string, ScalePlan>();
   /** The last error of the work ahead (best effort: a scale then plans and creates its chunks itself). */
   private spareError: unknown;
+  /** The executor process started ahead for the next scale's standby (executor processes, prestart). */
+  private prestarted: Spawned | undefined;
 
   private constructor(
     readonly rt: Runtime,
@@ -339,7 +355,10 @@ export class Deployment {
         const dir = mkdtempSync(path.join(os.tmpdir(), 'emoe-deploy-'));
         const socket = path.join(dir, 'hmm.sock');
         try {
-          daemon = { daemon: await HmmDaemon.listen(hmm, socket), dir, socket, script: mode.process.script, env: { ...mode.process.env } };
+          daemon = {
+            daemon: await HmmDaemon.listen(hmm, socket), dir, socket, script: mode.process.script, env: { ...mode.process.env },
+            prestart: mode.process.prestart !== false,
+          };
         } catch (e) {
           rmSync(dir, { recursive: true, force: true });
           throw e;
@@ -381,21 +400,39 @@ export class Deployment {
     }
   }
 
-  /** `node script SOCKET` with a channel as fd 3, init for `layout`, ready; on failure the process is dead before this rejects. */
-  private static async spawnExecutor(options: DeploymentOptions, d: DaemonState, layout: LayoutSpec): Promise<RemoteStepper> {
+  /** `node script SOCKET` with a channel as fd 3, not initialised yet (it warms up meanwhile: process.ts). */
+  private static spawnProcess(d: DaemonState): Spawned {
     const [mine, theirs] = UnixChannel.pair();
-    let proc: ChildProcess;
     try {
-      proc = spawn(process.execPath, [d.script, d.socket], {
+      const proc = spawn(process.execPath, [d.script, d.socket], {
         stdio: ['ignore', 'inherit', 'inherit', theirs.fd],
         env: { ...process.env, ...d.env },
       });
+      return { proc, channel: mine };
     } catch (e) {
       mine.close();
       throw e;
     } finally {
       theirs.close();
     }
+  }
+
+  /** A process started but not initialised: its channel closed, it exits (after its warm-up). */
+  private static async dismiss(x: Spawned): Promise<void> {
+    x.channel.close();
+    const exited = exitOf(x.proc);
+    const timer = setTimeout(() => x.proc.kill('SIGKILL'), 10_000);
+    await exited;
+    clearTimeout(timer);
+  }
+
+  /** A new executor process (spawnProcess), initialised for `layout` (initExecutor). */
+  private static spawnExecutor(options: DeploymentOptions, d: DaemonState, layout: LayoutSpec): Promise<RemoteStepper> {
+    return Deployment.initExecutor(options, Deployment.spawnProcess(d), layout);
+  }
+
+  /** Sends init for `layout` and waits for ready; on failure the process is dead before this rejects. */
+  private static async initExecutor(options: DeploymentOptions, { proc, channel: mine }: Spawned, layout: LayoutSpec): Promise<RemoteStepper> {
     try {
       return await RemoteStepper.start(mine, proc, {
         config: options.config,
@@ -438,6 +475,11 @@ export class Deployment {
   /** How the current layout's engine used graphs (in-process executors; undefined with executor processes). */
   get graphStats(): GraphStats | undefined {
     return this.forward instanceof ForwardEngine ? this.forward.graphStats : undefined;
+  }
+
+  /** Pid of the executor process started ahead for the next scale (process mode, prestart), else undefined. */
+  get prestartedPid(): number | undefined {
+    return this.prestarted?.proc.pid;
   }
 
   /** Pid of the executor process serving the current layout (process mode), else undefined. */
@@ -617,6 +659,8 @@ export class Deployment {
     const node = Array.from({ length: this.rt.deviceCount }, (_, d) => d);
     const layout = this.layoutSpec.devices;
     const turn = () => new Promise<void>((r) => setImmediate(r));
+    // The next standby executor process, started first: its warm-up runs in its own process.
+    if (this.daemon?.prestart && !this.prestarted) this.prestarted = Deployment.spawnProcess(this.daemon);
     const want = new Map<number, Map<number, number>>(node.map((d) => [d, new Map()]));
     const targets = [
       ...node.filter((d) => !layout.includes(d)).map((d) => ({ to: [...layout, d], joining: d as number | undefined })),
@@ -757,6 +801,7 @@ export class Deployment {
     let bytesCopied = 0;
     let fromStandby = 0;
     let plannedAhead = false;
+    let prestartedUsed = false;
     let prep: Required<PrepareOptions>;
     let copyStats: PacedCopyStats | undefined;
     const phases = { planMs: 0, prepareMs: 0, attachMs: 0, switchMs: 0, firstStepMs: 0, releaseMs: 0 };
@@ -817,8 +862,16 @@ export class Deployment {
       // 3. Attach: the standby forward pass maps the new layout.
       progress('attach');
       if (this.daemon) {
-        // A standby executor process attaches through the daemon and maps the KV pools of next.devices only.
-        const proc = await Deployment.spawnExecutor(this.options, this.daemon, next);
+        // A standby executor process (the one started ahead, when it is alive) attaches through the
+        // daemon and maps the KV pools of next.devices only.
+        let spawned = this.prestarted;
+        this.prestarted = undefined;
+        if (spawned && (spawned.proc.exitCode !== null || spawned.proc.signalCode !== null)) {
+          spawned.channel.close();
+          spawned = undefined;
+        }
+        prestartedUsed = spawned !== undefined;
+        const proc = await Deployment.initExecutor(this.options, spawned ?? Deployment.spawnProcess(this.daemon), next);
         standby = proc;
         // Its session keeps only the new layout's chunks and KV pools, so release can free the rest.
         const needed = new Set(store.all().filter((c) => c.holders.has(newId)).map((c) => c.plan.id));
@@ -887,7 +940,7 @@ export class Deployment {
     if (this.options.peerAccess === 'all') this.accessGrant = this.grantNodeAccess(newId);
     progress('done');
     return {
-      from, to: [...next.devices], ms: now() - t0, bytesCopied, chunksCopied: copies.length, chunksFromStandby: fromStandby, plannedAhead, chunksReused: reused.length, chunksReleased,
+      from, to: [...next.devices], ms: now() - t0, bytesCopied, chunksCopied: copies.length, chunksFromStandby: fromStandby, plannedAhead, ...(this.daemon ? { prestartedExecutor: prestartedUsed } : {}), chunksReused: reused.length, chunksReleased,
       lowerBoundBytes: lower, phases, switchover, copies, layout: cloneLayout(next),
       prepare: { options: prep!, ...(copyStats ? { stats: copyStats } : {}) }, load: loadUsed,
       ...(attachStats ? { attach: attachStats } : {}),
@@ -901,6 +954,8 @@ export class Deployment {
     await this.scaling?.catch(() => undefined);
     await this.accessGrant?.catch(() => undefined);
     await this.stopAhead();
+    if (this.prestarted) await Deployment.dismiss(this.prestarted);
+    this.prestarted = undefined;
     await this.engine.close();
     await Deployment.disposeExecutor(this.forward, false);
     for (const k of this.preloaded) k.dispose();

@@ -73,12 +73,14 @@ describe('elasticmoe scale against elasticmoe serve', () => {
   it('with --executor process, serves and scales through executor processes with the same answers', async () => {
     server = await startServer(['--executor', 'process']);
     const executors = () => children(server!.proc.pid!).filter((c) => c.includes('executor/main.js'));
-    expect(executors()).toHaveLength(1);
+    // The serving executor and the standby started ahead for the next scale.
+    await expect.poll(executors).toHaveLength(2);
     const before = await complete(server.url);
     const up = spawnSync(process.execPath, [cli, 'scale', '--devices', '1,2', '--url', server.url, '--json'], { encoding: 'utf8' });
     expect(up.status, up.stderr).toBe(0);
     expect(JSON.parse(up.stdout).layout.devices).toEqual([1, 2]);
-    await expect.poll(executors).toHaveLength(1); // the standby took over; the old executor exited
+    // The standby took over and the old executor exited; a new standby was started ahead.
+    await expect.poll(executors).toHaveLength(2);
     expect(await complete(server.url)).toEqual(before);
     server.proc.kill('SIGTERM');
     expect(await new Promise((r) => server!.proc.on('exit', r))).toBe(0);

@@ -39,8 +39,8 @@ async function start(devices: number[], extra: Partial<DeploymentOptions> = {}) 
   opened.push({ rt, dep });
   return { rt, dep };
 }
-const processMode = (): Partial<DeploymentOptions> => ({
-  executor: { process: { script: CHILD, env: { ELASTICMOE_BACKEND: 'mock', ELASTICMOE_NO_WARN_MOCK: '1', EMOE_TEST_DIE_FILE: dieFile } } },
+const processMode = (prestart = true): Partial<DeploymentOptions> => ({
+  executor: { process: { script: CHILD, env: { ELASTICMOE_BACKEND: 'mock', ELASTICMOE_NO_WARN_MOCK: '1', EMOE_TEST_DIE_FILE: dieFile }, prestart } },
 });
 const freeBytes = (rt: Runtime) => rt.devices().map((d) => d.freeBytes);
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
@@ -113,7 +113,8 @@ describe('Deployment with executor processes', () => {
   }, 20_000);
 
   it('rolls back when the standby process dies during attach: the old process keeps serving, memory exactly as before', async () => {
-    const { rt, dep } = await start([0], processMode());
+    // Not started ahead: the process the attach phase spawns reads the die file as it starts.
+    const { rt, dep } = await start([0], processMode(false));
     const pid = dep.executorPid!;
     const want = (await dep.submit({ prompt: PROMPTS[0]!, maxTokens: 30, ignoreEos: true })).outputTokens;
     expect(want).toEqual(reference[0]!.slice(0, 30));
@@ -160,6 +161,49 @@ describe('Deployment with executor processes', () => {
     expect(dep.devices).toEqual([0, 1]);
     await expect.poll(() => alive(pid)).toBe(false);
     expect((await dep.submit({ prompt: PROMPTS[3]!, maxTokens: 30, ignoreEos: true })).outputTokens).toEqual(reference[3]!.slice(0, 30));
+  }, 20_000);
+
+  it('attaches the standby process started ahead; replaces one that died; one killed during attach rolls back', async () => {
+    const { dep } = await start([0], processMode());
+    await dep.settled();
+    const ahead = dep.prestartedPid!;
+    expect(ahead).toBeGreaterThan(0);
+    expect(ahead).not.toBe(dep.executorPid);
+    const running = dep.submit({ prompt: PROMPTS[4]!, maxTokens: 120, ignoreEos: true });
+    // The scale attaches that very process; a new one is started ahead after it.
+    const up = await dep.scale({ devices: [0, 1] });
+    expect(up.prestartedExecutor).toBe(true);
+    expect(dep.executorPid).toBe(ahead);
+    await dep.settled();
+    const next = dep.prestartedPid!;
+    expect(next).not.toBe(ahead);
+    // One that died while waiting is replaced by a process spawned at attach.
+    process.kill(next, 'SIGKILL');
+    await expect.poll(() => alive(next)).toBe(false);
+    const down = await dep.scale({ devices: [0] });
+    expect(down.prestartedExecutor).toBe(false);
+    expect(dep.executorPid).not.toBe(next);
+    // Killed as the attach phase begins: rolled back, the old process serving.
+    await dep.settled();
+    const victim = dep.prestartedPid!;
+    const serving = dep.executorPid;
+    const phases: string[] = [];
+    await expect(dep.scale({ devices: [0, 1] }, {
+      onProgress: (p) => {
+        phases.push(p.phase);
+        if (p.phase === 'attach') process.kill(victim, 'SIGKILL');
+      },
+    })).rejects.toThrow(/executor/);
+    expect(phases.at(-1)).toBe('rollback');
+    expect(dep.devices).toEqual([0]);
+    expect(dep.executorPid).toBe(serving);
+    expect((await running).outputTokens).toEqual(reference[4]!.slice(0, 120));
+    await dep.settled();
+    expect(dep.hmm.sessionIds().length).toBe(1);
+    // Closing ends the process started ahead too.
+    const last = dep.prestartedPid!;
+    await dep.close();
+    expect(alive(last)).toBe(false);
   }, 20_000);
 
   it('runs an f32 KV cache (forward.kvDtype) in the executor processes too: the in-process f32 tokens, before and after a scale', async () => {
