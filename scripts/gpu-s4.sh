@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Device-machine job (2 GPUs), fourth session: standby chunks A/B (BENCH_STANDBY 0 against 1,
-# same machine, same load, elastic 1→2→1), then the elastic run with every baseline and
+# Device-machine job, fourth session: standby chunks A/B (BENCH_STANDBY 0 against 1,
+# same machine, same load, elastic STEPS, default 1→2→1 on 2 GPUs), then the elastic run with every baseline and
 # standby chunks on, then the optional extras (RUNS: a space-separated list of
 # "name:ENV=V,ENV=V" elastic runs). Results in $OUT/s4.tgz.
 set -uo pipefail
@@ -28,14 +28,14 @@ run() { # name, timeout, env...
   summary $R/$name.jsonl
 }
 for mode in ${AB_MODES:-0 1}; do
-  run ab-standby$mode 150 BENCH_STANDBY=$mode BENCH_STEPS="0;0,1;0" BENCH_BASELINES=none BENCH_HOLD_S=4 BENCH_OUTPUT_SPREAD=16
+  run ab-standby$mode 150 BENCH_STANDBY=$mode BENCH_STEPS="${STEPS:-0;0,1;0}" BENCH_BASELINES=none BENCH_HOLD_S=4 BENCH_OUTPUT_SPREAD=16
 done
 if [ "${SKIP_BASELINES:-0}" != 1 ]; then
-  run baselines 280 BENCH_STANDBY=1 BENCH_STEPS="0;0,1;0" BENCH_BASELINES=${BASELINES:-cold,replica,vertical} BENCH_HOLD_S=5 BENCH_OUTPUT_SPREAD=16
+  run baselines 280 BENCH_STANDBY=1 BENCH_STEPS="${STEPS:-0;0,1;0}" BENCH_BASELINES=${BASELINES:-cold,replica,vertical} BENCH_HOLD_S=5 BENCH_OUTPUT_SPREAD=16
   node scripts/plot-timeline.mjs $R/baselines.jsonl > $R/baselines-timeline.svg 2> $R/plot.err
 fi
 for spec in ${RUNS:-}; do
   name=${spec%%:*}; vars=${spec#*:}
-  run "$name" 200 ${vars//,/ } BENCH_STEPS="0;0,1;0" BENCH_BASELINES=none BENCH_HOLD_S=4 BENCH_OUTPUT_SPREAD=16
+  run "$name" 200 ${vars//,/ } BENCH_STEPS="${STEPS:-0;0,1;0}" BENCH_BASELINES=none BENCH_HOLD_S=4 BENCH_OUTPUT_SPREAD=16
 done
 tar czf "$OUT/s4.tgz" -C /tmp s4
