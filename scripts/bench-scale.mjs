@@ -250,7 +250,7 @@ for (let i = 1; i < plan.length; i++) {
   const r = m.report;
   emit({ bench: 'scale', ...transitionFigures(m),
     bytesCopied: r.bytesCopied, lowerBoundBytes: r.lowerBoundBytes, chunksCopied: r.chunksCopied, chunksFromStandby: r.chunksFromStandby,
-    plannedAhead: r.plannedAhead, prestartedExecutor: r.prestartedExecutor,
+    plannedAhead: r.plannedAhead, prestartedExecutor: r.prestartedExecutor, attachDuringCopies: r.attachDuringCopies,
     chunksReused: r.chunksReused, chunksReleased: r.chunksReleased, switchover: r.switchover, prepare: r.prepare,
     peakUsedBytes: m.peak });
   const speed = stepSpeed(m.before, m.during);

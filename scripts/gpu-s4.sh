@@ -18,7 +18,7 @@ for l in sys.stdin:
     continue
   st=s['prepare'].get('stats') or {}; p=s['phases']
   print(' ', s['from'], '->', s['to'], 'first step', round(s['commandToFirstNewStepMs']), 'ms; plan', round(p['planMs']), 'prepare', round(p['prepareMs']),
-    '(alloc', round(st.get('allocateMs',0)), 'copy', round(st.get('copyMs',0)), ') attach', round(p['attachMs']), 'switch', round(p['switchMs']),
+    '(alloc', round(st.get('allocateMs',0)), 'copy', round(st.get('copyMs',0)), ') attach', round(p['attachMs']), 'copy wait', round(p.get('copyWaitMs',0)), 'overlap', s.get('attachDuringCopies'), 'switch', round(p['switchMs']),
     'first', round(p['firstStepMs']), '; standby', s.get('chunksFromStandby'), '/', s['chunksCopied'], '; speed', s.get('decodeStepSpeedDuringOverBefore'))"
 }
 run() { # name, timeout, env...

@@ -175,6 +175,18 @@ export class ChunkStore {
     this.spares.set(key, [...(this.spares.get(key) ?? []), ...made]);
   }
 
+  /** Whether the spares could serve every request (device, size, and devices its mapping must grant) at once. */
+  sparesCover(requests: ReadonlyArray<{ device: number; size: number; access: readonly number[] }>): boolean {
+    const left = new Map<string, Spare[]>([...this.spares].map(([k, list]) => [k, [...list]]));
+    for (const r of requests) {
+      const list = left.get(`${r.device}:${r.size}`);
+      const i = list?.findIndex((s) => s.access.has(r.device) && r.access.every((d) => s.access.has(d))) ?? -1;
+      if (i < 0) return false;
+      list!.splice(i, 1);
+    }
+    return true;
+  }
+
   /** Spare chunks `allocate` has taken so far (instead of creating chunks). */
   get sparesTaken(): number {
     return this.taken;

@@ -50,6 +50,7 @@ import { type MappedKvPool, mapHmmKvPools } from '../executor/kv-view.js';
 import { kvGeometry } from '../executor/types.js';
 import { storeWeights } from '../executor/weights.js';
 import { type CopyProgress, CopyService, targetPlan } from '../hmm/copy-service.js';
+import type { StoredChunk } from '../hmm/chunk-store.js';
 import { HmmDaemon } from '../hmm/daemon.js';
 import { kvPoolLayout } from '../hmm/kv-pool.js';
 import { Hmm } from '../hmm/hmm.js';
@@ -142,6 +143,11 @@ export interface DeploymentOptions {
    * `spareBytes`. Costs that memory on idle devices; devices of the layout keep none.
    */
   standbyChunks?: boolean;
+  /**
+   * When every target chunk of a scale is a standby chunk (in-process executors): queue all the
+   * copies at once and make the standby engine while they run, instead of after (default true).
+   */
+  attachDuringCopies?: boolean;
 }
 
 /**
@@ -196,6 +202,8 @@ export interface ScaleReport {
   chunksFromStandby: number;
   /** Whether the plan was made ahead, in the background after the last scale (uniform-load scales by one device). */
   plannedAhead: boolean;
+  /** Whether the standby engine was made while the copies ran (DeploymentOptions.attachDuringCopies). */
+  attachDuringCopies: boolean;
   /** Executor processes: whether the standby was the process started ahead (ExecutorMode prestart). */
   prestartedExecutor?: boolean;
   /** Weight chunks of the old layout the new one uses in place. */
@@ -205,10 +213,12 @@ export interface ScaleReport {
   /** Bytes any plan meeting the same balance bound must move (planner.lowerBoundBytes). */
   lowerBoundBytes: number;
   /**
-   * Milliseconds of each phase. firstStepMs: from the switch-over to the end of the first
+   * Milliseconds of each phase, one after another. With `attachDuringCopies`, prepareMs ends
+   * when every target exists and its copies are queued, attachMs runs while they copy, and
+   * copyWaitMs is the wait for the copies after it (0 otherwise). firstStepMs: from the switch-over to the end of the first
    * engine step on the new layout (0 when the engine was idle); the release waits for it.
    */
-  phases: { planMs: number; prepareMs: number; attachMs: number; switchMs: number; firstStepMs: number; releaseMs: number };
+  phases: { planMs: number; prepareMs: number; attachMs: number; copyWaitMs: number; switchMs: number; firstStepMs: number; releaseMs: number };
   /** Where the attach phase spent its time (in-process executors: the standby engine's creation). */
   attach?: { viewsMs: number; forward: ForwardCreateStats };
   /** What the switch-over did to the requests in flight. */
@@ -801,10 +811,12 @@ export class Deployment {
     let bytesCopied = 0;
     let fromStandby = 0;
     let plannedAhead = false;
+    let overlapped = false;
+    let copying: ReturnType<typeof pacedCopy> | undefined;
     let prestartedUsed = false;
     let prep: Required<PrepareOptions>;
     let copyStats: PacedCopyStats | undefined;
-    const phases = { planMs: 0, prepareMs: 0, attachMs: 0, switchMs: 0, firstStepMs: 0, releaseMs: 0 };
+    const phases = { planMs: 0, prepareMs: 0, attachMs: 0, copyWaitMs: 0, switchMs: 0, firstStepMs: 0, releaseMs: 0 };
     let attachStats: ScaleReport['attach'];
     let loadUsed: ScaleReport['load'] = { source: 'uniform' };
     try {
@@ -843,20 +855,33 @@ export class Deployment {
       for (const id of reused) store.retain(id, newId);
       const takenBefore = store.sparesTaken;
       const copyOptions = { holder: newId, stripeAlignment: this.rt.granularity(0), onProgress: (copy: CopyProgress) => progress('prepare', { copy }) };
-      let copied;
+      let copied: StoredChunk[] | undefined;
       if (prep.paced) {
         const jobs = transfers.map((t) => {
           const sources = [t.sourceId, ...(t.extraSourceIds ?? [])].map((id) => store.get(id));
           return { plan: targetPlan(sources[0]!.plan, t.targetDevice, t.targetId), sources };
         });
-        const r = await pacedCopy(store, jobs, { ...prep, ...copyOptions });
-        copied = r.chunks;
-        copyStats = r.stats;
+        // Every target in the standby chunks (in-process executors): the copies are queued at once
+        // (taking the chunks costs ~10 µs each, not ~0.2 ms) and the standby engine is made while
+        // they run; its pointers are final once the targets exist.
+        overlapped = !this.daemon && this.options.attachDuringCopies !== false && jobs.length > 0
+          && store.sparesCover(jobs.map((j) => ({ device: j.plan.device, size: j.plan.size, access: [j.plan.device, ...j.sources.map((x) => x.plan.device)] })));
+        if (overlapped) prep = { ...prep, maxInflightBytes: Infinity };
+        let allocated!: () => void;
+        const ready = new Promise<void>((resolve) => (allocated = resolve));
+        const run = pacedCopy(store, jobs, { ...prep, ...copyOptions, onAllocated: () => allocated() });
+        if (overlapped) {
+          copying = run;
+          run.catch(() => undefined); // observed below, or by the rollback
+          await Promise.race([ready, run.then(() => undefined)]);
+        } else {
+          const r = await run;
+          copied = r.chunks;
+          copyStats = r.stats;
+        }
       } else {
         copied = await this.copier.copy(transfers, copyOptions);
       }
-      bytesCopied = copied.reduce((a, c) => a + c.plan.size, 0);
-      fromStandby = store.sparesTaken - takenBefore;
       phases.prepareMs = lap();
 
       // 3. Attach: the standby forward pass maps the new layout.
@@ -887,9 +912,21 @@ export class Deployment {
         attachStats = { viewsMs, forward: standby.createStats };
       }
       phases.attachMs = lap();
+      if (copying) {
+        const r = await copying;
+        copied = r.chunks;
+        copyStats = r.stats;
+        phases.copyWaitMs = lap();
+      }
+      bytesCopied = copied!.reduce((a, c) => a + c.plan.size, 0);
+      fromStandby = store.sparesTaken - takenBefore;
     } catch (e) {
-      await rollback(e);
-      throw e;
+      // Copies still queued finish (or fail and free their targets) before anything is freed; a
+      // failed copy is the cause to report (the standby engine then fails on its freed targets).
+      const copyError = copying ? await copying.then(() => undefined, (c: unknown) => c) : undefined;
+      const error = copyError ?? e;
+      await rollback(error);
+      throw error;
     }
 
     // 4. Switch over between two engine steps.
@@ -940,7 +977,7 @@ export class Deployment {
     if (this.options.peerAccess === 'all') this.accessGrant = this.grantNodeAccess(newId);
     progress('done');
     return {
-      from, to: [...next.devices], ms: now() - t0, bytesCopied, chunksCopied: copies.length, chunksFromStandby: fromStandby, plannedAhead, ...(this.daemon ? { prestartedExecutor: prestartedUsed } : {}), chunksReused: reused.length, chunksReleased,
+      from, to: [...next.devices], ms: now() - t0, bytesCopied, chunksCopied: copies.length, chunksFromStandby: fromStandby, plannedAhead, attachDuringCopies: overlapped, ...(this.daemon ? { prestartedExecutor: prestartedUsed } : {}), chunksReused: reused.length, chunksReleased,
       lowerBoundBytes: lower, phases, switchover, copies, layout: cloneLayout(next),
       prepare: { options: prep!, ...(copyStats ? { stats: copyStats } : {}) }, load: loadUsed,
       ...(attachStats ? { attach: attachStats } : {}),

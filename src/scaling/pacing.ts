@@ -75,6 +75,8 @@ export interface PacedCopyOptions extends PrepareOptions {
   /** Stripes (one per source) are cut on this alignment (default 2 MiB). */
   stripeAlignment?: number;
   onProgress?: (p: CopyProgress) => void;
+  /** Called once, as soon as every target chunk exists (their pointers are final; the bytes may still be on their way). */
+  onAllocated?: (chunks: readonly StoredChunk[]) => void;
 }
 
 export interface PacedCopyStats {
@@ -200,6 +202,7 @@ export async function pacedCopy(target: ChunkStore, jobs: readonly CopyJob[], op
       stats.allocateMaxBlockMs = Math.max(stats.allocateMaxBlockMs, ms);
       chunks.forEach((c, k) => { made[allocated + k] = c; allocatedBytes += c.plan.size; });
       allocated = end;
+      if (allocated === jobs.length) options.onAllocated?.(made as StoredChunk[]);
       if (yieldBetween && allocated < upto) await turn(0);
     }
   };

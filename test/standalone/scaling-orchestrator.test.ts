@@ -502,6 +502,14 @@ describe('Deployment.scale', () => {
     expect(dep.devices).toEqual([0]);
     expect(await settledFree(dep, rt)).toEqual(memory);
     expect(dep.standby.devices.map((d) => d.chunks)).toEqual([10, 10, 10]);
+    // The standby engine failing while the copies run (they are queued at once here): rolled back the same way.
+    rt.injectFault('CreateStream', 1);
+    const phases: string[] = [];
+    await expect(dep.scale({ devices: [0, 1] }, { onProgress: (p) => phases.push(p.phase) })).rejects.toBeInstanceOf(FaultInjectedError);
+    rt.clearFaults();
+    expect(phases.filter((p) => p !== 'prepare')).toEqual(['plan', 'attach', 'rollback']);
+    expect(dep.devices).toEqual([0]);
+    expect(await settledFree(dep, rt)).toEqual(memory);
 
     // The scale-up takes its KV pool and every target chunk from the standby chunks: the driver creates only scratch.
     const original = await originalSums(dep);
@@ -516,6 +524,9 @@ describe('Deployment.scale', () => {
         expect(r.chunksCopied).toBe(9);
         expect(r.chunksFromStandby).toBe(9);
         expect(r.plannedAhead).toBe(true);
+        expect(r.attachDuringCopies).toBe(true);
+        expect(r.prepare.options.maxInflightBytes).toBe(Infinity); // queued at once
+        expect(r.prepare.stats!.batches).toBe(1);
         for (const c of r.copies) expect([...dep.hmm.store.get(c.targetId).access].sort(), c.targetId).toEqual([0, 1, 2, 3]);
         await expectCopiesExact(dep, r, before, original);
         break;
@@ -545,7 +556,7 @@ describe('Deployment.scale', () => {
     await off.settled();
     expect(off.standby.devices).toEqual([]);
     const offUp = await off.scale({ devices: [0, 1] });
-    expect(offUp).toMatchObject({ chunksFromStandby: 0, plannedAhead: true });
+    expect(offUp).toMatchObject({ chunksFromStandby: 0, plannedAhead: true, attachDuringCopies: false });
     await off.settled();
     expect((await off.scale({ devices: [2, 3] })).plannedAhead).toBe(false);
   });

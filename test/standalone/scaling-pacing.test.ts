@@ -185,7 +185,9 @@ describe('Deployment with a paced prepare phase', () => {
     });
     const rt = openMock({ mockCapacity: 1024 * MIB });
     const steps: Array<{ t: number; ms: number }> = [];
-    const dep = await Deployment.start({ rt, config: big, devices: [0], seed: 1n, kvBlocksPerDevice: 128, onStep: (f) => steps.push({ t: performance.now(), ms: f.ms }) });
+    // No standby chunks: the chunks are created in the prepare phase, as the pacing is about.
+    const dep = await Deployment.start({ rt, config: big, devices: [0], seed: 1n, kvBlocksPerDevice: 128, standbyChunks: false,
+      onStep: (f) => steps.push({ t: performance.now(), ms: f.ms }) });
     const running = Array.from({ length: 4 }, (_, k) => dep.submit({ prompt: [1, 2, 3 + k], maxTokens: 450, ignoreEos: true }));
     while (steps.length < 10) await new Promise((r) => setTimeout(r, 1));
     let prepareStart = 0;
