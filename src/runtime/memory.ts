@@ -16,15 +16,15 @@ export type SharedHandle = { kind: 'fd'; fd: number } | { kind: 'acl'; handle: b
 
 /** One physical allocation on one device. */
 export class Chunk implements Disposable {
+  /** Its device and size in bytes (fixed: read from the addon once). */
+  readonly device: number;
+  readonly size: number;
   /** @internal */
-  constructor(readonly native: NativeChunk) {}
+  constructor(readonly native: NativeChunk) {
+    this.device = native.device;
+    this.size = native.size;
+  }
 
-  get device(): number {
-    return this.native.device;
-  }
-  get size(): number {
-    return this.native.size;
-  }
   get disposed(): boolean {
     return this.native.released;
   }

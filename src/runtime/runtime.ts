@@ -95,9 +95,11 @@ export class Runtime implements Disposable {
   get backend(): BackendName {
     return this.native.name;
   }
+  /** Devices of the backend (fixed once it is open: read once, every device argument is checked against it). */
   get deviceCount(): number {
-    return this.native.deviceCount();
+    return (this.count ??= this.native.deviceCount());
   }
+  private count: number | undefined;
 
   private device(d: number): number {
     if (!Number.isInteger(d) || d < 0 || d >= this.deviceCount) {

@@ -27,10 +27,11 @@ export interface LaunchDims {
 }
 
 export class Event implements Disposable {
+  /** Its device (fixed: read from the addon once). */
+  readonly device: number;
   /** @internal */
-  constructor(readonly native: NativeEvent) {}
-  get device(): number {
-    return this.native.device;
+  constructor(readonly native: NativeEvent) {
+    this.device = native.device;
   }
   record(stream: Stream): this {
     this.native.record(stream.native);
@@ -52,11 +53,11 @@ export class Event implements Disposable {
 }
 
 export class Stream implements Disposable {
+  /** Its device (fixed: read from the addon once; steps ask for it on every launch). */
+  readonly device: number;
   /** @internal */
-  constructor(readonly native: NativeStream) {}
-
-  get device(): number {
-    return this.native.device;
+  constructor(readonly native: NativeStream) {
+    this.device = native.device;
   }
 
   /** Device to device, within one device or across devices (the stream's device needs access to both). */
