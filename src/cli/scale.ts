@@ -23,6 +23,10 @@ interface ScaleReportBody {
   chunksReleased: number;
   phases: Record<string, number>;
   switchover?: { kept: number; moved: number; requeued: number; waiting: number };
+  chunksFromStandby?: number;
+  plannedAhead?: boolean;
+  attachDuringCopies?: boolean;
+  prestartedExecutor?: boolean;
 }
 
 export async function runScale(o: ScaleCommandOptions): Promise<number> {
@@ -50,7 +54,15 @@ export async function runScale(o: ScaleCommandOptions): Promise<number> {
   const p = body.phases;
   out.write(`scaled ${body.from.join(',')} -> ${body.to.join(',')} in ${body.ms.toFixed(0)} ms `
     + `(plan ${p.planMs?.toFixed(0)}, prepare ${p.prepareMs?.toFixed(0)}, attach ${p.attachMs?.toFixed(0)}, `
-    + `switch ${p.switchMs?.toFixed(0)}, release ${p.releaseMs?.toFixed(0)} ms)\n`);
+    + `${p.copyWaitMs ? `copy wait ${p.copyWaitMs.toFixed(0)}, ` : ''}switch ${p.switchMs?.toFixed(0)}, `
+    + `first step ${p.firstStepMs?.toFixed(0)}, release ${p.releaseMs?.toFixed(0)} ms)\n`);
+  // What the deployment had done ahead of this scale (docs/scaling.md "Work done ahead of the next scale").
+  const ahead = [
+    body.plannedAhead ? 'plan' : undefined,
+    body.chunksFromStandby ? `${body.chunksFromStandby} of ${body.chunksCopied} target chunks` : undefined,
+    body.prestartedExecutor ? 'the standby executor process' : undefined,
+  ].filter((x): x is string => x !== undefined);
+  if (ahead.length > 0) out.write(`ready ahead: ${ahead.join(', ')}${body.attachDuringCopies ? '; the standby made while the copies ran' : ''}\n`);
   out.write(`${table([
     ['copied', 'reused in place', 'released', 'bytes copied', 'lower bound'],
     [String(body.chunksCopied), String(body.chunksReused), String(body.chunksReleased), formatBytes(body.bytesCopied), formatBytes(body.lowerBoundBytes)],

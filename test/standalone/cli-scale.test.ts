@@ -54,7 +54,7 @@ describe('elasticmoe scale against elasticmoe serve', () => {
     const before = await complete(server.url);
     const up = spawnSync(process.execPath, [cli, 'scale', '--devices', '0,1,2', '--url', server.url], { encoding: 'utf8' });
     expect(up.status, up.stderr).toBe(0);
-    expect(up.stdout).toMatch(/^scaled 0 -> 0,1,2 in \d+ ms/);
+    expect(up.stdout).toMatch(/^scaled 0 -> 0,1,2 in \d+ ms \(plan \d+, .*first step \d+/);
     const json = spawnSync(process.execPath, [cli, 'scale', '--devices', '3', '--url', server.url, '--json'], { encoding: 'utf8' });
     expect(json.status, json.stderr).toBe(0);
     const report = JSON.parse(json.stdout);
