@@ -27,6 +27,13 @@
 //                every chunk held for the new layout are freed, so device memory
 //                is exactly as before the attempt.
 //
+// Ahead of the next scale (after start, and after every scale or rollback), in the
+// background: the plans of the scales by one device, the standby chunks a scale-up onto
+// each idle device would copy into (taken by its prepare phase instead of creating
+// chunks), and, with executor processes, one process started and warmed up. When the
+// standby chunks cover a scale, its copies are queued at once and the attach phase runs
+// while they copy; the switch-over waits for them.
+//
 // Holders: every weight chunk of a layout is held by that layout's id
 // (`layout-<n>`), so a chunk shared by two layouts lives until both let go and
 // "release" is releaseHolder(old id). KV pools belong to the HMM's KvManager.
@@ -301,7 +308,7 @@ export class Deployment {
   /** Uniform-load plans of the current layout's scales by one device, by "layout|devices" (planFor). */
   private readonly plans = new Map<string, ScalePlan>();
   /** The last error of the work ahead (best effort: a scale then plans and creates its chunks itself). */
-  private spareError: unknown;
+  private aheadError: unknown;
   /** The executor process started ahead for the next scale's standby (executor processes, prestart). */
   private prestarted: Spawned | undefined;
 
@@ -589,20 +596,20 @@ export class Deployment {
     }
   }
 
-  /** Resolves when the background work after the last scale (access grants, standby chunks) is done. */
+  /** Resolves when the background work after the last scale (access grants, the work ahead: plans, standby chunks, a process) is done. */
   async settled(): Promise<void> {
     await this.accessGrant;
     await this.ahead;
   }
 
-  /** Spare chunks kept on the devices outside the layout (DeploymentOptions.standbyChunks), and the last error creating them. */
+  /** Standby chunks kept on the devices outside the layout (DeploymentOptions.standbyChunks), and the last error of the work ahead. */
   get standby(): { devices: Array<{ device: number; chunks: number; bytes: number }>; error?: unknown } {
     const store = this.hmm.store;
     const devices = Array.from({ length: this.rt.deviceCount }, (_, device) => {
       const sizes = [...store.spareSizes(device)];
       return { device, chunks: sizes.reduce((a, [, n]) => a + n, 0), bytes: sizes.reduce((a, [size, n]) => a + size * n, 0) };
     }).filter((x) => x.chunks > 0);
-    return { devices, ...(this.spareError !== undefined ? { error: this.spareError } : {}) };
+    return { devices, ...(this.aheadError !== undefined ? { error: this.aheadError } : {}) };
   }
 
   /**
@@ -614,7 +621,7 @@ export class Deployment {
     if (this.closed) return;
     this.aheadStop = false;
     this.ahead = this.workAhead().catch((e: unknown) => {
-      this.spareError = e;
+      this.aheadError = e;
     });
   }
 
