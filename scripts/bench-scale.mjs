@@ -54,6 +54,7 @@ if (!process.env.UV_THREADPOOL_SIZE) {
 
 const { Runtime } = await import('../dist/index.js');
 const { dropPageCache, writePatternCheckpoint } = await import('./lib/checkpoint.mjs');
+const { workDuring } = await import('./lib/transition.mjs');
 const { Hmm } = await import('../dist/hmm/hmm.js');
 const { planChunks } = await import('../dist/hmm/placement.js');
 const { openCheckpoint } = await import('../dist/hmm/safetensors.js');
@@ -152,6 +153,8 @@ function transitionFigures(m) {
     duringOverBefore: m.during.tokensPerSecond / m.before.tokensPerSecond, before: m.before, during: m.during,
     decodeStepSpeedDuringOverBefore: stepSpeed(m.before, m.during),
     allTokensDuringOverBefore: m.during.allTokensPerSecond / m.before.allTokensPerSecond,
+    // Serving work done in the window against before, each step counted as a like step took before (scripts/lib/transition.mjs).
+    workDuringOverBefore: workDuring(steps.filter((s) => s.who === m.kind), m.tCmd, m.first.t)?.ratio ?? null,
   };
 }
 function peakSampler() {
@@ -208,7 +211,7 @@ async function measureScale(kind, inst, to) {
   const first = steps.find((s) => s.who === kind && s.t > tCmd && s.epoch > epochBefore);
   const before = window(tCmd - 3000, tCmd, kind);
   const during = window(tCmd, first.t, kind);
-  return { from, to, tCmd, first, report, peak, before, during };
+  return { kind, from, to, tCmd, first, report, peak, before, during };
 }
 
 emit({ bench: 'start', executor: executorKnob, backend: rt.backend, gpus: rt.devices().map((d) => d.name), uvThreadpool: Number(process.env.UV_THREADPOOL_SIZE),
@@ -258,6 +261,7 @@ for (let i = 1; i < plan.length; i++) {
     `throughput during ${(100 * m.during.tokensPerSecond / m.before.tokensPerSecond).toFixed(0)}% of before ` +
     `(all tokens, prompt and decode: ${(100 * m.during.allTokensPerSecond / m.before.allTokensPerSecond).toFixed(0)}%); ` +
     `decode step speed during ${speed === null ? 'n/a (no decode-only step)' : `${(100 * speed).toFixed(0)}%`} of before; ` +
+    `serving work done during ${(100 * (workDuring(steps.filter((s) => s.who === 'elastic'), m.tCmd, m.first.t)?.ratio ?? NaN)).toFixed(0)}% of before; ` +
     `${r.chunksFromStandby} of ${r.chunksCopied} target chunks were standby chunks`);
   await sleep(holdMs);
 }

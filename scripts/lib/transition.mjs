@@ -1,0 +1,48 @@
+// Serving during a transition, measured from the engine's step timeline: how much of the
+// serving work the steps before the command did per unit of time got done in the
+// transition window. Each step in the window counts as the time a step like it took
+// before, scaled by the part of it inside the window. "Like it" means the same token
+// count when at least 3 steps before had it, else the same kind (decode-only or mixed),
+// else any step. The sum is divided by the window's length.
+// 1.0: the window's steps ran as fast as before and left no gap. 0.8: a fifth of the
+// window's serving was lost: slower steps, or time with no step running. Above 1: the
+// steps ran faster than before (the new layout's steps after a scale-up can). Unlike a
+// median over the window, this works for windows of a few steps. Unlike tokens per
+// second, it does not depend on where the window falls in a wave of prefills.
+
+const median = (xs) => {
+  const s = [...xs].sort((a, b) => a - b);
+  return s.length === 0 ? undefined : s[s.length >> 1];
+};
+
+/**
+ * steps: [{ t, ms, tokens, decode }] (t: when the step ended, ms: its duration; one instance).
+ * Returns { ratio, windowMs, workMs, steps } or undefined when no step ran before.
+ */
+export function workDuring(steps, tCmd, tEnd, beforeMs = 3000) {
+  const before = steps.filter((s) => s.t > tCmd - beforeMs && s.t <= tCmd);
+  if (before.length === 0 || !(tEnd > tCmd)) return undefined;
+  const kind = (s) => (s.tokens === s.decode ? 'decode' : 'mixed');
+  const byTokens = new Map();
+  const byKind = new Map();
+  for (const s of before) {
+    byTokens.set(s.tokens, [...(byTokens.get(s.tokens) ?? []), s.ms]);
+    byKind.set(kind(s), [...(byKind.get(kind(s)) ?? []), s.ms]);
+  }
+  const any = median(before.map((s) => s.ms));
+  const ref = (s) => {
+    const same = byTokens.get(s.tokens);
+    if (same && same.length >= 3) return median(same);
+    return median(byKind.get(kind(s)) ?? []) ?? any;
+  };
+  let workMs = 0;
+  let counted = 0;
+  for (const s of steps) {
+    const start = s.t - s.ms;
+    const overlap = Math.min(s.t, tEnd) - Math.max(start, tCmd);
+    if (overlap <= 0 || s.ms <= 0) continue;
+    workMs += ref(s) * (overlap / s.ms);
+    counted++;
+  }
+  return { ratio: workMs / (tEnd - tCmd), windowMs: tEnd - tCmd, workMs, steps: counted };
+}

@@ -1,0 +1,58 @@
+// The transition metric of scripts/bench-scale.mjs (scripts/lib/transition.mjs): serving work
+// done in a window, each step counted as the time a step like it took before.
+import { describe, expect, it } from 'vitest';
+
+// @ts-expect-error: a plain ESM script without types
+import { workDuring } from '../../scripts/lib/transition.mjs';
+
+type Step = { t: number; ms: number; tokens: number; decode: number };
+/** Back-to-back steps of `ms` each from `from`, until `to`. */
+const run = (from: number, to: number, ms: number, tokens = 32, decode = tokens): Step[] => {
+  const out: Step[] = [];
+  for (let t = from + ms; t <= to + 1e-9; t += ms) out.push({ t, ms, tokens, decode });
+  return out;
+};
+
+describe('workDuring (bench-scale transition metric)', () => {
+  it('is 1 when the window runs the same steps at the same speed, back to back', () => {
+    const steps = run(0, 5000, 50);
+    expect(workDuring(steps, 3000, 3300).ratio).toBeCloseTo(1, 9);
+  });
+
+  it('counts a slower step and a gap as lost work', () => {
+    // Before: 50 ms decode steps. In the window (3000-3300): a 100 ms step, then 50 ms idle, then 150 ms of normal steps.
+    const steps = [...run(0, 3000, 50), { t: 3100, ms: 100, tokens: 32, decode: 32 }, ...run(3150, 3300, 50)];
+    const r = workDuring(steps, 3000, 3300);
+    // Work: 50 (the slow step counts as one normal step) + 150 = 200 of 300 ms.
+    expect(r.ratio).toBeCloseTo(200 / 300, 9);
+    expect(r.steps).toBe(4);
+  });
+
+  it('takes a step cut by the window edge in part', () => {
+    // A 50 ms step ending 20 ms into the window counts 20 ms.
+    const steps = [...run(-30, 3020, 50), ...run(3020, 3120, 50)]; // steps end at 20, 70, ..., 3020, 3070, 3120
+    const r = workDuring(steps, 3000, 3120);
+    expect(r.ratio).toBeCloseTo(1, 9);
+  });
+
+  it('measures mixed steps against mixed steps of the same size, not against decode steps', () => {
+    // Before: decode steps of 30 ms and prefill steps (156 tokens) of 130 ms, alternating.
+    const before: Step[] = [];
+    let t = 0;
+    while (t < 3000) {
+      t += 30; before.push({ t, ms: 30, tokens: 32, decode: 32 });
+      t += 130; before.push({ t, ms: 130, tokens: 156, decode: 28 });
+    }
+    const tCmd = t;
+    // In the window: one prefill step at its usual 130 ms, then one at 260 ms (twice as slow).
+    const during = [{ t: tCmd + 130, ms: 130, tokens: 156, decode: 28 }, { t: tCmd + 390, ms: 260, tokens: 156, decode: 28 }];
+    const r = workDuring([...before, ...during], tCmd, tCmd + 390);
+    expect(r.ratio).toBeCloseTo(260 / 390, 9);
+    // Tokens per second would call the same window a third of before's decode rate; this says two thirds of the work.
+  });
+
+  it('says nothing without steps before the command or with an empty window', () => {
+    expect(workDuring(run(3000, 4000, 50), 3000, 3300)).toBeUndefined();
+    expect(workDuring(run(0, 4000, 50), 3000, 3000)).toBeUndefined();
+  });
+});
