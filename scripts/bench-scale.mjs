@@ -275,6 +275,14 @@ if (baselines.has('replica')) {
   if (fresh.length === 0) {
     emit({ bench: 'replica', skipped: `no fresh device (serving on ${servingDevices.join(',')} of ${rt.deviceCount})` });
   } else {
+    // The replica takes the idle devices: the elastic deployment's standby chunks there are freed first (on
+    // 80 GB cards they and a replica would not fit together).
+    if (dep.standby.devices.length > 0) {
+      const tFree = clock();
+      await dep.setStandbyChunks(false);
+      await dep.settled();
+      emit({ bench: 'standby', when: 'before replica (freed)', settleMs: clock() - tFree, devices: dep.standby.devices });
+    }
     // "Before" ends here: dropping the page cache blocks this process (seconds, with the checkpoint cached).
     const tBefore = clock();
     const dropped = dropPageCache();

@@ -311,6 +311,8 @@ export class Deployment {
   private aheadError: unknown;
   /** The executor process started ahead for the next scale's standby (executor processes, prestart). */
   private prestarted: Spawned | undefined;
+  /** Whether standby chunks are kept (DeploymentOptions.standbyChunks; setStandbyChunks). */
+  private standbyOn: boolean;
 
   private constructor(
     readonly rt: Runtime,
@@ -331,6 +333,7 @@ export class Deployment {
     this.forward = forward;
     this.views = views;
     this.copier = new CopyService(hmm.store);
+    this.standbyOn = options.standbyChunks !== false;
   }
 
   /** Loads synthetic weights for a round-robin layout over `devices`, creates KV pools, the forward pass and the engine. */
@@ -613,6 +616,33 @@ export class Deployment {
   }
 
   /**
+   * Turns the standby chunks (DeploymentOptions.standbyChunks) off or on while serving. Off: the
+   * work ahead stops and every standby chunk is freed (in groups, the loop given a turn in
+   * between), for example before the idle devices are lent to something else; later scale-ups
+   * create their chunks when they run. On: they are made again in the background. Refused
+   * while a scale runs.
+   */
+  async setStandbyChunks(on: boolean): Promise<void> {
+    if (typeof on !== 'boolean') throw new InvalidArgumentError('on', `a boolean (got ${String(on)})`);
+    if (this.closed) throw new InvalidArgumentError('deployment', 'open (it is closed)');
+    if (this.scaling) throw new InvalidArgumentError('setStandbyChunks', 'called once the scale in progress has finished');
+    await this.stopAhead();
+    this.standbyOn = on;
+    if (!on) {
+      const store = this.hmm.store;
+      for (let d = 0; d < this.rt.deviceCount; d++) {
+        for (const [size, have] of store.spareSizes(d)) {
+          for (let n = have; n > 0; n -= RELEASE_GROUP) {
+            store.trimSpares(d, Math.max(0, n - RELEASE_GROUP), size);
+            await new Promise<void>((r) => setImmediate(r));
+          }
+        }
+      }
+    }
+    this.startAhead();
+  }
+
+  /**
    * Starts the background work ahead of the next scale, for the current layout: the plans of
    * the scales by one device (each device of the node added, each device of the layout
    * removed), then the standby chunks (when standbyChunks is on). Stopped when a scale starts.
@@ -688,7 +718,7 @@ export class Deployment {
       await turn();
       if (this.aheadStop) return;
       const planned = this.planFor(to, undefined);
-      if (joining !== undefined && this.options.standbyChunks !== false) want.set(joining, this.intake(joining, planned));
+      if (joining !== undefined && this.standbyOn) want.set(joining, this.intake(joining, planned));
     }
     // Free first (spares left on devices that joined the layout, sizes or counts no longer wanted), then create.
     for (const d of node) {

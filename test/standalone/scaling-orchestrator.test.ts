@@ -551,6 +551,19 @@ describe('Deployment.scale', () => {
     expect(r.chunksFromStandby).toBeLessThanOrEqual(r.chunksCopied);
     expect(await settledFree(dep, rt)).toEqual(steady.get('0,1'));
     expect((await running).outputTokens).toEqual(expected(PROMPTS[1]!, 60));
+    // Turned off while serving: every standby chunk freed, memory as a deployment without them; on again: made again.
+    await dep.scale({ devices: [0] });
+    await dep.settled();
+    const withStandby = freeBytes(rt);
+    await dep.setStandbyChunks(false);
+    await dep.settled();
+    expect(dep.standby.devices).toEqual([]);
+    expect(freeBytes(rt)).toEqual(rt.devices().map((d, i) => (i === 0 ? steady.get('0')![0] : d.totalBytes)));
+    expect((await dep.scale({ devices: [0, 1] })).chunksFromStandby).toBe(0);
+    await dep.scale({ devices: [0] });
+    await dep.setStandbyChunks(true);
+    expect(await settledFree(dep, rt)).toEqual(withStandby);
+    await expect(dep.setStandbyChunks('yes' as unknown as boolean)).rejects.toBeInstanceOf(InvalidArgumentError);
     // Off: nothing kept (the plans are still made ahead); a scale not by one device is planned when asked.
     const { dep: off } = await start([0], { standbyChunks: false });
     await off.settled();
