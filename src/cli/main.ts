@@ -54,6 +54,9 @@ commands:
                 --log-level LEVEL        pino level: info (default), debug, warn, silent, ...
                 --executor process       run every executor as its own process, attached through
                                          the HMM daemon (synthetic weights; default in-process)
+                --standby-chunks on|off  keep, on the idle devices, the chunks a scale-up onto them
+                                         would allocate, made ahead (default on; off leaves idle
+                                         devices untouched until a scale uses them)
 
   scale       ask a running \`elasticmoe serve\` (synthetic weights) to move to a new
               device set while it keeps serving, and print what moved
@@ -103,6 +106,7 @@ export async function main(argv: string[]): Promise<number> {
       port: { type: 'string' },
       url: { type: 'string' },
       executor: { type: 'string' },
+      'standby-chunks': { type: 'string' },
       'log-level': { type: 'string' },
       help: { type: 'boolean', short: 'h', default: false },
     },
@@ -174,6 +178,7 @@ export async function main(argv: string[]): Promise<number> {
         kvDtype: values['kv-dtype'],
         logLevel: values['log-level'],
         executor: values.executor,
+        standbyChunks: values['standby-chunks'],
         runtime: options,
       });
     }

@@ -56,6 +56,8 @@ export interface ServeCommandOptions {
   logLevel?: string;
   /** "in-process" (default) or "process": executors as separate processes (synthetic weights only). */
   executor?: string;
+  /** "on" (default) or "off": standby chunks on the idle devices (DeploymentOptions.standbyChunks). */
+  standbyChunks?: string;
   runtime: RuntimeOptionsInput;
 }
 
@@ -119,6 +121,9 @@ export async function runServe(o: ServeCommandOptions, err: NodeJS.WritableStrea
   if (o.executor !== undefined && o.executor !== 'in-process' && o.executor !== 'process') {
     throw new InvalidArgumentError('--executor', `in-process or process (got '${o.executor}')`);
   }
+  if (o.standbyChunks !== undefined && o.standbyChunks !== 'on' && o.standbyChunks !== 'off') {
+    throw new InvalidArgumentError('--standby-chunks', `on or off (got '${o.standbyChunks}')`);
+  }
   if (o.executor === 'process' && o.model !== undefined) {
     throw new InvalidArgumentError('--executor', 'in-process with --model (process executors serve synthetic weights for now)');
   }
@@ -171,6 +176,7 @@ export async function runServe(o: ServeCommandOptions, err: NodeJS.WritableStrea
         : 'in-process' as const;
       const dep = await Deployment.start({
         rt, config: files.config, devices, seed, maxTokensPerStep, kvBlocksPerDevice: kvBlocks ?? 1024, executor,
+        standbyChunks: o.standbyChunks !== 'off',
         forward: { kvDtype },
         onStep: (f) => listeners.forEach((l) => l(f)),
       });

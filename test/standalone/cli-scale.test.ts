@@ -90,6 +90,30 @@ describe('elasticmoe scale against elasticmoe serve', () => {
     expect(bad.stderr).toMatch(/--executor must be in-process or process/);
   }, 30_000);
 
+  it('keeps standby chunks on the idle devices by default (the spare memory metric), none with --standby-chunks off', async () => {
+    const spare = async (url: string) => {
+      const text = await (await fetch(`${url}/metrics`)).text();
+      return [...text.matchAll(/device_memory_bytes\{device="(\d+)",kind="spare"\} (\d+)/g)].map((m) => [Number(m[1]), Number(m[2])]);
+    };
+    server = await startServer();
+    // Made in the background after start: devices 1-3 get some, the serving device 0 none.
+    await expect.poll(async () => (await spare(server!.url)).filter(([, b]) => b! > 0).map(([d]) => d)).toEqual([1, 2, 3]);
+    server.proc.kill('SIGTERM');
+    expect(await new Promise((r) => server!.proc.on('exit', r))).toBe(0);
+    server = await startServer(['--standby-chunks', 'off']);
+    await complete(server.url);
+    expect(await spare(server.url)).toEqual([[0, 0], [1, 0], [2, 0], [3, 0]]);
+    const up = spawnSync(process.execPath, [cli, 'scale', '--devices', '0,1', '--url', server.url, '--json'], { encoding: 'utf8' });
+    expect(up.status, up.stderr).toBe(0);
+    expect(JSON.parse(up.stdout).chunksFromStandby).toBe(0);
+    server.proc.kill('SIGTERM');
+    expect(await new Promise((r) => server!.proc.on('exit', r))).toBe(0);
+    server = undefined;
+    const bad = spawnSync(process.execPath, [cli, 'serve', '--backend', 'mock', '--standby-chunks', 'maybe'], { encoding: 'utf8' });
+    expect(bad.status).toBe(1);
+    expect(bad.stderr).toMatch(/--standby-chunks must be on or off/);
+  }, 30_000);
+
   it('says clearly when no server answers', () => {
     const r = spawnSync(process.execPath, [cli, 'scale', '--devices', '1', '--url', 'http://127.0.0.1:9'], { encoding: 'utf8' });
     expect(r.status).toBe(1);
