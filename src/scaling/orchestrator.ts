@@ -626,20 +626,11 @@ export class Deployment {
     if (typeof on !== 'boolean') throw new InvalidArgumentError('on', `a boolean (got ${String(on)})`);
     if (this.closed) throw new InvalidArgumentError('deployment', 'open (it is closed)');
     if (this.scaling) throw new InvalidArgumentError('setStandbyChunks', 'called once the scale in progress has finished');
+    // The work ahead frees the standby chunks no longer wanted (all of them when off) or makes them.
     await this.stopAhead();
     this.standbyOn = on;
-    if (!on) {
-      const store = this.hmm.store;
-      for (let d = 0; d < this.rt.deviceCount; d++) {
-        for (const [size, have] of store.spareSizes(d)) {
-          for (let n = have; n > 0; n -= RELEASE_GROUP) {
-            store.trimSpares(d, Math.max(0, n - RELEASE_GROUP), size);
-            await new Promise<void>((r) => setImmediate(r));
-          }
-        }
-      }
-    }
     this.startAhead();
+    await this.ahead;
   }
 
   /**
@@ -650,6 +641,7 @@ export class Deployment {
   private startAhead(): void {
     if (this.closed) return;
     this.aheadStop = false;
+    this.aheadError = undefined;
     this.ahead = this.workAhead().catch((e: unknown) => {
       this.aheadError = e;
     });
@@ -731,13 +723,18 @@ export class Deployment {
         }
       }
     }
+    // Best effort per device: one that lacks the memory keeps what it got, the others still get theirs.
     for (const d of node) {
-      for (const [size, count] of want.get(d)!) {
-        for (let have = store.spareCount(d, size); have < count; have = store.spareCount(d, size)) {
-          if (this.aheadStop) return;
-          store.addSpares(d, size, Math.min(SPARE_GROUP, count - have), node);
-          await turn();
+      try {
+        for (const [size, count] of want.get(d)!) {
+          for (let have = store.spareCount(d, size); have < count; have = store.spareCount(d, size)) {
+            if (this.aheadStop) return;
+            store.addSpares(d, size, Math.min(SPARE_GROUP, count - have), node);
+            await turn();
+          }
         }
+      } catch (e) {
+        this.aheadError = e;
       }
     }
   }

@@ -13,7 +13,7 @@ import type { Completion, StepFigures } from '../../src/executor/engine.js';
 import { kvGeometry } from '../../src/executor/types.js';
 import type { TensorLocation } from '../../src/hmm/placement.js';
 import { parseConfig } from '../../src/model/config.js';
-import { FaultInjectedError, InvalidArgumentError } from '../../src/runtime/errors.js';
+import { FaultInjectedError, InvalidArgumentError, OutOfMemoryError } from '../../src/runtime/errors.js';
 import type { Runtime } from '../../src/runtime/runtime.js';
 import { Deployment, type DeploymentOptions, type ScaleProgress, type ScaleReport } from '../../src/scaling/orchestrator.js';
 import { MIB, openMock } from '../helpers/mock.js';
@@ -381,7 +381,8 @@ describe('Deployment.scale', () => {
   });
 
   it('with pauseCaptures the serving engine captures no new graph while a scale prepares, and captures again after a rollback', async () => {
-    const { rt, dep } = await start([0], { pauseCaptures: true });
+    // No standby chunks: the prepare phase creates its chunks, long enough for steps of new shapes to run in it.
+    const { rt, dep } = await start([0], { pauseCaptures: true, standbyChunks: false });
     const snap = () => ({ ...dep.graphStats! });
     const running = [0, 1, 2].map((k) => dep.submit({ prompt: PROMPTS[k]!, maxTokens: 30, ignoreEos: true }));
     await sleep(5);
@@ -564,6 +565,26 @@ describe('Deployment.scale', () => {
     await dep.setStandbyChunks(true);
     expect(await settledFree(dep, rt)).toEqual(withStandby);
     await expect(dep.setStandbyChunks('yes' as unknown as boolean)).rejects.toBeInstanceOf(InvalidArgumentError);
+    // A device without the memory for its standby chunks keeps what fit; the others get theirs, and the error is told.
+    {
+      const { rt: r2, dep: d2 } = await start([0]);
+      await d2.settled();
+      const want = d2.standby.devices.find((d) => d.device === 2)!;
+      await d2.setStandbyChunks(false);
+      const g = r2.granularity(2);
+      const hog = r2.createChunk(2, Math.floor((r2.deviceInfo(2).freeBytes - want.bytes / 2) / g) * g); // leaves room for about half
+      await d2.setStandbyChunks(true);
+      const got = d2.standby;
+      expect(got.error).toBeInstanceOf(OutOfMemoryError);
+      expect(got.devices.map((d) => d.device)).toEqual([1, 2, 3]);
+      expect(got.devices[1]!.chunks).toBeLessThan(want.chunks);
+      expect(got.devices[2]!.chunks).toBe(want.chunks);
+      hog.dispose();
+      // Freed memory is used at the next round of the work ahead (after a scale, or turned on again).
+      await d2.setStandbyChunks(true);
+      expect(d2.standby.error).toBeUndefined();
+      expect(d2.standby.devices[1]!.chunks).toBe(want.chunks);
+    }
     // Off: nothing kept (the plans are still made ahead); a scale not by one device is planned when asked.
     const { dep: off } = await start([0], { standbyChunks: false });
     await off.settled();
