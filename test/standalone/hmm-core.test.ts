@@ -140,6 +140,14 @@ describe('chunk store and synthetic weights', () => {
     const plan = (id: string, device: number, size = 2 * GRAN) => ({ id, group: id, device, kind: 'weight' as const, size, tensors: [] });
     store.addSpares(1, 2 * GRAN, 3, [0]);
     expect(store.spareCount(1)).toBe(3);
+    // Whether they could serve a set of requests at once: count, size, device and access all matter.
+    const req = (n: number, access = [1], size = 2 * GRAN, device = 1) => Array.from({ length: n }, () => ({ device, size, access }));
+    expect(store.sparesCover(req(3, [1, 0]))).toBe(true);
+    expect(store.sparesCover(req(4))).toBe(false);
+    expect(store.sparesCover(req(1, [1, 2]))).toBe(false);
+    expect(store.sparesCover(req(1, [1], GRAN))).toBe(false);
+    expect(store.sparesCover(req(1, [2], 2 * GRAN, 2))).toBe(false);
+    expect(store.sparesCover([])).toBe(true);
     expect(store.accounting()[1]!.spareBytes).toBe(6 * GRAN);
     expect(store.accounting()[1]!.weightBytes).toBe(0);
     expect(rt.deviceInfo(1).freeBytes).toBe(64 * MIB - 6 * GRAN);
