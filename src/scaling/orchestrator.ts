@@ -709,8 +709,14 @@ export class Deployment {
       // Never inside the call that starts it (a scale's end): what ran just before settles first.
       await turn();
       if (this.aheadStop) return;
-      const planned = this.planFor(to, undefined);
-      if (joining !== undefined && this.standbyOn) want.set(joining, this.intake(joining, planned));
+      try {
+        const planned = this.planFor(to, undefined);
+        if (joining !== undefined && this.standbyOn) want.set(joining, this.intake(joining, planned));
+      } catch (e) {
+        // A target no scale could reach (a device without peer access to the layout's, say): the
+        // others are still planned and their devices still get standby chunks.
+        this.aheadError = e;
+      }
     }
     // Free first (spares left on devices that joined the layout, sizes or counts no longer wanted), then create.
     for (const d of node) {
