@@ -151,8 +151,8 @@ export interface DeploymentOptions {
    */
   standbyChunks?: boolean;
   /**
-   * When every target chunk of a scale is a standby chunk (in-process executors): queue all the
-   * copies at once and make the standby engine while they run, instead of after (default true).
+   * When every target chunk of a scale is a standby chunk: queue all the copies at once and make
+   * the standby (engine, or executor process) while they run, instead of after (default true).
    */
   attachDuringCopies?: boolean;
 }
@@ -901,10 +901,10 @@ export class Deployment {
           const sources = [t.sourceId, ...(t.extraSourceIds ?? [])].map((id) => store.get(id));
           return { plan: targetPlan(sources[0]!.plan, t.targetDevice, t.targetId), sources };
         });
-        // Every target in the standby chunks (in-process executors): the copies are queued at once
-        // (taking the chunks costs ~10 µs each, not ~0.2 ms) and the standby engine is made while
-        // they run; its pointers are final once the targets exist.
-        overlapped = !this.daemon && this.options.attachDuringCopies !== false && jobs.length > 0
+        // Every target in the standby chunks: the copies are queued at once (taking the chunks costs
+        // ~10 µs each, not ~0.2 ms) and the standby (an engine here, or an executor process importing
+        // the chunks) is made while they run; its pointers are final once the targets exist.
+        overlapped = this.options.attachDuringCopies !== false && jobs.length > 0
           && store.sparesCover(jobs.map((j) => ({ device: j.plan.device, size: j.plan.size, access: [j.plan.device, ...j.sources.map((x) => x.plan.device)] })));
         // Taking standby chunks costs ~10 µs each: groups of 256 block the loop ~3 ms (groups of 8 with a
         // turn between them put 2,790 takings across ~100 ms on 2 x H200, the copies waiting behind them).

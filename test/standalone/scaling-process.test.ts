@@ -173,6 +173,8 @@ describe('Deployment with executor processes', () => {
     // The scale attaches that very process; a new one is started ahead after it.
     const up = await dep.scale({ devices: [0, 1] });
     expect(up.prestartedExecutor).toBe(true);
+    expect(up.attachDuringCopies).toBe(true); // the process imported the targets while they were being copied
+    expect(up.chunksFromStandby).toBe(up.chunksCopied);
     expect(dep.executorPid).toBe(ahead);
     await dep.settled();
     const next = dep.prestartedPid!;
