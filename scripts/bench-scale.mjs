@@ -33,8 +33,8 @@
 // BENCH_CHECKPOINT ("pattern": a byte pattern, the default, or "export": the
 // synthetic weights the deployments serve, read back from the devices).
 // Prepare pacing (elastic and vertical; DeploymentOptions.prepare): BENCH_PREPARE_PACED
-// (1; 0 = the HMM's CopyService, everything at once), BENCH_PREPARE_INFLIGHT_MB (512),
-// BENCH_PREPARE_RATE_GBPS (unlimited), BENCH_PREPARE_ALLOC_GROUP (64),
+// (1; 0 = the HMM's CopyService, everything at once), BENCH_PREPARE_INFLIGHT_MB (2048),
+// BENCH_PREPARE_RATE_GBPS (unlimited), BENCH_PREPARE_ALLOC_GROUP (8),
 // BENCH_PREPARE_YIELD_MS (0). Engines: BENCH_GRAPHS, BENCH_DEVICE_ROUTING_MAX_ROWS, BENCH_EXECUTOR and BENCH_PRESTART (below).
 // libuv's thread pool runs every blocking device wait (event/stream synchronize);
 // with 4 threads (Node's default) the forward pass's per-rank waits queue behind

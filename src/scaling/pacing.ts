@@ -47,7 +47,7 @@ export interface PrepareOptions {
   maxInflightBytes?: number;
   /** Cap on the average copy rate in bytes per millisecond (1 GB/s = 1e6; default: no cap). */
   bytesPerMs?: number;
-  /** Target chunks created per synchronous group before the loop yields (default 64). */
+  /** Target chunks created per synchronous group before the loop yields (default 8; a scale whose targets are all standby chunks takes them in groups of at least 256). */
   allocateGroup?: number;
   /** How far target chunk creation runs ahead of the copies, in bytes (default maxInflightBytes). */
   allocateAheadBytes?: number;
