@@ -251,7 +251,8 @@ for (let i = 1; i < plan.length; i++) {
   if (i > 1) await settle(`before ${plan[i].join(',')}`);
   const m = await measureScale('elastic', dep, plan[i]);
   const r = m.report;
-  emit({ bench: 'scale', ...transitionFigures(m),
+  const figures = transitionFigures(m);
+  emit({ bench: 'scale', ...figures,
     bytesCopied: r.bytesCopied, lowerBoundBytes: r.lowerBoundBytes, chunksCopied: r.chunksCopied, chunksFromStandby: r.chunksFromStandby,
     plannedAhead: r.plannedAhead, prestartedExecutor: r.prestartedExecutor, attachDuringCopies: r.attachDuringCopies,
     chunksReused: r.chunksReused, chunksReleased: r.chunksReleased, switchover: r.switchover, prepare: r.prepare,
@@ -261,7 +262,7 @@ for (let i = 1; i < plan.length; i++) {
     `throughput during ${(100 * m.during.tokensPerSecond / m.before.tokensPerSecond).toFixed(0)}% of before ` +
     `(all tokens, prompt and decode: ${(100 * m.during.allTokensPerSecond / m.before.allTokensPerSecond).toFixed(0)}%); ` +
     `decode step speed during ${speed === null ? 'n/a (no decode-only step)' : `${(100 * speed).toFixed(0)}%`} of before; ` +
-    `serving work done during ${(100 * (workDuring(steps.filter((s) => s.who === 'elastic'), m.tCmd, m.first.t)?.ratio ?? NaN)).toFixed(0)}% of before; ` +
+    `serving work done during ${figures.workDuringOverBefore === null ? 'n/a' : `${(100 * figures.workDuringOverBefore).toFixed(0)}%`} of before; ` +
     `${r.chunksFromStandby} of ${r.chunksCopied} target chunks were standby chunks`);
   await sleep(holdMs);
 }

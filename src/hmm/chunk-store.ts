@@ -68,8 +68,8 @@ export class ChunkStore {
   /** Copy streams by device and peer ("on>peer"), on the first. */
   private readonly copyStreams = new Map<string, Stream>();
   private readonly modules = new Map<number, Promise<Module>>();
-  /** Spare chunks by "device:size": created, mapped and granted access ahead, bound to no plan yet. */
-  private readonly spares = new Map<string, Spare[]>();
+  /** Spare chunks by device, then size: created, mapped and granted access ahead, bound to no plan yet. */
+  private readonly spares = new Map<number, Map<number, Spare[]>>();
   private taken = 0;
 
   constructor(readonly rt: Runtime) {}
@@ -144,7 +144,7 @@ export class ChunkStore {
 
   /** A spare of that device and size whose mapping grants at least `devices`, taken out of the spares. */
   private takeSpare(device: number, size: number, devices: readonly number[]): Spare | undefined {
-    const list = this.spares.get(`${device}:${size}`);
+    const list = this.spares.get(device)?.get(size);
     if (!list) return undefined;
     // From the end: a scale takes ~2,000-3,000 in a row, and the first match is nearly always the last one.
     for (let i = list.length - 1; i >= 0; i--) {
@@ -175,15 +175,18 @@ export class ChunkStore {
       for (const s of made) freeSpare(s);
       throw e;
     }
-    const key = `${device}:${size}`;
-    this.spares.set(key, [...(this.spares.get(key) ?? []), ...made]);
+    let bySize = this.spares.get(device);
+    if (!bySize) this.spares.set(device, (bySize = new Map()));
+    bySize.set(size, [...(bySize.get(size) ?? []), ...made]);
   }
 
   /** Whether the spares could serve every request (device, size, and devices its mapping must grant) at once. */
   sparesCover(requests: ReadonlyArray<{ device: number; size: number; access: readonly number[] }>): boolean {
     // Spares counted by device, size and access set (one or two sets in practice), each request taking one that covers it.
-    const left = new Map<string, Array<{ access: ReadonlySet<number>; n: number }>>();
-    for (const [key, list] of this.spares) {
+    const left = new Map<Spare[], Array<{ access: ReadonlySet<number>; n: number }>>();
+    const counted = (list: Spare[]) => {
+      let sets = left.get(list);
+      if (sets) return sets;
       const bySet = new Map<string, { access: ReadonlySet<number>; n: number }>();
       for (const sp of list) {
         const sig = [...sp.access].sort((a, b) => a - b).join(',');
@@ -191,10 +194,12 @@ export class ChunkStore {
         if (e) e.n++;
         else bySet.set(sig, { access: sp.access, n: 1 });
       }
-      left.set(key, [...bySet.values()]);
-    }
+      left.set(list, (sets = [...bySet.values()]));
+      return sets;
+    };
     for (const r of requests) {
-      const match = left.get(`${r.device}:${r.size}`)?.find((e) => e.n > 0 && e.access.has(r.device) && r.access.every((d) => e.access.has(d)));
+      const list = this.spares.get(r.device)?.get(r.size);
+      const match = list && counted(list).find((e) => e.n > 0 && e.access.has(r.device) && r.access.every((d) => e.access.has(d)));
       if (!match) return false;
       match.n--;
     }
@@ -208,35 +213,28 @@ export class ChunkStore {
 
   /** Spare chunks on `device` (of `size` bytes only, when given). */
   spareCount(device: number, size?: number): number {
-    let n = 0;
-    for (const [key, list] of this.spares) {
-      const [d, s] = key.split(':').map(Number);
-      if (d === device && (size === undefined || s === size)) n += list.length;
-    }
-    return n;
+    const sizes = this.spareSizes(device);
+    return size === undefined ? [...sizes.values()].reduce((a, n) => a + n, 0) : (sizes.get(size) ?? 0);
   }
 
   /** Spare sizes and counts on `device`. */
   spareSizes(device: number): Map<number, number> {
     const out = new Map<number, number>();
-    for (const [key, list] of this.spares) {
-      const [d, s] = key.split(':').map(Number);
-      if (d === device && list.length > 0) out.set(s!, list.length);
-    }
+    for (const [size, list] of this.spares.get(device) ?? []) if (list.length > 0) out.set(size, list.length);
     return out;
   }
 
   /** Frees spares of `device` (of `size` only, when given) beyond `keep` of them. Returns how many it freed. */
   trimSpares(device: number, keep = 0, size?: number): number {
     let freed = 0;
-    for (const [key, list] of this.spares) {
-      const [d, s] = key.split(':').map(Number);
-      if (d !== device || (size !== undefined && s !== size)) continue;
+    const bySize = this.spares.get(device);
+    for (const [s, list] of bySize ?? []) {
+      if (size !== undefined && s !== size) continue;
       while (list.length > keep) {
         freeSpare(list.pop()!);
         freed++;
       }
-      if (list.length === 0) this.spares.delete(key);
+      if (list.length === 0) bySize!.delete(s);
     }
     return freed;
   }
@@ -418,7 +416,7 @@ export class ChunkStore {
   /** Frees everything (the daemon is shutting down). */
   dispose(): void {
     for (const c of [...this.chunks.values()]) this.free(c);
-    for (const list of this.spares.values()) for (const sp of list) freeSpare(sp);
+    for (const bySize of this.spares.values()) for (const list of bySize.values()) for (const sp of list) freeSpare(sp);
     this.spares.clear();
     for (const s of [...this.streams.values(), ...this.copyStreams.values()]) s.dispose();
     this.streams.clear();
