@@ -52,6 +52,13 @@ class NativeRange : public Napi::ObjectWrap<NativeRange> {
                  const std::string& bytes_name) const;
   // The device pointer of a kernel argument: offset strictly inside the range.
   DevicePtr Pointer(uint64_t offset, const std::string& offset_name) const;
+  // Pointer() without building an argument name: false (nothing thrown) when the range
+  // was freed or the offset lies outside it; call Pointer() then for the error.
+  bool TryPointer(uint64_t offset, DevicePtr* out) const {
+    if (state_->freed || offset >= state_->size) return false;
+    *out = state_->base + offset;
+    return true;
+  }
   const std::shared_ptr<Backend>& backend() const { return state_->backend; }
 
  private:

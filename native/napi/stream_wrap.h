@@ -43,7 +43,7 @@ class NativeStream : public Napi::ObjectWrap<NativeStream> {
   Napi::Value CopyHostToDevice(const Napi::CallbackInfo& info);
   Napi::Value CopyDeviceToHost(const Napi::CallbackInfo& info);
   Napi::Value Memset(const Napi::CallbackInfo& info);
-  Napi::Value Launch(const Napi::CallbackInfo& info);
+  Napi::Value LaunchPacked(const Napi::CallbackInfo& info);
   Napi::Value WaitEvent(const Napi::CallbackInfo& info);
   Napi::Value BeginCapture(const Napi::CallbackInfo& info);
   Napi::Value EndCapture(const Napi::CallbackInfo& info);

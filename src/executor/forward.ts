@@ -435,6 +435,8 @@ export class ForwardEngine implements Disposable {
   private readonly QD: number;
   private readonly KVD: number;
   private readonly MBmax: number;
+  /** Per rank and layer: its computing devices, the others first, then its own (static). */
+  private readonly expertOrder: number[][][];
   private busy = false;
   private disposed = false;
   /** Captured steps by shape key, least recently used first. */
@@ -493,6 +495,8 @@ export class ForwardEngine implements Disposable {
     this.QD = config.heads * config.headDim;
     this.KVD = config.kvHeads * config.headDim;
     this.MBmax = Math.ceil(config.maxPositions / blockTokens);
+    // Other devices first, then r's own, so r's stream does not wait before its own work.
+    this.expertOrder = computers.map((layers, r) => layers.map((list) => [...list.filter((e) => e !== r), ...list.filter((e) => e === r)]));
   }
 
   static async create(rt: Runtime, config: ModelConfig, layout: Layout, weights: WeightSource, kv: Map<number, KvPoolView>,
@@ -1287,9 +1291,8 @@ export class ForwardEngine implements Disposable {
     const TK = T * K;
     const b = this.devs[r]!.buf;
     const answers: Event[] = [];
-    // Other devices first, then r's own rows, so r's stream does not wait before its own work.
-    const order = this.computers[r]![l]!;
-    for (const e of [...order.filter((j) => j !== r), ...order.filter((j) => j === r)]) {
+    const maxActive = Math.min(E, TK);
+    for (const e of this.expertOrder[r]![l]!) {
       const dev = this.devs[e]!;
       const { stream: s, kernels: kn, buf: eb } = dev;
       used.add(e);
@@ -1302,13 +1305,13 @@ export class ForwardEngine implements Disposable {
         device: e, T, K, E,
       });
       kn.gatherRowsCount(s, { out: eb.recv, x: b.xn, rows: eb.routeRows!, count, M: TK, H, R: T });
-      const weights = (matrix: number) => eb.weightTable!.add((l * 3 + matrix) * E * 8);
       // Only the experts with rows, a block row for each of at most min(E, T*K) of them.
-      const grouped = { rowOffsets, active, maxActive: Math.min(E, TK), G: E, M: TK };
-      kn.groupedMatmul(s, { ...grouped, out: eb.expGate, x: eb.recv, weights: weights(0), N: I, K: H });
-      kn.groupedMatmul(s, { ...grouped, out: eb.expUp, x: eb.recv, weights: weights(1), N: I, K: H });
+      const table = eb.weightTable!;
+      const at = l * 3 * E * 8;
+      kn.groupedMatmul(s, { rowOffsets, active, maxActive, G: E, M: TK, out: eb.expGate, x: eb.recv, weights: table.add(at), N: I, K: H });
+      kn.groupedMatmul(s, { rowOffsets, active, maxActive, G: E, M: TK, out: eb.expUp, x: eb.recv, weights: table.add(at + E * 8), N: I, K: H });
       kn.siluMulCount(s, { out: eb.expGate, gate: eb.expGate, up: eb.expUp, count, M: TK, N: I });
-      kn.groupedMatmul(s, { ...grouped, out: eb.recv, x: eb.expGate, weights: weights(2), N: H, K: I });
+      kn.groupedMatmul(s, { rowOffsets, active, maxActive, G: E, M: TK, out: eb.recv, x: eb.expGate, weights: table.add(at + 2 * E * 8), N: H, K: I });
       kn.scatterRowsCount(s, { out: b.slots, x: eb.recv, rows: eb.routePerm!, count, M: TK, H, R: TK });
       if (e !== r) answers.push(this.event(e).record(s));
     }

@@ -76,19 +76,14 @@ export interface NativeHostBuffer {
   free(): void;
 }
 
-export type NativeKernelArg =
-  | { type: 'ptr'; range: NativeRange; offset: number }
-  | { type: 'i32' | 'u32' | 'f32' | 'f64'; value: number }
-  | { type: 'i64' | 'u64'; value: bigint | number };
-
 export interface NativeStream {
   readonly device: number;
   copy(dst: NativeRange, dstOffset: number, src: NativeRange, srcOffset: number, bytes: number): void;
   copyHostToDevice(dst: NativeRange, dstOffset: number, src: NativeHostBuffer, srcOffset: number, bytes: number): void;
   copyDeviceToHost(dst: NativeHostBuffer, dstOffset: number, src: NativeRange, srcOffset: number, bytes: number): void;
   memset(dst: NativeRange, dstOffset: number, value: number, bytes: number): void;
-  launch(fn: NativeFunction, grid: [number, number, number], block: [number, number, number],
-         sharedBytes: number, args: NativeKernelArg[]): void;
+  /** A launch packed by packLaunch (kernel.ts): the words' layout is documented there and in stream_wrap.cc. */
+  launchPacked(fn: NativeFunction, words: Uint32Array, ranges: NativeRange[]): void;
   waitEvent(event: NativeEvent): void;
   /** Work queued from now on is recorded into a graph instead of running. */
   beginCapture(): void;

@@ -1,7 +1,7 @@
 // Streams (ordered queues of copies and launches on one device) and events.
 import { InvalidArgumentError } from './errors.js';
 import { Graph } from './graph.js';
-import { type Kernel, type KernelArg, toNativeArgs } from './kernel.js';
+import { type Kernel, type KernelArg, packLaunch } from './kernel.js';
 import { DevicePointer, HostBuffer, checkSize } from './memory.js';
 import type { NativeEvent, NativeStream } from './native-types.js';
 
@@ -79,8 +79,8 @@ export class Stream implements Disposable {
     return this;
   }
   launch(kernel: Kernel, dims: LaunchDims, args: readonly KernelArg[]): this {
-    this.native.launch(kernel.native, dim3('grid', dims.grid), dim3('block', dims.block), dims.sharedBytes ?? 0,
-      toNativeArgs(args));
+    const { words, ranges } = packLaunch(dim3('grid', dims.grid), dim3('block', dims.block), dims.sharedBytes ?? 0, args);
+    this.native.launchPacked(kernel.native, words, ranges);
     return this;
   }
   /** Later work on this stream waits for the event's latest record. */
