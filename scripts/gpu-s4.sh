@@ -19,7 +19,8 @@ for l in sys.stdin:
   st=s['prepare'].get('stats') or {}; p=s['phases']
   print(' ', s['from'], '->', s['to'], 'first step', round(s['commandToFirstNewStepMs']), 'ms; plan', round(p['planMs']), 'prepare', round(p['prepareMs']),
     '(alloc', round(st.get('allocateMs',0)), 'copy', round(st.get('copyMs',0)), ') attach', round(p['attachMs']), 'copy wait', round(p.get('copyWaitMs',0)), 'overlap', s.get('attachDuringCopies'), 'switch', round(p['switchMs']),
-    'first', round(p['firstStepMs']), '; standby', s.get('chunksFromStandby'), '/', s['chunksCopied'], '; speed', s.get('decodeStepSpeedDuringOverBefore'))"
+    'first', round(p['firstStepMs']), '; standby', s.get('chunksFromStandby'), '/', s['chunksCopied'], '; work during', s.get('workDuringOverBefore'),
+    '; precaptured', (s.get('attach') or {}).get('precapture'))"
 }
 run() { # name, timeout, env...
   local name=$1 limit=$2; shift 2

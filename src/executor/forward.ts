@@ -94,32 +94,34 @@
 //
 // Graphs: a step whose ranks all take the device path, and that asks for no logits, is
 // queued with no host wait from its metadata upload (read from the rank's pinned host
-// buffer) to its argmax download (into the same buffer). Such a step may be captured once
-// into a graph (Stream.beginCapture on the first rank's stream; every other stream the step uses
-// joins by waiting on an event recorded there right after, and is joined back by an event
-// the origin stream waits on before endCapture) and replayed with one launch for every
-// later step of the same shape. The shape is what enters kernel arguments and copy sizes:
-// which ranks are present and, per rank, T, S, MB and the sampled sequences' count. T and S
-// are padded up to the step buckets first (padToBucket: padding sequences whose tokens sit at
-// position -1, so attention and the KV store skip them), so that decode steps and mixed
-// steps (decodes plus a prompt chunk) recur while requests come and go. Token
-// ids, positions, KV slots and block tables travel in the metadata the graph's upload node
-// reads from the host buffer when it runs, so a replay refills the host buffer and launches.
-// MB, the block table's row stride, is one per step (the largest rank's, rounded up to a
-// power of two; the rows padded; attention reads only the blocks a token's position needs),
-// and every rank's sequence count is padded to the bucket of the largest, so a decoding batch
-// captures again only when its longest sequence doubles, and which rank is one sequence short
-// does not matter. A shape is captured at its captureAfter-th sighting (default 1; before
-// that the step runs as usual). Graphs are cached per shape (LRU, maxGraphs) and die with the engine. Events recorded
-// during a capture come from their own per-device pool: an event the engine synchronizes
-// or reuses outside a capture is never one recorded inside it. A backend that cannot
-// capture (NotSupportedError: ACL, an old CUDA driver, or anything a capture refuses) turns
-// graphs off for the engine, the step runs as usual, and graphStats says why.
+// buffer) to its argmax download (into the same buffer). Each rank's part of such a step (its
+// attention, its expert rows on every computing device, its combination and head) may be
+// captured once into a graph of its own (Stream.beginCapture on the rank's stream; every other
+// stream the part uses joins by waiting on an event recorded there right after, and is joined
+// back by an event the origin stream waits on before endCapture) and replayed with one launch
+// for every later step where that rank has the same shape, whatever the other ranks run. Ranks'
+// graphs run at once: a computing device keeps separate scratch for each rank it serves (Lent).
+// The shape is what enters kernel arguments and copy sizes: the rank and its T, S, MB and
+// sampled sequences' count. T and S are padded up to the step buckets first (padToBucket:
+// padding sequences whose tokens sit at position -1, so attention and the KV store skip them),
+// so that decode steps and mixed steps (decodes plus a prompt chunk) recur while requests come
+// and go. Token ids, positions, KV slots and block tables travel in the metadata the graph's
+// upload node reads from the host buffer when it runs, so a replay refills the host buffer and
+// launches. MB, the block table's row stride, is rounded up to a power of two (the rows padded;
+// attention reads only the blocks a token's position needs), so a decoding rank captures again
+// only when its longest sequence doubles. A shape is captured at its captureAfter-th sighting
+// (default 1; before that the step runs as usual). Graphs are cached per rank and shape (LRU,
+// maxGraphs) and die with the engine; precapture() captures given shapes ahead (a scale's
+// standby engine captures the serving engine's recent shapes before the switch-over). Events
+// recorded during a capture come from their own per-device pool: an event the engine
+// synchronizes or reuses outside a capture is never one recorded inside it. A backend that
+// cannot capture (NotSupportedError: ACL, an old CUDA driver, or anything a capture refuses)
+// turns graphs off for the engine, the step runs as usual, and graphStats says why.
 //
 // Sync points per step: the host path's one host wait per layer (the expert row lists
 // are built on the host; none in a step whose ranks all take the device path: the whole
-// step is queued without waiting), and one at the end (a replayed graph: one wait, on
-// the origin stream, which the graph's joins make wait for every device). Cross-device
+// step is queued without waiting), and one at the end (replayed graphs: one wait per rank, on
+// its stream, which its graph's joins make wait for every device it used). Cross-device
 // dependencies go through events recorded by the producer before the consumer waits on
 // them, so no stream ever waits on work that is not queued yet. Scratch a device lends
 // to other ranks (recv, expGate, expUp, the routing and active lists) is used by its
@@ -208,10 +210,12 @@ export interface ExpertLoad {
 export interface GraphStats {
   /** Whether steps may still be replayed as graphs (false: the option said so, or capture failed). */
   enabled: boolean;
-  /** Steps captured into a new graph (each also ran, by one launch of it). */
+  /** Rank graphs captured by a step (each also ran, by one launch of it). A graph step has one graph per rank. */
   captures: number;
-  /** Steps that launched a cached graph. */
+  /** Rank graphs a step launched from the cache. */
   replays: number;
+  /** Rank graphs captured ahead of their first step (precapture). */
+  precaptured: number;
   /** Graphs cached now. */
   cached: number;
   /** Graphs evicted by the maxGraphs bound (and disposed). */
@@ -241,7 +245,7 @@ export function stepBucket(n: number): number {
 }
 /**
  * Default sightings of a step shape before it is captured: the first. With step buckets and
- * one sequence count and block-table stride per step, shapes recur under churn, and on H200
+ * block-table strides rounded to powers of two, shapes recur under churn, and on H200
  * (4 GPUs) a capture cost little more than running the step eagerly (214 against 184 ms; a
  * replay 30 ms), so waiting for a second sighting only added an eager step per shape. (Before
  * the buckets most shapes never recurred and 2 was the better default.)
@@ -249,6 +253,8 @@ export function stepBucket(n: number): number {
 const DEFAULT_CAPTURE_AFTER = 1;
 /** Layers whose weights are resolved between two turns of the event loop while an engine is made. */
 const RESOLVE_LAYERS_PER_TURN = 8;
+/** Layers of a precaptured graph queued per turn of the event loop (ForwardEngine.precapture). */
+const PRECAPTURE_LAYERS_PER_TURN = 8;
 
 /** A rank's weights as device pointers (ForwardEngine.resolveWeights). */
 interface ResolvedWeights {
@@ -361,12 +367,25 @@ interface Buffers {
   expGate: DevicePointer; // [T*K, I]
   expUp: DevicePointer; // [T*K, I]
   // Device routing path (absent when it is off):
-  routeOffsets?: DevicePointer; // [E + 1] i32: per expert row offsets of the rank being served; [E] = the row count
-  routeRows?: DevicePointer; // [T*K] i32: sorted row → token
-  routePerm?: DevicePointer; // [T*K] i32: sorted row → slot t*K + k
-  routeActive?: DevicePointer; // [E + 1] i32: the count, then the experts with rows of the rank being served, ascending
+  /** Per rank served: the scratch this device computes that rank's expert rows in (see Lent). */
+  lent?: Lent[];
   routeTable?: DevicePointer; // static [ranks, L, E] i32: the device index that computes each expert for each rank
   weightTable?: DevicePointer; // static [L, 3, E] u64: this device's gate, up, down addresses; 0 where it computes nothing
+}
+
+/**
+ * Scratch a device keeps for one rank's expert rows on the device path, one set per rank of
+ * the layout: each rank's step may be a graph of its own (see the header), and two ranks'
+ * graphs run at once, so no two ranks share these.
+ */
+interface Lent {
+  recv: DevicePointer; // [T*K, H] the rank's rows gathered, then the expert outputs
+  expGate: DevicePointer; // [T*K, I]
+  expUp: DevicePointer; // [T*K, I]
+  routeOffsets: DevicePointer; // [E + 1] i32: per expert row offsets; [E] = the row count
+  routeRows: DevicePointer; // [T*K] i32: sorted row → token
+  routePerm: DevicePointer; // [T*K] i32: sorted row → slot t*K + k
+  routeActive: DevicePointer; // [E + 1] i32: the count, then the experts with rows, ascending
 }
 
 interface DeviceState {
@@ -406,6 +425,33 @@ interface SeqPlan {
   padding?: boolean;
 }
 
+/** A rank's graph shape: what enters its kernel arguments and copy sizes (padded, see padToBucket). */
+export interface GraphShape {
+  /** The rank (index of its device in the layout). */
+  rank: number;
+  /** Its device (graphShapes() sets it; precapture reads `rank`). */
+  device?: number;
+  T: number;
+  S: number;
+  /** Block-table stride (a power of two). */
+  MB: number;
+  /** Sequences sampled (the padding ones included). */
+  sampled: number;
+}
+
+interface CachedGraph {
+  graph: Graph;
+  shape: GraphShape;
+}
+
+function shapeOf(rank: number, p: RankPlan): GraphShape {
+  return { rank, T: p.T, S: p.S, MB: p.MB, sampled: p.sampled.length };
+}
+
+function shapeKey(rank: number, p: RankPlan): string {
+  return `${rank}:${p.T},${p.S},${p.MB},${p.sampled.length}`;
+}
+
 interface RankPlan {
   T: number;
   S: number;
@@ -440,10 +486,10 @@ export class ForwardEngine implements Disposable {
   private busy = false;
   private disposed = false;
   /** Captured steps by shape key, least recently used first. */
-  private readonly graphCache = new Map<string, Graph>();
+  private readonly graphCache = new Map<string, CachedGraph>();
   /** Set while a step is being captured: event() then draws from the capture pool. */
   private capturing = false;
-  private graphCounts = { captures: 0, replays: 0, evicted: 0, deferred: 0 };
+  private graphCounts = { captures: 0, replays: 0, evicted: 0, deferred: 0, precaptured: 0 };
   /** Host-path routing counts per layer * E + expert, and the steps they cover; steps run so far. */
   private readonly observed: Float64Array;
   private observedSteps = 0;
@@ -651,10 +697,10 @@ export class ForwardEngine implements Disposable {
     if (S > 0) Object.assign(b, { sharedGate: f(T * S), sharedUp: f(T * S), sharedOut: f(T * H), sharedLogit: f(T) });
     if (deviceRouting) {
       const E = c.experts;
-      Object.assign(b, {
-        routeOffsets: f(E + 1), routeRows: f(TK), routePerm: f(TK), routeActive: f(E + 1),
-        routeTable: f(ranks * c.layers * E), weightTable: arena.alloc(c.layers * 3 * E * 8),
-      });
+      const lent = Array.from({ length: ranks }, (): Lent => ({
+        recv: f(TK * H), expGate: f(TK * I), expUp: f(TK * I), routeOffsets: f(E + 1), routeRows: f(TK), routePerm: f(TK), routeActive: f(E + 1),
+      }));
+      Object.assign(b, { lent, routeTable: f(ranks * c.layers * E), weightTable: arena.alloc(c.layers * 3 * E * 8) });
     }
     return b;
   }
@@ -984,14 +1030,19 @@ export class ForwardEngine implements Disposable {
   private queueOnDevice(plans: Array<RankPlan | undefined>, ranks: number[], logitsHost: Array<HostBuffer | undefined>,
     used: Set<number>): void {
     for (const r of ranks) this.begin(r, plans[r]!);
-    for (let l = 0; l < this.config.layers; l++) {
+    this.queueLayers(plans, ranks, 0, this.config.layers, used);
+    for (const r of ranks) this.head(r, plans[r]!, logitsHost[r]);
+  }
+
+  /** Layers [from, to) of a device-path step (queueOnDevice's middle). */
+  private queueLayers(plans: Array<RankPlan | undefined>, ranks: number[], from: number, to: number, used: Set<number>): void {
+    for (let l = from; l < to; l++) {
       const routed = new Map<number, Event | undefined>();
       for (const r of ranks) routed.set(r, this.attentionAndRouter(r, plans[r]!, l, false));
       const answers = new Map<number, Event[]>();
       for (const r of ranks) answers.set(r, this.expertsOnDevice(r, plans[r]!, l, routed.get(r), used));
       for (const r of ranks) this.combine(r, plans[r]!, l, answers.get(r)!, false);
     }
-    for (const r of ranks) this.head(r, plans[r]!, logitsHost[r]);
   }
 
   /** Queues a step with host-path ranks (one host wait per layer, for all of them together). */
@@ -1019,75 +1070,109 @@ export class ForwardEngine implements Disposable {
   // ---- graphs
 
   /**
-   * Runs an all-device-path step as a graph: launches the cached graph of its shape after refilling
-   * the host buffers, or captures the step (then launches it), and waits once, on the origin stream.
-   * False when the step is to run as usual instead (nothing was queued): its shape has not been
-   * seen captureAfter times yet, or graphs turned off.
+   * Runs an all-device-path step as graphs, one per rank: each rank's step (its attention, its
+   * expert rows on every computing device, its combination and head) is a graph of its own, keyed
+   * by the rank and its padded shape, so a rank's graph replays whatever the other ranks run.
+   * Launches each rank's cached graph after refilling its host buffer, capturing the ranks whose
+   * shape has none first, and waits once per rank. False when the step is to run as usual instead
+   * (nothing was queued): a rank's shape has not been seen captureAfter times yet, captures are
+   * paused, or graphs turned off.
    */
   private async runGraph(plans: Array<RankPlan | undefined>, ranks: number[]): Promise<boolean> {
-    // One block-table stride for every rank of the step (the largest, rounded up to a power of
-    // two): ranks whose sequences cross a power of two at different times would otherwise
-    // multiply the shapes (4 ranks under churn: ~3x the captures, the cache thrashing).
-    // Likewise one sequence count (every rank padded to the bucket of the largest): which rank
-    // is one sequence short changes from step to step.
-    const stride = Math.max(...ranks.map((r) => plans[r]!.MB));
-    const seqs = Math.max(...ranks.map((r) => plans[r]!.S));
-    const padded = plans.map((p) => p && this.padBlockTable(this.padToBucket(p, seqs), stride));
-    const key = ranks.map((r) => {
-      const p = padded[r]!;
-      return `${r}:${p.T},${p.S},${p.MB},${p.sampled.length}`;
-    }).join(' ');
-    const origin = this.devs[ranks[0]!]!.stream;
-    let graph = this.graphCache.get(key);
-    let captured = false;
-    if (graph) {
-      this.graphCache.delete(key); // most recently used last
-      for (const r of ranks) this.fillMeta(r, padded[r]!);
-    } else {
+    const padded = plans.map((p) => p && this.padBlockTable(this.padToBucket(p)));
+    const keys = ranks.map((r) => shapeKey(r, padded[r]!));
+    const step = new Set(keys);
+    const missing = ranks.filter((_, i) => !this.graphCache.has(keys[i]!));
+    if (missing.length > 0) {
       if (this.capturesPaused) {
         this.graphCounts.deferred++;
         return false;
       }
-      // A shape seen fewer than captureAfter times runs as usual (the caller queues it).
-      const seen = (this.graphSightings.get(key) ?? 0) + 1;
-      this.graphSightings.delete(key); // most recently seen last
-      if (seen < this.captureAfter) {
+      // A shape seen fewer than captureAfter times runs as usual (the caller queues the step).
+      // A step runs as graphs only when every rank's shape is due; each sighting counts.
+      let due = true;
+      for (const r of missing) {
+        const key = shapeKey(r, padded[r]!);
+        const seen = (this.graphSightings.get(key) ?? 0) + 1;
+        this.graphSightings.delete(key); // most recently seen last
         this.graphSightings.set(key, seen);
-        while (this.graphSightings.size > 4 * this.maxGraphs) this.graphSightings.delete(this.graphSightings.keys().next().value!);
+        if (seen < this.captureAfter) due = false;
+      }
+      while (this.graphSightings.size > 4 * this.maxGraphs) this.graphSightings.delete(this.graphSightings.keys().next().value!);
+      if (!due) {
         this.graphCounts.deferred++;
         return false;
       }
-      graph = this.capture(padded, ranks); // fills the host buffers as it queues the uploads
-      if (!graph) return false;
-      captured = true;
-      this.graphCounts.captures++;
-      while (this.graphCache.size >= this.maxGraphs) {
-        const [oldest, g] = this.graphCache.entries().next().value!;
-        this.graphCache.delete(oldest);
-        g.dispose();
-        this.graphCounts.evicted++;
+      for (const r of missing) this.graphSightings.delete(shapeKey(r, padded[r]!));
+      // The step's cached graphs become the most recently used, so that caching its new ones
+      // evicts others. Every capture before any launch: a refusal (graphs off) leaves nothing queued.
+      for (const key of keys) {
+        const hit = this.graphCache.get(key);
+        if (!hit) continue;
+        this.graphCache.delete(key);
+        this.graphCache.set(key, hit);
+      }
+      for (const r of missing) {
+        const graph = await this.capture(padded, [r], 0);
+        if (!graph) return false;
+        this.graphCounts.captures++;
+        this.cacheGraph(shapeKey(r, padded[r]!), { graph, shape: shapeOf(r, padded[r]!) }, step);
       }
     }
-    this.graphCache.set(key, graph);
-    try {
-      graph.launch(origin);
-    } catch (e) {
-      if (!(e instanceof NotSupportedError)) throw e;
-      this.disableGraphs(e);
-      return false;
+    if (missing.length === 0) {
+      for (const key of keys) {
+        const hit = this.graphCache.get(key)!;
+        this.graphCache.delete(key); // most recently used last
+        this.graphCache.set(key, hit);
+      }
     }
-    if (!captured) this.graphCounts.replays++;
-    // One host wait: the origin stream joined every other stream of the graph. An event recorded
-    // outside the capture, after the launch.
-    await this.event(ranks[0]!).record(origin).synchronize();
+    const launched: number[] = [];
+    for (let i = 0; i < ranks.length; i++) {
+      const r = ranks[i]!;
+      const entry = this.graphCache.get(keys[i]!)!;
+      this.fillMeta(r, padded[r]!);
+      try {
+        entry.graph.launch(this.devs[r]!.stream);
+      } catch (e) {
+        if (!(e instanceof NotSupportedError)) throw e;
+        // Those launched run to the end; the caller then runs the step as usual (it rewrites the same KV slots).
+        await Promise.all(launched.map((j) => this.devs[j]!.stream.synchronize()));
+        this.disableGraphs(e);
+        return false;
+      }
+      launched.push(r);
+    }
+    this.graphCounts.replays += ranks.length - missing.length;
+    // One host wait per rank: its stream joined every other stream of its graph. Events recorded
+    // outside the captures, after the launches.
+    await Promise.all(ranks.map((r) => this.event(r).record(this.devs[r]!.stream).synchronize()));
     return true;
   }
 
   /**
-   * Captures an all-device-path step (queued exactly as queueOnDevice queues it) into a graph.
-   * Undefined when the backend refused (NotSupportedError): graphs are then off, and nothing ran.
+   * Caches a graph, evicting (and disposing) the least recently used beyond maxGraphs, never one of
+   * `keep` (the graphs of the step being made: with fewer maxGraphs than its ranks, the cache holds
+   * them all until a later step evicts them).
    */
-  private capture(plans: Array<RankPlan | undefined>, ranks: number[]): Graph | undefined {
+  private cacheGraph(key: string, entry: CachedGraph, keep: ReadonlySet<string> = new Set()): void {
+    for (const oldest of [...this.graphCache.keys()]) {
+      if (this.graphCache.size < this.maxGraphs) break;
+      if (keep.has(oldest)) continue;
+      this.graphCache.get(oldest)!.graph.dispose();
+      this.graphCache.delete(oldest);
+      this.graphCounts.evicted++;
+    }
+    this.graphCache.set(key, entry);
+  }
+
+  /**
+   * Captures an all-device-path step of `ranks` (queued exactly as queueOnDevice queues it) into a
+   * graph, with a turn of the event loop every `layersPerTurn` layers (0: none, the capture is then
+   * synchronous). Undefined when the backend refused (NotSupportedError): graphs are then off, and
+   * nothing ran. While it waits for a turn, nothing else may queue work on this engine's streams
+   * (precapture holds the engine busy).
+   */
+  private async capture(plans: Array<RankPlan | undefined>, ranks: number[], layersPerTurn: number): Promise<Graph | undefined> {
     const first = ranks[0]!;
     const os = this.devs[first]!.stream;
     // Every device the step queues work on: its ranks' and their computing devices' (static).
@@ -1108,7 +1193,19 @@ export class ForwardEngine implements Disposable {
       const fork = this.event(first).record(os);
       for (const j of others) this.devs[j]!.stream.wait(fork);
       const used = new Set(ranks);
-      this.queueOnDevice(plans, ranks, [], used);
+      for (const r of ranks) this.begin(r, plans[r]!);
+      const L = this.config.layers;
+      const step = layersPerTurn > 0 ? layersPerTurn : L;
+      for (let l = 0; l < L; l += step) {
+        if (l > 0) {
+          this.capturing = false;
+          await new Promise<void>((resolve) => setImmediate(resolve));
+          if (this.disposed) throw new InvalidArgumentError('engine', 'not disposed while it captures');
+          this.capturing = true;
+        }
+        this.queueLayers(plans, ranks, l, Math.min(L, l + step), used);
+      }
+      for (const r of ranks) this.head(r, plans[r]!, undefined);
       for (const j of used) {
         if (!joined.has(j)) throw new Error(`internal: device slot ${j} got work outside the step's static device set`);
       }
@@ -1132,10 +1229,74 @@ export class ForwardEngine implements Disposable {
     }
   }
 
+  /**
+   * The shapes of the graphs cached now, most recently used first, with the device of their rank:
+   * what a standby engine for another layout may capture ahead (precapture), mapping each device
+   * to its rank there.
+   */
+  graphShapes(): GraphShape[] {
+    return [...this.graphCache.values()].reverse().map(({ shape }) => ({ ...shape, device: this.layout.devices[shape.rank]! }));
+  }
+
+  /**
+   * Captures the graphs of the given rank shapes ahead of their first step (a standby engine does
+   * it while the serving one still runs: its next steps replay at once), with a turn of the event
+   * loop every `layersPerTurn` layers (default 8) so that an engine serving in this process issues
+   * its steps in between. Shapes already cached, or not possible for this engine, are skipped.
+   * Resolves with the number captured; the engine is busy meanwhile (step() refuses).
+   */
+  async precapture(shapes: readonly GraphShape[], options: { layersPerTurn?: number } = {}): Promise<number> {
+    if (this.disposed) throw new InvalidArgumentError('engine', 'not disposed');
+    if (this.busy) throw new InvalidArgumentError('precapture', 'called while no step runs');
+    const layersPerTurn = options.layersPerTurn ?? PRECAPTURE_LAYERS_PER_TURN;
+    if (!Number.isSafeInteger(layersPerTurn) || layersPerTurn < 1) throw new InvalidArgumentError('layersPerTurn', 'a positive integer');
+    if (this.graphsOff !== undefined) return 0;
+    this.busy = true;
+    let made = 0;
+    try {
+      for (const shape of shapes) {
+        if (this.graphsOff !== undefined || this.disposed) break;
+        const plan = this.syntheticPlan(shape);
+        if (!plan) continue;
+        const key = shapeKey(shape.rank, plan);
+        if (this.graphCache.has(key)) continue;
+        const plans: Array<RankPlan | undefined> = [];
+        plans[shape.rank] = plan;
+        const graph = await this.capture(plans, [shape.rank], layersPerTurn);
+        if (!graph) break;
+        this.cacheGraph(key, { graph, shape: shapeOf(shape.rank, plan) });
+        this.graphCounts.precaptured++;
+        made++;
+      }
+    } finally {
+      for (const d of this.devs) d.captureEventsUsed = 0;
+      this.busy = false;
+    }
+    return made;
+  }
+
+  /**
+   * A plan with a graph shape's sizes (its contents are placeholders: a graph reads the metadata
+   * from the host buffer when it runs), or undefined when no step of this engine has that shape:
+   * rank out of range, a padded size that padToBucket would not produce, beyond the buffers.
+   */
+  private syntheticPlan(g: GraphShape): RankPlan | undefined {
+    const { rank, T, S, MB, sampled } = g;
+    const ok = Number.isSafeInteger(rank) && rank >= 0 && rank < this.devs.length && [T, S, MB, sampled].every(Number.isSafeInteger) &&
+      S >= 1 && T >= S && T <= this.maxTokensPerStep && T * this.config.topK <= this.deviceRoutingMaxRows &&
+      stepBucket(T) === T && stepBucket(S) === S && MB >= 1 && MB <= this.MBmax && (MB & (MB - 1)) === 0 && sampled >= 0 && sampled <= S;
+    if (!ok) return undefined;
+    const seqs: SeqPlan[] = Array.from({ length: S }, (_, i) => ({ seqId: '', sample: i < sampled, lastRow: i, padding: true }));
+    return {
+      T, S, MB, tokens: new Int32Array(T), tokSeq: new Int32Array(T), tokPos: new Int32Array(T).fill(-1), kvSlot: new Int32Array(T).fill(-1),
+      blockTable: new Int32Array(S * MB), seqs, sampled: seqs.slice(0, sampled),
+    };
+  }
+
   /** Turns graphs off for the engine (the backend cannot capture or replay) and frees the cached ones. */
   private disableGraphs(e: Error): void {
     this.graphsOff = `${e.name}: ${e.message}`;
-    for (const g of this.graphCache.values()) g.dispose();
+    for (const g of this.graphCache.values()) g.graph.dispose();
     this.graphCache.clear();
   }
 
@@ -1295,24 +1456,25 @@ export class ForwardEngine implements Disposable {
     for (const e of this.expertOrder[r]![l]!) {
       const dev = this.devs[e]!;
       const { stream: s, kernels: kn, buf: eb } = dev;
+      const x = eb.lent![r]!; // e's scratch for r's rows
       used.add(e);
       if (e !== r) s.wait(routed!);
-      const rowOffsets = eb.routeOffsets!;
+      const rowOffsets = x.routeOffsets;
       const count = rowOffsets.add(E * 4);
-      const active = eb.routeActive!;
+      const active = x.routeActive;
       kn.routeRows(s, {
-        rowOffsets, rows: eb.routeRows!, perm: eb.routePerm!, active, ids: b.ids, route: eb.routeTable!.add((r * L + l) * E * 4),
+        rowOffsets, rows: x.routeRows, perm: x.routePerm, active, ids: b.ids, route: eb.routeTable!.add((r * L + l) * E * 4),
         device: e, T, K, E,
       });
-      kn.gatherRowsCount(s, { out: eb.recv, x: b.xn, rows: eb.routeRows!, count, M: TK, H, R: T });
+      kn.gatherRowsCount(s, { out: x.recv, x: b.xn, rows: x.routeRows, count, M: TK, H, R: T });
       // Only the experts with rows, a block row for each of at most min(E, T*K) of them.
       const table = eb.weightTable!;
       const at = l * 3 * E * 8;
-      kn.groupedMatmul(s, { rowOffsets, active, maxActive, G: E, M: TK, out: eb.expGate, x: eb.recv, weights: table.add(at), N: I, K: H });
-      kn.groupedMatmul(s, { rowOffsets, active, maxActive, G: E, M: TK, out: eb.expUp, x: eb.recv, weights: table.add(at + E * 8), N: I, K: H });
-      kn.siluMulCount(s, { out: eb.expGate, gate: eb.expGate, up: eb.expUp, count, M: TK, N: I });
-      kn.groupedMatmul(s, { rowOffsets, active, maxActive, G: E, M: TK, out: eb.recv, x: eb.expGate, weights: table.add(at + 2 * E * 8), N: H, K: I });
-      kn.scatterRowsCount(s, { out: b.slots, x: eb.recv, rows: eb.routePerm!, count, M: TK, H, R: TK });
+      kn.groupedMatmul(s, { rowOffsets, active, maxActive, G: E, M: TK, out: x.expGate, x: x.recv, weights: table.add(at), N: I, K: H });
+      kn.groupedMatmul(s, { rowOffsets, active, maxActive, G: E, M: TK, out: x.expUp, x: x.recv, weights: table.add(at + E * 8), N: I, K: H });
+      kn.siluMulCount(s, { out: x.expGate, gate: x.expGate, up: x.expUp, count, M: TK, N: I });
+      kn.groupedMatmul(s, { rowOffsets, active, maxActive, G: E, M: TK, out: x.recv, x: x.expGate, weights: table.add(at + 2 * E * 8), N: H, K: I });
+      kn.scatterRowsCount(s, { out: b.slots, x: x.recv, rows: x.routePerm, count, M: TK, H, R: TK });
       if (e !== r) answers.push(this.event(e).record(s));
     }
     return answers;
@@ -1495,7 +1657,7 @@ export class ForwardEngine implements Disposable {
   dispose(): void {
     if (this.disposed) return;
     this.disposed = true;
-    for (const g of this.graphCache.values()) g.dispose();
+    for (const g of this.graphCache.values()) g.graph.dispose();
     this.graphCache.clear();
     for (const s of this.devs) ForwardEngine.disposeState(s);
   }

@@ -71,6 +71,7 @@ import type { Runtime } from '../runtime/runtime.js';
 import { type LayoutLimits, type LayoutSpec, roundRobinLayout, toExpertPlacement, validateLayout } from './layout.js';
 import { type PacedCopyStats, type PrepareOptions, pacedCopy, resolvePrepare } from './pacing.js';
 import { type PlanSizes, diffLayouts, lowerBoundBytes, planPlacement, scheduleTransfers } from './planner.js';
+import { precaptureShapes } from './precapture.js';
 
 export interface DeploymentOptions {
   rt: Runtime;
@@ -155,6 +156,14 @@ export interface DeploymentOptions {
    * the standby (engine, or executor process) while they run, instead of after (default true).
    */
   attachDuringCopies?: boolean;
+  /**
+   * Graph shapes per staying device that a scale's standby engine captures ahead, before the
+   * switch-over (in-process executors; default 1, 0: none): the serving engine's most recent
+   * decode shape of that device, then its others (precaptureShapes). The first steps on the new
+   * layout then replay instead of capturing. The captures are host work done in pieces of 8
+   * layers with a turn of the event loop between them, while the old layout serves.
+   */
+  precaptureGraphs?: number;
 }
 
 /**
@@ -226,8 +235,11 @@ export interface ScaleReport {
    * engine step on the new layout (0 when the engine was idle); the release waits for it.
    */
   phases: { planMs: number; prepareMs: number; attachMs: number; copyWaitMs: number; switchMs: number; firstStepMs: number; releaseMs: number };
-  /** Where the attach phase spent its time (in-process executors: the standby engine's creation). */
-  attach?: { viewsMs: number; forward: ForwardCreateStats };
+  /**
+   * Where the attach phase spent its time (in-process executors): the standby engine's creation,
+   * and the graphs it captured ahead (DeploymentOptions.precaptureGraphs).
+   */
+  attach?: { viewsMs: number; forward: ForwardCreateStats; precapture?: { graphs: number; ms: number } };
   /** What the switch-over did to the requests in flight. */
   switchover: ReconfigureReport;
   /** Each copied chunk and the chunks it was copied from (identical bytes). */
@@ -341,6 +353,10 @@ export class Deployment {
     const { rt, config } = options;
     const blocks = options.kvBlocksPerDevice;
     if (!Number.isSafeInteger(blocks) || blocks < 1) throw new InvalidArgumentError('kvBlocksPerDevice', `a positive integer (got ${String(blocks)})`);
+    const pre = options.precaptureGraphs;
+    if (pre !== undefined && (!Number.isSafeInteger(pre) || pre < 0)) {
+      throw new InvalidArgumentError('precaptureGraphs', `a non-negative integer: graph shapes per device captured ahead of a scale (got ${String(pre)})`);
+    }
     const layout = roundRobinLayout(options.devices, config.layers, config.experts);
     validateLayout(layout, Deployment.limits(rt, config));
     const id = 'layout-1';
@@ -952,6 +968,14 @@ export class Deployment {
         const allViews = new Map([...this.views, ...newViews]);
         standby = await Deployment.createForward(this.options, this.hmm, next, allViews);
         attachStats = { viewsMs, forward: standby.createStats };
+        // The serving engine's recent shapes, captured ahead on the standby engine (while the copies run, too).
+        const serving = this.forward;
+        if (serving instanceof ForwardEngine) {
+          const tp = now();
+          const shapes = precaptureShapes(serving.graphShapes(), next.devices, this.options.precaptureGraphs ?? 1);
+          const graphs = shapes.length > 0 ? await standby.precapture(shapes) : 0;
+          attachStats.precapture = { graphs, ms: now() - tp };
+        }
       }
       phases.attachMs = lap();
       if (copying) {

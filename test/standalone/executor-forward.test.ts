@@ -14,6 +14,7 @@ import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 
 import { ForwardEngine, type ForwardEngineOptions, stepBucket } from '../../src/executor/forward.js';
+import { precaptureShapes } from '../../src/scaling/precapture.js';
 import { mapAttachedKvPools, mapHmmKvPools, mapKvPool, hmmKvChunks, type MappedKvPool } from '../../src/executor/kv-view.js';
 import { type HostWeights, ReferenceModel, readHostWeights } from '../../src/executor/reference-model.js';
 import { type Layout, type SeqStep, kvGeometry } from '../../src/executor/types.js';
@@ -412,7 +413,9 @@ for (const [arch, config] of Object.entries(CONFIGS)) {
         const st = engine.graphStats;
         expect(st.enabled).toBe(true);
         expect(st.disabledReason).toBeUndefined();
-        expect(st.captures + st.replays).toBe(STEPS - 2); // every step without logits
+        // Every step without logits ran as graphs, one per rank with sequences (4 prompts, i % devices).
+        const ranksUsed = Math.min(PROMPTS.length, layout.devices.length);
+        expect(st.captures + st.replays).toBe((STEPS - 2) * ranksUsed);
         expect(st.replays).toBeGreaterThan(st.captures);
       }
     });
@@ -614,7 +617,7 @@ describe('forward pass: validation, KV views, attached weights (qwen3_moe)', () 
         const n = layout.devices.length;
         const e = await engineFor(fx, layout, 16, { graphs: false });
         expect(e.deviceRoutingMaxRows).toBe(32 * E); // 32 rows per expert
-        expect(e.graphStats).toEqual({ enabled: false, captures: 0, replays: 0, cached: 0, evicted: 0, deferred: 0, disabledReason: 'graphs: false' });
+        expect(e.graphStats).toEqual({ enabled: false, captures: 0, replays: 0, precaptured: 0, cached: 0, evicted: 0, deferred: 0, disabledReason: 'graphs: false' });
         const blocks = layout.devices.map((_, r) => fx.hmm.kv.allocate(`dev${r}`, layout.devices[r]!, 1));
         const gblocks = layout.devices.map((_, r) => fx.hmm.kv.allocate(`gdev${r}`, layout.devices[r]!, 1));
         try {
@@ -663,23 +666,24 @@ describe('forward pass: validation, KV views, attached weights (qwen3_moe)', () 
           expect(eventWaits.mock.calls.length).toBe(L * n + n);
           expect(hres.next).toEqual(res.next);
 
-          // As a graph: the capture queues the same launches, a replay none; one host wait each.
+          // As graphs, one per rank: the captures queue the same launches, a replay none; one host
+          // wait per rank.
           const g = await engineFor(fx, layout, 16);
           const granks = ranks.map((q, r) => q.map((x) => ({ ...x, blockTable: gblocks[r]! })));
           for (const mocks of [route, eventWaits, streamWaits]) mocks.mockClear();
           const gres = await g.step({ ranks: granks });
           expect(gres.next).toEqual(res.next);
-          expect(g.graphStats).toMatchObject({ enabled: true, captures: 1, replays: 0, cached: 1 });
+          expect(g.graphStats).toMatchObject({ enabled: true, captures: n, replays: 0, cached: n });
           expect(route.mock.calls.length).toBe(computing);
           expect(streamWaits).not.toHaveBeenCalled();
-          expect(eventWaits.mock.calls.length).toBe(1);
+          expect(eventWaits.mock.calls.length).toBe(n);
           for (const mocks of [route, eventWaits]) mocks.mockClear();
-          // The same shape again (the same tokens at the same positions: the same KV written, the same results).
+          // The same shapes again (the same tokens at the same positions: the same KV written, the same results).
           expect((await g.step({ ranks: granks })).next).toEqual(res.next);
-          expect(g.graphStats).toMatchObject({ captures: 1, replays: 1, cached: 1 });
+          expect(g.graphStats).toMatchObject({ captures: n, replays: n, cached: n });
           expect(route).not.toHaveBeenCalled();
           expect(streamWaits).not.toHaveBeenCalled();
-          expect(eventWaits.mock.calls.length).toBe(1);
+          expect(eventWaits.mock.calls.length).toBe(n);
         } finally {
           layout.devices.forEach((_, r) => fx.hmm.kv.free(`dev${r}`));
           layout.devices.forEach((_, r) => fx.hmm.kv.free(`gdev${r}`));
@@ -727,15 +731,17 @@ describe('forward pass: validation, KV views, attached weights (qwen3_moe)', () 
 
   it('captures each new step shape, replays a known one, and evicts the least recently used beyond maxGraphs', async () => {
     const layout = { devices: [0, 1], placement: roundRobinPlacement(8, [0, 1]) };
-    const A: string[][] = [['p'], []]; // rank 0 alone, one sequence
-    const B: string[][] = [['p'], ['q']]; // both ranks
-    const C: string[][] = [['p', 'r'], []]; // rank 0, two sequences
+    // Graphs are per rank and shape: a = rank 0 with one sequence, b = rank 1 with one, c = rank 0 with two.
+    const A: string[][] = [['p'], []]; // a
+    const B: string[][] = [['p'], ['q']]; // a and b
+    const C: string[][] = [['p', 'r'], []]; // c
     const script = [A, A, B, C, A, C, C, B];
-    // With maxGraphs 2 (LRU): A capture; A replay; B capture; C capture, evicting A; A capture, evicting B;
-    // C replay; C replay; B capture, evicting A.
+    // With maxGraphs 2 (LRU, least recently used first): A captures a [a]; A replays a; B replays a
+    // and captures b [a b]; C captures c, evicting a [b c]; A captures a, evicting b [c a]; C replays
+    // c [a c]; C replays c; B replays a and captures b, evicting c (never a graph of the step) [a b].
     const expected = [
-      [1, 0, 0, 1], [1, 1, 0, 1], [2, 1, 0, 2], [3, 1, 1, 2], [4, 1, 2, 2], [4, 2, 2, 2], [4, 3, 2, 2], [5, 3, 3, 2],
-    ].map(([captures, replays, evicted, cached]) => ({ enabled: true, captures, replays, evicted, cached, deferred: 0 }));
+      [1, 0, 0, 1], [1, 1, 0, 1], [2, 2, 0, 2], [3, 2, 1, 2], [4, 2, 2, 2], [4, 3, 2, 2], [4, 4, 2, 2], [5, 5, 3, 2],
+    ].map(([captures, replays, evicted, cached]) => ({ enabled: true, captures, replays, evicted, cached, deferred: 0, precaptured: 0 }));
     const want = await decodeScript(await engineFor(fx, layout, 16, { graphs: false }), 'eager', script);
     const disposed = spyGraphDispose();
     try {
@@ -767,30 +773,87 @@ describe('forward pass: validation, KV views, attached weights (qwen3_moe)', () 
     expect(stats.map((x) => [x.captures, x.replays])).toEqual([[1, 0], [1, 1], [1, 2], [2, 2], [2, 3]]);
   });
 
-  it('gives every rank of a graph step one block-table stride: ranks whose sequences differ in length share a graph', async () => {
+  it('replays a rank\'s graph whatever the other ranks run, and pads each rank to its own buckets', async () => {
     const layout = { devices: [0, 1], placement: roundRobinPlacement(8, [0, 1]) };
-    const long: string[][] = [['p'], ['s']];
-    // p and s decode 17 tokens (2 blocks of 16: stride 2); then a step with p beside a new q
-    // (rank strides 2 and 1), then one with a new r beside s (1 and 2): per-rank strides would
-    // make these two shapes, one stride per step makes them one.
-    const script = [...Array.from({ length: 17 }, () => long), [['p'], ['q']], [['r'], ['s']]];
+    // p decodes on rank 0 throughout; rank 1 runs q, then q and r, then nothing, then s.
+    const script: string[][][] = [[['p'], ['q']], [['p'], ['q']], [['p'], ['q', 'r']], [['p'], []], [['p'], ['s']]];
     const want = await decodeScript(await engineFor(fx, layout, 16, { graphs: false }), 'eager', script);
     const g = await engineFor(fx, layout, 16, { graphs: { captureAfter: 1 } });
-    const stats: Array<{ captures: number; replays: number }> = [];
-    expect(await decodeScript(g, 'graph', script, () => stats.push(g.graphStats))).toEqual(want);
-    const [x, y] = stats.slice(-2);
-    expect(y!.captures).toBe(x!.captures);
-    expect(y!.replays).toBe(x!.replays + 1);
+    const stats: Array<[number, number]> = [];
+    expect(await decodeScript(g, 'graph', script, () => stats.push([g.graphStats.captures, g.graphStats.replays]))).toEqual(want);
+    // Step 1 captures both ranks; step 2 replays both; step 3 replays p's graph and captures rank 1
+    // with two sequences (rank 0 stays padded to one); step 4 replays p alone; step 5 replays p and
+    // rank 1's one-sequence graph (s has q's shape).
+    expect(stats).toEqual([[2, 0], [2, 2], [3, 3], [3, 4], [3, 6]]);
   });
 
-  it('pads every rank of a graph step to one sequence bucket: which rank is a sequence short does not matter', async () => {
+  it('precaptures another layout\'s recent shapes in pieces: their first steps replay, with the eager tokens', async () => {
+    const a = await engineFor(fx, { devices: [0, 1], placement: roundRobinPlacement(8, [0, 1]) }, 16);
+    const script: string[][][] = [[['p'], ['q', 'r']], [['p'], ['q', 'r']]];
+    await decodeScript(a, 'a', script);
+    // Most recently used first: rank 1's graph launched after rank 0's.
+    const shapes = a.graphShapes();
+    expect(shapes.map((g) => [g.device, g.rank, g.T, g.S, g.MB, g.sampled])).toEqual([[1, 1, 2, 2, 1, 2], [0, 0, 1, 1, 1, 1]]);
+    const layout3 = { devices: [0, 1, 2], placement: roundRobinPlacement(8, [0, 1, 2]) };
+    const script3 = script.map((st) => [...st, []]);
+    const want = await decodeScript(await engineFor(fx, layout3, 16, { graphs: false }), 'eager', script3);
+    const b = await engineFor(fx, layout3, 16);
+    // One layer per piece: the event loop turns between pieces (counted by a chain of setImmediate).
+    let turns = 0;
+    let counting = true;
+    const count = () => {
+      if (!counting) return;
+      turns++;
+      setImmediate(count);
+    };
+    setImmediate(count);
+    const pending = b.precapture(precaptureShapes(shapes, layout3.devices, 1), { layersPerTurn: 1 });
+    await expect(b.step({ ranks: [] })).rejects.toThrow(/previous step/); // busy meanwhile
+    expect(await pending).toBe(2);
+    counting = false;
+    expect(turns).toBeGreaterThanOrEqual(2); // 2 layers: a turn inside each of the 2 captures
+    expect(b.graphStats).toMatchObject({ precaptured: 2, cached: 2, captures: 0, replays: 0 });
+    expect(await decodeScript(b, 'b', script3)).toEqual(want);
+    expect(b.graphStats).toMatchObject({ precaptured: 2, captures: 0, replays: 4 });
+    // One piece per graph: no turn of the loop inside.
+    const c = await engineFor(fx, layout3, 16);
+    turns = 0;
+    counting = true;
+    setImmediate(count);
+    expect(await c.precapture(precaptureShapes(shapes, layout3.devices, 1), { layersPerTurn: 2 })).toBe(2);
+    counting = false;
+    expect(turns).toBe(0);
+    // Shapes no step of b can have are skipped (rank out of range, T off the buckets, MB not a
+    // power of two, more sampled than sequences), and so are those cached already.
+    expect(await b.precapture([
+      { rank: 3, T: 1, S: 1, MB: 1, sampled: 1 }, { rank: 0, T: 5, S: 5, MB: 1, sampled: 5 }, { rank: 0, T: 1, S: 1, MB: 3, sampled: 1 },
+      { rank: 0, T: 2, S: 2, MB: 1, sampled: 3 }, ...precaptureShapes(shapes, layout3.devices, 1),
+    ])).toBe(0);
+    await expect(b.precapture([], { layersPerTurn: 0 })).rejects.toBeInstanceOf(InvalidArgumentError);
+    // Graphs off: nothing to capture.
+    expect(await (await engineFor(fx, layout3, 16, { graphs: false })).precapture(shapes)).toBe(0);
+  });
+
+  it('fails a precapture whose capture fails, leaving the engine serving; a refused one turns graphs off', async () => {
     const layout = { devices: [0, 1], placement: roundRobinPlacement(8, [0, 1]) };
-    // Two sequences on rank 0 and one on rank 1, then one and two: one shape (2 and 2).
-    const script = [[['p', 'q'], ['s']], [['p'], ['s', 't']], [['p', 'q'], ['s']]];
+    const shapes = [{ rank: 0, T: 1, S: 1, MB: 1, sampled: 1 }, { rank: 1, T: 1, S: 1, MB: 1, sampled: 1 }];
+    const script: string[][][] = [[['p'], ['q']], [['p'], ['q']]];
     const want = await decodeScript(await engineFor(fx, layout, 16, { graphs: false }), 'eager', script);
-    const g = await engineFor(fx, layout, 16, { graphs: { captureAfter: 1 } });
-    expect(await decodeScript(g, 'graph', script)).toEqual(want);
-    expect(g.graphStats).toMatchObject({ captures: 1, replays: 2 });
+    try {
+      const e = await engineFor(fx, layout, 16);
+      fx.rt.injectFault('EndCapture', 2, 'OUT_OF_MEMORY');
+      await expect(e.precapture(shapes, { layersPerTurn: 1 })).rejects.toBeInstanceOf(OutOfMemoryError);
+      expect(e.graphStats).toMatchObject({ enabled: true, precaptured: 1, cached: 1 });
+      expect(await decodeScript(e, 'oom', script)).toEqual(want); // rank 1's graph captured at its first step
+      expect(e.graphStats).toMatchObject({ precaptured: 1, captures: 1, replays: 3 });
+      const n = await engineFor(fx, layout, 16);
+      fx.rt.injectFault('BeginCapture', 1, 'NOT_SUPPORTED');
+      expect(await n.precapture(shapes)).toBe(0);
+      expect(n.graphStats).toMatchObject({ enabled: false, precaptured: 0, cached: 0 });
+      expect(await decodeScript(n, 'off', script)).toEqual(want);
+    } finally {
+      fx.rt.clearFaults();
+    }
   });
 
   it('observes the experts\' load on every n-th step without changing a token', async () => {
@@ -817,7 +880,7 @@ describe('forward pass: validation, KV views, attached weights (qwen3_moe)', () 
     expect(await decodeScript(third, 'third', script)).toEqual(want);
     expect(third.expertLoad.steps).toBe(3);
     for (const row of third.expertLoad.load) expect(row.reduce((a, b) => a + b, 0)).toBe(3 * 2 * K);
-    expect(third.graphStats.captures + third.graphStats.replays).toBe(4);
+    expect(third.graphStats.captures + third.graphStats.replays).toBe(4 * 2); // 4 graph steps of 2 ranks
     third.resetExpertLoad();
     expect(third.expertLoad.steps).toBe(0);
     expect(third.expertLoad.load.flat().every((v) => v === 0)).toBe(true);
@@ -833,9 +896,11 @@ describe('forward pass: validation, KV views, attached weights (qwen3_moe)', () 
     const B: string[][] = [['p'], ['q']];
     const C: string[][] = [['p', 'r'], []];
     const script = [A, B, A, A, C, B, A];
-    // A seen (deferred); B seen (deferred); A captured; A replayed; C seen (deferred); B captured; A replayed.
+    // Rank shapes: a = rank 0 with one sequence, b = rank 1 with one, c = rank 0 with two. A: a seen
+    // once (deferred); B: a twice, b once (deferred: a step runs as graphs only when all its ranks
+    // can); A: a captured; A: a replayed; C: c seen once (deferred); B: a replayed, b captured; A: a replayed.
     const expected = [
-      [0, 0, 1], [0, 0, 2], [1, 0, 2], [1, 1, 2], [1, 1, 3], [2, 1, 3], [2, 2, 3],
+      [0, 0, 1], [0, 0, 2], [1, 0, 2], [1, 1, 2], [1, 1, 3], [2, 2, 3], [2, 3, 3],
     ].map(([captures, replays, deferred]) => ({ captures, replays, deferred }));
     const want = await decodeScript(await engineFor(fx, layout, 16, { graphs: false }), 'eager', script);
     const g = await engineFor(fx, layout, 16, { graphs: { captureAfter: 2 } });
@@ -914,9 +979,9 @@ describe('forward pass: validation, KV views, attached weights (qwen3_moe)', () 
           // Device path, a graph declined by the step.
           took(await decodeXY({ graph: false }), 'x', 'y');
           stats(1);
-          // Device path, no logits: a graph.
+          // Device path, no logits: a graph per rank (both shapes new).
           took(await decodeXY(), 'x', 'y');
-          stats(2);
+          stats(3);
           expect(pos).toEqual({ x: 13, y: 12 });
           (engine === e ? gotTokens : wantTokens).push(...results);
         } finally {
@@ -950,7 +1015,7 @@ describe('forward pass: validation, KV views, attached weights (qwen3_moe)', () 
       await expect(decodeScript(e, 'oom', script.slice(0, 1))).rejects.toBeInstanceOf(OutOfMemoryError);
       expect(e.graphStats).toMatchObject({ enabled: true, captures: 0, cached: 0 });
       expect(await decodeScript(e, 'after', script)).toEqual(want);
-      expect(e.graphStats).toMatchObject({ enabled: true, captures: 1, replays: 2 });
+      expect(e.graphStats).toMatchObject({ enabled: true, captures: 2, replays: 4 }); // one graph per rank
     } finally {
       fx.rt.clearFaults();
     }

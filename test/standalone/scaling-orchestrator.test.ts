@@ -10,6 +10,7 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
 import type { Completion, StepFigures } from '../../src/executor/engine.js';
+import type { GraphStats } from '../../src/executor/forward.js';
 import { kvGeometry } from '../../src/executor/types.js';
 import type { TensorLocation } from '../../src/hmm/placement.js';
 import { parseConfig } from '../../src/model/config.js';
@@ -408,6 +409,29 @@ describe('Deployment.scale', () => {
     await Promise.all([...running, extra]);
     expect(dep.graphStats!.captures).toBeGreaterThan(before.captures);
     for (const [k, c] of (await Promise.all(running)).entries()) expect(c.outputTokens).toEqual(expected(PROMPTS[k]!, 30));
+  });
+
+  it('captures the serving engine\'s recent graph shapes ahead on the standby engine: the staying ranks\' first step replays them', async () => {
+    for (const precaptureGraphs of [1, 0]) {
+      let dep: Deployment | undefined;
+      // The graph counts after each step, with the step's rank count (3 from the first step on [0, 1, 2]).
+      const steps: Array<{ ranks: number; stats: GraphStats }> = [];
+      ({ dep } = await start([0, 1], { precaptureGraphs, onStep: (f) => steps.push({ ranks: f.rankSeqs.length, stats: { ...dep!.graphStats! } }) }));
+      // Four requests decoding on the two ranks, none waiting at the switch-over (the new rank gets none).
+      const running = [0, 1, 2, 3].map((k) => dep!.submit({ prompt: PROMPTS[k]!, maxTokens: 120, ignoreEos: true }));
+      while (dep.graphStats!.replays < 8) await sleep(2);
+      const report = await dep.scale({ devices: [0, 1, 2] });
+      const first = steps.find((x) => x.ranks === 3)!.stats;
+      if (precaptureGraphs === 1) {
+        // One decode shape per staying device, captured before the switch-over; the first step replays both.
+        expect(report.attach!.precapture).toMatchObject({ graphs: 2 });
+        expect(first).toMatchObject({ precaptured: 2, captures: 0, replays: 2 });
+      } else {
+        expect(report.attach!.precapture).toMatchObject({ graphs: 0 });
+        expect(first).toMatchObject({ precaptured: 0, captures: 2, replays: 0 });
+      }
+      for (const [k, c] of (await Promise.all(running)).entries()) expect(c.outputTokens).toEqual(expected(PROMPTS[k]!, 120));
+    }
   });
 
   it('rolls back a failure at each step (allocation, mapping, copy, standby engine): the old layout serves, memory as before', async () => {

@@ -8,6 +8,7 @@ import { weightSpecs } from '../../src/model/weights.js';
 import { planChunks } from '../../src/hmm/placement.js';
 import { InvalidArgumentError } from '../../src/runtime/errors.js';
 import { type LayoutSpec, roundRobinLayout, toExpertPlacement, validateLayout } from '../../src/scaling/layout.js';
+import { precaptureShapes } from '../../src/scaling/precapture.js';
 import {
   type PlanSizes, type ScalePlan, type ScheduledTransfer, balanceCap, diffLayouts, imbalance, lowerBoundBytes, planEfficiency,
   planPlacement, replicaCounts, scheduleTransfers, transferSummary,
@@ -574,5 +575,24 @@ describe('property: random small configurations', () => {
     console.log(`brute force: plan optimal in ${optimal}/${layersSeen} small layers, worst +${worst} copies; ` +
       `copies: plan ${planSum}, optimum ${optSum}, bound ${boundSum}`);
     expect(optimal / layersSeen).toBeGreaterThan(0.9);
+  });
+});
+
+describe('precaptureShapes', () => {
+  const g = (device: number, rank: number, T: number, S: number) => ({ device, rank, T, S, MB: 1, sampled: S });
+  // Most recently used first: device 1's mixed step, device 0's decode, device 1's decode, device 0's mixed, device 3's decode.
+  const recent = [g(1, 1, 64, 2), g(0, 0, 8, 8), g(1, 1, 6, 6), g(0, 0, 96, 12), g(3, 2, 4, 4)];
+
+  it('takes each staying device\'s most recent decode shape first, renumbered to its new rank', () => {
+    // 2→3 keeping devices 0 and 1; device 2 is new (no shapes), device 3 leaves.
+    expect(precaptureShapes(recent, [0, 1, 2], 1)).toEqual([{ ...g(0, 0, 8, 8) }, { ...g(1, 1, 6, 6) }]);
+    // Reordered devices: device 1 becomes rank 0, device 0 rank 2.
+    expect(precaptureShapes(recent, [1, 2, 0], 2)).toEqual([g(1, 0, 6, 6), g(1, 0, 64, 2), g(0, 2, 8, 8), g(0, 2, 96, 12)]);
+  });
+
+  it('takes none with perDevice 0 and none for devices without shapes', () => {
+    expect(precaptureShapes(recent, [0, 1], 0)).toEqual([]);
+    expect(precaptureShapes(recent, [2, 5], 3)).toEqual([]);
+    expect(precaptureShapes([], [0], 1)).toEqual([]);
   });
 });

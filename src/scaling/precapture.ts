@@ -1,0 +1,22 @@
+// Which of the serving engine's graph shapes a scale's standby engine captures ahead
+// (ForwardEngine.precapture), as a pure function: the sequences of a device that stays keep
+// their rank's batch across the switch-over, so that device's recent shapes are the likeliest
+// first steps of its new rank. A decode shape (one token per sequence, T = S) comes first: the
+// new devices take the waiting requests' prompts, the staying ones go on decoding.
+import type { GraphShape } from '../executor/forward.js';
+
+/**
+ * Up to `perDevice` shapes for each device of `devices` that has any in `recent` (most recently
+ * used first, each with its device), renumbered to the device's rank in `devices`: its most
+ * recent decode shape, then its most recent others. Devices not in `devices` are left out.
+ */
+export function precaptureShapes(recent: readonly GraphShape[], devices: readonly number[], perDevice: number): GraphShape[] {
+  if (perDevice <= 0) return [];
+  const out: GraphShape[] = [];
+  devices.forEach((device, rank) => {
+    const mine = recent.filter((g) => g.device === device);
+    const ordered = [...mine.filter((g) => g.T === g.S), ...mine.filter((g) => g.T !== g.S)];
+    for (const g of ordered.slice(0, perDevice)) out.push({ ...g, rank, device });
+  });
+  return out;
+}
