@@ -123,9 +123,10 @@
 // step is queued without waiting), and one at the end (replayed graphs: one wait per rank, on
 // its stream, which its graph's joins make wait for every device it used). Cross-device
 // dependencies go through events recorded by the producer before the consumer waits on
-// them, so no stream ever waits on work that is not queued yet. Scratch a device lends
-// to other ranks (recv, expGate, expUp, the routing and active lists) is used by its
-// stream only, one rank's rows after another's.
+// them, so no stream ever waits on work that is not queued yet. On the device path, a
+// computing device keeps its scratch for each rank apart (Lent: rows received, gate and up
+// outputs, the routing and active lists), so ranks' graphs may run at once; the host path's
+// scratch (recv, expGate, expUp) is used by its device's stream only, one rank after another.
 import type { ModelConfig } from '../model/config.js';
 import { type KvDtype, MAX_ROUTE_EXPERTS, MAX_ROUTE_ROWS, ModelKernels, checkKvDtype, kvDtypeBytes } from '../model/kernels/index.js';
 import { InvalidArgumentError, NotSupportedError } from '../runtime/errors.js';
@@ -662,7 +663,7 @@ export class ForwardEngine implements Disposable {
           t += performance.now() - t0; // not this engine's time
         }
         const resolved = await ForwardEngine.resolveWeights(c, layout, weights, r, routes, stats);
-        made.push(ForwardEngine.deviceState(rt, c, layout, resolved, kv.get(d)!, r, kernels[r]!, routes, T, G, MBmax, hostLayout, deviceRouting, stats));
+        made.push(ForwardEngine.deviceState(rt, c, layout, resolved, kv.get(d)!, r, kernels[r]!, routes, T, G, MBmax, hostLayout, deviceRoutingMaxRows, stats));
         kernels[r] = undefined; // owned by its state now
       }
       lap();
@@ -684,7 +685,7 @@ export class ForwardEngine implements Disposable {
   }
 
   private static buffers(c: ModelConfig, arena: Arena, T: number, G: number, MBmax: number, listStride: number,
-    ranks: number, deviceRouting: boolean): Buffers {
+    ranks: number, routedRows: number): Buffers {
     const H = c.hiddenSize, QD = c.heads * c.headDim, KVD = c.kvHeads * c.headDim, TK = T * c.topK, I = c.expertIntermediate;
     const S = c.sharedIntermediate;
     const f = (n: number) => arena.alloc(n * 4);
@@ -695,10 +696,12 @@ export class ForwardEngine implements Disposable {
       recv: f(TK * H), expGate: f(TK * I), expUp: f(TK * I),
     };
     if (S > 0) Object.assign(b, { sharedGate: f(T * S), sharedUp: f(T * S), sharedOut: f(T * H), sharedLogit: f(T) });
-    if (deviceRouting) {
+    if (routedRows > 0) {
       const E = c.experts;
+      // A rank's step takes the device path only up to deviceRoutingMaxRows (token, expert) rows.
+      const R = Math.min(TK, routedRows);
       const lent = Array.from({ length: ranks }, (): Lent => ({
-        recv: f(TK * H), expGate: f(TK * I), expUp: f(TK * I), routeOffsets: f(E + 1), routeRows: f(TK), routePerm: f(TK), routeActive: f(E + 1),
+        recv: f(R * H), expGate: f(R * I), expUp: f(R * I), routeOffsets: f(E + 1), routeRows: f(R), routePerm: f(R), routeActive: f(E + 1),
       }));
       Object.assign(b, { lent, routeTable: f(ranks * c.layers * E), weightTable: arena.alloc(c.layers * 3 * E * 8) });
     }
@@ -772,14 +775,14 @@ export class ForwardEngine implements Disposable {
   }
 
   private static deviceState(rt: Runtime, c: ModelConfig, layout: Layout, resolved: ResolvedWeights, kv: KvPoolView, r: number,
-    kernels: ModelKernels, routes: Int32Array[], T: number, G: number, MBmax: number, hl: HostLayout, deviceRouting: boolean,
+    kernels: ModelKernels, routes: Int32Array[], T: number, G: number, MBmax: number, hl: HostLayout, routedRows: number,
     stats: ForwardCreateStats): DeviceState {
     const device = layout.devices[r]!;
     const { model, layers, experts, expertWords } = resolved;
     const hostI32 = hl.total;
     const t1 = performance.now();
     const sizing = new Arena(undefined);
-    ForwardEngine.buffers(c, sizing, T, G, MBmax, hl.listStride, routes.length, deviceRouting);
+    ForwardEngine.buffers(c, sizing, T, G, MBmax, hl.listStride, routes.length, routedRows);
     const size = rt.roundUp(sizing.used, device);
     let chunk: Chunk | undefined;
     let range: VirtualRange | undefined;
@@ -792,7 +795,7 @@ export class ForwardEngine implements Disposable {
       // Every device of the layout may read and write it (P2P copies run on either side; the
       // device routing path's kernels read and write other ranks' scratch directly).
       range.setAccess(0, size, layout.devices);
-      const buf = ForwardEngine.buffers(c, new Arena(range.at(0)), T, G, MBmax, hl.listStride, routes.length, deviceRouting);
+      const buf = ForwardEngine.buffers(c, new Arena(range.at(0)), T, G, MBmax, hl.listStride, routes.length, routedRows);
       host = rt.hostBuffer(hostI32 * 4);
       const bytes = host.bytes();
       stream = rt.createStream(device);
