@@ -30,6 +30,8 @@
 // BENCH_PAUSE_CAPTURES (1: the serving engine captures no new graph while a scale prepares),
 // BENCH_STANDBY (1, the default: standby chunks kept on the devices outside the layout; 0: none; the
 // bench waits for them before each scale and reports how long making them took),
+// BENCH_PRECAPTURE (graph shapes per staying device the standby engine captures ahead,
+// DeploymentOptions.precaptureGraphs; default 1, 0: none),
 // BENCH_CHECKPOINT ("pattern": a byte pattern, the default, or "export": the
 // synthetic weights the deployments serve, read back from the devices).
 // Prepare pacing (elastic and vertical; DeploymentOptions.prepare): BENCH_PREPARE_PACED
@@ -99,7 +101,8 @@ const geo = kvGeometry(config, 16);
 const kvBlocksPerDevice = Math.ceil((concurrency * Math.ceil((promptLen + outputLen + outputSpread) / geo.blockTokens)) * 1.5);
 // BENCH_GRAPHS=0: every engine (elastic and baselines) runs without graph replay (A/B).
 const serving = { rt, config, kvBlocksPerDevice, maxTokensPerStep: 512, maxSeqs: concurrency, peerAccess: env('BENCH_PEER_ACCESS', 'own'),
-  pauseCaptures: env('BENCH_PAUSE_CAPTURES', '0') === '1', standbyChunks: env('BENCH_STANDBY', '1') !== '0' };
+  pauseCaptures: env('BENCH_PAUSE_CAPTURES', '0') === '1', standbyChunks: env('BENCH_STANDBY', '1') !== '0',
+  precaptureGraphs: Number(env('BENCH_PRECAPTURE', '1')) };
 // BENCH_DEVICE_ROUTING_MAX_ROWS: the engines' deviceRoutingMaxRows (default: the engine's).
 const forward = env('BENCH_GRAPHS', '1') === '0' ? { graphs: false } : {};
 if (process.env.BENCH_DEVICE_ROUTING_MAX_ROWS) forward.deviceRoutingMaxRows = Number(process.env.BENCH_DEVICE_ROUTING_MAX_ROWS);
