@@ -37,7 +37,7 @@
 // Prepare pacing (elastic and vertical; DeploymentOptions.prepare): BENCH_PREPARE_PACED
 // (1; 0 = the HMM's CopyService, everything at once), BENCH_PREPARE_INFLIGHT_MB (2048),
 // BENCH_PREPARE_RATE_GBPS (unlimited), BENCH_PREPARE_ALLOC_GROUP (8),
-// BENCH_PREPARE_YIELD_MS (0). Engines: BENCH_GRAPHS, BENCH_DEVICE_ROUTING_MAX_ROWS, BENCH_EXECUTOR and BENCH_PRESTART (below).
+// BENCH_PREPARE_YIELD_MS (0). Engines: BENCH_GRAPHS, BENCH_DEVICE_ROUTING_MAX_ROWS, BENCH_EXECUTOR, BENCH_PRESTART and BENCH_PREATTACH (below).
 // libuv's thread pool runs every blocking device wait (event/stream synchronize);
 // with 4 threads (Node's default) the forward pass's per-rank waits queue behind
 // any other: the script re-runs itself with UV_THREADPOOL_SIZE=16 unless it is set.
@@ -111,8 +111,10 @@ if (process.env.BENCH_DEVICE_ROUTING_MAX_ROWS) forward.deviceRoutingMaxRows = Nu
 const executorKnob = env('BENCH_EXECUTOR', 'in-process');
 if (!['in-process', 'process'].includes(executorKnob)) throw new Error(`BENCH_EXECUTOR: in-process or process (got '${executorKnob}')`);
 // BENCH_PRESTART=0: no executor process started ahead (each scale's attach phase spawns its standby).
+// BENCH_PREATTACH=0: the process started ahead does not attach the serving layout's chunks ahead.
 const executor = executorKnob === 'process'
-  ? { process: { script: path.join(here, '../dist/executor/main.js'), prestart: env('BENCH_PRESTART', '1') !== '0' } } : 'in-process';
+  ? { process: { script: path.join(here, '../dist/executor/main.js'), prestart: env('BENCH_PRESTART', '1') !== '0',
+    preattach: env('BENCH_PREATTACH', '1') !== '0' } } : 'in-process';
 
 const t0 = performance.now();
 const clock = () => performance.now() - t0;

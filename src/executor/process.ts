@@ -7,6 +7,7 @@
 //
 // The parent talks to it over a UnixChannel (SOCK_SEQPACKET; one JSON message per
 // packet), normally inherited as fd 3:
+//   parent → executor  { type: 'preattach', devices, placement }   (optional, before init)
 //   parent → executor  { type: 'init', config, devices, placement, options? }
 //   executor → parent  { type: 'ready', pid, session, chunks } | { type: 'error', message, name }
 //   parent → executor  { type: 'step', id, batch, returnLogits? }
@@ -18,7 +19,9 @@
 // While it waits for `init` it warms up: the runtime opened (a context on every device)
 // and the model kernels loaded on every device of the node (`preloadKernels`), so a process
 // started ahead — a deployment's pre-started standby executor — pays only for attaching
-// its layout when the scale comes.
+// its layout when the scale comes. A `preattach` before init attaches a layout's chunks
+// ahead (the deployment sends the layout serving now: a scale keeps most of it); init then
+// attaches only what its layout adds and drops what it does not use.
 import { closeSync } from 'node:fs';
 
 import { HmmClient } from '../hmm/client.js';
@@ -67,7 +70,13 @@ export interface StepMessage {
 export interface ShutdownMessage {
   type: 'shutdown';
 }
-export type ToExecutor = InitMessage | StepMessage | ShutdownMessage;
+/** The chunks of a layout to attach ahead of init (see the top of this file). */
+export interface PreattachMessage {
+  type: 'preattach';
+  devices: number[];
+  placement: PlacementTable;
+}
+export type ToExecutor = InitMessage | PreattachMessage | StepMessage | ShutdownMessage;
 
 /** A StepResult as JSON: maps as entry arrays, logits as base64 of their f32 bytes (bit-exact). */
 export interface WireStepResult {
@@ -83,6 +92,8 @@ export interface ReadyMessage {
   session: string;
   /** Chunks it attached (weights and KV). */
   chunks: number;
+  /** Of those, the ones attached ahead (preattach), and the ones attached ahead that init dropped. */
+  preattached?: { kept: number; dropped: number };
 }
 export interface ResultMessage {
   type: 'result';
@@ -189,36 +200,75 @@ export async function runExecutorProcess(options: ExecutorProcessOptions): Promi
   })();
   warm.catch(() => undefined); // reported at init
   try {
-    let first: ChannelMessage;
-    try {
-      first = await channel.receive();
-    } catch {
-      await warm.catch(() => undefined);
-      return; // the parent left before init
+    const receive = async (): Promise<ToExecutor | undefined> => {
+      let m: ChannelMessage;
+      try {
+        m = await channel.receive();
+      } catch {
+        return undefined; // the parent left
+      }
+      return JSON.parse(m.data.toString('utf8')) as ToExecutor;
+    };
+    const connect = async () => {
+      await warm;
+      if (!rt) throw new Error('internal: the runtime did not open');
+      client ??= await HmmClient.connect(options.socket, rt, {
+        name: `executor-${process.pid}`,
+        ...(options.timeoutMs !== undefined ? { timeoutMs: options.timeoutMs } : {}),
+      });
+      return { rt, client };
+    };
+    let init = await receive();
+    // Chunks attached ahead: a failure here is not the executor's (init attaches everything then).
+    let ahead: Awaited<ReturnType<HmmClient['attach']>> | undefined;
+    if (init?.type === 'preattach') {
+      const pre = init;
+      try {
+        const { client: c } = await connect();
+        const manifest = await c.manifest();
+        const pools = manifest.kvPools.filter((p) => pre.devices.includes(p.device));
+        ahead = await c.attach(layoutChunkIds(manifest.chunks, pre.devices, pre.placement, pools));
+      } catch {
+        ahead = undefined;
+        // What the daemon attached for this session before the failure: init attaches afresh.
+        await client?.detach().catch(() => undefined);
+      }
+      init = await receive();
     }
-    const init = JSON.parse(first.data.toString('utf8')) as ToExecutor;
-    if (init.type === 'shutdown') {
+    if (init === undefined || init.type === 'shutdown') {
+      ahead?.dispose();
       await warm.catch(() => undefined);
       return;
     }
     try {
       if (init.type !== 'init') throw new Error(`expected an init message first (got '${init.type}')`);
-      await warm;
-      if (!rt) throw new Error('internal: the runtime did not open');
-      client = await HmmClient.connect(options.socket, rt, {
-        name: `executor-${process.pid}`,
-        ...(options.timeoutMs !== undefined ? { timeoutMs: options.timeoutMs } : {}),
-      });
+      const { rt: r, client: c } = await connect();
       // Attach only what this layout uses: an imported chunk stays allocated on the device for as long
-      // as any process holds it, so attaching another layout's chunks would keep them alive.
-      const manifest = await client.manifest();
+      // as any process holds it, so holding another layout's chunks would keep them alive.
+      const manifest = await c.manifest();
       const pools = manifest.kvPools.filter((p) => init.devices.includes(p.device));
-      set = await client.attach(layoutChunkIds(manifest.chunks, init.devices, init.placement, pools));
-      views = mapAttachedKvPools(rt, set, pools);
-      engine = await ForwardEngine.create(rt, init.config, layoutFromTable(init.devices, init.placement),
+      const needed = layoutChunkIds(manifest.chunks, init.devices, init.placement, pools);
+      let preattached: ReadyMessage['preattached'];
+      if (ahead) {
+        const want = new Set(needed);
+        const drop = ahead.entries.map((e) => e.id).filter((id) => !want.has(id));
+        ahead.drop(drop);
+        if (drop.length > 0) await c.detach(drop);
+        const have = new Set(ahead.entries.map((e) => e.id));
+        const rest = needed.filter((id) => !have.has(id));
+        if (rest.length > 0) ahead.absorb(await c.attach(rest));
+        set = ahead;
+        ahead = undefined;
+        preattached = { kept: have.size, dropped: drop.length };
+      } else {
+        set = await c.attach(needed);
+      }
+      views = mapAttachedKvPools(r, set, pools);
+      engine = await ForwardEngine.create(r, init.config, layoutFromTable(init.devices, init.placement),
         attachedWeights(set), views, init.options ?? {});
-      send(channel, { type: 'ready', pid: process.pid, session: client.session, chunks: set.size });
+      send(channel, { type: 'ready', pid: process.pid, session: c.session, chunks: set.size, ...(preattached ? { preattached } : {}) });
     } catch (e) {
+      ahead?.dispose();
       send(channel, errorMessage(e));
       return;
     }

@@ -62,6 +62,8 @@ export class RemoteStepper implements Stepper {
   private readyWaiter: { resolve: () => void; reject: (e: Error) => void } | undefined;
   /** The executor's HMM session, once ready. */
   session = '';
+  /** Chunks it attached ahead (a preattach before init) and kept, and those init dropped; once ready. */
+  preattached: { kept: number; dropped: number } | undefined;
 
   private constructor(
     private readonly channel: UnixChannel,
@@ -121,7 +123,12 @@ export class RemoteStepper implements Stepper {
       await new Promise<void>((resolve, reject) => {
         s.readyWaiter = { resolve, reject };
         timer = setTimeout(() => reject(new Error(`the executor sent no 'ready' within ${readyTimeoutMs} ms`)), readyTimeoutMs);
-        s.send(msg);
+        try {
+          s.send(msg);
+        } catch (e) {
+          // Its end of the channel is closed: the process is gone (or going).
+          reject(s.failure ?? new ExecutorCrashedError(`could not send init to the executor process: ${(e as Error).message}`));
+        }
       });
     } catch (e) {
       s.kill();
@@ -192,6 +199,7 @@ export class RemoteStepper implements Stepper {
     }
     if (m.type === 'ready') {
       this.session = m.session;
+      this.preattached = m.preattached;
       this.readyWaiter?.resolve();
       return;
     }

@@ -198,8 +198,8 @@ const TENSOR_SLOTS = 1 << 20;
 export class AttachedSet implements Disposable {
   private readonly byId = new Map<string, AttachedChunk>();
   readonly timings: AttachTimings = { importMs: 0, mapMs: 0, accessMs: 0 };
-  /** Chunks in arrival order: what byTensor's packed references point into. */
-  private readonly list: AttachedChunk[] = [];
+  /** Chunks in arrival order: what byTensor's packed references point into (undefined: dropped). */
+  private readonly list: Array<AttachedChunk | undefined> = [];
   /**
    * Tensor name → where it is mapped here, packed as chunk index * 2^20 + tensor index
    * (a small integer, no allocation per tensor: an attach carries ~19,000 of them), or a
@@ -229,25 +229,33 @@ export class AttachedSet implements Disposable {
         if (!g) groups.set(key, (g = { access, items: [] }));
         g.items.push({ entry, handle: sharedHandle(batch.handles[i]!, fds) });
       });
-      for (const g of groups.values()) {
-        for (const c of importGroup(this.rt, g.items, g.access, this.timings)) {
-          this.byId.set(c.entry.id, c);
-          const base = this.list.length * TENSOR_SLOTS;
-          this.list.push(c);
-          const tensors = c.entry.tensors;
-          if (tensors.length > TENSOR_SLOTS) throw new HmmProtocolError('BAD_RESPONSE', `chunk '${c.entry.id}' lists over ${TENSOR_SLOTS} tensors`);
-          for (let t = 0; t < tensors.length; t++) {
-            const name = tensors[t]!.name;
-            const ref = base + t;
-            const had = this.byTensor.get(name);
-            if (had === undefined) this.byTensor.set(name, ref);
-            else if (typeof had === 'number') this.byTensor.set(name, [had, ref]);
-            else had.push(ref);
-          }
-        }
-      }
+      // Every imported chunk is held first (dispose() releases them all if indexing one throws).
+      const imported = [...groups.values()].flatMap((g) => importGroup(this.rt, g.items, g.access, this.timings));
+      const at = imported.map((c) => this.hold(c));
+      imported.forEach((c, i) => this.index(c, at[i]!));
     } finally {
       closeFds(fds);
+    }
+  }
+
+  /** Holds an imported chunk (dispose() releases it); returns its index in `list`. */
+  private hold(c: AttachedChunk): number {
+    this.byId.set(c.entry.id, c);
+    return this.list.push(c) - 1;
+  }
+
+  /** Adds the references to the tensors of the chunk held at `list[at]`. */
+  private index(c: AttachedChunk, at: number): void {
+    const tensors = c.entry.tensors;
+    if (tensors.length > TENSOR_SLOTS) throw new HmmProtocolError('BAD_RESPONSE', `chunk '${c.entry.id}' lists over ${TENSOR_SLOTS} tensors`);
+    const base = at * TENSOR_SLOTS;
+    for (let t = 0; t < tensors.length; t++) {
+      const name = tensors[t]!.name;
+      const ref = base + t;
+      const had = this.byTensor.get(name);
+      if (had === undefined) this.byTensor.set(name, ref);
+      else if (typeof had === 'number') this.byTensor.set(name, [had, ref]);
+      else had.push(ref);
     }
   }
 
@@ -281,6 +289,48 @@ export class AttachedSet implements Disposable {
     }
     if (!best) throw new NotFoundError('NOT_FOUND', `tensor '${name}' has no replica on device ${device} in this attached set`);
     return { ptr: best.chunk.ptr.add(best.location.offset), location: best.location, entry: best.chunk.entry };
+  }
+
+  /**
+   * Moves every chunk of `other` into this set (other ends empty): what a process attached
+   * ahead (an executor started before its layout) and what it attaches at init make one set.
+   */
+  absorb(other: AttachedSet): void {
+    for (const c of other.list) {
+      if (!c) continue;
+      if (this.byId.has(c.entry.id)) throw new HmmProtocolError('BAD_RESPONSE', `chunk '${c.entry.id}' is in both attached sets`);
+    }
+    const moved = other.list.filter((c): c is AttachedChunk => c !== undefined);
+    const at = moved.map((c) => this.hold(c));
+    moved.forEach((c, i) => this.index(c, at[i]!));
+    other.byId.clear();
+    other.list.length = 0;
+    other.byTensor.clear();
+  }
+
+  /**
+   * Unmaps and releases the given chunks in this process (ids not in the set are ignored), and
+   * forgets their tensors. The daemon's hold is separate (HmmClient.detach).
+   */
+  drop(ids: Iterable<string>): void {
+    const gone = new Set<number>();
+    let where: Map<AttachedChunk, number> | undefined;
+    for (const id of ids) {
+      const c = this.byId.get(id);
+      if (!c) continue;
+      this.byId.delete(id);
+      where ??= new Map(this.list.flatMap((x, i) => (x ? [[x, i] as const] : [])));
+      const index = where.get(c)!;
+      this.list[index] = undefined; // the packed references of the others keep their index
+      gone.add(index);
+      c.dispose();
+    }
+    if (gone.size === 0) return;
+    for (const [name, refs] of this.byTensor) {
+      const kept = (typeof refs === 'number' ? [refs] : refs).filter((ref) => !gone.has(Math.floor(ref / TENSOR_SLOTS)));
+      if (kept.length === 0) this.byTensor.delete(name);
+      else this.byTensor.set(name, kept.length === 1 ? kept[0]! : kept);
+    }
   }
 
   /** Unmaps and releases every chunk in this process. Idempotent. */

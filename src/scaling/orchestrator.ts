@@ -52,6 +52,7 @@ import path from 'node:path';
 
 import { Engine, type Completion, type GenerationCallbacks, type GenerationRequest, type ReconfigureReport, type StepFigures } from '../executor/engine.js';
 import { type ForwardCreateStats, ForwardEngine, type ForwardEngineOptions, type GraphStats } from '../executor/forward.js';
+import { type PreattachMessage, placementTable } from '../executor/process.js';
 import { RemoteStepper } from '../executor/remote.js';
 import { type MappedKvPool, mapHmmKvPools } from '../executor/kv-view.js';
 import { kvGeometry } from '../executor/types.js';
@@ -169,9 +170,11 @@ export interface DeploymentOptions {
 /**
  * `prestart` (default true): keep one executor process started ahead, warmed up (runtime open,
  * kernels loaded on every device) and waiting for its layout, so a scale's attach phase does not
- * start a process; a new one is started after each scale.
+ * start a process; a new one is started after each scale. `preattach` (default true, with
+ * prestart): that process also attaches the serving layout's chunks ahead (a scale keeps most of
+ * them), so the attach phase imports only what the new layout adds.
  */
-export type ExecutorMode = 'in-process' | { process: { script: string; env?: Record<string, string>; prestart?: boolean } };
+export type ExecutorMode = 'in-process' | { process: { script: string; env?: Record<string, string>; prestart?: boolean; preattach?: boolean } };
 
 /** The forward pass of a layout: in process, or an executor process. */
 type Executor = ForwardEngine | RemoteStepper;
@@ -222,6 +225,8 @@ export interface ScaleReport {
   attachDuringCopies: boolean;
   /** Executor processes: whether the standby was the process started ahead (ExecutorMode prestart). */
   prestartedExecutor?: boolean;
+  /** Executor processes: chunks the standby had attached ahead and kept, and those it dropped (ExecutorMode preattach). */
+  preattachedChunks?: { kept: number; dropped: number };
   /** Weight chunks of the old layout the new one uses in place. */
   chunksReused: number;
   /** Weight chunks freed at release (held by the old layout only). */
@@ -294,6 +299,7 @@ interface DaemonState {
   script: string;
   env: Record<string, string>;
   prestart: boolean;
+  preattach: boolean;
 }
 const cloneLayout = (l: LayoutSpec): LayoutSpec => ({ ...l, devices: [...l.devices], placement: l.placement.map((row) => row.map((h) => [...h])) });
 
@@ -393,7 +399,7 @@ export class Deployment {
         try {
           daemon = {
             daemon: await HmmDaemon.listen(hmm, socket), dir, socket, script: mode.process.script, env: { ...mode.process.env },
-            prestart: mode.process.prestart !== false,
+            prestart: mode.process.prestart !== false, preattach: mode.process.preattach !== false,
           };
         } catch (e) {
           rmSync(dir, { recursive: true, force: true });
@@ -715,7 +721,20 @@ export class Deployment {
     const layout = this.layoutSpec.devices;
     const turn = () => new Promise<void>((r) => setImmediate(r));
     // The next standby executor process, started first: its warm-up runs in its own process.
-    if (this.daemon?.prestart && !this.prestarted) this.prestarted = Deployment.spawnProcess(this.daemon);
+    if (this.daemon?.prestart && !this.prestarted) {
+      this.prestarted = Deployment.spawnProcess(this.daemon);
+      // The serving layout's chunks, attached ahead (best effort: init attaches whatever is missing).
+      if (this.daemon.preattach) {
+        try {
+          const spec = this.layoutSpec;
+          const msg: PreattachMessage = { type: 'preattach', devices: [...spec.devices],
+            placement: placementTable(this.options.config, { devices: [...spec.devices], placement: toExpertPlacement(spec) }) };
+          this.prestarted.channel.send(JSON.stringify(msg));
+        } catch {
+          // The process is gone or its channel closed: the scale finds it dead and spawns another.
+        }
+      }
+    }
     const want = new Map<number, Map<number, number>>(node.map((d) => [d, new Map()]));
     const targets = [
       ...node.filter((d) => !layout.includes(d)).map((d) => ({ to: [...layout, d], joining: d as number | undefined })),
@@ -1043,7 +1062,8 @@ export class Deployment {
     if (this.options.peerAccess === 'all') this.accessGrant = this.grantNodeAccess(newId);
     progress('done');
     return {
-      from, to: [...next.devices], ms: now() - t0, bytesCopied, chunksCopied: copies.length, chunksFromStandby: fromStandby, plannedAhead, attachDuringCopies: overlapped, ...(this.daemon ? { prestartedExecutor: prestartedUsed } : {}), chunksReused: reused.length, chunksReleased,
+      from, to: [...next.devices], ms: now() - t0, bytesCopied, chunksCopied: copies.length, chunksFromStandby: fromStandby, plannedAhead, attachDuringCopies: overlapped, ...(this.daemon ? { prestartedExecutor: prestartedUsed } : {}),
+      ...(standby instanceof RemoteStepper && standby.preattached ? { preattachedChunks: standby.preattached } : {}), chunksReused: reused.length, chunksReleased,
       lowerBoundBytes: lower, phases, switchover, copies, layout: cloneLayout(next),
       prepare: { options: prep!, ...(copyStats ? { stats: copyStats } : {}) }, load: loadUsed,
       ...(attachStats ? { attach: attachStats } : {}),

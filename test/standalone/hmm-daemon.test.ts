@@ -306,6 +306,32 @@ describe('HMM daemon: the attach stream', () => {
     expect(memfdsHere()).toBe(before - 2); // the chunk's own memfd (the mock's memory) and its exported handle
   });
 
+  it('merges two attached sets and drops chunks from one: tensors resolve where they are still held', async () => {
+    const { rt, hmm, sock } = await setup({ preExport: false });
+    const client = await HmmClient.connect(sock, rt);
+    cleanups.push(() => client.close());
+    // Three weight chunks whose tensors are theirs alone.
+    const [x, y, z] = hmm.store.all().filter((c) => c.plan.kind === 'weight' && c.plan.tensors.length > 0 && /^L0\.E\d+$/.test(c.plan.group)).map((c) => c.plan.id);
+    const a = await client.attach([x!, y!]);
+    const b = await client.attach([z!]);
+    cleanups.push(() => a.dispose(), () => b.dispose());
+    const tensorOf = (set: typeof a, id: string) => set.chunk(id).entry.tensors[0]!.name;
+    const e1 = tensorOf(a, y!);
+    const e2 = tensorOf(b, z!);
+    const e2At = b.tensor(e2).address;
+    expect(() => a.absorb(a)).toThrow(/both/); // a chunk cannot be in a set twice
+    a.absorb(b);
+    expect(b.size).toBe(0);
+    expect(a.size).toBe(3);
+    expect(a.tensor(e2).address).toBe(e2At); // moved, still mapped where it was
+    a.drop([y!, 'not-held']);
+    expect(a.size).toBe(2);
+    expect(() => a.tensor(e1)).toThrow(NotFoundError);
+    expect(() => a.chunk(y!)).toThrow(NotFoundError);
+    expect(a.tensor(e2).address).toBe(e2At);
+    expect(a.entries.map((e) => e.id).sort()).toEqual([x!, z!].sort());
+  });
+
   it('an attach that fails midway holds nothing for the session and leaves nothing mapped', async () => {
     const { rt, hmm, sock } = await setup({ preExport: false });
     const client = await HmmClient.connect(sock, rt);

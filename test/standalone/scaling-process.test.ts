@@ -39,8 +39,8 @@ async function start(devices: number[], extra: Partial<DeploymentOptions> = {}) 
   opened.push({ rt, dep });
   return { rt, dep };
 }
-const processMode = (prestart = true): Partial<DeploymentOptions> => ({
-  executor: { process: { script: CHILD, env: { ELASTICMOE_BACKEND: 'mock', ELASTICMOE_NO_WARN_MOCK: '1', EMOE_TEST_DIE_FILE: dieFile }, prestart } },
+const processMode = (prestart = true, preattach = true): Partial<DeploymentOptions> => ({
+  executor: { process: { script: CHILD, env: { ELASTICMOE_BACKEND: 'mock', ELASTICMOE_NO_WARN_MOCK: '1', EMOE_TEST_DIE_FILE: dieFile }, prestart, preattach } },
 });
 const freeBytes = (rt: Runtime) => rt.devices().map((d) => d.freeBytes);
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
@@ -92,6 +92,11 @@ describe('Deployment with executor processes', () => {
     await waitTokens(5);
     const up = await dep.scale({ devices: [0, 1] });
     expect(dep.devices).toEqual([0, 1]);
+    // The standby started ahead had attached layout [0]'s chunks; it kept those [0, 1] uses and
+    // dropped the expert chunks that moved to device 1 (their device-0 copies are released).
+    expect(up.prestartedExecutor).toBe(true);
+    expect(up.preattachedChunks!.kept).toBeGreaterThan(0);
+    expect(up.preattachedChunks!.dropped).toBeGreaterThan(0);
     const second = dep.executorPid!;
     expect(second).not.toBe(first);
     await expect.poll(() => alive(first)).toBe(false);
@@ -100,6 +105,7 @@ describe('Deployment with executor processes', () => {
     await waitTokens(Math.min(MAX - 20, Math.max(...[...streamed.values()].map((s) => s.length)) + 5));
     const down = await dep.scale({ devices: [0] });
     expect(down.chunksReleased).toBeGreaterThan(0);
+    expect(down.preattachedChunks!.kept).toBeGreaterThan(0);
     expect(dep.devices).toEqual([0]);
     await expect.poll(() => alive(second)).toBe(false);
     const got = await Promise.all(done);
@@ -107,8 +113,12 @@ describe('Deployment with executor processes', () => {
       expect(c.outputTokens, `tokens of r${k}`).toEqual(reference[k]);
       expect(streamed.get(`r${k}`)).toEqual(reference[k]);
     }
-    // Only the serving executor's session is open; only layout [0]'s chunks are left.
-    expect(dep.hmm.sessionIds().length).toBe(1);
+    // Open sessions: the serving executor's and (once it attached ahead) the next standby's; both
+    // hold only layout [0]'s chunks, the only ones left.
+    const sessions = dep.hmm.sessionIds();
+    expect(sessions.length).toBeGreaterThanOrEqual(1);
+    expect(sessions.length).toBeLessThanOrEqual(2);
+    for (const id of sessions) for (const c of dep.hmm.session(id).attached) expect(dep.hmm.store.get(c).plan.device).toBe(0);
     expect(dep.hmm.store.all().every((c) => c.plan.device === 0)).toBe(true);
   }, 20_000);
 
@@ -207,6 +217,16 @@ describe('Deployment with executor processes', () => {
     await dep.close();
     expect(alive(last)).toBe(false);
   }, 20_000);
+
+  it('with preattach off the standby started ahead attaches its whole layout at the scale: the same tokens', async () => {
+    const { dep } = await start([0], processMode(true, false));
+    const running = PROMPTS.slice(0, 2).map((prompt) => dep.submit({ prompt, maxTokens: 40, ignoreEos: true }));
+    await sleep(20);
+    const up = await dep.scale({ devices: [0, 1] });
+    expect(up.prestartedExecutor).toBe(true);
+    expect(up.preattachedChunks).toBeUndefined();
+    for (const [k, c] of (await Promise.all(running)).entries()) expect(c.outputTokens).toEqual(reference[k]!.slice(0, 40));
+  });
 
   it('runs an f32 KV cache (forward.kvDtype) in the executor processes too: the in-process f32 tokens, before and after a scale', async () => {
     const prompts = PROMPTS.slice(0, 2);
