@@ -28,7 +28,9 @@ run() { # name, timeout, env...
   grep 'bench-scale' $R/$name.err | tail -n 8
   summary $R/$name.jsonl
 }
+[ "${SKIP_AB:-0}" = 1 ] && AB_MODES=none
 for mode in ${AB_MODES:-0 1}; do
+  [ "$mode" = none ] && continue
   run ab-standby$mode 150 BENCH_STANDBY=$mode BENCH_STEPS="${STEPS:-0;0,1;0}" BENCH_BASELINES=none BENCH_HOLD_S=4 BENCH_OUTPUT_SPREAD=16
 done
 if [ "${SKIP_BASELINES:-0}" != 1 ]; then
