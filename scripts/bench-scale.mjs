@@ -259,7 +259,7 @@ for (let i = 1; i < plan.length; i++) {
   const figures = transitionFigures(m);
   emit({ bench: 'scale', ...figures,
     bytesCopied: r.bytesCopied, lowerBoundBytes: r.lowerBoundBytes, chunksCopied: r.chunksCopied, chunksFromStandby: r.chunksFromStandby,
-    plannedAhead: r.plannedAhead, prestartedExecutor: r.prestartedExecutor, attachDuringCopies: r.attachDuringCopies,
+    plannedAhead: r.plannedAhead, prestartedExecutor: r.prestartedExecutor, preattachedChunks: r.preattachedChunks, attachDuringCopies: r.attachDuringCopies,
     chunksReused: r.chunksReused, chunksReleased: r.chunksReleased, switchover: r.switchover, prepare: r.prepare,
     peakUsedBytes: m.peak });
   const speed = stepSpeed(m.before, m.during);
