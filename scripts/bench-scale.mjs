@@ -154,6 +154,7 @@ function transitionFigures(m) {
   return {
     from: m.from, to: m.to, commandToFirstNewStepMs: m.first.t - m.tCmd, reportMs: m.report.ms, phases: m.report.phases,
     ...(m.report.attach ? { attach: m.report.attach } : {}),
+    ...(m.report.precapture ? { precapture: m.report.precapture } : {}),
     decodeTokensPerSecondBefore: m.before.tokensPerSecond, decodeTokensPerSecondDuring: m.during.tokensPerSecond,
     duringOverBefore: m.during.tokensPerSecond / m.before.tokensPerSecond, before: m.before, during: m.during,
     decodeStepSpeedDuringOverBefore: stepSpeed(m.before, m.during),

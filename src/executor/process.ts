@@ -30,7 +30,7 @@ import { ModelKernels } from '../model/kernels/index.js';
 import { type ChannelMessage, UnixChannel } from '../runtime/channel.js';
 import type { RuntimeOptionsInput } from '../runtime/config.js';
 import { Runtime } from '../runtime/runtime.js';
-import { ForwardEngine, type ForwardEngineOptions } from './forward.js';
+import { ForwardEngine, type ForwardEngineOptions, type GraphShape } from './forward.js';
 import { type MappedKvPool, mapAttachedKvPools } from './kv-view.js';
 import type { Layout, StepBatch, StepResult } from './types.js';
 import { attachedWeights } from './weights.js';
@@ -60,6 +60,8 @@ export interface InitMessage {
   devices: number[];
   placement: PlacementTable;
   options?: ForwardEngineOptions;
+  /** Graph shapes to capture before answering ready (ForwardEngine.precapture; a scale's standby). */
+  precapture?: GraphShape[];
 }
 export interface StepMessage {
   type: 'step';
@@ -94,12 +96,22 @@ export interface ReadyMessage {
   chunks: number;
   /** Of those, the ones attached ahead (preattach), and the ones attached ahead that init dropped. */
   preattached?: { kept: number; dropped: number };
+  /** Graphs captured from init's precapture list, and the milliseconds it took. */
+  precaptured?: { graphs: number; ms: number };
 }
 export interface ResultMessage {
   type: 'result';
   id: number;
   result: WireStepResult;
+  /**
+   * The engine's most recently used graph shapes (ForwardEngine.graphShapes, at most
+   * GRAPH_SHAPES_SENT), sent with a result when they changed since the last one sent.
+   */
+  graphShapes?: GraphShape[];
 }
+
+/** Graph shapes a result carries at most (what a scale's standby may capture ahead). */
+export const GRAPH_SHAPES_SENT = 16;
 export interface ErrorMessage {
   type: 'error';
   /** Absent for a failed init. */
@@ -266,7 +278,16 @@ export async function runExecutorProcess(options: ExecutorProcessOptions): Promi
       views = mapAttachedKvPools(r, set, pools);
       engine = await ForwardEngine.create(r, init.config, layoutFromTable(init.devices, init.placement),
         attachedWeights(set), views, init.options ?? {});
-      send(channel, { type: 'ready', pid: process.pid, session: c.session, chunks: set.size, ...(preattached ? { preattached } : {}) });
+      // Nothing else runs in this process: each graph in one piece.
+      let precaptured: ReadyMessage['precaptured'];
+      if (init.precapture && init.precapture.length > 0) {
+        const t = performance.now();
+        const graphs = await engine.precapture(init.precapture, { layersPerTurn: init.config.layers });
+        precaptured = { graphs, ms: performance.now() - t };
+      }
+      send(channel, {
+        type: 'ready', pid: process.pid, session: c.session, chunks: set.size, ...(preattached ? { preattached } : {}), ...(precaptured ? { precaptured } : {}),
+      });
     } catch (e) {
       ahead?.dispose();
       send(channel, errorMessage(e));
@@ -275,6 +296,7 @@ export async function runExecutorProcess(options: ExecutorProcessOptions): Promi
 
     // Steps in order: each waits for the one before it.
     const eng = engine;
+    let shapesSent = '[]';
     await new Promise<void>((resolve) => {
       let chain = Promise.resolve();
       let done = false;
@@ -310,6 +332,12 @@ export async function runExecutorProcess(options: ExecutorProcessOptions): Promi
           try {
             const r = await eng.step(m.batch, { returnLogits: m.returnLogits === true });
             reply = { type: 'result', id: m.id, result: encodeStepResult(r) };
+            const shapes = eng.graphShapes().slice(0, GRAPH_SHAPES_SENT);
+            const key = JSON.stringify(shapes);
+            if (key !== shapesSent) {
+              reply.graphShapes = shapes;
+              shapesSent = key;
+            }
           } catch (e) {
             reply = errorMessage(e, m.id);
           }

@@ -8,7 +8,7 @@ import { type ChildProcess, spawn } from 'node:child_process';
 import type { ModelConfig } from '../model/config.js';
 import { UnixChannel } from '../runtime/channel.js';
 import type { Stepper } from './engine.js';
-import type { ForwardEngineOptions } from './forward.js';
+import type { ForwardEngineOptions, GraphShape } from './forward.js';
 import { type FromExecutor, type InitMessage, type ToExecutor, decodeStepResult, placementTable } from './process.js';
 import type { Layout, StepBatch, StepResult } from './types.js';
 
@@ -32,6 +32,8 @@ export interface RemoteStepperInit {
   config: ModelConfig;
   layout: Layout;
   options?: ForwardEngineOptions;
+  /** Graph shapes the executor captures before it answers ready (InitMessage.precapture). */
+  precapture?: GraphShape[];
 }
 
 export interface SpawnExecutorOptions extends RemoteStepperInit {
@@ -64,6 +66,10 @@ export class RemoteStepper implements Stepper {
   session = '';
   /** Chunks it attached ahead (a preattach before init) and kept, and those init dropped; once ready. */
   preattached: { kept: number; dropped: number } | undefined;
+  /** Graphs it captured from init's precapture list; once ready. */
+  precaptured: { graphs: number; ms: number } | undefined;
+  /** The executor engine's most recently used graph shapes, as its results last told them. */
+  graphShapes: GraphShape[] = [];
 
   private constructor(
     private readonly channel: UnixChannel,
@@ -118,6 +124,7 @@ export class RemoteStepper implements Stepper {
     const s = new RemoteStepper(channel, proc);
     const msg: InitMessage = { type: 'init', config: init.config, devices: [...init.layout.devices], placement: placementTable(init.config, init.layout) };
     if (init.options) msg.options = init.options;
+    if (init.precapture && init.precapture.length > 0) msg.precapture = init.precapture;
     let timer: NodeJS.Timeout | undefined;
     try {
       await new Promise<void>((resolve, reject) => {
@@ -200,6 +207,7 @@ export class RemoteStepper implements Stepper {
     if (m.type === 'ready') {
       this.session = m.session;
       this.preattached = m.preattached;
+      this.precaptured = m.precaptured;
       this.readyWaiter?.resolve();
       return;
     }
@@ -213,7 +221,10 @@ export class RemoteStepper implements Stepper {
     const p = this.pending.get(id);
     if (!p) return;
     this.pending.delete(id);
-    if (m.type === 'result') p.resolve(decodeStepResult(m.result));
+    if (m.type === 'result') {
+      if (m.graphShapes) this.graphShapes = m.graphShapes;
+      p.resolve(decodeStepResult(m.result));
+    }
     else p.reject(new ExecutorStepError(m.name, m.message));
   }
 

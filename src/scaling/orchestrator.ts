@@ -51,7 +51,7 @@ import os from 'node:os';
 import path from 'node:path';
 
 import { Engine, type Completion, type GenerationCallbacks, type GenerationRequest, type ReconfigureReport, type StepFigures } from '../executor/engine.js';
-import { type ForwardCreateStats, ForwardEngine, type ForwardEngineOptions, type GraphStats } from '../executor/forward.js';
+import { type ForwardCreateStats, ForwardEngine, type ForwardEngineOptions, type GraphShape, type GraphStats } from '../executor/forward.js';
 import { type PreattachMessage, placementTable } from '../executor/process.js';
 import { RemoteStepper } from '../executor/remote.js';
 import { type MappedKvPool, mapHmmKvPools } from '../executor/kv-view.js';
@@ -158,11 +158,13 @@ export interface DeploymentOptions {
    */
   attachDuringCopies?: boolean;
   /**
-   * Graph shapes per staying device that a scale's standby engine captures ahead, before the
-   * switch-over (in-process executors; default 1, 0: none): the serving engine's most recent
-   * decode shape of that device, then its others (precaptureShapes). The first steps on the new
-   * layout then replay instead of capturing. The captures are host work done in pieces of 8
-   * layers with a turn of the event loop between them, while the old layout serves.
+   * Graph shapes per staying device that a scale's standby captures ahead, before the
+   * switch-over (default 1, 0: none): the serving engine's most recent decode shape of that
+   * device, then its others (precaptureShapes). The first steps on the new layout then replay
+   * instead of capturing. In process: host work done in pieces of 8 layers with a turn of the
+   * event loop between them, while the old layout serves. Executor processes: the standby
+   * process captures them before it answers ready (the serving process sends its shapes with
+   * its step results).
    */
   precaptureGraphs?: number;
 }
@@ -240,11 +242,13 @@ export interface ScaleReport {
    * engine step on the new layout (0 when the engine was idle); the release waits for it.
    */
   phases: { planMs: number; prepareMs: number; attachMs: number; copyWaitMs: number; switchMs: number; firstStepMs: number; releaseMs: number };
+  /** Where the attach phase spent its time (in-process executors): the standby engine's creation. */
+  attach?: { viewsMs: number; forward: ForwardCreateStats };
   /**
-   * Where the attach phase spent its time (in-process executors): the standby engine's creation,
-   * and the graphs it captured ahead (DeploymentOptions.precaptureGraphs).
+   * Graphs the standby captured ahead, before the switch-over, and how long that took (within the
+   * attach phase; DeploymentOptions.precaptureGraphs). Absent when the serving engine had none to give.
    */
-  attach?: { viewsMs: number; forward: ForwardCreateStats; precapture?: { graphs: number; ms: number } };
+  precapture?: { graphs: number; ms: number };
   /** What the switch-over did to the requests in flight. */
   switchover: ReconfigureReport;
   /** Each copied chunk and the chunks it was copied from (identical bytes). */
@@ -474,11 +478,13 @@ export class Deployment {
   }
 
   /** Sends init for `layout` and waits for ready; on failure the process is dead before this rejects. */
-  private static async initExecutor(options: DeploymentOptions, { proc, channel: mine }: Spawned, layout: LayoutSpec): Promise<RemoteStepper> {
+  private static async initExecutor(options: DeploymentOptions, { proc, channel: mine }: Spawned, layout: LayoutSpec,
+    precapture: GraphShape[] = []): Promise<RemoteStepper> {
     try {
       return await RemoteStepper.start(mine, proc, {
         config: options.config,
         layout: { devices: [...layout.devices], placement: toExpertPlacement(layout) },
+        precapture,
         // The KV dtype too: the pools were made for it (Deployment.geometry).
         options: { maxTokensPerStep: options.maxTokensPerStep ?? 64, blockTokens: options.blockTokens ?? 16, kvDtype: options.forward?.kvDtype ?? 'bf16' },
       });
@@ -893,6 +899,7 @@ export class Deployment {
     let copyStats: PacedCopyStats | undefined;
     const phases = { planMs: 0, prepareMs: 0, attachMs: 0, copyWaitMs: 0, switchMs: 0, firstStepMs: 0, releaseMs: 0 };
     let attachStats: ScaleReport['attach'];
+    let precapture: ScaleReport['precapture'];
     let loadUsed: ScaleReport['load'] = { source: 'uniform' };
     try {
       // 1. Plan (pure).
@@ -973,8 +980,12 @@ export class Deployment {
           spawned = undefined;
         }
         prestartedUsed = spawned !== undefined;
-        const proc = await Deployment.initExecutor(this.options, spawned ?? Deployment.spawnProcess(this.daemon), next);
+        // The serving process's recent graph shapes, captured by the standby before it answers ready.
+        const shapes = this.forward instanceof RemoteStepper
+          ? precaptureShapes(this.forward.graphShapes, next.devices, this.options.precaptureGraphs ?? 1) : [];
+        const proc = await Deployment.initExecutor(this.options, spawned ?? Deployment.spawnProcess(this.daemon), next, shapes);
         standby = proc;
+        if (shapes.length > 0) precapture = proc.precaptured ?? { graphs: 0, ms: 0 };
         // Its session keeps only the new layout's chunks and KV pools, so release can free the rest.
         const needed = new Set(store.all().filter((c) => c.holders.has(newId)).map((c) => c.plan.id));
         for (const d of next.devices) for (const id of this.hmm.kv.info(d).chunkIds) needed.add(id);
@@ -993,7 +1004,7 @@ export class Deployment {
           const tp = now();
           const shapes = precaptureShapes(serving.graphShapes(), next.devices, this.options.precaptureGraphs ?? 1);
           const graphs = shapes.length > 0 ? await standby.precapture(shapes) : 0;
-          attachStats.precapture = { graphs, ms: now() - tp };
+          precapture = { graphs, ms: now() - tp };
         }
       }
       phases.attachMs = lap();
@@ -1067,6 +1078,7 @@ export class Deployment {
       lowerBoundBytes: lower, phases, switchover, copies, layout: cloneLayout(next),
       prepare: { options: prep!, ...(copyStats ? { stats: copyStats } : {}) }, load: loadUsed,
       ...(attachStats ? { attach: attachStats } : {}),
+      ...(precapture ? { precapture } : {}),
     };
   }
 

@@ -429,10 +429,10 @@ describe('Deployment.scale', () => {
       const first = steps.find((x) => x.ranks === 3)!.stats;
       if (precaptureGraphs === 1) {
         // One decode shape per staying device, captured before the switch-over; the first step replays both.
-        expect(report.attach!.precapture).toMatchObject({ graphs: 2 });
+        expect(report.precapture).toMatchObject({ graphs: 2 });
         expect(first).toMatchObject({ precaptured: 2, captures: 0, replays: 2 });
       } else {
-        expect(report.attach!.precapture).toMatchObject({ graphs: 0 });
+        expect(report.precapture).toMatchObject({ graphs: 0 });
         expect(first).toMatchObject({ precaptured: 0, captures: 2, replays: 0 });
       }
       const want = await referenceTokens(LONG, 120);
