@@ -231,6 +231,7 @@ export async function runExecutorProcess(options: ExecutorProcessOptions): Promi
       return { rt, client };
     };
     let init = await receive();
+    let unused: string[] = [];
     // Chunks attached ahead: a failure here is not the executor's (init attaches everything then).
     let ahead: Awaited<ReturnType<HmmClient['attach']>> | undefined;
     if (init?.type === 'preattach') {
@@ -262,16 +263,16 @@ export async function runExecutorProcess(options: ExecutorProcessOptions): Promi
       const needed = layoutChunkIds(manifest.chunks, init.devices, init.placement, pools);
       let preattached: ReadyMessage['preattached'];
       if (ahead) {
+        // Chunks attached ahead that this layout does not use are unmapped after ready (the parent
+        // drops them from this session at the daemon, and frees them once nobody holds them).
         const want = new Set(needed);
-        const drop = ahead.entries.map((e) => e.id).filter((id) => !want.has(id));
-        ahead.drop(drop);
-        if (drop.length > 0) await c.detach(drop);
         const have = new Set(ahead.entries.map((e) => e.id));
+        unused = [...have].filter((id) => !want.has(id));
         const rest = needed.filter((id) => !have.has(id));
         if (rest.length > 0) ahead.absorb(await c.attach(rest));
         set = ahead;
         ahead = undefined;
-        preattached = { kept: have.size, dropped: drop.length };
+        preattached = { kept: have.size - unused.length, dropped: unused.length };
       } else {
         set = await c.attach(needed);
       }
@@ -286,8 +287,10 @@ export async function runExecutorProcess(options: ExecutorProcessOptions): Promi
         precaptured = { graphs, ms: performance.now() - t };
       }
       send(channel, {
-        type: 'ready', pid: process.pid, session: c.session, chunks: set.size, ...(preattached ? { preattached } : {}), ...(precaptured ? { precaptured } : {}),
+        type: 'ready', pid: process.pid, session: c.session, chunks: set.size - unused.length, ...(preattached ? { preattached } : {}),
+        ...(precaptured ? { precaptured } : {}),
       });
+      set.drop(unused);
     } catch (e) {
       ahead?.dispose();
       send(channel, errorMessage(e));
