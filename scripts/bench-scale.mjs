@@ -211,7 +211,12 @@ async function measureScale(kind, inst, to) {
   const epochBefore = inst.epoch;
   const tCmd = clock();
   const sampler = peakSampler();
-  const report = await inst.scale({ devices: to });
+  let report;
+  try {
+    report = await inst.scale({ devices: to });
+  } finally {
+    sampler.stop(); // also when the scale fails (its interval would keep the process alive)
+  }
   const peak = sampler.stop();
   while (!steps.some((s) => s.who === kind && s.t > tCmd && s.epoch > epochBefore)) await sleep(2);
   const first = steps.find((s) => s.who === kind && s.t > tCmd && s.epoch > epochBefore);
