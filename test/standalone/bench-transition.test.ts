@@ -1,5 +1,12 @@
 // The transition metric of scripts/bench-scale.mjs (scripts/lib/transition.mjs): serving work
 // done in a window, each step counted as the time a step like it took before.
+import { execFile } from 'node:child_process';
+import { mkdtempSync, rmSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { promisify } from 'node:util';
+
 import { describe, expect, it } from 'vitest';
 
 // @ts-expect-error: a plain ESM script without types
@@ -12,6 +19,9 @@ const run = (from: number, to: number, ms: number, tokens = 32, decode = tokens)
   for (let t = from + ms; t <= to + 1e-9; t += ms) out.push({ t, ms, tokens, decode });
   return out;
 };
+
+const execFileP = promisify(execFile);
+const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 
 describe('workDuring (bench-scale transition metric)', () => {
   it('is 1 when the window runs the same steps at the same speed, back to back', () => {
@@ -55,4 +65,30 @@ describe('workDuring (bench-scale transition metric)', () => {
     expect(workDuring(run(3000, 4000, 50), 3000, 3300)).toBeUndefined();
     expect(workDuring(run(0, 4000, 50), 3000, 3000)).toBeUndefined();
   });
+});
+
+describe('bench-scale on the mock', () => {
+  it('reports a vertical baseline that does not fit, goes on to the cold restart and exits', async () => {
+    // 160 MiB mock devices: the elastic run fits, the vertical baseline (the whole new layout
+    // beside the old one) runs out of memory on device 0, as on 2 x H100 with Qwen3-30B-A3B shapes.
+    const dir = mkdtempSync(path.join(os.tmpdir(), 'emoe-bench-scale-'));
+    try {
+      const { stdout } = await execFileP(process.execPath, [path.join(root, 'scripts/bench-scale.mjs')], {
+        env: {
+          ...process.env, ELASTICMOE_BACKEND: 'mock', ELASTICMOE_NO_WARN_MOCK: '1', ELASTICMOE_MOCK_DEVICES: '2', ELASTICMOE_MOCK_CAPACITY: '160MiB',
+          BENCH_CONFIG: path.join(root, 'scripts/configs/tiny-qwen3-moe.json'), BENCH_STEPS: '0;0,1;0', BENCH_BASELINES: 'vertical,cold',
+          BENCH_HOLD_S: '1', BENCH_DIR: dir,
+        },
+        timeout: 60_000,
+      });
+      const lines = stdout.trim().split('\n').map((l) => JSON.parse(l) as { bench: string; error?: string; ms?: number });
+      expect(lines.filter((l) => l.bench === 'scale')).toHaveLength(2);
+      const vertical = lines.filter((l) => l.bench === 'vertical');
+      expect(vertical).toHaveLength(1);
+      expect(vertical[0]!.error).toMatch(/^OutOfMemoryError: /);
+      expect(lines.find((l) => l.bench === 'cold_restart')!.ms).toBeGreaterThan(0);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  }, 90_000);
 });
