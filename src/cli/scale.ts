@@ -27,6 +27,8 @@ interface ScaleReportBody {
   plannedAhead?: boolean;
   attachDuringCopies?: boolean;
   prestartedExecutor?: boolean;
+  preattachedChunks?: { kept: number; dropped: number };
+  precapture?: { graphs: number; ms: number };
 }
 
 export async function runScale(o: ScaleCommandOptions): Promise<number> {
@@ -61,6 +63,8 @@ export async function runScale(o: ScaleCommandOptions): Promise<number> {
     body.plannedAhead ? 'plan' : undefined,
     body.chunksFromStandby ? `${body.chunksFromStandby} of ${body.chunksCopied} target chunks` : undefined,
     body.prestartedExecutor ? 'the standby executor process' : undefined,
+    body.preattachedChunks?.kept ? `${body.preattachedChunks.kept} chunks attached by it` : undefined,
+    body.precapture?.graphs ? `${body.precapture.graphs} step graphs (captured in ${body.precapture.ms.toFixed(0)} ms before the switch)` : undefined,
   ].filter((x): x is string => x !== undefined);
   if (ahead.length > 0) out.write(`ready ahead: ${ahead.join(', ')}${body.attachDuringCopies ? '; the standby made while the copies ran' : ''}\n`);
   out.write(`${table([

@@ -55,6 +55,8 @@ describe('elasticmoe scale against elasticmoe serve', () => {
     const up = spawnSync(process.execPath, [cli, 'scale', '--devices', '0,1,2', '--url', server.url], { encoding: 'utf8' });
     expect(up.status, up.stderr).toBe(0);
     expect(up.stdout).toMatch(/^scaled 0 -> 0,1,2 in \d+ ms \(plan \d+, .*first step \d+/);
+    // The completion above left device 0's decode shape cached: the standby captured it ahead.
+    expect(up.stdout).toMatch(/ready ahead: .*1 step graphs \(captured in \d+ ms before the switch\)/);
     const json = spawnSync(process.execPath, [cli, 'scale', '--devices', '3', '--url', server.url, '--json'], { encoding: 'utf8' });
     expect(json.status, json.stderr).toBe(0);
     const report = JSON.parse(json.stdout);
@@ -78,7 +80,11 @@ describe('elasticmoe scale against elasticmoe serve', () => {
     const before = await complete(server.url);
     const up = spawnSync(process.execPath, [cli, 'scale', '--devices', '1,2', '--url', server.url, '--json'], { encoding: 'utf8' });
     expect(up.status, up.stderr).toBe(0);
-    expect(JSON.parse(up.stdout).layout.devices).toEqual([1, 2]);
+    const upReport = JSON.parse(up.stdout);
+    expect(upReport.layout.devices).toEqual([1, 2]);
+    // The standby started ahead had attached layout [0]'s chunks; [1, 2] keeps none of them.
+    expect(upReport.preattachedChunks).toMatchObject({ kept: 0 });
+    expect(upReport.preattachedChunks.dropped).toBeGreaterThan(0);
     // The standby took over and the old executor exited; a new standby was started ahead.
     await expect.poll(executors).toHaveLength(2);
     expect(await complete(server.url)).toEqual(before);
