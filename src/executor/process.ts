@@ -96,8 +96,8 @@ export interface ReadyMessage {
   chunks: number;
   /** Of those, the ones attached ahead (preattach), and the ones attached ahead that init dropped. */
   preattached?: { kept: number; dropped: number };
-  /** Graphs captured from init's precapture list, and the milliseconds it took. */
-  precaptured?: { graphs: number; ms: number };
+  /** Graphs captured from init's precapture list, the milliseconds it took, and why it stopped early (a failed capture). */
+  precaptured?: { graphs: number; ms: number; error?: string };
 }
 export interface ResultMessage {
   type: 'result';
@@ -280,11 +280,17 @@ export async function runExecutorProcess(options: ExecutorProcessOptions): Promi
       engine = await ForwardEngine.create(r, init.config, layoutFromTable(init.devices, init.placement),
         attachedWeights(set), views, init.options ?? {});
       // Nothing else runs in this process: each graph in one piece.
+      // Best effort: graphs not captured ahead are captured at their first step.
       let precaptured: ReadyMessage['precaptured'];
       if (init.precapture && init.precapture.length > 0) {
         const t = performance.now();
-        const graphs = await engine.precapture(init.precapture, { layersPerTurn: init.config.layers });
-        precaptured = { graphs, ms: performance.now() - t };
+        try {
+          await engine.precapture(init.precapture, { layersPerTurn: init.config.layers });
+          precaptured = { graphs: engine.graphStats.precaptured, ms: performance.now() - t };
+        } catch (e) {
+          const err = e instanceof Error ? e : new Error(String(e));
+          precaptured = { graphs: engine.graphStats.precaptured, ms: performance.now() - t, error: `${err.name}: ${err.message}` };
+        }
       }
       send(channel, {
         type: 'ready', pid: process.pid, session: c.session, chunks: set.size - unused.length, ...(preattached ? { preattached } : {}),

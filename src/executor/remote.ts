@@ -67,7 +67,7 @@ export class RemoteStepper implements Stepper {
   /** Chunks it attached ahead (a preattach before init) and kept, and those init dropped; once ready. */
   preattached: { kept: number; dropped: number } | undefined;
   /** Graphs it captured from init's precapture list; once ready. */
-  precaptured: { graphs: number; ms: number } | undefined;
+  precaptured: { graphs: number; ms: number; error?: string } | undefined;
   /** The executor engine's most recently used graph shapes, as its results last told them. */
   graphShapes: GraphShape[] = [];
 

@@ -14,7 +14,9 @@
 //                CopyService, everything at once); chunks the new layout
 //                reuses retained under that holder too.
 //   3. attach    a standby ForwardEngine for the new layout (kernels loaded,
-//                scratch allocated, new KV pools mapped, weights resolved).
+//                scratch allocated, new KV pools mapped, weights resolved), which
+//                then captures the staying devices' recent step graphs ahead
+//                (precaptureGraphs; best effort), so the first new steps replay.
 //   4. switch    Engine.reconfigure, applied between two engine steps: the new
 //                forward pass and rank→device assignment from the next step on;
 //                sequences whose device stays keep their KV blocks in place,
@@ -30,7 +32,9 @@
 // Ahead of the next scale (after start, and after every scale or rollback), in the
 // background: the plans of the scales by one device, the standby chunks a scale-up onto
 // each idle device would copy into (taken by its prepare phase instead of creating
-// chunks), and, with executor processes, one process started and warmed up. When the
+// chunks), and, with executor processes, one process started, warmed up and attaching the
+// serving layout's chunks (preattach: its init then imports only what the new layout
+// adds). When the
 // standby chunks cover a scale, its copies are queued at once and the attach phase runs
 // while they copy; the switch-over waits for them.
 //
@@ -42,8 +46,9 @@
 // same chunk store). With `executor: { process: { script } }` every executor is a
 // process of its own (src/executor/process.ts) attaching through an HmmDaemon the
 // deployment runs on a temporary socket: attach spawns the standby process for
-// the new layout (after prepare, so the new chunks and KV pools exist) and waits
-// for its `ready`; the standby's daemon session keeps only the new layout's
+// the new layout (after prepare, so the new chunks and KV pools exist; the one started
+// ahead when alive) and waits for its `ready`, the serving process's recent graph shapes
+// in its init for it to capture first; the standby's daemon session keeps only the new layout's
 // chunks and KV pools; release closes the old process; rollback kills the standby.
 import { type ChildProcess, spawn } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
@@ -246,9 +251,11 @@ export interface ScaleReport {
   attach?: { viewsMs: number; forward: ForwardCreateStats };
   /**
    * Graphs the standby captured ahead, before the switch-over, and how long that took (within the
-   * attach phase; DeploymentOptions.precaptureGraphs). Absent when the serving engine had none to give.
+   * attach phase; DeploymentOptions.precaptureGraphs), and why it stopped early if a capture failed
+   * (best effort: the scale goes on, those graphs are captured at their first step). Absent with
+   * executor processes when the serving process had no shapes to give.
    */
-  precapture?: { graphs: number; ms: number };
+  precapture?: { graphs: number; ms: number; error?: string };
   /** What the switch-over did to the requests in flight. */
   switchover: ReconfigureReport;
   /** Each copied chunk and the chunks it was copied from (identical bytes). */
@@ -1001,10 +1008,16 @@ export class Deployment {
         // The serving engine's recent shapes, captured ahead on the standby engine (while the copies run, too).
         const serving = this.forward;
         if (serving instanceof ForwardEngine) {
+          // Best effort: graphs not captured ahead are captured at their first step.
           const tp = now();
           const shapes = precaptureShapes(serving.graphShapes(), next.devices, this.options.precaptureGraphs ?? 1);
-          const graphs = shapes.length > 0 ? await standby.precapture(shapes) : 0;
-          precapture = { graphs, ms: now() - tp };
+          const before = standby.graphStats.precaptured;
+          try {
+            await standby.precapture(shapes);
+            precapture = { graphs: standby.graphStats.precaptured - before, ms: now() - tp };
+          } catch (e) {
+            precapture = { graphs: standby.graphStats.precaptured - before, ms: now() - tp, error: `${(e as Error).name}: ${(e as Error).message}` };
+          }
         }
       }
       phases.attachMs = lap();

@@ -413,21 +413,33 @@ describe('Deployment.scale', () => {
 
   it('captures the serving engine\'s recent graph shapes ahead on the standby engine: the staying ranks\' first step replays them', async () => {
     const LONG = [0, 1, 2, 3].map((k) => Array.from({ length: 130 }, (_, i) => (i * 7 + k * 31 + 3) % 97));
-    for (const precaptureGraphs of [1, 0]) {
+    // 1: captured ahead; 0: not asked; 'fails': asked, and the first capture fails (out of memory):
+    // the scale goes on and the graphs are captured at the first step.
+    for (const mode of [1, 0, 'fails'] as const) {
+      const precaptureGraphs = mode === 0 ? 0 : 1;
       let dep: Deployment | undefined;
+      let rt: Runtime;
       // The graph counts after each step, with the step's rank count (3 from the first step on [0, 1, 2]).
       const steps: Array<{ ranks: number; stats: GraphStats }> = [];
       // Blocks of 64 tokens and prompts of 130: every sequence stays at 3-4 blocks (a block-table
       // stride of 4) for its 120 tokens, so the decode shapes do not change while the scale runs.
-      ({ dep } = await start([0, 1], {
+      ({ dep, rt } = await start([0, 1], {
         precaptureGraphs, blockTokens: 64, onStep: (f) => steps.push({ ranks: f.rankSeqs.length, stats: { ...dep!.graphStats! } }),
       }));
       // Four requests decoding on the two ranks, none waiting at the switch-over (the new rank gets none).
       const running = LONG.map((prompt) => dep!.submit({ prompt, maxTokens: 120, ignoreEos: true }));
       while (dep.graphStats!.replays < 8) await sleep(2);
-      const report = await dep.scale({ devices: [0, 1, 2] });
+      // The serving engine only replays now (stable shapes), so the next capture is the standby's.
+      const onProgress = (p: ScaleProgress) => {
+        if (mode === 'fails' && p.phase === 'attach') rt.injectFault('EndCapture', 1, 'OUT_OF_MEMORY');
+      };
+      const report = await dep.scale({ devices: [0, 1, 2] }, { onProgress });
+      rt.clearFaults();
       const first = steps.find((x) => x.ranks === 3)!.stats;
-      if (precaptureGraphs === 1) {
+      if (mode === 'fails') {
+        expect(report.precapture).toMatchObject({ graphs: 0, error: expect.stringMatching(/^OutOfMemoryError: /) });
+        expect(first).toMatchObject({ precaptured: 0, captures: 2, replays: 0 });
+      } else if (mode === 1) {
         // One decode shape per staying device, captured before the switch-over; the first step replays both.
         expect(report.precapture).toMatchObject({ graphs: 2 });
         expect(first).toMatchObject({ precaptured: 2, captures: 0, replays: 2 });
