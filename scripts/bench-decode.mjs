@@ -18,10 +18,10 @@ import { Hmm } from '../dist/hmm/hmm.js';
 import { readConfig } from '../dist/model/config.js';
 import { roundRobinPlacement, weightShapes, weightSpecs } from '../dist/model/weights.js';
 import { ForwardEngine } from '../dist/executor/forward.js';
-import { ModelKernels } from '../dist/model/kernels/index.js';
 import { mapHmmKvPools } from '../dist/executor/kv-view.js';
 import { kvGeometry } from '../dist/executor/types.js';
 import { storeWeights } from '../dist/executor/weights.js';
+import { profileKernels } from './lib/kernel-profile.mjs';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const emit = (o) => process.stdout.write(`${JSON.stringify(o)}\n`);
@@ -133,29 +133,9 @@ async function decode(seqs, graph) {
  * (summed over launches and devices), largest first, against the step's wall time.
  */
 async function profileStep(B, seqs) {
-  const sink = [];
-  ModelKernels.profile(sink);
-  const t = performance.now();
-  try {
-    await decode(seqs, false);
-  } finally {
-    ModelKernels.profile(undefined);
-  }
-  const wallMs = performance.now() - t;
-  await Promise.all(sink.map((k) => k.end.synchronize()));
-  const byName = new Map();
-  for (const k of sink) {
-    const e = byName.get(k.name) ?? { name: k.name, launches: 0, ms: 0 };
-    e.launches++;
-    e.ms += k.end.elapsedSince(k.start);
-    byName.set(k.name, e);
-    k.start.dispose();
-    k.end.dispose();
-  }
-  const kernels = [...byName.values()].sort((a, b) => b.ms - a.ms);
-  const gpuMs = kernels.reduce((a, k) => a + k.ms, 0);
-  emit({ bench: 'profile', devices, batch: B, wallMs, gpuMs, launches: sink.length, kernels });
-  log(`profile batch ${B}: ${sink.length} launches, ${gpuMs.toFixed(1)} ms of kernels (all devices) in a ${wallMs.toFixed(1)} ms step; ` +
+  const { wallMs, launches, gpuMs, kernels } = await profileKernels(() => decode(seqs, false));
+  emit({ bench: 'profile', devices, batch: B, wallMs, gpuMs, launches, kernels });
+  log(`profile batch ${B}: ${launches} launches, ${gpuMs.toFixed(1)} ms of kernels (all devices) in a ${wallMs.toFixed(1)} ms step; ` +
     kernels.slice(0, 6).map((k) => `${k.name} ${k.ms.toFixed(1)}`).join(', '));
 }
 

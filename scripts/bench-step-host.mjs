@@ -19,11 +19,11 @@ import { Hmm } from '../dist/hmm/hmm.js';
 import { readConfig } from '../dist/model/config.js';
 import { roundRobinPlacement, weightSpecs } from '../dist/model/weights.js';
 import { ForwardEngine } from '../dist/executor/forward.js';
-import { ModelKernels } from '../dist/model/kernels/index.js';
 import { mapHmmKvPools } from '../dist/executor/kv-view.js';
 import { kvGeometry } from '../dist/executor/types.js';
 import { storeWeights } from '../dist/executor/weights.js';
 import { Stream } from '../dist/runtime/stream.js';
+import { profileKernels } from './lib/kernel-profile.mjs';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const emit = (o) => process.stdout.write(`${JSON.stringify(o)}\n`);
@@ -114,24 +114,8 @@ for (let i = 0; i < steps; i++) replay.push((await timedStep(engine, true)).ms);
 // BENCH_KERNELS: GPU time per kernel name of one eager step (events around every launch).
 let kernels;
 if (env('BENCH_KERNELS', '0') === '1') {
-  const sink = [];
-  ModelKernels.profile(sink);
-  try {
-    await timedStep(engine, false);
-  } finally {
-    ModelKernels.profile(undefined);
-  }
-  await Promise.all(sink.map((k) => k.end.synchronize()));
-  const byName = new Map();
-  for (const k of sink) {
-    const e = byName.get(k.name) ?? { name: k.name, launches: 0, ms: 0 };
-    e.launches++;
-    e.ms += k.end.elapsedSince(k.start);
-    byName.set(k.name, e);
-    k.start.dispose();
-    k.end.dispose();
-  }
-  kernels = [...byName.values()].sort((a, b) => b.ms - a.ms).map((k) => ({ ...k, ms: Math.round(k.ms * 100) / 100 }));
+  const profile = await profileKernels(() => timedStep(engine, false));
+  kernels = profile.kernels.map((k) => ({ ...k, ms: Math.round(k.ms * 100) / 100 }));
 }
 emit({
   bench: 'step_host', backend: rt.backend, devices, batch: B, promptPerRank: promptLen, layers: config.layers, experts: config.experts,
