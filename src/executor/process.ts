@@ -296,7 +296,11 @@ export async function runExecutorProcess(options: ExecutorProcessOptions): Promi
         type: 'ready', pid: process.pid, session: c.session, chunks: set.size - unused.length, ...(preattached ? { preattached } : {}),
         ...(precaptured ? { precaptured } : {}),
       });
-      set.drop(unused);
+      try {
+        set.drop(unused);
+      } catch {
+        // Best effort: what could not be unmapped here is released when this process exits.
+      }
     } catch (e) {
       ahead?.dispose();
       send(channel, errorMessage(e));
