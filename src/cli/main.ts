@@ -57,6 +57,8 @@ commands:
                 --standby-chunks on|off  keep, on the idle devices, the chunks a scale-up onto them
                                          would allocate, made ahead (default on; off leaves idle
                                          devices untouched until a scale uses them)
+                --precapture-graphs N    step graphs per staying device a scale's standby captures
+                                         before the switch-over (default 1; 0: none)
 
   scale       ask a running \`elasticmoe serve\` (synthetic weights) to move to a new
               device set while it keeps serving, and print what moved
@@ -107,6 +109,7 @@ export async function main(argv: string[]): Promise<number> {
       url: { type: 'string' },
       executor: { type: 'string' },
       'standby-chunks': { type: 'string' },
+      'precapture-graphs': { type: 'string' },
       'log-level': { type: 'string' },
       help: { type: 'boolean', short: 'h', default: false },
     },
@@ -179,6 +182,7 @@ export async function main(argv: string[]): Promise<number> {
         logLevel: values['log-level'],
         executor: values.executor,
         standbyChunks: values['standby-chunks'],
+        precaptureGraphs: values['precapture-graphs'],
         runtime: options,
       });
     }

@@ -58,6 +58,8 @@ export interface ServeCommandOptions {
   executor?: string;
   /** "on" (default) or "off": standby chunks on the idle devices (DeploymentOptions.standbyChunks). */
   standbyChunks?: string;
+  /** Graph shapes per staying device a scale's standby captures ahead (DeploymentOptions.precaptureGraphs; default 1). */
+  precaptureGraphs?: string;
   runtime: RuntimeOptionsInput;
 }
 
@@ -124,6 +126,10 @@ export async function runServe(o: ServeCommandOptions, err: NodeJS.WritableStrea
   if (o.standbyChunks !== undefined && o.standbyChunks !== 'on' && o.standbyChunks !== 'off') {
     throw new InvalidArgumentError('--standby-chunks', `on or off (got '${o.standbyChunks}')`);
   }
+  const precaptureGraphs = o.precaptureGraphs === undefined ? 1 : Number(o.precaptureGraphs);
+  if (!Number.isSafeInteger(precaptureGraphs) || precaptureGraphs < 0 || (o.precaptureGraphs !== undefined && !/^\d+$/.test(o.precaptureGraphs))) {
+    throw new InvalidArgumentError('--precapture-graphs', `a non-negative integer (got '${o.precaptureGraphs}')`);
+  }
   if (o.executor === 'process' && o.model !== undefined) {
     throw new InvalidArgumentError('--executor', 'in-process with --model (process executors serve synthetic weights for now)');
   }
@@ -177,6 +183,7 @@ export async function runServe(o: ServeCommandOptions, err: NodeJS.WritableStrea
       const dep = await Deployment.start({
         rt, config: files.config, devices, seed, maxTokensPerStep, kvBlocksPerDevice: kvBlocks ?? 1024, executor,
         standbyChunks: o.standbyChunks !== 'off',
+        precaptureGraphs,
         forward: { kvDtype },
         onStep: (f) => listeners.forEach((l) => l(f)),
       });

@@ -106,18 +106,25 @@ describe('elasticmoe scale against elasticmoe serve', () => {
     await expect.poll(async () => (await spare(server!.url)).filter(([, b]) => b! > 0).map(([d]) => d)).toEqual([1, 2, 3]);
     server.proc.kill('SIGTERM');
     expect(await new Promise((r) => server!.proc.on('exit', r))).toBe(0);
-    server = await startServer(['--standby-chunks', 'off']);
+    server = await startServer(['--standby-chunks', 'off', '--precapture-graphs', '0']);
     await complete(server.url);
     expect(await spare(server.url)).toEqual([[0, 0], [1, 0], [2, 0], [3, 0]]);
     const up = spawnSync(process.execPath, [cli, 'scale', '--devices', '0,1', '--url', server.url, '--json'], { encoding: 'utf8' });
     expect(up.status, up.stderr).toBe(0);
     expect(JSON.parse(up.stdout).chunksFromStandby).toBe(0);
+    // Device 0's decode shape was cached, but no graph was asked for ahead.
+    expect(JSON.parse(up.stdout).precapture).toMatchObject({ graphs: 0 });
     server.proc.kill('SIGTERM');
     expect(await new Promise((r) => server!.proc.on('exit', r))).toBe(0);
     server = undefined;
     const bad = spawnSync(process.execPath, [cli, 'serve', '--backend', 'mock', '--standby-chunks', 'maybe'], { encoding: 'utf8' });
     expect(bad.status).toBe(1);
     expect(bad.stderr).toMatch(/--standby-chunks must be on or off/);
+    for (const n of ['-1', 'x', '1.5']) {
+      const r = spawnSync(process.execPath, [cli, 'serve', '--backend', 'mock', `--precapture-graphs=${n}`], { encoding: 'utf8' });
+      expect(r.status).toBe(1);
+      expect(r.stderr).toMatch(/--precapture-graphs must be a non-negative integer/);
+    }
   }, 30_000);
 
   it('says clearly when no server answers', () => {
