@@ -30,6 +30,8 @@
 // BENCH_PAUSE_CAPTURES (1: the serving engine captures no new graph while a scale prepares),
 // BENCH_STANDBY (1, the default: standby chunks kept on the devices outside the layout; 0: none; the
 // bench waits for them before each scale and reports how long making them took),
+// BENCH_SCALE_PROFILE (a directory: a CPU profile of each measured scale, command to first new
+// step; every scale line also carries loopDelay, the event loop's longest delay in that window),
 // BENCH_PRECAPTURE (graph shapes per staying device the standby engine captures ahead,
 // DeploymentOptions.precaptureGraphs; default 1, 0: none),
 // BENCH_CHECKPOINT ("pattern": a byte pattern, the default, or "export": the
@@ -42,10 +44,12 @@
 // with 4 threads (Node's default) the forward pass's per-rank waits queue behind
 // any other: the script re-runs itself with UV_THREADPOOL_SIZE=16 unless it is set.
 import { spawnSync } from 'node:child_process';
-import { mkdirSync, rmSync } from 'node:fs';
+import { mkdirSync, rmSync, writeFileSync } from 'node:fs';
+import { Session } from 'node:inspector/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { monitorEventLoopDelay } from 'node:perf_hooks';
 
 if (!process.env.UV_THREADPOOL_SIZE) {
   const r = spawnSync(process.execPath, [...process.execArgv, ...process.argv.slice(1)], {
@@ -155,6 +159,7 @@ function transitionFigures(m) {
     from: m.from, to: m.to, commandToFirstNewStepMs: m.first.t - m.tCmd, reportMs: m.report.ms, phases: m.report.phases,
     ...(m.report.attach ? { attach: m.report.attach } : {}),
     ...(m.report.precapture ? { precapture: m.report.precapture } : {}),
+    loopDelay: m.loopDelay,
     decodeTokensPerSecondBefore: m.before.tokensPerSecond, decodeTokensPerSecondDuring: m.during.tokensPerSecond,
     duringOverBefore: m.during.tokensPerSecond / m.before.tokensPerSecond, before: m.before, during: m.during,
     decodeStepSpeedDuringOverBefore: stepSpeed(m.before, m.during),
@@ -205,10 +210,30 @@ function startLoad(name) {
   return state;
 }
 
-/** One scale of a deployment-like instance under load, measured as the elastic scales are. */
+// BENCH_SCALE_PROFILE=DIR: a CPU profile (.cpuprofile) of each measured scale, from its
+// command to the first step on the new layout, written to DIR (where the host time went).
+const scaleProfileDir = process.env.BENCH_SCALE_PROFILE || undefined;
+let profiler;
+if (scaleProfileDir) {
+  mkdirSync(scaleProfileDir, { recursive: true });
+  profiler = new Session();
+  profiler.connect();
+  await profiler.post('Profiler.enable');
+  await profiler.post('Profiler.setSamplingInterval', { interval: 200 });
+}
+let profiled = 0;
+
+/**
+ * One scale of a deployment-like instance under load, measured as the elastic scales are. Also
+ * the event loop's delays from the command to the first new step (`loopDelay`, ms: the longest
+ * and the 99th percentile): how long serving steps could have waited behind the scale's host work.
+ */
 async function measureScale(kind, inst, to) {
   const from = inst.devices;
   const epochBefore = inst.epoch;
+  const loop = monitorEventLoopDelay({ resolution: 1 });
+  loop.enable();
+  if (profiler) await profiler.post('Profiler.start');
   const tCmd = clock();
   const sampler = peakSampler();
   let report;
@@ -216,13 +241,23 @@ async function measureScale(kind, inst, to) {
     report = await inst.scale({ devices: to });
   } finally {
     sampler.stop(); // also when the scale fails (its interval would keep the process alive)
+    if (report === undefined) {
+      loop.disable();
+      if (profiler) await profiler.post('Profiler.stop');
+    }
   }
   const peak = sampler.stop();
   while (!steps.some((s) => s.who === kind && s.t > tCmd && s.epoch > epochBefore)) await sleep(2);
   const first = steps.find((s) => s.who === kind && s.t > tCmd && s.epoch > epochBefore);
+  loop.disable();
+  if (profiler) {
+    const { profile } = await profiler.post('Profiler.stop');
+    writeFileSync(path.join(scaleProfileDir, `${++profiled}-${kind}-${from.join('.')}-to-${to.join('.')}.cpuprofile`), JSON.stringify(profile));
+  }
+  const loopDelay = { maxMs: loop.max / 1e6, p99Ms: loop.percentile(99) / 1e6 };
   const before = window(tCmd - 3000, tCmd, kind);
   const during = window(tCmd, first.t, kind);
-  return { kind, from, to, tCmd, first, report, peak, before, during };
+  return { kind, from, to, tCmd, first, report, peak, before, during, loopDelay };
 }
 
 emit({ bench: 'start', executor: executorKnob, backend: rt.backend, gpus: rt.devices().map((d) => d.name), uvThreadpool: Number(process.env.UV_THREADPOOL_SIZE),

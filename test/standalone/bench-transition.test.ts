@@ -81,8 +81,10 @@ describe('bench-scale on the mock', () => {
         },
         timeout: 60_000,
       });
-      const lines = stdout.trim().split('\n').map((l) => JSON.parse(l) as { bench: string; error?: string; ms?: number });
-      expect(lines.filter((l) => l.bench === 'scale')).toHaveLength(2);
+      const lines = stdout.trim().split('\n').map((l) => JSON.parse(l) as { bench: string; error?: string; ms?: number; loopDelay?: { maxMs: number } });
+      const scales = lines.filter((l) => l.bench === 'scale');
+      expect(scales).toHaveLength(2);
+      for (const x of scales) expect(x.loopDelay!.maxMs).toBeGreaterThan(0); // the event loop's longest wait in the window
       const vertical = lines.filter((l) => l.bench === 'vertical');
       expect(vertical).toHaveLength(1);
       expect(vertical[0]!.error).toMatch(/^OutOfMemoryError: /);
