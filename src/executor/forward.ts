@@ -1107,27 +1107,20 @@ export class ForwardEngine implements Disposable {
         return false;
       }
       for (const r of missing) this.graphSightings.delete(shapeKey(r, padded[r]!));
-      // The step's cached graphs become the most recently used, so that caching its new ones
-      // evicts others. Every capture before any launch: a refusal (graphs off) leaves nothing queued.
-      for (const key of keys) {
-        const hit = this.graphCache.get(key);
-        if (!hit) continue;
-        this.graphCache.delete(key);
-        this.graphCache.set(key, hit);
-      }
-      for (const r of missing) {
-        const graph = await this.capture(padded, [r], 0);
-        if (!graph) return false;
-        this.graphCounts.captures++;
-        this.cacheGraph(shapeKey(r, padded[r]!), { graph, shape: shapeOf(r, padded[r]!) }, step);
-      }
     }
-    if (missing.length === 0) {
-      for (const key of keys) {
-        const hit = this.graphCache.get(key)!;
-        this.graphCache.delete(key); // most recently used last
-        this.graphCache.set(key, hit);
-      }
+    // The step's cached graphs become the most recently used (last), so that caching its new
+    // ones evicts others. Every capture before any launch: a refusal (graphs off) leaves nothing queued.
+    for (const key of keys) {
+      const hit = this.graphCache.get(key);
+      if (!hit) continue;
+      this.graphCache.delete(key);
+      this.graphCache.set(key, hit);
+    }
+    for (const r of missing) {
+      const graph = await this.capture(padded, [r], 0);
+      if (!graph) return false;
+      this.graphCounts.captures++;
+      this.cacheGraph(shapeKey(r, padded[r]!), { graph, shape: shapeOf(r, padded[r]!) }, step);
     }
     const launched: number[] = [];
     for (let i = 0; i < ranks.length; i++) {
