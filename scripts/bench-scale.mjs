@@ -39,7 +39,7 @@
 // Prepare pacing (elastic and vertical; DeploymentOptions.prepare): BENCH_PREPARE_PACED
 // (1; 0 = the HMM's CopyService, everything at once), BENCH_PREPARE_INFLIGHT_MB (2048),
 // BENCH_PREPARE_RATE_GBPS (unlimited), BENCH_PREPARE_ALLOC_GROUP (8),
-// BENCH_PREPARE_YIELD_MS (0). Engines: BENCH_GRAPHS, BENCH_DEVICE_ROUTING_MAX_ROWS, BENCH_EXECUTOR, BENCH_PRESTART and BENCH_PREATTACH (below).
+// BENCH_PREPARE_YIELD_MS (0), BENCH_PREPARE_QUEUE_GROUP (Infinity). Engines: BENCH_GRAPHS, BENCH_DEVICE_ROUTING_MAX_ROWS, BENCH_EXECUTOR, BENCH_PRESTART and BENCH_PREATTACH (below).
 // libuv's thread pool runs every blocking device wait (event/stream synchronize);
 // with 4 threads (Node's default) the forward pass's per-rank waits queue behind
 // any other: the script re-runs itself with UV_THREADPOOL_SIZE=16 unless it is set.
@@ -100,6 +100,7 @@ const prepare = {
   ...(process.env.BENCH_PREPARE_RATE_GBPS ? { bytesPerMs: Number(process.env.BENCH_PREPARE_RATE_GBPS) * 1e6 } : {}),
   ...(process.env.BENCH_PREPARE_ALLOC_GROUP ? { allocateGroup: Number(process.env.BENCH_PREPARE_ALLOC_GROUP) } : {}),
   ...(process.env.BENCH_PREPARE_YIELD_MS ? { yieldMs: Number(process.env.BENCH_PREPARE_YIELD_MS) } : {}),
+  ...(process.env.BENCH_PREPARE_QUEUE_GROUP ? { queueGroup: Number(process.env.BENCH_PREPARE_QUEUE_GROUP) } : {}),
 };
 const geo = kvGeometry(config, 16);
 const kvBlocksPerDevice = Math.ceil((concurrency * Math.ceil((promptLen + outputLen + outputSpread) / geo.blockTokens)) * 1.5);

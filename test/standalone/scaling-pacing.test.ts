@@ -158,10 +158,42 @@ describe('pacedCopy', () => {
     rt.dispose();
   });
 
+  it('queues one batch\'s copies in groups of queueGroup with a turn of the loop between them', async () => {
+    const { rt, hmm, jobs } = await setup(24, 2);
+    // One batch (no window): 24 copies. Count the turns the loop gets while they are queued.
+    const turns = async (queueGroup?: number) => {
+      const log = trace(hmm);
+      let n = 0;
+      let counting = true;
+      const between: number[] = []; // copies queued at each turn that came in the middle of the batch
+      const tick = () => {
+        if (!counting) return;
+        n++;
+        const copies = log.filter(([k]) => k === 'copy').length;
+        if (copies > 0 && copies < 24) between.push(copies);
+        setImmediate(tick);
+      };
+      setImmediate(tick);
+      const { stats } = await pacedCopy(hmm.store, jobs, {
+        holder: `q${queueGroup ?? 'all'}`, maxInflightBytes: Infinity, allocateGroup: 64, ...(queueGroup ? { queueGroup } : {}),
+      });
+      counting = false;
+      for (const j of jobs) hmm.store.release(`${j.plan.group}@2`, `q${queueGroup ?? 'all'}`); // the targets, for the next run
+      return { between, stats };
+    };
+    const all = await turns();
+    expect(all.between).toEqual([]); // queued in one go
+    expect(all.stats.queueMaxBlockMs).toBeGreaterThan(0);
+    const grouped = await turns(5);
+    expect(grouped.between).toEqual([5, 10, 15, 20]); // a turn after every 5 copies
+    rt.dispose();
+  });
+
   it('checks its options', () => {
     expect(resolvePrepare()).toEqual({ ...DEFAULT_PREPARE, allocateAheadBytes: DEFAULT_PREPARE.maxInflightBytes });
     expect(resolvePrepare({ maxInflightBytes: Infinity }, { bytesPerMs: 1e6 })).toMatchObject({ maxInflightBytes: Infinity, bytesPerMs: 1e6 });
-    for (const bad of [{ maxInflightBytes: 0 }, { bytesPerMs: -1 }, { allocateGroup: 1.5 }, { yieldMs: -1 }, { paced: 'yes' as unknown as boolean }]) {
+    for (const bad of [{ maxInflightBytes: 0 }, { bytesPerMs: -1 }, { allocateGroup: 1.5 }, { yieldMs: -1 }, { paced: 'yes' as unknown as boolean },
+      { queueGroup: 0 }, { queueGroup: 2.5 }]) {
       expect(() => resolvePrepare(bad)).toThrow(InvalidArgumentError);
     }
   });
