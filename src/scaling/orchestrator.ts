@@ -67,6 +67,8 @@ import type { StoredChunk } from '../hmm/chunk-store.js';
 import { HmmDaemon } from '../hmm/daemon.js';
 import { kvPoolLayout } from '../hmm/kv-pool.js';
 import { Hmm } from '../hmm/hmm.js';
+import { openCheckpoint } from '../hmm/safetensors.js';
+import { loadCheckpoint } from '../hmm/weight-loader.js';
 import type { TensorLocation } from '../hmm/placement.js';
 import type { ModelConfig } from '../model/config.js';
 import { ModelKernels } from '../model/kernels/index.js';
@@ -84,6 +86,16 @@ export interface DeploymentOptions {
   config: ModelConfig;
   /** Devices of the initial layout (experts dealt round robin over them). */
   devices: number[];
+  /**
+   * A safetensors checkpoint (its folder, or one file) to load the weights from, through the
+   * HMM (pinned staging, the chunks of the initial layout). Without it the weights are
+   * synthetic (`seed`, `scaleFor`). A scale copies the loaded chunks between devices either way.
+   */
+  checkpoint?: string;
+  /** Progress of loading the weights (checkpoint or synthetic), in bytes. */
+  onLoadProgress?: (p: { bytesDone: number; bytesTotal: number }) => void;
+  /** Token ids that end a request besides the config's (a tokenizer's, say). */
+  extraEosTokenIds?: readonly number[];
   /** Seed of the synthetic weights (default 0). */
   seed?: bigint;
   /** Uniform range of each synthetic tensor (see SyntheticOptions.scaleFor). */
@@ -388,10 +400,20 @@ export class Deployment {
     }
     try {
       const placement = toExpertPlacement(layout);
-      const load: { seed?: bigint; holder: string; scaleFor?: (t: TensorLocation) => number } = { holder: id };
-      if (options.seed !== undefined) load.seed = options.seed;
-      if (options.scaleFor) load.scaleFor = options.scaleFor;
-      await hmm.loadSynthetic(weightSpecs(config, layout.devices, placement), load);
+      const specs = weightSpecs(config, layout.devices, placement);
+      const onProgress = options.onLoadProgress;
+      if (options.checkpoint !== undefined) {
+        if (typeof options.checkpoint !== 'string' || options.checkpoint.length === 0) {
+          throw new InvalidArgumentError('checkpoint', 'the path of a safetensors checkpoint (a folder or a file)');
+        }
+        await loadCheckpoint(hmm.store, hmm.placement(specs), await openCheckpoint(options.checkpoint), { holder: id, ...(onProgress ? { onProgress } : {}) });
+      } else {
+        const load: { seed?: bigint; holder: string; scaleFor?: (t: TensorLocation) => number; onProgress?: typeof onProgress } = { holder: id };
+        if (options.seed !== undefined) load.seed = options.seed;
+        if (options.scaleFor) load.scaleFor = options.scaleFor;
+        if (onProgress) load.onProgress = onProgress;
+        await hmm.loadSynthetic(specs, load);
+      }
       // peerAccess 'all': every weight chunk readable from every device, so a scale's copies are
       // pulled by the devices they go to, whose new chunks need a mapping for their own device only.
       const peerAccess = options.peerAccess ?? 'own';
@@ -428,7 +450,7 @@ export class Deployment {
         blockTokens: options.blockTokens ?? 16,
         maxTokensPerStep: options.maxTokensPerStep ?? 64,
         maxSeqs: options.maxSeqs ?? 64,
-        eosTokenIds: config.eosTokenIds,
+        eosTokenIds: [...new Set([...config.eosTokenIds, ...(options.extraEosTokenIds ?? [])])],
         maxSeqLen: config.maxPositions,
         vocabSize: config.vocabSize,
         ...(options.onStep ? { onStep: options.onStep } : {}),

@@ -7,6 +7,10 @@
 //   4. a failed step (allocation, copy, standby engine) rolls back: the old layout
 //      keeps serving and device memory is exactly as before the attempt;
 //   5. every expert byte after a move equals its source (checksums on the device).
+import { mkdtempSync, rmSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
 import type { Completion, StepFigures } from '../../src/executor/engine.js';
@@ -16,6 +20,7 @@ import type { TensorLocation } from '../../src/hmm/placement.js';
 import { parseConfig } from '../../src/model/config.js';
 import { FaultInjectedError, InvalidArgumentError, OutOfMemoryError } from '../../src/runtime/errors.js';
 import type { Runtime } from '../../src/runtime/runtime.js';
+import { exportCheckpoint } from '../../src/scaling/baselines.js';
 import { Deployment, type DeploymentOptions, type ScaleProgress, type ScaleReport } from '../../src/scaling/orchestrator.js';
 import { MIB, openMock } from '../helpers/mock.js';
 
@@ -449,6 +454,33 @@ describe('Deployment.scale', () => {
       }
       const want = await referenceTokens(LONG, 120);
       for (const [k, c] of (await Promise.all(running)).entries()) expect(c.outputTokens).toEqual(want[k]);
+    }
+  });
+
+  it('serves and scales weights loaded from a safetensors checkpoint: the synthetic weights\' tokens, requests moving with their KV', async () => {
+    const dir = mkdtempSync(path.join(os.tmpdir(), 'emoe-ckpt-'));
+    try {
+      // The reference deployment's synthetic weights, written as a sharded checkpoint.
+      await exportCheckpoint(fixed.hmm.store, config, dir, { files: 3 });
+      const progress: number[] = [];
+      const { dep } = await start([0], { checkpoint: dir, seed: 999n, onLoadProgress: (p) => progress.push(p.bytesDone / p.bytesTotal) });
+      expect(progress.at(-1)).toBe(1);
+      const prompts = PROMPTS.slice(0, 4);
+      const want = await referenceTokens(prompts, 80);
+      const running = prompts.map((prompt) => dep.submit({ prompt, maxTokens: 80, ignoreEos: true }));
+      await sleep(20);
+      const up = await dep.scale({ devices: [0, 1] });
+      expect(up.bytesCopied).toBe(up.lowerBoundBytes);
+      const done = await Promise.all(running);
+      done.forEach((c, k) => expect(c.outputTokens).toEqual(want[k])); // the seed was ignored: the checkpoint's bytes served
+      // A path that is no checkpoint: a clear error, nothing left behind.
+      const rt = openMock({ mockCapacity: 128 * MIB });
+      const free = rt.devices().map((d) => d.freeBytes);
+      await expect(Deployment.start({ rt, config, devices: [0], kvBlocksPerDevice: 16, checkpoint: path.join(dir, 'nope') })).rejects.toThrow(/nope/);
+      expect(rt.devices().map((d) => d.freeBytes)).toEqual(free);
+      rt.dispose();
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
     }
   });
 
