@@ -41,7 +41,7 @@ commands:
                 --model DIR | --synthetic CONFIG.json | --tokenizer DIR  as for generate
                 --devices 0,1            one DP rank per device (default 0)
                 --max-devices N          most devices a scale may use (default: all)
-                --autoscale CONFIG.json  run the SLO-aware autoscaler (synthetic weights only):
+                --autoscale CONFIG.json  run the SLO-aware autoscaler:
                                          { "ttftMs", "tpotMs", "attainmentTarget"?, "minDevices"?,
                                            "maxDevices"?, "devicePool"?, "window"?, ... }
                 --slo-ttft-ms MS, --slo-tpot-ms MS  the autoscaler's SLOs (enable it without a file,
@@ -50,17 +50,18 @@ commands:
                                          bound is --max-devices
                 --host ADDR              (default 127.0.0.1)
                 --port N                 (default 8000; 0 picks a free port)
-                --kv-blocks N, --max-tokens-per-step N, --kv-dtype bf16|f32, --seed N  as for generate
+                --kv-blocks N            KV blocks per device, every layout's devices (default 1024)
+                --max-tokens-per-step N, --kv-dtype bf16|f32, --seed N  as for generate
                 --log-level LEVEL        pino level: info (default), debug, warn, silent, ...
                 --executor process       run every executor as its own process, attached through
-                                         the HMM daemon (synthetic weights; default in-process)
+                                         the HMM daemon (default in-process)
                 --standby-chunks on|off  keep, on the idle devices, the chunks a scale-up onto them
                                          would allocate, made ahead (default on; off leaves idle
                                          devices untouched until a scale uses them)
                 --precapture-graphs N    step graphs per staying device a scale's standby captures
                                          before the switch-over (default 1; 0: none)
 
-  scale       ask a running \`elasticmoe serve\` (synthetic weights) to move to a new
+  scale       ask a running \`elasticmoe serve\` to move to a new
               device set while it keeps serving, and print what moved
                 --devices 0,1,2          the new device set (required)
                 --url URL                the server (default http://127.0.0.1:8000)

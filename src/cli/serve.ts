@@ -1,11 +1,12 @@
-// `elasticmoe serve`: the in-process stack (runtime, HMM, forward pass, engine)
-// behind the HTTP server, until SIGTERM or SIGINT; then it drains (no new
-// requests, running ones finish) and exits 0. With neither --model nor
-// --synthetic it serves the tiny built-in synthetic model
-// (scripts/configs/tiny-qwen3-moe.json, token ids only), so one command runs the
-// whole system on the mock backend. --autoscale CONFIG.json (or --slo-ttft-ms
-// and --slo-tpot-ms) runs the SLO-aware autoscaler (src/serve/autoscale.ts) on
-// the scalable deployment of synthetic weights.
+// `elasticmoe serve`: a scalable deployment (runtime, HMM, forward pass, engine;
+// src/scaling/orchestrator.ts) behind the HTTP server, until SIGTERM or SIGINT; then
+// it drains (no new requests, running ones finish) and exits 0. The weights come from
+// a checkpoint (--model) or are synthetic; either way POST /admin/scale moves the
+// deployment to other devices while it serves. With neither --model nor --synthetic it
+// serves the tiny built-in synthetic model (scripts/configs/tiny-qwen3-moe.json, token
+// ids only), so one command runs the whole system on the mock backend. --autoscale
+// CONFIG.json (or --slo-ttft-ms and --slo-tpot-ms) runs the SLO-aware autoscaler
+// (src/serve/autoscale.ts).
 import { readFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 
@@ -18,8 +19,8 @@ import { Runtime } from '../runtime/runtime.js';
 import type { StepFigures } from '../executor/engine.js';
 import { Deployment } from '../scaling/orchestrator.js';
 import { type AutoscaleConfig, AutoscaleConfigError, Autoscaler, parseAutoscaleConfig } from '../serve/autoscale.js';
-import { type ServingDeployment, localDeployment, scalableDeployment } from '../serve/deployment.js';
-import { type LocalStack, loadModelFiles, startLocalStack } from '../serve/local.js';
+import { type ServingDeployment, scalableDeployment } from '../serve/deployment.js';
+import { loadModelFiles } from '../serve/local.js';
 import { type ServerHandle, createServer } from '../serve/server.js';
 import { parseDeviceList } from './hmm.js';
 import { integerFlag, seedFlag } from './flags.js';
@@ -54,7 +55,7 @@ export interface ServeCommandOptions {
   kvDtype?: string;
   /** pino level: fatal, error, warn, info, debug, trace, silent (default info). */
   logLevel?: string;
-  /** "in-process" (default) or "process": executors as separate processes (synthetic weights only). */
+  /** "in-process" (default) or "process": executors as separate processes attached through the HMM daemon. */
   executor?: string;
   /** "on" (default) or "off": standby chunks on the idle devices (DeploymentOptions.standbyChunks). */
   standbyChunks?: string;
@@ -79,10 +80,6 @@ function autoscaleInput(o: ServeCommandOptions): Record<string, unknown> | undef
       throw new ElasticMoeError('INVALID_ARGUMENT', '--min-devices is a bound of the autoscaler: give --autoscale CONFIG.json or --slo-ttft-ms and --slo-tpot-ms too');
     }
     return undefined;
-  }
-  if (o.model !== undefined) {
-    throw new ElasticMoeError('INVALID_ARGUMENT', 'the autoscaler needs a deployment that scales, and with --model (a checkpoint) the layout is fixed for now: '
-      + 'autoscale the synthetic weights (--synthetic CONFIG.json, or no model option), or drop --autoscale/--slo-*');
   }
   let input: Record<string, unknown> = {};
   if (o.autoscale !== undefined) {
@@ -130,11 +127,7 @@ export async function runServe(o: ServeCommandOptions, err: NodeJS.WritableStrea
   if (!Number.isSafeInteger(precaptureGraphs) || precaptureGraphs < 0 || (o.precaptureGraphs !== undefined && !/^\d+$/.test(o.precaptureGraphs))) {
     throw new InvalidArgumentError('--precapture-graphs', `a non-negative integer (got '${o.precaptureGraphs}')`);
   }
-  if (o.executor === 'process' && o.model !== undefined) {
-    throw new InvalidArgumentError('--executor', 'in-process with --model (process executors serve synthetic weights for now)');
-  }
   const rt = Runtime.open(o.runtime);
-  let stack: LocalStack | undefined;
   let scalable: Deployment | undefined;
   let server: ServerHandle | undefined;
   let autoscaler: Autoscaler | undefined;
@@ -167,42 +160,42 @@ export async function runServe(o: ServeCommandOptions, err: NodeJS.WritableStrea
           + `${autoscaleConfig.minDevices}..${autoscaleConfig.maxDevices} (minDevices..maxDevices)`);
       }
     }
-    let deployment: ServingDeployment;
-    if (o.model === undefined) {
-      // Synthetic weights: the scalable deployment, so POST /admin/scale (and `elasticmoe scale`) work.
-      const listeners = new Set<(f: StepFigures) => void>();
-      // --executor process: every executor (serving and standby) is its own process attached through the
-      // HMM daemon; it opens the same backend with the same mock settings as this process.
-      const executor = o.executor === 'process'
-        ? { process: { script: EXECUTOR_SCRIPT, env: {
-          ELASTICMOE_BACKEND: rt.backend,
-          ELASTICMOE_MOCK_DEVICES: String(rt.options.mockDevices),
-          ELASTICMOE_MOCK_CAPACITY: String(rt.options.mockCapacity),
-        } } }
-        : 'in-process' as const;
-      const dep = await Deployment.start({
+    // The scalable deployment, for synthetic weights and checkpoints alike, so POST /admin/scale
+    // (and `elasticmoe scale`) work: a checkpoint loads through the HMM once, and a scale copies
+    // its chunks between devices.
+    const listeners = new Set<(f: StepFigures) => void>();
+    // --executor process: every executor (serving and standby) is its own process attached through the
+    // HMM daemon; it opens the same backend with the same mock settings as this process.
+    const executor = o.executor === 'process'
+      ? { process: { script: EXECUTOR_SCRIPT, env: {
+        ELASTICMOE_BACKEND: rt.backend,
+        ELASTICMOE_MOCK_DEVICES: String(rt.options.mockDevices),
+        ELASTICMOE_MOCK_CAPACITY: String(rt.options.mockCapacity),
+      } } }
+      : 'in-process' as const;
+    const bar = createProgressBar(files.weights.kind === 'checkpoint' ? 'loading weights' : 'synthetic weights', err);
+    let dep: Deployment;
+    try {
+      dep = await Deployment.start({
         rt, config: files.config, devices, seed, maxTokensPerStep, kvBlocksPerDevice: kvBlocks ?? 1024, executor,
+        ...(files.weights.kind === 'checkpoint' ? { checkpoint: files.weights.dir } : {}),
+        ...(files.tokenizer ? { extraEosTokenIds: files.tokenizer.eosTokenIds } : {}),
+        onLoadProgress: (p) => bar.update(p.bytesDone, p.bytesTotal),
         standbyChunks: o.standbyChunks !== 'off',
         precaptureGraphs,
         forward: { kvDtype },
         onStep: (f) => listeners.forEach((l) => l(f)),
       });
-      scalable = dep;
-      const model: { id: string; tokenizer?: NonNullable<typeof files.tokenizer> } = { id: files.name };
-      if (files.tokenizer) model.tokenizer = files.tokenizer;
-      deployment = scalableDeployment(dep, model, (l) => {
-        listeners.add(l);
-        return () => listeners.delete(l);
-      });
-    } else {
-      // A checkpoint: a fixed layout for now (the orchestrator loads synthetic weights only).
-      stack = await startLocalStack(rt, files, {
-        devices, seed, maxTokensPerStep, kvDtype,
-        ...(kvBlocks !== undefined ? { kvBlocks } : {}),
-        progress: (label) => createProgressBar(label, err),
-      });
-      deployment = localDeployment(stack, { id: files.name });
+    } finally {
+      bar.finish();
     }
+    scalable = dep;
+    const model: { id: string; tokenizer?: NonNullable<typeof files.tokenizer> } = { id: files.name };
+    if (files.tokenizer) model.tokenizer = files.tokenizer;
+    const deployment: ServingDeployment = scalableDeployment(dep, model, (l) => {
+      listeners.add(l);
+      return () => listeners.delete(l);
+    });
     if (autoscaleConfig) autoscaler = new Autoscaler(deployment, autoscaleConfig, { log: log.child({ component: 'autoscaler' }), deviceCount: rt.deviceCount });
     server = createServer(deployment, {
       host: o.host ?? '127.0.0.1', port, logger: log, maxDevices, deviceCount: rt.deviceCount, ...(autoscaler ? { autoscaler } : {}),
@@ -214,7 +207,7 @@ export async function runServe(o: ServeCommandOptions, err: NodeJS.WritableStrea
     log.info({
       url, backend: rt.backend, devices, maxDevices, model: files.name, maxPositions: files.config.maxPositions, kvDtype,
       tokenizer: files.tokenizer !== undefined, scalable: scalable !== undefined, autoscale: autoscaler !== undefined,
-      ...(stack ? { kvBlocks: stack.hmm.kv.poolDevices().map((d) => stack!.hmm.kv.info(d).blocks), loadMs: Math.round(stack.loadMs) } : {}),
+      kvBlocks: scalable.hmm.kv.poolDevices().map((d) => scalable!.hmm.kv.info(d).blocks),
     }, 'serving');
     err.write(`elasticmoe serve: ${url} (${rt.backend}, devices ${devices.join(',')}, model ${files.name}`
       + `${files.tokenizer ? '' : ', no tokenizer: prompts are token ids'}`
@@ -248,7 +241,6 @@ export async function runServe(o: ServeCommandOptions, err: NodeJS.WritableStrea
     autoscaler?.stop();
     await server?.close();
     await autoscaler?.settled();
-    await stack?.close();
     await scalable?.close();
     rt.dispose();
   }

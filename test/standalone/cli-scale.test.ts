@@ -1,9 +1,14 @@
-// `elasticmoe serve` (synthetic weights: scalable) and `elasticmoe scale` as a user runs them.
+// `elasticmoe serve` (synthetic weights or a checkpoint: both scale) and `elasticmoe scale` as a user runs them.
 import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
-import { readFileSync, readdirSync } from 'node:fs';
+import { copyFileSync, mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 
 import { afterAll, describe, expect, it } from 'vitest';
+
+import { writeSafetensors } from '../../src/hmm/safetensors.js';
+import { parseConfig } from '../../src/model/config.js';
+import { weightShapes } from '../../src/model/weights.js';
 
 const cli = path.resolve(__dirname, '../../dist/cli/main.js');
 
@@ -71,6 +76,55 @@ describe('elasticmoe scale against elasticmoe serve', () => {
     expect(await new Promise((r) => server!.proc.on('exit', r))).toBe(0);
     server = undefined;
   }, 30_000);
+
+  it('scales a server that loaded a checkpoint (--model, a text prompt): the same tokens before and after, on executor processes too', async () => {
+    // A tiny qwen3_moe folder: config, bf16 safetensors, the fixture tokenizer.
+    const model = mkdtempSync(path.join(os.tmpdir(), 'emoe-model-'));
+    try {
+      const raw = {
+        model_type: 'qwen3_moe', hidden_size: 64, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, head_dim: 16,
+        vocab_size: 116, num_experts: 8, moe_intermediate_size: 32, norm_topk_prob: true, num_experts_per_tok: 2, max_position_embeddings: 128,
+        eos_token_id: 115,
+      };
+      writeFileSync(path.join(model, 'config.json'), JSON.stringify(raw));
+      for (const f of ['tokenizer.json', 'tokenizer_config.json']) copyFileSync(path.resolve(__dirname, '../fixtures/tokenizer', f), path.join(model, f));
+      let x = 777;
+      const tensors = weightShapes(parseConfig(raw)).map((w) => {
+        const n = w.shape.reduce((a, b) => a * b, 1);
+        const scale = /embed|lm_head/.test(w.name) ? 1 : 0.25;
+        const f = new Float32Array(n);
+        for (let i = 0; i < n; i++) {
+          x = (x * 1103515245 + 12345) % 2 ** 31;
+          f[i] = w.shape.length === 1 ? 1 : ((x / 2 ** 31) * 2 - 1) * scale;
+        }
+        return { name: w.name, dtype: 'bf16' as const, shape: w.shape, data: new Uint8Array(Uint16Array.from(new Uint32Array(f.buffer), (u) => u >>> 16).buffer) };
+      });
+      await writeSafetensors(path.join(model, 'model.safetensors'), tensors);
+      const ask = async (url: string) => {
+        const r = await fetch(`${url}/v1/completions`, {
+          method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ prompt: 'hello world', max_tokens: 6, ignore_eos: true }),
+        });
+        expect(r.status).toBe(200);
+        return ((await r.json()) as { choices: Array<{ token_ids: number[] }> }).choices[0]!.token_ids;
+      };
+      for (const extra of [[], ['--executor', 'process']]) {
+        server = await startServer(['--model', model, '--kv-blocks', '64', ...extra]);
+        const before = await ask(server.url);
+        expect(before).toHaveLength(6);
+        const up = spawnSync(process.execPath, [cli, 'scale', '--devices', '0,1', '--url', server.url, '--json'], { encoding: 'utf8' });
+        expect(up.status, up.stderr).toBe(0);
+        const report = JSON.parse(up.stdout);
+        expect(report.layout.devices).toEqual([0, 1]);
+        expect(report.bytesCopied).toBe(report.lowerBoundBytes);
+        expect(await ask(server.url)).toEqual(before);
+        server.proc.kill('SIGTERM');
+        expect(await new Promise((r) => server!.proc.on('exit', r))).toBe(0);
+        server = undefined;
+      }
+    } finally {
+      rmSync(model, { recursive: true, force: true });
+    }
+  }, 60_000);
 
   it('with --executor process, serves and scales through executor processes with the same answers', async () => {
     server = await startServer(['--executor', 'process']);
