@@ -8,13 +8,14 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
 import { ForwardEngine } from '../../src/executor/forward.js';
 import { type MappedKvPool, mapHmmKvPools } from '../../src/executor/kv-view.js';
-import { type Layout, type SeqStep, kvGeometry } from '../../src/executor/types.js';
+import { type Layout, kvGeometry } from '../../src/executor/types.js';
 import { storeWeights } from '../../src/executor/weights.js';
 import { Hmm } from '../../src/hmm/hmm.js';
 import { parseConfig } from '../../src/model/config.js';
 import { roundRobinPlacement, weightSpecs } from '../../src/model/weights.js';
 import { Runtime } from '../../src/runtime/runtime.js';
 import { precaptureShapes } from '../../src/scaling/precapture.js';
+import { runStepScript } from '../helpers/step-script.js';
 
 const onMock = process.env.EMOE_GPU_SUITE_ON_MOCK === '1';
 const backend = onMock ? 'mock' : process.env.ELASTICMOE_BACKEND === 'cuda' ? 'cuda' : undefined;
@@ -54,38 +55,18 @@ describe.runIf(rt !== undefined && devices.length >= 2)(`forward pass graphs per
   }
 
   /**
-   * Runs `script` (per step, per rank: the names of the sequences that decode one token; a name
-   * first seen prefills a 5-token prompt in that step, so steps mix prompts and decodes) and
-   * returns every step's tokens by name.
+   * Runs `script` (per step, per rank: the names of the sequences in the step; a name first seen
+   * prefills a 5-token prompt in that step, so steps mix prompts and decodes) and returns every
+   * step's tokens by name.
    */
-  async function run(e: ForwardEngine, tag: string, script: string[][][]): Promise<Array<Record<string, number>>> {
-    const seqs = new Map<string, { blocks: number[]; pos: number; last: number[] }>();
-    const out: Array<Record<string, number>> = [];
-    try {
-      for (const step of script) {
-        const ranks = step.map((names, r) => names.map((name): SeqStep => {
-          let s = seqs.get(name);
-          if (!s) {
-            const seed = [...name].reduce((a, c) => a * 31 + c.charCodeAt(0), 7);
-            s = { blocks: hmm.kv.allocate(`${tag}:${name}`, e.layout.devices[r]!, 8), pos: 0, last: Array.from({ length: 5 }, (_, i) => (seed + i * 97) % 512) };
-            seqs.set(name, s);
-          }
-          return { seqId: name, tokens: s.last, startPos: s.pos, blockTable: s.blocks, sample: true };
-        }));
-        const res = await e.step({ ranks });
-        const next: Record<string, number> = {};
-        for (const [name, tok] of res.next) {
-          next[name] = tok;
-          const s = seqs.get(name)!;
-          s.pos += s.last.length;
-          s.last = [tok];
-        }
-        out.push(next);
-      }
-    } finally {
-      for (const name of seqs.keys()) hmm.kv.free(`${tag}:${name}`);
-    }
-    return out;
+  function run(e: ForwardEngine, tag: string, script: string[][][]): Promise<Array<Record<string, number>>> {
+    return runStepScript(e, hmm.kv, tag, script, {
+      blocks: 8,
+      first: (name) => {
+        const seed = [...name].reduce((a, c) => a * 31 + c.charCodeAt(0), 7);
+        return Array.from({ length: 5 }, (_, i) => (seed + i * 97) % 512);
+      },
+    });
   }
 
   /** A script over `n` ranks: sequences come and go, so ranks change shape at different steps. */

@@ -30,6 +30,7 @@ import { Graph } from '../../src/runtime/graph.js';
 import { type ExpertPlacement, roundRobinPlacement, weightSpecs } from '../../src/model/weights.js';
 import { InvalidArgumentError, OutOfMemoryError, type Runtime } from '../../src/index.js';
 import { MIB, openMock, pattern, sameBytes } from '../helpers/mock.js';
+import { runStepScript } from '../helpers/step-script.js';
 
 const SEED = 20251127n;
 const STEPS = 12;
@@ -700,33 +701,7 @@ describe('forward pass: validation, KV views, attached weights (qwen3_moe)', () 
    * KV blocks (one rank each, fixed by their first step). Returns each step's tokens by name.
    */
   async function decodeScript(e: ForwardEngine, tag: string, script: string[][][], after?: () => void): Promise<Array<Record<string, number>>> {
-    const seqs = new Map<string, { blocks: number[]; pos: number; last: number }>();
-    const out: Array<Record<string, number>> = [];
-    try {
-      for (const step of script) {
-        const ranks = step.map((names, r) => names.map((name): SeqStep => {
-          let s = seqs.get(name);
-          if (!s) {
-            s = { blocks: fx.hmm.kv.allocate(`${tag}:${name}`, e.layout.devices[r]!, 4), pos: 0, last: name.charCodeAt(0) % 97 };
-            seqs.set(name, s);
-          }
-          return { seqId: name, tokens: [s.last], startPos: s.pos, blockTable: s.blocks, sample: true };
-        }));
-        const res = await e.step({ ranks });
-        const next: Record<string, number> = {};
-        for (const [name, tok] of res.next) {
-          next[name] = tok;
-          const s = seqs.get(name)!;
-          s.last = tok;
-          s.pos++;
-        }
-        out.push(next);
-        after?.();
-      }
-    } finally {
-      for (const name of seqs.keys()) fx.hmm.kv.free(`${tag}:${name}`);
-    }
-    return out;
+    return runStepScript(e, fx.hmm.kv, tag, script, { blocks: 4, first: (name) => [name.charCodeAt(0) % 97], ...(after ? { after } : {}) });
   }
 
   it('captures each new step shape, replays a known one, and evicts the least recently used beyond maxGraphs', async () => {
