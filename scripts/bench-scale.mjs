@@ -32,6 +32,8 @@
 // bench waits for them before each scale and reports how long making them took),
 // BENCH_SCALE_PROFILE (a directory: a CPU profile of each measured scale, command to first new
 // step; every scale line also carries loopDelay, the event loop's longest delay in that window),
+// BENCH_SCALE_DOWN_SPARES (1: the serving devices also keep standby chunks for a scale-down,
+// DeploymentOptions.scaleDownSpares; default 0),
 // BENCH_PRECAPTURE (graph shapes per staying device the standby engine captures ahead,
 // DeploymentOptions.precaptureGraphs; default 1, 0: none),
 // BENCH_CHECKPOINT ("pattern": a byte pattern, the default, or "export": the
@@ -107,7 +109,7 @@ const kvBlocksPerDevice = Math.ceil((concurrency * Math.ceil((promptLen + output
 // BENCH_GRAPHS=0: every engine (elastic and baselines) runs without graph replay (A/B).
 const serving = { rt, config, kvBlocksPerDevice, maxTokensPerStep: 512, maxSeqs: concurrency, peerAccess: env('BENCH_PEER_ACCESS', 'own'),
   pauseCaptures: env('BENCH_PAUSE_CAPTURES', '0') === '1', standbyChunks: env('BENCH_STANDBY', '1') !== '0',
-  precaptureGraphs: Number(env('BENCH_PRECAPTURE', '1')) };
+  precaptureGraphs: Number(env('BENCH_PRECAPTURE', '1')), scaleDownSpares: env('BENCH_SCALE_DOWN_SPARES', '0') === '1' };
 // BENCH_DEVICE_ROUTING_MAX_ROWS: the engines' deviceRoutingMaxRows (default: the engine's).
 const forward = env('BENCH_GRAPHS', '1') === '0' ? { graphs: false } : {};
 if (process.env.BENCH_DEVICE_ROUTING_MAX_ROWS) forward.deviceRoutingMaxRows = Number(process.env.BENCH_DEVICE_ROUTING_MAX_ROWS);

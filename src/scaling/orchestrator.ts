@@ -166,9 +166,18 @@ export interface DeploymentOptions {
    * chunk on H200, ~1,700 chunks for a Qwen3-30B-A3B 2→3). They are sized by planning "the
    * layout plus that device", created in the background (groups of 8, the loop given a turn
    * in between) after start and after each scale, paused while a scale runs, and counted as
-   * `spareBytes`. Costs that memory on idle devices; devices of the layout keep none.
+   * `spareBytes`. Costs that memory on idle devices; devices of the layout keep none (see
+   * scaleDownSpares).
    */
   standbyChunks?: boolean;
+  /**
+   * With standbyChunks: the devices of the layout also keep, as standby chunks, what a scale-down
+   * by any one device would copy onto them (the experts and dense chunks of the leaving device
+   * that they take over), so a scale-down takes them instead of creating chunks at scale time
+   * (default false). Costs that memory on the serving devices for as long as they serve; worth it
+   * where their memory is idle beside fixed-size KV pools. Mock-tested only.
+   */
+  scaleDownSpares?: boolean;
   /**
    * When every target chunk of a scale is a standby chunk: queue all the copies at once and make
    * the standby (engine, or executor process) while they run, instead of after (default true).
@@ -735,19 +744,22 @@ export class Deployment {
     return made;
   }
 
-  /** Chunk sizes and counts a scale-up onto `device` allocates there: its KV pool and the chunks the plan copies into it. */
-  private intake(device: number, planned: ScalePlan): Map<number, number> {
+  /**
+   * Chunk sizes and counts a scale allocates on `device`: the chunks the plan copies into it and,
+   * for a device joining (`kvPool`), its KV pool.
+   */
+  private intake(device: number, planned: ScalePlan, kvPool = true): Map<number, number> {
     const out = new Map<number, number>();
     const add = (size: number) => out.set(size, (out.get(size) ?? 0) + 1);
     const { blockBytes } = Deployment.geometry(this.options);
-    for (const size of kvPoolLayout({ device, blockBytes, blocks: this.options.kvBlocksPerDevice }, this.rt.granularity(device)).sizes) add(size);
+    if (kvPool) for (const size of kvPoolLayout({ device, blockBytes, blocks: this.options.kvBlocksPerDevice }, this.rt.granularity(device)).sizes) add(size);
     for (const t of planned.transfers) if (t.targetDevice === device) add(this.hmm.store.get(t.sourceId).plan.size);
     return out;
   }
 
   /**
    * The work ahead (startAhead): the plans (a turn between them), then every device's standby
-   * chunks brought to its intake (none on the layout's devices), freed and created in groups
+   * chunks brought to its intake (none on the layout's devices unless scaleDownSpares), freed and created in groups
    * with the loop given a turn in between. Returns early when asked to stop (a scale, close).
    */
   private async workAhead(): Promise<void> {
@@ -782,6 +794,13 @@ export class Deployment {
       try {
         const planned = this.planFor(to, undefined);
         if (joining !== undefined && this.standbyOn) want.set(joining, this.intake(joining, planned));
+        // A scale-down: each staying device keeps the most any single removal copies onto it.
+        if (joining === undefined && this.standbyOn && this.options.scaleDownSpares) {
+          for (const d of to) {
+            const mine = want.get(d)!;
+            for (const [size, n] of this.intake(d, planned, false)) mine.set(size, Math.max(mine.get(size) ?? 0, n));
+          }
+        }
       } catch (e) {
         // A target no scale could reach (a device without peer access to the layout's, say): the
         // others are still planned and their devices still get standby chunks.

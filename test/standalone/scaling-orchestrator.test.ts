@@ -670,6 +670,34 @@ describe('Deployment.scale', () => {
     expect((await off.scale({ devices: [2, 3] })).plannedAhead).toBe(false);
   });
 
+  it('with scaleDownSpares the serving devices keep what a scale-down copies onto them: the scale-down takes them, memory returns to steady', async () => {
+    const steadyOf = async (devices: number[]) => {
+      const fresh = await start(devices, { scaleDownSpares: true });
+      return settledFree(fresh.dep, fresh.rt);
+    };
+    const { rt, dep } = await start([0, 1, 2], { scaleDownSpares: true });
+    await dep.settled();
+    // Every device keeps standby chunks now: 0-2 for a scale-down by any one device, 3 for a scale-up.
+    expect(dep.standby.devices.map((d) => d.device)).toEqual([0, 1, 2, 3]);
+    expect(dep.hmm.accounting().every((a) => a.spareBytes > 0)).toBe(true);
+    const running = PROMPTS.slice(0, 3).map((prompt) => dep.submit({ prompt, maxTokens: 60, ignoreEos: true }));
+    await sleep(5);
+    const down = await dep.scale({ devices: [0, 1] });
+    expect(down.chunksCopied).toBeGreaterThan(0);
+    expect(down.chunksFromStandby).toBe(down.chunksCopied); // no chunk created at scale time
+    expect(down.attachDuringCopies).toBe(true);
+    for (const [k, c] of (await Promise.all(running)).entries()) expect(c.outputTokens).toEqual(expected(PROMPTS[k]!, 60));
+    // Settled: exactly what a deployment started on [0, 1] with the same options holds.
+    expect(await settledFree(dep, rt)).toEqual(await steadyOf([0, 1]));
+    // Down to one device: nothing to keep for a scale-down from there; up again takes device 1's standby chunks.
+    await dep.scale({ devices: [0] });
+    expect(await settledFree(dep, rt)).toEqual(await steadyOf([0]));
+    expect(dep.hmm.accounting()[0]!.spareBytes).toBe(0);
+    const up = await dep.scale({ devices: [0, 1] });
+    expect(up.chunksFromStandby).toBe(up.chunksCopied);
+    expect(await settledFree(dep, rt)).toEqual(await steadyOf([0, 1]));
+  });
+
   it('plans a scale with the load observed while serving when asked, and says which load it balanced', async () => {
     const { dep } = await start([0, 1], { observeLoad: { every: 1 } });
     const prompts = PROMPTS.slice(0, 4);
