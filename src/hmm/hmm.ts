@@ -8,7 +8,9 @@ import type { Runtime } from '../runtime/runtime.js';
 import { ChunkStore, type DeviceAccounting, type StoredChunk } from './chunk-store.js';
 import { KvManager, type KvPoolInfo } from './kv-pool.js';
 import { type ChunkPlan, type PlacementOptions, type TensorSpec, planChunks } from './placement.js';
+import type { Checkpoint } from './safetensors.js';
 import { fillSynthetic, type SyntheticOptions } from './synthetic.js';
+import { loadCheckpoint } from './weight-loader.js';
 
 export const RESIDENT = 'hmm';
 
@@ -125,6 +127,16 @@ export class Hmm implements Disposable {
   /** Synthetic weights generated on the devices. */
   async loadSynthetic(specs: readonly TensorSpec[], options: SyntheticOptions & { placement?: Partial<PlacementOptions> } = {}): Promise<StoredChunk[]> {
     return fillSynthetic(this.store, this.placement(specs, options.placement), { holder: RESIDENT, ...options });
+  }
+
+  /**
+   * The tensors' weights: read from `checkpoint` (opened with openCheckpoint) when given, else
+   * synthetic (`seed`, `scaleFor`). All or nothing either way.
+   */
+  async loadWeights(specs: readonly TensorSpec[], options: SyntheticOptions & { checkpoint?: Checkpoint; signal?: AbortSignal } = {}): Promise<StoredChunk[]> {
+    const { checkpoint, signal, seed, scaleFor, ...common } = options;
+    if (checkpoint) return loadCheckpoint(this.store, this.placement(specs), checkpoint, { holder: RESIDENT, ...common, ...(signal ? { signal } : {}) });
+    return this.loadSynthetic(specs, { ...common, ...(seed !== undefined ? { seed } : {}), ...(scaleFor ? { scaleFor } : {}) });
   }
 
   /** Drops the resident hold on chunks (weights no layout uses any more); attached sessions keep theirs. */

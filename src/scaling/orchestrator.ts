@@ -68,7 +68,6 @@ import { HmmDaemon } from '../hmm/daemon.js';
 import { kvPoolLayout } from '../hmm/kv-pool.js';
 import { Hmm } from '../hmm/hmm.js';
 import { openCheckpoint } from '../hmm/safetensors.js';
-import { loadCheckpoint } from '../hmm/weight-loader.js';
 import type { TensorLocation } from '../hmm/placement.js';
 import type { ModelConfig } from '../model/config.js';
 import { ModelKernels } from '../model/kernels/index.js';
@@ -333,6 +332,8 @@ interface DaemonState {
   prestart: boolean;
   preattach: boolean;
 }
+/** A layout as the forward pass takes it (devices and an expert placement function). */
+const forwardLayout = (l: LayoutSpec) => ({ devices: [...l.devices], placement: toExpertPlacement(l) });
 const cloneLayout = (l: LayoutSpec): LayoutSpec => ({ ...l, devices: [...l.devices], placement: l.placement.map((row) => row.map((h) => [...h])) });
 
 export class Deployment {
@@ -409,20 +410,16 @@ export class Deployment {
     }
     try {
       const placement = toExpertPlacement(layout);
-      const specs = weightSpecs(config, layout.devices, placement);
-      const onProgress = options.onLoadProgress;
-      if (options.checkpoint !== undefined) {
-        if (typeof options.checkpoint !== 'string' || options.checkpoint.length === 0) {
-          throw new InvalidArgumentError('checkpoint', 'the path of a safetensors checkpoint (a folder or a file)');
-        }
-        await loadCheckpoint(hmm.store, hmm.placement(specs), await openCheckpoint(options.checkpoint), { holder: id, ...(onProgress ? { onProgress } : {}) });
-      } else {
-        const load: { seed?: bigint; holder: string; scaleFor?: (t: TensorLocation) => number; onProgress?: typeof onProgress } = { holder: id };
-        if (options.seed !== undefined) load.seed = options.seed;
-        if (options.scaleFor) load.scaleFor = options.scaleFor;
-        if (onProgress) load.onProgress = onProgress;
-        await hmm.loadSynthetic(specs, load);
+      if (options.checkpoint !== undefined && (typeof options.checkpoint !== 'string' || options.checkpoint.length === 0)) {
+        throw new InvalidArgumentError('checkpoint', 'the path of a safetensors checkpoint (a folder or a file)');
       }
+      await hmm.loadWeights(weightSpecs(config, layout.devices, placement), {
+        holder: id,
+        ...(options.checkpoint !== undefined ? { checkpoint: await openCheckpoint(options.checkpoint) } : {}),
+        ...(options.seed !== undefined ? { seed: options.seed } : {}),
+        ...(options.scaleFor ? { scaleFor: options.scaleFor } : {}),
+        ...(options.onLoadProgress ? { onProgress: options.onLoadProgress } : {}),
+      });
       // peerAccess 'all': every weight chunk readable from every device, so a scale's copies are
       // pulled by the devices they go to, whose new chunks need a mapping for their own device only.
       const peerAccess = options.peerAccess ?? 'own';
@@ -521,7 +518,7 @@ export class Deployment {
     try {
       return await RemoteStepper.start(mine, proc, {
         config: options.config,
-        layout: { devices: [...layout.devices], placement: toExpertPlacement(layout) },
+        layout: forwardLayout(layout),
         precapture,
         // The KV dtype too: the pools were made for it (Deployment.geometry).
         options: { maxTokensPerStep: options.maxTokensPerStep ?? 64, blockTokens: options.blockTokens ?? 16, kvDtype: options.forward?.kvDtype ?? 'bf16' },
@@ -612,7 +609,7 @@ export class Deployment {
 
   private static createForward(options: DeploymentOptions, hmm: Hmm, layout: LayoutSpec, views: ReadonlyMap<number, MappedKvPool>): Promise<ForwardEngine> {
     const kv = new Map(layout.devices.map((d) => [d, views.get(d)!] as const));
-    return ForwardEngine.create(options.rt, options.config, { devices: [...layout.devices], placement: toExpertPlacement(layout) },
+    return ForwardEngine.create(options.rt, options.config, forwardLayout(layout),
       storeWeights(hmm.store), kv, {
         observeLoadEvery: Deployment.observeEvery(options), ...options.forward,
         maxTokensPerStep: options.maxTokensPerStep ?? 64, blockTokens: options.blockTokens ?? 16,
@@ -774,8 +771,7 @@ export class Deployment {
       if (this.daemon.preattach) {
         try {
           const spec = this.layoutSpec;
-          const msg: PreattachMessage = { type: 'preattach', devices: [...spec.devices],
-            placement: placementTable(this.options.config, { devices: [...spec.devices], placement: toExpertPlacement(spec) }) };
+          const msg: PreattachMessage = { type: 'preattach', devices: [...spec.devices], placement: placementTable(this.options.config, forwardLayout(spec)) };
           this.prestarted.channel.send(JSON.stringify(msg));
         } catch {
           // The process is gone or its channel closed: the scale finds it dead and spawns another.

@@ -11,9 +11,8 @@ import { ForwardEngine } from '../executor/forward.js';
 import { mapHmmKvPools, type MappedKvPool } from '../executor/kv-view.js';
 import { type KvDtype, kvGeometry } from '../executor/types.js';
 import { storeWeights } from '../executor/weights.js';
-import { Hmm, RESIDENT } from '../hmm/hmm.js';
+import { Hmm } from '../hmm/hmm.js';
 import { openCheckpoint } from '../hmm/safetensors.js';
-import { loadCheckpoint } from '../hmm/weight-loader.js';
 import { type ModelConfig, readConfig } from '../model/config.js';
 import { checkKvDtype } from '../model/kernels/index.js';
 import { loadTokenizer, type TextTokenizer } from '../model/tokenizer.js';
@@ -130,11 +129,7 @@ export async function startLocalStack(rt: Runtime, model: ModelFiles, o: LocalSt
     const bar = o.progress?.(checkpoint ? 'loading weights' : 'synthetic weights');
     const onProgress = (p: { bytesDone: number; bytesTotal: number }) => bar?.update(p.bytesDone, p.bytesTotal);
     try {
-      if (checkpoint) {
-        await loadCheckpoint(hmm.store, hmm.placement(specs), checkpoint, { holder: RESIDENT, onProgress, ...(o.signal ? { signal: o.signal } : {}) });
-      } else {
-        await hmm.loadSynthetic(specs, { seed: o.seed ?? 0n, onProgress });
-      }
+      await hmm.loadWeights(specs, { onProgress, seed: o.seed ?? 0n, ...(checkpoint ? { checkpoint } : {}), ...(o.signal ? { signal: o.signal } : {}) });
     } finally {
       bar?.finish();
     }
