@@ -39,6 +39,12 @@ export const RuntimeOptionsSchema = z
     cudaLibrary: z.string().min(1).optional(),
     nvrtcLibrary: z.string().min(1).optional(),
     aclLibrary: z.string().min(1).optional(),
+    /**
+     * The grouped expert matmul (ModelKernels.groupedMatmul): auto = tensor cores where every device
+     * has them for bf16 (CUDA compute capability 8.0 and later; the mock), else CUDA cores. The two
+     * differ by rounding, so one runtime's devices all use the same one. Forcing one is for A/B runs.
+     */
+    groupedMatmul: z.enum(['auto', 'tensor-cores', 'cuda-cores']).default('auto'),
   })
   .strict();
 
@@ -52,6 +58,7 @@ const ENV: Record<string, keyof RuntimeOptionsInput> = {
   ELASTICMOE_CUDA_LIBRARY: 'cudaLibrary',
   ELASTICMOE_NVRTC_LIBRARY: 'nvrtcLibrary',
   ELASTICMOE_ACL_LIBRARY: 'aclLibrary',
+  ELASTICMOE_GROUPED_MATMUL: 'groupedMatmul',
 };
 
 /** Options win over the environment; the environment wins over defaults. */
@@ -71,7 +78,8 @@ export function resolveRuntimeOptions(
     const key = String(issue.path[0] ?? 'options');
     const envName = Object.entries(ENV).find(([, k]) => k === key)?.[0];
     const where = key in options ? `option ${key}` : envName && env[envName] ? `${envName}=${env[envName]}` : key;
-    const expected = key === 'backend' ? `one of ${BACKEND_CHOICES.join(', ')}` : issue.message;
+    const expected = key === 'backend' ? `one of ${BACKEND_CHOICES.join(', ')}`
+      : key === 'groupedMatmul' ? 'one of auto, tensor-cores, cuda-cores' : issue.message;
     throw new InvalidArgumentError(where, expected);
   }
   return parsed.data;

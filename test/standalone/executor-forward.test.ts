@@ -368,8 +368,8 @@ for (const [arch, config] of Object.entries(CONFIGS)) {
         ...(config.qkvBias ? new Array<string>(3).fill('emoe_add_bias_bf16') : []),
         'emoe_qk_norm_rope', 'emoe_kv_store', 'emoe_attention', 'emoe_matmul_bf16', 'emoe_add_rmsnorm', 'emoe_matmul_bf16', 'emoe_router_topk',
         ...(shared ? ['emoe_matmul_bf16', 'emoe_matmul_bf16', 'emoe_silu_mul', 'emoe_matmul_bf16', 'emoe_matmul_bf16', 'emoe_sigmoid_scale_rows'] : []),
-        'emoe_route_rows', 'emoe_gather_rows_count', 'emoe_grouped_matmul_bf16', 'emoe_grouped_matmul_bf16', 'emoe_silu_mul_count',
-        'emoe_grouped_matmul_bf16', 'emoe_scatter_rows_count',
+        'emoe_route_rows', 'emoe_gather_rows_count', 'emoe_grouped_matmul_bf16_mma', 'emoe_grouped_matmul_bf16_mma', 'emoe_silu_mul_count',
+        'emoe_grouped_matmul_bf16_mma', 'emoe_scatter_rows_count',
         'emoe_combine_topk', ...(shared ? ['emoe_add_f32'] : []),
       ];
       const stepKernels = (T: number) => [

@@ -7,10 +7,11 @@
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 
 import {
-  type DevicePointer, IllegalAddressError, InvalidArgumentError, type Runtime, type Stream,
+  type DevicePointer, IllegalAddressError, arg, InvalidArgumentError, type Runtime, type Stream,
 } from '../../src/index.js';
 import {
-  MAX_ROUTE_EXPERTS, MAX_ROUTE_ROWS, MODEL_KERNEL_NAMES, ModelKernels, QKV_FUSED_MAX_ROWS,
+  type KernelTiming, MAX_ROUTE_EXPERTS, MAX_ROUTE_ROWS, MODEL_KERNEL_NAMES, ModelKernels, QKV_FUSED_MAX_ROWS,
+  groupedMatmulKernel,
 } from '../../src/model/kernels/index.js';
 import * as ref from '../../src/model/kernels/reference.js';
 import { Arena, type Typed, expectSame, randBf16, randF32, randInt, rng } from '../helpers/arrays.js';
@@ -37,7 +38,7 @@ describe('model kernels on the mock (CPU twins vs TypeScript references, bit for
   });
 
   it('resolves a CPU twin for every kernel name', () => {
-    expect(MODEL_KERNEL_NAMES.length).toBe(26);
+    expect(MODEL_KERNEL_NAMES.length).toBe(27);
     for (const name of MODEL_KERNEL_NAMES) expect(mk.module.kernel(name).name).toBe(name);
   });
 
@@ -260,10 +261,10 @@ describe('model kernels on the mock (CPU twins vs TypeScript references, bit for
           try {
             mk.groupedMatmul(s, { ...base, out, active: pa, ...(maxActive === undefined ? {} : { maxActive }) });
             expect(launch.mock.calls.length).toBe(1);
-            // 16 columns per block (two per warp), a block row per group slot; x rows staged in
-            // shared memory: 8 of K floats when 8 K fit 48 KiB.
-            expect(launch.mock.calls[0]![1].grid).toEqual([Math.ceil(N / 16), Math.min(G, maxActive ?? G)]);
-            expect(launch.mock.calls[0]![1].sharedBytes).toBe(K % 8 === 0 ? Math.min(8, Math.floor(12288 / K)) * K * 4 : 0);
+            // Tensor cores (the mock's choice): 128 columns per block of 256 threads, a block row per
+            // group slot, no dynamic shared memory.
+            expect(launch.mock.calls[0]![1]).toMatchObject({ grid: [Math.ceil(N / 128), Math.min(G, maxActive ?? G)], block: 256 });
+            expect(launch.mock.calls[0]![1].sharedBytes ?? 0).toBe(0);
           } finally {
             launch.mockRestore();
           }
@@ -970,5 +971,74 @@ describe('model kernels on the mock (CPU twins vs TypeScript references, bit for
     mk.embed(s, { out, table: arena.alloc(64), tokens: far, T: 1, H: 4 });
     await expect(s.synchronize()).rejects.toBeInstanceOf(IllegalAddressError);
     rt.resetDevice(0);
+  });
+});
+
+describe('grouped matmul kernel choice (tensor cores or CUDA cores)', () => {
+  it('takes tensor cores when every device has compute capability 8.0 or later, or on the mock; forcing is checked', () => {
+    expect(groupedMatmulKernel('cuda', ['9.0', '9.0'])).toBe('tensor-cores');
+    expect(groupedMatmulKernel('cuda', ['8.0'])).toBe('tensor-cores');
+    expect(groupedMatmulKernel('cuda', ['9.0', '7.5'])).toBe('cuda-cores'); // one device without: all on CUDA cores
+    expect(groupedMatmulKernel('cuda', [''])).toBe('cuda-cores');
+    expect(groupedMatmulKernel('mock', [''])).toBe('tensor-cores');
+    expect(groupedMatmulKernel('cuda', ['9.0'], 'cuda-cores')).toBe('cuda-cores');
+    expect(groupedMatmulKernel('mock', [''], 'tensor-cores')).toBe('tensor-cores');
+    expect(() => groupedMatmulKernel('cuda', ['9.0', '7.0'], 'tensor-cores')).toThrow(/compute capability 8.0 or later \(cuda devices have 9.0, 7.0\)/);
+  });
+
+  it('launches the chosen kernel on the mock, with the same bits either way; the tensor-core twin takes only 256 threads', async () => {
+    const G = 3, N = 24, K = 40, M = 7;
+    const results: Float32Array[] = [];
+    for (const choice of ['auto', 'cuda-cores', 'tensor-cores'] as const) {
+      const rt = openMock({ groupedMatmul: choice });
+      const s = rt.createStream(0);
+      const mk = await ModelKernels.load(rt, 0);
+      const arena = new Arena(rt, s, 4 * 1024 * 1024);
+      try {
+        expect(mk.groupedKernel).toBe(choice === 'cuda-cores' ? 'cuda-cores' : 'tensor-cores');
+        const ws = [0, 1, 2].map((g) => randBf16(N * K, 10 + g));
+        const ptrs: DevicePointer[] = [];
+        for (const w of ws) ptrs.push(await arena.put(w));
+        const table = await arena.put(new Int32Array(BigUint64Array.from(ptrs, (p) => p.address).buffer));
+        const offsets = Int32Array.from([0, 2, 2, 7]);
+        const x = randF32(M * K, 20);
+        const out = arena.alloc(M * N * 4);
+        const sink: KernelTiming[] = [];
+        const px = await arena.put(x), po = await arena.put(offsets);
+        ModelKernels.profile(sink);
+        const spy = vi.spyOn(s, 'launch');
+        try {
+          mk.groupedMatmul(s, { out, x: px, weights: table, rowOffsets: po, G, M, N, K });
+          // CUDA cores: 16 columns per block and 8 staged x rows of K floats; tensor cores: 128 columns, none.
+          expect(spy.mock.calls[0]![1]).toMatchObject(choice === 'cuda-cores'
+            ? { grid: [Math.ceil(N / 16), G], block: 256, sharedBytes: 8 * K * 4 } : { grid: [1, G], block: 256 });
+        } finally {
+          spy.mockRestore();
+          ModelKernels.profile(undefined);
+        }
+        await s.synchronize();
+        expect(sink.map((t) => t.name)).toEqual([choice === 'cuda-cores' ? 'emoe_grouped_matmul_bf16' : 'emoe_grouped_matmul_bf16_mma']);
+        for (const t of sink) { t.start.dispose(); t.end.dispose(); }
+        const want = new Float32Array(M * N);
+        ref.groupedMatmul({ out: want, x, weights: ws, rowOffsets: offsets, G, M, N, K });
+        const got = await arena.get(out, want);
+        expectSame(got, want, `grouped matmul, ${choice}`);
+        results.push(got);
+        if (choice === 'tensor-cores') {
+          const kernel = mk.module.kernel('emoe_grouped_matmul_bf16_mma');
+          const launch = (block: number) => s.launch(kernel, { grid: [1, G], block }, [out, arena.alloc(M * K * 4), table,
+            po, arg.u64(0), arg.u32(G), arg.u32(M), arg.u32(N), arg.u32(K)]);
+          launch(128);
+          await expect(s.synchronize()).rejects.toThrow(/256 x 1 x 1/);
+          rt.resetDevice(0);
+          launch(256);
+          await s.synchronize();
+        }
+      } finally {
+        arena.dispose();
+        mk.dispose();
+      }
+    }
+    expectSame(results[1]!, results[0]!, 'cuda-cores vs auto (the mock twin serves both)');
   });
 });

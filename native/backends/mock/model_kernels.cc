@@ -482,7 +482,7 @@ EMOE_MOCK_KERNEL(emoe_add_f32) {
 // [row_offsets[0], row_offsets[G]) are left as they are. With an active list (active[0] = A in 0..G, then A group
 // ids in 0..G-1, else the illegal-address error), only the listed groups run, in list order: an unlisted group's
 // pointer is never dereferenced and its rows are left as they are; a listed group's rows are the same as without it.
-EMOE_MOCK_KERNEL(emoe_grouped_matmul_bf16) {
+static void GroupedMatmulTwin(MockKernelContext& ctx) {
   const uint64_t G = ctx.U32(5), M = ctx.U32(6), N = ctx.U32(7), K = ctx.U32(8);
   if (G == 0) BadSize(ctx, "G >= 1");
   const int32_t* offsets = ctx.Ptr<int32_t>(3, G + 1, false);
@@ -533,6 +533,16 @@ EMOE_MOCK_KERNEL(emoe_grouped_matmul_bf16) {
       }
     }
   }
+}
+
+EMOE_MOCK_KERNEL(emoe_grouped_matmul_bf16) { GroupedMatmulTwin(ctx); }
+
+// 16b. emoe_grouped_matmul_bf16_mma: the same contract on tensor cores, which differ from the CUDA cores' sums by
+// rounding only; the twin is 16's. Like the CUDA kernel, it takes only a block of 256 x 1 x 1 threads.
+EMOE_MOCK_KERNEL(emoe_grouped_matmul_bf16_mma) {
+  const auto& b = ctx.config.block;
+  if (b[0] != 256 || b[1] != 1 || b[2] != 1) BadSize(ctx, "a block of 256 x 1 x 1 threads");
+  GroupedMatmulTwin(ctx);
 }
 
 // 17. emoe_route_rows(i32* row_offsets[E+1], i32* rows[T*K], i32* perm[T*K], i32* active[E+1], const i32* ids[T*K],

@@ -364,13 +364,40 @@ export interface KernelTiming {
 /** Where launches are recorded while profiling (a diagnostic: graphs must be off meanwhile). */
 let profileSink: KernelTiming[] | undefined;
 
+export type GroupedMatmulKernel = 'tensor-cores' | 'cuda-cores';
+
+/**
+ * The grouped matmul every device of a runtime runs (one for all, since the two differ by rounding
+ * and a row's result must not depend on which device computes it): `choice` when forced, else
+ * tensor cores when every device has them for bf16 (compute capability 8.0 and later; the mock's
+ * twin serves both names), else CUDA cores. Forcing tensor cores on a device without them is an error.
+ */
+export function groupedMatmulKernel(backend: string, capabilities: readonly string[],
+  choice: 'auto' | GroupedMatmulKernel = 'auto'): GroupedMatmulKernel {
+  const lacking = backend === 'mock' ? [] : capabilities.filter((cc) => !(Number.parseFloat(cc) >= 8));
+  if (choice === 'cuda-cores') return choice;
+  if (choice === 'tensor-cores' && lacking.length > 0) {
+    throw new InvalidArgumentError('groupedMatmul', `cuda-cores or auto: tensor cores need compute capability 8.0 or later (${backend} devices have ${capabilities.map((c) => c || 'none').join(', ')})`);
+  }
+  return lacking.length === 0 ? 'tensor-cores' : 'cuda-cores';
+}
+const groupedKernels = new WeakMap<Runtime, GroupedMatmulKernel>();
+
 export class ModelKernels implements Disposable {
   private readonly kernels: Map<ModelKernelName, Kernel>;
   private released = false;
+  /** The grouped matmul this runtime's devices run (groupedMatmulKernel). */
+  readonly groupedKernel: GroupedMatmulKernel;
 
   private constructor(readonly module: Module, readonly device: number, private readonly release: () => void,
     private readonly rt: Runtime) {
     this.kernels = new Map(MODEL_KERNEL_NAMES.map((name) => [name, module.kernel(name)]));
+    let chosen = groupedKernels.get(rt);
+    if (!chosen) {
+      chosen = groupedMatmulKernel(rt.backend, rt.devices().map((d) => d.computeCapability), rt.options.groupedMatmul);
+      groupedKernels.set(rt, chosen);
+    }
+    this.groupedKernel = chosen;
   }
 
   /**
@@ -487,7 +514,8 @@ export class ModelKernels implements Disposable {
    * Rows rowOffsets[g]..rowOffsets[g+1]-1 of out = the same rows of x . W_g^T for each group g (W_g at
    * weights[g]), f32 accumulation, one launch for all groups, or for the groups of the `active` list
    * only. A row's result does not depend on the other rows of its group nor on the list (on CUDA too:
-   * emoe_grouped_matmul_bf16's summation order is per row).
+   * both kernels' summation order is per row). Tensor cores (emoe_grouped_matmul_bf16_mma) or CUDA
+   * cores (emoe_grouped_matmul_bf16): `groupedKernel`.
    */
   groupedMatmul(stream: Stream, a: GroupedMatmulArgs): void {
     const G = u32('G', a.G, 1);
@@ -508,14 +536,19 @@ export class ModelKernels implements Disposable {
     if (M === 0) return;
     disjoint('out', a.out, M * N * 4, 'x', a.x, M * K * 4);
     if (listed) disjoint('out', a.out, M * N * 4, 'active', a.active!, (G + 1) * 4);
+    const grid2 = Math.min(slots, MAX_GRID);
+    const args = [a.out, a.x, a.weights, a.rowOffsets, listed ? a.active! : arg.u64(0), arg.u32(G), arg.u32(M), arg.u32(N), arg.u32(K)];
+    if (this.groupedKernel === 'tensor-cores') {
+      // 128 output columns (8 warps) of one group per block: grid (columns / 128, group slots).
+      this.launch(stream, 'emoe_grouped_matmul_bf16_mma', [gridFor(N, 128), grid2], BLOCK, args);
+      return;
+    }
     // One warp per two output columns (16 per block) of one group: grid (columns / 16, group
     // slots), both capped; the kernel strides over columns and over the groups (all G, or the
     // listed ones: then at most maxActive slots are worth a block row). Dynamic shared memory
     // for the x rows the kernel stages (as many of 8 as GMM_SMEM_FLOATS holds; see the kernel).
     const staged = K % 8 === 0 && K <= GMM_SMEM_FLOATS ? Math.min(8, Math.floor(GMM_SMEM_FLOATS / K)) : 0;
-    this.launch(stream, 'emoe_grouped_matmul_bf16', [gridFor(N, (BLOCK / 32) * 2), Math.min(slots, MAX_GRID)], BLOCK,
-      [a.out, a.x, a.weights, a.rowOffsets, listed ? a.active! : arg.u64(0), arg.u32(G), arg.u32(M), arg.u32(N), arg.u32(K)],
-      staged * K * 4);
+    this.launch(stream, 'emoe_grouped_matmul_bf16', [gridFor(N, (BLOCK / 32) * 2), grid2], BLOCK, args, staged * K * 4);
   }
 
   /** x[M, N] += b[N]. */

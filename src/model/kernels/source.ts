@@ -19,7 +19,8 @@
 //   multiple of 32; emoe_matmul_bf16 with M > 64 needs 256 threads, emoe_attention(_f32)
 //   256 threads, emoe_router_topk 32 threads and E * 4 bytes of dynamic shared
 //   memory, emoe_grouped_matmul_bf16 a one-dimensional block (and the dynamic shared memory
-//   ModelKernels.groupedMatmul sizes for its staged x rows), emoe_route_rows one
+//   ModelKernels.groupedMatmul sizes for its staged x rows), emoe_grouped_matmul_bf16_mma
+//   256 threads (sm_80 and later; it traps below), emoe_route_rows one
 //   block (a one-dimensional multiple of 32 threads; other blocks exit) with
 //   (2 * T*K + E + 1) * 4 bytes of dynamic shared memory. A kernel given a shape it
 //   cannot use traps (launch failure) rather than compute something wrong.
@@ -714,6 +715,221 @@ extern "C" __global__ void emoe_grouped_matmul_bf16(float* out, const float* x, 
   }
 }
 
+// 16b. emoe_grouped_matmul_bf16_mma: emoe_grouped_matmul_bf16's contract (arguments, groups,
+// active list, traps, rows not written) on tensor cores (sm_80 and later: mma.sync m16n8k16,
+// bf16 in, f32 accumulate). The f32 activations are split exactly into three bf16 parts
+// (x = hi + mid + lo, each the round-to-nearest bf16 of what the earlier parts leave: 3 x 8
+// significant bits hold an f32's 24), and each part is multiplied with the bf16 weights (bf16
+// products are exact): f32-level results, not bf16 activations. A finite x must stay below
+// 2^127 in magnitude (its hi part must not round to infinity).
+// Shape: 256 threads (8 warps); a block computes 128 output columns of up to 32 rows (4 tiles
+// of 8) of one group at a time. Warp w computes 16 columns (the mma's A operand, read straight
+// from W_g's rows into registers a stage ahead) of every tile (B = x^T). K goes in 64-k stages
+// of two 32-k chunks; each stage's x rows are split once by the block into shared memory
+// (double buffered, laid out as the B fragments: one 16-byte load per lane, part and tile)
+// while the warps multiply the previous stage. Grid (column blocks, group slots), both
+// grid-stride as for emoe_grouped_matmul_bf16; no dynamic shared memory.
+// Fragment k order: in a chunk, lane (g = lane / 4, t = lane % 4) holds k = 8t .. 8t + 7 of its
+// rows; the chunk's first mma takes 8t + 0..3 as its k = 2t, 2t + 1, 2t + 8, 2t + 9, the second
+// 8t + 4..7: one permutation of a dot product's terms inside an mma, the same on both operands
+// and for every row.
+// Summation order of one output element, fixed: chunks in ascending k (k >= K is zero in both
+// operands), each chunk's six mmas (parts lo, mid, hi; first mma then second) accumulated from
+// zero, then added to the element's sum with __fadd_rn. Every row takes the same instruction
+// sequence with its own x row and W_g column as operands, so a row's result depends only on
+// its x row, W_g[n, :] and K: not on the rows that share its group, its place in a tile, the
+// grid, or alignment (misaligned operands are loaded element by element into the same
+// fragments). It differs from emoe_grouped_matmul_bf16's by rounding only (H100, scripts/
+// gmm-mma-bench.sh: worst error 7-10e-7 of scale against double, CUDA cores 7e-7).
+#define EMOE_MMA_TILES 4   // 8-row tiles per pass (32 rows)
+#define EMOE_MMA_CH 2      // 32-k chunks per stage (64 k)
+#define EMOE_MMA_COLS 128  // output columns per block (8 warps x 16)
+__device__ __forceinline__ u32 emoe_pack_bf16x2(float lo, float hi) {
+  u32 r;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+
+// A lane's 8 x values of a chunk as B fragments: b[p] holds part p (0 hi, 1 mid, 2 lo) of
+// v[0..7], two per word, so that v = b[0] + b[1] + b[2] exactly.
+__device__ __forceinline__ void emoe_mma_split(uint4* b, const float* v) {
+  float r[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) r[i] = v[i];
+#pragma unroll
+  for (int p = 0; p < 3; ++p) {
+    u32 w[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      w[i] = emoe_pack_bf16x2(r[2 * i], r[2 * i + 1]);
+      r[2 * i] = __fsub_rn(r[2 * i], __uint_as_float(w[i] << 16));
+      r[2 * i + 1] = __fsub_rn(r[2 * i + 1], __uint_as_float(w[i] & 0xffff0000u));
+    }
+    b[p] = make_uint4(w[0], w[1], w[2], w[3]);
+  }
+}
+
+__device__ __forceinline__ void emoe_mma_bf16(float* d, uint4 a, u32 b0, u32 b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b0), "r"(b1));
+}
+
+// One chunk into sum[4] (the lane's D fragment): w0, w1 = the lane's 8 weights of rows g and
+// g + 8 of its 16 columns; b = the three parts of its x fragment.
+__device__ __forceinline__ void emoe_mma_chunk(float* sum, uint4 w0, uint4 w1, uint4 b2, uint4 b1, uint4 b0) {
+  const uint4 a0 = make_uint4(w0.x, w1.x, w0.y, w1.y), a1 = make_uint4(w0.z, w1.z, w0.w, w1.w);
+  float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  emoe_mma_bf16(d, a0, b2.x, b2.y);
+  emoe_mma_bf16(d, a1, b2.z, b2.w);
+  emoe_mma_bf16(d, a0, b1.x, b1.y);
+  emoe_mma_bf16(d, a1, b1.z, b1.w);
+  emoe_mma_bf16(d, a0, b0.x, b0.y);
+  emoe_mma_bf16(d, a1, b0.z, b0.w);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) sum[i] = __fadd_rn(sum[i], d[i]);
+}
+
+// 8 bf16 of row n of W (n < N, else zeros), k = k .. k + 7 (zeros past K), as one uint4.
+__device__ __forceinline__ uint4 emoe_mma_wload(const u16* wg, u64 n, u32 N, u32 k, u32 K, bool vec) {
+  if (n >= N || k >= K) return make_uint4(0, 0, 0, 0);
+  const u16* p = wg + n * K + k;
+  if (vec) return *(const uint4*)p;  // K % 8 == 0: k + 7 < K
+  u32 w[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const u32 lo = k + 2 * i < K ? p[2 * i] : 0, hi = k + 2 * i + 1 < K ? p[2 * i + 1] : 0;
+    w[i] = lo | (hi << 16);
+  }
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// 8 floats of an x row (in: the row is one of the tile's, else zeros), k = k .. k + 7 (zeros past K).
+__device__ __forceinline__ void emoe_mma_xload(float* v, const float* xr, bool in, u32 k, u32 K, bool vec) {
+  if (in && vec && k + 8 <= K) {
+    const float4 a = *(const float4*)(xr + k), b = *(const float4*)(xr + k + 4);
+    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+    return;
+  }
+#pragma unroll
+  for (int i = 0; i < 8; ++i) v[i] = (in && k + i < K) ? xr[k + i] : 0.0f;
+}
+
+// The lane's D fragment of one tile: sum[0..1] = column n, rows m0 + 2t + 0..1; sum[2..3] = column n + 8.
+__device__ __forceinline__ void emoe_mma_store(float* out, const float* sum, int m0, int rows, u64 n, u32 N, u32 t) {
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int r = 2 * (int)t + i;
+    if (r >= rows) continue;
+    float* o = out + (u64)(m0 + r) * N;
+    if (n < N) o[n] = sum[i];
+    if (n + 8 < N) o[n + 8] = sum[2 + i];
+  }
+}
+
+// The number of group slots (G, or the active list's count), and slot a's group: its rows [r0, r1) and matrix.
+__device__ __forceinline__ u32 emoe_mma_slots(const int* active, u32 G) {
+  if (active == nullptr) return G;
+  const int a0 = active[0];
+  if (a0 < 0 || (u32)a0 > G) __trap();
+  return (u32)a0;
+}
+__device__ __forceinline__ const u16* emoe_mma_group(const u64* weights, const int* row_offsets, const int* active,
+                                                     u32 a, u32 G, u32 M, int* r0, int* r1) {
+  u32 gi = a;
+  if (active != nullptr) {
+    const int ga = active[1 + a];
+    if (ga < 0 || (u32)ga >= G) __trap();
+    gi = (u32)ga;
+  }
+  *r0 = row_offsets[gi];
+  *r1 = row_offsets[gi + 1];
+  if (*r0 < 0 || *r1 < *r0 || (u32)*r1 > M) __trap();
+  return (const u16*)weights[gi];
+}
+
+extern "C" __global__ void __launch_bounds__(256) emoe_grouped_matmul_bf16_mma(
+    float* out, const float* x, const u64* weights, const int* row_offsets, const int* active, u32 G, u32 M, u32 N,
+    u32 K) {
+#if __CUDA_ARCH__ >= 800
+  // [buffer][chunk][tile][part][lane]: lane (g, t)'s B fragments of the tile's row g, k 8t .. 8t + 7.
+  __shared__ uint4 xs[2][EMOE_MMA_CH][EMOE_MMA_TILES][3][32];
+  constexpr u32 QS = EMOE_MMA_CH * 4;  // 8-k groups per stage
+  constexpr u32 STAGE_K = EMOE_MMA_CH * 32;
+  static_assert(8 * EMOE_MMA_TILES * QS == 256, "one staging item (a row's 8 k of a stage) per thread");
+  if (blockDim.x != 256 || blockDim.y != 1 || blockDim.z != 1) __trap();
+  const u32 tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t4 = lane & 3;
+  const u32 sr = tid / QS, sq = tid % QS;  // staging: row of the pass and 8-k group of the stage
+  const bool xvec = (K % 4 == 0) && ((((u64)x) & 15) == 0);
+  const u32 A = emoe_mma_slots(active, G);
+  const u32 stages = (K + STAGE_K - 1) / STAGE_K;
+  for (u32 a = blockIdx.y; a < A; a += gridDim.y) {  // uniform over the block
+    int r0, r1;
+    const u16* wg = emoe_mma_group(weights, row_offsets, active, a, G, M, &r0, &r1);
+    if (r0 == r1) continue;
+    const bool wvec = (K % 8 == 0) && ((((u64)wg) & 15) == 0);
+    for (int m0 = r0; m0 < r1; m0 += 8 * EMOE_MMA_TILES) {  // uniform
+      const int rows = r1 - m0 < 8 * EMOE_MMA_TILES ? r1 - m0 : 8 * EMOE_MMA_TILES;
+      const int tiles = (rows + 7) / 8;
+      const bool stager = sr < (u32)(8 * tiles);
+      const float* sxr = x + (u64)(m0 + (int)sr) * K;
+      for (u64 n0 = (u64)blockIdx.x * EMOE_MMA_COLS; n0 < N; n0 += (u64)gridDim.x * EMOE_MMA_COLS) {  // uniform
+        const u64 nw = n0 + 16 * warp + g;  // this lane's A rows: nw and nw + 8
+        float acc[EMOE_MMA_TILES][4];
+#pragma unroll
+        for (int j = 0; j < EMOE_MMA_TILES; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+        uint4 wn[EMOE_MMA_CH][2];
+        float xv[8];
+        auto load = [&](u32 s) {
+          const u32 k0 = s * STAGE_K;
+#pragma unroll
+          for (int c = 0; c < EMOE_MMA_CH; ++c) {
+            wn[c][0] = emoe_mma_wload(wg, nw, N, k0 + 32 * c + 8 * t4, K, wvec);
+            wn[c][1] = emoe_mma_wload(wg, nw + 8, N, k0 + 32 * c + 8 * t4, K, wvec);
+          }
+          if (stager) emoe_mma_xload(xv, sxr, (int)sr < rows, k0 + 8 * sq, K, xvec);
+        };
+        auto stage = [&](int buf) {
+          if (!stager) return;
+          uint4 b[3];
+          emoe_mma_split(b, xv);
+          const u32 c = sq / 4, j = sr / 8, l = (sr % 8) * 4 + sq % 4;
+#pragma unroll
+          for (int p = 0; p < 3; ++p) xs[buf][c][j][p][l] = b[p];
+        };
+        load(0);
+        stage(0);
+        __syncthreads();
+        for (u32 s = 0; s < stages; ++s) {
+          uint4 w[EMOE_MMA_CH][2];
+#pragma unroll
+          for (int c = 0; c < EMOE_MMA_CH; ++c) { w[c][0] = wn[c][0]; w[c][1] = wn[c][1]; }
+          if (s + 1 < stages) load(s + 1);
+          const int buf = s & 1;
+#pragma unroll
+          for (int c = 0; c < EMOE_MMA_CH; ++c) {
+            if (s * STAGE_K + 32 * c >= K) break;  // uniform
+#pragma unroll
+            for (int j = 0; j < EMOE_MMA_TILES; ++j) {
+              if (j >= tiles) break;  // uniform
+              const uint4* b = xs[buf][c][j][0] + lane;
+              emoe_mma_chunk(acc[j], w[c][0], w[c][1], b[64], b[32], b[0]);
+            }
+          }
+          if (s + 1 < stages) stage(buf ^ 1);
+          __syncthreads();
+        }
+#pragma unroll
+        for (int j = 0; j < EMOE_MMA_TILES; ++j)
+          if (j < tiles) emoe_mma_store(out, acc[j], m0 + 8 * j, rows - 8 * j, nw, N, t4);
+      }
+    }
+  }
+#else
+  __trap();  // tensor cores: sm_80 and later (ModelKernels picks emoe_grouped_matmul_bf16 below that)
+#endif
+}
+
 // 17. Device-side routing of one rank's T*K (token, k) pairs for one computing device.
 // ids [T*K] are the rank's top-k expert ids (row t*K + k; may be read from another
 // device), route [E] names the device index that computes each expert for that rank,
@@ -968,6 +1184,7 @@ export const MODEL_KERNEL_NAMES = [
   'emoe_copy_f32',
   'emoe_add_f32',
   'emoe_grouped_matmul_bf16',
+  'emoe_grouped_matmul_bf16_mma',
   'emoe_route_rows',
   'emoe_gather_rows_count',
   'emoe_scatter_rows_count',
