@@ -6,27 +6,11 @@
 // kernel the engine runs today): the summation order of an output element is fixed.
 //
 // usage: gmm_bench [tokens ...]   (default 1 8 32 128); prints one JSON line per case.
-#include <cuda_runtime.h>
-
-#include <algorithm>
-#include <cstdio>
-#include <cstdlib>
-#include <cstring>
-#include <random>
-#include <vector>
+#include "gmm_setup.h"
 
 typedef unsigned int u32;
 typedef unsigned long long u64;
 typedef unsigned short u16;
-
-#define CK(x)                                                                          \
-  do {                                                                                 \
-    cudaError_t e_ = (x);                                                              \
-    if (e_ != cudaSuccess) {                                                           \
-      fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-      exit(1);                                                                         \
-    }                                                                                  \
-  } while (0)
 
 __device__ __forceinline__ void dot8(float* acc, uint4 wv, const float* xb, u64 ldx, u32 k, int rows) {
   float wf[8];
@@ -218,36 +202,10 @@ __global__ void gmm_v3(float* out, const float* x, const u64* weights, const int
   }
 }
 
-// The bandwidth reference: every active group's weight bytes read once (16-byte loads), summed.
-__global__ void stream_read(float* sink, const u64* weights, const int* active, u64 elems) {
-  const u32 A = (u32)active[0];
-  float s = 0.0f;
-  for (u32 a = blockIdx.y; a < A; a += gridDim.y) {
-    const uint4* w = (const uint4*)weights[active[1 + a]];
-    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < elems / 8; i += (u64)gridDim.x * blockDim.x) {
-      const uint4 v = w[i];
-      s += __uint_as_float(v.x) + __uint_as_float(v.w);
-    }
-  }
-  if (s == 1.2345f) sink[0] = s;
-}
-
 struct Case {
   int T;
   int E = 128, topK = 8, H = 2048, I = 768;
 };
-
-static std::vector<u16> random_bf16(size_t n, std::mt19937& rng) {
-  std::vector<u16> v(n);
-  std::uniform_real_distribution<float> d(-0.05f, 0.05f);
-  for (auto& e : v) {
-    float f = d(rng);
-    u32 b;
-    memcpy(&b, &f, 4);
-    e = (u16)(b >> 16);
-  }
-  return v;
-}
 
 int main(int argc, char** argv) {
   std::vector<int> tokens;
@@ -258,20 +216,8 @@ int main(int argc, char** argv) {
   std::mt19937 rng(7);
   // Weights: LAYERS x E experts x (gate [I,H], up [I,H], down [H,I]).
   const size_t per = (size_t)I * H;
-  const size_t totalElems = (size_t)LAYERS * E * 3 * per;
-  u16* wdev;
-  CK(cudaMalloc(&wdev, totalElems * 2));
-  {
-    std::vector<u16> h = random_bf16(per * 3 * E, rng);  // one layer's worth, copied to each layer
-    for (int l = 0; l < LAYERS; ++l) CK(cudaMemcpy(wdev + (size_t)l * E * 3 * per, h.data(), h.size() * 2, cudaMemcpyHostToDevice));
-  }
-  std::vector<u64> ptrs((size_t)LAYERS * 3 * E);
-  for (int l = 0; l < LAYERS; ++l)
-    for (int m = 0; m < 3; ++m)
-      for (int e = 0; e < E; ++e) ptrs[((size_t)l * 3 + m) * E + e] = (u64)(wdev + (((size_t)l * E + e) * 3 + m) * per);
-  u64* dptrs;
-  CK(cudaMalloc(&dptrs, ptrs.size() * 8));
-  CK(cudaMemcpy(dptrs, ptrs.data(), ptrs.size() * 8, cudaMemcpyHostToDevice));
+  const ExpertWeights weights = upload_expert_weights(random_bf16(per * 3 * E, rng), LAYERS, E, per);
+  const u64* dptrs = weights.table;
   float* sink;
   CK(cudaMalloc(&sink, 4));
   cudaDeviceProp prop;
@@ -285,41 +231,14 @@ int main(int argc, char** argv) {
   CK(cudaEventCreate(&e1));
 
   for (int T : tokens) {
-    // Routing: each token picks topK distinct experts uniformly; rows grouped by expert.
-    std::vector<int> count(E, 0);
-    for (int t = 0; t < T; ++t) {
-      std::vector<int> ids(E);
-      for (int e = 0; e < E; ++e) ids[e] = e;
-      std::shuffle(ids.begin(), ids.end(), rng);
-      for (int k = 0; k < topK; ++k) count[ids[k]]++;
-    }
-    std::vector<int> off(E + 1, 0), active(1, 0);
-    for (int e = 0; e < E; ++e) {
-      off[e + 1] = off[e] + count[e];
-      if (count[e] > 0) active.push_back(e);
-    }
-    active[0] = (int)active.size() - 1;
+    const Routing route = route_uniform(T, E, topK, rng);
+    const std::vector<int>& off = route.off;
+    const std::vector<int>& active = route.active;
     const int A = active[0];
     const int M = T * topK;
-    int *doff, *dact;
-    CK(cudaMalloc(&doff, off.size() * 4));
-    CK(cudaMalloc(&dact, active.size() * 4));
-    CK(cudaMemcpy(doff, off.data(), off.size() * 4, cudaMemcpyHostToDevice));
-    CK(cudaMemcpy(dact, active.data(), active.size() * 4, cudaMemcpyHostToDevice));
-    float *x, *xd, *gate, *up, *down;
-    CK(cudaMalloc(&x, (size_t)M * H * 4));
-    CK(cudaMalloc(&xd, (size_t)M * I * 4));
-    CK(cudaMalloc(&gate, (size_t)M * I * 4));
-    CK(cudaMalloc(&up, (size_t)M * I * 4));
-    CK(cudaMalloc(&down, (size_t)M * H * 4));
-    {
-      std::vector<float> hx((size_t)M * H), hxd((size_t)M * I);
-      std::uniform_real_distribution<float> d(-1.f, 1.f);
-      for (auto& v : hx) v = d(rng);
-      for (auto& v : hxd) v = d(rng);
-      CK(cudaMemcpy(x, hx.data(), hx.size() * 4, cudaMemcpyHostToDevice));
-      CK(cudaMemcpy(xd, hxd.data(), hxd.size() * 4, cudaMemcpyHostToDevice));
-    }
+    CaseBuffers buf = case_buffers(route, M, H, I, rng);
+    int *doff = buf.off, *dact = buf.active;
+    float *x = buf.x, *xd = buf.xd, *gate = buf.gate, *up = buf.up, *down = buf.down;
     const double bytes = (double)A * 3 * per * 2;  // weight bytes of one layer's active experts
     // A variant: three launches (gate, up over x; down over xd) for layer l.
     auto layer = [&](int v, int l, float* go, float* uo, float* dn) {
@@ -382,7 +301,7 @@ int main(int argc, char** argv) {
              same ? "true" : "false");
       fflush(stdout);
     }
-    cudaFree(doff); cudaFree(dact); cudaFree(x); cudaFree(xd); cudaFree(gate); cudaFree(up); cudaFree(down);
+    buf.free_all();
   }
   return 0;
 }

@@ -8,40 +8,10 @@
 // - that a row's bits do not depend on its group: the same rows with one group per row, and
 //   with x misaligned (element-by-element loads), give the grouped launch's bits.
 // usage: gmm_mma_bench [tokens ...]   (default 1 8 32 128 512 2048); one JSON line per case.
-#include <cuda_runtime.h>
-
-#include <algorithm>
 #include <cmath>
-#include <cstdio>
-#include <cstdlib>
-#include <cstring>
-#include <random>
-#include <vector>
 
 #include EMOE_KERNELS_HEADER
-
-#define CK(x)                                                                          \
-  do {                                                                                 \
-    cudaError_t e_ = (x);                                                              \
-    if (e_ != cudaSuccess) {                                                           \
-      fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-      exit(1);                                                                         \
-    }                                                                                  \
-  } while (0)
-
-// The bandwidth reference: every active group's weight bytes read once (16-byte loads).
-__global__ void stream_read(float* sink, const u64* weights, const int* active, u64 elems) {
-  const u32 A = (u32)active[0];
-  float s = 0.0f;
-  for (u32 a = blockIdx.y; a < A; a += gridDim.y) {
-    const uint4* w = (const uint4*)weights[active[1 + a]];
-    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < elems / 8; i += (u64)gridDim.x * blockDim.x) {
-      const uint4 v = w[i];
-      s += __uint_as_float(v.x) + __uint_as_float(v.w);
-    }
-  }
-  if (s == 1.2345f) sink[0] = s;
-}
+#include "gmm_setup.h"
 
 static float bf16f(u16 b) {
   u32 u = (u32)b << 16;
@@ -70,28 +40,10 @@ int main(int argc, char** argv) {
   const int LAYERS = 8;  // distinct weights per repetition, so L2 never holds a layer
   std::mt19937 rng(7);
   const size_t per = (size_t)I * H;
-  const size_t totalElems = (size_t)LAYERS * E * 3 * per;
-  std::vector<u16> hw(per * 3 * E);  // one layer's weights, copied to each layer
-  {
-    std::uniform_real_distribution<float> d(-0.05f, 0.05f);
-    for (auto& e : hw) {
-      float f = d(rng);
-      u32 b;
-      memcpy(&b, &f, 4);
-      e = (u16)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
-    }
-  }
-  u16* wdev;
-  CK(cudaMalloc(&wdev, totalElems * 2));
-  for (int l = 0; l < LAYERS; ++l) CK(cudaMemcpy(wdev + (size_t)l * E * 3 * per, hw.data(), hw.size() * 2, cudaMemcpyHostToDevice));
-  // ptrs[(l * 3 + m) * E + e]: layer l, matrix m (gate, up, down), expert e.
-  std::vector<u64> ptrs((size_t)LAYERS * 3 * E);
-  for (int l = 0; l < LAYERS; ++l)
-    for (int m = 0; m < 3; ++m)
-      for (int e = 0; e < E; ++e) ptrs[((size_t)l * 3 + m) * E + e] = (u64)(wdev + (((size_t)l * E + e) * 3 + m) * per);
-  u64* dptrs;
-  CK(cudaMalloc(&dptrs, ptrs.size() * 8));
-  CK(cudaMemcpy(dptrs, ptrs.data(), ptrs.size() * 8, cudaMemcpyHostToDevice));
+  const std::vector<u16> hw = random_bf16(per * 3 * E, rng);  // one layer's weights, copied to each layer
+  const ExpertWeights weights = upload_expert_weights(hw, LAYERS, E, per);
+  const std::vector<u64>& ptrs = weights.ptrs;
+  const u64* dptrs = weights.table;
   float* sink;
   CK(cudaMalloc(&sink, 4));
   cudaDeviceProp prop;
@@ -102,41 +54,16 @@ int main(int argc, char** argv) {
   bool allOk = true;
 
   for (int T : tokens) {
-    std::vector<int> count(E, 0);
-    for (int t = 0; t < T; ++t) {
-      std::vector<int> ids(E);
-      for (int e = 0; e < E; ++e) ids[e] = e;
-      std::shuffle(ids.begin(), ids.end(), rng);
-      for (int k = 0; k < topK; ++k) count[ids[k]]++;
-    }
-    std::vector<int> off(E + 1, 0), active(1, 0), groupOf;
-    for (int e = 0; e < E; ++e) {
-      off[e + 1] = off[e] + count[e];
-      if (count[e] > 0) active.push_back(e);
-      for (int r = 0; r < count[e]; ++r) groupOf.push_back(e);
-    }
-    active[0] = (int)active.size() - 1;
+    const Routing route = route_uniform(T, E, topK, rng);
+    const std::vector<int>& active = route.active;
+    const std::vector<int>& groupOf = route.groupOf;
     const int A = active[0];
     const int M = T * topK;
-    int *doff, *dact;
-    CK(cudaMalloc(&doff, off.size() * 4));
-    CK(cudaMalloc(&dact, active.size() * 4));
-    CK(cudaMemcpy(doff, off.data(), off.size() * 4, cudaMemcpyHostToDevice));
-    CK(cudaMemcpy(dact, active.data(), active.size() * 4, cudaMemcpyHostToDevice));
-    float *x, *xd, *gate, *up, *down;
-    CK(cudaMalloc(&x, ((size_t)M * H + 4) * 4));  // + 4: room for the misaligned copy
-    CK(cudaMalloc(&xd, (size_t)M * I * 4));
-    CK(cudaMalloc(&gate, (size_t)M * I * 4));
-    CK(cudaMalloc(&up, (size_t)M * I * 4));
-    CK(cudaMalloc(&down, (size_t)M * H * 4));
-    std::vector<float> hx((size_t)M * H), hxd((size_t)M * I);
-    {
-      std::uniform_real_distribution<float> d(-1.f, 1.f);
-      for (auto& v : hx) v = d(rng);
-      for (auto& v : hxd) v = d(rng);
-      CK(cudaMemcpy(x, hx.data(), hx.size() * 4, cudaMemcpyHostToDevice));
-      CK(cudaMemcpy(xd, hxd.data(), hxd.size() * 4, cudaMemcpyHostToDevice));
-    }
+    CaseBuffers buf = case_buffers(route, M, H, I, rng);
+    int *doff = buf.off, *dact = buf.active;
+    float *x = buf.x, *xd = buf.xd, *gate = buf.gate, *up = buf.up, *down = buf.down;
+    const std::vector<float>& hx = buf.hx;
+    const std::vector<float>& hxd = buf.hxd;
     const double bytes = (double)A * 3 * per * 2;  // weight bytes of one layer's active experts
     auto layer = [&](int v, int l) {
       const u64* p = dptrs + (size_t)l * 3 * E;
@@ -244,7 +171,7 @@ int main(int argc, char** argv) {
            prop.name, T, us[0] / us[1], worst[0], worst[1],
            sameOnePerRow ? "true" : "false", sameMisaligned ? "true" : "false", ok ? "true" : "false");
     fflush(stdout);
-    cudaFree(doff); cudaFree(dact); cudaFree(x); cudaFree(xd); cudaFree(gate); cudaFree(up); cudaFree(down);
+    buf.free_all();
   }
   return allOk ? 0 : 1;
 }
