@@ -73,7 +73,7 @@ const { ForwardEngine } = await import('../dist/executor/forward.js');
 const { mapHmmKvPools } = await import('../dist/executor/kv-view.js');
 const { kvGeometry } = await import('../dist/executor/types.js');
 const { storeWeights } = await import('../dist/executor/weights.js');
-const { groupedMatmulKernel } = await import('../dist/model/kernels/index.js');
+const { runtimeGroupedMatmul } = await import('../dist/model/kernels/index.js');
 const { Deployment } = await import('../dist/scaling/orchestrator.js');
 const { Replica, VerticalBaseline, exportCheckpoint } = await import('../dist/scaling/baselines.js');
 
@@ -265,7 +265,7 @@ async function measureScale(kind, inst, to) {
 }
 
 emit({ bench: 'start', executor: executorKnob, backend: rt.backend, gpus: rt.devices().map((d) => d.name), uvThreadpool: Number(process.env.UV_THREADPOOL_SIZE),
-  groupedMatmul: groupedMatmulKernel(rt.backend, rt.devices().map((d) => d.computeCapability), rt.options.groupedMatmul),
+  groupedMatmul: runtimeGroupedMatmul(rt),
   steps: plan, baselines: [...baselines], prepare, concurrency, promptLen, outputLen, outputSpread });
 
 // ---- the checkpoint the cold restart and the replica load: written before anything serves.

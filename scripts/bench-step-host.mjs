@@ -23,7 +23,7 @@ import { mapHmmKvPools } from '../dist/executor/kv-view.js';
 import { kvGeometry } from '../dist/executor/types.js';
 import { storeWeights } from '../dist/executor/weights.js';
 import { Stream } from '../dist/runtime/stream.js';
-import { groupedMatmulKernel } from '../dist/model/kernels/index.js';
+import { runtimeGroupedMatmul } from '../dist/model/kernels/index.js';
 import { profileKernels } from './lib/kernel-profile.mjs';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
@@ -120,7 +120,7 @@ if (env('BENCH_KERNELS', '0') === '1') {
 }
 emit({
   bench: 'step_host', backend: rt.backend, devices,
-  groupedMatmul: groupedMatmulKernel(rt.backend, rt.devices().map((d) => d.computeCapability), rt.options.groupedMatmul), batch: B, promptPerRank: promptLen, layers: config.layers, experts: config.experts,
+  groupedMatmul: runtimeGroupedMatmul(rt), batch: B, promptPerRank: promptLen, layers: config.layers, experts: config.experts,
   streamCallsPerStep: eager[0].calls, eagerMs: median(eager.map((e) => e.ms)), captureMs: capture.ms, replayMs: median(replay),
   usPerCallEager: (1000 * median(eager.map((e) => e.ms))) / eager[0].calls, graphStats: engine.graphStats, ...(kernels ? { kernels } : {}),
 });

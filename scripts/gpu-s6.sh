@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Device-machine job, sixth session. Parts (PARTS, default "gmm tests host scale"):
 #   gmm:   scripts/gmm-mma-bench.sh (grouped expert matmul, CUDA cores against tensor cores, GPU 0);
-#   tests: the GPU suites (test/gpu);
+#   tests: the GPU suites (test/gpu), then the model-kernel and forward-graph suites again with the
+#          other grouped matmul (ELASTICMOE_GROUPED_MATMUL=cuda-cores), which auto does not pick here;
 #   host:  bench-step-host on the GPUs of HOST_DEVICES (default 0,1,2,3), decode-only and mixed steps
 #          (BENCH_PROMPT=64), GPU time per kernel, with each grouped matmul (ELASTICMOE_GROUPED_MATMUL);
 #   scale: gpu-s4.sh's elastic runs (STEPS, RUNS, SKIP_AB, SKIP_BASELINES, BASELINES passed through).
@@ -18,7 +19,10 @@ for part in ${PARTS:-gmm tests host scale}; do
       grep speedup $R/gmm.jsonl; tail -n 3 $R/gmm.err ;;
     tests)
       timeout 300 node node_modules/vitest/vitest.mjs run test/gpu --reporter=verbose > $R/gpu-tests.txt 2>&1; echo "gpu tests rc=$?" | tee -a $R/gpu-tests.txt
-      grep -E "×|Tests |Test Files" $R/gpu-tests.txt | head -20 ;;
+      grep -E "×|Tests |Test Files" $R/gpu-tests.txt | head -20
+      ELASTICMOE_GROUPED_MATMUL=cuda-cores timeout 300 node node_modules/vitest/vitest.mjs run test/gpu/model-kernels.test.ts test/gpu/forward-graphs.test.ts \
+        --reporter=verbose > $R/gpu-tests-cuda-cores.txt 2>&1; echo "gpu tests (cuda-cores) rc=$?" | tee -a $R/gpu-tests-cuda-cores.txt
+      grep -E "×|Tests |Test Files|grouped matmul kernel" $R/gpu-tests-cuda-cores.txt | head -20 ;;
     host)
       for gm in cuda-cores auto; do
         for prompt in 0 64; do

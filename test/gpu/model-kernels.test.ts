@@ -103,6 +103,14 @@ describe.runIf(onCuda)('model kernels on a real GPU (NVRTC) against the TypeScri
     mk?.dispose();
   });
 
+  it('runs the grouped matmul kernel asked for: tensor cores on compute capability >= 8.0 unless ELASTICMOE_GROUPED_MATMUL=cuda-cores', () => {
+    const cc = Number.parseFloat(rt.deviceInfo(0).computeCapability);
+    const forced = process.env.ELASTICMOE_GROUPED_MATMUL;
+    const want = forced === 'cuda-cores' || !(cc >= 8) ? 'cuda-cores' : 'tensor-cores';
+    console.log(`grouped matmul kernel: ${mk.groupedKernel} (compute capability ${cc})`);
+    expect(mk.groupedKernel).toBe(want);
+  });
+
   it('embed (Qwen3 hidden size)', async () => {
     arena.reset();
     const V = 1000, H = 2048, T = 77;

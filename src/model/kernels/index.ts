@@ -383,21 +383,26 @@ export function groupedMatmulKernel(backend: string, capabilities: readonly stri
 }
 const groupedKernels = new WeakMap<Runtime, GroupedMatmulKernel>();
 
+/** The grouped matmul `rt`'s devices run: groupedMatmulKernel of its backend, devices and option, decided once per runtime. */
+export function runtimeGroupedMatmul(rt: Runtime): GroupedMatmulKernel {
+  let chosen = groupedKernels.get(rt);
+  if (!chosen) {
+    chosen = groupedMatmulKernel(rt.backend, rt.devices().map((d) => d.computeCapability), rt.options.groupedMatmul);
+    groupedKernels.set(rt, chosen);
+  }
+  return chosen;
+}
+
 export class ModelKernels implements Disposable {
   private readonly kernels: Map<ModelKernelName, Kernel>;
   private released = false;
-  /** The grouped matmul this runtime's devices run (groupedMatmulKernel). */
+  /** The grouped matmul this runtime's devices run (runtimeGroupedMatmul). */
   readonly groupedKernel: GroupedMatmulKernel;
 
   private constructor(readonly module: Module, readonly device: number, private readonly release: () => void,
     private readonly rt: Runtime) {
     this.kernels = new Map(MODEL_KERNEL_NAMES.map((name) => [name, module.kernel(name)]));
-    let chosen = groupedKernels.get(rt);
-    if (!chosen) {
-      chosen = groupedMatmulKernel(rt.backend, rt.devices().map((d) => d.computeCapability), rt.options.groupedMatmul);
-      groupedKernels.set(rt, chosen);
-    }
-    this.groupedKernel = chosen;
+    this.groupedKernel = runtimeGroupedMatmul(rt);
   }
 
   /**
