@@ -35,7 +35,7 @@
 // BENCH_SCALE_DOWN_SPARES (1: the serving devices also keep standby chunks for a scale-down,
 // DeploymentOptions.scaleDownSpares; default 0),
 // BENCH_PRECAPTURE (graph shapes per staying device the standby engine captures ahead,
-// DeploymentOptions.precaptureGraphs; default 1, 0: none),
+// DeploymentOptions.precaptureGraphs; default DEFAULT_PRECAPTURE_GRAPHS (3), 0: none),
 // BENCH_CHECKPOINT ("pattern": a byte pattern, the default, or "export": the
 // synthetic weights the deployments serve, read back from the devices).
 // Prepare pacing (elastic and vertical; DeploymentOptions.prepare): BENCH_PREPARE_PACED
@@ -75,6 +75,7 @@ const { kvGeometry } = await import('../dist/executor/types.js');
 const { storeWeights } = await import('../dist/executor/weights.js');
 const { runtimeGroupedMatmul } = await import('../dist/model/kernels/index.js');
 const { Deployment } = await import('../dist/scaling/orchestrator.js');
+const { DEFAULT_PRECAPTURE_GRAPHS } = await import('../dist/scaling/precapture.js');
 const { Replica, VerticalBaseline, exportCheckpoint } = await import('../dist/scaling/baselines.js');
 
 const here = path.dirname(fileURLToPath(import.meta.url));
@@ -110,7 +111,7 @@ const kvBlocksPerDevice = Math.ceil((concurrency * Math.ceil((promptLen + output
 // BENCH_GRAPHS=0: every engine (elastic and baselines) runs without graph replay (A/B).
 const serving = { rt, config, kvBlocksPerDevice, maxTokensPerStep: 512, maxSeqs: concurrency, peerAccess: env('BENCH_PEER_ACCESS', 'own'),
   pauseCaptures: env('BENCH_PAUSE_CAPTURES', '0') === '1', standbyChunks: env('BENCH_STANDBY', '1') !== '0',
-  precaptureGraphs: Number(env('BENCH_PRECAPTURE', '1')), scaleDownSpares: env('BENCH_SCALE_DOWN_SPARES', '0') === '1' };
+  precaptureGraphs: Number(env('BENCH_PRECAPTURE', String(DEFAULT_PRECAPTURE_GRAPHS))), scaleDownSpares: env('BENCH_SCALE_DOWN_SPARES', '0') === '1' };
 // BENCH_DEVICE_ROUTING_MAX_ROWS: the engines' deviceRoutingMaxRows (default: the engine's).
 const forward = env('BENCH_GRAPHS', '1') === '0' ? { graphs: false } : {};
 if (process.env.BENCH_DEVICE_ROUTING_MAX_ROWS) forward.deviceRoutingMaxRows = Number(process.env.BENCH_DEVICE_ROUTING_MAX_ROWS);

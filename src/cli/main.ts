@@ -59,7 +59,7 @@ commands:
                                          would allocate, made ahead (default on; off leaves idle
                                          devices untouched until a scale uses them)
                 --precapture-graphs N    step graphs per staying device a scale's standby captures
-                                         before the switch-over (default 1; 0: none)
+                                         before the switch-over (default 3; 0: none)
 
   scale       ask a running \`elasticmoe serve\` to move to a new
               device set while it keeps serving, and print what moved

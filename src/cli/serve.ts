@@ -18,6 +18,7 @@ import { ElasticMoeError, InvalidArgumentError } from '../runtime/errors.js';
 import { Runtime } from '../runtime/runtime.js';
 import type { StepFigures } from '../executor/engine.js';
 import { Deployment } from '../scaling/orchestrator.js';
+import { DEFAULT_PRECAPTURE_GRAPHS } from '../scaling/precapture.js';
 import { type AutoscaleConfig, AutoscaleConfigError, Autoscaler, parseAutoscaleConfig } from '../serve/autoscale.js';
 import { type ServingDeployment, scalableDeployment } from '../serve/deployment.js';
 import { loadModelFiles } from '../serve/local.js';
@@ -59,7 +60,7 @@ export interface ServeCommandOptions {
   executor?: string;
   /** "on" (default) or "off": standby chunks on the idle devices (DeploymentOptions.standbyChunks). */
   standbyChunks?: string;
-  /** Graph shapes per staying device a scale's standby captures ahead (DeploymentOptions.precaptureGraphs; default 1). */
+  /** Graph shapes per staying device a scale's standby captures ahead (DeploymentOptions.precaptureGraphs; default DEFAULT_PRECAPTURE_GRAPHS, 3). */
   precaptureGraphs?: string;
   runtime: RuntimeOptionsInput;
 }
@@ -123,7 +124,7 @@ export async function runServe(o: ServeCommandOptions, err: NodeJS.WritableStrea
   if (o.standbyChunks !== undefined && o.standbyChunks !== 'on' && o.standbyChunks !== 'off') {
     throw new InvalidArgumentError('--standby-chunks', `on or off (got '${o.standbyChunks}')`);
   }
-  const precaptureGraphs = o.precaptureGraphs === undefined ? 1 : Number(o.precaptureGraphs);
+  const precaptureGraphs = o.precaptureGraphs === undefined ? DEFAULT_PRECAPTURE_GRAPHS : Number(o.precaptureGraphs);
   if (!Number.isSafeInteger(precaptureGraphs) || precaptureGraphs < 0 || (o.precaptureGraphs !== undefined && !/^\d+$/.test(o.precaptureGraphs))) {
     throw new InvalidArgumentError('--precapture-graphs', `a non-negative integer (got '${o.precaptureGraphs}')`);
   }

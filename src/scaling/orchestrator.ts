@@ -78,7 +78,7 @@ import type { Runtime } from '../runtime/runtime.js';
 import { type LayoutLimits, type LayoutSpec, roundRobinLayout, toExpertPlacement, validateLayout } from './layout.js';
 import { type PacedCopyStats, type PrepareOptions, pacedCopy, resolvePrepare } from './pacing.js';
 import { type PlanSizes, diffLayouts, lowerBoundBytes, planPlacement, scheduleTransfers } from './planner.js';
-import { precaptureShapes } from './precapture.js';
+import { DEFAULT_PRECAPTURE_GRAPHS, precaptureShapes } from './precapture.js';
 
 export interface DeploymentOptions {
   rt: Runtime;
@@ -186,8 +186,8 @@ export interface DeploymentOptions {
   attachDuringCopies?: boolean;
   /**
    * Graph shapes per staying device that a scale's standby captures ahead, before the
-   * switch-over (default 1, 0: none): the serving engine's most recent decode shape of that
-   * device, then its others (precaptureShapes). The first steps on the new layout then replay
+   * switch-over (default DEFAULT_PRECAPTURE_GRAPHS = 3, 0: none): the serving engine's most recent
+   * decode shape of that device, then its others (precaptureShapes). The first steps on the new layout then replay
    * instead of capturing. In process: host work done in pieces of 8 layers with a turn of the
    * event loop between them, while the old layout serves. Executor processes: the standby
    * process captures them before it answers ready (the serving process sends its shapes with
@@ -1028,7 +1028,7 @@ export class Deployment {
         prestartedUsed = spawned !== undefined;
         // The serving process's recent graph shapes, captured by the standby before it answers ready.
         const shapes = this.forward instanceof RemoteStepper
-          ? precaptureShapes(this.forward.graphShapes, next.devices, this.options.precaptureGraphs ?? 1) : [];
+          ? precaptureShapes(this.forward.graphShapes, next.devices, this.options.precaptureGraphs ?? DEFAULT_PRECAPTURE_GRAPHS) : [];
         const proc = await Deployment.initExecutor(this.options, spawned ?? Deployment.spawnProcess(this.daemon), next, shapes);
         standby = proc;
         if (shapes.length > 0) precapture = proc.precaptured ?? { graphs: 0, ms: 0 };
@@ -1049,7 +1049,7 @@ export class Deployment {
         if (serving instanceof ForwardEngine) {
           // Best effort: graphs not captured ahead are captured at their first step.
           const tp = now();
-          const shapes = precaptureShapes(serving.graphShapes(), next.devices, this.options.precaptureGraphs ?? 1);
+          const shapes = precaptureShapes(serving.graphShapes(), next.devices, this.options.precaptureGraphs ?? DEFAULT_PRECAPTURE_GRAPHS);
           const before = standby.graphStats.precaptured;
           try {
             await standby.precapture(shapes);

@@ -60,8 +60,9 @@ describe('elasticmoe scale against elasticmoe serve', () => {
     const up = spawnSync(process.execPath, [cli, 'scale', '--devices', '0,1,2', '--url', server.url], { encoding: 'utf8' });
     expect(up.status, up.stderr).toBe(0);
     expect(up.stdout).toMatch(/^scaled 0 -> 0,1,2 in \d+ ms \(plan \d+, .*first step \d+/);
-    // The completion above left device 0's decode shape cached: the standby captured it ahead.
-    expect(up.stdout).toMatch(/ready ahead: .*1 step graphs \(captured in \d+ ms before the switch\)/);
+    // The completion above left device 0's two shapes cached (its prompt's and its decode's): the
+    // standby captured both ahead (up to 3 per device by default).
+    expect(up.stdout).toMatch(/ready ahead: .*2 step graphs \(captured in \d+ ms before the switch\)/);
     const json = spawnSync(process.execPath, [cli, 'scale', '--devices', '3', '--url', server.url, '--json'], { encoding: 'utf8' });
     expect(json.status, json.stderr).toBe(0);
     const report = JSON.parse(json.stdout);

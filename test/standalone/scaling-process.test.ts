@@ -98,8 +98,8 @@ describe('Deployment with executor processes', () => {
     expect(up.preattachedChunks!.kept).toBeGreaterThan(0);
     expect(up.preattachedChunks!.dropped).toBeGreaterThan(0);
     // The serving process sent its graph shapes with its results: the standby captured device 0's
-    // decode shape before it answered ready.
-    expect(up.precapture).toMatchObject({ graphs: 1 });
+    // two (its prompt's and its decode's; up to 3 per device by default) before it answered ready.
+    expect(up.precapture).toMatchObject({ graphs: 2 });
     const second = dep.executorPid!;
     expect(second).not.toBe(first);
     await expect.poll(() => alive(first)).toBe(false);
