@@ -362,14 +362,17 @@ for (const [arch, config] of Object.entries(CONFIGS)) {
       // then the head on the one sampled token.
       const L = config.layers;
       const shared = config.sharedIntermediate > 0;
+      // The tensor-core grouped matmul (the mock's choice) over T*K rows and min(E, T*K) group slots:
+      // the few-rows tiling up to 8 rows per slot.
+      const gmm = (T: number) => (T * config.topK <= 8 * Math.min(config.experts, T * config.topK)
+        ? 'emoe_grouped_matmul_bf16_mma_fewrows' : 'emoe_grouped_matmul_bf16_mma');
       const layerKernels = (T: number) => [
         'emoe_rmsnorm',
         ...(T <= QKV_FUSED_MAX_ROWS ? ['emoe_matmul_qkv_bf16'] : new Array<string>(3).fill('emoe_matmul_bf16')),
         ...(config.qkvBias ? new Array<string>(3).fill('emoe_add_bias_bf16') : []),
         'emoe_qk_norm_rope', 'emoe_kv_store', 'emoe_attention', 'emoe_matmul_bf16', 'emoe_add_rmsnorm', 'emoe_matmul_bf16', 'emoe_router_topk',
         ...(shared ? ['emoe_matmul_bf16', 'emoe_matmul_bf16', 'emoe_silu_mul', 'emoe_matmul_bf16', 'emoe_matmul_bf16', 'emoe_sigmoid_scale_rows'] : []),
-        'emoe_route_rows', 'emoe_gather_rows_count', 'emoe_grouped_matmul_bf16_mma', 'emoe_grouped_matmul_bf16_mma', 'emoe_silu_mul_count',
-        'emoe_grouped_matmul_bf16_mma', 'emoe_scatter_rows_count',
+        'emoe_route_rows', 'emoe_gather_rows_count', gmm(T), gmm(T), 'emoe_silu_mul_count', gmm(T), 'emoe_scatter_rows_count',
         'emoe_combine_topk', ...(shared ? ['emoe_add_f32'] : []),
       ];
       const stepKernels = (T: number) => [

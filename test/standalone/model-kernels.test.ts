@@ -38,7 +38,7 @@ describe('model kernels on the mock (CPU twins vs TypeScript references, bit for
   });
 
   it('resolves a CPU twin for every kernel name', () => {
-    expect(MODEL_KERNEL_NAMES.length).toBe(27);
+    expect(MODEL_KERNEL_NAMES.length).toBe(28);
     for (const name of MODEL_KERNEL_NAMES) expect(mk.module.kernel(name).name).toBe(name);
   });
 
@@ -986,10 +986,13 @@ describe('grouped matmul kernel choice (tensor cores or CUDA cores)', () => {
     expect(() => groupedMatmulKernel('cuda', ['9.0', '7.0'], 'tensor-cores')).toThrow(/compute capability 8.0 or later \(cuda devices have 9.0, 7.0\)/);
   });
 
-  it('launches the chosen kernel on the mock, with the same bits either way; the tensor-core twin takes only 256 threads', async () => {
-    const G = 3, N = 24, K = 40, M = 7;
+  it('launches the chosen kernel on the mock, with the same bits either way; the tensor-core twins take only 256 threads', async () => {
+    // M = 7 rows over 3 groups: few rows per group (the tensor cores' few-rows tiling); 'many'
+    // runs the same rows as M = 70 (63 more rows, 21 per group on average: the other tiling).
+    const G = 3, N = 24, K = 40;
     const results: Float32Array[] = [];
-    for (const choice of ['auto', 'cuda-cores', 'tensor-cores'] as const) {
+    for (const [choice, many] of [['auto', false], ['cuda-cores', false], ['tensor-cores', false], ['tensor-cores', true]] as const) {
+      const M = many ? 70 : 7;
       const rt = openMock({ groupedMatmul: choice });
       const s = rt.createStream(0);
       const mk = await ModelKernels.load(rt, 0);
@@ -1000,7 +1003,7 @@ describe('grouped matmul kernel choice (tensor cores or CUDA cores)', () => {
         const ptrs: DevicePointer[] = [];
         for (const w of ws) ptrs.push(await arena.put(w));
         const table = await arena.put(new Int32Array(BigUint64Array.from(ptrs, (p) => p.address).buffer));
-        const offsets = Int32Array.from([0, 2, 2, 7]);
+        const offsets = Int32Array.from([0, 2, 2, M]);
         const x = randF32(M * K, 20);
         const out = arena.alloc(M * N * 4);
         const sink: KernelTiming[] = [];
@@ -1017,15 +1020,16 @@ describe('grouped matmul kernel choice (tensor cores or CUDA cores)', () => {
           ModelKernels.profile(undefined);
         }
         await s.synchronize();
-        expect(sink.map((t) => t.name)).toEqual([choice === 'cuda-cores' ? 'emoe_grouped_matmul_bf16' : 'emoe_grouped_matmul_bf16_mma']);
+        expect(sink.map((t) => t.name)).toEqual([choice === 'cuda-cores' ? 'emoe_grouped_matmul_bf16'
+          : many ? 'emoe_grouped_matmul_bf16_mma' : 'emoe_grouped_matmul_bf16_mma_fewrows']);
         for (const t of sink) { t.start.dispose(); t.end.dispose(); }
         const want = new Float32Array(M * N);
         ref.groupedMatmul({ out: want, x, weights: ws, rowOffsets: offsets, G, M, N, K });
         const got = await arena.get(out, want);
         expectSame(got, want, `grouped matmul, ${choice}`);
-        results.push(got);
-        if (choice === 'tensor-cores') {
-          const kernel = mk.module.kernel('emoe_grouped_matmul_bf16_mma');
+        results.push(got.slice(0, 7 * N));
+        if (choice === 'tensor-cores' && !many) {
+          const kernel = mk.module.kernel('emoe_grouped_matmul_bf16_mma_fewrows');
           const launch = (block: number) => s.launch(kernel, { grid: [1, G], block }, [out, arena.alloc(M * K * 4), table,
             po, arg.u64(0), arg.u32(G), arg.u32(M), arg.u32(N), arg.u32(K)]);
           launch(128);
@@ -1040,5 +1044,6 @@ describe('grouped matmul kernel choice (tensor cores or CUDA cores)', () => {
       }
     }
     expectSame(results[1]!, results[0]!, 'cuda-cores vs auto (the mock twin serves both)');
+    expectSame(results[3]!.subarray(0, 2 * N), results[2]!.subarray(0, 2 * N), 'group 0 rows: the same bits in both tilings');
   });
 });

@@ -537,13 +537,16 @@ static void GroupedMatmulTwin(MockKernelContext& ctx) {
 
 EMOE_MOCK_KERNEL(emoe_grouped_matmul_bf16) { GroupedMatmulTwin(ctx); }
 
-// 16b. emoe_grouped_matmul_bf16_mma: the same contract on tensor cores, which differ from the CUDA cores' sums by
-// rounding only; the twin is 16's. Like the CUDA kernel, it takes only a block of 256 x 1 x 1 threads.
-EMOE_MOCK_KERNEL(emoe_grouped_matmul_bf16_mma) {
+// 16b. emoe_grouped_matmul_bf16_mma and _mma_fewrows: the same contract on tensor cores (two tilings, the same
+// bits), which differ from the CUDA cores' sums by rounding only; the twin is 16's. Like the CUDA kernels, they take
+// only a block of 256 x 1 x 1 threads.
+static void GroupedMatmulMmaTwin(MockKernelContext& ctx) {
   const auto& b = ctx.config.block;
   if (b[0] != 256 || b[1] != 1 || b[2] != 1) BadSize(ctx, "a block of 256 x 1 x 1 threads");
   GroupedMatmulTwin(ctx);
 }
+EMOE_MOCK_KERNEL(emoe_grouped_matmul_bf16_mma) { GroupedMatmulMmaTwin(ctx); }
+EMOE_MOCK_KERNEL(emoe_grouped_matmul_bf16_mma_fewrows) { GroupedMatmulMmaTwin(ctx); }
 
 // 17. emoe_route_rows(i32* row_offsets[E+1], i32* rows[T*K], i32* perm[T*K], i32* active[E+1], const i32* ids[T*K],
 //                     const i32* route[E], u32 device, u32 T, u32 K, u32 E)

@@ -24,6 +24,14 @@ const MAX_GRID = 65535;
 /** x floats emoe_grouped_matmul_bf16 stages in shared memory at most (EMOE_GMM_SMEM_FLOATS: 48 KiB). */
 const GMM_SMEM_FLOATS = 12288;
 const BLOCK = 256;
+/**
+ * Rows per group slot (on average, M / slots) up to which the tensor-core grouped matmul takes its
+ * few-rows tiling (16-row passes, 128-k stages). Same bits either way. 2 x H100, gate + up + down
+ * per layer, all 128 experts on one GPU, against the CUDA-core kernel (scripts/gmm-mma-bench.sh,
+ * 2026-11-26 11:19 UTC): few-rows 0.92x / 1.36x / 3.67x at 1 / 8 / 128 tokens (1, 1.2 and 8 rows per
+ * active expert) against 0.73x / 1.29x / 3.52x; at 256 tokens (16 per expert) 4.67x against 6.10x.
+ */
+const MMA_FEWROWS_MAX = 8;
 /** Largest head dim emoe_attention supports (registers per lane: 8 dims). */
 export const MAX_HEAD_DIM = 256;
 /** Largest expert count emoe_router_topk supports (E floats of shared memory, 48 KiB). */
@@ -544,8 +552,10 @@ export class ModelKernels implements Disposable {
     const grid2 = Math.min(slots, MAX_GRID);
     const args = [a.out, a.x, a.weights, a.rowOffsets, listed ? a.active! : arg.u64(0), arg.u32(G), arg.u32(M), arg.u32(N), arg.u32(K)];
     if (this.groupedKernel === 'tensor-cores') {
-      // 128 output columns (8 warps) of one group per block: grid (columns / 128, group slots).
-      this.launch(stream, 'emoe_grouped_matmul_bf16_mma', [gridFor(N, 128), grid2], BLOCK, args);
+      // 128 output columns (8 warps) of one group per block: grid (columns / 128, group slots). Up
+      // to MMA_FEWROWS_MAX rows per group slot on average, the tiling for few rows (same bits).
+      const name = M <= MMA_FEWROWS_MAX * grid2 ? 'emoe_grouped_matmul_bf16_mma_fewrows' : 'emoe_grouped_matmul_bf16_mma';
+      this.launch(stream, name, [gridFor(N, 128), grid2], BLOCK, args);
       return;
     }
     // One warp per two output columns (16 per block) of one group: grid (columns / 16, group

@@ -715,7 +715,7 @@ extern "C" __global__ void emoe_grouped_matmul_bf16(float* out, const float* x, 
   }
 }
 
-// 16b. emoe_grouped_matmul_bf16_mma: emoe_grouped_matmul_bf16's contract (arguments, groups,
+// 16b. emoe_grouped_matmul_bf16_mma and _mma_fewrows: emoe_grouped_matmul_bf16's contract (arguments, groups,
 // active list, traps, rows not written) on tensor cores (sm_80 and later: mma.sync m16n8k16,
 // bf16 in, f32 accumulate). The f32 activations are split exactly into three bf16 parts
 // (x = hi + mid + lo, each the round-to-nearest bf16 of what the earlier parts leave: 3 x 8
@@ -723,9 +723,10 @@ extern "C" __global__ void emoe_grouped_matmul_bf16(float* out, const float* x, 
 // products are exact): f32-level results, not bf16 activations. A finite x must stay below
 // 2^127 in magnitude (its hi part must not round to infinity).
 // Shape: 256 threads (8 warps); a block computes 128 output columns of up to 32 rows (4 tiles
-// of 8) of one group at a time. Warp w computes 16 columns (the mma's A operand, read straight
-// from W_g's rows into registers a stage ahead) of every tile (B = x^T). K goes in 64-k stages
-// of two 32-k chunks; each stage's x rows are split once by the block into shared memory
+// of 8; _fewrows: 16 rows, 2 tiles) of one group at a time. Warp w computes 16 columns (the
+// mma's A operand, read straight from W_g's rows into registers a stage ahead) of every tile
+// (B = x^T). K goes in 64-k stages of two 32-k chunks (_fewrows: 128-k stages of four); each
+// stage's x rows are split once by the block into shared memory
 // (double buffered, laid out as the B fragments: one 16-byte load per lane, part and tile)
 // while the warps multiply the previous stage. Grid (column blocks, group slots), both
 // grid-stride as for emoe_grouped_matmul_bf16; no dynamic shared memory.
@@ -741,8 +742,6 @@ extern "C" __global__ void emoe_grouped_matmul_bf16(float* out, const float* x, 
 // grid, or alignment (misaligned operands are loaded element by element into the same
 // fragments). It differs from emoe_grouped_matmul_bf16's by rounding only (H100, scripts/
 // gmm-mma-bench.sh: worst error 7-10e-7 of scale against double, CUDA cores 7e-7).
-#define EMOE_MMA_TILES 4   // 8-row tiles per pass (32 rows)
-#define EMOE_MMA_CH 2      // 32-k chunks per stage (64 k)
 #define EMOE_MMA_COLS 128  // output columns per block (8 warps x 16)
 __device__ __forceinline__ u32 emoe_pack_bf16x2(float lo, float hi) {
   u32 r;
@@ -848,15 +847,16 @@ __device__ __forceinline__ const u16* emoe_mma_group(const u64* weights, const i
   return (const u16*)weights[gi];
 }
 
-extern "C" __global__ void __launch_bounds__(256) emoe_grouped_matmul_bf16_mma(
-    float* out, const float* x, const u64* weights, const int* row_offsets, const int* active, u32 G, u32 M, u32 N,
-    u32 K) {
-#if __CUDA_ARCH__ >= 800
+// The body, for TILES 8-row tiles per pass and CH 32-k chunks per stage (8 x TILES x 4 x CH = 256
+// staging items, one per thread).
+template <int TILES, int CH>
+__device__ __forceinline__ void emoe_gmm_mma(float* out, const float* x, const u64* weights, const int* row_offsets,
+                                             const int* active, u32 G, u32 M, u32 N, u32 K) {
   // [buffer][chunk][tile][part][lane]: lane (g, t)'s B fragments of the tile's row g, k 8t .. 8t + 7.
-  __shared__ uint4 xs[2][EMOE_MMA_CH][EMOE_MMA_TILES][3][32];
-  constexpr u32 QS = EMOE_MMA_CH * 4;  // 8-k groups per stage
-  constexpr u32 STAGE_K = EMOE_MMA_CH * 32;
-  static_assert(8 * EMOE_MMA_TILES * QS == 256, "one staging item (a row's 8 k of a stage) per thread");
+  __shared__ uint4 xs[2][CH][TILES][3][32];
+  constexpr u32 QS = CH * 4;  // 8-k groups per stage
+  constexpr u32 STAGE_K = CH * 32;
+  static_assert(8 * TILES * QS == 256, "one staging item (a row's 8 k of a stage) per thread");
   if (blockDim.x != 256 || blockDim.y != 1 || blockDim.z != 1) __trap();
   const u32 tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t4 = lane & 3;
   const u32 sr = tid / QS, sq = tid % QS;  // staging: row of the pass and 8-k group of the stage
@@ -868,22 +868,22 @@ extern "C" __global__ void __launch_bounds__(256) emoe_grouped_matmul_bf16_mma(
     const u16* wg = emoe_mma_group(weights, row_offsets, active, a, G, M, &r0, &r1);
     if (r0 == r1) continue;
     const bool wvec = (K % 8 == 0) && ((((u64)wg) & 15) == 0);
-    for (int m0 = r0; m0 < r1; m0 += 8 * EMOE_MMA_TILES) {  // uniform
-      const int rows = r1 - m0 < 8 * EMOE_MMA_TILES ? r1 - m0 : 8 * EMOE_MMA_TILES;
+    for (int m0 = r0; m0 < r1; m0 += 8 * TILES) {  // uniform
+      const int rows = r1 - m0 < 8 * TILES ? r1 - m0 : 8 * TILES;
       const int tiles = (rows + 7) / 8;
       const bool stager = sr < (u32)(8 * tiles);
       const float* sxr = x + (u64)(m0 + (int)sr) * K;
       for (u64 n0 = (u64)blockIdx.x * EMOE_MMA_COLS; n0 < N; n0 += (u64)gridDim.x * EMOE_MMA_COLS) {  // uniform
         const u64 nw = n0 + 16 * warp + g;  // this lane's A rows: nw and nw + 8
-        float acc[EMOE_MMA_TILES][4];
+        float acc[TILES][4];
 #pragma unroll
-        for (int j = 0; j < EMOE_MMA_TILES; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
-        uint4 wn[EMOE_MMA_CH][2];
+        for (int j = 0; j < TILES; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+        uint4 wn[CH][2];
         float xv[8];
         auto load = [&](u32 s) {
           const u32 k0 = s * STAGE_K;
 #pragma unroll
-          for (int c = 0; c < EMOE_MMA_CH; ++c) {
+          for (int c = 0; c < CH; ++c) {
             wn[c][0] = emoe_mma_wload(wg, nw, N, k0 + 32 * c + 8 * t4, K, wvec);
             wn[c][1] = emoe_mma_wload(wg, nw + 8, N, k0 + 32 * c + 8 * t4, K, wvec);
           }
@@ -901,16 +901,16 @@ extern "C" __global__ void __launch_bounds__(256) emoe_grouped_matmul_bf16_mma(
         stage(0);
         __syncthreads();
         for (u32 s = 0; s < stages; ++s) {
-          uint4 w[EMOE_MMA_CH][2];
+          uint4 w[CH][2];
 #pragma unroll
-          for (int c = 0; c < EMOE_MMA_CH; ++c) { w[c][0] = wn[c][0]; w[c][1] = wn[c][1]; }
+          for (int c = 0; c < CH; ++c) { w[c][0] = wn[c][0]; w[c][1] = wn[c][1]; }
           if (s + 1 < stages) load(s + 1);
           const int buf = s & 1;
 #pragma unroll
-          for (int c = 0; c < EMOE_MMA_CH; ++c) {
+          for (int c = 0; c < CH; ++c) {
             if (s * STAGE_K + 32 * c >= K) break;  // uniform
 #pragma unroll
-            for (int j = 0; j < EMOE_MMA_TILES; ++j) {
+            for (int j = 0; j < TILES; ++j) {
               if (j >= tiles) break;  // uniform
               const uint4* b = xs[buf][c][j][0] + lane;
               emoe_mma_chunk(acc[j], w[c][0], w[c][1], b[64], b[32], b[0]);
@@ -920,15 +920,30 @@ extern "C" __global__ void __launch_bounds__(256) emoe_grouped_matmul_bf16_mma(
           __syncthreads();
         }
 #pragma unroll
-        for (int j = 0; j < EMOE_MMA_TILES; ++j)
+        for (int j = 0; j < TILES; ++j)
           if (j < tiles) emoe_mma_store(out, acc[j], m0 + 8 * j, rows - 8 * j, nw, N, t4);
       }
     }
   }
-#else
-  __trap();  // tensor cores: sm_80 and later (ModelKernels picks emoe_grouped_matmul_bf16 below that)
-#endif
 }
+
+// The two entries: the same per-row arithmetic (hence the same bits), tiled for many rows per
+// group (32-row passes, 64-k stages) or for few (16-row passes, 128-k stages: half the stages,
+// each with twice the weight loads in flight). ModelKernels.groupedMatmul picks by rows per group.
+#if __CUDA_ARCH__ >= 800
+#define EMOE_MMA_ENTRY(name, TILES, CH)                                                                            \
+  extern "C" __global__ void __launch_bounds__(256) name(float* out, const float* x, const u64* weights,           \
+                                                         const int* row_offsets, const int* active, u32 G, u32 M, \
+                                                         u32 N, u32 K) {                                           \
+    emoe_gmm_mma<TILES, CH>(out, x, weights, row_offsets, active, G, M, N, K);                                     \
+  }
+#else  // tensor cores: sm_80 and later (ModelKernels picks emoe_grouped_matmul_bf16 below that)
+#define EMOE_MMA_ENTRY(name, TILES, CH) \
+  extern "C" __global__ void name(float*, const float*, const u64*, const int*, const int*, u32, u32, u32, u32) { __trap(); }
+#endif
+EMOE_MMA_ENTRY(emoe_grouped_matmul_bf16_mma, 4, 2)
+EMOE_MMA_ENTRY(emoe_grouped_matmul_bf16_mma_fewrows, 2, 4)
+
 
 // 17. Device-side routing of one rank's T*K (token, k) pairs for one computing device.
 // ids [T*K] are the rank's top-k expert ids (row t*K + k; may be read from another
@@ -1185,6 +1200,7 @@ export const MODEL_KERNEL_NAMES = [
   'emoe_add_f32',
   'emoe_grouped_matmul_bf16',
   'emoe_grouped_matmul_bf16_mma',
+  'emoe_grouped_matmul_bf16_mma_fewrows',
   'emoe_route_rows',
   'emoe_gather_rows_count',
   'emoe_scatter_rows_count',
