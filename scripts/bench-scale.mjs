@@ -41,7 +41,7 @@
 // Prepare pacing (elastic and vertical; DeploymentOptions.prepare): BENCH_PREPARE_PACED
 // (1; 0 = the HMM's CopyService, everything at once), BENCH_PREPARE_INFLIGHT_MB (2048),
 // BENCH_PREPARE_RATE_GBPS (unlimited), BENCH_PREPARE_ALLOC_GROUP (8),
-// BENCH_PREPARE_YIELD_MS (0), BENCH_PREPARE_QUEUE_GROUP (Infinity). Engines: BENCH_GRAPHS, BENCH_DEVICE_ROUTING_MAX_ROWS, BENCH_EXECUTOR, BENCH_PRESTART and BENCH_PREATTACH (below).
+// BENCH_PREPARE_YIELD_MS (0), BENCH_PREPARE_QUEUE_GROUP (Infinity). Engines: BENCH_GRAPHS, BENCH_GRAPH_INSTANTIATE, BENCH_DEVICE_ROUTING_MAX_ROWS, BENCH_EXECUTOR, BENCH_PRESTART and BENCH_PREATTACH (below).
 // libuv's thread pool runs every blocking device wait (event/stream synchronize);
 // with 4 threads (Node's default) the forward pass's per-rank waits queue behind
 // any other: the script re-runs itself with UV_THREADPOOL_SIZE=16 unless it is set.
@@ -62,7 +62,7 @@ if (!process.env.UV_THREADPOOL_SIZE) {
 
 const { Runtime } = await import('../dist/index.js');
 const { dropPageCache, writePatternCheckpoint } = await import('./lib/checkpoint.mjs');
-const { workDuring } = await import('./lib/transition.mjs');
+const { workAgainst, workDuring } = await import('./lib/transition.mjs');
 const { Hmm } = await import('../dist/hmm/hmm.js');
 const { planChunks } = await import('../dist/hmm/placement.js');
 const { openCheckpoint } = await import('../dist/hmm/safetensors.js');
@@ -111,9 +111,12 @@ const kvBlocksPerDevice = Math.ceil((concurrency * Math.ceil((promptLen + output
 // BENCH_GRAPHS=0: every engine (elastic and baselines) runs without graph replay (A/B).
 const serving = { rt, config, kvBlocksPerDevice, maxTokensPerStep: 512, maxSeqs: concurrency, peerAccess: env('BENCH_PEER_ACCESS', 'own'),
   pauseCaptures: env('BENCH_PAUSE_CAPTURES', '0') === '1', standbyChunks: env('BENCH_STANDBY', '1') !== '0',
-  precaptureGraphs: Number(env('BENCH_PRECAPTURE', String(DEFAULT_PRECAPTURE_GRAPHS))), scaleDownSpares: env('BENCH_SCALE_DOWN_SPARES', '0') === '1' };
+  precaptureGraphs: Number(env('BENCH_PRECAPTURE', String(DEFAULT_PRECAPTURE_GRAPHS))), scaleDownSpares: env('BENCH_SCALE_DOWN_SPARES', '0') === '1',
+  hostPool: env('BENCH_HOST_POOL', '1') !== '0' };
 // BENCH_DEVICE_ROUTING_MAX_ROWS: the engines' deviceRoutingMaxRows (default: the engine's).
-const forward = env('BENCH_GRAPHS', '1') === '0' ? { graphs: false } : {};
+// BENCH_GRAPH_INSTANTIATE=inline: graphs instantiated on the event loop (A/B; default thread-pool).
+const forward = env('BENCH_GRAPHS', '1') === '0' ? { graphs: false }
+  : process.env.BENCH_GRAPH_INSTANTIATE ? { graphs: { instantiate: process.env.BENCH_GRAPH_INSTANTIATE } } : {};
 if (process.env.BENCH_DEVICE_ROUTING_MAX_ROWS) forward.deviceRoutingMaxRows = Number(process.env.BENCH_DEVICE_ROUTING_MAX_ROWS);
 // BENCH_EXECUTOR=process: the elastic deployment's executors run as their own processes (dist/executor/main.js),
 // the standby attaching the new layout through the HMM daemon (forward options then stay the executor's defaults).
@@ -317,6 +320,15 @@ for (let i = 1; i < plan.length; i++) {
     `serving work done during ${figures.workDuringOverBefore === null ? 'n/a' : `${(100 * figures.workDuringOverBefore).toFixed(0)}%`} of before; ` +
     `${r.chunksFromStandby} of ${r.chunksCopied} target chunks were standby chunks`);
   await sleep(holdMs);
+  // The release and the new layout's first steps: the second after the first new step, against
+  // the new layout's steps from 1.5 s after it to the end of the hold.
+  const elasticSteps = steps.filter((s) => s.who === 'elastic');
+  const steady = elasticSteps.filter((s) => s.t > m.first.t + 1500 && s.t <= m.first.t + holdMs);
+  const after = workAgainst(elasticSteps, m.first.t, m.first.t + 1000, steady);
+  emit({ bench: 'after', from: m.from, to: m.to, workAfterOverSteady: after?.ratio ?? null, steadySteps: steady.length, phases: r.phases,
+    hostPool: dep.hostPoolStats });
+  log(`  after ${m.from.join(',')} -> ${m.to.join(',')}: serving work done in the second after the first new step ` +
+    `${after ? `${(100 * after.ratio).toFixed(0)}%` : 'n/a'} of the new layout's steady rate (release ${r.phases.releaseMs.toFixed(0)} ms)`);
 }
 
 // ---- replica: a second copy of the model on fresh devices while the elastic deployment serves.

@@ -194,6 +194,15 @@ class Backend {
   // kNotSupported if it was invalidated, kInvalidArgument naming "stream" if a
   // joined stream was not joined back, or if `stream` is not an origin.
   virtual GraphId EndCapture(StreamId stream) = 0;
+  // EndCapture without the instantiation: the graph takes InstantiateGraph before
+  // LaunchGraph (kInvalidArgument naming "graph" until then); DestroyGraph takes it
+  // either way. Fails and ends the capture as EndCapture does.
+  virtual GraphId EndCaptureDeferred(StreamId stream) = 0;
+  // Instantiates a graph from EndCaptureDeferred (kInvalidArgument naming "graph" if it
+  // is instantiated already). Host work, milliseconds for a thousand nodes: it may run
+  // on another thread while this one keeps queueing work, as long as nothing else uses
+  // this graph meanwhile. On failure the graph stays uninstantiated (destroy it).
+  virtual void InstantiateGraph(GraphId graph) = 0;
   // Runs the whole graph, in order on `stream` (work queued on it before runs
   // first; work queued after waits for it). Each recorded operation runs on the
   // device of the stream that captured it. A graph may be launched many times.

@@ -57,6 +57,7 @@ void NativeStream::Init(Napi::Env env, AddonData& data) {
       Method<W, &W::WaitEvent>("waitEvent"),
       Method<W, &W::BeginCapture>("beginCapture"),
       Method<W, &W::EndCapture>("endCapture"),
+      Method<W, &W::EndCaptureAsync>("endCaptureAsync"),
       Method<W, &W::Synchronize>("synchronize"),
       Method<W, &W::SynchronizeSync>("synchronizeSync"),
       Method<W, &W::Destroy>("destroy"),
@@ -233,6 +234,35 @@ Napi::Value NativeStream::EndCapture(const Napi::CallbackInfo& info) {
   // Owned from here: destroyed if making the object fails.
   auto state = std::make_shared<GraphState>(s.backend, id);
   return NativeGraph::New(info.Env(), std::move(state));
+}
+
+namespace {
+
+// Instantiates a graph off the main thread; resolves with the NativeGraph.
+class InstantiateWorker : public PromiseWorker {
+ public:
+  InstantiateWorker(const Napi::Object& owner, std::shared_ptr<GraphState> graph)
+      : PromiseWorker(owner, "NativeStream.endCaptureAsync"), graph_(std::move(graph)) {}
+
+ private:
+  void Run() override { graph_->backend->InstantiateGraph(graph_->id); }
+  Napi::Value Result(Napi::Env env) override { return NativeGraph::New(env, graph_); }
+
+  // Owns the graph until the promise settles: a failed instantiation destroys it.
+  std::shared_ptr<GraphState> graph_;
+};
+
+}  // namespace
+
+// endCaptureAsync(): ends the capture here (errors as endCapture's, as a rejection) and
+// instantiates the graph on the thread pool, so that the thread keeps queueing work.
+Napi::Value NativeStream::EndCaptureAsync(const Napi::CallbackInfo& info) {
+  return PromiseOrReject(info.Env(), "NativeStream.endCaptureAsync", [&] {
+    const StreamState& s = Live();
+    GraphId id = s.backend->EndCaptureDeferred(s.id);
+    auto state = std::make_shared<GraphState>(s.backend, id);
+    return (new InstantiateWorker(Value(), std::move(state)))->Start();
+  });
 }
 
 Napi::Value NativeStream::Synchronize(const Napi::CallbackInfo& info) {

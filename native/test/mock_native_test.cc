@@ -829,6 +829,27 @@ void TestGraphCaptureAndReplay() {
   b->SynchronizeStream(s);
   CHECK(*reinterpret_cast<float*>(out) == 729.0f);
 
+  // A deferred end: the graph launches only once instantiated (on any thread), once.
+  b->BeginCapture(s);
+  b->Launch(scale, LaunchConfig{}, s, {Ptr(out), F32(2.0f), U64(1)});
+  GraphId later = b->EndCaptureDeferred(s);
+  EXPECT_ERROR(b->LaunchGraph(later, s), ErrorKind::kInvalidArgument, "", "InstantiateGraph first", "graph");
+  std::thread([&] { b->InstantiateGraph(later); }).join();
+  EXPECT_ERROR(b->InstantiateGraph(later), ErrorKind::kInvalidArgument, "", "not instantiated yet", "graph");
+  b->LaunchGraph(later, s);
+  b->SynchronizeStream(s);
+  CHECK(*reinterpret_cast<float*>(out) == 1458.0f);
+  b->DestroyGraph(later);
+  *reinterpret_cast<float*>(out) = 729.0f;  // as it was, for what follows
+  // One never instantiated is destroyed as well; a failed instantiation leaves it so.
+  b->BeginCapture(s);
+  GraphId never = b->EndCaptureDeferred(s);
+  b->InjectFault("InstantiateGraph", 1, ErrorKind::kOutOfMemory);
+  EXPECT_ERROR(b->InstantiateGraph(never), ErrorKind::kOutOfMemory, "", "");
+  EXPECT_ERROR(b->LaunchGraph(never, s), ErrorKind::kInvalidArgument, "", "InstantiateGraph first", "graph");
+  b->DestroyGraph(never);
+  EXPECT_ERROR(b->InstantiateGraph(never), ErrorKind::kInvalidHandle, "", "unknown graph handle");
+
   // Destroying a graph with launches still queued is safe; later use is an invalid handle.
   FunctionId gate = b->GetFunction(m, "test_gate_wait");
   CloseGate();

@@ -20,7 +20,14 @@ const median = (xs) => {
  * Returns { ratio, windowMs, workMs, steps } or undefined when no step ran before.
  */
 export function workDuring(steps, tCmd, tEnd, beforeMs = 3000) {
-  const before = steps.filter((s) => s.t > tCmd - beforeMs && s.t <= tCmd);
+  return workAgainst(steps, tCmd, tEnd, steps.filter((s) => s.t > tCmd - beforeMs && s.t <= tCmd));
+}
+
+/**
+ * The same measure for the window [tCmd, tEnd] against the steps of another reference window
+ * (`before`), e.g. the first second on a new layout against that layout's steady steps later.
+ */
+export function workAgainst(steps, tCmd, tEnd, before) {
   if (before.length === 0 || !(tEnd > tCmd)) return undefined;
   const kind = (s) => (s.tokens === s.decode ? 'decode' : 'mixed');
   const byTokens = new Map();

@@ -131,6 +131,7 @@ import type { ModelConfig } from '../model/config.js';
 import { type KvDtype, MAX_ROUTE_EXPERTS, MAX_ROUTE_ROWS, ModelKernels, checkKvDtype, kvDtypeBytes } from '../model/kernels/index.js';
 import { InvalidArgumentError, NotSupportedError } from '../runtime/errors.js';
 import type { Graph } from '../runtime/graph.js';
+import type { HostBufferPool } from '../runtime/host-pool.js';
 import type { Chunk, DevicePointer, HostBuffer, VirtualRange } from '../runtime/memory.js';
 import type { Runtime } from '../runtime/runtime.js';
 import type { Event, Stream } from '../runtime/stream.js';
@@ -178,9 +179,12 @@ export interface ForwardEngineOptions {
    * 64 graphs cached, the least recently used evicted); `{ maxGraphs, captureAfter }` set the
    * bound (at least 1) and the sightings (at least 1); false: never. Where the backend cannot
    * capture (NotSupportedError), graphs turn off for the engine at the first try and steps run
-   * as usual: `graphStats.disabledReason` says why.
+   * as usual: `graphStats.disabledReason` says why. `instantiate` says where a captured graph is
+   * instantiated (host work, 5-20 ms for a 48-layer rank step on H100): 'thread-pool' (the
+   * default) off the event loop, so an engine serving in this process keeps stepping while a
+   * standby engine captures ahead; 'inline' on it (the previous behaviour, for A/B runs).
    */
-  graphs?: boolean | { maxGraphs?: number; captureAfter?: number };
+  graphs?: boolean | { maxGraphs?: number; captureAfter?: number; instantiate?: GraphInstantiate };
   /**
    * Observe the experts' load: every n-th step (counted from the first) runs its ranks on the
    * host routing path, whose row lists are built from the top-k ids on the host, and those
@@ -197,7 +201,17 @@ export interface ForwardEngineOptions {
    * blockTokens too and a pool made for the other dtype is refused.
    */
   kvDtype?: KvDtype;
+  /**
+   * Pinned host buffers are taken from this pool and given back to it when the engine is
+   * disposed (default: allocated and freed by the engine). A deployment passes one pool to
+   * the engines of its successive layouts: freeing pinned memory right after a switch-over
+   * stalled the event loop for 64-109 ms while the new layout stepped.
+   */
+  hostPool?: HostBufferPool;
 }
+
+/** Where captured graphs are instantiated (ForwardEngineOptions.graphs.instantiate). */
+export type GraphInstantiate = 'thread-pool' | 'inline';
 
 /** Tokens routed to each expert in the steps observed (ForwardEngineOptions.observeLoadEvery). */
 export interface ExpertLoad {
@@ -399,8 +413,10 @@ interface DeviceState {
   buf: Buffers;
   host: HostBuffer;
   hostI32: Int32Array;
+  /** Where the pinned buffers come from and go back to (ForwardEngineOptions.hostPool). */
+  hostPool?: HostBufferPool;
   /** Pinned source of the routing and expert address tables' upload (device routing) and the event after it. */
-  tables?: { host: HostBuffer; uploaded: Event };
+  tables?: { host: HostBuffer; uploaded: Event; done?: boolean };
   events: Event[];
   eventsUsed: number;
   /** Events recorded only inside captures (never synchronized, never recorded outside one). */
@@ -530,6 +546,8 @@ export class ForwardEngine implements Disposable {
     private readonly maxGraphs: number,
     /** Sightings of a shape before it is captured. */
     private readonly captureAfter: number,
+    /** Where captured graphs are instantiated. */
+    private readonly instantiate: GraphInstantiate,
     /** Every n-th step observes the experts' load on the host path (0: never). */
     private readonly observeLoadEvery: number,
     /** Element type of the KV cache (ForwardEngineOptions.kvDtype). */
@@ -574,6 +592,7 @@ export class ForwardEngine implements Disposable {
     const graphs = options.graphs ?? true;
     let maxGraphs: number;
     let captureAfter = DEFAULT_CAPTURE_AFTER;
+    let instantiate: GraphInstantiate = 'thread-pool';
     if (typeof graphs === 'boolean') {
       maxGraphs = graphs ? DEFAULT_MAX_GRAPHS : 0;
     } else if (graphs !== null && typeof graphs === 'object') {
@@ -581,8 +600,10 @@ export class ForwardEngine implements Disposable {
       if (!Number.isSafeInteger(maxGraphs) || maxGraphs < 1) throw new InvalidArgumentError('graphs.maxGraphs', 'a positive integer');
       captureAfter = graphs.captureAfter ?? DEFAULT_CAPTURE_AFTER;
       if (!Number.isSafeInteger(captureAfter) || captureAfter < 1) throw new InvalidArgumentError('graphs.captureAfter', 'a positive integer');
+      instantiate = graphs.instantiate ?? instantiate;
+      if (instantiate !== 'thread-pool' && instantiate !== 'inline') throw new InvalidArgumentError('graphs.instantiate', "'thread-pool' or 'inline'");
     } else {
-      throw new InvalidArgumentError('graphs', 'a boolean or { maxGraphs, captureAfter }');
+      throw new InvalidArgumentError('graphs', 'a boolean or { maxGraphs, captureAfter, instantiate }');
     }
     const observeLoadEvery = options.observeLoadEvery ?? 0;
     if (!Number.isSafeInteger(observeLoadEvery) || observeLoadEvery < 0) throw new InvalidArgumentError('observeLoadEvery', 'a non-negative integer (0: off)');
@@ -663,7 +684,8 @@ export class ForwardEngine implements Disposable {
           t += performance.now() - t0; // not this engine's time
         }
         const resolved = await ForwardEngine.resolveWeights(c, layout, weights, r, routes, stats);
-        made.push(ForwardEngine.deviceState(rt, c, layout, resolved, kv.get(d)!, r, kernels[r]!, routes, T, G, MBmax, hostLayout, deviceRoutingMaxRows, stats));
+        made.push(ForwardEngine.deviceState(rt, c, layout, resolved, kv.get(d)!, r, kernels[r]!, routes, T, G, MBmax, hostLayout, deviceRoutingMaxRows, stats,
+          options.hostPool));
         kernels[r] = undefined; // owned by its state now
       }
       lap();
@@ -671,6 +693,7 @@ export class ForwardEngine implements Disposable {
         for (const s of made) ForwardEngine.uploadTables(rt, c, s, routes);
         // One wait for all: a rank's routing kernels read other devices' tables too.
         await Promise.all(made.map((s) => s.tables!.uploaded.synchronize()));
+        for (const s of made) s.tables!.done = true;
       }
       stats.tablesMs = lap();
     } catch (e) {
@@ -679,7 +702,7 @@ export class ForwardEngine implements Disposable {
       throw e;
     }
     const engine = new ForwardEngine(rt, c, layout, made, T, blockTokens, G, hostLayout, groupedMaxRows, deviceRoutingMaxRows, computers,
-      maxGraphs, captureAfter, observeLoadEvery, kvDtype);
+      maxGraphs, captureAfter, instantiate, observeLoadEvery, kvDtype);
     engine.createStats = stats;
     return engine;
   }
@@ -728,7 +751,7 @@ export class ForwardEngine implements Disposable {
       addrs[(l * 3 + 1) * E + x] = w.up.address;
       addrs[(l * 3 + 2) * E + x] = w.down.address;
     });
-    const host = rt.hostBuffer(table.byteLength + addrs.byteLength);
+    const host = ForwardEngine.takeHost(rt, s.hostPool, table.byteLength + addrs.byteLength);
     host.bytes(0, table.byteLength).set(new Uint8Array(table.buffer));
     host.bytes(table.byteLength, addrs.byteLength).set(new Uint8Array(addrs.buffer));
     s.stream.upload(s.buf.routeTable!, host, table.byteLength);
@@ -776,7 +799,7 @@ export class ForwardEngine implements Disposable {
 
   private static deviceState(rt: Runtime, c: ModelConfig, layout: Layout, resolved: ResolvedWeights, kv: KvPoolView, r: number,
     kernels: ModelKernels, routes: Int32Array[], T: number, G: number, MBmax: number, hl: HostLayout, routedRows: number,
-    stats: ForwardCreateStats): DeviceState {
+    stats: ForwardCreateStats, hostPool: HostBufferPool | undefined): DeviceState {
     const device = layout.devices[r]!;
     const { model, layers, experts, expertWords } = resolved;
     const hostI32 = hl.total;
@@ -796,22 +819,31 @@ export class ForwardEngine implements Disposable {
       // device routing path's kernels read and write other ranks' scratch directly).
       range.setAccess(0, size, layout.devices);
       const buf = ForwardEngine.buffers(c, new Arena(range.at(0)), T, G, MBmax, hl.listStride, routes.length, routedRows);
-      host = rt.hostBuffer(hostI32 * 4);
+      host = ForwardEngine.takeHost(rt, hostPool, hostI32 * 4);
       const bytes = host.bytes();
       stream = rt.createStream(device);
       stats.buffersMs += performance.now() - t1;
       return {
-        rank: r, device, kernels, stream, chunk, range, buf, host,
+        rank: r, device, kernels, stream, chunk, range, buf, host, ...(hostPool ? { hostPool } : {}),
         hostI32: new Int32Array(bytes.buffer, bytes.byteOffset, hostI32),
         events: [], eventsUsed: 0, captureEvents: [], captureEventsUsed: 0, model, layers, experts, expertWords, kv, route: routes[r]!,
       };
     } catch (e) {
       stream?.dispose();
-      host?.dispose();
+      if (host) ForwardEngine.giveHost(hostPool, host);
       range?.dispose();
       chunk?.dispose();
       throw e;
     }
+  }
+
+  private static takeHost(rt: Runtime, pool: HostBufferPool | undefined, size: number): HostBuffer {
+    return pool ? pool.take(size) : rt.hostBuffer(size);
+  }
+
+  private static giveHost(pool: HostBufferPool | undefined, host: HostBuffer): void {
+    if (pool) pool.give(host);
+    else host.dispose();
   }
 
   private static disposeState(s: DeviceState): void {
@@ -820,10 +852,16 @@ export class ForwardEngine implements Disposable {
     s.captureEvents.length = 0;
     s.stream.dispose();
     s.kernels.dispose();
-    s.host.dispose();
-    // The tables' pinned buffer goes once its upload has run (an engine disposed before any step).
+    // Its last step has run (the engine is disposed between steps).
+    ForwardEngine.giveHost(s.hostPool, s.host);
+    // The tables' pinned buffer goes once its upload has run: at once for an engine made (create
+    // waited for it), later when create failed before that.
     const t = s.tables;
-    if (t) t.uploaded.synchronize().catch(() => undefined).finally(() => { t.uploaded.dispose(); t.host.dispose(); });
+    const pool = s.hostPool;
+    if (t?.done) {
+      t.uploaded.dispose();
+      ForwardEngine.giveHost(pool, t.host);
+    } else if (t) t.uploaded.synchronize().catch(() => undefined).finally(() => { t.uploaded.dispose(); ForwardEngine.giveHost(pool, t.host); });
     s.tables = undefined;
     s.range.dispose();
     s.chunk.dispose();
@@ -1209,7 +1247,14 @@ export class ForwardEngine implements Disposable {
       for (const j of others) os.wait(this.event(j).record(this.devs[j]!.stream));
       this.capturing = false;
       ending = true;
-      return os.endCapture(); // ends the capture even when it throws
+      // Both end the capture even when they fail; the thread pool instantiates while this
+      // thread serves other engines' steps.
+      const graph = this.instantiate === 'inline' ? os.endCapture() : await os.endCaptureAsync();
+      if (this.disposed) {
+        graph.dispose();
+        throw new InvalidArgumentError('engine', 'not disposed while it captures');
+      }
+      return graph;
     } catch (e) {
       this.capturing = false;
       if (!ending) {

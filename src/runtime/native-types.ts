@@ -89,6 +89,8 @@ export interface NativeStream {
   beginCapture(): void;
   /** Ends the capture begun on this stream (also when it throws) and instantiates the graph. */
   endCapture(): NativeGraph;
+  /** Ends the capture now; instantiates on the thread pool. */
+  endCaptureAsync(): Promise<NativeGraph>;
   /** Resolves when all queued work is done; rejects with the async error (e.g. ILLEGAL_ADDRESS). */
   synchronize(): Promise<void>;
   synchronizeSync(): void;

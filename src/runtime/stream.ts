@@ -117,6 +117,15 @@ export class Stream implements Disposable {
     return new Graph(this.native.endCapture());
   }
   /**
+   * endCapture with the instantiation (host work, milliseconds for a thousand-node graph) on
+   * the thread pool: the capture ends now, with endCapture's errors as rejections, and the
+   * graph resolves once instantiated, while this thread keeps queueing other work (an engine
+   * serving in the same process steps meanwhile).
+   */
+  endCaptureAsync(): Promise<Graph> {
+    return this.native.endCaptureAsync().then((g) => new Graph(g));
+  }
+  /**
    * Captures what `body` queues (synchronously) into a graph. If `body` throws,
    * the capture is ended and discarded and the error is rethrown. A body that
    * returns a promise is refused: a capture left open across an await records

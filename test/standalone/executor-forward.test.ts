@@ -530,7 +530,7 @@ describe('forward pass: validation, KV views, attached weights (qwen3_moe)', () 
         .then(() => undefined, (e: unknown) => e))).toBe('deviceRoutingMaxRows');
     }
     for (const [graphs, field] of [[{ maxGraphs: 0 }, 'graphs.maxGraphs'], [{ maxGraphs: 2.5 }, 'graphs.maxGraphs'],
-      [{ captureAfter: 0 }, 'graphs.captureAfter'], ['yes', 'graphs'], [1, 'graphs']] as const) {
+      [{ captureAfter: 0 }, 'graphs.captureAfter'], [{ instantiate: 'worker' }, 'graphs.instantiate'], ['yes', 'graphs'], [1, 'graphs']] as const) {
       expect(await arg(ForwardEngine.create(fx.rt, config, { devices: [0], placement: () => [0] }, ws, fx.views, { graphs: graphs as never })
         .then(() => undefined, (e: unknown) => e))).toBe(field);
     }
@@ -793,14 +793,24 @@ describe('forward pass: validation, KV views, attached weights (qwen3_moe)', () 
     expect(b.graphStats).toMatchObject({ precaptured: 2, cached: 2, captures: 0, replays: 0 });
     expect(await decodeScript(b, 'b', script3)).toEqual(want);
     expect(b.graphStats).toMatchObject({ precaptured: 2, captures: 0, replays: 4 });
-    // One piece per graph: no turn of the loop inside.
-    const c = await engineFor(fx, layout3, 16);
+    // One piece per graph, instantiated inline: no turn of the loop inside.
+    const c = await engineFor(fx, layout3, 16, { graphs: { instantiate: 'inline' } });
     turns = 0;
     counting = true;
     setImmediate(count);
     expect(await c.precapture(precaptureShapes(shapes, layout3.devices, 1), { layersPerTurn: 2 })).toBe(2);
     counting = false;
     expect(turns).toBe(0);
+    expect(await decodeScript(c, 'c', script3)).toEqual(want);
+    // One piece per graph, instantiated on the thread pool (the default): the loop turns while each is.
+    const d = await engineFor(fx, layout3, 16);
+    turns = 0;
+    counting = true;
+    setImmediate(count);
+    expect(await d.precapture(precaptureShapes(shapes, layout3.devices, 1), { layersPerTurn: 2 })).toBe(2);
+    counting = false;
+    expect(turns).toBeGreaterThanOrEqual(2);
+    expect(await decodeScript(d, 'd', script3)).toEqual(want);
     // Shapes no step of b can have are skipped (rank out of range, T off the buckets, MB not a
     // power of two, more sampled than sequences), and so are those cached already.
     expect(await b.precapture([

@@ -80,6 +80,39 @@ describe('stream capture and graphs on the mock', () => {
     graph.dispose();
   });
 
+  it('endCaptureAsync ends the capture at once and resolves with an instantiated graph; its failures reject and leak nothing', async () => {
+    const { rt, mods } = await setup();
+    const mod = mods[0]!;
+    const s = rt.createStream(0);
+    const st = makeStep(rt);
+    floats(st.input).set(Array.from({ length: N }, (_, i) => i));
+    s.beginCapture();
+    queueStep(s, mod, st);
+    const pending = s.endCaptureAsync();
+    // The capture is over before the promise settles: this runs now, not into the graph.
+    floats(st.output).fill(-1);
+    s.launch(mod.kernel('emoe_fill_u32'), DIMS, [st.out, arg.u32(0), arg.u64(N)]);
+    await s.synchronize();
+    const graph = await pending;
+    expect(graph).toBeInstanceOf(Graph);
+    expect(floats(st.output)[7]).toBe(-1);
+    graph.launch(s);
+    await s.synchronize();
+    expect(floats(st.output)[7]).toBe(4);
+    graph.dispose();
+
+    // Not capturing: a rejection (not a throw), as endCapture's error.
+    await expect(s.endCaptureAsync()).rejects.toThrow(InvalidArgumentError);
+    // A failed instantiation rejects; the capture has ended, so the stream captures again.
+    s.beginCapture();
+    queueStep(s, mod, st);
+    rt.injectFault('InstantiateGraph', 1, 'OUT_OF_MEMORY');
+    await expect(s.endCaptureAsync()).rejects.toThrow(OutOfMemoryError);
+    s.beginCapture();
+    const again = await s.endCaptureAsync();
+    again.dispose();
+  });
+
   it('replays read host inputs and device memory as they are at launch, with the kernel arguments captured', async () => {
     const { rt, mods } = await setup();
     const mod = mods[0]!;

@@ -356,6 +356,12 @@ describe('Deployment.scale', () => {
     }
     expect(dep.hmm.store.size).toBe(chunks0.length + 1); // + the KV pool chunk
     expect(dep.hmm.kv.poolDevices()).toEqual([0]);
+    // Pinned host buffers: allocated for the first two layouts' engines (1 + 2 devices, a
+    // metadata and a tables buffer each), then handed from engine to engine, never freed.
+    const pool = dep.hostPoolStats;
+    expect(pool).toMatchObject({ allocated: 6, freed: 0 });
+    expect(pool.reused).toBe(2 + 200 * (4 + 2) - 6); // every engine takes 2 buffers per device
+    expect(pool.kept).toBe(4);
     // Devices outside the layout hold nothing but their standby chunks.
     const spare = dep.hmm.accounting().map((a) => a.spareBytes);
     expect(spare[0]).toBe(0);

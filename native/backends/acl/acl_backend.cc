@@ -140,6 +140,8 @@ class AclBackend final : public Backend {
   // Stream capture is not implemented here (see GraphsNotSupported).
   void BeginCapture(StreamId stream) override { GraphsNotSupported("BeginCapture"); }
   GraphId EndCapture(StreamId stream) override { GraphsNotSupported("EndCapture"); }
+  GraphId EndCaptureDeferred(StreamId stream) override { GraphsNotSupported("EndCapture"); }
+  void InstantiateGraph(GraphId graph) override { GraphsNotSupported("InstantiateGraph"); }
   void LaunchGraph(GraphId graph, StreamId stream) override { GraphsNotSupported("LaunchGraph"); }
   void DestroyGraph(GraphId graph) override { GraphsNotSupported("DestroyGraph"); }
 

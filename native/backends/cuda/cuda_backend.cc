@@ -133,6 +133,8 @@ class CudaBackend final : public Backend {
 
   void BeginCapture(StreamId stream) override;
   GraphId EndCapture(StreamId stream) override;
+  GraphId EndCaptureDeferred(StreamId stream) override;
+  void InstantiateGraph(GraphId graph) override;
   void LaunchGraph(GraphId graph, StreamId stream) override;
   void DestroyGraph(GraphId graph) override;
 
@@ -190,8 +192,9 @@ class CudaBackend final : public Backend {
     std::string name;
   };
   struct Graph {
-    CUgraphExec exec = nullptr;
-    int device = 0;  // the origin stream's: its context destroys the graph
+    CUgraphExec exec = nullptr;  // null until instantiated
+    CUgraph raw = nullptr;       // the captured graph, until instantiated
+    int device = 0;              // the origin stream's: its context destroys the graph
   };
 
   void InitDevice(int ordinal);
@@ -385,7 +388,9 @@ CudaBackend::~CudaBackend() {
     if (use(static_cast<int>(i))) d_.cuCtxSynchronize();  // nothing may still use what we free
   }
   for (auto& e : graphs_) {
-    if (use(e.second.device)) d_.cuGraphExecDestroy(e.second.exec);
+    if (!use(e.second.device)) continue;
+    if (e.second.exec != nullptr) d_.cuGraphExecDestroy(e.second.exec);
+    if (e.second.raw != nullptr) d_.cuGraphDestroy(e.second.raw);
   }
   for (auto& e : streams_) {
     if (use(e.second.device)) d_.cuStreamDestroy(e.second.handle);
@@ -1154,6 +1159,21 @@ void CudaBackend::BeginCapture(StreamId stream) {
 }
 
 GraphId CudaBackend::EndCapture(StreamId stream) {
+  const GraphId id = EndCaptureDeferred(stream);
+  try {
+    InstantiateGraph(id);
+  } catch (...) {
+    try {
+      DestroyGraph(id);
+    } catch (...) {
+      // The instantiation's error is the one to report.
+    }
+    throw;
+  }
+  return id;
+}
+
+GraphId CudaBackend::EndCaptureDeferred(StreamId stream) {
   const char* api = "EndCapture";
   const Stream s = FindStream(stream, api);
   {
@@ -1182,20 +1202,49 @@ GraphId CudaBackend::EndCapture(StreamId stream) {
                "the driver ended the capture on stream " + std::to_string(stream) +
                    " without an error and without a graph");
   }
+  return Insert(graphs_, Graph{nullptr, graph, s.device});
+}
+
+void CudaBackend::InstantiateGraph(GraphId graph) {
+  const char* api = "InstantiateGraph";
+  const Graph g = Find(graphs_, graph, "graph", api);
+  if (g.exec != nullptr) {
+    FailArg(api, "graph", "a graph from EndCaptureDeferred that is not instantiated yet (graph " +
+                              std::to_string(graph) + " is)");
+  }
+  Use(g.device, api);
   CUgraphExec exec = nullptr;
-  const CUresult ri = d_.cuGraphInstantiateWithFlags(&exec, graph, 0);
-  // The executable graph is independent of the graph it was made from.
-  d_.cuGraphDestroy(graph);
-  Check(ri, "cuGraphInstantiateWithFlags", [&] {
-    return "instantiating the graph captured on stream " + std::to_string(stream) + " of " +
-           DeviceText(s.device);
+  // No lock held: instantiation is the long part, and other threads keep launching.
+  Check(d_.cuGraphInstantiateWithFlags(&exec, g.raw, 0), "cuGraphInstantiateWithFlags", [&] {
+    return "instantiating graph " + std::to_string(graph) + " (captured on " + DeviceText(g.device) + ")";
   });
-  return Insert(graphs_, Graph{exec, s.device});
+  bool gone = false;
+  {
+    std::unique_lock<std::shared_mutex> lock(mu_);
+    auto it = graphs_.find(graph);
+    if (it == graphs_.end() || it->second.raw != g.raw) {
+      gone = true;
+    } else {
+      it->second.exec = exec;
+      it->second.raw = nullptr;
+    }
+  }
+  if (gone) {
+    // Destroyed (or its device reset) while it was being instantiated.
+    d_.cuGraphExecDestroy(exec);
+    InvalidHandle(api, "graph", graph);
+  }
+  // The executable graph is independent of the graph it was made from.
+  d_.cuGraphDestroy(g.raw);
 }
 
 void CudaBackend::LaunchGraph(GraphId graph, StreamId stream) {
   const char* api = "LaunchGraph";
   const Graph g = Find(graphs_, graph, "graph", api);
+  if (g.exec == nullptr) {
+    FailArg(api, "graph", "an instantiated graph (graph " + std::to_string(graph) +
+                              " came from EndCaptureDeferred: call InstantiateGraph first)");
+  }
   const Stream s = FindStream(stream, api);
   Use(s.device, api);
   Check(d_.cuGraphLaunch(g.exec, s.handle), "cuGraphLaunch", [&] {
@@ -1208,6 +1257,11 @@ void CudaBackend::DestroyGraph(GraphId graph) {
   const char* api = "DestroyGraph";
   const Graph g = Take(graphs_, graph, "graph", api);
   Use(g.device, api);
+  if (g.exec == nullptr) {
+    Check(d_.cuGraphDestroy(g.raw), "cuGraphDestroy",
+          [&] { return "destroying graph " + std::to_string(graph) + " (not instantiated)"; });
+    return;
+  }
   // Launches already queued complete first (the driver defers the release).
   Check(d_.cuGraphExecDestroy(g.exec), "cuGraphExecDestroy",
         [&] { return "destroying graph " + std::to_string(graph); });

@@ -150,7 +150,7 @@ const char* const kFaultOps[] = {
     "CreateEvent", "DestroyEvent", "RecordEvent", "StreamWaitEvent", "SynchronizeEvent",
     "ElapsedMs", "CopyDeviceToDevice", "CopyHostToDevice", "CopyDeviceToHost", "MemsetD8",
     "LoadModule", "UnloadModule", "GetFunction", "Launch", "BeginCapture", "EndCapture",
-    "LaunchGraph", "DestroyGraph", "ResetDevice"};
+    "InstantiateGraph", "LaunchGraph", "DestroyGraph", "ResetDevice"};
 
 // Physical memory of one chunk. Shared by its handle and its mappings: it is freed
 // (capacity returned, memfd closed) when the handle is released and the last
@@ -998,7 +998,22 @@ class MockBackend final : public Backend {
     s->capture = std::move(c);
   }
 
-  GraphId EndCapture(StreamId stream) override {
+  GraphId EndCapture(StreamId stream) override { return EndCaptureImpl(stream, false); }
+  GraphId EndCaptureDeferred(StreamId stream) override { return EndCaptureImpl(stream, true); }
+
+  void InstantiateGraph(GraphId graph) override {
+    const char* api = "InstantiateGraph";
+    Hook(api);
+    std::lock_guard<std::mutex> lock(mu_);
+    if (graphs_.count(graph) == 0) InvalidHandle(api, "graph", graph);
+    if (deferred_.erase(graph) == 0) {
+      FailArg(api, "graph", "a graph from EndCaptureDeferred that is not instantiated yet (graph " +
+                                std::to_string(graph) + " is)");
+    }
+  }
+
+ private:
+  GraphId EndCaptureImpl(StreamId stream, bool defer) {
     const char* api = "EndCapture";
     // An injected fault stands for a failed end or instantiation: like those,
     // it still ends the capture (when `stream` is an origin).
@@ -1062,8 +1077,11 @@ class MockBackend final : public Backend {
     g->devices.assign(c->devices.begin(), c->devices.end());
     g->order = ReplayOrder(g->nodes);
     graphs_[g->id] = g;
+    if (defer) deferred_.insert(g->id);
     return g->id;
   }
+
+ public:
 
   void LaunchGraph(GraphId graph, StreamId stream) override {
     const char* api = "LaunchGraph";
@@ -1071,6 +1089,10 @@ class MockBackend final : public Backend {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = graphs_.find(graph);
     if (it == graphs_.end()) InvalidHandle(api, "graph", graph);
+    if (deferred_.count(graph) != 0) {
+      FailArg(api, "graph", "an instantiated graph (graph " + std::to_string(graph) +
+                                " came from EndCaptureDeferred: call InstantiateGraph first)");
+    }
     std::shared_ptr<const Graph> g = it->second;
     std::shared_ptr<Stream> s = FindStream(api, stream);
     CheckNotPoisoned(api, s->device);
@@ -1090,6 +1112,7 @@ class MockBackend final : public Backend {
     std::lock_guard<std::mutex> lock(mu_);
     // Launches already queued hold their own reference and still run.
     if (graphs_.erase(graph) == 0) InvalidHandle("DestroyGraph", "graph", graph);
+    deferred_.erase(graph);
   }
 
   // ---- health and test hooks
@@ -1505,6 +1528,7 @@ class MockBackend final : public Backend {
   std::map<ModuleId, Module> modules_;
   std::map<FunctionId, Function> functions_;
   std::map<GraphId, std::shared_ptr<const Graph>> graphs_;
+  std::set<GraphId> deferred_;  // from EndCaptureDeferred, not instantiated yet
   std::unique_ptr<std::atomic<bool>[]> poisoned_;  // read by workers without mu_
 
   std::shared_mutex host_mu_;
