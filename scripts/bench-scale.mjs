@@ -326,7 +326,7 @@ for (let i = 1; i < plan.length; i++) {
   const steady = elasticSteps.filter((s) => s.t > m.first.t + 1500 && s.t <= m.first.t + holdMs);
   const after = workAgainst(elasticSteps, m.first.t, m.first.t + 1000, steady);
   emit({ bench: 'after', from: m.from, to: m.to, workAfterOverSteady: after?.ratio ?? null, steadySteps: steady.length, phases: r.phases,
-    hostPool: dep.hostPoolStats });
+    ...(r.release ? { release: r.release } : {}), hostPool: dep.hostPoolStats });
   log(`  after ${m.from.join(',')} -> ${m.to.join(',')}: serving work done in the second after the first new step ` +
     `${after ? `${(100 * after.ratio).toFixed(0)}%` : 'n/a'} of the new layout's steady rate (release ${r.phases.releaseMs.toFixed(0)} ms)`);
 }

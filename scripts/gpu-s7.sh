@@ -28,7 +28,8 @@ import json,sys
 for l in sys.stdin:
   a=json.loads(l); p=a['phases']; h=a.get('hostPool') or {}
   print('  ', a['from'], '->', a['to'], 'work in the second after the first new step', a['workAfterOverSteady'] if a['workAfterOverSteady'] is None else round(a['workAfterOverSteady'],3),
-    '; release', round(p['releaseMs']), 'ms; host pool reused', h.get('reused'), 'allocated', h.get('allocated'), 'freed', h.get('freed'))"
+    '; release', round(p['releaseMs']), 'ms', {k: {x: round(y, 1) for x, y in v.items()} for k, v in (a.get('release') or {}).items()},
+    '; host pool reused', h.get('reused'), 'allocated', h.get('allocated'), 'freed', h.get('freed'))"
       done ;;
   esac
 done

@@ -287,6 +287,11 @@ export interface ScaleReport {
    * executor processes when the serving process had no shapes to give.
    */
   precapture?: { graphs: number; ms: number; error?: string };
+  /**
+   * In process: the release's host work, the old engine's disposal (in pieces) and the chunk
+   * frees (in groups of RELEASE_GROUP), with the longest piece: how long it held the event loop.
+   */
+  release?: { engine: { ms: number; maxBlockMs: number; pieces: number }; chunks: { ms: number; maxBlockMs: number; groups: number } };
   /** What the switch-over did to the requests in flight. */
   switchover: ReconfigureReport;
   /** Each copied chunk and the chunks it was copied from (identical bytes). */
@@ -1129,12 +1134,20 @@ export class Deployment {
       // The old process exits and its daemon session ends before its chunks are released.
       await old.close();
       await this.settleSessions(new Set([(standby as RemoteStepper).session]));
-    } else old.dispose();
+    }
+    const releaseStats = old instanceof ForwardEngine ? { engine: await old.disposeAsync(), chunks: { ms: 0, maxBlockMs: 0, groups: 0 } } : undefined;
     let chunksReleased = 0;
     const held = store.all().filter((c) => c.holders.has(oldId)).map((c) => c.plan.id);
     for (let i = 0; i < held.length; i += RELEASE_GROUP) {
-      if (i > 0) await new Promise<void>((r) => setImmediate(r));
+      if (i > 0 || releaseStats) await new Promise<void>((r) => setImmediate(r));
+      const t = now();
       for (const id of held.slice(i, i + RELEASE_GROUP)) if (store.release(id, oldId)) chunksReleased++;
+      if (releaseStats) {
+        const ms = now() - t;
+        releaseStats.chunks.ms += ms;
+        releaseStats.chunks.maxBlockMs = Math.max(releaseStats.chunks.maxBlockMs, ms);
+        releaseStats.chunks.groups++;
+      }
     }
     const stay = new Set(next.devices);
     for (const d of from) {
@@ -1153,6 +1166,7 @@ export class Deployment {
       prepare: { options: prep!, ...(copyStats ? { stats: copyStats } : {}) }, load: loadUsed,
       ...(attachStats ? { attach: attachStats } : {}),
       ...(precapture ? { precapture } : {}),
+      ...(releaseStats ? { release: releaseStats } : {}),
     };
   }
 

@@ -822,6 +822,35 @@ describe('forward pass: validation, KV views, attached weights (qwen3_moe)', () 
     expect(await (await engineFor(fx, layout3, 16, { graphs: false })).precapture(shapes)).toBe(0);
   });
 
+  it('disposeAsync frees everything in pieces, a turn of the event loop between them, and the engine refuses steps from the first call', async () => {
+    const layout = { devices: [0, 1], placement: roundRobinPlacement(8, [0, 1]) };
+    const free = () => fx.rt.devices().map((d) => d.freeBytes);
+    const before = free();
+    const e = await ForwardEngine.create(fx.rt, fx.config, layout, storeWeights(fx.hmm.store),
+      new Map(layout.devices.map((d) => [d, fx.views.get(d)!])), { maxTokensPerStep: 16, graphs: { captureAfter: 1 } });
+    await decodeScript(e, 'x', [[['p'], ['q', 'r']], [['p'], ['q', 'r']]]);
+    const graphs = e.graphStats.cached;
+    expect(graphs).toBe(2);
+    expect(layout.devices.every((d) => free()[d]! < before[d]!)).toBe(true);
+    let turns = 0;
+    let counting = true;
+    const count = () => {
+      if (!counting) return;
+      turns++;
+      setImmediate(count);
+    };
+    setImmediate(count);
+    const pending = e.disposeAsync(1);
+    await expect(e.step({ ranks: [] })).rejects.toThrow(/not disposed/);
+    const stats = await pending;
+    counting = false;
+    expect(stats.pieces).toBe(graphs + layout.devices.length);
+    expect(turns).toBeGreaterThanOrEqual(stats.pieces - 1);
+    expect(stats.maxBlockMs).toBeLessThanOrEqual(stats.ms);
+    expect(free()).toEqual(before);
+    expect(await e.disposeAsync()).toEqual({ ms: 0, maxBlockMs: 0, pieces: 0 });
+  });
+
   it('fails a precapture whose capture fails, leaving the engine serving; a refused one turns graphs off', async () => {
     const layout = { devices: [0, 1], placement: roundRobinPlacement(8, [0, 1]) };
     const shapes = [{ rank: 0, T: 1, S: 1, MB: 1, sampled: 1 }, { rank: 1, T: 1, S: 1, MB: 1, sampled: 1 }];

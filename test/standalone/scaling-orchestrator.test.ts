@@ -208,6 +208,10 @@ describe('Deployment.scale', () => {
       expect(r.bytesCopied).toBe(r.lowerBoundBytes);
       const p = r.phases;
       expect(p.planMs + p.prepareMs + p.attachMs + p.switchMs + p.releaseMs).toBeLessThanOrEqual(r.ms + 1e-6);
+      // The release in pieces: the old engine's graphs and devices, then the chunk groups.
+      expect(r.release!.engine.pieces).toBeGreaterThanOrEqual(r.from.length);
+      expect(r.release!.chunks.groups).toBe(Math.ceil(r.chunksReleased / 64));
+      expect(r.release!.engine.ms + r.release!.chunks.ms).toBeLessThanOrEqual(p.releaseMs + 1e-6);
     }
     expect(reports[0]).toMatchObject({ from: [0], to: [0, 1], chunksCopied: 9, chunksReused: 9, chunksReleased: 8 }); // dense + 8 experts to device 1
     expect(phases.filter((p) => p !== 'prepare')).toEqual(Array(4).fill(['plan', 'attach', 'switch', 'release', 'done']).flat());
