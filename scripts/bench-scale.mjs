@@ -32,6 +32,9 @@
 // bench waits for them before each scale and reports how long making them took),
 // BENCH_SCALE_PROFILE (a directory: a CPU profile of each measured scale, command to first new
 // step; every scale line also carries loopDelay, the event loop's longest delay in that window),
+// BENCH_PREFILL (1, the default: standby chunks filled ahead with the planned scale-up's bytes,
+// DeploymentOptions.prefillStandby; 0: blank standby chunks, copied into at scale time),
+// BENCH_HOST_POOL (1, the default: pinned host buffers handed from engine to engine; 0: freed at release),
 // BENCH_SCALE_DOWN_SPARES (1: the serving devices also keep standby chunks for a scale-down,
 // DeploymentOptions.scaleDownSpares; default 0),
 // BENCH_PRECAPTURE (graph shapes per staying device the standby engine captures ahead,
@@ -112,7 +115,7 @@ const kvBlocksPerDevice = Math.ceil((concurrency * Math.ceil((promptLen + output
 const serving = { rt, config, kvBlocksPerDevice, maxTokensPerStep: 512, maxSeqs: concurrency, peerAccess: env('BENCH_PEER_ACCESS', 'own'),
   pauseCaptures: env('BENCH_PAUSE_CAPTURES', '0') === '1', standbyChunks: env('BENCH_STANDBY', '1') !== '0',
   precaptureGraphs: Number(env('BENCH_PRECAPTURE', String(DEFAULT_PRECAPTURE_GRAPHS))), scaleDownSpares: env('BENCH_SCALE_DOWN_SPARES', '0') === '1',
-  hostPool: env('BENCH_HOST_POOL', '1') !== '0' };
+  hostPool: env('BENCH_HOST_POOL', '1') !== '0', prefillStandby: env('BENCH_PREFILL', '1') !== '0' };
 // BENCH_DEVICE_ROUTING_MAX_ROWS: the engines' deviceRoutingMaxRows (default: the engine's).
 // BENCH_GRAPH_INSTANTIATE=inline: graphs instantiated on the event loop (A/B; default thread-pool).
 const forward = env('BENCH_GRAPHS', '1') === '0' ? { graphs: false }
@@ -302,13 +305,25 @@ if (needCkpt && checkpointKind === 'export') {
 const load = startLoad('elastic');
 load.targets = [dep];
 await sleep(holdMs);
+// When the work ahead (standby chunks, their fills) last finished: the "before" window of a scale
+// (3 s) starts after it, so that the fills' copies never count as the serving rate before.
+let aheadDoneAt = clock();
 for (let i = 1; i < plan.length; i++) {
-  if (i > 1) await settle(`before ${plan[i].join(',')}`);
+  if (i > 1) {
+    await settle(`before ${plan[i].join(',')}`);
+    const wait = aheadDoneAt + 3000 - clock();
+    if (wait > 0) {
+      log(`waiting ${wait.toFixed(0)} ms more: the work ahead ended less than 3 s ago`);
+      await sleep(wait);
+    }
+  }
   const m = await measureScale('elastic', dep, plan[i]);
+  void dep.settled().then(() => { aheadDoneAt = clock(); });
   const r = m.report;
   const figures = transitionFigures(m);
   emit({ bench: 'scale', ...figures,
     bytesCopied: r.bytesCopied, lowerBoundBytes: r.lowerBoundBytes, chunksCopied: r.chunksCopied, chunksFromStandby: r.chunksFromStandby,
+    chunksPrefilled: r.chunksPrefilled, bytesPrefilled: r.bytesPrefilled,
     plannedAhead: r.plannedAhead, prestartedExecutor: r.prestartedExecutor, preattachedChunks: r.preattachedChunks, attachDuringCopies: r.attachDuringCopies,
     chunksReused: r.chunksReused, chunksReleased: r.chunksReleased, switchover: r.switchover, prepare: r.prepare,
     peakUsedBytes: m.peak });
@@ -318,7 +333,7 @@ for (let i = 1; i < plan.length; i++) {
     `(all tokens, prompt and decode: ${(100 * m.during.allTokensPerSecond / m.before.allTokensPerSecond).toFixed(0)}%); ` +
     `decode step speed during ${speed === null ? 'n/a (no decode-only step)' : `${(100 * speed).toFixed(0)}%`} of before; ` +
     `serving work done during ${figures.workDuringOverBefore === null ? 'n/a' : `${(100 * figures.workDuringOverBefore).toFixed(0)}%`} of before; ` +
-    `${r.chunksFromStandby} of ${r.chunksCopied} target chunks were standby chunks`);
+    `${r.chunksFromStandby} of ${r.chunksCopied} target chunks were standby chunks, ${r.chunksPrefilled} of them filled ahead`);
   await sleep(holdMs);
   // The release and the new layout's first steps: the second after the first new step, against
   // the new layout's steps from 1.5 s after it to the end of the hold.

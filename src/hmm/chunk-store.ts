@@ -10,7 +10,7 @@ import { InvalidArgumentError, NotFoundError } from '../runtime/errors.js';
 import { arg, type Module } from '../runtime/kernel.js';
 import type { Chunk, DevicePointer, SharedHandle, VirtualRange } from '../runtime/memory.js';
 import type { Runtime } from '../runtime/runtime.js';
-import type { Stream } from '../runtime/stream.js';
+import type { Event, Stream } from '../runtime/stream.js';
 import type { ChunkKind, ChunkPlan, TensorLocation } from './placement.js';
 
 export interface StoredChunk {
@@ -35,6 +35,10 @@ interface Spare {
   readonly chunk: Chunk;
   readonly range: VirtualRange;
   readonly access: ReadonlySet<number>;
+  /** The chunk id whose bytes it holds (fillSpares), once its copy completed; undefined: none known. */
+  content?: string;
+  /** A fillSpares copy into it is in flight: it is neither taken nor counted meanwhile. */
+  filling?: boolean;
 }
 
 function freeSpare(s: Spare): void {
@@ -71,6 +75,7 @@ export class ChunkStore {
   /** Spare chunks by device, then size: created, mapped and granted access ahead, bound to no plan yet. */
   private readonly spares = new Map<number, Map<number, Spare[]>>();
   private taken = 0;
+  private filledTaken = 0;
 
   constructor(readonly rt: Runtime) {}
 
@@ -109,21 +114,42 @@ export class ChunkStore {
           }
         }
         const devices = access ? access(plan) : [plan.device];
-        const { chunk, range, access: granted } = this.takeSpare(plan.device, plan.size, devices) ?? this.create(plan.device, plan.size, devices);
-        const stored: StoredChunk = { plan, chunk, range, holders: new Set([holder]), access: new Set(granted) };
-        this.chunks.set(plan.id, stored);
-        for (const t of plan.tensors) {
-          let replicas = this.tensors.get(t.name);
-          if (!replicas) this.tensors.set(t.name, (replicas = new Map()));
-          replicas.set(plan.device, { chunkId: plan.id, location: t });
-        }
-        made.push(stored);
+        made.push(this.register(plan, holder, this.takeSpare(plan.device, plan.size, devices) ?? this.create(plan.device, plan.size, devices)));
       }
     } catch (e) {
       for (const c of made) this.free(c);
       throw e;
     }
     return made;
+  }
+
+  /**
+   * The chunk of `plan` made from a spare of its device that fillSpares filled as `plan.id` (its
+   * bytes are already those of the chunks it was copied from), mapped with access for at least
+   * `access`; undefined when there is none (allocate and copy it then).
+   */
+  adoptFilled(plan: ChunkPlan, holder: string, access: readonly number[] = [plan.device]): StoredChunk | undefined {
+    if (this.chunks.has(plan.id)) throw new InvalidArgumentError('plan.id', `new (chunk '${plan.id}' exists)`);
+    for (const t of plan.tensors) {
+      if (this.tensors.get(t.name)?.has(plan.device)) {
+        throw new InvalidArgumentError('tensor', `new on its device ('${t.name}' is already stored on device ${plan.device})`);
+      }
+    }
+    const spare = this.takeSpare(plan.device, plan.size, access, plan.id);
+    if (!spare) return undefined;
+    this.filledTaken++;
+    return this.register(plan, holder, spare);
+  }
+
+  private register(plan: ChunkPlan, holder: string, { chunk, range, access }: Spare): StoredChunk {
+    const stored: StoredChunk = { plan, chunk, range, holders: new Set([holder]), access: new Set(access) };
+    this.chunks.set(plan.id, stored);
+    for (const t of plan.tensors) {
+      let replicas = this.tensors.get(t.name);
+      if (!replicas) this.tensors.set(t.name, (replicas = new Map()));
+      replicas.set(plan.device, { chunkId: plan.id, location: t });
+    }
+    return stored;
   }
 
   /** A new exportable chunk mapped here with access for `devices`; nothing left behind on failure. */
@@ -142,18 +168,80 @@ export class ChunkStore {
     return { chunk, range, access: new Set(devices) };
   }
 
-  /** A spare of that device and size whose mapping grants at least `devices`, taken out of the spares. */
-  private takeSpare(device: number, size: number, devices: readonly number[]): Spare | undefined {
+  /**
+   * A spare of that device and size whose mapping grants at least `devices`, taken out of the
+   * spares: one filled as `content` when given, else preferably one holding nothing known (a
+   * filled one is used as a blank chunk only when no blank one is left). Never one being filled.
+   */
+  private takeSpare(device: number, size: number, devices: readonly number[], content?: string): Spare | undefined {
     const list = this.spares.get(device)?.get(size);
     if (!list) return undefined;
-    // From the end: a scale takes ~2,000-3,000 in a row, and the first match is nearly always the last one.
-    for (let i = list.length - 1; i >= 0; i--) {
-      if (!devices.every((d) => list[i]!.access.has(d))) continue;
-      const [spare] = list.splice(i, 1);
-      this.taken++;
-      return spare;
+    const fits = (sp: Spare) => !sp.filling && devices.every((d) => sp.access.has(d));
+    const pick = (want: (sp: Spare) => boolean): Spare | undefined => {
+      // From the end: a scale takes ~2,000-3,000 in a row, and the first match is nearly always the last one.
+      for (let i = list.length - 1; i >= 0; i--) {
+        if (!fits(list[i]!) || !want(list[i]!)) continue;
+        const [spare] = list.splice(i, 1);
+        this.taken++;
+        return spare;
+      }
+      return undefined;
+    };
+    if (content !== undefined) return pick((sp) => sp.content === content);
+    const spare = pick((sp) => sp.content === undefined) ?? pick(() => true);
+    if (spare) spare.content = undefined;
+    return spare;
+  }
+
+  /**
+   * Fills spares of `device` ahead of a scale with the bytes of the chunks the scale would copy
+   * there: for each fill, a blank spare of the source's size (mapped for the device and the
+   * source's device) gets a copy of `source`, pushed on the source device's copy stream, and is
+   * then known as `id` (adoptFilled takes it for the chunk of that id, with no copy). Fills whose
+   * id a spare of the device already holds are skipped, and so are those no blank spare fits.
+   * Resolves with the number filled once their copies completed; on a failed copy, the spares
+   * of this call are left blank and the error is rethrown. Chunk bytes never change once loaded
+   * (weights), so a filled spare stays valid while its id's chunks exist anywhere.
+   */
+  async fillSpares(device: number, fills: ReadonlyArray<{ id: string; source: StoredChunk }>): Promise<number> {
+    const taken: Array<{ spare: Spare; id: string }> = [];
+    const streams = new Set<Stream>();
+    const events: Event[] = [];
+    try {
+      for (const { id, source } of fills) {
+        const list = this.spares.get(device)?.get(source.plan.size) ?? [];
+        if (list.some((sp) => sp.content === id)) continue;
+        const spare = list.find((sp) => !sp.filling && sp.content === undefined && sp.access.has(device) && sp.access.has(source.plan.device));
+        if (!spare) continue;
+        spare.filling = true;
+        taken.push({ spare, id });
+        const s = this.copyStream(source.plan.device, device);
+        streams.add(s);
+        s.copy(spare.range.at(0), source.range.at(0), source.plan.size);
+      }
+      await Promise.all([...streams].map((s) => {
+        const ev = this.rt.createEvent(s.device);
+        events.push(ev);
+        return ev.record(s).synchronize();
+      }));
+      for (const t of taken) t.spare.content = t.id;
+      return taken.length;
+    } finally {
+      // Also on failure: every copy queued has ended (synchronize settled), so the spares may be reused, blank.
+      await Promise.allSettled([...streams].map((s) => s.synchronize()));
+      for (const t of taken) t.spare.filling = false;
+      for (const ev of events) ev.dispose();
     }
-    return undefined;
+  }
+
+  /** Spares of `device` filled by fillSpares (holding a chunk id's bytes), and the spares adoptFilled has taken so far. */
+  filledSpares(device: number): number {
+    let n = 0;
+    for (const list of this.spares.get(device)?.values() ?? []) for (const sp of list) if (sp.content !== undefined) n++;
+    return n;
+  }
+  get filledTakenCount(): number {
+    return this.filledTaken;
   }
 
   /**

@@ -181,6 +181,17 @@ export interface DeploymentOptions {
    */
   scaleDownSpares?: boolean;
   /**
+   * With standbyChunks: the standby chunks of each device outside the layout are also filled, in
+   * the background, with the bytes a scale-up onto that device would copy (the planned ahead
+   * scale's expert and dense chunks, which never change once loaded), so that scale-up adopts
+   * them and copies nothing at command time: no copy traffic beside serving, and no copy to wait
+   * for (default true). Costs no memory beyond the standby chunks; costs a copy of each joining
+   * device's intake after every scale (PREFILL_GROUP chunks at a time, a turn of the loop
+   * between groups), which settled() waits for. A scale to another target than the planned
+   * ones (an observed or given load) copies as usual.
+   */
+  prefillStandby?: boolean;
+  /**
    * When every target chunk of a scale is a standby chunk: queue all the copies at once and make
    * the standby (engine, or executor process) while they run, instead of after (default true).
    */
@@ -257,6 +268,12 @@ export interface ScaleReport {
   chunksCopied: number;
   /** Of the chunks copied into, those taken from the standby chunks made ahead (DeploymentOptions.standbyChunks). */
   chunksFromStandby: number;
+  /**
+   * Of the new chunks, those whose standby chunk had been filled ahead (DeploymentOptions.prefillStandby)
+   * and their bytes: moved before the command, not during the scale (bytesCopied counts them too).
+   */
+  chunksPrefilled: number;
+  bytesPrefilled: number;
   /** Whether the plan was made ahead, in the background after the last scale (uniform-load scales by one device). */
   plannedAhead: boolean;
   /** Whether the standby engine was made while the copies ran (DeploymentOptions.attachDuringCopies). */
@@ -318,6 +335,9 @@ const RELEASE_GROUP = 64;
 
 /** Spare chunks created per synchronous group (the loop gets a turn between groups). */
 const SPARE_GROUP = 8;
+
+/** Standby chunks filled per group (prefillStandby): one wait for their copies, then a turn of the loop. */
+const PREFILL_GROUP = 32;
 
 /** Default steps between load observations (ForwardEngineOptions.observeLoadEvery). */
 const DEFAULT_OBSERVE_EVERY = 32;
@@ -812,13 +832,17 @@ export class Deployment {
       ...node.filter((d) => !layout.includes(d)).map((d) => ({ to: [...layout, d], joining: d as number | undefined })),
       ...(layout.length > 1 ? layout.map((d) => ({ to: layout.filter((x) => x !== d), joining: undefined })) : []),
     ];
+    const fills: Array<{ device: number; planned: ScalePlan }> = [];
     for (const { to, joining } of targets) {
       // Never inside the call that starts it (a scale's end): what ran just before settles first.
       await turn();
       if (this.aheadStop) return;
       try {
         const planned = this.planFor(to, undefined);
-        if (joining !== undefined && this.standbyOn) want.set(joining, this.intake(joining, planned));
+        if (joining !== undefined && this.standbyOn) {
+          want.set(joining, this.intake(joining, planned));
+          if (this.options.prefillStandby !== false) fills.push({ device: joining, planned });
+        }
         // A scale-down: each staying device keeps the most any single removal copies onto it.
         if (joining === undefined && this.standbyOn && this.options.scaleDownSpares) {
           for (const d of to) {
@@ -852,6 +876,19 @@ export class Deployment {
             store.addSpares(d, size, Math.min(SPARE_GROUP, count - have), node);
             await turn();
           }
+        }
+      } catch (e) {
+        this.aheadError = e;
+      }
+    }
+    // Then the fills (prefillStandby): each joining device's planned copies, into its standby chunks.
+    for (const { device, planned } of fills) {
+      const mine = planned.transfers.filter((t) => t.targetDevice === device);
+      try {
+        for (let i = 0; i < mine.length; i += PREFILL_GROUP) {
+          if (this.aheadStop) return;
+          await store.fillSpares(device, mine.slice(i, i + PREFILL_GROUP).map((t) => ({ id: t.targetId, source: store.get(t.sourceId) })));
+          await turn();
         }
       } catch (e) {
         this.aheadError = e;
@@ -964,6 +1001,8 @@ export class Deployment {
     let copies: ScaleReport['copies'];
     let bytesCopied = 0;
     let fromStandby = 0;
+    let prefilled = 0;
+    let prefilledBytes = 0;
     let plannedAhead = false;
     let overlapped = false;
     let copying: ReturnType<typeof pacedCopy> | undefined;
@@ -1010,9 +1049,20 @@ export class Deployment {
       for (const id of reused) store.retain(id, newId);
       const takenBefore = store.sparesTaken;
       const copyOptions = { holder: newId, stripeAlignment: this.rt.granularity(0), onProgress: (copy: CopyProgress) => progress('prepare', { copy }) };
+      // Targets whose standby chunk was filled ahead (prefillStandby) are taken as they are; the rest are copied.
+      const adopted: StoredChunk[] = [];
+      const toCopy = transfers.filter((t) => {
+        const source = store.get(t.sourceId);
+        const c = store.adoptFilled(targetPlan(source.plan, t.targetDevice, t.targetId), newId,
+          [t.targetDevice, ...[t.sourceId, ...(t.extraSourceIds ?? [])].map((id) => store.get(id).plan.device)]);
+        if (c) adopted.push(c);
+        return c === undefined;
+      });
+      prefilled = adopted.length;
+      prefilledBytes = adopted.reduce((a, c) => a + c.plan.size, 0);
       let copied: StoredChunk[] | undefined;
       if (prep.paced) {
-        const jobs = transfers.map((t) => {
+        const jobs = toCopy.map((t) => {
           const sources = [t.sourceId, ...(t.extraSourceIds ?? [])].map((id) => store.get(id));
           return { plan: targetPlan(sources[0]!.plan, t.targetDevice, t.targetId), sources };
         });
@@ -1037,7 +1087,7 @@ export class Deployment {
           copyStats = r.stats;
         }
       } else {
-        copied = await this.copier.copy(transfers, copyOptions);
+        copied = await this.copier.copy(toCopy, copyOptions);
       }
       phases.prepareMs = lap();
 
@@ -1093,7 +1143,7 @@ export class Deployment {
         copyStats = r.stats;
         phases.copyWaitMs = lap();
       }
-      bytesCopied = copied!.reduce((a, c) => a + c.plan.size, 0);
+      bytesCopied = prefilledBytes + copied!.reduce((a, c) => a + c.plan.size, 0);
       fromStandby = store.sparesTaken - takenBefore;
     } catch (e) {
       // Copies still queued finish (or fail and free their targets) before anything is freed; a
@@ -1160,7 +1210,8 @@ export class Deployment {
     if (this.options.peerAccess === 'all') this.accessGrant = this.grantNodeAccess(newId);
     progress('done');
     return {
-      from, to: [...next.devices], ms: now() - t0, bytesCopied, chunksCopied: copies.length, chunksFromStandby: fromStandby, plannedAhead, attachDuringCopies: overlapped, ...(this.daemon ? { prestartedExecutor: prestartedUsed } : {}),
+      from, to: [...next.devices], ms: now() - t0, bytesCopied, chunksCopied: copies.length, chunksFromStandby: fromStandby,
+      chunksPrefilled: prefilled, bytesPrefilled: prefilledBytes, plannedAhead, attachDuringCopies: overlapped, ...(this.daemon ? { prestartedExecutor: prestartedUsed } : {}),
       ...(standby instanceof RemoteStepper && standby.preattached ? { preattachedChunks: standby.preattached } : {}), chunksReused: reused.length, chunksReleased,
       lowerBoundBytes: lower, phases, switchover, copies, layout: cloneLayout(next),
       prepare: { options: prep!, ...(copyStats ? { stats: copyStats } : {}) }, load: loadUsed,

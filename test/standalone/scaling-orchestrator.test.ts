@@ -568,8 +568,58 @@ describe('Deployment.scale', () => {
     expect(await settledFree(dep, rt)).toEqual(rt.devices().map((d, i) => (i === 0 ? steady.get('0')![0] : d.totalBytes)));
   });
 
-  it('keeps standby chunks on the devices outside the layout: a scale-up copies into them, a failed one rolls back and they are made again', async () => {
+  it('fills the standby chunks ahead (prefillStandby): a scale-up adopts them and copies nothing, with exact bytes; a failed fill or scale loses nothing', async () => {
     const { rt, dep } = await start([0]);
+    await dep.settled();
+    expect(dep.standby.error).toBeUndefined();
+    // Each device outside the layout holds, filled, the 9 chunks a scale-up onto it would copy (dense + 8 experts).
+    for (const d of [1, 2, 3]) expect(dep.hmm.store.filledSpares(d), `device ${d}`).toBe(9);
+    const original = await originalSums(dep);
+    const before = await checksums(dep);
+    const running = dep.submit({ prompt: PROMPTS[2]!, maxTokens: 60, ignoreEos: true });
+    // No copy at scale time: a fault on the first device-to-device copy never fires.
+    rt.injectFault('CopyDeviceToDevice', 1);
+    const r = await dep.scale({ devices: [0, 1] });
+    rt.clearFaults();
+    expect(r).toMatchObject({ chunksCopied: 9, chunksFromStandby: 9, chunksPrefilled: 9, plannedAhead: true });
+    expect(r.bytesPrefilled).toBe(r.bytesCopied);
+    expect(r.bytesCopied).toBe(r.lowerBoundBytes);
+    await expectCopiesExact(dep, r, before, original);
+    // After it, the devices still outside are filled for the next scale-up from [0, 1].
+    await dep.settled();
+    for (const d of [2, 3]) expect(dep.hmm.store.filledSpares(d), `device ${d}`).toBeGreaterThan(0);
+    expect(dep.hmm.store.filledSpares(1)).toBe(0);
+
+    // A fill failing: the work ahead reports it, the spares stay blank, and the scale-up copies them (exact bytes).
+    await dep.scale({ devices: [0] });
+    rt.injectFault('CopyDeviceToDevice', 1);
+    await dep.settled();
+    rt.clearFaults();
+    expect(dep.standby.error).toBeInstanceOf(FaultInjectedError);
+    const filled = [1, 2, 3].map((d) => dep.hmm.store.filledSpares(d));
+    expect(filled.some((n) => n < 9)).toBe(true);
+    const before2 = await checksums(dep);
+    const up = await dep.scale({ devices: [0, 1] });
+    expect(up.chunksPrefilled).toBe(filled[0]);
+    expect(up.chunksCopied).toBe(9);
+    await expectCopiesExact(dep, up, before2, original);
+
+    // A scale failing after it adopted filled chunks rolls back: memory as before, filled again.
+    await dep.scale({ devices: [0] });
+    const memory = await settledFree(dep, rt);
+    for (const d of [1, 2, 3]) expect(dep.hmm.store.filledSpares(d)).toBe(9);
+    rt.injectFault('CreateStream', 1);
+    await expect(dep.scale({ devices: [0, 2] })).rejects.toBeInstanceOf(FaultInjectedError);
+    rt.clearFaults();
+    expect(dep.devices).toEqual([0]);
+    expect(await settledFree(dep, rt)).toEqual(memory);
+    for (const d of [1, 2, 3]) expect(dep.hmm.store.filledSpares(d)).toBe(9);
+    expect((await running).outputTokens).toEqual(expected(PROMPTS[2]!, 60));
+  });
+
+  it('keeps standby chunks on the devices outside the layout: a scale-up copies into them, a failed one rolls back and they are made again', async () => {
+    // Blank standby chunks (no prefill): the scale-up's copies run into them.
+    const { rt, dep } = await start([0], { prefillStandby: false });
     await dep.settled();
     // Devices 1-3 each keep what a scale-up onto them allocates there: its KV pool chunk, the dense chunk and half
     // the experts (1→2).
