@@ -227,6 +227,11 @@ export interface GraphStats {
   enabled: boolean;
   /** Rank graphs captured by a step (each also ran, by one launch of it). A graph step has one graph per rank. */
   captures: number;
+  /**
+   * Captures a step began (counted before the capture: one begun before capturesPaused was set
+   * may still end in a graph after it, while its instantiation runs on the thread pool).
+   */
+  capturesBegun: number;
   /** Rank graphs a step launched from the cache. */
   replays: number;
   /** Rank graphs captured ahead of their first step (precapture). */
@@ -506,7 +511,7 @@ export class ForwardEngine implements Disposable {
   private readonly graphCache = new Map<string, CachedGraph>();
   /** Set while a step is being captured: event() then draws from the capture pool. */
   private capturing = false;
-  private graphCounts = { captures: 0, replays: 0, evicted: 0, deferred: 0, precaptured: 0 };
+  private graphCounts = { captures: 0, capturesBegun: 0, replays: 0, evicted: 0, deferred: 0, precaptured: 0 };
   /** Host-path routing counts per layer * E + expert, and the steps they cover; steps run so far. */
   private readonly observed: Float64Array;
   private observedSteps = 0;
@@ -1155,6 +1160,7 @@ export class ForwardEngine implements Disposable {
       this.graphCache.set(key, hit);
     }
     for (const r of missing) {
+      this.graphCounts.capturesBegun++;
       const graph = await this.capture(padded, [r], 0);
       if (!graph) return false;
       this.graphCounts.captures++;

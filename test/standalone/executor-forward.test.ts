@@ -621,7 +621,7 @@ describe('forward pass: validation, KV views, attached weights (qwen3_moe)', () 
         const n = layout.devices.length;
         const e = await engineFor(fx, layout, 16, { graphs: false });
         expect(e.deviceRoutingMaxRows).toBe(32 * E); // 32 rows per expert
-        expect(e.graphStats).toEqual({ enabled: false, captures: 0, replays: 0, precaptured: 0, cached: 0, evicted: 0, deferred: 0, disabledReason: 'graphs: false' });
+        expect(e.graphStats).toEqual({ enabled: false, captures: 0, capturesBegun: 0, replays: 0, precaptured: 0, cached: 0, evicted: 0, deferred: 0, disabledReason: 'graphs: false' });
         const blocks = layout.devices.map((_, r) => fx.hmm.kv.allocate(`dev${r}`, layout.devices[r]!, 1));
         const gblocks = layout.devices.map((_, r) => fx.hmm.kv.allocate(`gdev${r}`, layout.devices[r]!, 1));
         try {
