@@ -76,6 +76,8 @@ export class ChunkStore {
   private readonly spares = new Map<number, Map<number, Spare[]>>();
   private taken = 0;
   private filledTaken = 0;
+  /** Filled spares by the id whose bytes they hold (fillSpares). */
+  private readonly filled = new Map<string, Spare>();
 
   constructor(readonly rt: Runtime) {}
 
@@ -187,10 +189,30 @@ export class ChunkStore {
       }
       return undefined;
     };
-    if (content !== undefined) return pick((sp) => sp.content === content);
+    if (content !== undefined) {
+      // By the index: a scale adopts ~1,000-2,000 in a row (a scan per adoption made it quadratic).
+      const sp = this.filled.get(content);
+      const i = sp ? list.lastIndexOf(sp) : -1;
+      if (!sp || i < 0 || !fits(sp)) return undefined;
+      list.splice(i, 1);
+      this.taken++;
+      this.setContent(sp, undefined);
+      return sp;
+    }
     const spare = pick((sp) => sp.content === undefined) ?? pick(() => true);
-    if (spare) spare.content = undefined;
+    if (spare) this.setContent(spare, undefined);
     return spare;
+  }
+
+  /** Sets what a spare is known to hold, keeping the index of filled spares. */
+  private setContent(sp: Spare, content: string | undefined): void {
+    if (sp.content !== undefined && this.filled.get(sp.content) === sp) this.filled.delete(sp.content);
+    sp.content = content;
+    if (content !== undefined) {
+      const old = this.filled.get(content);
+      if (old && old !== sp) old.content = undefined; // one spare per id: the older one is blank from now on
+      this.filled.set(content, sp);
+    }
   }
 
   /**
@@ -198,21 +220,26 @@ export class ChunkStore {
    * there: for each fill, a blank spare of the source's size (mapped for the device and the
    * source's device) gets a copy of `source`, pushed on the source device's copy stream, and is
    * then known as `id` (adoptFilled takes it for the chunk of that id, with no copy). Fills whose
-   * id a spare of the device already holds are skipped, and so are those no blank spare fits.
+   * id a spare of the device already holds are skipped, and so are those no blank spare fits. With
+   * `keep` (the ids the device's fills want, this call's and others'), a spare holding an id
+   * outside it counts as blank (its content is of no use any more).
    * Resolves with the number filled once their copies completed; on a failed copy, the spares
    * of this call are left blank and the error is rethrown. Chunk bytes never change once loaded
    * (weights), so a filled spare stays valid while its id's chunks exist anywhere.
    */
-  async fillSpares(device: number, fills: ReadonlyArray<{ id: string; source: StoredChunk }>): Promise<number> {
+  async fillSpares(device: number, fills: ReadonlyArray<{ id: string; source: StoredChunk }>, keep?: ReadonlySet<string>): Promise<number> {
     const taken: Array<{ spare: Spare; id: string }> = [];
     const streams = new Set<Stream>();
     const events: Event[] = [];
     try {
       for (const { id, source } of fills) {
         const list = this.spares.get(device)?.get(source.plan.size) ?? [];
-        if (list.some((sp) => sp.content === id)) continue;
-        const spare = list.find((sp) => !sp.filling && sp.content === undefined && sp.access.has(device) && sp.access.has(source.plan.device));
+        const held = this.filled.get(id);
+        if (held && list.includes(held)) continue;
+        const blank = (sp: Spare) => sp.content === undefined || (keep !== undefined && !keep.has(sp.content));
+        const spare = list.find((sp) => !sp.filling && blank(sp) && sp.access.has(device) && sp.access.has(source.plan.device));
         if (!spare) continue;
+        this.setContent(spare, undefined);
         spare.filling = true;
         taken.push({ spare, id });
         const s = this.copyStream(source.plan.device, device);
@@ -224,7 +251,7 @@ export class ChunkStore {
         events.push(ev);
         return ev.record(s).synchronize();
       }));
-      for (const t of taken) t.spare.content = t.id;
+      for (const t of taken) this.setContent(t.spare, t.id);
       return taken.length;
     } finally {
       // Also on failure: every copy queued has ended (synchronize settled), so the spares may be reused, blank.
@@ -319,7 +346,9 @@ export class ChunkStore {
     for (const [s, list] of bySize ?? []) {
       if (size !== undefined && s !== size) continue;
       while (list.length > keep) {
-        freeSpare(list.pop()!);
+        const sp = list.pop()!;
+        this.setContent(sp, undefined);
+        freeSpare(sp);
         freed++;
       }
       if (list.length === 0) bySize!.delete(s);
@@ -506,6 +535,7 @@ export class ChunkStore {
     for (const c of [...this.chunks.values()]) this.free(c);
     for (const bySize of this.spares.values()) for (const list of bySize.values()) for (const sp of list) freeSpare(sp);
     this.spares.clear();
+    this.filled.clear();
     for (const s of [...this.streams.values(), ...this.copyStreams.values()]) s.dispose();
     this.streams.clear();
     this.copyStreams.clear();

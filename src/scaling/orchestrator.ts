@@ -339,6 +339,9 @@ const SPARE_GROUP = 8;
 /** Standby chunks filled per group (prefillStandby): one wait for their copies, then a turn of the loop. */
 const PREFILL_GROUP = 32;
 
+/** Filled standby chunks adopted per synchronous group at a scale (the loop gets a turn between groups). */
+const ADOPT_GROUP = 256;
+
 /** Default steps between load observations (ForwardEngineOptions.observeLoadEvery). */
 const DEFAULT_OBSERVE_EVERY = 32;
 
@@ -884,10 +887,12 @@ export class Deployment {
     // Then the fills (prefillStandby): each joining device's planned copies, into its standby chunks.
     for (const { device, planned } of fills) {
       const mine = planned.transfers.filter((t) => t.targetDevice === device);
+      // What the device's spares held for an earlier layout's plan is overwritten where this one wants other chunks.
+      const keep = new Set(mine.map((t) => t.targetId));
       try {
         for (let i = 0; i < mine.length; i += PREFILL_GROUP) {
           if (this.aheadStop) return;
-          await store.fillSpares(device, mine.slice(i, i + PREFILL_GROUP).map((t) => ({ id: t.targetId, source: store.get(t.sourceId) })));
+          await store.fillSpares(device, mine.slice(i, i + PREFILL_GROUP).map((t) => ({ id: t.targetId, source: store.get(t.sourceId) })), keep);
           await turn();
         }
       } catch (e) {
@@ -1051,13 +1056,16 @@ export class Deployment {
       const copyOptions = { holder: newId, stripeAlignment: this.rt.granularity(0), onProgress: (copy: CopyProgress) => progress('prepare', { copy }) };
       // Targets whose standby chunk was filled ahead (prefillStandby) are taken as they are; the rest are copied.
       const adopted: StoredChunk[] = [];
-      const toCopy = transfers.filter((t) => {
+      const toCopy: typeof transfers = [];
+      for (const [i, t] of transfers.entries()) {
+        // A turn of the loop every ADOPT_GROUP: the serving engine's next step is not held up behind them.
+        if (i > 0 && i % ADOPT_GROUP === 0) await new Promise<void>((r) => setImmediate(r));
         const source = store.get(t.sourceId);
         const c = store.adoptFilled(targetPlan(source.plan, t.targetDevice, t.targetId), newId,
           [t.targetDevice, ...[t.sourceId, ...(t.extraSourceIds ?? [])].map((id) => store.get(id).plan.device)]);
         if (c) adopted.push(c);
-        return c === undefined;
-      });
+        else toCopy.push(t);
+      }
       prefilled = adopted.length;
       prefilledBytes = adopted.reduce((a, c) => a + c.plan.size, 0);
       let copied: StoredChunk[] | undefined;

@@ -719,7 +719,7 @@ describe('forward pass: validation, KV views, attached weights (qwen3_moe)', () 
     // c [a c]; C replays c; B replays a and captures b, evicting c (never a graph of the step) [a b].
     const expected = [
       [1, 0, 0, 1], [1, 1, 0, 1], [2, 2, 0, 2], [3, 2, 1, 2], [4, 2, 2, 2], [4, 3, 2, 2], [4, 4, 2, 2], [5, 5, 3, 2],
-    ].map(([captures, replays, evicted, cached]) => ({ enabled: true, captures, replays, evicted, cached, deferred: 0, precaptured: 0 }));
+    ].map(([captures, replays, evicted, cached]) => ({ enabled: true, captures, capturesBegun: captures, replays, evicted, cached, deferred: 0, precaptured: 0 }));
     const want = await decodeScript(await engineFor(fx, layout, 16, { graphs: false }), 'eager', script);
     const disposed = spyGraphDispose();
     try {

@@ -186,6 +186,55 @@ describe('chunk store and synthetic weights', () => {
     expect(rt.devices().map((d) => d.freeBytes)).toEqual(new Array(4).fill(64 * MIB));
   });
 
+  it('fills spares ahead with a chunk\'s bytes: adoptFilled takes the one filled as that id, allocate prefers blank ones, keep lets stale ones be refilled', async () => {
+    const rt = openMock({ mockCapacity: 64 * MIB });
+    const store = new ChunkStore(rt);
+    const plan = (id: string, device: number, size = GRAN) => ({ id, group: id, device, kind: 'weight' as const, size, tensors: [] });
+    const [x, y] = store.allocate([plan('x@0', 0), plan('y@0', 0)]);
+    const s0 = rt.createStream(0);
+    s0.memset(x!.range.at(0), 0x11, GRAN).memset(y!.range.at(0), 0x22, GRAN);
+    await s0.synchronize();
+    store.addSpares(1, GRAN, 3, [0, 1]);
+    // Two filled, one skipped for want of a blank spare of its size; a second fill of the same id is skipped.
+    const [z] = store.allocate([plan('z@0', 0, 2 * GRAN)]);
+    expect(await store.fillSpares(1, [{ id: 'x@1', source: x! }, { id: 'y@1', source: y! }, { id: 'z@1', source: z! }])).toBe(2);
+    expect(await store.fillSpares(1, [{ id: 'x@1', source: x! }])).toBe(0);
+    expect(store.filledSpares(1)).toBe(2);
+    // Adopted with no copy (a copy would fail now), holding the source's bytes.
+    rt.injectFault('CopyDeviceToDevice', 1);
+    const a = store.adoptFilled(plan('y@1', 1), 'h', [1, 0]);
+    rt.clearFaults();
+    expect(a).toBeDefined();
+    expect(store.filledTakenCount).toBe(1);
+    expect(await store.checksumChunk('y@1')).toBe(await store.checksumChunk('y@0'));
+    // None filled as that id: undefined (the caller copies), and nothing taken.
+    expect(store.adoptFilled(plan('q@1', 1), 'h')).toBeUndefined();
+    expect(store.spareCount(1)).toBe(2);
+    // A plain allocate takes the blank spare first, then a filled one (blank from then on).
+    store.allocate([plan('b1@1', 1)]);
+    expect(store.filledSpares(1)).toBe(1);
+    store.allocate([plan('b2@1', 1)]);
+    expect(store.filledSpares(1)).toBe(0);
+    expect(store.adoptFilled(plan('x@1', 1), 'h')).toBeUndefined();
+    // keep: a spare holding an id no longer wanted is refilled.
+    store.addSpares(1, GRAN, 1, [0, 1]);
+    expect(await store.fillSpares(1, [{ id: 'x@1', source: x! }])).toBe(1);
+    expect(await store.fillSpares(1, [{ id: 'y@1-next', source: y! }])).toBe(0);
+    expect(await store.fillSpares(1, [{ id: 'y@1-next', source: y! }], new Set(['y@1-next']))).toBe(1);
+    expect(store.adoptFilled(plan('x@1', 1), 'h')).toBeUndefined();
+    const next = store.adoptFilled(plan('y@1-next', 1), 'h');
+    expect(await store.checksumChunk(next!.plan.id)).toBe(await store.checksumChunk('y@0'));
+    // A failed fill copy: rejected, the spare left blank and usable.
+    store.addSpares(1, GRAN, 1, [0, 1]);
+    rt.injectFault('CopyDeviceToDevice', 1);
+    await expect(store.fillSpares(1, [{ id: 'x@1', source: x! }])).rejects.toBeInstanceOf(FaultInjectedError);
+    rt.clearFaults();
+    expect(store.filledSpares(1)).toBe(0);
+    expect(store.spareCount(1)).toBe(1);
+    expect(await store.fillSpares(1, [{ id: 'x@1', source: x! }])).toBe(1);
+    store.dispose();
+  });
+
   it('frees a chunk only when its last holder lets go', async () => {
     const rt = openMock();
     const hmm = new Hmm(rt);
