@@ -22,9 +22,10 @@ for l in sys.stdin:
     'first', round(p['firstStepMs']), '; standby', s.get('chunksFromStandby'), '/', s['chunksCopied'], 'prefilled', s.get('chunksPrefilled'), '; work during', s.get('workDuringOverBefore'),
     '; precaptured', s.get('precapture'), '; prestarted', s.get('prestartedExecutor'), 'preattached', s.get('preattachedChunks'), '; loop delay max', round((s.get('loopDelay') or {}).get('maxMs', 0)))"
 }
-run() { # name, timeout, env...
-  local name=$1 limit=$2; shift 2
-  env "$@" BENCH_DIR=/tmp/emoe-scale timeout "$limit" node scripts/bench-scale.mjs > $R/$name.jsonl 2> $R/$name.err; echo "$name rc=$?"
+run() { # name, timeout, env... (BENCH_SCRIPT=PATH runs another copy of bench-scale.mjs, e.g. an earlier commit's build)
+  local name=$1 limit=$2 script=scripts/bench-scale.mjs; shift 2
+  for a in "$@"; do case $a in BENCH_SCRIPT=*) script=${a#BENCH_SCRIPT=} ;; esac; done
+  env "$@" BENCH_DIR=/tmp/emoe-scale timeout "$limit" node "$script" > $R/$name.jsonl 2> $R/$name.err; echo "$name rc=$?"
   grep 'bench-scale' $R/$name.err | tail -n 8
   summary $R/$name.jsonl
 }

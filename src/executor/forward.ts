@@ -1152,35 +1152,45 @@ export class ForwardEngine implements Disposable {
       for (const r of missing) this.graphSightings.delete(shapeKey(r, padded[r]!));
     }
     // The step's cached graphs become the most recently used (last), so that caching its new
-    // ones evicts others. Every capture before any launch: a refusal (graphs off) leaves nothing queued.
+    // ones evicts others.
     for (const key of keys) {
       const hit = this.graphCache.get(key);
       if (!hit) continue;
       this.graphCache.delete(key);
       this.graphCache.set(key, hit);
     }
-    for (const r of missing) {
-      this.graphCounts.capturesBegun++;
-      const graph = await this.capture(padded, [r], 0);
-      if (!graph) return false;
-      this.graphCounts.captures++;
-      this.cacheGraph(shapeKey(r, padded[r]!), { graph, shape: shapeOf(r, padded[r]!) }, step);
-    }
+    // Ranks with a graph launch first, so that their GPUs run while the host captures (and the
+    // thread pool instantiates) the missing ranks' graphs: the first steps of a rank that joined
+    // in a scale overlap the others' replays instead of waiting behind its captures. A rank's
+    // graph uses only its own scratch on every device, so it runs beside another rank's capture.
+    const missingSet = new Set(missing);
     const launched: number[] = [];
-    for (let i = 0; i < ranks.length; i++) {
-      const r = ranks[i]!;
-      const entry = this.graphCache.get(keys[i]!)!;
+    const launch = (r: number) => {
       this.fillMeta(r, padded[r]!);
-      try {
-        entry.graph.launch(this.devs[r]!.stream);
-      } catch (e) {
-        if (!(e instanceof NotSupportedError)) throw e;
-        // Those launched run to the end; the caller then runs the step as usual (it rewrites the same KV slots).
-        await Promise.all(launched.map((j) => this.devs[j]!.stream.synchronize()));
-        this.disableGraphs(e);
-        return false;
-      }
+      this.graphCache.get(shapeKey(r, padded[r]!))!.graph.launch(this.devs[r]!.stream);
       launched.push(r);
+    };
+    try {
+      for (const r of ranks) if (!missingSet.has(r)) launch(r);
+      for (const r of missing) {
+        this.graphCounts.capturesBegun++;
+        const graph = await this.capture(padded, [r], 0);
+        if (!graph) {
+          // Graphs turned off: those launched run to the end; the caller then runs the step as usual
+          // (it rewrites the same KV slots).
+          await Promise.all(launched.map((j) => this.devs[j]!.stream.synchronize()));
+          return false;
+        }
+        this.graphCounts.captures++;
+        this.cacheGraph(shapeKey(r, padded[r]!), { graph, shape: shapeOf(r, padded[r]!) }, step);
+        launch(r);
+      }
+    } catch (e) {
+      // Nothing of this engine may be reused while launched graphs still run.
+      await Promise.allSettled(launched.map((j) => this.devs[j]!.stream.synchronize()));
+      if (!(e instanceof NotSupportedError)) throw e;
+      this.disableGraphs(e);
+      return false;
     }
     this.graphCounts.replays += ranks.length - missing.length;
     // One host wait per rank: its stream joined every other stream of its graph. Events recorded

@@ -758,11 +758,33 @@ describe('forward pass: validation, KV views, attached weights (qwen3_moe)', () 
     const want = await decodeScript(await engineFor(fx, layout, 16, { graphs: false }), 'eager', script);
     const g = await engineFor(fx, layout, 16, { graphs: { captureAfter: 1 } });
     const stats: Array<[number, number]> = [];
-    expect(await decodeScript(g, 'graph', script, () => stats.push([g.graphStats.captures, g.graphStats.replays]))).toEqual(want);
+    // In a step where one rank captures, the ranks with a graph launch before that capture begins.
+    const order: string[] = [];
+    const origLaunch = Graph.prototype.launch;
+    const origBegin = Stream.prototype.beginCapture;
+    Graph.prototype.launch = function (this: Graph, s: Stream) {
+      order.push(`launch ${s.device}`);
+      return origLaunch.call(this, s);
+    };
+    Stream.prototype.beginCapture = function (this: Stream) {
+      order.push(`capture ${this.device}`);
+      return origBegin.call(this);
+    };
+    try {
+      expect(await decodeScript(g, 'graph', script, () => {
+        stats.push([g.graphStats.captures, g.graphStats.replays]);
+        order.push('|');
+      })).toEqual(want);
+    } finally {
+      Graph.prototype.launch = origLaunch;
+      Stream.prototype.beginCapture = origBegin;
+    }
     // Step 1 captures both ranks; step 2 replays both; step 3 replays p's graph and captures rank 1
     // with two sequences (rank 0 stays padded to one); step 4 replays p alone; step 5 replays p and
     // rank 1's one-sequence graph (s has q's shape).
     expect(stats).toEqual([[2, 0], [2, 2], [3, 3], [3, 4], [3, 6]]);
+    // Step 3: rank 0's graph launched, then rank 1 captured and launched.
+    expect(order.join(' ').split(' | ')[2]).toBe('launch 0 capture 1 launch 1');
   });
 
   it('precaptures another layout\'s recent shapes in pieces: their first steps replay, with the eager tokens', async () => {
