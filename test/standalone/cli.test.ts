@@ -32,6 +32,14 @@ describe('elasticmoe devices', () => {
     expect(text.stdout).toMatch(/mock: available, 4 device\(s\).*<- chosen/);
   });
 
+  it('runs the same through the package\'s bin (dist/cli/bin.cjs, which sizes the thread pool first), exit codes included', () => {
+    const bin = path.resolve(__dirname, '../../dist/cli/bin.cjs');
+    const viaBin = spawnSync(process.execPath, [bin, 'devices', '--backend', 'mock', '--json'], { encoding: 'utf8' });
+    expect(viaBin.status).toBe(0);
+    expect(JSON.parse(viaBin.stdout)).toEqual(JSON.parse(run(['devices', '--backend', 'mock', '--json']).stdout));
+    expect(spawnSync(process.execPath, [bin, 'frobnicate'], { encoding: 'utf8' }).status).toBe(2);
+  });
+
   it('fails clearly on bad input', () => {
     const bad = run(['devices', '--backend', 'rocm']);
     expect(bad.status).toBe(1);
