@@ -65,7 +65,7 @@ if (!process.env.UV_THREADPOOL_SIZE) {
 
 const { Runtime } = await import('../dist/index.js');
 const { dropPageCache, writePatternCheckpoint } = await import('./lib/checkpoint.mjs');
-const { workAgainst, workDuring } = await import('./lib/transition.mjs');
+const { pauses, workDuring } = await import('./lib/transition.mjs');
 const { Hmm } = await import('../dist/hmm/hmm.js');
 const { planChunks } = await import('../dist/hmm/placement.js');
 const { openCheckpoint } = await import('../dist/hmm/safetensors.js');
@@ -335,15 +335,15 @@ for (let i = 1; i < plan.length; i++) {
     `serving work done during ${figures.workDuringOverBefore === null ? 'n/a' : `${(100 * figures.workDuringOverBefore).toFixed(0)}%`} of before; ` +
     `${r.chunksFromStandby} of ${r.chunksCopied} target chunks were standby chunks, ${r.chunksPrefilled} of them filled ahead`);
   await sleep(holdMs);
-  // The release and the new layout's first steps: the second after the first new step, against
-  // the new layout's steps from 1.5 s after it to the end of the hold.
+  // The release and the new layout's first steps: the pauses between steps in the second after
+  // the first new step (the host not keeping the GPUs busy), and the tokens served in it.
   const elasticSteps = steps.filter((s) => s.who === 'elastic');
-  const steady = elasticSteps.filter((s) => s.t > m.first.t + 1500 && s.t <= m.first.t + holdMs);
-  const after = workAgainst(elasticSteps, m.first.t, m.first.t + 1000, steady);
-  emit({ bench: 'after', from: m.from, to: m.to, workAfterOverSteady: after?.ratio ?? null, steadySteps: steady.length, phases: r.phases,
+  const gaps = pauses(elasticSteps, m.first.t, m.first.t + 1000);
+  const tokensAfter = elasticSteps.filter((s) => s.t > m.first.t && s.t <= m.first.t + 1000).reduce((a, s) => a + s.tokens, 0);
+  emit({ bench: 'after', from: m.from, to: m.to, firstNewStepMs: m.first.ms, pauses: gaps, tokensInSecondAfter: tokensAfter, phases: r.phases,
     ...(r.release ? { release: r.release } : {}), hostPool: dep.hostPoolStats });
-  log(`  after ${m.from.join(',')} -> ${m.to.join(',')}: serving work done in the second after the first new step ` +
-    `${after ? `${(100 * after.ratio).toFixed(0)}%` : 'n/a'} of the new layout's steady rate (release ${r.phases.releaseMs.toFixed(0)} ms)`);
+  log(`  after ${m.from.join(',')} -> ${m.to.join(',')}: first new step ${m.first.ms.toFixed(0)} ms; in the second after it ` +
+    `${tokensAfter} tokens, pauses between steps ${gaps.sumMs.toFixed(0)} ms (longest ${gaps.maxMs.toFixed(0)} ms); release ${r.phases.releaseMs.toFixed(0)} ms`);
 }
 
 // ---- replica: a second copy of the model on fresh devices while the elastic deployment serves.

@@ -3,8 +3,8 @@
 #   tests: the GPU suites (test/gpu), then the model-kernel and forward-graph suites again with
 #          ELASTICMOE_GROUPED_MATMUL=cuda-cores (auto picks tensor cores on these GPUs);
 #   scale: gpu-s4.sh's elastic runs (STEPS, RUNS, SKIP_AB, SKIP_BASELINES, BASELINES passed through),
-#          then, per run, the serving work in the second after each scale's first new step against
-#          the new layout's steady rate (bench-scale's "after" records) and the pinned-buffer pool.
+#          then, per run, the second after each scale's first new step (bench-scale's "after" records:
+#          tokens, pauses between steps, the release's longest blocks) and the pinned-buffer pool.
 # Results in $OUT/s7.tgz (and $OUT/s4.tgz from the scale part).
 set -uo pipefail
 R=/tmp/s7; rm -rf $R; mkdir -p $R
@@ -27,7 +27,8 @@ for part in ${PARTS:-tests scale}; do
 import json,sys
 for l in sys.stdin:
   a=json.loads(l); p=a['phases']; h=a.get('hostPool') or {}
-  print('  ', a['from'], '->', a['to'], 'work in the second after the first new step', a['workAfterOverSteady'] if a['workAfterOverSteady'] is None else round(a['workAfterOverSteady'],3),
+  print('  ', a['from'], '->', a['to'], 'first new step', round(a['firstNewStepMs'], 1), 'ms; second after it:', a['tokensInSecondAfter'], 'tokens, pauses',
+    round(a['pauses']['sumMs'], 1), 'ms, longest', round(a['pauses']['maxMs'], 1),
     '; release', round(p['releaseMs']), 'ms', {k: {x: round(y, 1) for x, y in v.items()} for k, v in (a.get('release') or {}).items()},
     '; host pool reused', h.get('reused'), 'allocated', h.get('allocated'), 'freed', h.get('freed'))"
       done ;;

@@ -20,14 +20,7 @@ const median = (xs) => {
  * Returns { ratio, windowMs, workMs, steps } or undefined when no step ran before.
  */
 export function workDuring(steps, tCmd, tEnd, beforeMs = 3000) {
-  return workAgainst(steps, tCmd, tEnd, steps.filter((s) => s.t > tCmd - beforeMs && s.t <= tCmd));
-}
-
-/**
- * The same measure for the window [tCmd, tEnd] against the steps of another reference window
- * (`before`), e.g. the first second on a new layout against that layout's steady steps later.
- */
-export function workAgainst(steps, tCmd, tEnd, before) {
+  const before = steps.filter((s) => s.t > tCmd - beforeMs && s.t <= tCmd);
   if (before.length === 0 || !(tEnd > tCmd)) return undefined;
   const kind = (s) => (s.tokens === s.decode ? 'decode' : 'mixed');
   const byTokens = new Map();
@@ -52,4 +45,26 @@ export function workAgainst(steps, tCmd, tEnd, before) {
     counted++;
   }
   return { ratio: workMs / (tEnd - tCmd), windowMs: tEnd - tCmd, workMs, steps: counted };
+}
+
+/**
+ * The pauses between consecutive steps (one instance) that start in (a, b]: the time from a
+ * step's end to the next one's start, when the host did not keep the GPUs busy. Returns
+ * { maxMs, sumMs, count }. Used for the second after a scale's first new step, where the
+ * release and the new layout's first captures run: unlike a rate, it does not depend on
+ * the mix of prompt and decode steps that falls in the window.
+ */
+export function pauses(steps, a, b) {
+  let maxMs = 0;
+  let sumMs = 0;
+  let count = 0;
+  for (let i = 1; i < steps.length; i++) {
+    const start = steps[i].t - steps[i].ms;
+    if (start <= a || start > b) continue;
+    const gap = Math.max(0, start - steps[i - 1].t);
+    maxMs = Math.max(maxMs, gap);
+    sumMs += gap;
+    count++;
+  }
+  return { maxMs, sumMs, count };
 }

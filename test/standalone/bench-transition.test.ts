@@ -10,7 +10,7 @@ import { promisify } from 'node:util';
 import { describe, expect, it } from 'vitest';
 
 // @ts-expect-error: a plain ESM script without types
-import { workAgainst, workDuring } from '../../scripts/lib/transition.mjs';
+import { pauses, workDuring } from '../../scripts/lib/transition.mjs';
 
 type Step = { t: number; ms: number; tokens: number; decode: number };
 /** Back-to-back steps of `ms` each from `from`, until `to`. */
@@ -29,16 +29,12 @@ describe('workDuring (bench-scale transition metric)', () => {
     expect(workDuring(steps, 3000, 3300).ratio).toBeCloseTo(1, 9);
   });
 
-  it('workAgainst measures a window against another window\'s steps (the new layout\'s steady rate after a scale)', () => {
-    // Before 3000: 50 ms steps; from 3000 a new layout with 40 ms steps, whose first second has a 120 ms stall.
-    const steps = [...run(0, 3000, 50), { t: 3040, ms: 40, tokens: 32, decode: 32 }, ...run(3160, 6000, 40)];
-    const steady = steps.filter((x) => x.t > 4500);
-    const r = workAgainst(steps, 3000, 4000, steady);
-    // 40 ms of work, the 120 ms gap, then 840 ms of steps: 880 of 1000 ms against the new steady rate.
-    expect(r.ratio).toBeCloseTo(880 / 1000, 9);
-    // Against the old layout's 50 ms steps the same window would read above 1.
-    expect(workDuring(steps, 3000, 4000).ratio).toBeGreaterThan(1);
-    expect(workAgainst(steps, 3000, 4000, [])).toBeUndefined();
+  it('pauses: the gaps before steps that start in the window, their sum and the longest', () => {
+    // 50 ms steps back to back, then a 30 ms gap before the step starting at 3130, a 10 ms one before 3190.
+    const steps = [...run(0, 3100, 50), { t: 3180, ms: 50, tokens: 32, decode: 32 }, { t: 3240, ms: 50, tokens: 32, decode: 32 }, ...run(3240, 4000, 50)];
+    expect(pauses(steps, 3100, 3300)).toEqual({ maxMs: 30, sumMs: 40, count: 4 });
+    expect(pauses(steps, 3300, 4000).sumMs).toBe(0);
+    expect(pauses(steps, 5000, 6000)).toEqual({ maxMs: 0, sumMs: 0, count: 0 });
   });
 
   it('counts a slower step and a gap as lost work', () => {
@@ -102,8 +98,14 @@ describe('bench-scale on the mock', () => {
       expect(vertical[0]!.error).toMatch(/^OutOfMemoryError: /);
       expect(lines.find((l) => l.bench === 'cold_restart')!.ms).toBeGreaterThan(0);
       // After each scale: the release's record, with the pinned buffers the engines handed on.
-      const after = lines.filter((l) => l.bench === 'after') as unknown as Array<{ to: number[]; hostPool: { reused: number; allocated: number; freed: number } }>;
+      const after = lines.filter((l) => l.bench === 'after') as unknown as Array<{ to: number[]; firstNewStepMs: number; tokensInSecondAfter: number;
+        pauses: { maxMs: number; sumMs: number }; hostPool: { reused: number; allocated: number; freed: number } }>;
       expect(after.map((a) => a.to)).toEqual([[0, 1], [0]]);
+      for (const a of after) {
+        expect(a.firstNewStepMs).toBeGreaterThan(0);
+        expect(a.tokensInSecondAfter).toBeGreaterThan(0); // serving went on after the switch-over
+        expect(a.pauses.maxMs).toBeLessThanOrEqual(a.pauses.sumMs);
+      }
       expect(after[0]!.hostPool.reused).toBe(0); // 0 -> 0,1: the first standby engine allocates
       expect(after[1]!.hostPool.reused).toBeGreaterThan(0); // 0,1 -> 0: takes what the first engine gave back
       expect(after[1]!.hostPool.freed).toBe(0);
