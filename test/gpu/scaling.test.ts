@@ -1,0 +1,129 @@
+// GPU suite for elastic scaling (src/scaling/orchestrator.ts): a small qwen3_moe served by a
+// Deployment on up to 4 GPUs while it scales, with its defaults (standby chunks filled ahead,
+// graphs captured ahead, the pinned-buffer pool). Guards, on the real driver, what the mock
+// suite (test/standalone/scaling-orchestrator.test.ts) guards on the mock:
+//   - a deployment loaded from a safetensors checkpoint scales up and down mid-generation and
+//     every request gets the fixed layout's greedy tokens;
+//   - the chunks a scale-up adopted from the filled standby chunks, and those copied, hold
+//     their group's original bytes (device checksums);
+//   - the HMM's accounting is back at the layout's figure after a round trip;
+//   - a scale planned with the observed expert load (observeLoad) keeps the tokens.
+// Runs with ELASTICMOE_BACKEND=cuda and at least 2 devices; EMOE_GPU_SUITE_ON_MOCK=1 runs it on
+// the mock (a dry run of the test itself).
+import { mkdtempSync, rmSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+
+import type { TensorLocation } from '../../src/hmm/placement.js';
+import { parseConfig } from '../../src/model/config.js';
+import { Runtime } from '../../src/runtime/runtime.js';
+import { exportCheckpoint } from '../../src/scaling/baselines.js';
+import { Deployment, type DeploymentOptions } from '../../src/scaling/orchestrator.js';
+
+const onMock = process.env.EMOE_GPU_SUITE_ON_MOCK === '1';
+const backend = onMock ? 'mock' : process.env.ELASTICMOE_BACKEND === 'cuda' ? 'cuda' : undefined;
+const rt = backend ? Runtime.open({ backend, ...(onMock ? { mockDevices: 4, mockCapacity: 1024 * 1024 * 1024 } : {}) }) : undefined;
+const devices = rt ? Array.from({ length: Math.min(4, rt.deviceCount) }, (_, d) => d) : [];
+
+// Small enough to load in seconds, large enough that experts move between every pair of devices.
+const config = parseConfig({
+  model_type: 'qwen3_moe', hidden_size: 256, num_hidden_layers: 4, num_attention_heads: 8, num_key_value_heads: 2, head_dim: 32,
+  vocab_size: 512, num_experts: 32, moe_intermediate_size: 128, norm_topk_prob: true, num_experts_per_tok: 4,
+  max_position_embeddings: 1024,
+});
+const scaleFor = (t: TensorLocation) => (t.shape.length === 1 ? 1.0 : t.name.includes('embed_tokens') || t.name.includes('lm_head') ? 1.0 : 0.25);
+const SEED = 7n;
+const MAX = 400;
+const PROMPTS = Array.from({ length: 8 }, (_, k) => Array.from({ length: 3 + ((k * 5) % 11) }, (_, i) => (i * 13 + k * 29 + 1) % 512));
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+/** A chunk's bytes are its group's whatever device holds it: `L0.E3@2` → `L0.E3`. */
+const groupKey = (id: string) => id.replace(/@\d+/, '');
+
+describe.runIf(rt !== undefined && devices.length >= 2)(`elastic scaling (${backend}, ${devices.length} devices)`, () => {
+  const opened: Deployment[] = [];
+  let dir: string;
+  let want: number[][];
+  /** Each group's checksum in the fixed deployment. */
+  const original = new Map<string, bigint>();
+
+  const start = async (devs: number[], extra: Partial<DeploymentOptions> = {}) => {
+    const dep = await Deployment.start({ rt: rt!, config, devices: devs, seed: SEED, scaleFor, kvBlocksPerDevice: 512, maxTokensPerStep: 64, ...extra });
+    opened.push(dep);
+    return dep;
+  };
+  const sums = async (dep: Deployment) => {
+    const out = new Map<string, bigint>();
+    for (const id of dep.chunkIds()) out.set(id, await dep.hmm.store.checksumChunk(id));
+    return out;
+  };
+  const expectOriginalBytes = async (dep: Deployment) => {
+    for (const [id, sum] of await sums(dep)) expect(sum, `${id} against the original ${groupKey(id)}`).toBe(original.get(groupKey(id)));
+  };
+  /** Submits every prompt, waits until each has streamed `n` tokens, returns the completions. */
+  const generate = async (dep: Deployment, n: number) => {
+    const streamed = PROMPTS.map(() => 0);
+    const done = PROMPTS.map((prompt, k) => dep.submit({ prompt, maxTokens: MAX, ignoreEos: true }, { onToken: () => void streamed[k]!++ }));
+    const deadline = performance.now() + 60_000;
+    while (streamed.some((s) => s < n)) {
+      if (performance.now() > deadline) throw new Error(`requests did not reach ${n} tokens`);
+      await sleep(1);
+    }
+    return { done: Promise.all(done), streamed };
+  };
+
+  beforeAll(async () => {
+    const fixed = await start([0]);
+    want = (await Promise.all(PROMPTS.map((prompt) => fixed.submit({ prompt, maxTokens: MAX, ignoreEos: true })))).map((c) => c.outputTokens);
+    for (const [id, sum] of await sums(fixed)) original.set(groupKey(id), sum);
+    dir = mkdtempSync(path.join(os.tmpdir(), 'emoe-gpu-ckpt-'));
+    await exportCheckpoint(fixed.hmm.store, config, dir, { files: 2 });
+  }, 180_000);
+  afterAll(async () => {
+    for (const d of opened) await d.close();
+    if (dir) rmSync(dir, { recursive: true, force: true });
+  });
+
+  it('scales a deployment loaded from a checkpoint up and down mid-generation: the fixed layout\'s tokens, every chunk its group\'s bytes', async () => {
+    // Another seed: only the checkpoint's bytes can give the fixed deployment's tokens.
+    const dep = await start([0], { checkpoint: dir, seed: 999n });
+    await dep.settled();
+    expect(dep.standby.error).toBeUndefined();
+    const accounting = dep.hmm.accounting().map((a) => [a.weightBytes, a.kvBytes]);
+    const { done, streamed } = await generate(dep, 4);
+    const path = devices.length >= 3 ? [[0, 1], [0, 1, 2], [0, 1], [0]] : [[0, 1], [0]];
+    const running: number[] = [];
+    for (const to of path) {
+      running.push(streamed.filter((n) => n < MAX).length);
+      const growing = to.length > dep.devices.length;
+      const r = await dep.scale({ devices: to });
+      expect(dep.devices).toEqual(to);
+      expect(r.bytesCopied).toBe(r.lowerBoundBytes);
+      // A scale-up onto a device whose standby chunks were filled ahead adopts them all and copies nothing.
+      if (growing) expect(r.chunksPrefilled, `scale to ${to.join(',')}`).toBe(r.chunksCopied);
+      await expectOriginalBytes(dep);
+      await dep.settled();
+      expect(dep.standby.error).toBeUndefined();
+    }
+    expect(running[0]).toBe(PROMPTS.length); // the first scale (at least) ran with every request mid-generation
+    const completions = await done;
+    completions.forEach((c, k) => expect(c.outputTokens, `prompt ${k}`).toEqual(want[k]));
+    expect(dep.engine.stats()).toMatchObject({ requestsFailed: 0, preemptions: 0 });
+    // Back on [0]: the HMM holds exactly what it held there before.
+    expect(dep.hmm.accounting().map((a) => [a.weightBytes, a.kvBytes])).toEqual(accounting);
+  }, 300_000);
+
+  it('plans a scale with the observed expert load (observeLoad) and keeps the fixed layout\'s tokens', async () => {
+    const dep = await start([0, 1], { observeLoad: { every: 2 } });
+    const { done } = await generate(dep, 8);
+    const to = devices.length >= 3 ? [0, 1, 2] : [0];
+    const r = await dep.scale({ devices: to });
+    expect(r.load.source).toBe('observed');
+    expect(r.load.observedSteps).toBeGreaterThan(0);
+    expect(r.bytesCopied).toBeGreaterThan(0);
+    await expectOriginalBytes(dep);
+    const completions = await done;
+    completions.forEach((c, k) => expect(c.outputTokens, `prompt ${k}`).toEqual(want[k]));
+  }, 300_000);
+});
