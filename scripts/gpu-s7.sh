@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Device-machine job, seventh session. Parts (PARTS, default "tests scale"):
-#   tests: the GPU suites (test/gpu), then the model-kernel and forward-graph suites again with
-#          ELASTICMOE_GROUPED_MATMUL=cuda-cores (auto picks tensor cores on these GPUs);
+#   tests: gpu-s6.sh's tests part: the GPU suites (test/gpu), then the model-kernel and
+#          forward-graph suites again with ELASTICMOE_GROUPED_MATMUL=cuda-cores ($OUT/s6.tgz);
 #   scale: gpu-s4.sh's elastic runs (STEPS, RUNS, SKIP_AB, SKIP_BASELINES, BASELINES passed through),
 #          then, per run, the second after each scale's first new step (bench-scale's "after" records:
 #          tokens, pauses between steps, the release's longest blocks) and the pinned-buffer pool.
-# Results in $OUT/s7.tgz (and $OUT/s4.tgz from the scale part).
+# Results in $OUT/s7.tgz ($OUT/s6.tgz from the tests part, $OUT/s4.tgz from the scale part).
 set -uo pipefail
 R=/tmp/s7; rm -rf $R; mkdir -p $R
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > $R/gpus.csv
@@ -14,11 +14,8 @@ export ELASTICMOE_BACKEND=cuda
 for part in ${PARTS:-tests scale}; do
   case $part in
     tests)
-      timeout 300 node node_modules/vitest/vitest.mjs run test/gpu --reporter=verbose > $R/gpu-tests.txt 2>&1; echo "gpu tests rc=$?" | tee -a $R/gpu-tests.txt
-      grep -E "×|Tests |Test Files|node graph" $R/gpu-tests.txt | head -20
-      ELASTICMOE_GROUPED_MATMUL=cuda-cores timeout 300 node node_modules/vitest/vitest.mjs run test/gpu/model-kernels.test.ts test/gpu/forward-graphs.test.ts \
-        --reporter=verbose > $R/gpu-tests-cuda-cores.txt 2>&1; echo "gpu tests (cuda-cores) rc=$?" | tee -a $R/gpu-tests-cuda-cores.txt
-      grep -E "×|Tests |Test Files" $R/gpu-tests-cuda-cores.txt | head -10 ;;
+      # The GPU suites, then the model-kernel and forward-graph ones with the CUDA-core matmul (gpu-s6.sh; $OUT/s6.tgz).
+      PARTS=tests bash scripts/gpu-s6.sh ;;
     scale)
       bash scripts/gpu-s4.sh
       for f in /tmp/s4/*.jsonl; do

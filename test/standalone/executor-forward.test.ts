@@ -150,6 +150,20 @@ function expectIdentical(got: Generated, want: Generated, what: string): void {
 /** Counts the graph disposals (evictions, engine disposal) from now on. */
 const spyGraphDispose = () => vi.spyOn(Graph.prototype, 'dispose');
 
+/** Counts turns of the event loop (a chain of setImmediate) from now until stop(). */
+function countTurns(): { stop: () => number } {
+  let turns = 0;
+  let on = true;
+  const tick = () => {
+    if (!on) return;
+    turns++;
+    setImmediate(tick);
+  };
+  setImmediate(tick);
+  return { stop: () => ((on = false), turns) };
+}
+
+
 interface Fixture {
   rt: Runtime;
   hmm: Hmm;
@@ -798,40 +812,26 @@ describe('forward pass: validation, KV views, attached weights (qwen3_moe)', () 
     const script3 = script.map((st) => [...st, []]);
     const want = await decodeScript(await engineFor(fx, layout3, 16, { graphs: false }), 'eager', script3);
     const b = await engineFor(fx, layout3, 16);
-    // One layer per piece: the event loop turns between pieces (counted by a chain of setImmediate).
-    let turns = 0;
-    let counting = true;
-    const count = () => {
-      if (!counting) return;
-      turns++;
-      setImmediate(count);
-    };
-    setImmediate(count);
+    // One layer per piece: the event loop turns between pieces.
+    let turns = countTurns();
     const pending = b.precapture(precaptureShapes(shapes, layout3.devices, 1), { layersPerTurn: 1 });
     await expect(b.step({ ranks: [] })).rejects.toThrow(/previous step/); // busy meanwhile
     expect(await pending).toBe(2);
-    counting = false;
-    expect(turns).toBeGreaterThanOrEqual(2); // 2 layers: a turn inside each of the 2 captures
+    expect(turns.stop()).toBeGreaterThanOrEqual(2); // 2 layers: a turn inside each of the 2 captures
     expect(b.graphStats).toMatchObject({ precaptured: 2, cached: 2, captures: 0, replays: 0 });
     expect(await decodeScript(b, 'b', script3)).toEqual(want);
     expect(b.graphStats).toMatchObject({ precaptured: 2, captures: 0, replays: 4 });
     // One piece per graph, instantiated inline: no turn of the loop inside.
     const c = await engineFor(fx, layout3, 16, { graphs: { instantiate: 'inline' } });
-    turns = 0;
-    counting = true;
-    setImmediate(count);
+    turns = countTurns();
     expect(await c.precapture(precaptureShapes(shapes, layout3.devices, 1), { layersPerTurn: 2 })).toBe(2);
-    counting = false;
-    expect(turns).toBe(0);
+    expect(turns.stop()).toBe(0);
     expect(await decodeScript(c, 'c', script3)).toEqual(want);
     // One piece per graph, instantiated on the thread pool (the default): the loop turns while each is.
     const d = await engineFor(fx, layout3, 16);
-    turns = 0;
-    counting = true;
-    setImmediate(count);
+    turns = countTurns();
     expect(await d.precapture(precaptureShapes(shapes, layout3.devices, 1), { layersPerTurn: 2 })).toBe(2);
-    counting = false;
-    expect(turns).toBeGreaterThanOrEqual(2);
+    expect(turns.stop()).toBeGreaterThanOrEqual(2);
     expect(await decodeScript(d, 'd', script3)).toEqual(want);
     // Shapes no step of b can have are skipped (rank out of range, T off the buckets, MB not a
     // power of two, more sampled than sequences), and so are those cached already.
@@ -854,20 +854,12 @@ describe('forward pass: validation, KV views, attached weights (qwen3_moe)', () 
     const graphs = e.graphStats.cached;
     expect(graphs).toBe(2);
     expect(layout.devices.every((d) => free()[d]! < before[d]!)).toBe(true);
-    let turns = 0;
-    let counting = true;
-    const count = () => {
-      if (!counting) return;
-      turns++;
-      setImmediate(count);
-    };
-    setImmediate(count);
+    const turns = countTurns();
     const pending = e.disposeAsync(1);
     await expect(e.step({ ranks: [] })).rejects.toThrow(/not disposed/);
     const stats = await pending;
-    counting = false;
     expect(stats.pieces).toBe(graphs + layout.devices.length);
-    expect(turns).toBeGreaterThanOrEqual(stats.pieces - 1);
+    expect(turns.stop()).toBeGreaterThanOrEqual(stats.pieces - 1);
     expect(stats.maxBlockMs).toBeLessThanOrEqual(stats.ms);
     expect(free()).toEqual(before);
     expect(await e.disposeAsync()).toEqual({ ms: 0, maxBlockMs: 0, pieces: 0 });
