@@ -271,10 +271,16 @@ export function stepBucket(n: number): number {
  * the buckets most shapes never recurred and 2 was the better default.)
  */
 const DEFAULT_CAPTURE_AFTER = 1;
-/** Layers whose weights are resolved between two turns of the event loop while an engine is made. */
-const RESOLVE_LAYERS_PER_TURN = 8;
-/** Layers of a precaptured graph queued per turn of the event loop (ForwardEngine.precapture). */
-const PRECAPTURE_LAYERS_PER_TURN = 8;
+/**
+ * Layers whose weights are resolved between two turns of the event loop while an engine is made,
+ * and layers of a precaptured graph queued per turn (ForwardEngine.precapture). A scale's attach
+ * phase keeps the host busy for most of its 150-450 ms (CPU profiles on 4 x H100), and a
+ * serving step whose GPU work ends meanwhile is noticed, and the next one launched, only when
+ * the piece then running yields: the pieces' length is the serving steps' delay. 2 layers of
+ * Qwen3-30B-A3B shapes is ~1 ms of host work (8 was 4-5 ms).
+ */
+const RESOLVE_LAYERS_PER_TURN = 2;
+const PRECAPTURE_LAYERS_PER_TURN = 2;
 
 /** A rank's weights as device pointers (ForwardEngine.resolveWeights). */
 interface ResolvedWeights {
@@ -1298,7 +1304,7 @@ export class ForwardEngine implements Disposable {
   /**
    * Captures the graphs of the given rank shapes ahead of their first step (a standby engine does
    * it while the serving one still runs: its next steps replay at once), with a turn of the event
-   * loop every `layersPerTurn` layers (default 8) so that an engine serving in this process issues
+   * loop every `layersPerTurn` layers (default 2) so that an engine serving in this process issues
    * its steps in between. Shapes already cached, or not possible for this engine, are skipped.
    * Resolves with the number captured; the engine is busy meanwhile (step() refuses).
    */

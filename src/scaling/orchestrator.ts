@@ -200,7 +200,7 @@ export interface DeploymentOptions {
    * Graph shapes per staying device that a scale's standby captures ahead, before the
    * switch-over (default DEFAULT_PRECAPTURE_GRAPHS = 3, 0: none): the serving engine's most recent
    * decode shape of that device, then its others (precaptureShapes). The first steps on the new layout then replay
-   * instead of capturing. In process: host work done in pieces of 8 layers with a turn of the
+   * instead of capturing. In process: host work done in pieces of 2 layers with a turn of the
    * event loop between them, while the old layout serves. Executor processes: the standby
    * process captures them before it answers ready (the serving process sends its shapes with
    * its step results).
@@ -339,8 +339,8 @@ const SPARE_GROUP = 8;
 /** Standby chunks filled per group (prefillStandby): one wait for their copies, then a turn of the loop. */
 const PREFILL_GROUP = 32;
 
-/** Filled standby chunks adopted per synchronous group at a scale (the loop gets a turn between groups). */
-const ADOPT_GROUP = 256;
+/** Filled standby chunks adopted per synchronous group at a scale (the loop gets a turn between groups, ~1 ms apart). */
+const ADOPT_GROUP = 64;
 
 /** Default steps between load observations (ForwardEngineOptions.observeLoadEvery). */
 const DEFAULT_OBSERVE_EVERY = 32;
