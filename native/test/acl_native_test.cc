@@ -190,6 +190,10 @@ int main(int argc, char** argv) {
     EXPECT(s.backend == "acl" && s.api == "BeginCapture");
     EXPECT(Contains(s.message, "not implemented on the acl backend"));
     ExpectError("end capture", ErrorKind::kNotSupported, [&] { b->EndCapture(stream); });
+    s = ExpectError("end capture deferred", ErrorKind::kNotSupported, [&] { b->EndCaptureDeferred(stream); });
+    EXPECT(s.api == "EndCapture");
+    s = ExpectError("instantiate graph", ErrorKind::kNotSupported, [&] { b->InstantiateGraph(1); });
+    EXPECT(s.api == "InstantiateGraph");
     ExpectError("launch graph", ErrorKind::kNotSupported, [&] { b->LaunchGraph(1, stream); });
     ExpectError("destroy graph", ErrorKind::kNotSupported, [&] { b->DestroyGraph(1); });
 

@@ -12,7 +12,8 @@
 //                chunks created ahead in groups, the serving loop given turns
 //                in between; `prepare: { paced: false }` is the HMM's
 //                CopyService, everything at once); chunks the new layout
-//                reuses retained under that holder too.
+//                reuses retained under that holder too. Targets whose standby
+//                chunk was filled ahead (prefillStandby) are adopted, not copied.
 //   3. attach    a standby ForwardEngine for the new layout (kernels loaded,
 //                scratch allocated, new KV pools mapped, weights resolved), which
 //                then captures the staying devices' recent step graphs ahead
@@ -22,8 +23,10 @@
 //                sequences whose device stays keep their KV blocks in place,
 //                those on a leaving device get their blocks moved (hmm.kv.move)
 //                before the first new step; submissions are admitted throughout.
-//   5. release   old forward pass disposed, chunks held only by the old layout
-//                freed (releaseHolder), KV pools of leaving devices destroyed.
+//   5. release   after the first step on the new layout: the old forward pass
+//                disposed in pieces (its pinned buffers kept for the next engine,
+//                hostPool), chunks held only by the old layout freed in groups,
+//                KV pools of leaving devices destroyed.
 //   6. roll back on any failure before the switch-over: the old layout never
 //                stopped serving; the standby engine, new KV views, new pools and
 //                every chunk held for the new layout are freed, so device memory
@@ -32,7 +35,7 @@
 // Ahead of the next scale (after start, and after every scale or rollback), in the
 // background: the plans of the scales by one device, the standby chunks a scale-up onto
 // each idle device would copy into (taken by its prepare phase instead of creating
-// chunks), and, with executor processes, one process started, warmed up and attaching the
+// chunks), filled with the bytes that scale-up would copy (prefillStandby), and, with executor processes, one process started, warmed up and attaching the
 // serving layout's chunks (preattach: its init then imports only what the new layout
 // adds). When the
 // standby chunks cover a scale, its copies are queued at once and the attach phase runs
