@@ -58,6 +58,9 @@ commands:
                 --standby-chunks on|off  keep, on the idle devices, the chunks a scale-up onto them
                                          would allocate, made ahead (default on; off leaves idle
                                          devices untouched until a scale uses them)
+                --prefill-standby on|off fill those standby chunks, in the background, with the bytes
+                                         a scale-up onto their device copies, so it copies nothing
+                                         (default on)
                 --precapture-graphs N    step graphs per staying device a scale's standby captures
                                          before the switch-over (default 3; 0: none)
 
@@ -110,6 +113,7 @@ export async function main(argv: string[]): Promise<number> {
       url: { type: 'string' },
       executor: { type: 'string' },
       'standby-chunks': { type: 'string' },
+      'prefill-standby': { type: 'string' },
       'precapture-graphs': { type: 'string' },
       'log-level': { type: 'string' },
       help: { type: 'boolean', short: 'h', default: false },
@@ -183,6 +187,7 @@ export async function main(argv: string[]): Promise<number> {
         logLevel: values['log-level'],
         executor: values.executor,
         standbyChunks: values['standby-chunks'],
+        prefillStandby: values['prefill-standby'],
         precaptureGraphs: values['precapture-graphs'],
         runtime: options,
       });

@@ -60,6 +60,8 @@ export interface ServeCommandOptions {
   executor?: string;
   /** "on" (default) or "off": standby chunks on the idle devices (DeploymentOptions.standbyChunks). */
   standbyChunks?: string;
+  /** "on" (default) or "off": the standby chunks filled ahead with a scale-up's bytes (DeploymentOptions.prefillStandby). */
+  prefillStandby?: string;
   /** Graph shapes per staying device a scale's standby captures ahead (DeploymentOptions.precaptureGraphs; default DEFAULT_PRECAPTURE_GRAPHS, 3). */
   precaptureGraphs?: string;
   runtime: RuntimeOptionsInput;
@@ -121,8 +123,8 @@ export async function runServe(o: ServeCommandOptions, err: NodeJS.WritableStrea
   if (o.executor !== undefined && o.executor !== 'in-process' && o.executor !== 'process') {
     throw new InvalidArgumentError('--executor', `in-process or process (got '${o.executor}')`);
   }
-  if (o.standbyChunks !== undefined && o.standbyChunks !== 'on' && o.standbyChunks !== 'off') {
-    throw new InvalidArgumentError('--standby-chunks', `on or off (got '${o.standbyChunks}')`);
+  for (const [flag, v] of [['--standby-chunks', o.standbyChunks], ['--prefill-standby', o.prefillStandby]] as const) {
+    if (v !== undefined && v !== 'on' && v !== 'off') throw new InvalidArgumentError(flag, `on or off (got '${v}')`);
   }
   const precaptureGraphs = o.precaptureGraphs === undefined ? DEFAULT_PRECAPTURE_GRAPHS : Number(o.precaptureGraphs);
   if (!Number.isSafeInteger(precaptureGraphs) || precaptureGraphs < 0 || (o.precaptureGraphs !== undefined && !/^\d+$/.test(o.precaptureGraphs))) {
@@ -183,6 +185,7 @@ export async function runServe(o: ServeCommandOptions, err: NodeJS.WritableStrea
         ...(files.tokenizer ? { extraEosTokenIds: files.tokenizer.eosTokenIds } : {}),
         onLoadProgress: (p) => bar.update(p.bytesDone, p.bytesTotal),
         standbyChunks: o.standbyChunks !== 'off',
+        prefillStandby: o.prefillStandby !== 'off',
         precaptureGraphs,
         forward: { kvDtype },
         onStep: (f) => listeners.forEach((l) => l(f)),

@@ -175,6 +175,9 @@ describe('elasticmoe scale against elasticmoe serve', () => {
     const bad = spawnSync(process.execPath, [cli, 'serve', '--backend', 'mock', '--standby-chunks', 'maybe'], { encoding: 'utf8' });
     expect(bad.status).toBe(1);
     expect(bad.stderr).toMatch(/--standby-chunks must be on or off/);
+    const badFill = spawnSync(process.execPath, [cli, 'serve', '--backend', 'mock', '--prefill-standby', 'yes'], { encoding: 'utf8' });
+    expect(badFill.status).toBe(1);
+    expect(badFill.stderr).toMatch(/--prefill-standby must be on or off/);
     for (const n of ['-1', 'x', '1.5']) {
       const r = spawnSync(process.execPath, [cli, 'serve', '--backend', 'mock', `--precapture-graphs=${n}`], { encoding: 'utf8' });
       expect(r.status).toBe(1);
