@@ -226,6 +226,29 @@ describe('Deployment with executor processes', () => {
     expect(alive(last)).toBe(false);
   }, 20_000);
 
+  it('with filled standby chunks: the process imports the adopted chunks; killed during attach, the scale rolls back and the fills are made again', async () => {
+    const { dep } = await start([0], processMode());
+    await dep.settled();
+    const filled = dep.hmm.store.filledSpares(1);
+    expect(filled).toBeGreaterThan(0);
+    const running = dep.submit({ prompt: PROMPTS[5]!, maxTokens: 120, ignoreEos: true });
+    const victim = dep.prestartedPid!;
+    const serving = dep.executorPid;
+    await expect(dep.scale({ devices: [0, 1] }, { onProgress: (p) => void (p.phase === 'attach' && process.kill(victim, 'SIGKILL')) }))
+      .rejects.toThrow(/executor/);
+    expect(dep.devices).toEqual([0]);
+    expect(dep.executorPid).toBe(serving);
+    await dep.settled();
+    expect(dep.standby.error).toBeUndefined();
+    expect(dep.hmm.store.filledSpares(1)).toBe(filled); // what the rollback freed is filled again
+    const up = await dep.scale({ devices: [0, 1] });
+    expect(up.chunksPrefilled).toBe(up.chunksCopied);
+    expect(up.prepare.stats?.chunks ?? 0).toBe(0); // nothing copied at scale time
+    expect((await running).outputTokens).toEqual(reference[5]!.slice(0, 120));
+    await dep.settled();
+    expect(dep.hmm.sessionIds().length).toBe(1);
+  }, 20_000);
+
   it('with preattach off the standby started ahead attaches its whole layout at the scale: the same tokens', async () => {
     const { dep } = await start([0], processMode(true, false));
     const running = PROMPTS.slice(0, 2).map((prompt) => dep.submit({ prompt, maxTokens: 40, ignoreEos: true }));
