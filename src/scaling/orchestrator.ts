@@ -68,21 +68,20 @@ import { storeWeights } from '../executor/weights.js';
 import { type CopyProgress, CopyService, targetPlan } from '../hmm/copy-service.js';
 import type { StoredChunk } from '../hmm/chunk-store.js';
 import { HmmDaemon } from '../hmm/daemon.js';
-import { kvPoolLayout } from '../hmm/kv-pool.js';
 import { Hmm } from '../hmm/hmm.js';
 import { openCheckpoint } from '../hmm/safetensors.js';
 import type { TensorLocation } from '../hmm/placement.js';
 import type { ModelConfig } from '../model/config.js';
 import { ModelKernels } from '../model/kernels/index.js';
-import { expertGroup, weightSpecs } from '../model/weights.js';
+import { weightSpecs } from '../model/weights.js';
 import { InvalidArgumentError } from '../runtime/errors.js';
 import { UnixChannel } from '../runtime/channel.js';
 import { DEFAULT_HOST_POOL_BYTES, HostBufferPool, type HostPoolStats } from '../runtime/host-pool.js';
 import type { Runtime } from '../runtime/runtime.js';
 import { type LayoutLimits, type LayoutSpec, roundRobinLayout, toExpertPlacement, validateLayout } from './layout.js';
 import { type PacedCopyStats, type PrepareOptions, pacedCopy, resolvePrepare } from './pacing.js';
-import { type PlanSizes, diffLayouts, lowerBoundBytes, planPlacement, scheduleTransfers } from './planner.js';
 import { DEFAULT_PRECAPTURE_GRAPHS, precaptureShapes } from './precapture.js';
+import { ScalePlans, syncStandby } from './ahead.js';
 
 export interface DeploymentOptions {
   rt: Runtime;
@@ -324,23 +323,8 @@ export interface ScaleReport {
   load: { source: 'given' | 'observed' | 'uniform'; observedSteps?: number };
 }
 
-/** A scale's plan: the new layout, what is reused, copied and released, the bytes bound and the copies. */
-interface ScalePlan {
-  next: LayoutSpec;
-  plan: ReturnType<typeof diffLayouts>;
-  lower: number;
-  transfers: ReturnType<typeof scheduleTransfers>;
-  denseChunkSizes: number[];
-}
-
 /** Chunks freed per synchronous group at release (the loop gets a turn between groups). */
 const RELEASE_GROUP = 64;
-
-/** Spare chunks created per synchronous group (the loop gets a turn between groups). */
-const SPARE_GROUP = 8;
-
-/** Standby chunks filled per group (prefillStandby): one wait for their copies, then a turn of the loop. */
-const PREFILL_GROUP = 32;
 
 /** Filled standby chunks adopted per synchronous group at a scale (the loop gets a turn between groups, ~1 ms apart). */
 const ADOPT_GROUP = 64;
@@ -399,7 +383,7 @@ export class Deployment {
   private ahead: Promise<void> | undefined;
   private aheadStop = false;
   /** Uniform-load plans of the current layout's scales by one device, by "layout|devices" (planFor). */
-  private readonly plans = new Map<string, ScalePlan>();
+  private readonly plans: ScalePlans;
   /** The last error of the work ahead (best effort: a scale then plans and creates its chunks itself). */
   private aheadError: unknown;
   /** The executor process started ahead for the next scale's standby (executor processes, prestart). */
@@ -427,6 +411,9 @@ export class Deployment {
     this.forward = forward;
     this.views = views;
     this.copier = new CopyService(hmm.store);
+    this.plans = new ScalePlans(hmm.store, () => Deployment.limits(rt, config), {
+      balance: options.balance ?? 1.1, maxSourcesPerTransfer: options.maxSourcesPerTransfer ?? 2, stripeAlignment: rt.granularity(0),
+    });
     this.standbyOn = options.standbyChunks !== false;
   }
 
@@ -765,61 +752,18 @@ export class Deployment {
     });
   }
 
-  /** Stops the background work after its current group (at most SPARE_GROUP chunks) or plan. */
+  /** Stops the background work after its current group (syncStandby's) or plan. */
   private async stopAhead(): Promise<void> {
     this.aheadStop = true;
     await this.ahead;
     this.ahead = undefined;
   }
 
-  /** The plan of a scale from the current layout to `to` with `load` (uniform when undefined); uniform plans are kept per layout. */
-  private planFor(to: number[], load: number[][] | undefined): ScalePlan {
-    const key = `${this.layoutId}|${to.join(',')}`;
-    const kept = load ? undefined : this.plans.get(key);
-    if (kept) return kept;
-    const current = this.layoutSpec;
-    const balance = this.options.balance ?? 1.1;
-    const next = planPlacement({ current, targetDevices: to, balance, ...(load ? { load } : {}) });
-    validateLayout(next, Deployment.limits(this.rt, this.config));
-    const { sizes, denseChunkSizes } = this.sizes();
-    const plan = diffLayouts(current, next, sizes);
-    const lower = lowerBoundBytes(current, to, sizes, balance, load ? { load } : {});
-    const transfers = scheduleTransfers(plan, {
-      denseChunkSizes, maxSourcesPerTransfer: this.options.maxSourcesPerTransfer ?? 2, stripeAlignment: this.rt.granularity(0),
-    });
-    const made: ScalePlan = { next, plan, lower, transfers, denseChunkSizes };
-    if (!load) {
-      // Plans of an earlier layout are no use any more.
-      for (const k of [...this.plans.keys()]) if (!k.startsWith(`${this.layoutId}|`)) this.plans.delete(k);
-      this.plans.set(key, made);
-    }
-    return made;
-  }
-
   /**
-   * Chunk sizes and counts a scale allocates on `device`: the chunks the plan copies into it and,
-   * for a device joining (`kvPool`), its KV pool.
-   */
-  private intake(device: number, planned: ScalePlan, kvPool = true): Map<number, number> {
-    const out = new Map<number, number>();
-    const add = (size: number) => out.set(size, (out.get(size) ?? 0) + 1);
-    const { blockBytes } = Deployment.geometry(this.options);
-    if (kvPool) for (const size of kvPoolLayout({ device, blockBytes, blocks: this.options.kvBlocksPerDevice }, this.rt.granularity(device)).sizes) add(size);
-    for (const t of planned.transfers) if (t.targetDevice === device) add(this.hmm.store.get(t.sourceId).plan.size);
-    return out;
-  }
-
-  /**
-   * The work ahead (startAhead): the plans (a turn between them), then every device's standby
-   * chunks brought to its intake (none on the layout's devices unless scaleDownSpares), freed and created in groups
-   * with the loop given a turn in between. Returns early when asked to stop (a scale, close).
+   * The work ahead (startAhead): the next standby executor process started first (its warm-up
+   * runs in its own process), then the plans and the standby chunks (syncStandby).
    */
   private async workAhead(): Promise<void> {
-    const store = this.hmm.store;
-    const node = Array.from({ length: this.rt.deviceCount }, (_, d) => d);
-    const layout = this.layoutSpec.devices;
-    const turn = () => new Promise<void>((r) => setImmediate(r));
-    // The next standby executor process, started first: its warm-up runs in its own process.
     if (this.daemon?.prestart && !this.prestarted) {
       this.prestarted = Deployment.spawnProcess(this.daemon);
       // The serving layout's chunks, attached ahead (best effort: init attaches whatever is missing).
@@ -833,88 +777,11 @@ export class Deployment {
         }
       }
     }
-    const want = new Map<number, Map<number, number>>(node.map((d) => [d, new Map()]));
-    const targets = [
-      ...node.filter((d) => !layout.includes(d)).map((d) => ({ to: [...layout, d], joining: d as number | undefined })),
-      ...(layout.length > 1 ? layout.map((d) => ({ to: layout.filter((x) => x !== d), joining: undefined })) : []),
-    ];
-    const fills: Array<{ device: number; planned: ScalePlan }> = [];
-    for (const { to, joining } of targets) {
-      // Never inside the call that starts it (a scale's end): what ran just before settles first.
-      await turn();
-      if (this.aheadStop) return;
-      try {
-        const planned = this.planFor(to, undefined);
-        if (joining !== undefined && this.standbyOn) {
-          want.set(joining, this.intake(joining, planned));
-          if (this.options.prefillStandby !== false) fills.push({ device: joining, planned });
-        }
-        // A scale-down: each staying device keeps the most any single removal copies onto it.
-        if (joining === undefined && this.standbyOn && this.options.scaleDownSpares) {
-          for (const d of to) {
-            const mine = want.get(d)!;
-            for (const [size, n] of this.intake(d, planned, false)) mine.set(size, Math.max(mine.get(size) ?? 0, n));
-          }
-        }
-      } catch (e) {
-        // A target no scale could reach (a device without peer access to the layout's, say): the
-        // others are still planned and their devices still get standby chunks.
-        this.aheadError = e;
-      }
-    }
-    // Free first (spares left on devices that joined the layout, sizes or counts no longer wanted), then create.
-    for (const d of node) {
-      for (const [size, have] of store.spareSizes(d)) {
-        const keep = want.get(d)!.get(size) ?? 0;
-        for (let n = have; n > keep; n -= SPARE_GROUP) {
-          if (this.aheadStop) return;
-          store.trimSpares(d, Math.max(keep, n - SPARE_GROUP), size);
-          await turn();
-        }
-      }
-    }
-    // Best effort per device: one that lacks the memory keeps what it got, the others still get theirs.
-    for (const d of node) {
-      try {
-        for (const [size, count] of want.get(d)!) {
-          for (let have = store.spareCount(d, size); have < count; have = store.spareCount(d, size)) {
-            if (this.aheadStop) return;
-            store.addSpares(d, size, Math.min(SPARE_GROUP, count - have), node);
-            await turn();
-          }
-        }
-      } catch (e) {
-        this.aheadError = e;
-      }
-    }
-    // Then the fills (prefillStandby): each joining device's planned copies, into its standby chunks.
-    for (const { device, planned } of fills) {
-      const mine = planned.transfers.filter((t) => t.targetDevice === device);
-      // What the device's spares held for an earlier layout's plan is overwritten where this one wants other chunks.
-      const keep = new Set(mine.map((t) => t.targetId));
-      try {
-        for (let i = 0; i < mine.length; i += PREFILL_GROUP) {
-          if (this.aheadStop) return;
-          await store.fillSpares(device, mine.slice(i, i + PREFILL_GROUP).map((t) => ({ id: t.targetId, source: store.get(t.sourceId) })), keep);
-          await turn();
-        }
-      } catch (e) {
-        this.aheadError = e;
-      }
-    }
-  }
-
-  /** Chunk sizes for the planner, from the chunks of the current layout. */
-  private sizes(): { sizes: PlanSizes; denseChunkSizes: number[] } {
-    const d0 = this.layoutSpec.devices[0]!;
-    const store = this.hmm.store;
-    const dense = store.all()
-      .filter((c) => c.plan.group === 'dense' && c.plan.device === d0 && c.holders.has(this.layoutId))
-      .sort((a, b) => a.plan.id.localeCompare(b.plan.id, 'en', { numeric: true }));
-    const expertHolder = this.layoutSpec.placement[0]![0]![0]!;
-    const expertBytes = store.get(`${expertGroup(0, 0)}@${expertHolder}`).plan.size;
-    const denseChunkSizes = dense.map((c) => c.plan.size);
-    return { sizes: { expertBytes, denseBytes: denseChunkSizes.reduce((a, b) => a + b, 0) }, denseChunkSizes };
+    const { blockBytes } = Deployment.geometry(this.options);
+    await syncStandby(this.hmm.store, this.rt, this.plans, this.layoutSpec, this.layoutId, {
+      standby: this.standbyOn, prefill: this.options.prefillStandby !== false, scaleDownSpares: this.options.scaleDownSpares === true,
+      kvBlockBytes: blockBytes, kvBlocks: this.options.kvBlocksPerDevice,
+    }, () => this.aheadStop, (e) => (this.aheadError = e));
   }
 
   /**
@@ -1029,8 +896,8 @@ export class Deployment {
       const load = target.load ?? observed?.load;
       loadUsed = target.load ? { source: 'given' } : observed ? { source: 'observed', observedSteps: observed.steps } : { source: 'uniform' };
       // Planned ahead for the scales by one device (startAhead), else now.
-      plannedAhead = !load && this.plans.has(`${oldId}|${to.join(',')}`);
-      const planned = this.planFor(to, load);
+      plannedAhead = !load && this.plans.has(oldId, to);
+      const planned = this.plans.planFor(this.layoutSpec, oldId, to, load);
       ({ next, lower } = planned);
       const { plan, transfers, denseChunkSizes } = planned;
       reused = [];
