@@ -59,6 +59,8 @@ export interface DeviceAccounting {
   workspaceBytes: number;
   /** Spare chunks kept created and mapped ahead of a scale onto the device (ChunkStore.addSpares). */
   spareBytes: number;
+  /** Of those, the bytes of spares filled with a chunk's bytes ahead of a scale (ChunkStore.fillSpares). */
+  filledSpareBytes: number;
   /** Bytes the device reports free (all processes). */
   freeBytes: number;
   totalBytes: number;
@@ -261,11 +263,16 @@ export class ChunkStore {
     }
   }
 
-  /** Spares of `device` filled by fillSpares (holding a chunk id's bytes), and the spares adoptFilled has taken so far. */
+  /** Spares of `device` filled by fillSpares (holding a chunk id's bytes), their bytes, and the spares adoptFilled has taken so far. */
   filledSpares(device: number): number {
     let n = 0;
     for (const list of this.spares.get(device)?.values() ?? []) for (const sp of list) if (sp.content !== undefined) n++;
     return n;
+  }
+  filledSpareBytes(device: number): number {
+    let bytes = 0;
+    for (const [size, list] of this.spares.get(device) ?? []) for (const sp of list) if (sp.content !== undefined) bytes += size;
+    return bytes;
   }
   get filledTakenCount(): number {
     return this.filledTaken;
@@ -457,6 +464,7 @@ export class ChunkStore {
         kvBytes: byKind(device, 'kv'),
         workspaceBytes: byKind(device, 'workspace'),
         spareBytes: [...this.spareSizes(device)].reduce((a, [size, n]) => a + size * n, 0),
+        filledSpareBytes: this.filledSpareBytes(device),
         freeBytes: info.freeBytes,
         totalBytes: info.totalBytes,
       };

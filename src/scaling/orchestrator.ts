@@ -711,11 +711,15 @@ export class Deployment {
   }
 
   /** Standby chunks kept on the devices outside the layout (DeploymentOptions.standbyChunks), and the last error of the work ahead. */
-  get standby(): { devices: Array<{ device: number; chunks: number; bytes: number }>; error?: unknown } {
+  get standby(): { devices: Array<{ device: number; chunks: number; bytes: number; filled: number }>; error?: unknown } {
     const store = this.hmm.store;
     const devices = Array.from({ length: this.rt.deviceCount }, (_, device) => {
       const sizes = [...store.spareSizes(device)];
-      return { device, chunks: sizes.reduce((a, [, n]) => a + n, 0), bytes: sizes.reduce((a, [size, n]) => a + size * n, 0) };
+      return {
+        device, chunks: sizes.reduce((a, [, n]) => a + n, 0), bytes: sizes.reduce((a, [size, n]) => a + size * n, 0),
+        // Of those, filled ahead with a planned scale-up's bytes (prefillStandby).
+        filled: store.filledSpares(device),
+      };
     }).filter((x) => x.chunks > 0);
     return { devices, ...(this.aheadError !== undefined ? { error: this.aheadError } : {}) };
   }

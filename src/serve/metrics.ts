@@ -145,7 +145,8 @@ export class ServeMetrics {
     if (d.memory) {
       const memory = d.memory.bind(d);
       new Gauge({
-        name: `${PREFIX}device_memory_bytes`, help: 'Device memory by kind: weight, kv, workspace, spare (HMM accounting), free and total (device)',
+        name: `${PREFIX}device_memory_bytes`,
+        help: 'Device memory by kind: weight, kv, workspace, spare, spare_filled (the spares already holding a planned scale-up\'s bytes; HMM accounting), free and total (device)',
         labelNames: ['device', 'kind'] as const, registers,
         collect() {
           this.reset();
@@ -155,6 +156,7 @@ export class ServeMetrics {
             this.set({ device, kind: 'kv' }, a.kvBytes);
             this.set({ device, kind: 'workspace' }, a.workspaceBytes);
             this.set({ device, kind: 'spare' }, a.spareBytes);
+            this.set({ device, kind: 'spare_filled' }, a.filledSpareBytes);
             this.set({ device, kind: 'free' }, a.freeBytes);
             this.set({ device, kind: 'total' }, a.totalBytes);
           }

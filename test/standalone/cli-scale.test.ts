@@ -159,6 +159,12 @@ describe('elasticmoe scale against elasticmoe serve', () => {
     server = await startServer();
     // Made in the background after start: devices 1-3 get some, the serving device 0 none.
     await expect.poll(async () => (await spare(server!.url)).filter(([, b]) => b! > 0).map(([d]) => d)).toEqual([1, 2, 3]);
+    // Then filled with what a scale-up onto each would copy (--prefill-standby, default on).
+    const filled = async (url: string) => {
+      const text = await (await fetch(`${url}/metrics`)).text();
+      return [...text.matchAll(/device_memory_bytes\{device="(\d+)",kind="spare_filled"\} (\d+)/g)].filter((m) => Number(m[2]) > 0).map((m) => Number(m[1]));
+    };
+    await expect.poll(() => filled(server!.url)).toEqual([1, 2, 3]);
     server.proc.kill('SIGTERM');
     expect(await new Promise((r) => server!.proc.on('exit', r))).toBe(0);
     server = await startServer(['--standby-chunks', 'off', '--precapture-graphs', '0']);

@@ -577,6 +577,7 @@ describe('Deployment.scale', () => {
     expect(dep.standby.error).toBeUndefined();
     // Each device outside the layout holds, filled, the 9 chunks a scale-up onto it would copy (dense + 8 experts).
     for (const d of [1, 2, 3]) expect(dep.hmm.store.filledSpares(d), `device ${d}`).toBe(9);
+    expect(dep.standby.devices.map((d) => [d.device, d.filled])).toEqual([[1, 9], [2, 9], [3, 9]]);
     const original = await originalSums(dep);
     const before = await checksums(dep);
     const running = dep.submit({ prompt: PROMPTS[2]!, maxTokens: 60, ignoreEos: true });
@@ -628,7 +629,7 @@ describe('Deployment.scale', () => {
     // the experts (1→2).
     const standby = dep.standby;
     expect(standby.error).toBeUndefined();
-    expect(standby.devices.map((d) => [d.device, d.chunks])).toEqual([[1, 10], [2, 10], [3, 10]]);
+    expect(standby.devices.map((d) => [d.device, d.chunks, d.filled])).toEqual([[1, 10, 0], [2, 10, 0], [3, 10, 0]]); // blank: no prefill
     expect(dep.hmm.accounting().map((a) => a.spareBytes)).toEqual([0, ...standby.devices.map((d) => d.bytes)]);
     const running = dep.submit({ prompt: PROMPTS[1]!, maxTokens: 60, ignoreEos: true });
 
