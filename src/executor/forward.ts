@@ -1125,10 +1125,11 @@ export class ForwardEngine implements Disposable {
    * Runs an all-device-path step as graphs, one per rank: each rank's step (its attention, its
    * expert rows on every computing device, its combination and head) is a graph of its own, keyed
    * by the rank and its padded shape, so a rank's graph replays whatever the other ranks run.
-   * Launches each rank's cached graph after refilling its host buffer, capturing the ranks whose
-   * shape has none first, and waits once per rank. False when the step is to run as usual instead
-   * (nothing was queued): a rank's shape has not been seen captureAfter times yet, captures are
-   * paused, or graphs turned off.
+   * Launches each rank's cached graph after refilling its host buffer, then captures and launches
+   * the ranks whose shape has none, and waits once per rank. False when the step is to run as
+   * usual instead: a rank's shape has not been seen captureAfter times yet or captures are paused
+   * (nothing was queued), or graphs turned off (what was launched has run to the end first; the
+   * step's rerun rewrites the same KV slots).
    */
   private async runGraph(plans: Array<RankPlan | undefined>, ranks: number[]): Promise<boolean> {
     const padded = plans.map((p) => p && this.padBlockTable(this.padToBucket(p)));

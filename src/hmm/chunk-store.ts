@@ -111,12 +111,7 @@ export class ChunkStore {
     const made: StoredChunk[] = [];
     try {
       for (const plan of plans) {
-        if (this.chunks.has(plan.id)) throw new InvalidArgumentError('plan.id', `new (chunk '${plan.id}' exists)`);
-        for (const t of plan.tensors) {
-          if (this.tensors.get(t.name)?.has(plan.device)) {
-            throw new InvalidArgumentError('tensor', `new on its device ('${t.name}' is already stored on device ${plan.device})`);
-          }
-        }
+        this.checkNew(plan);
         const devices = access ? access(plan) : [plan.device];
         made.push(this.register(plan, holder, this.takeSpare(plan.device, plan.size, devices) ?? this.create(plan.device, plan.size, devices)));
       }
@@ -133,16 +128,21 @@ export class ChunkStore {
    * `access`; undefined when there is none (allocate and copy it then).
    */
   adoptFilled(plan: ChunkPlan, holder: string, access: readonly number[] = [plan.device]): StoredChunk | undefined {
+    this.checkNew(plan);
+    const spare = this.takeSpare(plan.device, plan.size, access, plan.id);
+    if (!spare) return undefined;
+    this.filledTaken++;
+    return this.register(plan, holder, spare);
+  }
+
+  /** Refuses a plan whose chunk id, or one of whose tensors on its device, the store has already. */
+  private checkNew(plan: ChunkPlan): void {
     if (this.chunks.has(plan.id)) throw new InvalidArgumentError('plan.id', `new (chunk '${plan.id}' exists)`);
     for (const t of plan.tensors) {
       if (this.tensors.get(t.name)?.has(plan.device)) {
         throw new InvalidArgumentError('tensor', `new on its device ('${t.name}' is already stored on device ${plan.device})`);
       }
     }
-    const spare = this.takeSpare(plan.device, plan.size, access, plan.id);
-    if (!spare) return undefined;
-    this.filledTaken++;
-    return this.register(plan, holder, spare);
   }
 
   private register(plan: ChunkPlan, holder: string, { chunk, range, access }: Spare): StoredChunk {

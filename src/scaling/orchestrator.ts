@@ -382,7 +382,7 @@ export class Deployment {
   /** The background work ahead of the next scale: plans, standby chunks (startAhead). */
   private ahead: Promise<void> | undefined;
   private aheadStop = false;
-  /** Uniform-load plans of the current layout's scales by one device, by "layout|devices" (planFor). */
+  /** Scale plans; the uniform-load ones of the current layout's scales by one device are kept (ahead.ts). */
   private readonly plans: ScalePlans;
   /** The last error of the work ahead (best effort: a scale then plans and creates its chunks itself). */
   private aheadError: unknown;
@@ -591,12 +591,12 @@ export class Deployment {
     }
   }
 
-  /** How the current layout's engine used graphs (in-process executors; undefined with executor processes). */
   /** The pinned host buffers the in-process engines hand from one layout to the next. */
   get hostPoolStats(): HostPoolStats {
     return this.hostPool.stats;
   }
 
+  /** How the current layout's engine used graphs (in-process executors; undefined with executor processes). */
   get graphStats(): GraphStats | undefined {
     return this.forward instanceof ForwardEngine ? this.forward.graphStats : undefined;
   }
