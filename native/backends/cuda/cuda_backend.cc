@@ -1291,7 +1291,9 @@ void CudaBackend::ResetDevice(int device) {
   drop(functions_);
   drop(modules_);
   // Graphs begun on this device. One begun elsewhere with nodes on this device
-  // (a cross-device fork) stays, and fails in the driver if launched again.
+  // (a cross-device fork) stays, and fails in the driver if launched again. A graph not
+  // instantiated yet (EndCaptureDeferred) is dropped without cuGraphDestroy: another thread
+  // may be instantiating it (InstantiateGraph then reports it gone); its host memory leaks.
   drop(graphs_);
   if (device == kHostDevice) host_.clear();
 
