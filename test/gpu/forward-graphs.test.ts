@@ -11,23 +11,14 @@ import { type MappedKvPool, mapHmmKvPools } from '../../src/executor/kv-view.js'
 import { type Layout, kvGeometry } from '../../src/executor/types.js';
 import { storeWeights } from '../../src/executor/weights.js';
 import { Hmm } from '../../src/hmm/hmm.js';
-import { parseConfig } from '../../src/model/config.js';
 import { roundRobinPlacement, weightSpecs } from '../../src/model/weights.js';
-import { Runtime } from '../../src/runtime/runtime.js';
 import { precaptureShapes } from '../../src/scaling/precapture.js';
 import { runStepScript } from '../helpers/step-script.js';
+import { SMALL_MOE, gpuSuite } from '../helpers/gpu-suite.js';
 
-const onMock = process.env.EMOE_GPU_SUITE_ON_MOCK === '1';
-const backend = onMock ? 'mock' : process.env.ELASTICMOE_BACKEND === 'cuda' ? 'cuda' : undefined;
-const rt = backend ? Runtime.open({ backend, ...(onMock ? { mockDevices: 4, mockCapacity: 512 * 1024 * 1024 } : {}) }) : undefined;
-const devices = rt ? Array.from({ length: Math.min(4, rt.deviceCount) }, (_, d) => d) : [];
-
+const { backend, rt, devices } = gpuSuite(512 * 1024 * 1024);
 // Small enough to load in seconds, large enough that every rank routes to every device.
-const config = parseConfig({
-  model_type: 'qwen3_moe', hidden_size: 256, num_hidden_layers: 4, num_attention_heads: 8, num_key_value_heads: 2, head_dim: 32,
-  vocab_size: 512, num_experts: 32, moe_intermediate_size: 128, norm_topk_prob: true, num_experts_per_tok: 4,
-  max_position_embeddings: 1024,
-});
+const config = SMALL_MOE;
 
 describe.runIf(rt !== undefined && devices.length >= 2)(`forward pass graphs per rank (${backend}, ${devices.length} devices)`, () => {
   let hmm: Hmm;

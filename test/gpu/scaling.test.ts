@@ -17,22 +17,13 @@ import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
 import type { TensorLocation } from '../../src/hmm/placement.js';
-import { parseConfig } from '../../src/model/config.js';
-import { Runtime } from '../../src/runtime/runtime.js';
 import { exportCheckpoint } from '../../src/scaling/baselines.js';
 import { Deployment, type DeploymentOptions } from '../../src/scaling/orchestrator.js';
+import { SMALL_MOE, gpuSuite } from '../helpers/gpu-suite.js';
 
-const onMock = process.env.EMOE_GPU_SUITE_ON_MOCK === '1';
-const backend = onMock ? 'mock' : process.env.ELASTICMOE_BACKEND === 'cuda' ? 'cuda' : undefined;
-const rt = backend ? Runtime.open({ backend, ...(onMock ? { mockDevices: 4, mockCapacity: 1024 * 1024 * 1024 } : {}) }) : undefined;
-const devices = rt ? Array.from({ length: Math.min(4, rt.deviceCount) }, (_, d) => d) : [];
-
+const { backend, rt, devices } = gpuSuite(1024 * 1024 * 1024);
 // Small enough to load in seconds, large enough that experts move between every pair of devices.
-const config = parseConfig({
-  model_type: 'qwen3_moe', hidden_size: 256, num_hidden_layers: 4, num_attention_heads: 8, num_key_value_heads: 2, head_dim: 32,
-  vocab_size: 512, num_experts: 32, moe_intermediate_size: 128, norm_topk_prob: true, num_experts_per_tok: 4,
-  max_position_embeddings: 1024,
-});
+const config = SMALL_MOE;
 const scaleFor = (t: TensorLocation) => (t.shape.length === 1 ? 1.0 : t.name.includes('embed_tokens') || t.name.includes('lm_head') ? 1.0 : 0.25);
 const SEED = 7n;
 const MAX = 400;
