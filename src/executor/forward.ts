@@ -148,6 +148,8 @@ export interface ForwardCreateStats {
   buffersMs: number;
   /** Routing and expert address tables uploaded (device routing). */
   tablesMs: number;
+  /** Device memory of the scratch chunks, all devices together. */
+  scratchBytes: number;
 }
 
 export interface ForwardEngineOptions {
@@ -537,7 +539,7 @@ export class ForwardEngine implements Disposable {
   capturesPaused = false;
 
   /** Where ForwardEngine.create spent its time (the attach phase of a scale builds one). */
-  createStats: ForwardCreateStats = { kernelsMs: 0, weightsMs: 0, buffersMs: 0, tablesMs: 0 };
+  createStats: ForwardCreateStats = { kernelsMs: 0, weightsMs: 0, buffersMs: 0, tablesMs: 0, scratchBytes: 0 };
 
   private constructor(
     private readonly rt: Runtime,
@@ -672,7 +674,7 @@ export class ForwardEngine implements Disposable {
       return { meta: 0, metaMax, lists, listStride, ids, argmax, total: argmax + T };
     })();
 
-    const stats: ForwardCreateStats = { kernelsMs: 0, weightsMs: 0, buffersMs: 0, tablesMs: 0 };
+    const stats: ForwardCreateStats = { kernelsMs: 0, weightsMs: 0, buffersMs: 0, tablesMs: 0, scratchBytes: 0 };
     let t = performance.now();
     const lap = () => {
       const ms = performance.now() - t;
@@ -824,6 +826,7 @@ export class ForwardEngine implements Disposable {
     let stream: Stream | undefined;
     try {
       chunk = rt.createChunk(device, size);
+      stats.scratchBytes += size;
       range = rt.reserve(size);
       range.map(0, chunk);
       // Every device of the layout may read and write it (P2P copies run on either side; the

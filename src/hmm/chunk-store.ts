@@ -274,6 +274,16 @@ export class ChunkStore {
     for (const [size, list] of this.spares.get(device) ?? []) for (const sp of list) if (sp.content !== undefined) bytes += size;
     return bytes;
   }
+  /**
+   * The mapping of the spare of `device` filled as `id` (fillSpares), undefined when there is none:
+   * adoptFilled(plan of `id`) later registers that very mapping, so a pointer into it stays valid
+   * from spare to chunk (a standby engine made ahead reads its weights there).
+   */
+  filledRange(id: string, device: number): VirtualRange | undefined {
+    const sp = this.filled.get(id);
+    if (!sp || sp.filling || !(this.spares.get(device)?.get(sp.range.size)?.includes(sp))) return undefined;
+    return sp.range;
+  }
   get filledTakenCount(): number {
     return this.filledTaken;
   }

@@ -65,6 +65,7 @@ import { RemoteStepper } from '../executor/remote.js';
 import { type MappedKvPool, mapHmmKvPools } from '../executor/kv-view.js';
 import { kvGeometry } from '../executor/types.js';
 import { storeWeights } from '../executor/weights.js';
+import type { WeightSource } from '../executor/types.js';
 import { type CopyProgress, CopyService, targetPlan } from '../hmm/copy-service.js';
 import type { StoredChunk } from '../hmm/chunk-store.js';
 import { HmmDaemon } from '../hmm/daemon.js';
@@ -82,6 +83,7 @@ import { type LayoutLimits, type LayoutSpec, roundRobinLayout, toExpertPlacement
 import { type PacedCopyStats, type PrepareOptions, pacedCopy, resolvePrepare } from './pacing.js';
 import { DEFAULT_PRECAPTURE_GRAPHS, precaptureShapes } from './precapture.js';
 import { ScalePlans, syncStandby } from './ahead.js';
+import { type ReadyStandby, disposeReady, makeReadyStandby } from './ready.js';
 
 export interface DeploymentOptions {
   rt: Runtime;
@@ -194,6 +196,18 @@ export interface DeploymentOptions {
    */
   prefillStandby?: boolean;
   /**
+   * With prefillStandby, in-process executors and a uniform-load plan: after each scale, in the
+   * background, make the standby engine of each planned scale-up onto an idle device (ready.ts):
+   * that device's KV pool and mapping, the new layout's forward engine reading the serving chunks
+   * and the filled standby chunks in place, and the serving engine's recent graph shapes captured
+   * (default true). The scale-up to one of those targets adopts the chunks and switches over: its
+   * attach phase only captures the shapes that appeared since. Costs, for as long as the layout
+   * serves, one engine's scratch per idle device on every device of the layout plus the idle
+   * device (ForwardCreateStats.scratchBytes), the idle devices' KV pools (made at the scale
+   * otherwise), and the host time of making them after each scale instead of during the next.
+   */
+  standbyEngines?: boolean;
+  /**
    * When every target chunk of a scale is a standby chunk: queue all the copies at once and make
    * the standby (engine, or executor process) while they run, instead of after (default true).
    */
@@ -280,6 +294,12 @@ export interface ScaleReport {
   plannedAhead: boolean;
   /** Whether the standby engine was made while the copies ran (DeploymentOptions.attachDuringCopies). */
   attachDuringCopies: boolean;
+  /**
+   * The standby engine was made ahead, after the last scale (DeploymentOptions.standbyEngines):
+   * how long that took in the background and the graphs it captured then. `attach` is absent:
+   * the attach phase only captured the shapes missing (`precapture`).
+   */
+  standbyMadeAhead?: { ms: number; precaptured: number };
   /** Executor processes: whether the standby was the process started ahead (ExecutorMode prestart). */
   prestartedExecutor?: boolean;
   /** Executor processes: chunks the standby had attached ahead and kept, and those it dropped (ExecutorMode preattach). */
@@ -390,6 +410,8 @@ export class Deployment {
   private prestarted: Spawned | undefined;
   /** Whether standby chunks are kept (DeploymentOptions.standbyChunks; setStandbyChunks). */
   private standbyOn: boolean;
+  /** Standby engines made ahead by the joining device (DeploymentOptions.standbyEngines); a scale takes or frees them all. */
+  private readonly readies = new Map<number, ReadyStandby>();
 
   private constructor(
     readonly rt: Runtime,
@@ -649,10 +671,10 @@ export class Deployment {
   }
 
   private static createForward(options: DeploymentOptions, hmm: Hmm, layout: LayoutSpec, views: ReadonlyMap<number, MappedKvPool>,
-    hostPool: HostBufferPool): Promise<ForwardEngine> {
+    hostPool: HostBufferPool, weights: WeightSource = storeWeights(hmm.store)): Promise<ForwardEngine> {
     const kv = new Map(layout.devices.map((d) => [d, views.get(d)!] as const));
     return ForwardEngine.create(options.rt, options.config, forwardLayout(layout),
-      storeWeights(hmm.store), kv, {
+      weights, kv, {
         observeLoadEvery: Deployment.observeEvery(options), hostPool, ...options.forward,
         maxTokensPerStep: options.maxTokensPerStep ?? 64, blockTokens: options.blockTokens ?? 16,
       });
@@ -711,7 +733,7 @@ export class Deployment {
   }
 
   /** Standby chunks kept on the devices outside the layout (DeploymentOptions.standbyChunks), and the last error of the work ahead. */
-  get standby(): { devices: Array<{ device: number; chunks: number; bytes: number; filled: number }>; error?: unknown } {
+  get standby(): { devices: Array<{ device: number; chunks: number; bytes: number; filled: number }>; engines: number[]; error?: unknown } {
     const store = this.hmm.store;
     const devices = Array.from({ length: this.rt.deviceCount }, (_, device) => {
       const sizes = [...store.spareSizes(device)];
@@ -721,7 +743,9 @@ export class Deployment {
         filled: store.filledSpares(device),
       };
     }).filter((x) => x.chunks > 0);
-    return { devices, ...(this.aheadError !== undefined ? { error: this.aheadError } : {}) };
+    // The joining devices of the scale-ups whose standby engine is made ahead (standbyEngines).
+    const engines = [...this.readies.keys()].sort((a, b) => a - b);
+    return { devices, engines, ...(this.aheadError !== undefined ? { error: this.aheadError } : {}) };
   }
 
   /**
@@ -737,6 +761,7 @@ export class Deployment {
     if (this.scaling) throw new InvalidArgumentError('setStandbyChunks', 'called once the scale in progress has finished');
     // The work ahead frees the standby chunks no longer wanted (all of them when off) or makes them.
     await this.stopAhead();
+    await this.dropReadies();
     this.standbyOn = on;
     this.startAhead();
     await this.ahead;
@@ -782,10 +807,60 @@ export class Deployment {
       }
     }
     const { blockBytes } = Deployment.geometry(this.options);
+    // The standby chunks are brought to the plans with no standby engine reading them (a scale took or freed them all).
+    await this.dropReadies();
     await syncStandby(this.hmm.store, this.rt, this.plans, this.layoutSpec, this.layoutId, {
       standby: this.standbyOn, prefill: this.options.prefillStandby !== false, scaleDownSpares: this.options.scaleDownSpares === true,
       kvBlockBytes: blockBytes, kvBlocks: this.options.kvBlocksPerDevice,
     }, () => this.aheadStop, (e) => (this.aheadError = e));
+    await this.makeReadies();
+  }
+
+  /** Whether standby engines are made ahead (DeploymentOptions.standbyEngines and what it needs). */
+  private readiesWanted(): boolean {
+    return this.options.standbyEngines !== false && this.standbyOn && this.options.prefillStandby !== false
+      && this.forward instanceof ForwardEngine && Deployment.observeEvery(this.options) === 0;
+  }
+
+  /**
+   * The standby engine of each planned scale-up onto an idle device (ready.ts), one device after
+   * another; best effort (a failure is the work ahead's last error). Stops between devices once
+   * a scale wants to start.
+   */
+  private async makeReadies(): Promise<void> {
+    if (!this.readiesWanted()) return;
+    const layout = this.layoutSpec;
+    const layoutId = this.layoutId;
+    const { blockBytes } = Deployment.geometry(this.options);
+    const inputs = {
+      hmm: this.hmm, layoutId, views: this.views, kvPool: { blockBytes, blocks: this.options.kvBlocksPerDevice },
+      create: (next: LayoutSpec, weights: WeightSource, views: ReadonlyMap<number, MappedKvPool>) =>
+        Deployment.createForward(this.options, this.hmm, next, views, this.hostPool, weights),
+      shapes: (next: LayoutSpec) => {
+        const serving = this.forward;
+        return serving instanceof ForwardEngine
+          ? precaptureShapes(serving.graphShapes(), next.devices, this.options.precaptureGraphs ?? DEFAULT_PRECAPTURE_GRAPHS) : [];
+      },
+      stopped: () => this.aheadStop,
+    };
+    for (let d = 0; d < this.rt.deviceCount; d++) {
+      if (this.aheadStop) return;
+      const to = [...layout.devices, d];
+      if (layout.devices.includes(d) || this.readies.has(d) || !this.plans.has(layoutId, to)) continue;
+      try {
+        const ready = await makeReadyStandby(inputs, this.plans.planFor(layout, layoutId, to, undefined), d);
+        if (ready) this.readies.set(d, ready);
+      } catch (e) {
+        this.aheadError = e;
+      }
+    }
+  }
+
+  /** Frees every standby engine made ahead, with its KV pool (the loop given turns in between). */
+  private async dropReadies(): Promise<void> {
+    const all = [...this.readies.values()];
+    this.readies.clear();
+    for (const r of all) await disposeReady(this.hmm, r);
   }
 
   /**
@@ -845,6 +920,14 @@ export class Deployment {
       if (this.options.pauseCaptures && serving instanceof ForwardEngine) serving.capturesPaused = on;
     };
     pause(true);
+    // The standby engines made ahead (standbyEngines): the one made for this scale's plan is taken, the
+    // KV pools of the others' devices this scale adds too; everything else of theirs is freed after the
+    // switch-over (or at rollback). None is left for the next scale: the work ahead makes new ones.
+    const readies = [...this.readies.values()];
+    this.readies.clear();
+    /** Readies whose device's KV pool and mapping this scale took (they serve any layout with that device). */
+    const readyPools = new Set<number>();
+    let ready: ReadyStandby | undefined;
     /** Frees everything allocated for the new layout, each step on its own (one failing does not keep the rest). */
     const rollback = async (error: unknown) => {
       pause(false);
@@ -860,6 +943,9 @@ export class Deployment {
       }
       const steps: Array<() => void> = [
         () => void (standby instanceof ForwardEngine && standby.dispose()),
+        ...readies.filter((r) => r.engine !== standby).map((r) => () => r.engine.dispose()),
+        ...readies.filter((r) => !readyPools.has(r.device)).flatMap((r) => [
+          ...[...r.views.values()].map((v) => () => v.dispose()), () => this.hmm.kv.destroyPool(r.device)]),
         ...[...newViews.values()].map((v) => () => v.dispose()),
         () => void (holderUsed && store.releaseHolder(newId)),
         ...createdPools.map((d) => () => this.hmm.kv.destroyPool(d)),
@@ -890,6 +976,7 @@ export class Deployment {
     let copyStats: PacedCopyStats | undefined;
     const phases = { planMs: 0, prepareMs: 0, attachMs: 0, copyWaitMs: 0, switchMs: 0, firstStepMs: 0, releaseMs: 0 };
     let attachStats: ScaleReport['attach'];
+    let madeAhead: ScaleReport['standbyMadeAhead'];
     let precapture: ScaleReport['precapture'];
     let loadUsed: ScaleReport['load'] = { source: 'uniform' };
     try {
@@ -913,6 +1000,7 @@ export class Deployment {
         if (!store.get(id).holders.has(oldId)) throw new InvalidArgumentError('plan', `chunks of the current layout (${id} is not one)`);
       }
       copies = transfers.map((t) => ({ targetId: t.targetId, sourceIds: [t.sourceId, ...(t.extraSourceIds ?? [])] }));
+      ready = readies.find((r) => r.fromId === oldId && r.planned === planned);
       phases.planMs = lap();
 
       // 2. Prepare, while the engine keeps stepping on the old layout.
@@ -921,7 +1009,14 @@ export class Deployment {
       const { blockBytes } = Deployment.geometry(this.options);
       for (const d of next.devices) {
         if (oldSet.has(d)) continue;
-        this.hmm.kv.createPool({ device: d, blockBytes, blocks: this.options.kvBlocksPerDevice });
+        const made = readies.find((r) => r.device === d);
+        if (made) {
+          // Made ahead with its standby engine: the same pool and mapping, whichever engine uses them.
+          readyPools.add(d);
+          for (const [dv, v] of made.views) newViews.set(dv, v);
+        } else {
+          this.hmm.kv.createPool({ device: d, blockBytes, blocks: this.options.kvBlocksPerDevice });
+        }
         createdPools.push(d);
       }
       holderUsed = true;
@@ -998,11 +1093,20 @@ export class Deployment {
         session.detach([...session.attached].filter((id) => !needed.has(id)));
       } else {
         const tv = now();
-        newViews = mapHmmKvPools(this.rt, this.hmm, createdPools);
+        for (const [d, v] of mapHmmKvPools(this.rt, this.hmm, createdPools.filter((d) => !newViews.has(d)))) newViews.set(d, v);
         const viewsMs = now() - tv;
         const allViews = new Map([...this.views, ...newViews]);
-        standby = await Deployment.createForward(this.options, this.hmm, next, allViews, this.hostPool);
-        attachStats = { viewsMs, forward: standby.createStats };
+        // The engine made ahead reads the filled standby chunks where they are mapped: usable when
+        // every target was adopted from them (the same mappings), else one is made now.
+        if (ready && !copying && toCopy.length === 0 && adopted.every((c) => ready!.ranges.get(c.plan.id) === c.range)
+          && adopted.length === ready.ranges.size) {
+          standby = ready.engine;
+          madeAhead = { ms: ready.ms, precaptured: ready.precaptured };
+        } else {
+          ready = undefined;
+          standby = await Deployment.createForward(this.options, this.hmm, next, allViews, this.hostPool);
+          attachStats = { viewsMs, forward: standby.createStats };
+        }
         // The serving engine's recent shapes, captured ahead on the standby engine (while the copies run, too).
         const serving = this.forward;
         if (serving instanceof ForwardEngine) {
@@ -1068,6 +1172,8 @@ export class Deployment {
       await this.settleSessions(new Set([(standby as RemoteStepper).session]));
     }
     const releaseStats = old instanceof ForwardEngine ? { engine: await old.disposeAsync(), chunks: { ms: 0, maxBlockMs: 0, groups: 0 } } : undefined;
+    // The standby engines made ahead that this scale did not use (their pools too, unless taken).
+    for (const r of readies) if (r.engine !== standby) await disposeReady(this.hmm, r, readyPools.has(r.device));
     let chunksReleased = 0;
     const held = store.all().filter((c) => c.holders.has(oldId)).map((c) => c.plan.id);
     for (let i = 0; i < held.length; i += RELEASE_GROUP) {
@@ -1098,6 +1204,7 @@ export class Deployment {
       lowerBoundBytes: lower, phases, switchover, copies, layout: cloneLayout(next),
       prepare: { options: prep!, ...(copyStats ? { stats: copyStats } : {}) }, load: loadUsed,
       ...(attachStats ? { attach: attachStats } : {}),
+      ...(madeAhead ? { standbyMadeAhead: madeAhead } : {}),
       ...(precapture ? { precapture } : {}),
       ...(releaseStats ? { release: releaseStats } : {}),
     };
@@ -1110,6 +1217,7 @@ export class Deployment {
     await this.scaling?.catch(() => undefined);
     await this.accessGrant?.catch(() => undefined);
     await this.stopAhead();
+    await this.dropReadies();
     if (this.prestarted) await Deployment.dismiss(this.prestarted);
     this.prestarted = undefined;
     await this.engine.close();

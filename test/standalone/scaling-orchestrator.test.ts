@@ -69,6 +69,15 @@ const expected = (prompt: number[], maxTokens: number) => reference.get(prompt.j
 
 /** Steady device memory of a layout: what a deployment started directly on it leaves free. */
 const steady = new Map<string, number[]>();
+/** The same for a deployment started with `extra` options. */
+async function steadyOf(devices: number[], extra: Partial<DeploymentOptions>): Promise<number[]> {
+  const key = `${devices.join(',')}|${JSON.stringify(extra)}`;
+  if (!steady.has(key)) {
+    const s = await start(devices, extra);
+    steady.set(key, await settledFree(s.dep, s.rt));
+  }
+  return steady.get(key)!;
+}
 
 /** Device checksum of every weight chunk of the current layout, by chunk id. */
 async function checksums(dep: Deployment): Promise<Map<string, bigint>> {
@@ -215,9 +224,14 @@ describe('Deployment.scale', () => {
     }
     expect(reports[0]).toMatchObject({ from: [0], to: [0, 1], chunksCopied: 9, chunksReused: 9, chunksReleased: 8 }); // dense + 8 experts to device 1
     expect(phases.filter((p) => p !== 'prepare')).toEqual(Array(4).fill(['plan', 'attach', 'switch', 'release', 'done']).flat());
-    // Back on [0]: exactly the steady memory of that layout, pools of the devices that left are gone.
+    // Standby engines made ahead: for 1→2 (taken), none for 2→4 (by two devices) nor the scale-downs.
+    expect(reports.map((r) => r.standbyMadeAhead !== undefined)).toEqual([true, false, false, false]);
+    expect(reports[0]!.attach).toBeUndefined();
+    // Back on [0]: exactly the steady memory of that layout; the pools of the devices that left are those
+    // of the standby engines made ahead for the scale-ups onto them.
     expect(await settledFree(dep, rt)).toEqual(steady.get('0'));
-    expect(dep.hmm.kv.poolDevices()).toEqual([0]);
+    expect(dep.standby.engines).toEqual([1, 2, 3]);
+    expect(dep.hmm.kv.poolDevices()).toEqual([0, 1, 2, 3]);
   });
 
   it('loses no request and runs none twice across switch-overs under a steady stream of submissions', async () => {
@@ -340,7 +354,7 @@ describe('Deployment.scale', () => {
     expect(cShort.outputTokens).toEqual(wantShort);
     expect(streamed.get('short')).toEqual(wantShort); // nothing streamed twice after the recompute
     expect(cShort.preemptions).toBe(1);
-    expect(dep.hmm.kv.poolDevices()).toEqual([0]);
+    expect(dep.hmm.kv.poolDevices()).toEqual([0, ...dep.standby.engines]);
   });
 
   it('returns to the steady memory figure of each layout after 200 up/down cycles, as the issue asks', async () => {
@@ -349,6 +363,7 @@ describe('Deployment.scale', () => {
     let chunks01: string[] | undefined;
     const total = rt.devices().map((d) => d.totalBytes);
     expect(await settledFree(dep, rt)).toEqual(steady.get('0'));
+    let allocatedAfterFirst: number | undefined;
     for (let i = 0; i < 200; i++) {
       await dep.scale({ devices: [0, 1] });
       expect(await settledFree(dep, rt), `on [0,1], cycle ${i}`).toEqual(steady.get('0,1'));
@@ -357,20 +372,27 @@ describe('Deployment.scale', () => {
       await dep.scale({ devices: [0] });
       expect(await settledFree(dep, rt), `on [0], cycle ${i}`).toEqual(steady.get('0'));
       expect(dep.chunkIds()).toEqual(chunks0);
+      allocatedAfterFirst ??= dep.hostPoolStats.allocated;
     }
-    expect(dep.hmm.store.size).toBe(chunks0.length + 1); // + the KV pool chunk
-    expect(dep.hmm.kv.poolDevices()).toEqual([0]);
-    // Pinned host buffers: allocated for the first two layouts' engines (1 + 2 devices, a
-    // metadata and a tables buffer each), then handed from engine to engine, never freed.
+    // + the KV pool chunk of [0] and those of the standby engines made ahead for 1, 2 and 3.
+    expect(dep.standby.engines).toEqual([1, 2, 3]);
+    expect(dep.hmm.store.size).toBe(chunks0.length + 4);
+    expect(dep.hmm.kv.poolDevices()).toEqual([0, 1, 2, 3]);
+    // Pinned host buffers: allocated for the engines of the first cycle (the serving ones and those
+    // made ahead, a metadata and a tables buffer per device each), then handed from engine to
+    // engine: never freed, no more allocated over the next 199 cycles.
     const pool = dep.hostPoolStats;
-    expect(pool).toMatchObject({ allocated: 6, freed: 0 });
-    expect(pool.reused).toBe(2 + 200 * (4 + 2) - 6); // every engine takes 2 buffers per device
-    expect(pool.kept).toBe(4);
-    // Devices outside the layout hold nothing but their standby chunks.
+    expect(pool.freed).toBe(0);
+    expect(pool.allocated).toBe(allocatedAfterFirst);
+    expect(pool.reused).toBeGreaterThan(200 * 4);
+    // Devices outside the layout hold nothing but their standby chunks and engines: with those off, nothing.
     const spare = dep.hmm.accounting().map((a) => a.spareBytes);
     expect(spare[0]).toBe(0);
     expect(spare[2]).toBeGreaterThan(0);
-    expect(freeBytes(rt).slice(2)).toEqual(total.slice(2).map((t, i) => t - spare[i + 2]!));
+    await dep.setStandbyChunks(false);
+    expect(dep.standby).toEqual({ devices: [], engines: [] });
+    expect(freeBytes(rt).slice(1)).toEqual(total.slice(1));
+    expect(dep.hmm.kv.poolDevices()).toEqual([0]);
     // Still serving, correctly.
     const c = await dep.submit({ prompt: PROMPTS[3]!, maxTokens: 20, ignoreEos: true });
     expect(c.outputTokens).toEqual(expected(PROMPTS[3]!, 20));
@@ -441,8 +463,9 @@ describe('Deployment.scale', () => {
       const steps: Array<{ ranks: number; stats: GraphStats }> = [];
       // Blocks of 64 tokens and prompts of 130: every sequence stays at 3-4 blocks (a block-table
       // stride of 4) for its 120 tokens, so the decode shapes do not change while the scale runs.
+      // The standby engine made at scale time (made ahead, it may have caught the shapes already: see below).
       ({ dep, rt } = await start([0, 1], {
-        precaptureGraphs, blockTokens: 64, onStep: (f) => steps.push({ ranks: f.rankSeqs.length, stats: { ...dep!.graphStats! } }),
+        precaptureGraphs, blockTokens: 64, standbyEngines: false, onStep: (f) => steps.push({ ranks: f.rankSeqs.length, stats: { ...dep!.graphStats! } }),
       }));
       // Four requests decoding on the two ranks, none waiting at the switch-over (the new rank gets none).
       const running = LONG.map((prompt) => dep!.submit({ prompt, maxTokens: 120, ignoreEos: true }));
@@ -454,6 +477,7 @@ describe('Deployment.scale', () => {
       const report = await dep.scale({ devices: [0, 1, 2] }, { onProgress });
       rt.clearFaults();
       const first = steps.find((x) => x.ranks === 3)!.stats;
+      expect(report.standbyMadeAhead).toBeUndefined();
       if (mode === 'fails') {
         expect(report.precapture).toMatchObject({ graphs: 0, error: expect.stringMatching(/^OutOfMemoryError: /) });
         expect(first).toMatchObject({ precaptured: 0, captures: 2, replays: 0 });
@@ -468,6 +492,53 @@ describe('Deployment.scale', () => {
       const want = await referenceTokens(LONG, 120);
       for (const [k, c] of (await Promise.all(running)).entries()) expect(c.outputTokens).toEqual(want[k]);
     }
+  });
+
+  it('makes the standby engine of each planned scale-up ahead (standbyEngines): the scale-up calls no driver allocation, its first step replays', async () => {
+    const LONG = [0, 1, 2, 3].map((k) => Array.from({ length: 130 }, (_, i) => (i * 5 + k * 37 + 11) % 97));
+    const steps: Array<{ ranks: number; stats: GraphStats }> = [];
+    // Blocks of 64 tokens: the decode shapes stay the same through the scale (as in the test above).
+    const { rt, dep } = await start([0, 1], { blockTokens: 64, onStep: (f) => steps.push({ ranks: f.rankSeqs.length, stats: { ...dep.graphStats! } }) });
+    await dep.settled();
+    expect(dep.standby.engines).toEqual([2, 3]);
+    // Each has its joining device's KV pool (taken from that device's standby chunks).
+    expect(dep.hmm.kv.poolDevices()).toEqual([0, 1, 2, 3]);
+    const running = LONG.map((prompt) => dep.submit({ prompt, maxTokens: 120, ignoreEos: true }));
+    while (dep.graphStats!.replays < 8) await sleep(2);
+    // Made again with the decode shapes now serving (what the work ahead does after every scale).
+    await dep.setStandbyChunks(true);
+    expect(dep.standby.engines).toEqual([2, 3]);
+    // The scale-up creates no chunk, stream or module: each of those calls would fail.
+    for (const op of ['CreateChunk', 'CreateStream', 'LoadModule', 'CopyDeviceToDevice']) rt.injectFault(op, 1);
+    const phases: string[] = [];
+    const report = await dep.scale({ devices: [0, 1, 2] }, { onProgress: (p) => phases.push(p.phase) });
+    rt.clearFaults();
+    expect(report.standbyMadeAhead!.precaptured).toBeGreaterThanOrEqual(2);
+    expect(report.precapture).toMatchObject({ graphs: 0 }); // nothing left to capture at scale time
+    expect(report.attach).toBeUndefined();
+    expect(report.plannedAhead).toBe(true);
+    expect(report.chunksCopied).toBeGreaterThan(0);
+    expect(report.chunksPrefilled).toBe(report.chunksCopied);
+    expect(report.chunksFromStandby).toBe(report.chunksCopied);
+    expect(phases.filter((p) => p !== 'prepare')).toEqual(['plan', 'attach', 'switch', 'release', 'done']);
+    // The staying ranks' first step on [0, 1, 2] replays graphs captured ahead.
+    const first = steps.find((x) => x.ranks === 3)!.stats;
+    expect(first).toMatchObject({ captures: 0, replays: 2 });
+    const want = await referenceTokens(LONG, 120);
+    for (const [k, c] of (await Promise.all(running)).entries()) expect(c.outputTokens).toEqual(want[k]);
+    // The engine made for 0,1 → 0,1,3 was freed with its pool; the next one is made for 0,1,2 → 0,1,2,3.
+    await dep.settled();
+    expect(dep.standby.engines).toEqual([3]);
+    expect(dep.hmm.kv.poolDevices()).toEqual([0, 1, 2, 3]);
+    expect(await settledFree(dep, rt)).toEqual(await steadyOf([0, 1, 2], { blockTokens: 64 }));
+    // Off: none made, and the scale makes its standby engine as before.
+    const { dep: off } = await start([0, 1], { standbyEngines: false });
+    await off.settled();
+    expect(off.standby.engines).toEqual([]);
+    expect(off.hmm.kv.poolDevices()).toEqual([0, 1]);
+    const r = await off.scale({ devices: [0, 1, 2] });
+    expect(r.standbyMadeAhead).toBeUndefined();
+    expect(r.attach).toBeDefined();
   });
 
   it('serves and scales weights loaded from a safetensors checkpoint: the synthetic weights\' tokens, requests moving with their KV', async () => {
@@ -567,8 +638,10 @@ describe('Deployment.scale', () => {
       expect(c.outputTokens).toEqual(expected(PROMPTS[l.k]!, l.maxTokens));
     }
     expect(dep.engine.stats().requestsFailed).toBe(0);
-    // The steady figure of [0] less the standby chunks it would keep on the other devices.
-    expect(await settledFree(dep, rt)).toEqual(rt.devices().map((d, i) => (i === 0 ? steady.get('0')![0] : d.totalBytes)));
+    // The steady figure of [0] with no standby chunks (nor engines made ahead): the other devices hold nothing.
+    const noStandby = await steadyOf([0], { standbyChunks: false });
+    expect(noStandby.slice(1)).toEqual(rt.devices().slice(1).map((d) => d.totalBytes));
+    expect(await settledFree(dep, rt)).toEqual(noStandby);
   });
 
   it('fills the standby chunks ahead (prefillStandby): a scale-up adopts them and copies nothing, with exact bytes; a failed fill or scale loses nothing', async () => {
@@ -608,16 +681,33 @@ describe('Deployment.scale', () => {
     expect(up.chunksCopied).toBe(9);
     await expectCopiesExact(dep, up, before2, original);
 
-    // A scale failing after it adopted filled chunks rolls back: memory as before, filled again.
+    // A scale failing after it adopted filled chunks rolls back: memory as before, filled again. With the
+    // standby engine made ahead nothing of the driver's is left to fail before the switch-over, so the
+    // failure is the progress callback's (any error before the switch-over rolls back).
     await dep.scale({ devices: [0] });
     const memory = await settledFree(dep, rt);
     for (const d of [1, 2, 3]) expect(dep.hmm.store.filledSpares(d)).toBe(9);
-    rt.injectFault('CreateStream', 1);
-    await expect(dep.scale({ devices: [0, 2] })).rejects.toBeInstanceOf(FaultInjectedError);
-    rt.clearFaults();
+    expect(dep.standby.engines).toEqual([1, 2, 3]);
+    const boom = new Error('progress callback failed');
+    await expect(dep.scale({ devices: [0, 2] }, { onProgress: (p) => {
+      if (p.phase === 'attach') throw boom;
+    } })).rejects.toBe(boom);
     expect(dep.devices).toEqual([0]);
     expect(await settledFree(dep, rt)).toEqual(memory);
     for (const d of [1, 2, 3]) expect(dep.hmm.store.filledSpares(d)).toBe(9);
+    expect(dep.standby.engines).toEqual([1, 2, 3]);
+    // Without standby engines, the standby engine made at scale time failing after the adoption: the same.
+    {
+      const { rt: r2, dep: d2 } = await start([0], { standbyEngines: false });
+      const m2 = await settledFree(d2, r2);
+      expect(d2.standby.engines).toEqual([]);
+      r2.injectFault('CreateStream', 1);
+      await expect(d2.scale({ devices: [0, 2] })).rejects.toBeInstanceOf(FaultInjectedError);
+      r2.clearFaults();
+      expect(d2.devices).toEqual([0]);
+      expect(await settledFree(d2, r2)).toEqual(m2);
+      for (const d of [1, 2, 3]) expect(d2.hmm.store.filledSpares(d)).toBe(9);
+    }
     expect((await running).outputTokens).toEqual(expected(PROMPTS[2]!, 60));
   });
 
@@ -683,13 +773,14 @@ describe('Deployment.scale', () => {
     // the dense chunk and 2 experts of each layer: the plan deals each layer's 8 experts 3/3/2).
     await dep.settled();
     expect(dep.standby.devices.map((d) => [d.device, d.chunks])).toEqual([[2, 6], [3, 6]]);
-    expect(await settledFree(dep, rt)).toEqual(steady.get('0,1'));
+    const steady01 = await steadyOf([0, 1], { prefillStandby: false });
+    expect(await settledFree(dep, rt)).toEqual(steady01);
     // A scale right after another, with the standby chunks still being made: it takes what exists, creates the rest.
     await dep.scale({ devices: [0] });
     const r = await dep.scale({ devices: [0, 1] });
     // The standby is made during the copies exactly when every target was a standby chunk.
     expect(r.attachDuringCopies).toBe(r.chunksFromStandby === r.chunksCopied);
-    expect(await settledFree(dep, rt)).toEqual(steady.get('0,1'));
+    expect(await settledFree(dep, rt)).toEqual(steady01);
     expect((await running).outputTokens).toEqual(expected(PROMPTS[1]!, 60));
     // Turned off while serving: every standby chunk freed, memory as a deployment without them; on again: made again.
     await dep.scale({ devices: [0] });
@@ -698,7 +789,7 @@ describe('Deployment.scale', () => {
     await dep.setStandbyChunks(false);
     await dep.settled();
     expect(dep.standby.devices).toEqual([]);
-    expect(freeBytes(rt)).toEqual(rt.devices().map((d, i) => (i === 0 ? steady.get('0')![0] : d.totalBytes)));
+    expect(freeBytes(rt)).toEqual(await steadyOf([0], { standbyChunks: false }));
     expect((await dep.scale({ devices: [0, 1] })).chunksFromStandby).toBe(0);
     await dep.scale({ devices: [0] });
     await dep.setStandbyChunks(true);

@@ -1,0 +1,130 @@
+// Standby engines made ahead (DeploymentOptions.standbyEngines): for a planned scale-up onto an idle
+// device whose standby chunks hold the bytes that scale copies (prefillStandby), the device's KV
+// pool, its mapping, and the new layout's forward engine — reading the serving layout's chunks and
+// the filled standby chunks in place — with the serving engine's recent graph shapes captured. The
+// scale-up then adopts the chunks (the same mappings: the engine's pointers stay valid) and
+// switches over; the host work of the attach phase is done before the command, not during it.
+import { targetPlan } from '../hmm/copy-service.js';
+import type { Hmm } from '../hmm/hmm.js';
+import type { TensorLocation } from '../hmm/placement.js';
+import type { ForwardEngine, GraphShape } from '../executor/forward.js';
+import { type MappedKvPool, mapHmmKvPools } from '../executor/kv-view.js';
+import type { WeightSource } from '../executor/types.js';
+import type { DevicePointer, VirtualRange } from '../runtime/memory.js';
+import type { ScalePlan } from './ahead.js';
+import type { LayoutSpec } from './layout.js';
+
+/** A scale-up's standby, made ahead: what the scale takes instead of making it. */
+export interface ReadyStandby {
+  /** The layout it was made from (its id) and the scale's target. */
+  fromId: string;
+  to: number[];
+  /** The device the scale adds (its KV pool and mapping are made ahead too). */
+  device: number;
+  /** The kept plan it was made for (ScalePlans): a scale with another plan cannot use it. */
+  planned: ScalePlan;
+  engine: ForwardEngine;
+  /** The KV pool mapping of `device` (the other devices' are the serving layout's). */
+  views: Map<number, MappedKvPool>;
+  /** The mapping of each filled standby chunk the engine reads, by chunk id: adoption must register these very ones. */
+  ranges: Map<string, VirtualRange>;
+  /** Graphs captured ahead, and the whole making's wall time (ms). */
+  precaptured: number;
+  ms: number;
+}
+
+/** What making a standby needs from the deployment. */
+export interface ReadyInputs {
+  hmm: Hmm;
+  /** The serving layout's id. */
+  layoutId: string;
+  /** The serving layout's KV mappings, by device. */
+  views: ReadonlyMap<number, MappedKvPool>;
+  kvPool: { blockBytes: number; blocks: number };
+  /** A forward engine for `next` over these weights and KV mappings (the deployment's options). */
+  create(next: LayoutSpec, weights: WeightSource, views: ReadonlyMap<number, MappedKvPool>): Promise<ForwardEngine>;
+  /** The shapes to capture ahead (the serving engine's recent ones, renumbered to `next`'s ranks). */
+  shapes(next: LayoutSpec): GraphShape[];
+  /** True once a scale wants to start: the captures stop between shapes (the scale captures the rest). */
+  stopped(): boolean;
+}
+
+/**
+ * Why no standby can be made ahead for `planned` onto `device`, or undefined when it can: the
+ * plan must copy into `device` only (a scale-up by that one device), and every target must be in a
+ * filled standby chunk of it. Returns the ranges of those chunks when it can.
+ */
+export function readyRanges(hmm: Hmm, planned: ScalePlan, device: number): Map<string, VirtualRange> | string {
+  const ranges = new Map<string, VirtualRange>();
+  for (const t of planned.transfers) {
+    if (t.targetDevice !== device) return `the plan copies into device ${t.targetDevice}, not only the joining device ${device}`;
+    const range = hmm.store.filledRange(t.targetId, device);
+    if (!range) return `chunk ${t.targetId} is not in a filled standby chunk of device ${device}`;
+    ranges.set(t.targetId, range);
+  }
+  return ranges;
+}
+
+/**
+ * Makes the standby of the scale-up from `inputs.layout` to `planned.next` (adding `device`):
+ * `device`'s KV pool (from its standby chunks) and mapping, then the engine, then the graphs
+ * captured ahead (best effort: a failed capture leaves the shape to be captured at scale time).
+ * Undefined, with nothing left behind, when readyRanges says it cannot; on failure everything it
+ * made is freed before it rethrows.
+ */
+export async function makeReadyStandby(inputs: ReadyInputs, planned: ScalePlan, device: number): Promise<ReadyStandby | undefined> {
+  const t0 = performance.now();
+  const { hmm } = inputs;
+  const ranges = readyRanges(hmm, planned, device);
+  if (typeof ranges === 'string') return undefined;
+  const next = planned.next;
+  // The joining device's tensors: in the filled standby chunks, at the offsets the plan's chunks give them.
+  const joining = new Map<string, DevicePointer>();
+  for (const t of planned.transfers) {
+    const plan = targetPlan(hmm.store.get(t.sourceId).plan, device, t.targetId);
+    const range = ranges.get(t.targetId)!;
+    for (const loc of plan.tensors as TensorLocation[]) joining.set(loc.name, range.at(loc.offset));
+  }
+  const weights: WeightSource = {
+    tensor: (name, d) => {
+      if (d !== device) return hmm.store.tensor(name, d).ptr;
+      const ptr = joining.get(name);
+      if (ptr === undefined) throw new Error(`standby made ahead: tensor '${name}' is not among device ${device}'s planned copies`);
+      return ptr;
+    },
+  };
+  let views: Map<number, MappedKvPool> | undefined;
+  let engine: ForwardEngine | undefined;
+  hmm.kv.createPool({ device, blockBytes: inputs.kvPool.blockBytes, blocks: inputs.kvPool.blocks });
+  try {
+    views = mapHmmKvPools(hmm.store.rt, hmm, [device]);
+    engine = await inputs.create(next, weights, new Map([...inputs.views, ...views]));
+    let precaptured = 0;
+    try {
+      for (const shape of inputs.shapes(next)) {
+        if (inputs.stopped()) break;
+        precaptured += await engine.precapture([shape]);
+      }
+    } catch {
+      // Best effort: the scale captures what is missing (ForwardEngine.precapture skips what is cached).
+    }
+    return { fromId: inputs.layoutId, to: [...next.devices], device, planned, engine, views, ranges, precaptured, ms: performance.now() - t0 };
+  } catch (e) {
+    engine?.dispose();
+    for (const v of views?.values() ?? []) v.dispose();
+    hmm.kv.destroyPool(device);
+    throw e;
+  }
+}
+
+/**
+ * Frees a standby made ahead that no scale took: its engine (in pieces, a turn of the loop
+ * between them), then its KV mapping and pool. `keepPool`: the pool and mapping were taken by a
+ * scale (they serve any layout with that device), only the engine goes.
+ */
+export async function disposeReady(hmm: Hmm, r: ReadyStandby, keepPool = false): Promise<void> {
+  await r.engine.disposeAsync();
+  if (keepPool) return;
+  for (const v of r.views.values()) v.dispose();
+  hmm.kv.destroyPool(r.device);
+}
