@@ -35,6 +35,8 @@
 // BENCH_PREFILL (1, the default: standby chunks filled ahead with the planned scale-up's bytes,
 // DeploymentOptions.prefillStandby; 0: blank standby chunks, copied into at scale time),
 // BENCH_HOST_POOL (1, the default: pinned host buffers handed from engine to engine; 0: freed at release),
+// BENCH_STANDBY_ENGINES (1, the default: the standby engine of each planned scale-up made ahead,
+// DeploymentOptions.standbyEngines; 0: made by the scale's attach phase),
 // BENCH_SCALE_DOWN_SPARES (1: the serving devices also keep standby chunks for a scale-down,
 // DeploymentOptions.scaleDownSpares; default 0),
 // BENCH_PRECAPTURE (graph shapes per staying device the standby engine captures ahead,
@@ -115,7 +117,8 @@ const kvBlocksPerDevice = Math.ceil((concurrency * Math.ceil((promptLen + output
 const serving = { rt, config, kvBlocksPerDevice, maxTokensPerStep: 512, maxSeqs: concurrency, peerAccess: env('BENCH_PEER_ACCESS', 'own'),
   pauseCaptures: env('BENCH_PAUSE_CAPTURES', '0') === '1', standbyChunks: env('BENCH_STANDBY', '1') !== '0',
   precaptureGraphs: Number(env('BENCH_PRECAPTURE', String(DEFAULT_PRECAPTURE_GRAPHS))), scaleDownSpares: env('BENCH_SCALE_DOWN_SPARES', '0') === '1',
-  hostPool: env('BENCH_HOST_POOL', '1') !== '0', prefillStandby: env('BENCH_PREFILL', '1') !== '0' };
+  hostPool: env('BENCH_HOST_POOL', '1') !== '0', prefillStandby: env('BENCH_PREFILL', '1') !== '0',
+  standbyEngines: env('BENCH_STANDBY_ENGINES', '1') !== '0' };
 // BENCH_DEVICE_ROUTING_MAX_ROWS: the engines' deviceRoutingMaxRows (default: the engine's).
 // BENCH_GRAPH_INSTANTIATE=inline: graphs instantiated on the event loop (A/B; default thread-pool).
 const forward = env('BENCH_GRAPHS', '1') === '0' ? { graphs: false }
@@ -294,7 +297,7 @@ async function settle(when) {
   const t = clock();
   await dep.settled();
   const standby = dep.standby;
-  emit({ bench: 'standby', when, settleMs: clock() - t, devices: standby.devices, ...(standby.error ? { error: String(standby.error) } : {}) });
+  emit({ bench: 'standby', when, settleMs: clock() - t, devices: standby.devices, engines: standby.engines, ...(standby.error ? { error: String(standby.error) } : {}) });
 }
 await settle('start');
 if (needCkpt && checkpointKind === 'export') {
@@ -318,13 +321,14 @@ for (let i = 1; i < plan.length; i++) {
     }
   }
   const m = await measureScale('elastic', dep, plan[i]);
-  void dep.settled().then(() => { aheadDoneAt = clock(); });
+  let doneAt;
+  void dep.settled().then(() => { aheadDoneAt = doneAt = clock(); });
   const r = m.report;
   const figures = transitionFigures(m);
   emit({ bench: 'scale', ...figures,
     bytesCopied: r.bytesCopied, lowerBoundBytes: r.lowerBoundBytes, chunksCopied: r.chunksCopied, chunksFromStandby: r.chunksFromStandby,
     chunksPrefilled: r.chunksPrefilled, bytesPrefilled: r.bytesPrefilled,
-    plannedAhead: r.plannedAhead, prestartedExecutor: r.prestartedExecutor, preattachedChunks: r.preattachedChunks, attachDuringCopies: r.attachDuringCopies,
+    plannedAhead: r.plannedAhead, standbyMadeAhead: r.standbyMadeAhead ?? null, prestartedExecutor: r.prestartedExecutor, preattachedChunks: r.preattachedChunks, attachDuringCopies: r.attachDuringCopies,
     chunksReused: r.chunksReused, chunksReleased: r.chunksReleased, switchover: r.switchover, prepare: r.prepare,
     peakUsedBytes: m.peak });
   const speed = stepSpeed(m.before, m.during);
@@ -340,10 +344,18 @@ for (let i = 1; i < plan.length; i++) {
   const elasticSteps = steps.filter((s) => s.who === 'elastic');
   const gaps = pauses(elasticSteps, m.first.t, m.first.t + 1000);
   const tokensAfter = elasticSteps.filter((s) => s.t > m.first.t && s.t <= m.first.t + 1000).reduce((a, s) => a + s.tokens, 0);
+  // The work ahead of the next scale (standby chunks filled, standby engines made) runs from the
+  // scale's end until settled: serving work done meanwhile against the steady steps in the 3 s after it.
+  const ahead = doneAt === undefined ? null : {
+    ms: doneAt - m.first.t,
+    workDuringOverSteadyAfter: workDuring(elasticSteps, m.first.t, doneAt, 0, { from: doneAt, to: Math.min(doneAt + 3000, clock()) })?.ratio ?? null,
+    pauses: pauses(elasticSteps, m.first.t, doneAt),
+  };
   emit({ bench: 'after', from: m.from, to: m.to, firstNewStepMs: m.first.ms, pauses: gaps, tokensInSecondAfter: tokensAfter, phases: r.phases,
-    ...(r.release ? { release: r.release } : {}), hostPool: dep.hostPoolStats });
+    ...(r.release ? { release: r.release } : {}), hostPool: dep.hostPoolStats, ahead });
   log(`  after ${m.from.join(',')} -> ${m.to.join(',')}: first new step ${m.first.ms.toFixed(0)} ms; in the second after it ` +
-    `${tokensAfter} tokens, pauses between steps ${gaps.sumMs.toFixed(0)} ms (longest ${gaps.maxMs.toFixed(0)} ms); release ${r.phases.releaseMs.toFixed(0)} ms`);
+    `${tokensAfter} tokens, pauses between steps ${gaps.sumMs.toFixed(0)} ms (longest ${gaps.maxMs.toFixed(0)} ms); release ${r.phases.releaseMs.toFixed(0)} ms; ` +
+    (ahead ? `work ahead ${ahead.ms.toFixed(0)} ms, serving work meanwhile ${ahead.workDuringOverSteadyAfter === null ? 'n/a' : `${(100 * ahead.workDuringOverSteadyAfter).toFixed(0)}%`} of the steady steps after it` : 'work ahead still running'));
 }
 
 // ---- replica: a second copy of the model on fresh devices while the elastic deployment serves.

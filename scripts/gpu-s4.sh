@@ -20,7 +20,7 @@ for l in sys.stdin:
   print(' ', s['from'], '->', s['to'], 'first step', round(s['commandToFirstNewStepMs']), 'ms; plan', round(p['planMs']), 'prepare', round(p['prepareMs']),
     '(alloc', round(st.get('allocateMs',0)), 'copy', round(st.get('copyMs',0)), 'queue block', round(st.get('queueMaxBlockMs',0)), ') attach', round(p['attachMs']), 'copy wait', round(p.get('copyWaitMs',0)), 'overlap', s.get('attachDuringCopies'), 'switch', round(p['switchMs']),
     'first', round(p['firstStepMs']), '; standby', s.get('chunksFromStandby'), '/', s['chunksCopied'], 'prefilled', s.get('chunksPrefilled'), '; work during', s.get('workDuringOverBefore'),
-    '; precaptured', s.get('precapture'), '; prestarted', s.get('prestartedExecutor'), 'preattached', s.get('preattachedChunks'), '; loop delay max', round((s.get('loopDelay') or {}).get('maxMs', 0)))"
+    '; precaptured', s.get('precapture'), 'made ahead', s.get('standbyMadeAhead'), '; prestarted', s.get('prestartedExecutor'), 'preattached', s.get('preattachedChunks'), '; loop delay max', round((s.get('loopDelay') or {}).get('maxMs', 0)))"
 }
 run() { # name, timeout, env... (BENCH_SCRIPT=PATH runs another copy of bench-scale.mjs, e.g. an earlier commit's build)
   local name=$1 limit=$2 script=scripts/bench-scale.mjs; shift 2

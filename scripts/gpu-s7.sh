@@ -27,7 +27,8 @@ for l in sys.stdin:
   print('  ', a['from'], '->', a['to'], 'first new step', round(a['firstNewStepMs'], 1), 'ms; second after it:', a['tokensInSecondAfter'], 'tokens, pauses',
     round(a['pauses']['sumMs'], 1), 'ms, longest', round(a['pauses']['maxMs'], 1),
     '; release', round(p['releaseMs']), 'ms', {k: {x: round(y, 1) for x, y in v.items()} for k, v in (a.get('release') or {}).items()},
-    '; host pool reused', h.get('reused'), 'allocated', h.get('allocated'), 'freed', h.get('freed'))"
+    '; host pool reused', h.get('reused'), 'allocated', h.get('allocated'), 'freed', h.get('freed'),
+    '; work ahead', {k: (round(v, 2) if isinstance(v, float) else v) for k, v in (a.get('ahead') or {}).items() if k != 'pauses'}, (a.get('ahead') or {}).get('pauses'))"
       done ;;
   esac
 done

@@ -17,10 +17,14 @@ const median = (xs) => {
 
 /**
  * steps: [{ t, ms, tokens, decode }] (t: when the step ended, ms: its duration; one instance).
- * Returns { ratio, windowMs, workMs, steps } or undefined when no step ran before.
+ * `ref` ({ from, to }): the steps ending in (from, to] are the reference instead of the
+ * `beforeMs` before tCmd (the steady steps after a window, when the layout changed before it).
+ * Returns { ratio, windowMs, workMs, steps } or undefined when no reference step ran.
  */
-export function workDuring(steps, tCmd, tEnd, beforeMs = 3000) {
-  const before = steps.filter((s) => s.t > tCmd - beforeMs && s.t <= tCmd);
+export function workDuring(steps, tCmd, tEnd, beforeMs = 3000, ref = undefined) {
+  const from = ref ? ref.from : tCmd - beforeMs;
+  const to = ref ? ref.to : tCmd;
+  const before = steps.filter((s) => s.t > from && s.t <= to);
   if (before.length === 0 || !(tEnd > tCmd)) return undefined;
   const kind = (s) => (s.tokens === s.decode ? 'decode' : 'mixed');
   const byTokens = new Map();
@@ -30,7 +34,7 @@ export function workDuring(steps, tCmd, tEnd, beforeMs = 3000) {
     byKind.set(kind(s), [...(byKind.get(kind(s)) ?? []), s.ms]);
   }
   const any = median(before.map((s) => s.ms));
-  const ref = (s) => {
+  const like = (s) => {
     const same = byTokens.get(s.tokens);
     if (same && same.length >= 3) return median(same);
     return median(byKind.get(kind(s)) ?? []) ?? any;
@@ -41,7 +45,7 @@ export function workDuring(steps, tCmd, tEnd, beforeMs = 3000) {
     const start = s.t - s.ms;
     const overlap = Math.min(s.t, tEnd) - Math.max(start, tCmd);
     if (overlap <= 0 || s.ms <= 0) continue;
-    workMs += ref(s) * (overlap / s.ms);
+    workMs += like(s) * (overlap / s.ms);
     counted++;
   }
   return { ratio: workMs / (tEnd - tCmd), windowMs: tEnd - tCmd, workMs, steps: counted };

@@ -83,7 +83,7 @@ import { type LayoutLimits, type LayoutSpec, roundRobinLayout, toExpertPlacement
 import { type PacedCopyStats, type PrepareOptions, pacedCopy, resolvePrepare } from './pacing.js';
 import { DEFAULT_PRECAPTURE_GRAPHS, precaptureShapes } from './precapture.js';
 import { ScalePlans, syncStandby } from './ahead.js';
-import { type ReadyStandby, disposeReady, makeReadyStandby } from './ready.js';
+import { type ReadyStandby, captureMissing, disposeReady, makeReadyStandby } from './ready.js';
 
 export interface DeploymentOptions {
   rt: Runtime;
@@ -349,6 +349,9 @@ const RELEASE_GROUP = 64;
 /** Filled standby chunks adopted per synchronous group at a scale (the loop gets a turn between groups, ~1 ms apart). */
 const ADOPT_GROUP = 64;
 
+/** How often the standby engines made ahead capture the serving engine's new shapes (ms). */
+const FOLLOW_MS = 200;
+
 /** Default steps between load observations (ForwardEngineOptions.observeLoadEvery). */
 const DEFAULT_OBSERVE_EVERY = 32;
 
@@ -412,6 +415,9 @@ export class Deployment {
   private standbyOn: boolean;
   /** Standby engines made ahead by the joining device (DeploymentOptions.standbyEngines); a scale takes or frees them all. */
   private readonly readies = new Map<number, ReadyStandby>();
+  /** The standby engines made ahead following the serving engine's new shapes (followShapes), and its wake-up. */
+  private following: Promise<void> | undefined;
+  private wakeFollower: (() => void) | undefined;
 
   private constructor(
     readonly rt: Runtime,
@@ -733,7 +739,11 @@ export class Deployment {
   }
 
   /** Standby chunks kept on the devices outside the layout (DeploymentOptions.standbyChunks), and the last error of the work ahead. */
-  get standby(): { devices: Array<{ device: number; chunks: number; bytes: number; filled: number }>; engines: number[]; error?: unknown } {
+  get standby(): {
+    devices: Array<{ device: number; chunks: number; bytes: number; filled: number }>;
+    engines: Array<{ device: number; precaptured: number }>;
+    error?: unknown;
+  } {
     const store = this.hmm.store;
     const devices = Array.from({ length: this.rt.deviceCount }, (_, device) => {
       const sizes = [...store.spareSizes(device)];
@@ -743,8 +753,8 @@ export class Deployment {
         filled: store.filledSpares(device),
       };
     }).filter((x) => x.chunks > 0);
-    // The joining devices of the scale-ups whose standby engine is made ahead (standbyEngines).
-    const engines = [...this.readies.keys()].sort((a, b) => a - b);
+    // The standby engines made ahead (standbyEngines), by the device their scale-up adds, with the graphs captured so far.
+    const engines = [...this.readies.values()].sort((a, b) => a.device - b.device).map((r) => ({ device: r.device, precaptured: r.precaptured }));
     return { devices, engines, ...(this.aheadError !== undefined ? { error: this.aheadError } : {}) };
   }
 
@@ -781,11 +791,44 @@ export class Deployment {
     });
   }
 
-  /** Stops the background work after its current group (syncStandby's) or plan. */
+  /** Stops the background work after its current group (syncStandby's), plan or capture. */
   private async stopAhead(): Promise<void> {
     this.aheadStop = true;
+    this.wakeFollower?.();
     await this.ahead;
     this.ahead = undefined;
+    await this.following;
+    this.following = undefined;
+  }
+
+  /**
+   * While the layout serves, every FOLLOW_MS: each standby engine made ahead captures the shapes
+   * its scale would capture ahead now (the serving engine's recent ones, which change as requests
+   * come and go) that it has no graph for yet, so the scale finds them captured. Not part of
+   * settled(); stopped with the work ahead (at once: the wait between rounds is cut short).
+   */
+  private async followShapes(): Promise<void> {
+    while (!this.aheadStop && this.readies.size > 0) {
+      await new Promise<void>((resolve) => {
+        const timer = setTimeout(resolve, FOLLOW_MS);
+        this.wakeFollower = () => {
+          clearTimeout(timer);
+          resolve();
+        };
+      });
+      this.wakeFollower = undefined;
+      for (const r of this.readies.values()) {
+        if (this.aheadStop) return;
+        r.precaptured += await captureMissing(r.engine, this.shapesAhead(r.planned.next), () => this.aheadStop);
+      }
+    }
+  }
+
+  /** The serving engine's recent shapes a standby for `next` captures ahead (precaptureShapes). */
+  private shapesAhead(next: LayoutSpec): GraphShape[] {
+    const serving = this.forward;
+    return serving instanceof ForwardEngine
+      ? precaptureShapes(serving.graphShapes(), next.devices, this.options.precaptureGraphs ?? DEFAULT_PRECAPTURE_GRAPHS) : [];
   }
 
   /**
@@ -814,6 +857,7 @@ export class Deployment {
       kvBlockBytes: blockBytes, kvBlocks: this.options.kvBlocksPerDevice,
     }, () => this.aheadStop, (e) => (this.aheadError = e));
     await this.makeReadies();
+    if (!this.aheadStop && this.readies.size > 0) this.following = this.followShapes().catch(() => undefined);
   }
 
   /** Whether standby engines are made ahead (DeploymentOptions.standbyEngines and what it needs). */
@@ -836,11 +880,7 @@ export class Deployment {
       hmm: this.hmm, layoutId, views: this.views, kvPool: { blockBytes, blocks: this.options.kvBlocksPerDevice },
       create: (next: LayoutSpec, weights: WeightSource, views: ReadonlyMap<number, MappedKvPool>) =>
         Deployment.createForward(this.options, this.hmm, next, views, this.hostPool, weights),
-      shapes: (next: LayoutSpec) => {
-        const serving = this.forward;
-        return serving instanceof ForwardEngine
-          ? precaptureShapes(serving.graphShapes(), next.devices, this.options.precaptureGraphs ?? DEFAULT_PRECAPTURE_GRAPHS) : [];
-      },
+      shapes: (next: LayoutSpec) => this.shapesAhead(next),
       stopped: () => this.aheadStop,
     };
     for (let d = 0; d < this.rt.deviceCount; d++) {

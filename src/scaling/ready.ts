@@ -99,15 +99,7 @@ export async function makeReadyStandby(inputs: ReadyInputs, planned: ScalePlan, 
   try {
     views = mapHmmKvPools(hmm.store.rt, hmm, [device]);
     engine = await inputs.create(next, weights, new Map([...inputs.views, ...views]));
-    let precaptured = 0;
-    try {
-      for (const shape of inputs.shapes(next)) {
-        if (inputs.stopped()) break;
-        precaptured += await engine.precapture([shape]);
-      }
-    } catch {
-      // Best effort: the scale captures what is missing (ForwardEngine.precapture skips what is cached).
-    }
+    const precaptured = await captureMissing(engine, inputs.shapes(next), inputs.stopped);
     return { fromId: inputs.layoutId, to: [...next.devices], device, planned, engine, views, ranges, precaptured, ms: performance.now() - t0 };
   } catch (e) {
     engine?.dispose();
@@ -115,6 +107,24 @@ export async function makeReadyStandby(inputs: ReadyInputs, planned: ScalePlan, 
     hmm.kv.destroyPool(device);
     throw e;
   }
+}
+
+/**
+ * Captures on `engine` the shapes it has no graph for, one at a time (ForwardEngine.precapture: a
+ * turn of the loop every 2 layers), until `stopped()`; best effort (a failed capture ends it: the
+ * scale captures what is missing). Resolves with the number captured.
+ */
+export async function captureMissing(engine: ForwardEngine, shapes: readonly GraphShape[], stopped: () => boolean): Promise<number> {
+  let made = 0;
+  try {
+    for (const shape of shapes) {
+      if (stopped()) break;
+      made += await engine.precapture([shape]);
+    }
+  } catch {
+    // Best effort, as above.
+  }
+  return made;
 }
 
 /**

@@ -69,6 +69,16 @@ describe('workDuring (bench-scale transition metric)', () => {
     // Tokens per second would call the same window a third of before's decode rate; this says two thirds of the work.
   });
 
+  it('takes the reference steps from a given window (the steady steps after it) when told', () => {
+    // 40 ms steps in (0, 3000] (another layout), 20 ms steps after; in (3000, 3400] they take 40 ms (work ahead running).
+    const steps = [...run(0, 3000, 40), ...run(3000, 3400, 40), ...run(3400, 7000, 20)];
+    // Against the steady 20 ms steps after the window: each 40 ms step did 20 ms of work, half.
+    expect(workDuring(steps, 3000, 3400, 0, { from: 3400, to: 6400 }).ratio).toBeCloseTo(0.5, 9);
+    // Against the steps before (40 ms, the other layout) it would read 1: why the reference matters.
+    expect(workDuring(steps, 3000, 3400).ratio).toBeCloseTo(1, 9);
+    expect(workDuring(steps, 3000, 3400, 0, { from: 8000, to: 9000 })).toBeUndefined();
+  });
+
   it('says nothing without steps before the command or with an empty window', () => {
     expect(workDuring(run(3000, 4000, 50), 3000, 3300)).toBeUndefined();
     expect(workDuring(run(0, 4000, 50), 3000, 3000)).toBeUndefined();
@@ -93,6 +103,8 @@ describe('bench-scale on the mock', () => {
       const scales = lines.filter((l) => l.bench === 'scale');
       expect(scales).toHaveLength(2);
       for (const x of scales) expect(x.loopDelay!.maxMs).toBeGreaterThan(0); // the event loop's longest wait in the window
+      // 0 -> 0,1 took the standby engine made ahead; the scale-down made its own.
+      expect(scales.map((x) => (x as unknown as { standbyMadeAhead: unknown }).standbyMadeAhead !== null)).toEqual([true, false]);
       const vertical = lines.filter((l) => l.bench === 'vertical');
       expect(vertical).toHaveLength(1);
       expect(vertical[0]!.error).toMatch(/^OutOfMemoryError: /);

@@ -230,7 +230,7 @@ describe('Deployment.scale', () => {
     // Back on [0]: exactly the steady memory of that layout; the pools of the devices that left are those
     // of the standby engines made ahead for the scale-ups onto them.
     expect(await settledFree(dep, rt)).toEqual(steady.get('0'));
-    expect(dep.standby.engines).toEqual([1, 2, 3]);
+    expect(dep.standby.engines.map((e) => e.device)).toEqual([1, 2, 3]);
     expect(dep.hmm.kv.poolDevices()).toEqual([0, 1, 2, 3]);
   });
 
@@ -354,7 +354,7 @@ describe('Deployment.scale', () => {
     expect(cShort.outputTokens).toEqual(wantShort);
     expect(streamed.get('short')).toEqual(wantShort); // nothing streamed twice after the recompute
     expect(cShort.preemptions).toBe(1);
-    expect(dep.hmm.kv.poolDevices()).toEqual([0, ...dep.standby.engines]);
+    expect(dep.hmm.kv.poolDevices()).toEqual([0, ...dep.standby.engines.map((e) => e.device)]);
   });
 
   it('returns to the steady memory figure of each layout after 200 up/down cycles, as the issue asks', async () => {
@@ -375,7 +375,7 @@ describe('Deployment.scale', () => {
       allocatedAfterFirst ??= dep.hostPoolStats.allocated;
     }
     // + the KV pool chunk of [0] and those of the standby engines made ahead for 1, 2 and 3.
-    expect(dep.standby.engines).toEqual([1, 2, 3]);
+    expect(dep.standby.engines.map((e) => e.device)).toEqual([1, 2, 3]);
     expect(dep.hmm.store.size).toBe(chunks0.length + 4);
     expect(dep.hmm.kv.poolDevices()).toEqual([0, 1, 2, 3]);
     // Pinned host buffers: allocated for the engines of the first cycle (the serving ones and those
@@ -495,19 +495,24 @@ describe('Deployment.scale', () => {
   });
 
   it('makes the standby engine of each planned scale-up ahead (standbyEngines): the scale-up calls no driver allocation, its first step replays', async () => {
-    const LONG = [0, 1, 2, 3].map((k) => Array.from({ length: 130 }, (_, i) => (i * 5 + k * 37 + 11) % 97));
+    // Prompts of 520 tokens and 400 more generated, in blocks of 64: 9 to 15 blocks (a block-table stride of 16)
+    // all along, so the decode shapes stay the same while the engines follow and the scale runs.
+    const LONG = [0, 1, 2, 3].map((k) => Array.from({ length: 520 }, (_, i) => (i * 5 + k * 37 + 11) % 97));
     const steps: Array<{ ranks: number; stats: GraphStats }> = [];
-    // Blocks of 64 tokens: the decode shapes stay the same through the scale (as in the test above).
     const { rt, dep } = await start([0, 1], { blockTokens: 64, onStep: (f) => steps.push({ ranks: f.rankSeqs.length, stats: { ...dep.graphStats! } }) });
     await dep.settled();
-    expect(dep.standby.engines).toEqual([2, 3]);
+    expect(dep.standby.engines.map((e) => e.device)).toEqual([2, 3]);
     // Each has its joining device's KV pool (taken from that device's standby chunks).
     expect(dep.hmm.kv.poolDevices()).toEqual([0, 1, 2, 3]);
-    const running = LONG.map((prompt) => dep.submit({ prompt, maxTokens: 120, ignoreEos: true }));
+    const running = LONG.map((prompt) => dep.submit({ prompt, maxTokens: 400, ignoreEos: true }));
     while (dep.graphStats!.replays < 8) await sleep(2);
-    // Made again with the decode shapes now serving (what the work ahead does after every scale).
-    await dep.setStandbyChunks(true);
-    expect(dep.standby.engines).toEqual([2, 3]);
+    // Made at start, before any step: the engines follow the serving engine's shapes in the background
+    // and capture its decode shapes too (one per staying device), without a scale asking.
+    const deadline = performance.now() + 10_000;
+    while (dep.standby.engines.some((e) => e.precaptured < 2)) {
+      expect(performance.now(), 'the standby engines never captured the decode shapes').toBeLessThan(deadline);
+      await sleep(5);
+    }
     // The scale-up creates no chunk, stream or module: each of those calls would fail.
     for (const op of ['CreateChunk', 'CreateStream', 'LoadModule', 'CopyDeviceToDevice']) rt.injectFault(op, 1);
     const phases: string[] = [];
@@ -524,17 +529,17 @@ describe('Deployment.scale', () => {
     // The staying ranks' first step on [0, 1, 2] replays graphs captured ahead.
     const first = steps.find((x) => x.ranks === 3)!.stats;
     expect(first).toMatchObject({ captures: 0, replays: 2 });
-    const want = await referenceTokens(LONG, 120);
+    const want = await referenceTokens(LONG, 400);
     for (const [k, c] of (await Promise.all(running)).entries()) expect(c.outputTokens).toEqual(want[k]);
     // The engine made for 0,1 → 0,1,3 was freed with its pool; the next one is made for 0,1,2 → 0,1,2,3.
     await dep.settled();
-    expect(dep.standby.engines).toEqual([3]);
+    expect(dep.standby.engines.map((e) => e.device)).toEqual([3]);
     expect(dep.hmm.kv.poolDevices()).toEqual([0, 1, 2, 3]);
     expect(await settledFree(dep, rt)).toEqual(await steadyOf([0, 1, 2], { blockTokens: 64 }));
     // Off: none made, and the scale makes its standby engine as before.
     const { dep: off } = await start([0, 1], { standbyEngines: false });
     await off.settled();
-    expect(off.standby.engines).toEqual([]);
+    expect(off.standby.engines.map((e) => e.device)).toEqual([]);
     expect(off.hmm.kv.poolDevices()).toEqual([0, 1]);
     const r = await off.scale({ devices: [0, 1, 2] });
     expect(r.standbyMadeAhead).toBeUndefined();
@@ -687,7 +692,7 @@ describe('Deployment.scale', () => {
     await dep.scale({ devices: [0] });
     const memory = await settledFree(dep, rt);
     for (const d of [1, 2, 3]) expect(dep.hmm.store.filledSpares(d)).toBe(9);
-    expect(dep.standby.engines).toEqual([1, 2, 3]);
+    expect(dep.standby.engines.map((e) => e.device)).toEqual([1, 2, 3]);
     const boom = new Error('progress callback failed');
     await expect(dep.scale({ devices: [0, 2] }, { onProgress: (p) => {
       if (p.phase === 'attach') throw boom;
@@ -695,12 +700,12 @@ describe('Deployment.scale', () => {
     expect(dep.devices).toEqual([0]);
     expect(await settledFree(dep, rt)).toEqual(memory);
     for (const d of [1, 2, 3]) expect(dep.hmm.store.filledSpares(d)).toBe(9);
-    expect(dep.standby.engines).toEqual([1, 2, 3]);
+    expect(dep.standby.engines.map((e) => e.device)).toEqual([1, 2, 3]);
     // Without standby engines, the standby engine made at scale time failing after the adoption: the same.
     {
       const { rt: r2, dep: d2 } = await start([0], { standbyEngines: false });
       const m2 = await settledFree(d2, r2);
-      expect(d2.standby.engines).toEqual([]);
+      expect(d2.standby.engines.map((e) => e.device)).toEqual([]);
       r2.injectFault('CreateStream', 1);
       await expect(d2.scale({ devices: [0, 2] })).rejects.toBeInstanceOf(FaultInjectedError);
       r2.clearFaults();
