@@ -36,7 +36,8 @@
 // DeploymentOptions.prefillStandby; 0: blank standby chunks, copied into at scale time),
 // BENCH_HOST_POOL (1, the default: pinned host buffers handed from engine to engine; 0: freed at release),
 // BENCH_STANDBY_ENGINES (1, the default: the standby engine of each planned scale-up made ahead,
-// DeploymentOptions.standbyEngines; 0: made by the scale's attach phase),
+// DeploymentOptions.standbyEngines; 0: made by the scale's attach phase), BENCH_STANDBY_FOLLOW (the shapes per
+// staying device those engines keep captured while serving, standbyEngines.follow; default precaptureGraphs),
 // BENCH_SCALE_DOWN_SPARES (1: the serving devices also keep standby chunks for a scale-down,
 // DeploymentOptions.scaleDownSpares; default 0),
 // BENCH_PRECAPTURE (graph shapes per staying device the standby engine captures ahead,
@@ -118,7 +119,8 @@ const serving = { rt, config, kvBlocksPerDevice, maxTokensPerStep: 512, maxSeqs:
   pauseCaptures: env('BENCH_PAUSE_CAPTURES', '0') === '1', standbyChunks: env('BENCH_STANDBY', '1') !== '0',
   precaptureGraphs: Number(env('BENCH_PRECAPTURE', String(DEFAULT_PRECAPTURE_GRAPHS))), scaleDownSpares: env('BENCH_SCALE_DOWN_SPARES', '0') === '1',
   hostPool: env('BENCH_HOST_POOL', '1') !== '0', prefillStandby: env('BENCH_PREFILL', '1') !== '0',
-  standbyEngines: env('BENCH_STANDBY_ENGINES', '1') !== '0' };
+  standbyEngines: env('BENCH_STANDBY_ENGINES', '1') === '0' ? false
+    : process.env.BENCH_STANDBY_FOLLOW ? { follow: Number(process.env.BENCH_STANDBY_FOLLOW) } : true };
 // BENCH_DEVICE_ROUTING_MAX_ROWS: the engines' deviceRoutingMaxRows (default: the engine's).
 // BENCH_GRAPH_INSTANTIATE=inline: graphs instantiated on the event loop (A/B; default thread-pool).
 const forward = env('BENCH_GRAPHS', '1') === '0' ? { graphs: false }

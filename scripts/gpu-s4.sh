@@ -14,7 +14,8 @@ import json,sys
 for l in sys.stdin:
   s=json.loads(l)
   if s['bench']=='standby':
-    print('  standby', s['when'], 'settle', round(s['settleMs']), 'ms', [(d['device'], d['chunks'], d.get('filled')) for d in s['devices']], s.get('error',''))
+    print('  standby', s['when'], 'settle', round(s['settleMs']), 'ms', [(d['device'], d['chunks'], d.get('filled')) for d in s['devices']], s.get('error',''),
+      'engines', [(e['device'], e['precaptured'], round(e['followMs'])) for e in s.get('engines') or [] if isinstance(e, dict)])
     continue
   st=s['prepare'].get('stats') or {}; p=s['phases']
   print(' ', s['from'], '->', s['to'], 'first step', round(s['commandToFirstNewStepMs']), 'ms; plan', round(p['planMs']), 'prepare', round(p['prepareMs']),

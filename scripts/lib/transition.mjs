@@ -2,8 +2,10 @@
 // serving work the steps before the command did per unit of time got done in the
 // transition window. Each step in the window counts as the time a step like it took
 // before, scaled by the part of it inside the window. "Like it" means the same token
-// count when at least 3 steps before had it, else the same kind (decode-only or mixed),
-// else any step. The sum is divided by the window's length.
+// count when at least 3 steps before had it, else the step time a least-squares line
+// through the steps before (ms against tokens) gives its token count (at least the
+// fastest step before), when they had two token counts or more; else the same kind
+// (decode-only or mixed), else any step. The sum is divided by the window's length.
 // 1.0: the window's steps ran as fast as before and left no gap. 0.8: a fifth of the
 // window's serving was lost: slower steps, or time with no step running. Above 1: the
 // steps ran faster than before (the new layout's steps after a scale-up can). Unlike a
@@ -14,6 +16,22 @@ const median = (xs) => {
   const s = [...xs].sort((a, b) => a - b);
   return s.length === 0 ? undefined : s[s.length >> 1];
 };
+
+/** Least-squares line ms = a + b * tokens through `steps`, or undefined when they have a single token count. */
+function fitLine(steps) {
+  const n = steps.length;
+  const mx = steps.reduce((a, s) => a + s.tokens, 0) / n;
+  const my = steps.reduce((a, s) => a + s.ms, 0) / n;
+  let sxx = 0;
+  let sxy = 0;
+  for (const s of steps) {
+    sxx += (s.tokens - mx) ** 2;
+    sxy += (s.tokens - mx) * (s.ms - my);
+  }
+  if (!(sxx > 0)) return undefined;
+  const b = sxy / sxx;
+  return { a: my - b * mx, b };
+}
 
 /**
  * steps: [{ t, ms, tokens, decode }] (t: when the step ended, ms: its duration; one instance).
@@ -34,9 +52,12 @@ export function workDuring(steps, tCmd, tEnd, beforeMs = 3000, ref = undefined) 
     byKind.set(kind(s), [...(byKind.get(kind(s)) ?? []), s.ms]);
   }
   const any = median(before.map((s) => s.ms));
+  const line = fitLine(before);
+  const fastest = Math.min(...before.map((s) => s.ms));
   const like = (s) => {
     const same = byTokens.get(s.tokens);
     if (same && same.length >= 3) return median(same);
+    if (line) return Math.max(fastest, line.a + line.b * s.tokens);
     return median(byKind.get(kind(s)) ?? []) ?? any;
   };
   let workMs = 0;

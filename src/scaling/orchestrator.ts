@@ -205,8 +205,12 @@ export interface DeploymentOptions {
    * serves, one engine's scratch per idle device on every device of the layout plus the idle
    * device (ForwardCreateStats.scratchBytes), the idle devices' KV pools (made at the scale
    * otherwise), and the host time of making them after each scale instead of during the next.
+   * `{ follow }`: while the layout serves, every 200 ms each of them captures the shapes it would
+   * capture ahead now that it lacks, up to `follow` per staying device (default precaptureGraphs;
+   * 0: none; the scale captures the rest), so a scale finds the serving engine's newer shapes
+   * captured too; costs host time while serving (each capture ~20-35 ms in ~1 ms pieces on H100).
    */
-  standbyEngines?: boolean;
+  standbyEngines?: boolean | { follow?: number };
   /**
    * When every target chunk of a scale is a standby chunk: queue all the copies at once and make
    * the standby (engine, or executor process) while they run, instead of after (default true).
@@ -453,6 +457,11 @@ export class Deployment {
     const pre = options.precaptureGraphs;
     if (pre !== undefined && (!Number.isSafeInteger(pre) || pre < 0)) {
       throw new InvalidArgumentError('precaptureGraphs', `a non-negative integer: graph shapes per device captured ahead of a scale (got ${String(pre)})`);
+    }
+    const se = options.standbyEngines;
+    if (se !== undefined && typeof se !== 'boolean' && (se === null || typeof se !== 'object'
+      || (se.follow !== undefined && (!Number.isSafeInteger(se.follow) || se.follow < 0)))) {
+      throw new InvalidArgumentError('standbyEngines', `true, false or { follow }: follow a non-negative integer, shapes per staying device (got ${JSON.stringify(se)})`);
     }
     if (options.hostPool !== undefined && typeof options.hostPool !== 'boolean') {
       throw new InvalidArgumentError('hostPool', `true or false (got ${String(options.hostPool)})`);
@@ -741,7 +750,8 @@ export class Deployment {
   /** Standby chunks kept on the devices outside the layout (DeploymentOptions.standbyChunks), and the last error of the work ahead. */
   get standby(): {
     devices: Array<{ device: number; chunks: number; bytes: number; filled: number }>;
-    engines: Array<{ device: number; precaptured: number }>;
+    /** precaptured: graphs captured ahead (made and followed); followMs: host time of following the serving engine's shapes. */
+    engines: Array<{ device: number; precaptured: number; followMs: number }>;
     error?: unknown;
   } {
     const store = this.hmm.store;
@@ -754,7 +764,7 @@ export class Deployment {
       };
     }).filter((x) => x.chunks > 0);
     // The standby engines made ahead (standbyEngines), by the device their scale-up adds, with the graphs captured so far.
-    const engines = [...this.readies.values()].sort((a, b) => a.device - b.device).map((r) => ({ device: r.device, precaptured: r.precaptured }));
+    const engines = [...this.readies.values()].sort((a, b) => a.device - b.device).map((r) => ({ device: r.device, precaptured: r.precaptured, followMs: r.followMs }));
     return { devices, engines, ...(this.aheadError !== undefined ? { error: this.aheadError } : {}) };
   }
 
@@ -819,16 +829,25 @@ export class Deployment {
       this.wakeFollower = undefined;
       for (const r of this.readies.values()) {
         if (this.aheadStop) return;
-        r.precaptured += await captureMissing(r.engine, this.shapesAhead(r.planned.next), () => this.aheadStop);
+        const t = now();
+        const made = await captureMissing(r.engine, this.shapesAhead(r.planned.next, this.followPerDevice()), () => this.aheadStop);
+        r.precaptured += made;
+        if (made > 0) r.followMs += now() - t;
       }
     }
   }
 
-  /** The serving engine's recent shapes a standby for `next` captures ahead (precaptureShapes). */
-  private shapesAhead(next: LayoutSpec): GraphShape[] {
+  /** The serving engine's recent shapes a standby for `next` captures ahead (precaptureShapes), `perDevice` per staying device. */
+  private shapesAhead(next: LayoutSpec, perDevice = this.options.precaptureGraphs ?? DEFAULT_PRECAPTURE_GRAPHS): GraphShape[] {
     const serving = this.forward;
-    return serving instanceof ForwardEngine
-      ? precaptureShapes(serving.graphShapes(), next.devices, this.options.precaptureGraphs ?? DEFAULT_PRECAPTURE_GRAPHS) : [];
+    return serving instanceof ForwardEngine ? precaptureShapes(serving.graphShapes(), next.devices, perDevice) : [];
+  }
+
+  /** Shapes per staying device the standby engines made ahead keep captured while serving (DeploymentOptions.standbyEngines.follow). */
+  private followPerDevice(): number {
+    const o = this.options.standbyEngines;
+    const follow = typeof o === 'object' ? o.follow : undefined;
+    return follow ?? this.options.precaptureGraphs ?? DEFAULT_PRECAPTURE_GRAPHS;
   }
 
   /**
@@ -857,7 +876,7 @@ export class Deployment {
       kvBlockBytes: blockBytes, kvBlocks: this.options.kvBlocksPerDevice,
     }, () => this.aheadStop, (e) => (this.aheadError = e));
     await this.makeReadies();
-    if (!this.aheadStop && this.readies.size > 0) this.following = this.followShapes().catch(() => undefined);
+    if (!this.aheadStop && this.readies.size > 0 && this.followPerDevice() > 0) this.following = this.followShapes().catch(() => undefined);
   }
 
   /** Whether standby engines are made ahead (DeploymentOptions.standbyEngines and what it needs). */

@@ -28,9 +28,11 @@ export interface ReadyStandby {
   views: Map<number, MappedKvPool>;
   /** The mapping of each filled standby chunk the engine reads, by chunk id: adoption must register these very ones. */
   ranges: Map<string, VirtualRange>;
-  /** Graphs captured ahead, and the whole making's wall time (ms). */
+  /** Graphs captured ahead (at its making, then following the serving engine's shapes), and the making's wall time (ms). */
   precaptured: number;
   ms: number;
+  /** Wall time of the captures that followed the serving engine's shapes (ms). */
+  followMs: number;
 }
 
 /** What making a standby needs from the deployment. */
@@ -100,7 +102,7 @@ export async function makeReadyStandby(inputs: ReadyInputs, planned: ScalePlan, 
     views = mapHmmKvPools(hmm.store.rt, hmm, [device]);
     engine = await inputs.create(next, weights, new Map([...inputs.views, ...views]));
     const precaptured = await captureMissing(engine, inputs.shapes(next), inputs.stopped);
-    return { fromId: inputs.layoutId, to: [...next.devices], device, planned, engine, views, ranges, precaptured, ms: performance.now() - t0 };
+    return { fromId: inputs.layoutId, to: [...next.devices], device, planned, engine, views, ranges, precaptured, ms: performance.now() - t0, followMs: 0 };
   } catch (e) {
     engine?.dispose();
     for (const v of views?.values() ?? []) v.dispose();

@@ -69,6 +69,23 @@ describe('workDuring (bench-scale transition metric)', () => {
     // Tokens per second would call the same window a third of before's decode rate; this says two thirds of the work.
   });
 
+  it('counts a step of a token count not seen before as the line through the steps before gives it', () => {
+    // Before: 32-token steps of 30 ms and 96-token steps of 62 ms (0.5 ms a token over 14 ms).
+    const before: Step[] = [];
+    let t = 0;
+    while (t < 3000) {
+      t += 30; before.push({ t, ms: 30, tokens: 32, decode: 32 });
+      t += 62; before.push({ t, ms: 62, tokens: 96, decode: 32 });
+    }
+    // In the window: a 160-token step of 94 ms (as fast as the line says), then one of 188 ms (half as fast).
+    const during = [{ t: t + 94, ms: 94, tokens: 160, decode: 32 }, { t: t + 282, ms: 188, tokens: 160, decode: 32 }];
+    expect(workDuring([...before, ...during], t, t + 94).ratio).toBeCloseTo(1, 9);
+    expect(workDuring([...before, ...during], t, t + 282).ratio).toBeCloseTo((94 + 94) / 282, 9);
+    // A tiny step counts at least as the fastest step before (the line would go below it).
+    const tiny = [{ t: t + 30, ms: 30, tokens: 1, decode: 1 }];
+    expect(workDuring([...before, ...tiny], t, t + 30).ratio).toBeCloseTo(1, 9);
+  });
+
   it('takes the reference steps from a given window (the steady steps after it) when told', () => {
     // 40 ms steps in (0, 3000] (another layout), 20 ms steps after; in (3000, 3400] they take 40 ms (work ahead running).
     const steps = [...run(0, 3000, 40), ...run(3000, 3400, 40), ...run(3400, 7000, 20)];

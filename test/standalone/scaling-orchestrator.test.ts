@@ -536,6 +536,23 @@ describe('Deployment.scale', () => {
     expect(dep.standby.engines.map((e) => e.device)).toEqual([3]);
     expect(dep.hmm.kv.poolDevices()).toEqual([0, 1, 2, 3]);
     expect(await settledFree(dep, rt)).toEqual(await steadyOf([0, 1, 2], { blockTokens: 64 }));
+    // follow 0: made at start, they do not follow the serving engine's shapes (the scale captures them).
+    {
+      const { dep: still } = await start([0, 1], { blockTokens: 64, standbyEngines: { follow: 0 } });
+      await still.settled();
+      const running2 = LONG.map((prompt) => still.submit({ prompt, maxTokens: 400, ignoreEos: true }));
+      while (still.graphStats!.replays < 8) await sleep(2);
+      await sleep(500); // more than two rounds of following, had it been on
+      expect(still.standby.engines.map((e) => [e.device, e.precaptured])).toEqual([[2, 0], [3, 0]]);
+      const r = await still.scale({ devices: [0, 1, 2] });
+      expect(r.standbyMadeAhead).toMatchObject({ precaptured: 0 });
+      expect(r.precapture!.graphs).toBeGreaterThanOrEqual(2);
+      for (const [k, c] of (await Promise.all(running2)).entries()) expect(c.outputTokens).toEqual(want[k]);
+    }
+    for (const bad of [{ follow: -1 }, { follow: 1.5 }, 'yes', null]) {
+      await expect(Deployment.start({ rt: openMock({ mockCapacity: 128 * MIB }), config, devices: [0], kvBlocksPerDevice: 8,
+        standbyEngines: bad as DeploymentOptions['standbyEngines'] })).rejects.toThrow(InvalidArgumentError);
+    }
     // Off: none made, and the scale makes its standby engine as before.
     const { dep: off } = await start([0, 1], { standbyEngines: false });
     await off.settled();
