@@ -68,7 +68,7 @@ if (!process.env.UV_THREADPOOL_SIZE) {
 
 const { Runtime } = await import('../dist/index.js');
 const { dropPageCache, writePatternCheckpoint } = await import('./lib/checkpoint.mjs');
-const { pauses, workDuring } = await import('./lib/transition.mjs');
+const { pauses, workAcross, workDuring } = await import('./lib/transition.mjs');
 const { Hmm } = await import('../dist/hmm/hmm.js');
 const { planChunks } = await import('../dist/hmm/placement.js');
 const { openCheckpoint } = await import('../dist/hmm/safetensors.js');
@@ -227,8 +227,11 @@ function startLoad(name) {
 }
 
 // BENCH_SCALE_PROFILE=DIR: a CPU profile (.cpuprofile) of each measured scale, from its
-// command to the first step on the new layout, written to DIR (where the host time went).
+// command to the first step on the new layout, written to DIR (where the host time went);
+// BENCH_SCALE_PROFILE_AFTER_MS: the profile goes on that long after the first new step (the
+// release, the new layout's first captures, the work ahead of the next scale).
 const scaleProfileDir = process.env.BENCH_SCALE_PROFILE || undefined;
+const profileAfterMs = Number(env('BENCH_SCALE_PROFILE_AFTER_MS', 0));
 let profiler;
 if (scaleProfileDir) {
   mkdirSync(scaleProfileDir, { recursive: true });
@@ -267,6 +270,7 @@ async function measureScale(kind, inst, to) {
   const first = steps.find((s) => s.who === kind && s.t > tCmd && s.epoch > epochBefore);
   loop.disable();
   if (profiler) {
+    if (profileAfterMs > 0) await sleep(profileAfterMs);
     const { profile } = await profiler.post('Profiler.stop');
     writeFileSync(path.join(scaleProfileDir, `${++profiled}-${kind}-${from.join('.')}-to-${to.join('.')}.cpuprofile`), JSON.stringify(profile));
   }
@@ -353,10 +357,16 @@ for (let i = 1; i < plan.length; i++) {
     workDuringOverSteadyAfter: workDuring(elasticSteps, m.first.t, doneAt, 0, { from: doneAt, to: Math.min(doneAt + 3000, clock()) })?.ratio ?? null,
     pauses: pauses(elasticSteps, m.first.t, doneAt),
   };
+  // Serving work in the second from the command (the scale, the first new steps, the release and part of the
+  // work ahead), each layout's steps against its own steady steps (the new layout's: after the work ahead, to now).
+  const oldEpoch = elasticSteps.filter((s) => s.epoch < m.first.epoch);
+  const newEpoch = elasticSteps.filter((s) => s.epoch === m.first.epoch);
+  const second = workAcross(oldEpoch, newEpoch, m.tCmd, m.tCmd + 1000, 3000, { from: doneAt ?? m.first.t + 1000, to: clock() });
   emit({ bench: 'after', from: m.from, to: m.to, firstNewStepMs: m.first.ms, pauses: gaps, tokensInSecondAfter: tokensAfter, phases: r.phases,
-    ...(r.release ? { release: r.release } : {}), hostPool: dep.hostPoolStats, ahead });
+    ...(r.release ? { release: r.release } : {}), hostPool: dep.hostPoolStats, ahead, workInSecondFromCommand: second?.ratio ?? null });
   log(`  after ${m.from.join(',')} -> ${m.to.join(',')}: first new step ${m.first.ms.toFixed(0)} ms; in the second after it ` +
     `${tokensAfter} tokens, pauses between steps ${gaps.sumMs.toFixed(0)} ms (longest ${gaps.maxMs.toFixed(0)} ms); release ${r.phases.releaseMs.toFixed(0)} ms; ` +
+    `serving work in the second from the command ${second ? `${(100 * second.ratio).toFixed(0)}%` : 'n/a'}; ` +
     (ahead ? `work ahead ${ahead.ms.toFixed(0)} ms, serving work meanwhile ${ahead.workDuringOverSteadyAfter === null ? 'n/a' : `${(100 * ahead.workDuringOverSteadyAfter).toFixed(0)}%`} of the steady steps after it` : 'work ahead still running'));
 }
 

@@ -5,7 +5,7 @@
 // in the window. For results recorded before a change of the metric.
 import { readFileSync } from 'node:fs';
 
-import { workDuring } from './lib/transition.mjs';
+import { workAcross, workDuring } from './lib/transition.mjs';
 
 if (process.argv.length < 3) {
   process.stderr.write('usage: node scripts/transition-report.mjs RUN.jsonl...\n');
@@ -22,7 +22,11 @@ for (const file of process.argv.slice(2)) {
     if (!first) return;
     const tCmd = first.t - s.commandToFirstNewStepMs;
     const now = workDuring(steps, tCmd, first.t);
+    // The second from the command, the new layout's steps against the last 3 s of its epoch (steady, after the work ahead).
+    const fresh = steps.filter((x) => x.epoch === i + 1);
+    const end = fresh.at(-1).t;
+    const second = workAcross(steps.filter((x) => x.epoch <= i), fresh, tCmd, tCmd + 1000, 3000, { from: end - 3000, to: end });
     console.log(`  ${s.from.join(',')} -> ${s.to.join(',')}: ${s.commandToFirstNewStepMs.toFixed(0)} ms; work during ${s.workDuringOverBefore?.toFixed(3)} as recorded, `
-      + `${now ? now.ratio.toFixed(3) : 'n/a'} now (${now?.steps ?? 0} steps)`);
+      + `${now ? now.ratio.toFixed(3) : 'n/a'} now (${now?.steps ?? 0} steps); in the second from the command ${second ? second.ratio.toFixed(3) : 'n/a'}`);
   });
 }

@@ -73,6 +73,20 @@ export function workDuring(steps, tCmd, tEnd, beforeMs = 3000, ref = undefined) 
 }
 
 /**
+ * Serving work in a window from the command to tEnd that runs past the switch-over (the first steps
+ * on the new layout, the release and the work ahead of the next scale fall in it): the old layout's
+ * steps count as like steps took in the `beforeMs` before the command, the new layout's as like steps
+ * of the new layout took in its steady serving `refNew` ({ from, to }). Returns { ratio, windowMs,
+ * workMs, steps }, or undefined when either layout has no reference step.
+ */
+export function workAcross(oldSteps, newSteps, tCmd, tEnd, beforeMs, refNew) {
+  const a = workDuring(oldSteps, tCmd, tEnd, beforeMs);
+  const b = workDuring(newSteps, tCmd, tEnd, 0, refNew);
+  if (!a || !b) return undefined;
+  return { ratio: (a.workMs + b.workMs) / (tEnd - tCmd), windowMs: tEnd - tCmd, workMs: a.workMs + b.workMs, steps: a.steps + b.steps };
+}
+
+/**
  * The pauses between consecutive steps (one instance) that start in (a, b]: the time from a
  * step's end to the next one's start, when the host did not keep the GPUs busy. Returns
  * { maxMs, sumMs, count }. Used for the second after a scale's first new step, where the

@@ -40,15 +40,38 @@ export class ScalePlans {
 
   /** The plan of a scale from `current` (id `layoutId`) to `to` with `load` (uniform when undefined). */
   planFor(current: LayoutSpec, layoutId: string, to: number[], load: number[][] | undefined): ScalePlan {
+    const run = this.stages(current, layoutId, to, load);
+    for (let r = run.next(); ; r = run.next()) if (r.done) return r.value;
+  }
+
+  /**
+   * planFor in the background (the uniform-load plan, kept): a turn of the event loop between its
+   * stages (placement, sizes, diff, bound, schedule: each 1-20 ms of host time on Qwen3-30B-A3B
+   * shapes), so that an engine serving in this process launches its steps in between.
+   */
+  async planAhead(current: LayoutSpec, layoutId: string, to: number[]): Promise<ScalePlan> {
+    const run = this.stages(current, layoutId, to, undefined);
+    for (let r = run.next(); ; r = run.next()) {
+      if (r.done) return r.value;
+      await turn();
+    }
+  }
+
+  /** planFor's stages, yielding between them. */
+  private *stages(current: LayoutSpec, layoutId: string, to: number[], load: number[][] | undefined): Generator<void, ScalePlan> {
     const key = `${layoutId}|${to.join(',')}`;
     const kept = load ? undefined : this.kept.get(key);
     if (kept) return kept;
     const { balance } = this.options;
     const next = planPlacement({ current, targetDevices: to, balance, ...(load ? { load } : {}) });
     validateLayout(next, this.limits());
+    yield;
     const { sizes, denseChunkSizes } = this.sizes(current, layoutId);
+    yield;
     const plan = diffLayouts(current, next, sizes);
+    yield;
     const lower = lowerBoundBytes(current, to, sizes, balance, load ? { load } : {});
+    yield;
     const transfers = scheduleTransfers(plan, {
       denseChunkSizes, maxSourcesPerTransfer: this.options.maxSourcesPerTransfer, stripeAlignment: this.options.stripeAlignment,
     });
@@ -86,6 +109,25 @@ export interface StandbyOptions {
   kvBlocks: number;
 }
 
+/** The targets of the scales by one device down from `devices`. */
+const scaleDowns = (devices: readonly number[]) => (devices.length > 1 ? devices.map((d) => devices.filter((x) => x !== d)) : []);
+
+/**
+ * Plans every scale-down by one device from `layout` ahead (ScalePlans keeps them), a turn of the
+ * loop between stages; best effort, as syncStandby. syncStandby made them already with scaleDownSpares.
+ */
+export async function planScaleDowns(plans: ScalePlans, layout: LayoutSpec, layoutId: string, stopped: () => boolean,
+  onError: (e: unknown) => void): Promise<void> {
+  for (const to of scaleDowns(layout.devices)) {
+    if (stopped()) return;
+    try {
+      await plans.planAhead(layout, layoutId, to);
+    } catch (e) {
+      onError(e);
+    }
+  }
+}
+
 /**
  * Chunk sizes and counts a scale allocates on `device`: the chunks the plan copies into it and,
  * for a device joining (`kvPool`), its KV pool.
@@ -99,8 +141,9 @@ function intake(store: ChunkStore, rt: Runtime, o: StandbyOptions, device: numbe
 }
 
 /**
- * Plans every scale by one device from `layout` (each device of the node added, each device of
- * the layout removed; a turn of the loop between plans), then brings every device's standby
+ * Plans every scale-up by one device from `layout` (each device of the node added, and with
+ * scaleDownSpares each device of the layout removed; a turn of the loop between plans and their
+ * stages), then brings every device's standby
  * chunks to what those plans allocate there (none on the layout's devices unless
  * scaleDownSpares; freed and created in groups with a turn in between), then fills each idle
  * device's with what the plan adding it copies. Best effort: a target no scale could reach, a
@@ -114,7 +157,8 @@ export async function syncStandby(store: ChunkStore, rt: Runtime, plans: ScalePl
   const want = new Map<number, Map<number, number>>(node.map((d) => [d, new Map()]));
   const targets = [
     ...node.filter((d) => !devices.includes(d)).map((d) => ({ to: [...devices, d], joining: d as number | undefined })),
-    ...(devices.length > 1 ? devices.map((d) => ({ to: devices.filter((x) => x !== d), joining: undefined })) : []),
+    // The scale-downs' plans are needed here only for their standby chunks; else planScaleDowns makes them later.
+    ...(o.scaleDownSpares ? scaleDowns(devices).map((to) => ({ to, joining: undefined })) : []),
   ];
   const fills: Array<{ device: number; planned: ScalePlan }> = [];
   for (const { to, joining } of targets) {
@@ -122,7 +166,8 @@ export async function syncStandby(store: ChunkStore, rt: Runtime, plans: ScalePl
     await turn();
     if (stopped()) return;
     try {
-      const planned = plans.planFor(layout, layoutId, to, undefined);
+      const planned = await plans.planAhead(layout, layoutId, to);
+      if (stopped()) return;
       if (joining !== undefined && o.standby) {
         want.set(joining, intake(store, rt, o, joining, planned, true));
         if (o.prefill) fills.push({ device: joining, planned });

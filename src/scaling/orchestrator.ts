@@ -82,7 +82,7 @@ import type { Runtime } from '../runtime/runtime.js';
 import { type LayoutLimits, type LayoutSpec, roundRobinLayout, toExpertPlacement, validateLayout } from './layout.js';
 import { type PacedCopyStats, type PrepareOptions, pacedCopy, resolvePrepare } from './pacing.js';
 import { DEFAULT_PRECAPTURE_GRAPHS, precaptureShapes } from './precapture.js';
-import { ScalePlans, syncStandby } from './ahead.js';
+import { ScalePlans, planScaleDowns, syncStandby } from './ahead.js';
 import { type ReadyStandby, captureMissing, disposeReady, makeReadyStandby } from './ready.js';
 
 export interface DeploymentOptions {
@@ -876,6 +876,8 @@ export class Deployment {
       kvBlockBytes: blockBytes, kvBlocks: this.options.kvBlocksPerDevice,
     }, () => this.aheadStop, (e) => (this.aheadError = e));
     await this.makeReadies();
+    // Last: the scale-down plans (the standby engines first: they serve the scale-ups' latency and serving).
+    if (!this.options.scaleDownSpares) await planScaleDowns(this.plans, this.layoutSpec, this.layoutId, () => this.aheadStop, (e) => (this.aheadError = e));
     if (!this.aheadStop && this.readies.size > 0 && this.followPerDevice() > 0) this.following = this.followShapes().catch(() => undefined);
   }
 

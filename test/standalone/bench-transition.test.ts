@@ -10,7 +10,7 @@ import { promisify } from 'node:util';
 import { describe, expect, it } from 'vitest';
 
 // @ts-expect-error: a plain ESM script without types
-import { pauses, workDuring } from '../../scripts/lib/transition.mjs';
+import { pauses, workAcross, workDuring } from '../../scripts/lib/transition.mjs';
 
 type Step = { t: number; ms: number; tokens: number; decode: number };
 /** Back-to-back steps of `ms` each from `from`, until `to`. */
@@ -84,6 +84,17 @@ describe('workDuring (bench-scale transition metric)', () => {
     // A tiny step counts at least as the fastest step before (the line would go below it).
     const tiny = [{ t: t + 30, ms: 30, tokens: 1, decode: 1 }];
     expect(workDuring([...before, ...tiny], t, t + 30).ratio).toBeCloseTo(1, 9);
+  });
+
+  it('workAcross: each layout\'s steps against its own steady steps, over a window past the switch-over', () => {
+    // Old layout: 40 ms steps until 3080 (the command at 3000); new layout from 3120 (a 40 ms pause): two steps
+    // of 40 ms (half speed), then steady 20 ms steps.
+    const old = run(0, 3100, 40);
+    const fresh = [{ t: 3160, ms: 40, tokens: 32, decode: 32 }, { t: 3200, ms: 40, tokens: 32, decode: 32 }, ...run(3200, 8000, 20)];
+    const r = workAcross(old, fresh, 3000, 4000, 3000, { from: 5000, to: 8000 })!;
+    // Work: 80 (old, full speed) + 20 + 20 (the slow ones) + 800 (steady 3200-4000) = 920 of 1000 ms.
+    expect(r.ratio).toBeCloseTo(0.92, 9);
+    expect(workAcross(old, fresh, 3000, 4000, 3000, { from: 9000, to: 9500 })).toBeUndefined();
   });
 
   it('takes the reference steps from a given window (the steady steps after it) when told', () => {
