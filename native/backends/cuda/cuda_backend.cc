@@ -135,6 +135,8 @@ class CudaBackend final : public Backend {
   GraphId EndCapture(StreamId stream) override;
   GraphId EndCaptureDeferred(StreamId stream) override;
   void InstantiateGraph(GraphId graph) override;
+  /** The device's graph upload stream (Device::upload), created at the first call; its context is current. */
+  CUstream UploadStream(int device, const char* api);
   void LaunchGraph(GraphId graph, StreamId stream) override;
   void DestroyGraph(GraphId graph) override;
 
@@ -159,6 +161,9 @@ class CudaBackend final : public Backend {
     int cc_major = 0, cc_minor = 0, multiprocessors = 0;
     uint64_t granularity = 0;
     bool posix_fd = false;  // can export chunks as POSIX fds
+    // Where InstantiateGraph uploads each new executable graph (created at the first one; guarded
+    // by mu_): not an engine's stream, which may be capturing meanwhile.
+    CUstream upload = nullptr;
   };
   struct Chunk {
     CUmemGenericAllocationHandle handle = 0;
@@ -394,6 +399,9 @@ CudaBackend::~CudaBackend() {
   }
   for (auto& e : streams_) {
     if (use(e.second.device)) d_.cuStreamDestroy(e.second.handle);
+  }
+  for (size_t i = 0; i < devices_.size(); ++i) {
+    if (devices_[i].upload != nullptr && use(static_cast<int>(i))) d_.cuStreamDestroy(devices_[i].upload);
   }
   for (auto& e : events_) {
     if (use(e.second.device)) d_.cuEventDestroy(e.second.handle);
@@ -1236,6 +1244,27 @@ void CudaBackend::InstantiateGraph(GraphId graph) {
   }
   // The executable graph is independent of the graph it was made from.
   d_.cuGraphDestroy(g.raw);
+  // Uploaded now (on this thread, the pool's with EndCaptureDeferred), not at its first launch: a
+  // graph captured ahead of a scale is first launched right after the switch-over, where the
+  // upload held the event loop. Stream-ordered on the device's upload stream; the driver orders
+  // the graph's launches after it.
+  if (d_.cuGraphUpload != nullptr) {
+    const CUstream upload = UploadStream(g.device, api);
+    Check(d_.cuGraphUpload(exec, upload), "cuGraphUpload", [&] {
+      return "uploading graph " + std::to_string(graph) + " to " + DeviceText(g.device);
+    });
+  }
+}
+
+CUstream CudaBackend::UploadStream(int device, const char* api) {
+  std::unique_lock<std::shared_mutex> lock(mu_);
+  Device& dev = devices_[device];
+  if (dev.upload == nullptr) {
+    // The device's context is current on this thread (the caller's Use).
+    Check(d_.cuStreamCreate(&dev.upload, CU_STREAM_NON_BLOCKING), "cuStreamCreate",
+          [&] { return std::string("creating the graph upload stream of ") + DeviceText(device) + " (" + api + ")"; });
+  }
+  return dev.upload;
 }
 
 void CudaBackend::LaunchGraph(GraphId graph, StreamId stream) {
@@ -1295,6 +1324,7 @@ void CudaBackend::ResetDevice(int device) {
   // instantiated yet (EndCaptureDeferred) is dropped without cuGraphDestroy: another thread
   // may be instantiating it (InstantiateGraph then reports it gone); its host memory leaks.
   drop(graphs_);
+  dev.upload = nullptr;  // destroyed with the context
   if (device == kHostDevice) host_.clear();
 
   // The reset keeps our retain count; retaining again hands back a live

@@ -96,6 +96,7 @@ bool ResolveAll(const DynLib& lib, Driver* d, std::string* missing) {
   want(d->cuGraphLaunch, "cuGraphLaunch");
   want(d->cuGraphExecDestroy, "cuGraphExecDestroy");
   want(d->cuGraphDestroy, "cuGraphDestroy");
+  want(d->cuGraphUpload, "cuGraphUpload");
   return missing->empty();
 }
 

@@ -211,6 +211,8 @@ struct Driver {
   CUresult (*cuGraphLaunch)(CUgraphExec, CUstream) = nullptr;
   CUresult (*cuGraphExecDestroy)(CUgraphExec) = nullptr;
   CUresult (*cuGraphDestroy)(CUgraph) = nullptr;
+  // CUDA 11.1+: uploads an executable graph ahead of its first launch (else that launch does it).
+  CUresult (*cuGraphUpload)(CUgraphExec, CUstream) = nullptr;
 };
 
 // Loads `library` (empty: "libcuda.so.1") once per process and resolves the
