@@ -837,10 +837,11 @@ export class Deployment {
     }
   }
 
-  /** The serving engine's recent shapes a standby for `next` captures ahead (precaptureShapes), `perDevice` per staying device. */
+  /** The serving engine's recent shapes a standby for `next` captures ahead (precaptureShapes), `perDevice` per device, the joining one's included. */
   private shapesAhead(next: LayoutSpec, perDevice = this.options.precaptureGraphs ?? DEFAULT_PRECAPTURE_GRAPHS): GraphShape[] {
     const serving = this.forward;
-    return serving instanceof ForwardEngine ? precaptureShapes(serving.graphShapes(), next.devices, perDevice) : [];
+    // The device the scale adds too (the standby is made in the background: the time is there).
+    return serving instanceof ForwardEngine ? precaptureShapes(serving.graphShapes(), next.devices, perDevice, { joining: true }) : [];
   }
 
   /** Shapes per staying device the standby engines made ahead keep captured while serving (DeploymentOptions.standbyEngines.follow). */

@@ -16,13 +16,28 @@ export const DEFAULT_PRECAPTURE_GRAPHS = 3;
  * Up to `perDevice` shapes for each device of `devices` that has any in `recent` (most recently
  * used first, each with its device), renumbered to the device's rank in `devices`: its most
  * recent decode shape, then its most recent others. Devices not in `devices` are left out.
+ * `joining`: a device of `devices` with no shape in `recent` (one the scale adds) gets the most
+ * recent distinct shapes of all devices, those with prompt tokens (T > S) first: it takes the
+ * waiting requests, so its first steps run their prompts.
  */
-export function precaptureShapes(recent: readonly GraphShape[], devices: readonly number[], perDevice: number): GraphShape[] {
+export function precaptureShapes(recent: readonly GraphShape[], devices: readonly number[], perDevice: number,
+  options: { joining?: boolean } = {}): GraphShape[] {
   if (perDevice <= 0) return [];
   const out: GraphShape[] = [];
+  const distinct = (shapes: readonly GraphShape[]) => {
+    const seen = new Set<string>();
+    return shapes.filter((g) => {
+      const key = `${g.T},${g.S},${g.MB},${g.sampled}`;
+      if (seen.has(key)) return false;
+      seen.add(key);
+      return true;
+    });
+  };
   devices.forEach((device, rank) => {
     const mine = recent.filter((g) => g.device === device);
-    const ordered = [...mine.filter((g) => g.T === g.S), ...mine.filter((g) => g.T !== g.S)];
+    const ordered = mine.length > 0 || !options.joining
+      ? [...mine.filter((g) => g.T === g.S), ...mine.filter((g) => g.T !== g.S)]
+      : distinct([...recent.filter((g) => g.T !== g.S), ...recent.filter((g) => g.T === g.S)]);
     for (const g of ordered.slice(0, perDevice)) out.push({ ...g, rank, device });
   });
   return out;

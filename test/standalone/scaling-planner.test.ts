@@ -590,6 +590,16 @@ describe('precaptureShapes', () => {
     expect(precaptureShapes(recent, [1, 2, 0], 2)).toEqual([g(1, 0, 6, 6), g(1, 0, 64, 2), g(0, 2, 8, 8), g(0, 2, 96, 12)]);
   });
 
+  it('with joining, gives a device without shapes the most recent distinct shapes of all, prompt steps first', () => {
+    // Device 2 joins: the mixed shapes (64/2 of device 1, 96/12 of device 0), then the decodes, as rank 2.
+    const got = precaptureShapes(recent, [0, 1, 2], 3, { joining: true });
+    expect(got.slice(0, 2)).toEqual([g(0, 0, 8, 8), g(0, 0, 96, 12)]); // device 0 as before (it has 2 shapes)
+    expect(got.filter((x) => x.device === 2)).toEqual([g(2, 2, 64, 2), g(2, 2, 96, 12), g(2, 2, 8, 8)]);
+    // The same shape seen on two devices is taken once.
+    const twice = [g(0, 0, 8, 8), g(1, 1, 8, 8)];
+    expect(precaptureShapes(twice, [0, 1, 2], 2, { joining: true }).filter((x) => x.device === 2)).toEqual([g(2, 2, 8, 8)]);
+  });
+
   it('takes none with perDevice 0 and none for devices without shapes', () => {
     expect(precaptureShapes(recent, [0, 1], 0)).toEqual([]);
     expect(precaptureShapes(recent, [2, 5], 3)).toEqual([]);
