@@ -61,6 +61,9 @@ commands:
                 --prefill-standby on|off fill those standby chunks, in the background, with the bytes
                                          a scale-up onto their device copies, so it copies nothing
                                          (default on)
+                --standby-engines on|off make the standby engine of each planned scale-up onto an
+                                         idle device in the background, so that scale-up only adopts
+                                         and switches over (default on; needs the two above)
                 --precapture-graphs N    step graphs per staying device a scale's standby captures
                                          before the switch-over (default 3; 0: none)
 
@@ -114,6 +117,7 @@ export async function main(argv: string[]): Promise<number> {
       executor: { type: 'string' },
       'standby-chunks': { type: 'string' },
       'prefill-standby': { type: 'string' },
+      'standby-engines': { type: 'string' },
       'precapture-graphs': { type: 'string' },
       'log-level': { type: 'string' },
       help: { type: 'boolean', short: 'h', default: false },
@@ -188,6 +192,7 @@ export async function main(argv: string[]): Promise<number> {
         executor: values.executor,
         standbyChunks: values['standby-chunks'],
         prefillStandby: values['prefill-standby'],
+        standbyEngines: values['standby-engines'],
         precaptureGraphs: values['precapture-graphs'],
         runtime: options,
       });

@@ -62,6 +62,8 @@ export interface ServeCommandOptions {
   standbyChunks?: string;
   /** "on" (default) or "off": the standby chunks filled ahead with a scale-up's bytes (DeploymentOptions.prefillStandby). */
   prefillStandby?: string;
+  /** "on" (default) or "off": the standby engines of the planned scale-ups made ahead (DeploymentOptions.standbyEngines). */
+  standbyEngines?: string;
   /** Graph shapes per staying device a scale's standby captures ahead (DeploymentOptions.precaptureGraphs; default DEFAULT_PRECAPTURE_GRAPHS, 3). */
   precaptureGraphs?: string;
   runtime: RuntimeOptionsInput;
@@ -123,7 +125,7 @@ export async function runServe(o: ServeCommandOptions, err: NodeJS.WritableStrea
   if (o.executor !== undefined && o.executor !== 'in-process' && o.executor !== 'process') {
     throw new InvalidArgumentError('--executor', `in-process or process (got '${o.executor}')`);
   }
-  for (const [flag, v] of [['--standby-chunks', o.standbyChunks], ['--prefill-standby', o.prefillStandby]] as const) {
+  for (const [flag, v] of [['--standby-chunks', o.standbyChunks], ['--prefill-standby', o.prefillStandby], ['--standby-engines', o.standbyEngines]] as const) {
     if (v !== undefined && v !== 'on' && v !== 'off') throw new InvalidArgumentError(flag, `on or off (got '${v}')`);
   }
   const precaptureGraphs = o.precaptureGraphs === undefined ? DEFAULT_PRECAPTURE_GRAPHS : Number(o.precaptureGraphs);
@@ -186,6 +188,7 @@ export async function runServe(o: ServeCommandOptions, err: NodeJS.WritableStrea
         onLoadProgress: (p) => bar.update(p.bytesDone, p.bytesTotal),
         standbyChunks: o.standbyChunks !== 'off',
         prefillStandby: o.prefillStandby !== 'off',
+        standbyEngines: o.standbyEngines !== 'off',
         precaptureGraphs,
         forward: { kvDtype },
         onStep: (f) => listeners.forEach((l) => l(f)),

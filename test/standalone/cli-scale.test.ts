@@ -167,12 +167,13 @@ describe('elasticmoe scale against elasticmoe serve', () => {
     await expect.poll(() => filled(server!.url)).toEqual([1, 2, 3]);
     server.proc.kill('SIGTERM');
     expect(await new Promise((r) => server!.proc.on('exit', r))).toBe(0);
-    server = await startServer(['--standby-chunks', 'off', '--precapture-graphs', '0']);
+    server = await startServer(['--standby-chunks', 'off', '--precapture-graphs', '0', '--standby-engines', 'off']);
     await complete(server.url);
     expect(await spare(server.url)).toEqual([[0, 0], [1, 0], [2, 0], [3, 0]]);
     const up = spawnSync(process.execPath, [cli, 'scale', '--devices', '0,1', '--url', server.url, '--json'], { encoding: 'utf8' });
     expect(up.status, up.stderr).toBe(0);
     expect(JSON.parse(up.stdout).chunksFromStandby).toBe(0);
+    expect(JSON.parse(up.stdout).standbyMadeAhead).toBeUndefined(); // made by the scale's attach phase
     // Device 0's decode shape was cached, but no graph was asked for ahead.
     expect(JSON.parse(up.stdout).precapture).toMatchObject({ graphs: 0 });
     server.proc.kill('SIGTERM');
@@ -184,6 +185,9 @@ describe('elasticmoe scale against elasticmoe serve', () => {
     const badFill = spawnSync(process.execPath, [cli, 'serve', '--backend', 'mock', '--prefill-standby', 'yes'], { encoding: 'utf8' });
     expect(badFill.status).toBe(1);
     expect(badFill.stderr).toMatch(/--prefill-standby must be on or off/);
+    const badEngines = spawnSync(process.execPath, [cli, 'serve', '--backend', 'mock', '--standby-engines', '1'], { encoding: 'utf8' });
+    expect(badEngines.status).toBe(1);
+    expect(badEngines.stderr).toMatch(/--standby-engines must be on or off/);
     for (const n of ['-1', 'x', '1.5']) {
       const r = spawnSync(process.execPath, [cli, 'serve', '--backend', 'mock', `--precapture-graphs=${n}`], { encoding: 'utf8' });
       expect(r.status).toBe(1);
