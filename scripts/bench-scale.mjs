@@ -140,9 +140,15 @@ const t0 = performance.now();
 const clock = () => performance.now() - t0;
 /** Every engine step of every instance: who ran it, when it ended, what it did. */
 const steps = [];
-const recorder = (who, inst) => (f) => steps.push({
-  who, t: clock(), ms: f.ms, tokens: f.tokens, decode: f.decodeTokens, seqs: f.batchSeqs, epoch: inst()?.epoch ?? 0, devices: inst()?.devices.length ?? 0,
-});
+// graphs: the serving engine's graph counts after the step ([captures, replays, deferred], since its layout began; in
+// process only): a step whose captures rose captured a shape, one whose replays did not rise ran at least one rank eagerly.
+const recorder = (who, inst) => (f) => {
+  const g = inst()?.graphStats;
+  steps.push({
+    who, t: clock(), ms: f.ms, tokens: f.tokens, decode: f.decodeTokens, seqs: f.batchSeqs, epoch: inst()?.epoch ?? 0, devices: inst()?.devices.length ?? 0,
+    ...(g ? { graphs: [g.captures, g.replays, g.deferred] } : {}),
+  });
+};
 const usedBytes = () => rt.devices().map((d) => d.totalBytes - d.freeBytes);
 const median = (xs) => (xs.length === 0 ? null : [...xs].sort((a, b) => a - b)[xs.length >> 1]);
 /** Decode tokens/s of `who` (default: every instance) in (a, b], and what the window held. */
