@@ -18,6 +18,8 @@
 //                scratch allocated, new KV pools mapped, weights resolved), which
 //                then captures the staying devices' recent step graphs ahead
 //                (precaptureGraphs; best effort), so the first new steps replay.
+//                For a planned scale-up the engine was made ahead (standbyEngines,
+//                ready.ts): the attach phase only captures the shapes it lacks.
 //   4. switch    Engine.reconfigure, applied between two engine steps: the new
 //                forward pass and rank→device assignment from the next step on;
 //                sequences whose device stays keep their KV blocks in place,
@@ -35,7 +37,9 @@
 // Ahead of the next scale (after start, and after every scale or rollback), in the
 // background: the plans of the scales by one device, the standby chunks a scale-up onto
 // each idle device would copy into (taken by its prepare phase instead of creating
-// chunks), filled with the bytes that scale-up would copy (prefillStandby), and, with executor processes, one process started, warmed up and attaching the
+// chunks), filled with the bytes that scale-up would copy (prefillStandby), the standby engine of
+// each such scale-up made over them and kept following the serving engine's shapes
+// (standbyEngines), and, with executor processes, one process started, warmed up and attaching the
 // serving layout's chunks (preattach: its init then imports only what the new layout
 // adds). When the
 // standby chunks cover a scale, its copies are queued at once and the attach phase runs
