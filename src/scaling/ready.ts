@@ -10,6 +10,7 @@ import type { TensorLocation } from '../hmm/placement.js';
 import type { ForwardEngine, GraphShape } from '../executor/forward.js';
 import { type MappedKvPool, mapHmmKvPools } from '../executor/kv-view.js';
 import type { WeightSource } from '../executor/types.js';
+import { NotFoundError } from '../runtime/errors.js';
 import type { DevicePointer, VirtualRange } from '../runtime/memory.js';
 import type { ScalePlan } from './ahead.js';
 import type { LayoutSpec } from './layout.js';
@@ -68,7 +69,7 @@ export function readyRanges(hmm: Hmm, planned: ScalePlan, device: number): Map<s
 }
 
 /**
- * Makes the standby of the scale-up from `inputs.layout` to `planned.next` (adding `device`):
+ * Makes the standby of the planned scale-up from the serving layout to `planned.next` (adding `device`):
  * `device`'s KV pool (from its standby chunks) and mapping, then the engine, then the graphs
  * captured ahead (best effort: a failed capture leaves the shape to be captured at scale time).
  * Undefined, with nothing left behind, when readyRanges says it cannot; on failure everything it
@@ -91,7 +92,7 @@ export async function makeReadyStandby(inputs: ReadyInputs, planned: ScalePlan, 
     tensor: (name, d) => {
       if (d !== device) return hmm.store.tensor(name, d).ptr;
       const ptr = joining.get(name);
-      if (ptr === undefined) throw new Error(`standby made ahead: tensor '${name}' is not among device ${device}'s planned copies`);
+      if (ptr === undefined) throw new NotFoundError('NOT_FOUND', `tensor '${name}' is not among the planned copies onto device ${device} (standby engine made ahead)`);
       return ptr;
     },
   };
