@@ -142,11 +142,12 @@ const clock = () => performance.now() - t0;
 const steps = [];
 // graphs: the serving engine's graph counts after the step ([captures, replays, deferred], since its layout began; in
 // process only): a step whose captures rose captured a shape, one whose replays did not rise ran at least one rank eagerly.
+// ranks: the sequences of each DP rank in the step (how evenly a new layout's first steps are spread).
 const recorder = (who, inst) => (f) => {
   const g = inst()?.graphStats;
   steps.push({
     who, t: clock(), ms: f.ms, tokens: f.tokens, decode: f.decodeTokens, seqs: f.batchSeqs, epoch: inst()?.epoch ?? 0, devices: inst()?.devices.length ?? 0,
-    ...(g ? { graphs: [g.captures, g.replays, g.deferred] } : {}),
+    ...(g ? { graphs: [g.captures, g.replays, g.deferred] } : {}), ranks: f.rankSeqs,
   });
 };
 const usedBytes = () => rt.devices().map((d) => d.totalBytes - d.freeBytes);
@@ -367,12 +368,17 @@ for (let i = 1; i < plan.length; i++) {
   // work ahead), each layout's steps against its own steady steps (the new layout's: after the work ahead, to now).
   const oldEpoch = elasticSteps.filter((s) => s.epoch < m.first.epoch);
   const newEpoch = elasticSteps.filter((s) => s.epoch === m.first.epoch);
-  const second = workAcross(oldEpoch, newEpoch, m.tCmd, m.tCmd + 1000, 3000, { from: doneAt ?? m.first.t + 1000, to: clock() });
+  const steady = { from: doneAt ?? m.first.t + 1000, to: clock() };
+  const second = workAcross(oldEpoch, newEpoch, m.tCmd, m.tCmd + 1000, 3000, steady);
+  // To 1 s after the first new step: the new layout's first second counted whatever the scale's latency.
+  const through = workAcross(oldEpoch, newEpoch, m.tCmd, m.first.t + 1000, 3000, steady);
   emit({ bench: 'after', from: m.from, to: m.to, firstNewStepMs: m.first.ms, pauses: gaps, tokensInSecondAfter: tokensAfter, phases: r.phases,
-    ...(r.release ? { release: r.release } : {}), hostPool: dep.hostPoolStats, ahead, workInSecondFromCommand: second?.ratio ?? null });
+    ...(r.release ? { release: r.release } : {}), hostPool: dep.hostPoolStats, ahead, workInSecondFromCommand: second?.ratio ?? null,
+    workToSecondAfterFirstStep: through ? { ratio: through.ratio, lostMs: (1 - through.ratio) * through.windowMs } : null });
   log(`  after ${m.from.join(',')} -> ${m.to.join(',')}: first new step ${m.first.ms.toFixed(0)} ms; in the second after it ` +
     `${tokensAfter} tokens, pauses between steps ${gaps.sumMs.toFixed(0)} ms (longest ${gaps.maxMs.toFixed(0)} ms); release ${r.phases.releaseMs.toFixed(0)} ms; ` +
-    `serving work in the second from the command ${second ? `${(100 * second.ratio).toFixed(0)}%` : 'n/a'}; ` +
+    `serving work in the second from the command ${second ? `${(100 * second.ratio).toFixed(0)}%` : 'n/a'}, ` +
+    `to 1 s after the first new step ${through ? `${(100 * through.ratio).toFixed(0)}% (${((1 - through.ratio) * through.windowMs).toFixed(0)} ms lost)` : 'n/a'}; ` +
     (ahead ? `work ahead ${ahead.ms.toFixed(0)} ms, serving work meanwhile ${ahead.workDuringOverSteadyAfter === null ? 'n/a' : `${(100 * ahead.workDuringOverSteadyAfter).toFixed(0)}%`} of the steady steps after it` : 'work ahead still running'));
 }
 
