@@ -38,6 +38,7 @@
 // BENCH_STANDBY_ENGINES (1, the default: the standby engine of each planned scale-up made ahead,
 // DeploymentOptions.standbyEngines; 0: made by the scale's attach phase), BENCH_STANDBY_FOLLOW (the shapes per
 // staying device those engines keep captured while serving, standbyEngines.follow; default precaptureGraphs),
+// BENCH_BALANCE=1 (DeploymentOptions.balanceOnScale: the switch-over balances the running sequences over the new ranks),
 // BENCH_SCALE_DOWN_SPARES (1: the serving devices also keep standby chunks for a scale-down,
 // DeploymentOptions.scaleDownSpares; default 0),
 // BENCH_PRECAPTURE (graph shapes per staying device the standby engine captures ahead,
@@ -119,6 +120,7 @@ const serving = { rt, config, kvBlocksPerDevice, maxTokensPerStep: 512, maxSeqs:
   pauseCaptures: env('BENCH_PAUSE_CAPTURES', '0') === '1', standbyChunks: env('BENCH_STANDBY', '1') !== '0',
   precaptureGraphs: Number(env('BENCH_PRECAPTURE', String(DEFAULT_PRECAPTURE_GRAPHS))), scaleDownSpares: env('BENCH_SCALE_DOWN_SPARES', '0') === '1',
   hostPool: env('BENCH_HOST_POOL', '1') !== '0', prefillStandby: env('BENCH_PREFILL', '1') !== '0',
+  balanceOnScale: env('BENCH_BALANCE', '0') === '1',
   standbyEngines: env('BENCH_STANDBY_ENGINES', '1') === '0' ? false
     : process.env.BENCH_STANDBY_FOLLOW ? { follow: Number(process.env.BENCH_STANDBY_FOLLOW) } : true };
 // BENCH_DEVICE_ROUTING_MAX_ROWS: the engines' deviceRoutingMaxRows (default: the engine's).

@@ -193,6 +193,14 @@ export interface EngineReconfiguration {
    * such a sequence is preempted and recomputed on a remaining rank.
    */
   move?: (id: string, toDevice: number) => Promise<number[]> | number[];
+  /**
+   * Also move running sequences between the ranks that stay or join, with `move`, until no two
+   * ranks run more than one sequence apart: a rank the change adds starts with its share of the
+   * batch instead of growing into it from the waiting requests (default false). The sequences
+   * holding the fewest KV blocks move first (the least to copy); a failed move leaves its
+   * sequence where it was and ends the balancing.
+   */
+  balance?: boolean;
 }
 
 /** What a switch-over did to the running sequences. */
@@ -205,6 +213,8 @@ export interface ReconfigureReport {
   requeued: number;
   /** Requests waiting at the switch-over (they are admitted on the new ranks). */
   waiting: number;
+  /** Running sequences moved between remaining ranks to balance them (EngineReconfiguration.balance). */
+  balanced: number;
 }
 
 /** Prompt tokens kept before the output as context for incremental detokenization. */
@@ -595,7 +605,7 @@ export class Engine {
     const from = this.devices;
     const to = change.devices;
     const rankOn = (rank: number | undefined) => (rank === undefined ? -1 : to.indexOf(from[rank]!));
-    const report: ReconfigureReport = { kept: 0, moved: 0, requeued: 0, waiting: 0 };
+    const report: ReconfigureReport = { kept: 0, moved: 0, requeued: 0, waiting: 0, balanced: 0 };
     try {
       // Sequences whose device stays keep their blocks; count them per new rank first.
       const load = to.map(() => 0);
@@ -642,6 +652,7 @@ export class Engine {
           await this.finish(s, 'error', `switch-over: freeing KV blocks failed: ${message(e)}`);
         }
       }
+      if (change.balance && change.move) await this.balance(change.move, to, load, report);
       // Waiting requests (preempted ones keep a rank): the same rank's new index, or any rank when it left.
       for (const s of this.waiting) {
         const r = rankOn(s.rank);
@@ -656,6 +667,34 @@ export class Engine {
       throw e;
     }
     pending.resolve(report);
+  }
+
+  /** EngineReconfiguration.balance: `load` is the running sequences per new rank, updated as they move. */
+  private async balance(move: NonNullable<EngineReconfiguration['move']>, to: readonly number[], load: number[], report: ReconfigureReport): Promise<void> {
+    for (;;) {
+      let hi = 0;
+      let lo = 0;
+      for (let r = 1; r < to.length; r++) {
+        if (load[r]! > load[hi]!) hi = r;
+        if (load[r]! < load[lo]!) lo = r;
+      }
+      if (load[hi]! - load[lo]! <= 1) return;
+      let pick: Seq | undefined;
+      for (const s of this.running) {
+        if (s.rank !== hi || s.failure !== undefined || s.cancelled || s.blockTable.length === 0) continue;
+        if (!pick || s.blockTable.length < pick.blockTable.length) pick = s;
+      }
+      if (!pick) return;
+      try {
+        pick.blockTable = [...(await move(pick.id, to[lo]!))];
+      } catch {
+        return; // its blocks stay where they were (a move is all or nothing): still correct, less balanced
+      }
+      pick.rank = lo;
+      load[hi]!--;
+      load[lo]!++;
+      report.balanced++;
+    }
   }
 
   /** Removes cancelled (and failed) requests, freeing their blocks. */

@@ -216,6 +216,15 @@ export interface DeploymentOptions {
    */
   standbyEngines?: boolean | { follow?: number };
   /**
+   * At each switch-over, also move running sequences (their KV blocks, through the HMM) between
+   * the new layout's ranks until no two are more than one sequence apart (default false): a device
+   * a scale-up adds starts with its share of the batch instead of growing into it from new
+   * requests, one step bucket at a time. The standby engines made ahead then capture each rank's
+   * decode step of its share first. Costs the KV copies of the sequences moved at the
+   * switch-over. Tested on the mock; not measured on GPUs yet.
+   */
+  balanceOnScale?: boolean;
+  /**
    * When every target chunk of a scale is a standby chunk: queue all the copies at once and make
    * the standby (engine, or executor process) while they run, instead of after (default true).
    */
@@ -370,8 +379,8 @@ const DEFAULT_OBSERVE_EVERY = 32;
  * vertical baseline, so both switch over the same way.
  */
 export function switchOver(engine: Engine, stepper: Parameters<Engine['reconfigure']>[0]['stepper'], devices: readonly number[],
-  hmm: Hmm): Promise<ReconfigureReport> {
-  return engine.reconfigure({ stepper, devices: [...devices], move: async (id, device) => (await hmm.kv.move(id, device)).blocks });
+  hmm: Hmm, balance = false): Promise<ReconfigureReport> {
+  return engine.reconfigure({ stepper, devices: [...devices], move: async (id, device) => (await hmm.kv.move(id, device)).blocks, balance });
 }
 
 const now = () => performance.now();
@@ -844,8 +853,10 @@ export class Deployment {
   /** The serving engine's recent shapes a standby for `next` captures ahead (precaptureShapes), `perDevice` per device, the joining one's included. */
   private shapesAhead(next: LayoutSpec, perDevice = this.options.precaptureGraphs ?? DEFAULT_PRECAPTURE_GRAPHS): GraphShape[] {
     const serving = this.forward;
-    // The device the scale adds too (the standby is made in the background: the time is there).
-    return serving instanceof ForwardEngine ? precaptureShapes(serving.graphShapes(), next.devices, perDevice, { joining: true }) : [];
+    // The device the scale adds too (the standby is made in the background: the time is there),
+    // and with balanceOnScale each rank's share of the running sequences first.
+    const balancedSeqs = this.options.balanceOnScale ? this.engine.stats().running : 0;
+    return serving instanceof ForwardEngine ? precaptureShapes(serving.graphShapes(), next.devices, perDevice, { joining: true, balancedSeqs }) : [];
   }
 
   /** Shapes per staying device the standby engines made ahead keep captured while serving (DeploymentOptions.standbyEngines.follow). */
@@ -1178,7 +1189,8 @@ export class Deployment {
         if (serving instanceof ForwardEngine) {
           // Best effort: graphs not captured ahead are captured at their first step.
           const tp = now();
-          const shapes = precaptureShapes(serving.graphShapes(), next.devices, this.options.precaptureGraphs ?? DEFAULT_PRECAPTURE_GRAPHS);
+          const shapes = precaptureShapes(serving.graphShapes(), next.devices, this.options.precaptureGraphs ?? DEFAULT_PRECAPTURE_GRAPHS,
+            this.options.balanceOnScale ? { balancedSeqs: this.engine.stats().running } : {});
           const before = standby.graphStats.precaptured;
           try {
             await standby.precapture(shapes);
@@ -1210,7 +1222,7 @@ export class Deployment {
     progress('switch');
     let switchover: ReconfigureReport;
     try {
-      switchover = await switchOver(this.engine, standby, next.devices, this.hmm);
+      switchover = await switchOver(this.engine, standby, next.devices, this.hmm, this.options.balanceOnScale === true);
     } catch (e) {
       // reconfigure rejects only before changing anything: the old layout still serves.
       await rollback(e);

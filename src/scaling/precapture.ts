@@ -3,7 +3,7 @@
 // their rank's batch across the switch-over, so that device's recent shapes are the likeliest
 // first steps of its new rank. A decode shape (one token per sequence, T = S) comes first: the
 // new devices take the waiting requests' prompts, the staying ones go on decoding.
-import type { GraphShape } from '../executor/forward.js';
+import { type GraphShape, stepBucket } from '../executor/forward.js';
 
 /**
  * Shapes per staying device a scale's standby captures ahead unless told (DeploymentOptions.precaptureGraphs).
@@ -19,9 +19,14 @@ export const DEFAULT_PRECAPTURE_GRAPHS = 3;
  * `joining`: a device of `devices` with no shape in `recent` (one the scale adds) gets the most
  * recent distinct shapes of all devices, those with prompt tokens (T > S) first: it takes the
  * waiting requests, so its first steps run their prompts.
+ * `balancedSeqs`: the switch-over balances that many running sequences over `devices`
+ * (DeploymentOptions.balanceOnScale): every device's first shape is the decode step of its share
+ * (S = T = the step bucket of seqs / devices, rounded up), with the block-table stride of its
+ * most recent decode shape (any device's for one without; the most recent shape's when there is
+ * no decode shape yet), counted within `perDevice`.
  */
 export function precaptureShapes(recent: readonly GraphShape[], devices: readonly number[], perDevice: number,
-  options: { joining?: boolean } = {}): GraphShape[] {
+  options: { joining?: boolean; balancedSeqs?: number } = {}): GraphShape[] {
   if (perDevice <= 0) return [];
   const out: GraphShape[] = [];
   const distinct = (shapes: readonly GraphShape[]) => {
@@ -38,7 +43,16 @@ export function precaptureShapes(recent: readonly GraphShape[], devices: readonl
     const ordered = mine.length > 0 || !options.joining
       ? [...mine.filter((g) => g.T === g.S), ...mine.filter((g) => g.T !== g.S)]
       : distinct([...recent.filter((g) => g.T !== g.S), ...recent.filter((g) => g.T === g.S)]);
-    for (const g of ordered.slice(0, perDevice)) out.push({ ...g, rank, device });
+    const seqs = options.balancedSeqs ?? 0;
+    // The block-table stride: of the device's most recent decode step, else any device's, else its (any) most recent step.
+    const decode = mine.find((g) => g.T === g.S) ?? recent.find((g) => g.T === g.S) ?? mine[0] ?? recent[0];
+    const first: GraphShape[] = [];
+    if (seqs > 0 && decode) {
+      const S = stepBucket(Math.ceil(seqs / devices.length));
+      first.push({ ...decode, T: S, S, sampled: S });
+    }
+    const rest = ordered.filter((g) => !first.some((f) => f.T === g.T && f.S === g.S && f.MB === g.MB && f.sampled === g.sampled));
+    for (const g of [...first, ...rest].slice(0, perDevice)) out.push({ ...g, rank, device });
   });
   return out;
 }

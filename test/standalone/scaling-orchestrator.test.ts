@@ -563,6 +563,46 @@ describe('Deployment.scale', () => {
     expect(r.attach).toBeDefined();
   });
 
+  it('with balanceOnScale a scale-up gives the new rank its share of the running sequences, KV moved: the same tokens, the first step replays', async () => {
+    // Six requests decoding on [0, 1] (3 per rank), prompts of 520 tokens and 480 generated in blocks of 64 (a
+    // block-table stride of 16 all along, as above). After 2→3 balanced, 2 per rank.
+    const SIX = [0, 1, 2, 3, 4, 5].map((k) => Array.from({ length: 520 }, (_, i) => (i * 11 + k * 41 + 5) % 97));
+    const want = await referenceTokens(SIX, 480);
+    // 'fails': balancing asked, its first KV move fails (a copy fault): the sequence stays where it was, whole.
+    for (const mode of [true, false, 'fails'] as const) {
+      const balanceOnScale = mode !== false;
+      const steps: Array<{ ranks: number[]; prefill: number; stats: GraphStats }> = [];
+      // One shape per device captured ahead, not following (the engines are made again below, once the batch
+      // is steady): with balancing that one shape is the decode step of the balanced share (2), not the serving
+      // one (3), so the first step's replays, with nothing captured at scale time, show it was captured ahead.
+      const { rt, dep } = await start([0, 1], {
+        blockTokens: 64, balanceOnScale, precaptureGraphs: 1, standbyEngines: { follow: 0 },
+        onStep: (f) => steps.push({ ranks: f.rankSeqs, prefill: f.prefillTokens, stats: { ...dep.graphStats! } }),
+      });
+      const running = SIX.map((prompt) => dep.submit({ prompt, maxTokens: 480, ignoreEos: true }));
+      // All six decoding (their prompts run 64 tokens a step): 8 steps of decodes only.
+      while (steps.filter((x) => x.prefill === 0 && x.ranks.reduce((a, b) => a + b, 0) === 6).length < 8) await sleep(2);
+      await dep.setStandbyChunks(true); // the work ahead again: the engines made with the steady shapes
+      // The scale-up copies nothing but the balancing's KV blocks (its chunks were filled ahead).
+      if (mode === 'fails') rt.injectFault('CopyDeviceToDevice', 1);
+      const report = await dep.scale({ devices: [0, 1, 2] });
+      rt.clearFaults();
+      const first = steps.find((x) => x.ranks.length === 3)!;
+      expect(report.standbyMadeAhead).toBeDefined();
+      if (mode === true) {
+        expect(report.switchover).toMatchObject({ kept: 6, moved: 0, balanced: 2 });
+        expect(first.ranks).toEqual([2, 2, 2]);
+        expect(report.precapture).toMatchObject({ graphs: 0 });
+        expect(first.stats).toMatchObject({ captures: 0, replays: 3 });
+      } else {
+        expect(report.switchover).toMatchObject({ kept: 6, moved: 0, balanced: 0 });
+        expect(first.ranks).toEqual([3, 3, 0]);
+      }
+      for (const [k, c] of (await Promise.all(running)).entries()) expect(c.outputTokens, `request ${k}`).toEqual(want[k]);
+      expect(dep.engine.stats()).toMatchObject({ preemptions: 0, requestsFailed: 0 });
+    }
+  });
+
   it('serves and scales weights loaded from a safetensors checkpoint: the synthetic weights\' tokens, requests moving with their KV', async () => {
     const dir = mkdtempSync(path.join(os.tmpdir(), 'emoe-ckpt-'));
     try {

@@ -600,6 +600,22 @@ describe('precaptureShapes', () => {
     expect(precaptureShapes(twice, [0, 1, 2], 2, { joining: true }).filter((x) => x.device === 2)).toEqual([g(2, 2, 8, 8)]);
   });
 
+  it('with balancedSeqs, puts first on every device the decode step of its share of the sequences', () => {
+    // 10 sequences over 3 devices: 4 each at most, bucket 4; device 0's block-table stride is its decode shape's.
+    const recent2 = [{ ...g(0, 0, 8, 8), MB: 4 }, g(1, 1, 64, 2), { ...g(1, 1, 6, 6), MB: 2 }];
+    const got = precaptureShapes(recent2, [0, 1, 2], 2, { joining: true, balancedSeqs: 10 });
+    expect(got).toEqual([
+      { ...g(0, 0, 4, 4), MB: 4 }, { ...g(0, 0, 8, 8), MB: 4 },
+      { ...g(1, 1, 4, 4), MB: 2 }, { ...g(1, 1, 6, 6), MB: 2 },
+      // The joining device: any device's most recent decode stride (device 0's), then the most recent prompt shape.
+      { ...g(2, 2, 4, 4), MB: 4 }, g(2, 2, 64, 2),
+    ]);
+    // 4 sequences over 2 devices is a bucket of 2; a shape already there is not taken twice; a device without
+    // shapes gets its share's decode step even without joining (the balancing gives it sequences).
+    const two = precaptureShapes([g(0, 0, 2, 2), g(0, 0, 8, 8)], [0, 1], 2, { balancedSeqs: 4 });
+    expect(two).toEqual([g(0, 0, 2, 2), g(0, 0, 8, 8), g(1, 1, 2, 2)]);
+  });
+
   it('takes none with perDevice 0 and none for devices without shapes', () => {
     expect(precaptureShapes(recent, [0, 1], 0)).toEqual([]);
     expect(precaptureShapes(recent, [2, 5], 3)).toEqual([]);
