@@ -7,7 +7,8 @@
 //   - the chunks a scale-up adopted from the filled standby chunks, and those copied, hold
 //     their group's original bytes (device checksums);
 //   - the HMM's accounting is back at the layout's figure after a round trip;
-//   - a scale planned with the observed expert load (observeLoad) keeps the tokens.
+//   - a scale planned with the observed expert load (observeLoad) keeps the tokens;
+//   - a scale-up that balances the running sequences over the new ranks (balanceOnScale) keeps them.
 // Runs with ELASTICMOE_BACKEND=cuda and at least 2 devices; EMOE_GPU_SUITE_ON_MOCK=1 runs it on
 // the mock (a dry run of the test itself).
 import { mkdtempSync, rmSync } from 'node:fs';
@@ -91,8 +92,12 @@ describe.runIf(rt !== undefined && devices.length >= 2)(`elastic scaling (${back
       const r = await dep.scale({ devices: to });
       expect(dep.devices).toEqual(to);
       expect(r.bytesCopied).toBe(r.lowerBoundBytes);
-      // A scale-up onto a device whose standby chunks were filled ahead adopts them all and copies nothing.
-      if (growing) expect(r.chunksPrefilled, `scale to ${to.join(',')}`).toBe(r.chunksCopied);
+      // A scale-up onto a device whose standby chunks were filled ahead adopts them all and copies nothing,
+      // and takes the standby engine made ahead over them (standbyEngines).
+      if (growing) {
+        expect(r.chunksPrefilled, `scale to ${to.join(',')}`).toBe(r.chunksCopied);
+        expect(r.standbyMadeAhead, `scale to ${to.join(',')}`).toBeDefined();
+      }
       await expectOriginalBytes(dep);
       await dep.settled();
       expect(dep.standby.error).toBeUndefined();
@@ -103,6 +108,19 @@ describe.runIf(rt !== undefined && devices.length >= 2)(`elastic scaling (${back
     expect(dep.engine.stats()).toMatchObject({ requestsFailed: 0, preemptions: 0 });
     // Back on [0]: the HMM holds exactly what it held there before.
     expect(dep.hmm.accounting().map((a) => [a.weightBytes, a.kvBytes])).toEqual(accounting);
+  }, 300_000);
+
+  it('balances the running sequences over the new ranks at a scale-up (balanceOnScale): KV blocks moved, the fixed layout\'s tokens', async () => {
+    const dep = await start([0], { balanceOnScale: true });
+    await dep.settled();
+    const { done } = await generate(dep, 4);
+    const up = await dep.scale({ devices: [0, 1] });
+    // The 8 requests all ran on device 0: 4 of them moved to device 1 with their KV blocks.
+    expect(up.switchover).toMatchObject({ kept: PROMPTS.length, balanced: PROMPTS.length / 2, requeued: 0 });
+    await dep.scale({ devices: [0] });
+    const completions = await done;
+    completions.forEach((c, k) => expect(c.outputTokens, `prompt ${k}`).toEqual(want[k]));
+    expect(dep.engine.stats()).toMatchObject({ requestsFailed: 0, preemptions: 0 });
   }, 300_000);
 
   it('plans a scale with the observed expert load (observeLoad) and keeps the fixed layout\'s tokens', async () => {
