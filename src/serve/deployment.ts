@@ -58,6 +58,8 @@ export interface ServingDeployment {
   readonly isScaling?: boolean;
   /** Device memory by kind (the HMM's accounting), for /metrics. */
   memory?(): DeviceAccounting[];
+  /** The standby engines made ahead for the scale-ups onto idle devices, with the graphs each captured ahead, for /metrics. */
+  standbyEngines?(): Array<{ device: number; precaptured: number }>;
   /** KV pools of the current layout's devices. */
   kvPools?(): KvPoolState[];
   /** Subscribes to the engine's per-step figures; returns the unsubscriber. */
@@ -155,6 +157,8 @@ export interface ScalableLike {
   readonly config: { maxPositions: number; vocabSize: number };
   readonly layout: LayoutInfo;
   readonly isScaling: boolean;
+  /** The orchestrator's standby state (its standby engines made ahead), when it has one. */
+  readonly standby?: { engines: ReadonlyArray<{ device: number; precaptured: number }> };
   submit(request: GenerationRequest, callbacks?: GenerationCallbacks): Promise<Completion>;
   scale(target: { devices: number[] }): Promise<ScaleResult>;
 }
@@ -191,6 +195,7 @@ export function scalableDeployment(d: ScalableLike, model: { id: string; created
       return kvView.kvPools().filter((p) => current.has(p.device));
     },
   };
+  if (d.standby !== undefined) out.standbyEngines = () => (d.standby?.engines ?? []).map((e) => ({ device: e.device, precaptured: e.precaptured }));
   if (onStep) out.onStep = onStep;
   return out;
 }

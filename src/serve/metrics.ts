@@ -163,6 +163,18 @@ export class ServeMetrics {
         },
       });
     }
+    if (d.standbyEngines) {
+      const engines = d.standbyEngines.bind(d);
+      new Gauge({
+        name: `${PREFIX}standby_engine_graphs`,
+        help: 'Graphs captured by the standby engine made ahead for a scale-up onto the device (a series per idle device that has one; standbyEngines)',
+        labelNames: ['device'] as const, registers,
+        collect() {
+          this.reset();
+          for (const e of engines()) this.set({ device: String(e.device) }, e.precaptured);
+        },
+      });
+    }
     if (d.kvPools) {
       const pools = d.kvPools.bind(d);
       new Gauge({

@@ -165,6 +165,12 @@ describe('elasticmoe scale against elasticmoe serve', () => {
       return [...text.matchAll(/device_memory_bytes\{device="(\d+)",kind="spare_filled"\} (\d+)/g)].filter((m) => Number(m[2]) > 0).map((m) => Number(m[1]));
     };
     await expect.poll(() => filled(server!.url)).toEqual([1, 2, 3]);
+    // Then the standby engines of the scale-ups onto them (--standby-engines, default on).
+    const engines = async (url: string) => {
+      const text = await (await fetch(`${url}/metrics`)).text();
+      return [...text.matchAll(/standby_engine_graphs\{device="(\d+)"\} (\d+)/g)].map((m) => Number(m[1]));
+    };
+    await expect.poll(() => engines(server!.url)).toEqual([1, 2, 3]);
     server.proc.kill('SIGTERM');
     expect(await new Promise((r) => server!.proc.on('exit', r))).toBe(0);
     server = await startServer(['--standby-chunks', 'off', '--precapture-graphs', '0', '--standby-engines', 'off']);
@@ -174,6 +180,7 @@ describe('elasticmoe scale against elasticmoe serve', () => {
     expect(up.status, up.stderr).toBe(0);
     expect(JSON.parse(up.stdout).chunksFromStandby).toBe(0);
     expect(JSON.parse(up.stdout).standbyMadeAhead).toBeUndefined(); // made by the scale's attach phase
+    expect(await engines(server.url)).toEqual([]);
     // Device 0's decode shape was cached, but no graph was asked for ahead.
     expect(JSON.parse(up.stdout).precapture).toMatchObject({ graphs: 0 });
     server.proc.kill('SIGTERM');
