@@ -949,6 +949,15 @@ export class Deployment {
   async scale(target: ScaleTarget, options: ScaleOptions = {}): Promise<ScaleReport> {
     if (this.closed) throw new InvalidArgumentError('deployment', 'open (it is closed)');
     if (this.scaling) throw new InvalidArgumentError('scale', 'called once the previous scale has finished');
+    // Refused before anything is touched: the work ahead (standby chunks and engines) goes on undisturbed.
+    const devices: unknown = target?.devices;
+    if (!Array.isArray(devices) || devices.length === 0) throw new InvalidArgumentError('devices', 'a non-empty array of device ordinals');
+    devices.forEach((d: unknown, i) => {
+      if (!Number.isSafeInteger(d) || (d as number) < 0 || (d as number) >= this.rt.deviceCount) {
+        throw new InvalidArgumentError(`devices[${i}]`, `a device ordinal below ${this.rt.deviceCount} (got ${String(d)})`);
+      }
+      if (devices.indexOf(d) !== i) throw new InvalidArgumentError(`devices[${i}]`, `distinct devices (${String(d)} appears twice)`);
+    });
     const run = this.doScale(target, options);
     this.scaling = run;
     try {

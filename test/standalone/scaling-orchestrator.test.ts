@@ -975,10 +975,16 @@ describe('Deployment.scale', () => {
   it('refuses impossible targets and a second scale at once, changing nothing', async () => {
     const { rt, dep } = await start([0]);
     const memory = await settledFree(dep, rt);
-    await expect(dep.scale({ devices: [0, 7] })).rejects.toBeInstanceOf(InvalidArgumentError);
+    const engines = dep.standby.engines;
+    await expect(dep.scale({ devices: [0, 7] })).rejects.toThrow(/devices\[1\] must be a device ordinal below 4/);
     await expect(dep.scale({ devices: [] })).rejects.toBeInstanceOf(InvalidArgumentError);
-    await expect(dep.scale({ devices: [1, 1] })).rejects.toBeInstanceOf(InvalidArgumentError);
-    expect(await settledFree(dep, rt)).toEqual(memory);
+    await expect(dep.scale({ devices: [1, 1] })).rejects.toThrow(/distinct devices/);
+    await expect(dep.scale({ devices: [0, 1.5] })).rejects.toBeInstanceOf(InvalidArgumentError);
+    await expect(dep.scale({} as { devices: number[] })).rejects.toBeInstanceOf(InvalidArgumentError);
+    // Refused before anything was touched: the standby engines made ahead are still there, not made again.
+    expect(dep.standby.engines).toEqual(engines);
+    expect(engines.map((e) => e.device)).toEqual([1, 2, 3]);
+    expect(freeBytes(rt)).toEqual(memory);
     const first = dep.scale({ devices: [0, 1] });
     await expect(dep.scale({ devices: [0, 1, 2] })).rejects.toThrow(/previous scale/);
     await first;
