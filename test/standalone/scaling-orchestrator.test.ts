@@ -549,6 +549,29 @@ describe('Deployment.scale', () => {
       expect(r.precapture!.graphs).toBeGreaterThanOrEqual(2);
       for (const [k, c] of (await Promise.all(running2)).entries()) expect(c.outputTokens).toEqual(want[k]);
     }
+    // Making one fails (its engine's stream): the others are made, the error is told, nothing of it is left.
+    {
+      const { rt: r3, dep: d3 } = await start([0]);
+      const before = await settledFree(d3, r3);
+      expect(d3.standby.engines.map((e) => e.device)).toEqual([1, 2, 3]);
+      r3.injectFault('CreateStream', 1); // the first engine made (device 1's): its copy streams exist already
+      await d3.setStandbyChunks(true); // the work ahead again
+      r3.clearFaults();
+      expect(d3.standby.error).toBeInstanceOf(FaultInjectedError);
+      expect(d3.standby.engines.map((e) => e.device)).toEqual([2, 3]);
+      expect(d3.hmm.kv.poolDevices()).toEqual([0, 2, 3]);
+      // A scale-up onto device 1 makes its standby engine itself, and serves.
+      const r = await d3.scale({ devices: [0, 1] });
+      expect(r.standbyMadeAhead).toBeUndefined();
+      expect(r.chunksPrefilled).toBe(r.chunksCopied);
+      expect((await d3.submit({ prompt: PROMPTS[4]!, maxTokens: 12, ignoreEos: true })).outputTokens).toEqual(expected(PROMPTS[4]!, 12));
+      await d3.scale({ devices: [0] });
+      // Made again without the fault: memory exactly as before the failed attempt.
+      await d3.setStandbyChunks(true);
+      expect(d3.standby.error).toBeUndefined();
+      expect(d3.standby.engines.map((e) => e.device)).toEqual([1, 2, 3]);
+      expect(await settledFree(d3, r3)).toEqual(before);
+    }
     for (const bad of [{ follow: -1 }, { follow: 1.5 }, 'yes', null]) {
       await expect(Deployment.start({ rt: openMock({ mockCapacity: 128 * MIB }), config, devices: [0], kvBlocksPerDevice: 8,
         standbyEngines: bad as DeploymentOptions['standbyEngines'] })).rejects.toThrow(InvalidArgumentError);
