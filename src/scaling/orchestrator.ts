@@ -850,13 +850,15 @@ export class Deployment {
     }
   }
 
-  /** The serving engine's recent shapes a standby for `next` captures ahead (precaptureShapes), `perDevice` per device, the joining one's included. */
-  private shapesAhead(next: LayoutSpec, perDevice = this.options.precaptureGraphs ?? DEFAULT_PRECAPTURE_GRAPHS): GraphShape[] {
+  /**
+   * The serving engine's recent shapes a standby for `next` captures ahead (precaptureShapes), `perDevice` per device,
+   * with balanceOnScale each rank's share of the running sequences first; `joining`: the device the scale adds too
+   * (for a standby made in the background, where the time is there).
+   */
+  private shapesAhead(next: LayoutSpec, perDevice = this.options.precaptureGraphs ?? DEFAULT_PRECAPTURE_GRAPHS, joining = true): GraphShape[] {
     const serving = this.forward;
-    // The device the scale adds too (the standby is made in the background: the time is there),
-    // and with balanceOnScale each rank's share of the running sequences first.
     const balancedSeqs = this.options.balanceOnScale ? this.engine.stats().running : 0;
-    return serving instanceof ForwardEngine ? precaptureShapes(serving.graphShapes(), next.devices, perDevice, { joining: true, balancedSeqs }) : [];
+    return serving instanceof ForwardEngine ? precaptureShapes(serving.graphShapes(), next.devices, perDevice, { joining, balancedSeqs }) : [];
   }
 
   /** Shapes per staying device the standby engines made ahead keep captured while serving (DeploymentOptions.standbyEngines.follow). */
@@ -1194,12 +1196,11 @@ export class Deployment {
           attachStats = { viewsMs, forward: standby.createStats };
         }
         // The serving engine's recent shapes, captured ahead on the standby engine (while the copies run, too).
-        const serving = this.forward;
-        if (serving instanceof ForwardEngine) {
-          // Best effort: graphs not captured ahead are captured at their first step.
+        if (this.forward instanceof ForwardEngine) {
+          // Best effort: graphs not captured ahead are captured at their first step. Not the joining device's
+          // shapes: at scale time they would lengthen the scale (an engine made ahead has them already).
           const tp = now();
-          const shapes = precaptureShapes(serving.graphShapes(), next.devices, this.options.precaptureGraphs ?? DEFAULT_PRECAPTURE_GRAPHS,
-            this.options.balanceOnScale ? { balancedSeqs: this.engine.stats().running } : {});
+          const shapes = this.shapesAhead(next, undefined, false);
           const before = standby.graphStats.precaptured;
           try {
             await standby.precapture(shapes);
