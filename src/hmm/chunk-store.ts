@@ -280,8 +280,10 @@ export class ChunkStore {
    * from spare to chunk (a standby engine made ahead reads its weights there).
    */
   filledRange(id: string, device: number): VirtualRange | undefined {
+    // The index holds spares only (taking or freeing one clears its content): no list scan, a standby
+    // engine made ahead asks for ~1,000-2,000 of them in a row.
     const sp = this.filled.get(id);
-    if (!sp || sp.filling || !(this.spares.get(device)?.get(sp.range.size)?.includes(sp))) return undefined;
+    if (!sp || sp.filling || sp.chunk.device !== device) return undefined;
     return sp.range;
   }
   get filledTakenCount(): number {

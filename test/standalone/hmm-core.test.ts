@@ -232,6 +232,19 @@ describe('chunk store and synthetic weights', () => {
     expect(store.filledSpares(1)).toBe(0);
     expect(store.spareCount(1)).toBe(1);
     expect(await store.fillSpares(1, [{ id: 'x@1', source: x! }])).toBe(1);
+    // filledRange: the mapping adoptFilled then registers (a standby engine made ahead reads through it);
+    // none for another device, an id not filled, or once taken or freed.
+    const range = store.filledRange('x@1', 1)!;
+    expect(range).toBeDefined();
+    expect(store.filledRange('x@1', 0)).toBeUndefined();
+    expect(store.filledRange('nope@1', 1)).toBeUndefined();
+    expect(store.adoptFilled(plan('x@1', 1), 'h')!.range).toBe(range);
+    expect(store.filledRange('x@1', 1)).toBeUndefined();
+    store.addSpares(1, GRAN, 1, [0, 1]);
+    expect(await store.fillSpares(1, [{ id: 'w@1', source: y! }])).toBe(1);
+    expect(store.filledRange('w@1', 1)).toBeDefined();
+    store.trimSpares(1);
+    expect(store.filledRange('w@1', 1)).toBeUndefined();
     store.dispose();
   });
 
