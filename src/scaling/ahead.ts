@@ -47,7 +47,8 @@ export class ScalePlans {
   /**
    * planFor in the background (the uniform-load plan, kept): a turn of the event loop between its
    * stages (placement, sizes, diff, bound, schedule: each 1-20 ms of host time on Qwen3-30B-A3B
-   * shapes), so that an engine serving in this process launches its steps in between.
+   * shapes on the development machine's CPU), so that an engine serving in this process launches
+   * its steps in between.
    */
   async planAhead(current: LayoutSpec, layoutId: string, to: number[]): Promise<ScalePlan> {
     const run = this.stages(current, layoutId, to, undefined);
