@@ -53,16 +53,15 @@ export interface ReadyInputs {
 }
 
 /**
- * Why no standby can be made ahead for `planned` onto `device`, or undefined when it can: the
- * plan must copy into `device` only (a scale-up by that one device), and every target must be in a
- * filled standby chunk of it. Returns the ranges of those chunks when it can.
+ * The mappings of the filled standby chunks a standby made ahead for `planned` onto `device` would
+ * read, by chunk id; undefined when none can be made: the plan must copy into `device` only (a
+ * scale-up by that one device), and every target must be in a filled standby chunk of it.
  */
-export function readyRanges(hmm: Hmm, planned: ScalePlan, device: number): Map<string, VirtualRange> | string {
+function readyRanges(hmm: Hmm, planned: ScalePlan, device: number): Map<string, VirtualRange> | undefined {
   const ranges = new Map<string, VirtualRange>();
   for (const t of planned.transfers) {
-    if (t.targetDevice !== device) return `the plan copies into device ${t.targetDevice}, not only the joining device ${device}`;
-    const range = hmm.store.filledRange(t.targetId, device);
-    if (!range) return `chunk ${t.targetId} is not in a filled standby chunk of device ${device}`;
+    const range = t.targetDevice === device ? hmm.store.filledRange(t.targetId, device) : undefined;
+    if (!range) return undefined;
     ranges.set(t.targetId, range);
   }
   return ranges;
@@ -79,7 +78,7 @@ export async function makeReadyStandby(inputs: ReadyInputs, planned: ScalePlan, 
   const t0 = performance.now();
   const { hmm } = inputs;
   const ranges = readyRanges(hmm, planned, device);
-  if (typeof ranges === 'string') return undefined;
+  if (!ranges) return undefined;
   const next = planned.next;
   // The joining device's tensors: in the filled standby chunks, at the offsets the plan's chunks give them.
   const joining = new Map<string, DevicePointer>();

@@ -20,6 +20,17 @@ const run = (from: number, to: number, ms: number, tokens = 32, decode = tokens)
   return out;
 };
 
+/** Two kinds of step, one after the other, back to back until `until`; returns them and when the last ended. */
+const alternate = (a: Omit<Step, 't'>, b: Omit<Step, 't'>, until: number): { steps: Step[]; end: number } => {
+  const steps: Step[] = [];
+  let t = 0;
+  while (t < until) {
+    t += a.ms; steps.push({ t, ...a });
+    t += b.ms; steps.push({ t, ...b });
+  }
+  return { steps, end: t };
+};
+
 const execFileP = promisify(execFile);
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 
@@ -55,13 +66,7 @@ describe('workDuring (bench-scale transition metric)', () => {
 
   it('measures mixed steps against mixed steps of the same size, not against decode steps', () => {
     // Before: decode steps of 30 ms and prefill steps (156 tokens) of 130 ms, alternating.
-    const before: Step[] = [];
-    let t = 0;
-    while (t < 3000) {
-      t += 30; before.push({ t, ms: 30, tokens: 32, decode: 32 });
-      t += 130; before.push({ t, ms: 130, tokens: 156, decode: 28 });
-    }
-    const tCmd = t;
+    const { steps: before, end: tCmd } = alternate({ ms: 30, tokens: 32, decode: 32 }, { ms: 130, tokens: 156, decode: 28 }, 3000);
     // In the window: one prefill step at its usual 130 ms, then one at 260 ms (twice as slow).
     const during = [{ t: tCmd + 130, ms: 130, tokens: 156, decode: 28 }, { t: tCmd + 390, ms: 260, tokens: 156, decode: 28 }];
     const r = workDuring([...before, ...during], tCmd, tCmd + 390);
@@ -71,12 +76,7 @@ describe('workDuring (bench-scale transition metric)', () => {
 
   it('counts a step of a token count not seen before as the line through the steps before gives it', () => {
     // Before: 32-token steps of 30 ms and 96-token steps of 62 ms (0.5 ms a token over 14 ms).
-    const before: Step[] = [];
-    let t = 0;
-    while (t < 3000) {
-      t += 30; before.push({ t, ms: 30, tokens: 32, decode: 32 });
-      t += 62; before.push({ t, ms: 62, tokens: 96, decode: 32 });
-    }
+    const { steps: before, end: t } = alternate({ ms: 30, tokens: 32, decode: 32 }, { ms: 62, tokens: 96, decode: 32 }, 3000);
     // In the window: a 160-token step of 94 ms (as fast as the line says), then one of 188 ms (half as fast).
     const during = [{ t: t + 94, ms: 94, tokens: 160, decode: 32 }, { t: t + 282, ms: 188, tokens: 160, decode: 32 }];
     expect(workDuring([...before, ...during], t, t + 94).ratio).toBeCloseTo(1, 9);
