@@ -125,8 +125,13 @@ const serving = { rt, config, kvBlocksPerDevice, maxTokensPerStep: 512, maxSeqs:
     : process.env.BENCH_STANDBY_FOLLOW ? { follow: Number(process.env.BENCH_STANDBY_FOLLOW) } : true };
 // BENCH_DEVICE_ROUTING_MAX_ROWS: the engines' deviceRoutingMaxRows (default: the engine's).
 // BENCH_GRAPH_INSTANTIATE=inline: graphs instantiated on the event loop (A/B; default thread-pool).
-const forward = env('BENCH_GRAPHS', '1') === '0' ? { graphs: false }
-  : process.env.BENCH_GRAPH_INSTANTIATE ? { graphs: { instantiate: process.env.BENCH_GRAPH_INSTANTIATE } } : {};
+// BENCH_COVERED_CAPTURE_AFTER=n: graphs.coveredCaptureAfter (1: every shape captured at its first sighting, as
+// before covering graphs; default: the engine's).
+const graphKnobs = {
+  ...(process.env.BENCH_GRAPH_INSTANTIATE ? { instantiate: process.env.BENCH_GRAPH_INSTANTIATE } : {}),
+  ...(process.env.BENCH_COVERED_CAPTURE_AFTER ? { coveredCaptureAfter: Number(process.env.BENCH_COVERED_CAPTURE_AFTER) } : {}),
+};
+const forward = env('BENCH_GRAPHS', '1') === '0' ? { graphs: false } : Object.keys(graphKnobs).length > 0 ? { graphs: graphKnobs } : {};
 if (process.env.BENCH_DEVICE_ROUTING_MAX_ROWS) forward.deviceRoutingMaxRows = Number(process.env.BENCH_DEVICE_ROUTING_MAX_ROWS);
 // BENCH_EXECUTOR=process: the elastic deployment's executors run as their own processes (dist/executor/main.js),
 // the standby attaching the new layout through the HMM daemon (forward options then stay the executor's defaults).
@@ -142,14 +147,15 @@ const t0 = performance.now();
 const clock = () => performance.now() - t0;
 /** Every engine step of every instance: who ran it, when it ended, what it did. */
 const steps = [];
-// graphs: the serving engine's graph counts after the step ([captures, replays, deferred], since its layout began; in
-// process only): a step whose captures rose captured a shape, one whose replays did not rise ran at least one rank eagerly.
+// graphs: the serving engine's graph counts after the step ([captures, replays, deferred, covered], since its layout
+// began; in process only): a step whose captures rose captured a shape, one whose replays did not rise ran at least one
+// rank eagerly, one whose covered rose replayed a larger shape's graph for at least one rank.
 // ranks: the sequences of each DP rank in the step (how evenly a new layout's first steps are spread).
 const recorder = (who, inst) => (f) => {
   const g = inst()?.graphStats;
   steps.push({
     who, t: clock(), ms: f.ms, tokens: f.tokens, decode: f.decodeTokens, seqs: f.batchSeqs, epoch: inst()?.epoch ?? 0, devices: inst()?.devices.length ?? 0,
-    ...(g ? { graphs: [g.captures, g.replays, g.deferred] } : {}), ranks: f.rankSeqs,
+    ...(g ? { graphs: [g.captures, g.replays, g.deferred, g.covered] } : {}), ranks: f.rankSeqs,
   });
 };
 const usedBytes = () => rt.devices().map((d) => d.totalBytes - d.freeBytes);
@@ -359,6 +365,9 @@ for (let i = 1; i < plan.length; i++) {
   const elasticSteps = steps.filter((s) => s.who === 'elastic');
   const gaps = pauses(elasticSteps, m.first.t, m.first.t + 1000);
   const tokensAfter = elasticSteps.filter((s) => s.t > m.first.t && s.t <= m.first.t + 1000).reduce((a, s) => a + s.tokens, 0);
+  // The new layout's graph counts from its first step to 1 s after it: captures (each holds its step) and covered replays.
+  const lastInSecond = elasticSteps.filter((s) => s.epoch === m.first.epoch && s.graphs && s.t <= m.first.t + 1000).at(-1);
+  const graphsInSecond = lastInSecond ? { captures: lastInSecond.graphs[0], replays: lastInSecond.graphs[1], covered: lastInSecond.graphs[3] ?? 0 } : null;
   // The work ahead of the next scale (standby chunks filled, standby engines made) runs from the
   // scale's end until settled: serving work done meanwhile against the steady steps in the 3 s after it.
   const ahead = doneAt === undefined ? null : {
@@ -374,11 +383,12 @@ for (let i = 1; i < plan.length; i++) {
   const second = workAcross(oldEpoch, newEpoch, m.tCmd, m.tCmd + 1000, 3000, steady);
   // To 1 s after the first new step: the new layout's first second counted whatever the scale's latency.
   const through = workAcross(oldEpoch, newEpoch, m.tCmd, m.first.t + 1000, 3000, steady);
-  emit({ bench: 'after', from: m.from, to: m.to, firstNewStepMs: m.first.ms, pauses: gaps, tokensInSecondAfter: tokensAfter, phases: r.phases,
+  emit({ bench: 'after', from: m.from, to: m.to, firstNewStepMs: m.first.ms, pauses: gaps, tokensInSecondAfter: tokensAfter, graphsInSecond, phases: r.phases,
     ...(r.release ? { release: r.release } : {}), hostPool: dep.hostPoolStats, ahead, workInSecondFromCommand: second?.ratio ?? null,
     workToSecondAfterFirstStep: through ? { ratio: through.ratio, lostMs: (1 - through.ratio) * through.windowMs } : null });
   log(`  after ${m.from.join(',')} -> ${m.to.join(',')}: first new step ${m.first.ms.toFixed(0)} ms; in the second after it ` +
-    `${tokensAfter} tokens, pauses between steps ${gaps.sumMs.toFixed(0)} ms (longest ${gaps.maxMs.toFixed(0)} ms); release ${r.phases.releaseMs.toFixed(0)} ms; ` +
+    `${tokensAfter} tokens, pauses between steps ${gaps.sumMs.toFixed(0)} ms (longest ${gaps.maxMs.toFixed(0)} ms)` +
+    `${graphsInSecond ? `, rank graphs captured ${graphsInSecond.captures}, covered ${graphsInSecond.covered} of ${graphsInSecond.replays} replays` : ''}; release ${r.phases.releaseMs.toFixed(0)} ms; ` +
     `serving work in the second from the command ${second ? `${(100 * second.ratio).toFixed(0)}%` : 'n/a'}, ` +
     `to 1 s after the first new step ${through ? `${(100 * through.ratio).toFixed(0)}% (${((1 - through.ratio) * through.windowMs).toFixed(0)} ms lost)` : 'n/a'}; ` +
     (ahead ? `work ahead ${ahead.ms.toFixed(0)} ms, serving work meanwhile ${ahead.workDuringOverSteadyAfter === null ? 'n/a' : `${(100 * ahead.workDuringOverSteadyAfter).toFixed(0)}%`} of the steady steps after it` : 'work ahead still running'));

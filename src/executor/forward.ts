@@ -185,8 +185,15 @@ export interface ForwardEngineOptions {
    * instantiated (host work, 5-20 ms for a 48-layer rank step on H100): 'thread-pool' (the
    * default) off the event loop, so an engine serving in this process keeps stepping while a
    * standby engine captures ahead; 'inline' on it (the previous behaviour, for A/B runs).
+   * `coveredCaptureAfter` (default 4, at least 1): a rank's shape with no graph of its own but a
+   * cached graph of the same rank that covers it (as many sampled sequences more as sequences
+   * more, at least its block-table stride, at most max(2 x its tokens, 16) tokens) replays that
+   * graph, padded up to it, until the shape's coveredCaptureAfter-th sighting, when it is captured
+   * (graphStats.covered counts those replays). A capture holds the step for 15-25 ms on H100
+   * (48 layers); a padded replay costs the padding rows, which all route alike. 1: capture at once,
+   * as before.
    */
-  graphs?: boolean | { maxGraphs?: number; captureAfter?: number; instantiate?: GraphInstantiate };
+  graphs?: boolean | { maxGraphs?: number; captureAfter?: number; coveredCaptureAfter?: number; instantiate?: GraphInstantiate };
   /**
    * Observe the experts' load: every n-th step (counted from the first) runs its ranks on the
    * host routing path, whose row lists are built from the top-k ids on the host, and those
@@ -244,6 +251,8 @@ export interface GraphStats {
   evicted: number;
   /** Graph-eligible steps run as usual because their shape had been seen fewer than captureAfter times. */
   deferred: number;
+  /** Of the replays, those of a graph of a larger shape of their rank, the step padded up to it (graphs.coveredCaptureAfter). */
+  covered: number;
   /** Why graphs are off: 'graphs: false', or the NotSupportedError that turned them off. */
   disabledReason?: string;
 }
@@ -273,6 +282,11 @@ export function stepBucket(n: number): number {
  * the buckets most shapes never recurred and 2 was the better default.)
  */
 const DEFAULT_CAPTURE_AFTER = 1;
+/** Default sightings of a shape that a cached graph covers before it gets a graph of its own (graphs.coveredCaptureAfter). */
+const DEFAULT_COVERED_CAPTURE_AFTER = 4;
+/** A covering graph has at most max(COVER_TOKEN_FACTOR x the shape's tokens, COVER_MIN_TOKENS) tokens. */
+const COVER_TOKEN_FACTOR = 2;
+const COVER_MIN_TOKENS = 16;
 /**
  * Layers whose weights are resolved between two turns of the event loop while an engine is made,
  * and layers of a precaptured graph queued per turn (ForwardEngine.precapture). A scale's attach
@@ -519,7 +533,7 @@ export class ForwardEngine implements Disposable {
   private readonly graphCache = new Map<string, CachedGraph>();
   /** Set while a step is being captured: event() then draws from the capture pool. */
   private capturing = false;
-  private graphCounts = { captures: 0, capturesBegun: 0, replays: 0, evicted: 0, deferred: 0, precaptured: 0 };
+  private graphCounts = { captures: 0, capturesBegun: 0, replays: 0, evicted: 0, deferred: 0, precaptured: 0, covered: 0 };
   /** Host-path routing counts per layer * E + expert, and the steps they cover; steps run so far. */
   private readonly observed: Float64Array;
   private observedSteps = 0;
@@ -559,6 +573,8 @@ export class ForwardEngine implements Disposable {
     private readonly maxGraphs: number,
     /** Sightings of a shape before it is captured. */
     private readonly captureAfter: number,
+    /** Sightings of a shape that a cached graph covers before it is captured. */
+    private readonly coveredCaptureAfter: number,
     /** Where captured graphs are instantiated. */
     private readonly instantiate: GraphInstantiate,
     /** Every n-th step observes the experts' load on the host path (0: never). */
@@ -605,6 +621,7 @@ export class ForwardEngine implements Disposable {
     const graphs = options.graphs ?? true;
     let maxGraphs: number;
     let captureAfter = DEFAULT_CAPTURE_AFTER;
+    let coveredCaptureAfter = DEFAULT_COVERED_CAPTURE_AFTER;
     let instantiate: GraphInstantiate = 'thread-pool';
     if (typeof graphs === 'boolean') {
       maxGraphs = graphs ? DEFAULT_MAX_GRAPHS : 0;
@@ -613,10 +630,14 @@ export class ForwardEngine implements Disposable {
       if (!Number.isSafeInteger(maxGraphs) || maxGraphs < 1) throw new InvalidArgumentError('graphs.maxGraphs', 'a positive integer');
       captureAfter = graphs.captureAfter ?? DEFAULT_CAPTURE_AFTER;
       if (!Number.isSafeInteger(captureAfter) || captureAfter < 1) throw new InvalidArgumentError('graphs.captureAfter', 'a positive integer');
+      coveredCaptureAfter = graphs.coveredCaptureAfter ?? DEFAULT_COVERED_CAPTURE_AFTER;
+      if (!Number.isSafeInteger(coveredCaptureAfter) || coveredCaptureAfter < 1) {
+        throw new InvalidArgumentError('graphs.coveredCaptureAfter', 'a positive integer (1: capture every shape at once)');
+      }
       instantiate = graphs.instantiate ?? instantiate;
       if (instantiate !== 'thread-pool' && instantiate !== 'inline') throw new InvalidArgumentError('graphs.instantiate', "'thread-pool' or 'inline'");
     } else {
-      throw new InvalidArgumentError('graphs', 'a boolean or { maxGraphs, captureAfter, instantiate }');
+      throw new InvalidArgumentError('graphs', 'a boolean or { maxGraphs, captureAfter, coveredCaptureAfter, instantiate }');
     }
     const observeLoadEvery = options.observeLoadEvery ?? 0;
     if (!Number.isSafeInteger(observeLoadEvery) || observeLoadEvery < 0) throw new InvalidArgumentError('observeLoadEvery', 'a non-negative integer (0: off)');
@@ -715,7 +736,7 @@ export class ForwardEngine implements Disposable {
       throw e;
     }
     const engine = new ForwardEngine(rt, c, layout, made, T, blockTokens, G, hostLayout, groupedMaxRows, deviceRoutingMaxRows, computers,
-      maxGraphs, captureAfter, instantiate, observeLoadEvery, kvDtype);
+      maxGraphs, captureAfter, coveredCaptureAfter, instantiate, observeLoadEvery, kvDtype);
     engine.createStats = stats;
     return engine;
   }
@@ -1136,34 +1157,46 @@ export class ForwardEngine implements Disposable {
    */
   private async runGraph(plans: Array<RankPlan | undefined>, ranks: number[]): Promise<boolean> {
     const padded = plans.map((p) => p && this.padBlockTable(this.padToBucket(p)));
-    const keys = ranks.map((r) => shapeKey(r, padded[r]!));
-    const step = new Set(keys);
-    const missing = ranks.filter((_, i) => !this.graphCache.has(keys[i]!));
+    const keys = new Map(ranks.map((r) => [r, shapeKey(r, padded[r]!)]));
+    const uncached = () => ranks.filter((r) => !this.graphCache.has(keys.get(r)!));
+    let missing = uncached();
     if (missing.length > 0) {
-      if (this.capturesPaused) {
-        this.graphCounts.deferred++;
-        return false;
-      }
-      // A shape seen fewer than captureAfter times runs as usual (the caller queues the step).
-      // A step runs as graphs only when every rank's shape is due; each sighting counts.
-      let due = true;
+      // Each sighting of a shape with no graph counts (least recently seen dropped first).
+      const seen = new Map<number, number>();
       for (const r of missing) {
-        const key = shapeKey(r, padded[r]!);
-        const seen = (this.graphSightings.get(key) ?? 0) + 1;
+        const key = keys.get(r)!;
+        const n = (this.graphSightings.get(key) ?? 0) + 1;
         this.graphSightings.delete(key); // most recently seen last
-        this.graphSightings.set(key, seen);
-        if (seen < this.captureAfter) due = false;
+        this.graphSightings.set(key, n);
+        seen.set(r, n);
       }
       while (this.graphSightings.size > 4 * this.maxGraphs) this.graphSightings.delete(this.graphSightings.keys().next().value!);
-      if (!due) {
+      // A shape that a cached graph of its rank covers replays that graph, padded up to it, until
+      // its coveredCaptureAfter-th sighting (and while captures are paused): the first steps of a
+      // new layout, whose ranks pass through shapes they will not keep, then capture nothing.
+      let covered = 0;
+      for (const r of missing) {
+        if (!this.capturesPaused && seen.get(r)! >= this.coveredCaptureAfter) continue;
+        const cover = this.coverFor(r, padded[r]!);
+        if (!cover) continue;
+        padded[r] = cover;
+        keys.set(r, shapeKey(r, cover));
+        covered++;
+      }
+      missing = uncached();
+      // A shape seen fewer than captureAfter times runs as usual (the caller queues the step), and so
+      // does every shape while captures are paused: a step runs as graphs only when every rank can.
+      if (missing.length > 0 && (this.capturesPaused || missing.some((r) => seen.get(r)! < this.captureAfter))) {
         this.graphCounts.deferred++;
         return false;
       }
-      for (const r of missing) this.graphSightings.delete(shapeKey(r, padded[r]!));
+      for (const r of missing) this.graphSightings.delete(keys.get(r)!);
+      this.graphCounts.covered += covered;
     }
+    const step = new Set(keys.values());
     // The step's cached graphs become the most recently used (last), so that caching its new
     // ones evicts others.
-    for (const key of keys) {
+    for (const key of step) {
       const hit = this.graphCache.get(key);
       if (!hit) continue;
       this.graphCache.delete(key);
@@ -1177,7 +1210,7 @@ export class ForwardEngine implements Disposable {
     const launched: number[] = [];
     const launch = (r: number) => {
       this.fillMeta(r, padded[r]!);
-      this.graphCache.get(shapeKey(r, padded[r]!))!.graph.launch(this.devs[r]!.stream);
+      this.graphCache.get(keys.get(r)!)!.graph.launch(this.devs[r]!.stream);
       launched.push(r);
     };
     try {
@@ -1192,7 +1225,7 @@ export class ForwardEngine implements Disposable {
           return false;
         }
         this.graphCounts.captures++;
-        this.cacheGraph(shapeKey(r, padded[r]!), { graph, shape: shapeOf(r, padded[r]!) }, step);
+        this.cacheGraph(keys.get(r)!, { graph, shape: shapeOf(r, padded[r]!) }, step);
         launch(r);
       }
     } catch (e) {
@@ -1386,6 +1419,36 @@ export class ForwardEngine implements Disposable {
     }
     const maxT = Math.min(this.maxTokensPerStep, Math.floor(this.deviceRoutingMaxRows / this.config.topK));
     if ((T === p.T && S === p.S) || T > maxT) return p;
+    return this.padWith(p, S, T);
+  }
+
+  /**
+   * The cached graph of rank r that covers the (padded) plan p with the least tokens (then
+   * sequences, then block-table stride), p padded up to its shape: its S - p.S more sequences
+   * are padding ones, all sampled, that own its T - p.T more tokens (at least one each), its
+   * stride is at least p's, and it has at most max(COVER_TOKEN_FACTOR x p.T, COVER_MIN_TOKENS)
+   * tokens. Undefined when none does.
+   */
+  private coverFor(r: number, p: RankPlan): RankPlan | undefined {
+    const maxT = Math.max(COVER_TOKEN_FACTOR * p.T, COVER_MIN_TOKENS);
+    let best: GraphShape | undefined;
+    for (const { shape: g } of this.graphCache.values()) {
+      const extraS = g.S - p.S;
+      const extraT = g.T - p.T;
+      if (g.rank !== r || g.T > maxT || extraS < 0 || g.MB < p.MB || extraT < extraS || (extraT > 0 && extraS === 0)) continue;
+      if (g.sampled !== p.sampled.length + extraS) continue;
+      if (!best || g.T < best.T || (g.T === best.T && (g.S < best.S || (g.S === best.S && g.MB < best.MB)))) best = g;
+    }
+    return best && this.padBlockTable(this.padWith(p, best.S, best.T), best.MB);
+  }
+
+  /**
+   * p with S - p.S padding sequences of one token each (the last takes any tokens left to reach T):
+   * token id 0 at position -1 with KV slot -1, block table rows of block 0, sampled. Needs S > p.S
+   * when T > p.T, and T - p.T >= S - p.S.
+   */
+  private padWith(p: RankPlan, S: number, T: number): RankPlan {
+    if (S === p.S && T === p.T) return p;
     const pad = <A extends Int32Array>(a: A, n: number, fill: number) => {
       const out = new Int32Array(n).fill(fill);
       out.set(a);

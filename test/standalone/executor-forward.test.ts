@@ -186,14 +186,14 @@ async function fixture(config: ModelConfig): Promise<Fixture> {
 
 /**
  * An engine over the fixture's weights. Unless the options say otherwise, a decode shape is captured
- * at its first sighting (graphs: { captureAfter: 1 }), so the graph tests see each capture at once;
+ * at its first sighting, covered or not (graphs: { captureAfter: 1, coveredCaptureAfter: 1 }), so the graph tests see each capture at once;
  * the default of 2 has its own test.
  */
 async function engineFor(fx: Fixture, layout: Layout, maxTokensPerStep = 64, options: ForwardEngineOptions = {}): Promise<ForwardEngine> {
   const pools = options.kvDtype === 'f32' ? f32Kv(fx).views : fx.views;
   const views = new Map(layout.devices.map((d) => [d, pools.get(d)!]));
   const e = await ForwardEngine.create(fx.rt, fx.config, layout, storeWeights(fx.hmm.store), views,
-    { maxTokensPerStep, graphs: { captureAfter: 1 }, ...options });
+    { maxTokensPerStep, graphs: { captureAfter: 1, coveredCaptureAfter: 1 }, ...options });
   fx.engines.push(e);
   return e;
 }
@@ -635,7 +635,7 @@ describe('forward pass: validation, KV views, attached weights (qwen3_moe)', () 
         const n = layout.devices.length;
         const e = await engineFor(fx, layout, 16, { graphs: false });
         expect(e.deviceRoutingMaxRows).toBe(32 * E); // 32 rows per expert
-        expect(e.graphStats).toEqual({ enabled: false, captures: 0, capturesBegun: 0, replays: 0, precaptured: 0, cached: 0, evicted: 0, deferred: 0, disabledReason: 'graphs: false' });
+        expect(e.graphStats).toEqual({ enabled: false, captures: 0, capturesBegun: 0, replays: 0, precaptured: 0, cached: 0, evicted: 0, deferred: 0, covered: 0, disabledReason: 'graphs: false' });
         const blocks = layout.devices.map((_, r) => fx.hmm.kv.allocate(`dev${r}`, layout.devices[r]!, 1));
         const gblocks = layout.devices.map((_, r) => fx.hmm.kv.allocate(`gdev${r}`, layout.devices[r]!, 1));
         try {
@@ -733,11 +733,11 @@ describe('forward pass: validation, KV views, attached weights (qwen3_moe)', () 
     // c [a c]; C replays c; B replays a and captures b, evicting c (never a graph of the step) [a b].
     const expected = [
       [1, 0, 0, 1], [1, 1, 0, 1], [2, 2, 0, 2], [3, 2, 1, 2], [4, 2, 2, 2], [4, 3, 2, 2], [4, 4, 2, 2], [5, 5, 3, 2],
-    ].map(([captures, replays, evicted, cached]) => ({ enabled: true, captures, capturesBegun: captures, replays, evicted, cached, deferred: 0, precaptured: 0 }));
+    ].map(([captures, replays, evicted, cached]) => ({ enabled: true, captures, capturesBegun: captures, replays, evicted, cached, deferred: 0, precaptured: 0, covered: 0 }));
     const want = await decodeScript(await engineFor(fx, layout, 16, { graphs: false }), 'eager', script);
     const disposed = spyGraphDispose();
     try {
-      const g = await engineFor(fx, layout, 16, { graphs: { maxGraphs: 2, captureAfter: 1 } });
+      const g = await engineFor(fx, layout, 16, { graphs: { maxGraphs: 2, captureAfter: 1, coveredCaptureAfter: 1 } });
       const stats: unknown[] = [];
       expect(await decodeScript(g, 'graph', script, () => stats.push(g.graphStats))).toEqual(want);
       expect(stats).toEqual(expected);
@@ -945,6 +945,45 @@ describe('forward pass: validation, KV views, attached weights (qwen3_moe)', () 
     const d = await engineFor(fx, layout, 16, { graphs: true });
     expect(await decodeScript(d, 'default', [A, A])).toEqual(await decodeScript(await engineFor(fx, layout, 16, { graphs: false }), 'eager2', [A, A]));
     expect(d.graphStats).toMatchObject({ captures: 1, replays: 1, deferred: 0 });
+  });
+
+  it('replays a larger graph of the rank for a shape it covers, padded up to it, until the shape\'s coveredCaptureAfter-th sighting', async () => {
+    const layout = { devices: [0, 1], placement: roundRobinPlacement(8, [0, 1]) };
+    const C: string[][] = [['p', 'r'], []]; // rank 0 with two sequences: c
+    const A: string[][] = [['p'], []]; // rank 0 with one: a, which c covers (one padding sequence more)
+    const B: string[][] = [[], ['q']]; // rank 1 with one: b, which no graph of rank 1 covers
+    const script = [C, A, A, B, A, A];
+    // C captures c; A replays c padded (covered, sighting 1); A again (sighting 2); B captures b (a
+    // graph of rank 0 never covers rank 1); A captures a at its third sighting; A replays a.
+    const expected = [[1, 0, 0], [1, 1, 1], [1, 2, 2], [2, 2, 2], [3, 2, 2], [3, 3, 2]];
+    const want = await decodeScript(await engineFor(fx, layout, 16, { graphs: false }), 'eager', script);
+    const g = await engineFor(fx, layout, 16, { graphs: { captureAfter: 1, coveredCaptureAfter: 3 } });
+    const stats: number[][] = [];
+    expect(await decodeScript(g, 'graph', script, () => stats.push([g.graphStats.captures, g.graphStats.replays, g.graphStats.covered]))).toEqual(want);
+    expect(stats).toEqual(expected);
+    expect(g.graphStats).toMatchObject({ cached: 3, deferred: 0 });
+  });
+
+  it('covers a shape only with a graph of at most max(2 x its tokens, 16) tokens; by default captures a covered shape at its fourth sighting', async () => {
+    const layout = { devices: [0, 1], placement: roundRobinPlacement(8, [0, 1]) };
+    const many = Array.from({ length: 17 }, (_, i) => `s${i}`); // 17 sequences: the 24 bucket
+    const big: string[][] = [many, []];
+    const eight: string[][] = [many.slice(0, 8), []];
+    const one: string[][] = [['s0'], []];
+    const script = [big, one, eight, one, one, one, one];
+    // big captures (24 tokens); one (1 token, at most 16): not covered by 24, captured; eight (8 tokens,
+    // at most 16): not covered by 24 either, captured; one replays its own. Then, with the default,
+    // a fresh engine: eight captures, one is covered three times and captured at its fourth sighting.
+    const want = await decodeScript(await engineFor(fx, layout, 64, { graphs: false }), 'eager', script);
+    const g = await engineFor(fx, layout, 64, { graphs: { captureAfter: 1, coveredCaptureAfter: 99 } });
+    expect(await decodeScript(g, 'graph', script.slice(0, 4))).toEqual(want.slice(0, 4));
+    expect(g.graphStats).toMatchObject({ captures: 3, replays: 1, covered: 0 });
+    const d = await engineFor(fx, layout, 64, { graphs: true });
+    const defaultScript = [eight, one, one, one, one, one];
+    const stats: number[][] = [];
+    expect(await decodeScript(d, 'default', defaultScript, () => stats.push([d.graphStats.captures, d.graphStats.covered])))
+      .toEqual(await decodeScript(await engineFor(fx, layout, 64, { graphs: false }), 'eager2', defaultScript));
+    expect(stats).toEqual([[1, 0], [1, 1], [1, 2], [1, 3], [2, 3], [2, 3]]);
   });
 
   it('captures a decoding batch again only when its block table stride doubles (padded to a power of two)', async () => {
