@@ -187,11 +187,11 @@ export interface ForwardEngineOptions {
    * standby engine captures ahead; 'inline' on it (the previous behaviour, for A/B runs).
    * `coveredCaptureAfter` (default 4, at least 1): a rank's shape with no graph of its own but a
    * cached graph of the same rank that covers it (as many sampled sequences more as sequences
-   * more, at least its block-table stride, at most max(2 x its tokens, 16) tokens) replays that
-   * graph, padded up to it, until the shape's coveredCaptureAfter-th sighting, when it is captured
-   * (graphStats.covered counts those replays). A capture holds the step for 15-25 ms on H100
-   * (48 layers); a padded replay costs the padding rows, which all route alike. 1: capture at once,
-   * as before.
+   * more, at least its block-table stride, at most 16 tokens more) replays that graph, padded up
+   * to it, until the shape's coveredCaptureAfter-th sighting, when it is captured, one such shape
+   * per step (graphStats.covered counts those replays). A capture holds the step for 15-25 ms on
+   * H100 (48 layers); a padded decode replay costs the padding rows, which all route alike. 1:
+   * capture at once, as before.
    */
   graphs?: boolean | { maxGraphs?: number; captureAfter?: number; coveredCaptureAfter?: number; instantiate?: GraphInstantiate };
   /**
@@ -284,9 +284,13 @@ export function stepBucket(n: number): number {
 const DEFAULT_CAPTURE_AFTER = 1;
 /** Default sightings of a shape that a cached graph covers before it gets a graph of its own (graphs.coveredCaptureAfter). */
 const DEFAULT_COVERED_CAPTURE_AFTER = 4;
-/** A covering graph has at most max(COVER_TOKEN_FACTOR x the shape's tokens, COVER_MIN_TOKENS) tokens. */
-const COVER_TOKEN_FACTOR = 2;
-const COVER_MIN_TOKENS = 16;
+/**
+ * A covering graph has at most this many tokens more than the shape. Padding rows all route alike
+ * (one token, one position), so at decode they add at most top-k experts' weights per layer to
+ * read; a mixed step's are not cheap: on 4 x H100 (Qwen3-30B-A3B shapes), mixed rank steps padded
+ * from 96 to 128-192 tokens ran 78-87 ms against 54 ms for their own graphs.
+ */
+const COVER_MAX_EXTRA_TOKENS = 16;
 /**
  * Layers whose weights are resolved between two turns of the event loop while an engine is made,
  * and layers of a precaptured graph queued per turn (ForwardEngine.precapture). A scale's attach
@@ -1174,11 +1178,17 @@ export class ForwardEngine implements Disposable {
       // A shape that a cached graph of its rank covers replays that graph, padded up to it, until
       // its coveredCaptureAfter-th sighting (and while captures are paused): the first steps of a
       // new layout, whose ranks pass through shapes they will not keep, then capture nothing.
+      // At most one such shape is captured per step (a capture holds the step: the ranks of a new
+      // layout reach their shapes' sightings together), the others stay covered meanwhile.
       let covered = 0;
+      let ownCapture = false;
       for (const r of missing) {
-        if (!this.capturesPaused && seen.get(r)! >= this.coveredCaptureAfter) continue;
         const cover = this.coverFor(r, padded[r]!);
         if (!cover) continue;
+        if (!this.capturesPaused && !ownCapture && seen.get(r)! >= this.coveredCaptureAfter) {
+          ownCapture = true;
+          continue;
+        }
         padded[r] = cover;
         keys.set(r, shapeKey(r, cover));
         covered++;
@@ -1425,12 +1435,11 @@ export class ForwardEngine implements Disposable {
   /**
    * The cached graph of rank r that covers the (padded) plan p with the least tokens (then
    * sequences, then block-table stride), p padded up to its shape: its S - p.S more sequences
-   * are padding ones, all sampled, that own its T - p.T more tokens (at least one each), its
-   * stride is at least p's, and it has at most max(COVER_TOKEN_FACTOR x p.T, COVER_MIN_TOKENS)
-   * tokens. Undefined when none does.
+   * are padding ones, all sampled, that own its T - p.T more tokens (at least one each, at most
+   * COVER_MAX_EXTRA_TOKENS), and its stride is at least p's. Undefined when none does.
    */
   private coverFor(r: number, p: RankPlan): RankPlan | undefined {
-    const maxT = Math.max(COVER_TOKEN_FACTOR * p.T, COVER_MIN_TOKENS);
+    const maxT = p.T + COVER_MAX_EXTRA_TOKENS;
     let best: GraphShape | undefined;
     for (const { shape: g } of this.graphCache.values()) {
       const extraS = g.S - p.S;

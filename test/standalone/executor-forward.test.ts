@@ -964,26 +964,42 @@ describe('forward pass: validation, KV views, attached weights (qwen3_moe)', () 
     expect(g.graphStats).toMatchObject({ cached: 3, deferred: 0 });
   });
 
-  it('covers a shape only with a graph of at most max(2 x its tokens, 16) tokens; by default captures a covered shape at its fourth sighting', async () => {
+  it('covers a shape only with a graph of at most 16 tokens more; by default captures a covered shape at its fourth sighting', async () => {
     const layout = { devices: [0, 1], placement: roundRobinPlacement(8, [0, 1]) };
     const many = Array.from({ length: 17 }, (_, i) => `s${i}`); // 17 sequences: the 24 bucket
     const big: string[][] = [many, []];
     const eight: string[][] = [many.slice(0, 8), []];
     const one: string[][] = [['s0'], []];
-    const script = [big, one, eight, one, one, one, one];
-    // big captures (24 tokens); one (1 token, at most 16): not covered by 24, captured; eight (8 tokens,
-    // at most 16): not covered by 24 either, captured; one replays its own. Then, with the default,
-    // a fresh engine: eight captures, one is covered three times and captured at its fourth sighting.
+    const script = [big, one, eight, one];
+    // big captures (24 tokens); one (1 token: 23 more) is not covered by it, captured; eight (16 more) is
+    // covered by big; one replays its own.
     const want = await decodeScript(await engineFor(fx, layout, 64, { graphs: false }), 'eager', script);
     const g = await engineFor(fx, layout, 64, { graphs: { captureAfter: 1, coveredCaptureAfter: 99 } });
-    expect(await decodeScript(g, 'graph', script.slice(0, 4))).toEqual(want.slice(0, 4));
-    expect(g.graphStats).toMatchObject({ captures: 3, replays: 1, covered: 0 });
+    const stats: number[][] = [];
+    expect(await decodeScript(g, 'graph', script, () => stats.push([g.graphStats.captures, g.graphStats.covered]))).toEqual(want);
+    expect(stats).toEqual([[1, 0], [2, 0], [2, 1], [2, 1]]);
+    // With the default, a fresh engine: eight captures, then one (covered by it: 7 more) is covered three
+    // times and captured at its fourth sighting.
     const d = await engineFor(fx, layout, 64, { graphs: true });
     const defaultScript = [eight, one, one, one, one, one];
-    const stats: number[][] = [];
-    expect(await decodeScript(d, 'default', defaultScript, () => stats.push([d.graphStats.captures, d.graphStats.covered])))
+    const dstats: number[][] = [];
+    expect(await decodeScript(d, 'default', defaultScript, () => dstats.push([d.graphStats.captures, d.graphStats.covered])))
       .toEqual(await decodeScript(await engineFor(fx, layout, 64, { graphs: false }), 'eager2', defaultScript));
-    expect(stats).toEqual([[1, 0], [1, 1], [1, 2], [1, 3], [2, 3], [2, 3]]);
+    expect(dstats).toEqual([[1, 0], [1, 1], [1, 2], [1, 3], [2, 3], [2, 3]]);
+  });
+
+  it('captures at most one covered shape per step when several reach coveredCaptureAfter together', async () => {
+    const layout = { devices: [0, 1], placement: roundRobinPlacement(8, [0, 1]) };
+    const two: string[][] = [['p', 'r'], ['q', 's']];
+    const one: string[][] = [['p'], ['q']];
+    const script = [two, one, one, one, one];
+    // two captures both ranks; one: both covered (sighting 1); one: both at sighting 2, rank 0
+    // captured, rank 1 covered; one: rank 1 captured (rank 0 replays its own); one: both replay.
+    const want = await decodeScript(await engineFor(fx, layout, 16, { graphs: false }), 'eager', script);
+    const g = await engineFor(fx, layout, 16, { graphs: { captureAfter: 1, coveredCaptureAfter: 2 } });
+    const stats: number[][] = [];
+    expect(await decodeScript(g, 'graph', script, () => stats.push([g.graphStats.captures, g.graphStats.replays, g.graphStats.covered]))).toEqual(want);
+    expect(stats).toEqual([[2, 0, 0], [2, 2, 2], [3, 3, 3], [4, 4, 3], [4, 6, 3]]);
   });
 
   it('captures a decoding batch again only when its block table stride doubles (padded to a power of two)', async () => {
