@@ -350,7 +350,7 @@ for (let i = 1; i < plan.length; i++) {
     bytesCopied: r.bytesCopied, lowerBoundBytes: r.lowerBoundBytes, chunksCopied: r.chunksCopied, chunksFromStandby: r.chunksFromStandby,
     chunksPrefilled: r.chunksPrefilled, bytesPrefilled: r.bytesPrefilled,
     plannedAhead: r.plannedAhead, standbyMadeAhead: r.standbyMadeAhead ?? null, prestartedExecutor: r.prestartedExecutor, preattachedChunks: r.preattachedChunks, attachDuringCopies: r.attachDuringCopies,
-    chunksReused: r.chunksReused, chunksReleased: r.chunksReleased, switchover: r.switchover, prepare: r.prepare,
+    chunksReused: r.chunksReused, chunksReleased: r.chunksReleased, chunksKeptAsStandby: r.chunksKeptAsStandby, switchover: r.switchover, prepare: r.prepare,
     peakUsedBytes: m.peak });
   const speed = stepSpeed(m.before, m.during);
   log(`elastic ${m.from.join(',')} -> ${m.to.join(',')}: ${(m.first.t - m.tCmd).toFixed(0)} ms to the first step on the new layout; ` +

@@ -21,6 +21,7 @@ interface ScaleReportBody {
   chunksCopied: number;
   chunksReused: number;
   chunksReleased: number;
+  chunksKeptAsStandby?: number;
   phases: Record<string, number>;
   switchover?: { kept: number; moved: number; requeued: number; waiting: number };
   chunksFromStandby?: number;
@@ -71,6 +72,7 @@ export async function runScale(o: ScaleCommandOptions): Promise<number> {
     ['copied', 'reused in place', 'released', 'bytes copied', 'lower bound'],
     [String(body.chunksCopied), String(body.chunksReused), String(body.chunksReleased), formatBytes(body.bytesCopied), formatBytes(body.lowerBoundBytes)],
   ])}\n`);
+  if (body.chunksKeptAsStandby) out.write(`kept as standby chunks on the leaving devices: ${body.chunksKeptAsStandby} (a scale-up onto them copies none of these back)\n`);
   if (body.switchover) {
     const s = body.switchover;
     out.write(`requests in flight: ${s.kept} kept their KV in place, ${s.moved} moved with it, ${s.requeued} recomputed, ${s.waiting} waiting\n`);

@@ -358,17 +358,26 @@ export class ChunkStore {
     return out;
   }
 
-  /** Frees spares of `device` (of `size` only, when given) beyond `keep` of them. Returns how many it freed. */
-  trimSpares(device: number, keep = 0, size?: number): number {
+  /**
+   * Frees spares of `device` (of `size` only, when given) beyond `keep` of them, never one being
+   * filled: blank ones first, then those holding an id outside `wanted`, then any. Returns how
+   * many it freed.
+   */
+  trimSpares(device: number, keep = 0, size?: number, wanted: ReadonlySet<string> = new Set()): number {
     let freed = 0;
     const bySize = this.spares.get(device);
+    const passes: Array<(sp: Spare) => boolean> = [(sp) => sp.content === undefined, (sp) => !wanted.has(sp.content!), () => true];
     for (const [s, list] of bySize ?? []) {
       if (size !== undefined && s !== size) continue;
-      while (list.length > keep) {
-        const sp = list.pop()!;
-        this.setContent(sp, undefined);
-        freeSpare(sp);
-        freed++;
+      for (const pass of passes) {
+        for (let i = list.length - 1; i >= 0 && list.length > keep; i--) {
+          const sp = list[i]!;
+          if (sp.filling || !pass(sp)) continue;
+          list.splice(i, 1);
+          this.setContent(sp, undefined);
+          freeSpare(sp);
+          freed++;
+        }
       }
       if (list.length === 0) bySize!.delete(s);
     }
@@ -430,13 +439,32 @@ export class ChunkStore {
     this.get(id).holders.add(holder);
   }
 
-  /** Drops `holder` from the chunk; frees it when nobody holds it. Returns true when freed. */
-  release(id: string, holder: string): boolean {
+  /**
+   * Drops `holder` from the chunk; frees it when nobody holds it. Returns true when freed. With
+   * `asSpare`, a chunk nobody holds any more is not freed but kept, mapped as it is, as a spare
+   * of its device filled as its own id (fillSpares skips that id on that device, adoptFilled takes
+   * it): a scale-down's leaving device keeps the weights a later scale-up onto it would copy back
+   * (chunk ids are `${group}@${device}`), and trimSpares frees what no plan wants.
+   */
+  release(id: string, holder: string, options: { asSpare?: boolean } = {}): boolean {
     const c = this.chunks.get(id);
     if (!c || !c.holders.delete(holder)) return false;
     if (c.holders.size > 0) return false;
-    this.free(c);
+    if (options.asSpare) this.toSpare(c);
+    else this.free(c);
     return true;
+  }
+
+  /** Unregisters a chunk nobody holds and keeps its chunk and mapping as a spare filled as its id. */
+  private toSpare(c: StoredChunk): void {
+    this.unregister(c);
+    const spare: Spare = { chunk: c.chunk, range: c.range, access: new Set(c.access) };
+    let bySize = this.spares.get(c.plan.device);
+    if (!bySize) this.spares.set(c.plan.device, (bySize = new Map()));
+    let list = bySize.get(c.plan.size);
+    if (!list) bySize.set(c.plan.size, (list = []));
+    list.push(spare);
+    this.setContent(spare, c.plan.id);
   }
 
   /** Drops `holder` everywhere (a session that went away). Returns the ids freed. */
@@ -447,6 +475,13 @@ export class ChunkStore {
   }
 
   private free(c: StoredChunk): void {
+    this.unregister(c);
+    c.range.dispose();
+    c.chunk.dispose();
+  }
+
+  /** Drops the chunk from the store's indexes and closes its export (its chunk and mapping stay). */
+  private unregister(c: StoredChunk): void {
     this.chunks.delete(c.plan.id);
     for (const t of c.plan.tensors) {
       const replicas = this.tensors.get(t.name);
@@ -461,8 +496,6 @@ export class ChunkStore {
       }
     }
     c.exported = undefined;
-    c.range.dispose();
-    c.chunk.dispose();
   }
 
   accounting(): DeviceAccounting[] {

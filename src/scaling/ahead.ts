@@ -162,6 +162,8 @@ export async function syncStandby(store: ChunkStore, rt: Runtime, plans: ScalePl
     ...(o.scaleDownSpares ? scaleDowns(devices).map((to) => ({ to, joining: undefined })) : []),
   ];
   const fills: Array<{ device: number; planned: ScalePlan }> = [];
+  /** The chunk ids each joining device's plan copies there: standby chunks holding them are the last trimmed. */
+  const wantedIds = new Map<number, Set<string>>();
   for (const { to, joining } of targets) {
     // Never inside the call that starts it (a scale's end): what ran just before settles first.
     await turn();
@@ -171,6 +173,7 @@ export async function syncStandby(store: ChunkStore, rt: Runtime, plans: ScalePl
       if (stopped()) return;
       if (joining !== undefined && o.standby) {
         want.set(joining, intake(store, rt, o, joining, planned, true));
+        wantedIds.set(joining, new Set(planned.transfers.filter((t) => t.targetDevice === joining).map((t) => t.targetId)));
         if (o.prefill) fills.push({ device: joining, planned });
       }
       // A scale-down: each staying device keeps the most any single removal copies onto it.
@@ -192,7 +195,7 @@ export async function syncStandby(store: ChunkStore, rt: Runtime, plans: ScalePl
       const keep = want.get(d)!.get(size) ?? 0;
       for (let n = have; n > keep; n -= SPARE_GROUP) {
         if (stopped()) return;
-        store.trimSpares(d, Math.max(keep, n - SPARE_GROUP), size);
+        store.trimSpares(d, Math.max(keep, n - SPARE_GROUP), size, wantedIds.get(d));
         await turn();
       }
     }

@@ -323,6 +323,11 @@ export interface ScaleReport {
   preattachedChunks?: { kept: number; dropped: number };
   /** Weight chunks of the old layout the new one uses in place. */
   chunksReused: number;
+  /**
+   * Weight chunks of a leaving device kept at release as its standby chunks, with their bytes
+   * (DeploymentOptions.standbyChunks): a later scale-up onto it adopts them with no copy.
+   */
+  chunksKeptAsStandby: number;
   /** Weight chunks freed at release (held by the old layout only). */
   chunksReleased: number;
   /** Bytes any plan meeting the same balance bound must move (planner.lowerBoundBytes). */
@@ -1263,11 +1268,30 @@ export class Deployment {
     // The standby engines made ahead that this scale did not use (their pools too, unless taken).
     for (const r of readies) if (r.engine !== standby) await disposeReady(this.hmm, r, readyPools.has(r.device));
     let chunksReleased = 0;
-    const held = store.all().filter((c) => c.holders.has(oldId)).map((c) => c.plan.id);
+    let chunksKept = 0;
+    const held = store.all().filter((c) => c.holders.has(oldId));
+    // With standby chunks, a leaving device's chunks stay as its standby chunks, filled with the
+    // bytes a later scale-up onto it would copy back (the work ahead then trims what its plans do not want).
+    const stay = new Set(next.devices);
+    const keepAsSpare = (c: StoredChunk) => this.standbyOn && c.plan.kind === 'weight' && !stay.has(c.plan.device);
+    // Kept chunks get what standby chunks have: access for every device (a later scale copies into them from any).
+    const node = Array.from({ length: this.rt.deviceCount }, (_, d) => d);
     for (let i = 0; i < held.length; i += RELEASE_GROUP) {
       if (i > 0 || releaseStats) await new Promise<void>((r) => setImmediate(r));
       const t = now();
-      for (const id of held.slice(i, i + RELEASE_GROUP)) if (store.release(id, oldId)) chunksReleased++;
+      for (const c of held.slice(i, i + RELEASE_GROUP)) {
+        let asSpare = keepAsSpare(c) && c.holders.size === 1;
+        if (asSpare) {
+          try {
+            store.grantAccess(c.plan.id, node);
+          } catch {
+            asSpare = false; // freed instead: a standby chunk made later gets its access
+          }
+        }
+        if (!store.release(c.plan.id, oldId, { asSpare })) continue;
+        if (asSpare) chunksKept++;
+        else chunksReleased++;
+      }
       if (releaseStats) {
         const ms = now() - t;
         releaseStats.chunks.ms += ms;
@@ -1275,7 +1299,6 @@ export class Deployment {
         releaseStats.chunks.groups++;
       }
     }
-    const stay = new Set(next.devices);
     for (const d of from) {
       if (stay.has(d)) continue;
       this.views.get(d)?.dispose();
@@ -1289,7 +1312,7 @@ export class Deployment {
       from, to: [...next.devices], ms: now() - t0, bytesCopied, chunksCopied: copies.length, chunksFromStandby: fromStandby,
       chunksPrefilled: prefilled, bytesPrefilled: prefilledBytes, plannedAhead, attachDuringCopies: overlapped, ...(this.daemon ? { prestartedExecutor: prestartedUsed } : {}),
       ...(standby instanceof RemoteStepper && standby.preattached ? { preattachedChunks: standby.preattached } : {}), chunksReused: reused.length, chunksReleased,
-      lowerBoundBytes: lower, phases, switchover, copies, layout: cloneLayout(next),
+      chunksKeptAsStandby: chunksKept, lowerBoundBytes: lower, phases, switchover, copies, layout: cloneLayout(next),
       prepare: { options: prep!, ...(copyStats ? { stats: copyStats } : {}) }, load: loadUsed,
       ...(attachStats ? { attach: attachStats } : {}),
       ...(madeAhead ? { standbyMadeAhead: madeAhead } : {}),

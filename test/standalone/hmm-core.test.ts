@@ -248,6 +248,48 @@ describe('chunk store and synthetic weights', () => {
     store.dispose();
   });
 
+  it('keeps a released chunk as a spare filled as its own id (release asSpare), and trims wanted fills last', async () => {
+    const plan = (id: string, device: number) => ({ id, group: id, device, kind: 'weight' as const, size: GRAN, tensors: [] });
+    const rt = openMock();
+    const store = new ChunkStore(rt);
+    const s1 = rt.createStream(1);
+    const [k, u, v] = store.allocate([plan('k@1', 1), plan('u@1', 1), plan('v@1', 1)], 'old');
+    s1.memset(k!.range.at(0), 0x33, GRAN);
+    await s1.synchronize();
+    const sum = await store.checksumChunk('k@1');
+    const free = rt.deviceInfo(1).freeBytes;
+    // Held by another holder too: not released at all, so not kept.
+    store.retain('k@1', 'other');
+    expect(store.release('k@1', 'old', { asSpare: true })).toBe(false);
+    expect(store.release('k@1', 'other', { asSpare: true })).toBe(true);
+    // Nobody holds it: no chunk any more, its memory still in use, a spare filled as 'k@1' with its bytes.
+    expect(store.has('k@1')).toBe(false);
+    expect(rt.deviceInfo(1).freeBytes).toBe(free);
+    expect(store.spareCount(1)).toBe(1);
+    expect(store.filledSpares(1)).toBe(1);
+    expect(store.filledRange('k@1', 1)).toBe(k!.range);
+    // A fill of that id skips it (no copy: one would fail now); adoptFilled takes it, bytes and mapping as they were.
+    rt.injectFault('CopyDeviceToDevice', 1);
+    expect(await store.fillSpares(1, [{ id: 'k@1', source: u! }])).toBe(0);
+    rt.clearFaults();
+    const again = store.adoptFilled(plan('k@1', 1), 'new');
+    expect(again!.range).toBe(k!.range);
+    expect(await store.checksumChunk('k@1')).toBe(sum);
+    // Trimming: blank spares go first, then those holding an id not wanted, the wanted ones last.
+    store.release('u@1', 'old', { asSpare: true });
+    store.release('v@1', 'old', { asSpare: true });
+    store.addSpares(1, GRAN, 1, [1]);
+    expect([store.spareCount(1), store.filledSpares(1)]).toEqual([3, 2]);
+    expect(store.trimSpares(1, 2, undefined, new Set(['u@1']))).toBe(1);
+    expect([store.spareCount(1), store.filledSpares(1)]).toEqual([2, 2]);
+    expect(store.trimSpares(1, 1, undefined, new Set(['u@1']))).toBe(1);
+    expect(store.filledRange('u@1', 1)).toBeDefined();
+    expect(store.filledRange('v@1', 1)).toBeUndefined();
+    expect(store.trimSpares(1)).toBe(1);
+    expect(rt.deviceInfo(1).freeBytes).toBe(free + 2 * GRAN);
+    store.dispose();
+  });
+
   it('frees a chunk only when its last holder lets go', async () => {
     const rt = openMock();
     const hmm = new Hmm(rt);

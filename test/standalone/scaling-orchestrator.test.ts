@@ -219,7 +219,7 @@ describe('Deployment.scale', () => {
       expect(p.planMs + p.prepareMs + p.attachMs + p.switchMs + p.releaseMs).toBeLessThanOrEqual(r.ms + 1e-6);
       // The release in pieces: the old engine's graphs and devices, then the chunk groups.
       expect(r.release!.engine.pieces).toBeGreaterThanOrEqual(r.from.length);
-      expect(r.release!.chunks.groups).toBe(Math.ceil(r.chunksReleased / 64));
+      expect(r.release!.chunks.groups).toBe(Math.ceil((r.chunksReleased + r.chunksKeptAsStandby) / 64));
       expect(r.release!.engine.ms + r.release!.chunks.ms).toBeLessThanOrEqual(p.releaseMs + 1e-6);
     }
     expect(reports[0]).toMatchObject({ from: [0], to: [0, 1], chunksCopied: 9, chunksReused: 9, chunksReleased: 8 }); // dense + 8 experts to device 1
@@ -860,11 +860,15 @@ describe('Deployment.scale', () => {
     expect(dep.standby.devices.map((d) => [d.device, d.chunks])).toEqual([[2, 6], [3, 6]]);
     const steady01 = await steadyOf([0, 1], { prefillStandby: false });
     expect(await settledFree(dep, rt)).toEqual(steady01);
-    // A scale right after another, with the standby chunks still being made: it takes what exists, creates the rest.
-    await dep.scale({ devices: [0] });
+    // A scale right after another, with the standby chunks still being made: the scale-down kept device 1's
+    // chunks as its standby chunks, bytes and all, so the scale-up back adopts every target with no copy.
+    const down = await dep.scale({ devices: [0] });
+    expect(down.chunksKeptAsStandby).toBe(9);
+    expect(down.chunksReleased).toBe(0);
+    const beforeUp = await checksums(dep);
     const r = await dep.scale({ devices: [0, 1] });
-    // The standby is made during the copies exactly when every target was a standby chunk.
-    expect(r.attachDuringCopies).toBe(r.chunksFromStandby === r.chunksCopied);
+    expect(r).toMatchObject({ chunksCopied: 9, chunksFromStandby: 9, chunksPrefilled: 9 });
+    await expectCopiesExact(dep, r, beforeUp, original);
     expect(await settledFree(dep, rt)).toEqual(steady01);
     expect((await running).outputTokens).toEqual(expected(PROMPTS[1]!, 60));
     // Turned off while serving: every standby chunk freed, memory as a deployment without them; on again: made again.
