@@ -64,7 +64,8 @@ export class ScalePlans {
     const kept = load ? undefined : this.kept.get(key);
     if (kept) return kept;
     const { balance } = this.options;
-    const next = planPlacement({ current, targetDevices: to, balance, ...(load ? { load } : {}) });
+    const warm = this.warm(current, to);
+    const next = planPlacement({ current, targetDevices: to, balance, ...(load ? { load } : {}), ...(warm ? { warm } : {}) });
     validateLayout(next, this.limits());
     yield;
     const { sizes, denseChunkSizes } = this.sizes(current, layoutId);
@@ -83,6 +84,21 @@ export class ScalePlans {
       this.kept.set(key, made);
     }
     return made;
+  }
+
+  /**
+   * The experts each target device holds warm: standby chunks filled with an expert's bytes (kept
+   * from an earlier layout, `${group}@${device}`) on a device of `to` that does not hold it now.
+   * Undefined when there are none.
+   */
+  private warm(current: LayoutSpec, to: readonly number[]): number[][][] | undefined {
+    let any = false;
+    const warm = current.placement.map((row, l) => row.map((holders, e) => {
+      const ds = to.filter((d) => !holders.includes(d) && this.store.filledRange(`${expertGroup(l, e)}@${d}`, d) !== undefined);
+      if (ds.length > 0) any = true;
+      return ds;
+    }));
+    return any ? warm : undefined;
   }
 
   /** Chunk sizes for the planner, from the chunks of the current layout. */
@@ -181,6 +197,9 @@ export async function syncStandby(store: ChunkStore, rt: Runtime, plans: ScalePl
         for (const d of to) {
           const mine = want.get(d)!;
           for (const [size, n] of intake(store, rt, o, d, planned, false)) mine.set(size, Math.max(mine.get(size) ?? 0, n));
+          const ids = wantedIds.get(d) ?? new Set<string>();
+          for (const t of planned.transfers) if (t.targetDevice === d) ids.add(t.targetId);
+          wantedIds.set(d, ids);
         }
       }
     } catch (e) {

@@ -1271,9 +1271,11 @@ export class Deployment {
     let chunksKept = 0;
     const held = store.all().filter((c) => c.holders.has(oldId));
     // With standby chunks, a leaving device's chunks stay as its standby chunks, filled with the
-    // bytes a later scale-up onto it would copy back (the work ahead then trims what its plans do not want).
+    // bytes a later scale-up onto it would copy back, and with scaleDownSpares so do a staying
+    // device's (what a scale back down would copy onto it): the planner then puts experts back
+    // where their bytes are (ScalePlans' warm experts), and the work ahead trims what no plan wants.
     const stay = new Set(next.devices);
-    const keepAsSpare = (c: StoredChunk) => this.standbyOn && c.plan.kind === 'weight' && !stay.has(c.plan.device);
+    const keepAsSpare = (c: StoredChunk) => this.standbyOn && c.plan.kind === 'weight' && (!stay.has(c.plan.device) || this.options.scaleDownSpares === true);
     // Kept chunks get what standby chunks have: access for every device (a later scale copies into them from any).
     const node = Array.from({ length: this.rt.deviceCount }, (_, d) => d);
     for (let i = 0; i < held.length; i += RELEASE_GROUP) {

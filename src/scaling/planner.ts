@@ -36,6 +36,11 @@
 //      from scratch, its bins matched to devices to keep the most instances,
 //      which meets the cap by construction — and the plan within slots and cap
 //      with the fewest copies (then the lowest max load) wins.
+//   Warm experts (option `warm`: devices holding an expert's bytes outside the
+//   layout, standby chunks kept from an earlier one) only break ties: a home or a
+//   move onto such a device wins among those valued alike, and a homeless
+//   instance goes to a device holding it warm when it fits under the cap there,
+//   so scaling back to an earlier device set lands experts where their bytes are.
 // A layer whose observed load is all zero is planned as uniform. On Qwen3-30B-A3B
 // shapes (48 × 128 experts) a plan takes 5–40 ms once warm; on small random layers
 // checked by brute force it was the exact optimum every time (test output).
@@ -67,6 +72,14 @@ export interface PlanPlacementOptions {
   replicateHot?: number;
   /** Expert slots per device and layer (default: unlimited). */
   slotsPerDevice?: number;
+  /**
+   * warm[layer][expert]: devices that hold a copy of the expert outside the layout (a standby
+   * chunk with its bytes, kept from an earlier layout), where placing it moves no byte now. Only
+   * a tie-break: among moves or homes the plan values alike (copies, balance), one onto a device
+   * holding the expert warm wins, so a scale back to an earlier device set lands experts where
+   * their bytes still are. Copies and the lower bound still count such a placement as a copy.
+   */
+  warm?: ReadonlyArray<ReadonlyArray<readonly number[]>>;
 }
 
 export interface PlanSizes {
@@ -210,6 +223,13 @@ function checkLoad(load: number[][] | undefined, layers: number, experts: number
   }
 }
 
+function checkWarm(warm: PlanPlacementOptions['warm'], layers: number, experts: number): void {
+  if (warm === undefined) return;
+  const ok = Array.isArray(warm) && warm.length === layers && warm.every((row) => Array.isArray(row) && row.length === experts
+    && row.every((ds) => Array.isArray(ds) && ds.every((d) => Number.isSafeInteger(d) && d >= 0)));
+  if (!ok) throw new InvalidArgumentError('warm', `${layers} rows (layers) of ${experts} lists (experts) of device ordinals`);
+}
+
 function checkSizes(sizes: PlanSizes): void {
   for (const k of ['expertBytes', 'denseBytes'] as const) {
     const v = sizes?.[k];
@@ -321,6 +341,8 @@ interface LayerState {
   holders: Array<Set<number>>;
   /** Device indices holding each expert in the current layout (an instance elsewhere is a copy). */
   orig: Array<Set<number>>;
+  /** Device indices holding each expert warm (PlanPlacementOptions.warm). */
+  warm: Array<Set<number>>;
   share: number[];
   eps: number;
 }
@@ -358,8 +380,10 @@ function remove(s: LayerState, e: number, i: number): void {
 const moveCost = (s: LayerState, e: number, i: number) => (s.orig[e]!.has(i) ? 1 : 0);
 /** Change in chunks copied when the instance of e moves from device i to device j (−1 when it goes back home). */
 const moveDelta = (s: LayerState, e: number, i: number, j: number) => moveCost(s, e, i) - moveCost(s, e, j);
+/** Tie-break: 0 when device i holds e warm (its bytes are there, outside the layout), else 1. */
+const cold = (s: LayerState, e: number, i: number) => (s.warm[e]!.has(i) ? 0 : 1);
 
-function newState(cur: number[][], target: number[], isNewDevice: boolean[], w: number[], r: number[]): LayerState {
+function newState(cur: number[][], target: number[], isNewDevice: boolean[], w: number[], r: number[], warm?: ReadonlyArray<readonly number[]>): LayerState {
   const D = target.length;
   const E = w.length;
   const index = new Map(target.map((d, i) => [d, i]));
@@ -368,6 +392,7 @@ function newState(cur: number[][], target: number[], isNewDevice: boolean[], w: 
     on: Array.from({ length: D }, () => new Set<number>()),
     holders: Array.from({ length: E }, () => new Set<number>()),
     orig: Array.from({ length: E }, () => new Set<number>()),
+    warm: Array.from({ length: E }, (_, e) => new Set((warm?.[e] ?? []).flatMap((d) => (index.has(d) ? [index.get(d)!] : [])))),
     share: w.map((x, e) => x / r[e]!), eps: epsilonOf(w),
   };
   // Keep every instance on a device that stays.
@@ -398,6 +423,12 @@ function placeAll(s: LayerState, items: number[], v: Variant, cap: number, slots
   for (const e of items) {
     const open = targetOrder(s).filter((i) => !s.holders[e]!.has(i) && s.count[i]! < slots);
     let t = open[0];
+    // A device holding e warm takes it when it fits under the cap there (as the 'bfd' homes do).
+    const warmT = open.find((i) => s.warm[e]!.has(i) && s.load[i]! + s.share[e]! <= cap + s.eps);
+    if (warmT !== undefined) {
+      add(s, e, warmT);
+      continue;
+    }
     if (v.place === 'bfd') {
       const fits = open.filter((i) => s.load[i]! + s.share[e]! <= cap + s.eps);
       if (fits.length > 0) t = fits[fits.length - 1];
@@ -428,7 +459,8 @@ function relocateFor(s: LayerState, e: number, slots: number): void {
 function shedSet(s: LayerState, d: number, cap: number): number[] {
   const excess = s.load[d]! - cap;
   // Instances already copied in this plan go first (free to move again), then the largest.
-  const items = [...s.on[d]!].sort((a, b) => moveCost(s, a, d) - moveCost(s, b, d) || s.share[b]! - s.share[a]! || a - b);
+  const warmElsewhere = (e: number) => ([...s.warm[e]!].some((i) => i !== d) ? 0 : 1);
+  const items = [...s.on[d]!].sort((a, b) => moveCost(s, a, d) - moveCost(s, b, d) || s.share[b]! - s.share[a]! || warmElsewhere(a) - warmElsewhere(b) || a - b);
   const chosen: number[] = [];
   let sum = 0;
   for (const e of items) {
@@ -466,7 +498,7 @@ function loadMove(s: LayerState, d: number, cap: number, slots: number): Move | 
       const x = s.share[e]!;
       if (x <= s.eps || s.load[t]! + x > cap + s.eps) continue;
       const covers = x >= excess - s.eps;
-      const key = [moveDelta(s, e, d, t), covers ? 0 : 1, covers ? x : -x, rank, e];
+      const key = [moveDelta(s, e, d, t), covers ? 0 : 1, covers ? x : -x, rank, cold(s, e, t), e];
       if (!best || lexLess(key, bestRank)) { best = { e, t }; bestRank = key; }
     }
   });
@@ -486,7 +518,7 @@ function loadMove(s: LayerState, d: number, cap: number, slots: number): Move | 
       const x = s.share[e]!;
       const m = Math.max(s.load[d]! - x, s.load[t]! + x);
       if (x <= s.eps || m >= s.load[d]! - s.eps) continue;
-      const key = [moveDelta(s, e, d, t), m, rank, e];
+      const key = [moveDelta(s, e, d, t), m, rank, cold(s, e, t), e];
       if (!best || lexLess(key, bestRank)) { best = { e, t }; bestRank = key; }
     }
   });
@@ -519,7 +551,7 @@ function swapMove(s: LayerState, d: number, cap: number, excess: number, maxDelt
         if (cost > maxDelta) continue;
         const delta = s.share[a]! - s.share[b]!;
         const covers = delta >= excess - s.eps;
-        const key = [cost, covers ? 0 : 1, covers ? delta : -delta, rank, a, b];
+        const key = [cost, covers ? 0 : 1, covers ? delta : -delta, rank, cold(s, a, t) + cold(s, b, d), a, b];
         if (!best || lexLess(key, bestRank)) { best = { e: a, t, swap: b }; bestRank = key; }
       }
     }
@@ -534,15 +566,16 @@ function slotMove(s: LayerState, d: number, cap: number, slots: number): Move | 
     for (const e of s.on[d]!) {
       if (s.holders[e]!.has(t)) continue;
       const fits = s.load[t]! + s.share[e]! <= cap + s.eps ? 0 : 1;
-      const key = [moveDelta(s, e, d, t), fits, rank, s.share[e]!, e];
+      const key = [moveDelta(s, e, d, t), fits, rank, s.share[e]!, cold(s, e, t), e];
       if (!best || lexLess(key, bestRank)) { best = { e, t }; bestRank = key; }
     }
   });
   return best;
 }
 
-function runVariant(v: Variant, cur: number[][], target: number[], isNewDevice: boolean[], w: number[], r: number[], cap: number, slots: number): LayerState {
-  const s = newState(cur, target, isNewDevice, w, r);
+function runVariant(v: Variant, cur: number[][], target: number[], isNewDevice: boolean[], w: number[], r: number[], cap: number, slots: number,
+  warm?: ReadonlyArray<readonly number[]>): LayerState {
+  const s = newState(cur, target, isNewDevice, w, r, warm);
   const D = s.D;
   const E = w.length;
   const pending: number[] = [];
@@ -626,7 +659,8 @@ function copiesOf(s: LayerState): number {
   return n;
 }
 
-function planLayer(cur: number[][], target: number[], isNewDevice: boolean[], w: number[], r: number[], cap: number, slots: number, bound: number): number[][] {
+function planLayer(cur: number[][], target: number[], isNewDevice: boolean[], w: number[], r: number[], cap: number, slots: number, bound: number,
+  warm?: ReadonlyArray<readonly number[]>): number[][] {
   let best: LayerState | undefined;
   let bestKey: number[] = [];
   const consider = (s: LayerState) => {
@@ -636,7 +670,7 @@ function planLayer(cur: number[][], target: number[], isNewDevice: boolean[], w:
   };
   // Variants in order; stop at the first that meets the slots and the cap with no more copies than the lower bound.
   for (const v of VARIANTS) {
-    consider(runVariant(v, cur, target, isNewDevice, w, r, cap, slots));
+    consider(runVariant(v, cur, target, isNewDevice, w, r, cap, slots, warm));
     if (bestKey[0] === 0 && bestKey[1] === 0 && bestKey[2]! <= bound) break;
   }
   if (!(bestKey[0] === 0 && bestKey[1] === 0 && bestKey[2]! <= bound)) {
@@ -682,6 +716,7 @@ function planContext(opts: {
 export function planPlacement(options: PlanPlacementOptions): LayoutSpec {
   const balance = options.balance ?? 1.1;
   const ctx = planContext({ ...options, balance, replicateHot: options.replicateHot ?? 0 });
+  checkWarm(options.warm, ctx.layers, ctx.experts);
   const old = new Set(options.current.devices);
   const isNew = ctx.target.map((d) => !old.has(d));
   const stay = new Set(ctx.target);
@@ -694,10 +729,11 @@ export function planPlacement(options: PlanPlacementOptions): LayoutSpec {
   for (let l = 0; l < ctx.layers; l++) {
     const { w, r, cap } = ctx.layerPlan(l);
     const row = options.current.placement[l]!;
-    const key = JSON.stringify([row, w, r, cap]);
+    const warm = options.warm?.[l];
+    const key = JSON.stringify([row, w, r, cap, warm ?? null]);
     let plan = planned.get(key);
     if (!plan) {
-      plan = planLayer(row, ctx.target, isNew, w, r, cap, ctx.slots, layerBound(row, stay, retained, w, r, cap, ctx.slots));
+      plan = planLayer(row, ctx.target, isNew, w, r, cap, ctx.slots, layerBound(row, stay, retained, w, r, cap, ctx.slots), warm);
       planned.set(key, plan);
     }
     placement.push(plan.map((h) => [...h]));

@@ -11,11 +11,12 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 
 import type { Completion, StepFigures } from '../../src/executor/engine.js';
 import type { GraphStats } from '../../src/executor/forward.js';
 import { kvGeometry } from '../../src/executor/types.js';
+import { ChunkStore } from '../../src/hmm/chunk-store.js';
 import type { TensorLocation } from '../../src/hmm/placement.js';
 import { parseConfig } from '../../src/model/config.js';
 import { FaultInjectedError, InvalidArgumentError, OutOfMemoryError } from '../../src/runtime/errors.js';
@@ -912,6 +913,34 @@ describe('Deployment.scale', () => {
     expect(offUp).toMatchObject({ chunksFromStandby: 0, plannedAhead: true, attachDuringCopies: false });
     await off.settled();
     expect((await off.scale({ devices: [2, 3] })).plannedAhead).toBe(false);
+  });
+
+  it('scales back onto a device with no copy: the scale-down keeps its chunks, the next plan puts their experts back there', async () => {
+    const { rt, dep } = await start([0, 1, 2, 3]);
+    await dep.settled();
+    const original = await originalSums(dep);
+    const onDevice3 = dep.hmm.store.all().filter((c) => c.plan.kind === 'weight' && c.plan.device === 3).length;
+    const fills = vi.spyOn(ChunkStore.prototype, 'fillSpares');
+    try {
+      const down = await dep.scale({ devices: [0, 1, 2] });
+      // Device 3's chunks stay as its standby chunks, their experts' bytes in them; the staying devices free nothing.
+      expect(down.chunksKeptAsStandby).toBe(onDevice3);
+      expect(down.chunksReleased).toBe(0);
+      fills.mockClear();
+      await dep.settled();
+      // The work ahead plans [0, 1, 2] -> [0, 1, 2, 3] with those experts on device 3 (without them as warm
+      // experts the plan takes others: homing device 3's experts interleaved them over 0-2), so its fills copy nothing.
+      const copied = await Promise.all(fills.mock.results.map((r) => r.value as Promise<number>));
+      expect(copied.reduce((a, n) => a + n, 0)).toBe(0);
+      expect(dep.standby.devices.find((d) => d.device === 3)).toMatchObject({ chunks: onDevice3, filled: onDevice3 }); // its KV pool: the standby engine made ahead took it
+      const before = await checksums(dep);
+      const up = await dep.scale({ devices: [0, 1, 2, 3] });
+      expect(up.chunksCopied).toBe(onDevice3);
+      expect(up.chunksPrefilled).toBe(onDevice3);
+      await expectCopiesExact(dep, up, before, original);
+    } finally {
+      fills.mockRestore();
+    }
   });
 
   it('with scaleDownSpares the serving devices keep what a scale-down copies onto them: the scale-down takes them, memory returns to steady', async () => {

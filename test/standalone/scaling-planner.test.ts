@@ -304,6 +304,42 @@ describe('planner on Qwen3-30B-A3B-like shapes (48 layers × 128 experts)', () =
     expect(plan.bytesMoved).toBe(bound);
   });
 
+  it('with warm experts, a scale-up puts on the new device the experts it holds warm, with no more copies and the same balance', () => {
+    const current = roundRobinLayout([0, 1], L, E);
+    const plain = planPlacement({ current, targetDevices: [0, 1, 2] });
+    // Warm on device 2: experts the plain plan leaves where they are, as many from each device as it takes from each.
+    const warm = current.placement.map((row, l) => {
+      const moved = row.map((_, e) => plain.placement[l]![e]!.includes(2));
+      const pick = new Set<number>();
+      for (const d of [0, 1]) {
+        const n = row.filter((h, e) => moved[e] && h.includes(d)).length;
+        for (const e of row.flatMap((h, e) => (h.includes(d) && !moved[e] ? [e] : [])).slice(0, n)) pick.add(e);
+      }
+      return row.map((_, e) => (pick.has(e) ? [2] : []));
+    });
+    const next = planPlacement({ current, targetDevices: [0, 1, 2], warm });
+    next.placement.forEach((row, l) => row.forEach((h, e) => expect(h.includes(2), `L${l}.E${e}`).toBe(warm[l]![e]!.length > 0)));
+    expect(diffLayouts(current, next, QWEN).copy.length).toBe(diffLayouts(current, plain, QWEN).copy.length);
+    expect(maxOverMean(next)).toBeCloseTo(maxOverMean(plain), 9);
+    expect(() => planPlacement({ current, targetDevices: [0, 1, 2], warm: [[[2]]] })).toThrow(/warm.*48 rows/);
+    // Warm on a device outside the target: ignored.
+    expect(planPlacement({ current, targetDevices: [0, 1, 2], warm: current.placement.map((row) => row.map(() => [3])) })).toEqual(plain);
+  });
+
+  it('with warm experts, a scale-down homes each leaving expert on the device that holds it warm: 2 → 3 → 2 lands where it started', () => {
+    // Halves, not round robin: homing the leaving experts by load alone would interleave them.
+    const rr = roundRobinLayout([0, 1], L, E);
+    const two = { ...rr, placement: rr.placement.map((row) => row.map((_, e) => [e < E / 2 ? 0 : 1])) };
+    const three = planPlacement({ current: two, targetDevices: [0, 1, 2] });
+    // Back to [0, 1], each of device 2's experts warm on the device it came from (its chunk kept there).
+    const warm = three.placement.map((row, l) => row.map((h, e) => (h.includes(2) ? two.placement[l]![e]! : [])));
+    const back = planPlacement({ current: three, targetDevices: [0, 1], warm });
+    expect(back.placement).toEqual(two.placement);
+    const plainBack = planPlacement({ current: three, targetDevices: [0, 1] });
+    expect(diffLayouts(three, back, QWEN).copy.length).toBe(diffLayouts(three, plainBack, QWEN).copy.length);
+    expect(plainBack.placement).not.toEqual(two.placement); // without: other experts land on each device
+  });
+
   it('a 2 → 3 → 4 → 3 → 2 cycle under Zipf load stays within the bound and the factor', () => {
     const load = zipfLoad(L, E, 1.0, 5);
     let current = roundRobinLayout([0, 1], L, E);
