@@ -39,6 +39,7 @@
 // DeploymentOptions.standbyEngines; 0: made by the scale's attach phase), BENCH_STANDBY_FOLLOW (the shapes per
 // staying device those engines keep captured while serving, standbyEngines.follow; default precaptureGraphs),
 // BENCH_BALANCE=1 (DeploymentOptions.balanceOnScale: the switch-over balances the running sequences over the new ranks),
+// BENCH_RAMP=0 (DeploymentOptions.rampShapes off: the standby engines made ahead capture no climb shapes; A/B),
 // BENCH_SCALE_DOWN_SPARES (1: the serving devices also keep standby chunks for a scale-down,
 // DeploymentOptions.scaleDownSpares; default 0),
 // BENCH_PRECAPTURE (graph shapes per staying device the standby engine captures ahead,
@@ -120,7 +121,7 @@ const serving = { rt, config, kvBlocksPerDevice, maxTokensPerStep: 512, maxSeqs:
   pauseCaptures: env('BENCH_PAUSE_CAPTURES', '0') === '1', standbyChunks: env('BENCH_STANDBY', '1') !== '0',
   precaptureGraphs: Number(env('BENCH_PRECAPTURE', String(DEFAULT_PRECAPTURE_GRAPHS))), scaleDownSpares: env('BENCH_SCALE_DOWN_SPARES', '0') === '1',
   hostPool: env('BENCH_HOST_POOL', '1') !== '0', prefillStandby: env('BENCH_PREFILL', '1') !== '0',
-  balanceOnScale: env('BENCH_BALANCE', '0') === '1',
+  balanceOnScale: env('BENCH_BALANCE', '0') === '1', rampShapes: env('BENCH_RAMP', '1') !== '0',
   standbyEngines: env('BENCH_STANDBY_ENGINES', '1') === '0' ? false
     : process.env.BENCH_STANDBY_FOLLOW ? { follow: Number(process.env.BENCH_STANDBY_FOLLOW) } : true };
 // BENCH_DEVICE_ROUTING_MAX_ROWS: the engines' deviceRoutingMaxRows (default: the engine's).
@@ -156,6 +157,7 @@ const recorder = (who, inst) => (f) => {
   steps.push({
     who, t: clock(), ms: f.ms, tokens: f.tokens, decode: f.decodeTokens, seqs: f.batchSeqs, epoch: inst()?.epoch ?? 0, devices: inst()?.devices.length ?? 0,
     ...(g ? { graphs: [g.captures, g.replays, g.deferred, g.covered] } : {}), ranks: f.rankSeqs,
+    ...(inst()?.lastStepCaptures?.length ? { captured: inst().lastStepCaptures.map((x) => [x.rank, x.T, x.S, x.MB]) } : {}),
   });
 };
 const usedBytes = () => rt.devices().map((d) => d.totalBytes - d.freeBytes);

@@ -556,6 +556,9 @@ export class ForwardEngine implements Disposable {
    */
   capturesPaused = false;
 
+  /** The rank shapes the last graph step captured (diagnostics: which shapes a new layout's first steps lacked). */
+  lastStepCaptures: GraphShape[] = [];
+
   /** Where ForwardEngine.create spent its time (the attach phase of a scale builds one). */
   createStats: ForwardCreateStats = { kernelsMs: 0, weightsMs: 0, buffersMs: 0, tablesMs: 0, scratchBytes: 0 };
 
@@ -1082,6 +1085,7 @@ export class ForwardEngine implements Disposable {
    * waits; a decode step whose ranks all take the device path as a graph, unless `eager`.
    */
   private async run(plans: Array<RankPlan | undefined>, logitsHost: Array<HostBuffer | undefined>, eager: boolean): Promise<void> {
+    this.lastStepCaptures = [];
     const ranks = plans.flatMap((p, r) => (p ? [r] : []));
     // A load-observing step: every rank on the host path, every expert's rows grouped.
     const observe = this.observeLoadEvery > 0 && this.stepCount++ % this.observeLoadEvery === 0;
@@ -1235,6 +1239,7 @@ export class ForwardEngine implements Disposable {
           return false;
         }
         this.graphCounts.captures++;
+        this.lastStepCaptures.push(shapeOf(r, padded[r]!));
         this.cacheGraph(keys.get(r)!, { graph, shape: shapeOf(r, padded[r]!) }, step);
         launch(r);
       }

@@ -225,6 +225,13 @@ export interface DeploymentOptions {
    */
   balanceOnScale?: boolean;
   /**
+   * With standbyEngines: each standby engine made ahead also captures the shapes the new layout's
+   * first steps pass through (the staying ranks' decode and mixed steps at their new share of the
+   * running sequences, the joining rank's mixed steps on its climb to its share: precaptureShapes'
+   * `ramp`). Default true; false for A/B runs.
+   */
+  rampShapes?: boolean;
+  /**
    * When every target chunk of a scale is a standby chunk: queue all the copies at once and make
    * the standby (engine, or executor process) while they run, instead of after (default true).
    */
@@ -656,6 +663,11 @@ export class Deployment {
     return this.forward instanceof ForwardEngine ? this.forward.graphStats : undefined;
   }
 
+  /** The rank shapes the serving engine's last step captured (in process; diagnostics). */
+  get lastStepCaptures(): GraphShape[] {
+    return this.forward instanceof ForwardEngine ? this.forward.lastStepCaptures : [];
+  }
+
   /** Pid of the executor process started ahead for the next scale (process mode, prestart), else undefined. */
   get prestartedPid(): number | undefined {
     return this.prestarted?.proc.pid;
@@ -862,8 +874,11 @@ export class Deployment {
    */
   private shapesAhead(next: LayoutSpec, perDevice = this.options.precaptureGraphs ?? DEFAULT_PRECAPTURE_GRAPHS, joining = true): GraphShape[] {
     const serving = this.forward;
-    const balancedSeqs = this.options.balanceOnScale ? this.engine.stats().running : 0;
-    return serving instanceof ForwardEngine ? precaptureShapes(serving.graphShapes(), next.devices, perDevice, { joining, balancedSeqs }) : [];
+    const running = this.engine.stats().running;
+    const balancedSeqs = this.options.balanceOnScale ? running : 0;
+    // A standby made in the background (joining) also captures the shapes of the new layout's climb to its shares.
+    const ramp = joining && this.options.rampShapes !== false ? running : 0;
+    return serving instanceof ForwardEngine ? precaptureShapes(serving.graphShapes(), next.devices, perDevice, { joining, balancedSeqs, ramp }) : [];
   }
 
   /** Shapes per staying device the standby engines made ahead keep captured while serving (DeploymentOptions.standbyEngines.follow). */

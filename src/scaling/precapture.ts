@@ -24,11 +24,13 @@ export const DEFAULT_PRECAPTURE_GRAPHS = 3;
  * (S = T = the step bucket of seqs / devices, rounded up), with the block-table stride of its
  * most recent decode shape (any device's for one without; the most recent shape's when there is
  * no decode shape yet), counted within `perDevice`.
+ * `ramp` (with `joining`: the sequences running): rampShapes' shapes first, beyond `perDevice`.
  */
 export function precaptureShapes(recent: readonly GraphShape[], devices: readonly number[], perDevice: number,
-  options: { joining?: boolean; balancedSeqs?: number } = {}): GraphShape[] {
+  options: { joining?: boolean; balancedSeqs?: number; ramp?: number } = {}): GraphShape[] {
   if (perDevice <= 0) return [];
   const out: GraphShape[] = [];
+  const ramp = options.joining && (options.ramp ?? 0) > 0 ? rampShapes(recent, devices, options.ramp!) : new Map<number, GraphShape[]>();
   const distinct = (shapes: readonly GraphShape[]) => {
     const seen = new Set<string>();
     return shapes.filter((g) => {
@@ -51,8 +53,52 @@ export function precaptureShapes(recent: readonly GraphShape[], devices: readonl
       const S = stepBucket(Math.ceil(seqs / devices.length));
       first.push({ ...decode, T: S, S, sampled: S });
     }
-    const rest = ordered.filter((g) => !first.some((f) => f.T === g.T && f.S === g.S && f.MB === g.MB && f.sampled === g.sampled));
-    for (const g of [...first, ...rest].slice(0, perDevice)) out.push({ ...g, rank, device });
+    const extra = ramp.get(device) ?? [];
+    const same = (a: GraphShape, b: GraphShape) => a.T === b.T && a.S === b.S && a.MB === b.MB && a.sampled === b.sampled;
+    const rest = ordered.filter((g) => !first.some((f) => same(f, g)));
+    const mineOut = [...first, ...rest].slice(0, perDevice);
+    for (const g of [...extra.filter((x) => !mineOut.some((y) => same(x, y))), ...mineOut]) out.push({ ...g, rank, device });
   });
+  return out;
+}
+
+/**
+ * The shapes a scale-up's first steps pass through (options.ramp: the sequences running), beyond
+ * the recent ones: every staying device's decode and mixed step at its new share of the
+ * sequences (S = the step bucket of seqs / devices; the block-table stride and mixed T of its
+ * own recent shapes), and for a joining device (none of its own) the mixed steps of its climb
+ * to that share (S = each step bucket from 2 up to it; T each of the two smallest mixed T of any
+ * device, one prompt or two; the smallest block-table stride: fresh sequences) and its decode
+ * step at the share. On 4 x H100
+ * (Qwen3-30B-A3B shapes, 32 sequences, 64-token prompts) these were the 10-13 shapes captured in
+ * the first 1.5 s of a new layout, each holding its step 15-25 ms (docs/benchmarks.md, ninth session).
+ */
+function rampShapes(recent: readonly GraphShape[], devices: readonly number[], seqs: number): Map<number, GraphShape[]> {
+  const out = new Map<number, GraphShape[]>();
+  const share = stepBucket(Math.ceil(seqs / devices.length));
+  const isMixed = (g: GraphShape) => g.T > g.S;
+  const unsampled = (g: GraphShape) => g.S - g.sampled;
+  // The joining rank's prompts: one per step or two (their token counts: the two smallest mixed T seen).
+  const mixedTs = [...new Set(recent.filter(isMixed).map((g) => g.T))].sort((a, b) => a - b).slice(0, 2);
+  const anyMixed = recent.find(isMixed);
+  const freshMB = recent.length > 0 ? Math.min(...recent.map((g) => g.MB)) : undefined;
+  for (const device of devices) {
+    const mine = recent.filter((g) => g.device === device);
+    const shapes: GraphShape[] = [];
+    if (mine.length > 0) {
+      const dec = mine.find((g) => !isMixed(g));
+      const mix = mine.find(isMixed);
+      if (mix && mix.T >= share) shapes.push({ ...mix, S: share, sampled: Math.max(0, share - unsampled(mix)) });
+      if (dec) shapes.push({ ...dec, T: share, S: share, sampled: share });
+    } else if (freshMB !== undefined) {
+      for (const T of mixedTs) {
+        for (let S = 2; S <= share && S <= T; S = stepBucket(S + 1)) {
+          shapes.push({ rank: 0, T, S, MB: freshMB, sampled: Math.max(0, S - unsampled(anyMixed!)) });
+        }
+      }
+      shapes.push({ rank: 0, T: share, S: share, MB: freshMB, sampled: share });
+    }
+    out.set(device, shapes);
+  }
   return out;
 }

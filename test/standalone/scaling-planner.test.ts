@@ -636,6 +636,26 @@ describe('precaptureShapes', () => {
     expect(precaptureShapes(twice, [0, 1, 2], 2, { joining: true }).filter((x) => x.device === 2)).toEqual([g(2, 2, 8, 8)]);
   });
 
+  it('with ramp (the sequences running), adds the shapes of the new layout\'s climb: each staying device at its share, the joining one on its way up', () => {
+    const m = (device: number, T: number, S: number, MB: number) => ({ device, rank: device, T, S, MB, sampled: S });
+    // 3 devices serving 32 sequences (11, 11, 10): decodes at 12, one-prompt (96) and two-prompt (192) mixed steps.
+    const serving = [m(0, 96, 12, 16), m(0, 12, 12, 16), m(1, 12, 12, 8), m(1, 192, 12, 8), m(2, 12, 12, 8)];
+    const got = precaptureShapes(serving, [0, 1, 2, 3], 1, { joining: true, ramp: 32 });
+    const of = (d: number) => got.filter((x) => x.device === d).map((x) => [x.T, x.S, x.MB]);
+    // Share 32 / 4 = 8: device 0's mixed and decode at 8 with its stride, then its own most recent decode.
+    expect(of(0)).toEqual([[96, 8, 16], [8, 8, 16], [12, 12, 16]]);
+    expect(of(1)).toEqual([[192, 8, 8], [8, 8, 8], [12, 12, 8]]);
+    expect(of(2)).toEqual([[8, 8, 8], [12, 12, 8]]); // no mixed step of its own
+    // Device 3 joins: one- and two-prompt steps with 2, 3, 4, 6 and 8 sequences, the smallest stride, then its
+    // decode at the share; then (perDevice 1) the most recent mixed shape of all.
+    expect(of(3)).toEqual([
+      [96, 2, 8], [96, 3, 8], [96, 4, 8], [96, 6, 8], [96, 8, 8], [192, 2, 8], [192, 3, 8], [192, 4, 8], [192, 6, 8], [192, 8, 8],
+      [8, 8, 8], [96, 12, 16]]);
+    expect(got.every((x) => x.rank === [0, 1, 2, 3].indexOf(x.device!))).toBe(true);
+    // Without joining (the attach phase at scale time), no ramp.
+    expect(precaptureShapes(serving, [0, 1, 2, 3], 1, { ramp: 32 })).toEqual(precaptureShapes(serving, [0, 1, 2, 3], 1));
+  });
+
   it('with balancedSeqs, puts first on every device the decode step of its share of the sequences', () => {
     // 10 sequences over 3 devices: 4 each at most, bucket 4; device 0's block-table stride is its decode shape's.
     const recent2 = [{ ...g(0, 0, 8, 8), MB: 4 }, g(1, 1, 64, 2), { ...g(1, 1, 6, 6), MB: 2 }];
