@@ -6,6 +6,7 @@
 // from the command and over the command to 1 s after the first new step (workAcross: each layout's
 // steps against its own steady steps, the new layout's from the last 3 s of its epoch).
 import { readFileSync } from 'node:fs';
+import { gunzipSync } from 'node:zlib';
 
 import { workAcross, workDuring } from './lib/transition.mjs';
 
@@ -14,7 +15,8 @@ if (process.argv.length < 3) {
   process.exit(2);
 }
 for (const file of process.argv.slice(2)) {
-  const lines = readFileSync(file, 'utf8').split('\n').filter(Boolean).map((l) => JSON.parse(l));
+  const raw = readFileSync(file);
+  const lines = (file.endsWith('.gz') ? gunzipSync(raw) : raw).toString('utf8').split('\n').filter(Boolean).map((l) => JSON.parse(l));
   const steps = lines.filter((l) => l.bench === 'timeline' && l.who === 'elastic');
   const scales = lines.filter((l) => l.bench === 'scale');
   console.log(file);
