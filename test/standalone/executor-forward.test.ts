@@ -998,8 +998,14 @@ describe('forward pass: validation, KV views, attached weights (qwen3_moe)', () 
     const want = await decodeScript(await engineFor(fx, layout, 16, { graphs: false }), 'eager', script);
     const g = await engineFor(fx, layout, 16, { graphs: { captureAfter: 1, coveredCaptureAfter: 2 } });
     const stats: number[][] = [];
-    expect(await decodeScript(g, 'graph', script, () => stats.push([g.graphStats.captures, g.graphStats.replays, g.graphStats.covered]))).toEqual(want);
+    const captured: number[][][] = [];
+    expect(await decodeScript(g, 'graph', script, () => {
+      stats.push([g.graphStats.captures, g.graphStats.replays, g.graphStats.covered]);
+      captured.push(g.lastStepCaptures.map((x) => [x.rank, x.T, x.S]));
+    })).toEqual(want);
     expect(stats).toEqual([[2, 0, 0], [2, 2, 2], [3, 3, 3], [4, 4, 3], [4, 6, 3]]);
+    // lastStepCaptures: the rank shapes each step captured (padded: one sequence is bucket 1, two bucket 2).
+    expect(captured).toEqual([[[0, 2, 2], [1, 2, 2]], [], [[0, 1, 1]], [[1, 1, 1]], []]);
   });
 
   it('captures a decoding batch again only when its block table stride doubles (padded to a power of two)', async () => {
