@@ -225,10 +225,11 @@ export interface DeploymentOptions {
    */
   balanceOnScale?: boolean;
   /**
-   * With standbyEngines: each standby engine made ahead also captures the shapes the new layout's
-   * first steps pass through (the staying ranks' decode and mixed steps at their new share of the
-   * running sequences, the joining rank's mixed steps on its climb to its share: precaptureShapes'
-   * `ramp`). Default true; false for A/B runs.
+   * The shapes the new layout's first steps pass through (the staying ranks' decode and mixed
+   * steps at their new share of the running sequences, a joining rank's prompt steps on its climb
+   * to its share: precaptureShapes' `ramp`): each standby engine made ahead captures them too, and
+   * a scale's attach phase (a scale-down's included) captures the staying ranks' ones first, within
+   * precaptureGraphs. Default true; false for A/B runs.
    */
   rampShapes?: boolean;
   /**
@@ -876,8 +877,9 @@ export class Deployment {
     const serving = this.forward;
     const running = this.engine.stats().running;
     const balancedSeqs = this.options.balanceOnScale ? running : 0;
-    // A standby made in the background (joining) also captures the shapes of the new layout's climb to its shares.
-    const ramp = joining && this.options.rampShapes !== false ? running : 0;
+    // The shapes of the new layout's climb to its shares (precaptureShapes' ramp): beyond perDevice for a standby made
+    // in the background (joining), within it at scale time.
+    const ramp = this.options.rampShapes !== false ? running : 0;
     return serving instanceof ForwardEngine ? precaptureShapes(serving.graphShapes(), next.devices, perDevice, { joining, balancedSeqs, ramp }) : [];
   }
 

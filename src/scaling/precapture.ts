@@ -24,13 +24,15 @@ export const DEFAULT_PRECAPTURE_GRAPHS = 3;
  * (S = T = the step bucket of seqs / devices, rounded up), with the block-table stride of its
  * most recent decode shape (any device's for one without; the most recent shape's when there is
  * no decode shape yet), counted within `perDevice`.
- * `ramp` (with `joining`: the sequences running): rampShapes' shapes first, beyond `perDevice`.
+ * `ramp` (the sequences running): rampShapes' shapes first; with `joining` (a standby made in the
+ * background) beyond `perDevice` and with the joining device's climb, else (a scale's attach phase,
+ * a scale-down's too) within `perDevice`, the staying devices' steps at their new share only.
  */
 export function precaptureShapes(recent: readonly GraphShape[], devices: readonly number[], perDevice: number,
   options: { joining?: boolean; balancedSeqs?: number; ramp?: number } = {}): GraphShape[] {
   if (perDevice <= 0) return [];
   const out: GraphShape[] = [];
-  const ramp = options.joining && (options.ramp ?? 0) > 0 ? rampShapes(recent, devices, options.ramp!) : new Map<number, GraphShape[]>();
+  const ramp = (options.ramp ?? 0) > 0 ? rampShapes(recent, devices, options.ramp!, options.joining === true) : new Map<number, GraphShape[]>();
   const distinct = (shapes: readonly GraphShape[]) => {
     const seen = new Set<string>();
     return shapes.filter((g) => {
@@ -56,8 +58,11 @@ export function precaptureShapes(recent: readonly GraphShape[], devices: readonl
     const extra = ramp.get(device) ?? [];
     const same = (a: GraphShape, b: GraphShape) => a.T === b.T && a.S === b.S && a.MB === b.MB && a.sampled === b.sampled;
     const rest = ordered.filter((g) => !first.some((f) => same(f, g)));
-    const mineOut = [...first, ...rest].slice(0, perDevice);
-    for (const g of [...extra.filter((x) => !mineOut.some((y) => same(x, y))), ...mineOut]) out.push({ ...g, rank, device });
+    // Made in the background (joining): the climb's shapes beyond perDevice. At scale time: within it, first.
+    const taken = options.joining
+      ? [...extra.filter((x) => ![...first, ...rest].slice(0, perDevice).some((y) => same(x, y))), ...[...first, ...rest].slice(0, perDevice)]
+      : [...extra, ...[...first, ...rest].filter((g) => !extra.some((x) => same(x, g)))].slice(0, perDevice);
+    for (const g of taken) out.push({ ...g, rank, device });
   });
   return out;
 }
@@ -73,7 +78,7 @@ export function precaptureShapes(recent: readonly GraphShape[], devices: readonl
  * (Qwen3-30B-A3B shapes, 32 sequences, 64-token prompts) these were the 10-13 shapes captured in
  * the first 1.5 s of a new layout, each holding its step 15-25 ms (docs/benchmarks.md, ninth session).
  */
-function rampShapes(recent: readonly GraphShape[], devices: readonly number[], seqs: number): Map<number, GraphShape[]> {
+function rampShapes(recent: readonly GraphShape[], devices: readonly number[], seqs: number, joining: boolean): Map<number, GraphShape[]> {
   const out = new Map<number, GraphShape[]>();
   const share = stepBucket(Math.ceil(seqs / devices.length));
   const isMixed = (g: GraphShape) => g.T > g.S;
@@ -90,7 +95,7 @@ function rampShapes(recent: readonly GraphShape[], devices: readonly number[], s
       const mix = mine.find(isMixed);
       if (mix && mix.T >= share) shapes.push({ ...mix, S: share, sampled: Math.max(0, share - unsampled(mix)) });
       if (dec) shapes.push({ ...dec, T: share, S: share, sampled: share });
-    } else if (freshMB !== undefined) {
+    } else if (joining && freshMB !== undefined) {
       for (const T of mixedTs) {
         for (let S = 2; S <= share && S <= T; S = stepBucket(S + 1)) {
           shapes.push({ rank: 0, T, S, MB: freshMB, sampled: Math.max(0, S - unsampled(anyMixed!)) });

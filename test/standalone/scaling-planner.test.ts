@@ -652,8 +652,13 @@ describe('precaptureShapes', () => {
       [96, 2, 8], [96, 3, 8], [96, 4, 8], [96, 6, 8], [96, 8, 8], [192, 2, 8], [192, 3, 8], [192, 4, 8], [192, 6, 8], [192, 8, 8],
       [8, 8, 8], [96, 12, 16]]);
     expect(got.every((x) => x.rank === [0, 1, 2, 3].indexOf(x.device!))).toBe(true);
-    // Without joining (the attach phase at scale time), no ramp.
-    expect(precaptureShapes(serving, [0, 1, 2, 3], 1, { ramp: 32 })).toEqual(precaptureShapes(serving, [0, 1, 2, 3], 1));
+    // Without joining (a scale's attach phase): the staying devices' new-share shapes first, within perDevice.
+    const attach = precaptureShapes(serving, [0, 1, 2, 3], 2, { ramp: 32 });
+    expect(attach.map((x) => [x.device, x.T, x.S, x.MB])).toEqual([[0, 96, 8, 16], [0, 8, 8, 16], [1, 192, 8, 8], [1, 8, 8, 8], [2, 8, 8, 8], [2, 12, 12, 8]]);
+    // A scale-down 4 -> 3 with 32 sequences: shares of 11, bucket 12.
+    const four = [m(0, 8, 8, 16), m(1, 96, 8, 8), m(1, 8, 8, 8), m(2, 8, 8, 8), m(3, 8, 8, 8)];
+    expect(precaptureShapes(four, [0, 1, 2], 1, { ramp: 32 }).map((x) => [x.device, x.T, x.S, x.MB])).toEqual([[0, 12, 12, 16], [1, 96, 12, 8], [2, 12, 12, 8]]);
+    expect(precaptureShapes(four, [0, 1, 2], 1)).toEqual(precaptureShapes(four, [0, 1, 2], 1, { ramp: 0 }));
   });
 
   it('with balancedSeqs, puts first on every device the decode step of its share of the sequences', () => {
