@@ -68,7 +68,7 @@ export function precaptureShapes(recent: readonly GraphShape[], devices: readonl
 }
 
 /**
- * The shapes a scale-up's first steps pass through (options.ramp: the sequences running), beyond
+ * The shapes a new layout's first steps pass through (options.ramp: the sequences running), beyond
  * the recent ones: every staying device's decode and mixed step at its new share of the
  * sequences (S = the step bucket of seqs / devices; the block-table stride and mixed T of its
  * own recent shapes), and for a joining device (none of its own) the mixed steps of its climb
@@ -93,8 +93,9 @@ function rampShapes(recent: readonly GraphShape[], devices: readonly number[], s
     if (mine.length > 0) {
       const dec = mine.find((g) => !isMixed(g));
       const mix = mine.find(isMixed);
-      if (mix && mix.T >= share) shapes.push({ ...mix, S: share, sampled: Math.max(0, share - unsampled(mix)) });
+      // Decode first: the staying ranks go on decoding, the new one takes the waiting prompts.
       if (dec) shapes.push({ ...dec, T: share, S: share, sampled: share });
+      if (mix && mix.T >= share) shapes.push({ ...mix, S: share, sampled: Math.max(0, share - unsampled(mix)) });
     } else if (joining && freshMB !== undefined) {
       for (const T of mixedTs) {
         for (let S = 2; S <= share && S <= T; S = stepBucket(S + 1)) {

@@ -643,8 +643,8 @@ describe('precaptureShapes', () => {
     const got = precaptureShapes(serving, [0, 1, 2, 3], 1, { joining: true, ramp: 32 });
     const of = (d: number) => got.filter((x) => x.device === d).map((x) => [x.T, x.S, x.MB]);
     // Share 32 / 4 = 8: device 0's mixed and decode at 8 with its stride, then its own most recent decode.
-    expect(of(0)).toEqual([[96, 8, 16], [8, 8, 16], [12, 12, 16]]);
-    expect(of(1)).toEqual([[192, 8, 8], [8, 8, 8], [12, 12, 8]]);
+    expect(of(0)).toEqual([[8, 8, 16], [96, 8, 16], [12, 12, 16]]);
+    expect(of(1)).toEqual([[8, 8, 8], [192, 8, 8], [12, 12, 8]]);
     expect(of(2)).toEqual([[8, 8, 8], [12, 12, 8]]); // no mixed step of its own
     // Device 3 joins: one- and two-prompt steps with 2, 3, 4, 6 and 8 sequences, the smallest stride, then its
     // decode at the share; then (perDevice 1) the most recent mixed shape of all.
@@ -654,10 +654,10 @@ describe('precaptureShapes', () => {
     expect(got.every((x) => x.rank === [0, 1, 2, 3].indexOf(x.device!))).toBe(true);
     // Without joining (a scale's attach phase): the staying devices' new-share shapes first, within perDevice.
     const attach = precaptureShapes(serving, [0, 1, 2, 3], 2, { ramp: 32 });
-    expect(attach.map((x) => [x.device, x.T, x.S, x.MB])).toEqual([[0, 96, 8, 16], [0, 8, 8, 16], [1, 192, 8, 8], [1, 8, 8, 8], [2, 8, 8, 8], [2, 12, 12, 8]]);
+    expect(attach.map((x) => [x.device, x.T, x.S, x.MB])).toEqual([[0, 8, 8, 16], [0, 96, 8, 16], [1, 8, 8, 8], [1, 192, 8, 8], [2, 8, 8, 8], [2, 12, 12, 8]]);
     // A scale-down 4 -> 3 with 32 sequences: shares of 11, bucket 12.
     const four = [m(0, 8, 8, 16), m(1, 96, 8, 8), m(1, 8, 8, 8), m(2, 8, 8, 8), m(3, 8, 8, 8)];
-    expect(precaptureShapes(four, [0, 1, 2], 1, { ramp: 32 }).map((x) => [x.device, x.T, x.S, x.MB])).toEqual([[0, 12, 12, 16], [1, 96, 12, 8], [2, 12, 12, 8]]);
+    expect(precaptureShapes(four, [0, 1, 2], 1, { ramp: 32 }).map((x) => [x.device, x.T, x.S, x.MB])).toEqual([[0, 12, 12, 16], [1, 12, 12, 8], [2, 12, 12, 8]]);
     expect(precaptureShapes(four, [0, 1, 2], 1)).toEqual(precaptureShapes(four, [0, 1, 2], 1, { ramp: 0 }));
   });
 
