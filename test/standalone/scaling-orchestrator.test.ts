@@ -495,6 +495,28 @@ describe('Deployment.scale', () => {
     }
   });
 
+  it('captures at a scale-down\'s attach the staying ranks\' steps at their new share (rampShapes): the first step on the new layout replays them', async () => {
+    const LONG = [0, 1, 2, 3, 4, 5].map((k) => Array.from({ length: 130 }, (_, i) => (i * 7 + k * 31 + 3) % 97));
+    const want = await referenceTokens(LONG, 120);
+    for (const rampShapes of [true, false]) {
+      const steps: Array<{ ranks: number; stats: GraphStats }> = [];
+      // Blocks of 64, prompts of 130: a block-table stride of 4 all along; 6 sequences, 2 per rank on [0, 1, 2].
+      const { dep } = await start([0, 1, 2], {
+        precaptureGraphs: 1, blockTokens: 64, standbyEngines: false, rampShapes,
+        onStep: (f) => steps.push({ ranks: f.rankSeqs.length, stats: { ...dep.graphStats! } }),
+      });
+      const running = LONG.map((prompt) => dep.submit({ prompt, maxTokens: 120, ignoreEos: true }));
+      while (dep.graphStats!.replays < 12) await sleep(2);
+      const report = await dep.scale({ devices: [0, 1] });
+      // On [0, 1] each rank runs 3 (the leaving rank's moved with their KV): a shape the serving engine never had.
+      const first = steps.find((x) => x.ranks === 2)!.stats;
+      expect(report.precapture).toMatchObject({ graphs: 2 });
+      if (rampShapes) expect(first).toMatchObject({ captures: 0, replays: 2 }); // the new share's decode, captured at attach
+      else expect(first).toMatchObject({ captures: 2, replays: 0 }); // the old share's (2 sequences) was captured instead
+      for (const [k, c] of (await Promise.all(running)).entries()) expect(c.outputTokens).toEqual(want[k]);
+    }
+  });
+
   it('makes the standby engine of each planned scale-up ahead (standbyEngines): the scale-up calls no driver allocation, its first step replays', async () => {
     // Prompts of 520 tokens and 400 more generated, in blocks of 64: 9 to 15 blocks (a block-table stride of 16)
     // all along, so the decode shapes stay the same while the engines follow and the scale runs.
