@@ -58,10 +58,11 @@ export function precaptureShapes(recent: readonly GraphShape[], devices: readonl
     const extra = ramp.get(device) ?? [];
     const same = (a: GraphShape, b: GraphShape) => a.T === b.T && a.S === b.S && a.MB === b.MB && a.sampled === b.sampled;
     const rest = ordered.filter((g) => !first.some((f) => same(f, g)));
+    const own = [...first, ...rest];
     // Made in the background (joining): the climb's shapes beyond perDevice. At scale time: within it, first.
     const taken = options.joining
-      ? [...extra.filter((x) => ![...first, ...rest].slice(0, perDevice).some((y) => same(x, y))), ...[...first, ...rest].slice(0, perDevice)]
-      : [...extra, ...[...first, ...rest].filter((g) => !extra.some((x) => same(x, g)))].slice(0, perDevice);
+      ? [...extra.filter((x) => !own.slice(0, perDevice).some((y) => same(x, y))), ...own.slice(0, perDevice)]
+      : [...extra, ...own.filter((g) => !extra.some((x) => same(x, g)))].slice(0, perDevice);
     for (const g of taken) out.push({ ...g, rank, device });
   });
   return out;
@@ -74,9 +75,9 @@ export function precaptureShapes(recent: readonly GraphShape[], devices: readonl
  * own recent shapes), and for a joining device (none of its own) the mixed steps of its climb
  * to that share (S = each step bucket from 2 up to it; T each of the two smallest mixed T of any
  * device, one prompt or two; the smallest block-table stride: fresh sequences) and its decode
- * step at the share. On 4 x H100
- * (Qwen3-30B-A3B shapes, 32 sequences, 64-token prompts) these were the 10-13 shapes captured in
- * the first 1.5 s of a new layout, each holding its step 15-25 ms (docs/benchmarks.md, ninth session).
+ * step at the share. On 4 x H100 (Qwen3-30B-A3B shapes, 32 sequences, 64-token prompts) these
+ * were the 10-13 shapes captured in the first 1.5 s of a new layout, each holding its step
+ * 15-25 ms (docs/benchmarks.md, ninth session). The joining device's climb only with `joining`.
  */
 function rampShapes(recent: readonly GraphShape[], devices: readonly number[], seqs: number, joining: boolean): Map<number, GraphShape[]> {
   const out = new Map<number, GraphShape[]>();
