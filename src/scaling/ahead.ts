@@ -197,9 +197,11 @@ export async function syncStandby(store: ChunkStore, rt: Runtime, plans: ScalePl
         for (const d of to) {
           const mine = want.get(d)!;
           for (const [size, n] of intake(store, rt, o, d, planned, false)) mine.set(size, Math.max(mine.get(size) ?? 0, n));
-          const ids = wantedIds.get(d) ?? new Set<string>();
-          for (const t of planned.transfers) if (t.targetDevice === d) ids.add(t.targetId);
-          wantedIds.set(d, ids);
+          // The standby chunks can hold one removal's copies: those of the device that joined last
+          // (the last of the layout), likeliest to leave first, are the ones kept when trimming.
+          if (!to.includes(devices[devices.length - 1]!)) {
+            wantedIds.set(d, new Set(planned.transfers.filter((t) => t.targetDevice === d).map((t) => t.targetId)));
+          }
         }
       }
     } catch (e) {

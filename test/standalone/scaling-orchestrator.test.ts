@@ -965,6 +965,21 @@ describe('Deployment.scale', () => {
     }
   });
 
+  it('with scaleDownSpares, a scale back down after a scale-up adopts the staying devices\' kept chunks: it copies nothing', async () => {
+    const { dep } = await start([0, 1], { scaleDownSpares: true });
+    await dep.settled();
+    const original = await originalSums(dep);
+    await dep.scale({ devices: [0, 1, 2] });
+    await dep.settled();
+    await dep.scale({ devices: [0, 1, 2, 3] });
+    await dep.settled();
+    const before = await checksums(dep);
+    const down = await dep.scale({ devices: [0, 1, 2] });
+    expect(down.chunksCopied).toBeGreaterThan(0);
+    expect(down.chunksPrefilled).toBe(down.chunksCopied);
+    await expectCopiesExact(dep, down, before, original);
+  });
+
   it('with scaleDownSpares the serving devices keep what a scale-down copies onto them: the scale-down takes them, memory returns to steady', async () => {
     const steadyOf = async (devices: number[]) => {
       const fresh = await start(devices, { scaleDownSpares: true });
