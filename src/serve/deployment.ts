@@ -60,6 +60,8 @@ export interface ServingDeployment {
   memory?(): DeviceAccounting[];
   /** The standby engines made ahead for the scale-ups onto idle devices, with the graphs each captured ahead, for /metrics. */
   standbyEngines?(): Array<{ device: number; precaptured: number }>;
+  /** The serving engine's graph counts since its layout began (in-process executors), for /metrics; undefined when none. */
+  graphStats?(): { captures: number; replays: number; covered: number; deferred: number } | undefined;
   /** KV pools of the current layout's devices. */
   kvPools?(): KvPoolState[];
   /** Subscribes to the engine's per-step figures; returns the unsubscriber. */
@@ -159,6 +161,8 @@ export interface ScalableLike {
   readonly isScaling: boolean;
   /** The orchestrator's standby state (its standby engines made ahead), when it has one. */
   readonly standby?: { engines: ReadonlyArray<{ device: number; precaptured: number }> };
+  /** The serving engine's graph counts (in-process executors), when it has them. */
+  readonly graphStats?: { captures: number; replays: number; covered: number; deferred: number } | undefined;
   submit(request: GenerationRequest, callbacks?: GenerationCallbacks): Promise<Completion>;
   scale(target: { devices: number[] }): Promise<ScaleResult>;
 }
@@ -196,6 +200,7 @@ export function scalableDeployment(d: ScalableLike, model: { id: string; created
     },
   };
   if (d.standby !== undefined) out.standbyEngines = () => (d.standby?.engines ?? []).map((e) => ({ device: e.device, precaptured: e.precaptured }));
+  if ('graphStats' in d) out.graphStats = () => d.graphStats;
   if (onStep) out.onStep = onStep;
   return out;
 }

@@ -175,6 +175,20 @@ export class ServeMetrics {
         },
       });
     }
+    if (d.graphStats) {
+      const stats = d.graphStats.bind(d);
+      new Gauge({
+        name: `${PREFIX}layout_graphs`,
+        help: 'The serving engine\'s rank graphs since its layout began, by kind: captures (each holds its step), replays, covered (replays of a larger shape\'s graph, padded), deferred (steps run without graphs); none with executor processes',
+        labelNames: ['kind'] as const, registers,
+        collect() {
+          this.reset();
+          const g = stats();
+          if (!g) return;
+          for (const kind of ['captures', 'replays', 'covered', 'deferred'] as const) this.set({ kind }, g[kind]);
+        },
+      });
+    }
     if (d.kvPools) {
       const pools = d.kvPools.bind(d);
       new Gauge({

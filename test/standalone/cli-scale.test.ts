@@ -171,6 +171,16 @@ describe('elasticmoe scale against elasticmoe serve', () => {
       return [...text.matchAll(/standby_engine_graphs\{device="(\d+)"\} (\d+)/g)].map((m) => Number(m[1]));
     };
     await expect.poll(() => engines(server!.url)).toEqual([1, 2, 3]);
+    // The serving engine's graphs (elasticmoe_layout_graphs): a request's decode steps capture their shape, then replay it.
+    const graphs = async (url: string) => {
+      const text = await (await fetch(`${url}/metrics`)).text();
+      return Object.fromEntries([...text.matchAll(/layout_graphs\{kind="(\w+)"\} (\d+)/g)].map((m) => [m[1], Number(m[2])]));
+    };
+    await complete(server.url);
+    const g = await graphs(server.url);
+    expect(Object.keys(g).sort()).toEqual(['captures', 'covered', 'deferred', 'replays']);
+    expect(g.captures).toBeGreaterThan(0);
+    expect(g.replays).toBeGreaterThan(0);
     server.proc.kill('SIGTERM');
     expect(await new Promise((r) => server!.proc.on('exit', r))).toBe(0);
     server = await startServer(['--standby-chunks', 'off', '--precapture-graphs', '0', '--standby-engines', 'off']);
