@@ -184,7 +184,9 @@ describe('executor process', () => {
     const tables = seqs.map((s) => structuredClone(hmm.kv.table(s.req)));
     const KILL_AT = 4;
     await run(first, seqs, { to: KILL_AT });
-    // Mid-generation: the executor dies with decode step KILL_AT in flight.
+    // Mid-generation: the executor dies with decode step KILL_AT in flight. Stopped first (SIGSTOP), so that it
+    // cannot answer the step before the kill lands (on a loaded machine it once did: the test raced).
+    first.proc!.kill('SIGSTOP');
     const inFlight = first.step(batchOf(seqs, decode(KILL_AT)), { returnLogits: true });
     first.proc!.kill('SIGKILL');
     await expect(inFlight).rejects.toBeInstanceOf(ExecutorCrashedError);
