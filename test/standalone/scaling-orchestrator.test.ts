@@ -965,6 +965,25 @@ describe('Deployment.scale', () => {
     }
   });
 
+  it('frees a leaving chunk it cannot grant every device access to instead of keeping it, and memory still settles at steady', async () => {
+    const { rt, dep } = await start([0, 1]);
+    await dep.settled();
+    const running = dep.submit({ prompt: PROMPTS[0]!, maxTokens: 40, ignoreEos: true });
+    // The release's first access grant fails: that chunk is freed, the rest kept; the scale itself succeeds.
+    const onProgress = (p: ScaleProgress) => {
+      if (p.phase === 'release') rt.injectFault('SetAccess', 1);
+    };
+    const down = await dep.scale({ devices: [0] }, { onProgress });
+    rt.clearFaults();
+    const onDevice1 = down.chunksKeptAsStandby + down.chunksReleased;
+    expect(down.chunksReleased).toBe(1);
+    expect(down.chunksKeptAsStandby).toBe(onDevice1 - 1);
+    expect((await running).outputTokens).toEqual(expected(PROMPTS[0]!, 40));
+    // The work ahead makes what device 1's standby wants again: memory as a deployment started on [0].
+    const fresh = await start([0]);
+    expect(await settledFree(dep, rt)).toEqual(await settledFree(fresh.dep, fresh.rt));
+  });
+
   it('with scaleDownSpares, a scale back down after a scale-up adopts the staying devices\' kept chunks: it copies nothing', async () => {
     const { dep } = await start([0, 1], { scaleDownSpares: true });
     await dep.settled();
