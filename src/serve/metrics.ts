@@ -38,6 +38,18 @@ class RateWindow {
   }
 }
 
+/** A gauge whose series are read at scrape time: `rows()` gives each series' labels and value (series not given are dropped). */
+function seriesGauge<L extends string>(registers: Registry[], name: string, help: string, labelNames: readonly L[],
+  rows: () => ReadonlyArray<readonly [Partial<Record<L, string>>, number]>): void {
+  new Gauge({
+    name: `${PREFIX}${name}`, help, labelNames, registers,
+    collect() {
+      this.reset();
+      for (const [labels, value] of rows()) this.set(labels, value);
+    },
+  });
+}
+
 export interface ServeMetricsOptions {
   /** Node.js process metrics (CPU, heap, event loop lag) too (default true). */
   defaultMetrics?: boolean;
@@ -144,63 +156,31 @@ export class ServeMetrics {
     });
     if (d.memory) {
       const memory = d.memory.bind(d);
-      new Gauge({
-        name: `${PREFIX}device_memory_bytes`,
-        help: 'Device memory by kind: weight, kv, workspace, spare, spare_filled (the spares already holding a planned scale-up\'s bytes; HMM accounting), free and total (device)',
-        labelNames: ['device', 'kind'] as const, registers,
-        collect() {
-          this.reset();
-          for (const a of memory()) {
-            const device = String(a.device);
-            this.set({ device, kind: 'weight' }, a.weightBytes);
-            this.set({ device, kind: 'kv' }, a.kvBytes);
-            this.set({ device, kind: 'workspace' }, a.workspaceBytes);
-            this.set({ device, kind: 'spare' }, a.spareBytes);
-            this.set({ device, kind: 'spare_filled' }, a.filledSpareBytes);
-            this.set({ device, kind: 'free' }, a.freeBytes);
-            this.set({ device, kind: 'total' }, a.totalBytes);
-          }
-        },
-      });
+      const kinds = [['weight', 'weightBytes'], ['kv', 'kvBytes'], ['workspace', 'workspaceBytes'], ['spare', 'spareBytes'],
+        ['spare_filled', 'filledSpareBytes'], ['free', 'freeBytes'], ['total', 'totalBytes']] as const;
+      seriesGauge(registers, 'device_memory_bytes',
+        'Device memory by kind: weight, kv, workspace, spare, spare_filled (the spares already holding a planned scale-up\'s bytes; HMM accounting), free and total (device)',
+        ['device', 'kind'], () => memory().flatMap((a) => kinds.map(([kind, field]) => [{ device: String(a.device), kind }, a[field]] as const)));
     }
     if (d.standbyEngines) {
       const engines = d.standbyEngines.bind(d);
-      new Gauge({
-        name: `${PREFIX}standby_engine_graphs`,
-        help: 'Graphs captured by the standby engine made ahead for a scale-up onto the device (a series per idle device that has one; standbyEngines)',
-        labelNames: ['device'] as const, registers,
-        collect() {
-          this.reset();
-          for (const e of engines()) this.set({ device: String(e.device) }, e.precaptured);
-        },
-      });
+      seriesGauge(registers, 'standby_engine_graphs',
+        'Graphs captured by the standby engine made ahead for a scale-up onto the device (a series per idle device that has one; standbyEngines)',
+        ['device'], () => engines().map((e) => [{ device: String(e.device) }, e.precaptured] as const));
     }
     if (d.graphStats) {
       const stats = d.graphStats.bind(d);
-      new Gauge({
-        name: `${PREFIX}layout_graphs`,
-        help: 'The serving engine\'s rank graphs since its layout began, by kind: captures (each holds its step), replays, covered (replays of a larger shape\'s graph, padded), deferred (steps run without graphs); none with executor processes',
-        labelNames: ['kind'] as const, registers,
-        collect() {
-          this.reset();
+      seriesGauge(registers, 'layout_graphs',
+        'The serving engine\'s rank graphs since its layout began, by kind: captures (each holds its step), replays, covered (replays of a larger shape\'s graph, padded), deferred (steps run without graphs); none with executor processes',
+        ['kind'], () => {
           const g = stats();
-          if (!g) return;
-          for (const kind of ['captures', 'replays', 'covered', 'deferred'] as const) this.set({ kind }, g[kind]);
-        },
-      });
+          return g ? (['captures', 'replays', 'covered', 'deferred'] as const).map((kind) => [{ kind }, g[kind]] as const) : [];
+        });
     }
     if (d.kvPools) {
       const pools = d.kvPools.bind(d);
-      new Gauge({
-        name: `${PREFIX}kv_blocks`, help: 'KV cache blocks of the serving devices, by state (free, used)', labelNames: ['device', 'state'] as const, registers,
-        collect() {
-          this.reset();
-          for (const p of pools()) {
-            this.set({ device: String(p.device), state: 'free' }, p.freeBlocks);
-            this.set({ device: String(p.device), state: 'used' }, p.blocks - p.freeBlocks);
-          }
-        },
-      });
+      seriesGauge(registers, 'kv_blocks', 'KV cache blocks of the serving devices, by state (free, used)', ['device', 'state'],
+        () => pools().flatMap((p) => [[{ device: String(p.device), state: 'free' }, p.freeBlocks], [{ device: String(p.device), state: 'used' }, p.blocks - p.freeBlocks]] as const));
     }
     if (d.onStep) this.unsubscribe = d.onStep((f) => this.step(f));
   }
