@@ -10,6 +10,8 @@ import { promisify } from 'node:util';
 import { describe, expect, it } from 'vitest';
 
 // @ts-expect-error: a plain ESM script without types
+import { scalesOf, summarize } from '../../scripts/lib/ab.mjs';
+// @ts-expect-error: a plain ESM script without types
 import { pauses, workAcross, workDuring } from '../../scripts/lib/transition.mjs';
 
 type Step = { t: number; ms: number; tokens: number; decode: number };
@@ -153,4 +155,28 @@ describe('bench-scale on the mock', () => {
       rmSync(dir, { recursive: true, force: true });
     }
   }, 90_000);
+});
+
+describe('A/B summaries of bench runs (scripts/lib/ab.mjs)', () => {
+  const scale = (from: number[], to: number[], ms: number) => ({ bench: 'scale', from, to, commandToFirstNewStepMs: ms });
+  const after = (ratio: number, captures: number) => ({
+    bench: 'after', phases: { releaseMs: 100 }, ahead: { ms: 500 }, workToSecondAfterFirstStep: { ratio, lostMs: (1 - ratio) * 1000 },
+    graphsInSecond: { captures, replays: 10, covered: 0 },
+  });
+  const runA = [scale([0, 1], [0, 1, 2], 80), { bench: 'timeline' }, after(0.9, 4), scale([0, 1, 2], [0, 1], 600), after(0.8, 6)];
+  const runB = [scale([0, 1], [0, 1, 2], 60), after(0.95, 2), scale([0, 1, 2], [0, 1], 700), after(0.85, 8)];
+
+  it('takes each run\'s scales in order with their figures, and summarizes each position per arm', () => {
+    const a = scalesOf(runA);
+    expect(a.map((s: { label: string }) => s.label)).toEqual(['0,1->0,1,2', '0,1,2->0,1']);
+    expect(a[0].figures).toMatchObject({ latencyMs: 80, releaseMs: 100, aheadMs: 500, toSecondAfter: 0.9, captures: 4 });
+    expect(a[0].figures.lostMs).toBeCloseTo(100, 9);
+    const sum = summarize({ x: [a, scalesOf(runB)] });
+    expect(sum.x[0].figures.latencyMs).toEqual({ min: 60, max: 80, mean: 70, n: 2 });
+    expect(sum.x[1].figures.captures).toEqual({ min: 6, max: 8, mean: 7, n: 2 });
+    expect(sum.x[1].figures.toSecondAfter.mean).toBeCloseTo(0.825, 9);
+    // A figure no run has is null; runs of one arm that scaled differently are refused.
+    expect(summarize({ y: [scalesOf([scale([0], [0, 1], 50), { bench: 'after' }])] }).y[0].figures.captures).toBeNull();
+    expect(() => summarize({ z: [a, scalesOf([scale([0, 1], [0, 1, 3], 60), after(0.9, 1)])] })).toThrow(/scale 1 differs/);
+  });
 });
