@@ -22,7 +22,11 @@ const arms = Object.fromEntries(args.map((a) => {
   const [name, files] = [a.slice(0, a.indexOf('=')), a.slice(a.indexOf('=') + 1)];
   return [name, files.split(',').map((f) => scalesOf(read(f)))];
 }));
-const fmt = (f, digits = 0) => (f === null ? 'n/a' : f.min === f.max ? f.min.toFixed(digits) : `${f.min.toFixed(digits)}-${f.max.toFixed(digits)} (mean ${f.mean.toFixed(digits)})`);
+const fmt = (f, digits = 0) => {
+  if (f === null) return 'n/a';
+  const [lo, hi] = [f.min.toFixed(digits), f.max.toFixed(digits)];
+  return lo === hi ? lo : `${lo}-${hi} (mean ${f.mean.toFixed(digits)})`;
+};
 for (const [name, scales] of Object.entries(summarize(arms))) {
   process.stdout.write(`${name} (${arms[name].length} runs)\n`);
   for (const s of scales) {
