@@ -9,6 +9,8 @@ import { gunzipSync } from 'node:zlib';
 
 import { scalesOf, summarize } from './lib/ab.mjs';
 
+// Piped into head: stop quietly when the reader goes away.
+process.stdout.on('error', (e) => process.exit(e.code === 'EPIPE' ? 0 : 1));
 const args = process.argv.slice(2);
 if (args.length === 0 || args.some((a) => !/^[^=]+=.+/.test(a))) {
   process.stderr.write('usage: node scripts/ab-report.mjs ARM=FILE[,FILE...] [ARM=FILE[,FILE...] ...]\n');
