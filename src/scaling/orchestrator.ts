@@ -755,8 +755,13 @@ export class Deployment {
    * between them, after the switch-over: off the path to the first token, done before the
    * next scale plans (it awaits this).
    */
+  /** Every device of the node. */
+  private get nodeDevices(): number[] {
+    return Array.from({ length: this.rt.deviceCount }, (_, d) => d);
+  }
+
   private async grantNodeAccess(holder: string): Promise<void> {
-    const node = Array.from({ length: this.rt.deviceCount }, (_, d) => d);
+    const node = this.nodeDevices;
     const store = this.hmm.store;
     const ids = store.all().filter((c) => c.plan.kind === 'weight' && c.holders.has(holder) && c.access.size < node.length).map((c) => c.plan.id);
     for (let i = 0; i < ids.length; i += RELEASE_GROUP) {
@@ -1294,7 +1299,7 @@ export class Deployment {
     const stay = new Set(next.devices);
     const keepAsSpare = (c: StoredChunk) => this.standbyOn && c.plan.kind === 'weight' && (!stay.has(c.plan.device) || this.options.scaleDownSpares === true);
     // Kept chunks get what standby chunks have: access for every device (a later scale copies into them from any).
-    const node = Array.from({ length: this.rt.deviceCount }, (_, d) => d);
+    const node = this.nodeDevices;
     for (let i = 0; i < held.length; i += RELEASE_GROUP) {
       if (i > 0 || releaseStats) await new Promise<void>((r) => setImmediate(r));
       const t = now();

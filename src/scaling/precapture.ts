@@ -85,8 +85,9 @@ function rampShapes(recent: readonly GraphShape[], devices: readonly number[], s
   const isMixed = (g: GraphShape) => g.T > g.S;
   const unsampled = (g: GraphShape) => g.S - g.sampled;
   // The joining rank's prompts: one per step or two (their token counts: the two smallest mixed T seen).
-  const mixedTs = [...new Set(recent.filter(isMixed).map((g) => g.T))].sort((a, b) => a - b).slice(0, 2);
-  const anyMixed = recent.find(isMixed);
+  const mixedByT = new Map<number, GraphShape>();
+  for (const g of recent) if (isMixed(g) && !mixedByT.has(g.T)) mixedByT.set(g.T, g);
+  const joiningMixed = [...mixedByT.values()].sort((a, b) => a.T - b.T).slice(0, 2);
   const freshMB = recent.length > 0 ? Math.min(...recent.map((g) => g.MB)) : undefined;
   for (const device of devices) {
     const mine = recent.filter((g) => g.device === device);
@@ -98,9 +99,9 @@ function rampShapes(recent: readonly GraphShape[], devices: readonly number[], s
       if (dec) shapes.push({ ...dec, T: share, S: share, sampled: share });
       if (mix && mix.T >= share) shapes.push({ ...mix, S: share, sampled: Math.max(0, share - unsampled(mix)) });
     } else if (joining && freshMB !== undefined) {
-      for (const T of mixedTs) {
-        for (let S = 2; S <= share && S <= T; S = stepBucket(S + 1)) {
-          shapes.push({ rank: 0, T, S, MB: freshMB, sampled: Math.max(0, S - unsampled(anyMixed!)) });
+      for (const g of joiningMixed) {
+        for (let S = 2; S <= share && S <= g.T; S = stepBucket(S + 1)) {
+          shapes.push({ rank: 0, T: g.T, S, MB: freshMB, sampled: Math.max(0, S - unsampled(g)) });
         }
       }
       shapes.push({ rank: 0, T: share, S: share, MB: freshMB, sampled: share });
