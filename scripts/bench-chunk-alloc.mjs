@@ -8,6 +8,13 @@
 //   split   the same calls timed one kind at a time (create, reserve, map, access, export);
 //   access1 set-access for the target only (copies pulled by the target's stream);
 //   onerange one reserve for all N, each chunk mapped at its offset, one set-access call.
+//   async   Runtime.createMappedChunks (create + map + set-access on a worker thread) for the
+//           N chunks of the target in one call; with the event loop's longest gap meanwhile;
+//   spread  N chunks spread over `spreadDevices` devices (default 2: a 3->2 scale-down's
+//           targets): 'sync' (store's loop), 'async-serial' (one call per device, one after
+//           another), 'async-parallel' (one call per device, all at once), 'async-groups'
+//           (calls of BENCH_GROUP chunks, all devices' at once): ms and the loop's longest gap.
+// BENCH_WAYS (comma list, default every way) picks some.
 // With BENCH_BUSY=1 every device runs a spinning kernel meanwhile (serving-like load).
 //   ELASTICMOE_BACKEND=cuda node scripts/bench-chunk-alloc.mjs > alloc.jsonl
 import { closeSync } from 'node:fs';
@@ -93,13 +100,79 @@ const feed = async () => {
 };
 const feeding = busy ? feed() : Promise.resolve();
 
+/** The event loop's longest gap while `f` runs (a 0 ms timer re-armed each turn). */
+async function withGap(f) {
+  let last = performance.now();
+  let gap = 0;
+  let on = true;
+  const tick = () => {
+    const t = performance.now();
+    gap = Math.max(gap, t - last);
+    last = t;
+    if (on) setTimeout(tick, 0);
+  };
+  setTimeout(tick, 0);
+  const t = performance.now();
+  const r = await f();
+  const end = performance.now();
+  on = false;
+  return { ms: end - t, loopMaxGapMs: Math.max(gap, end - last), r };
+}
+
+async function asyncOne(access) {
+  const ranges = Array.from({ length: n }, () => rt.reserve(bytes));
+  const { ms, loopMaxGapMs, r: cs } = await withGap(() => rt.createMappedChunks(target, bytes, ranges, access, { exportable: true }));
+  const [freeMs] = time(() => { ranges.forEach((r) => r.dispose()); cs.forEach((c) => c.dispose()); });
+  return { ms, usPerChunk: (ms * 1e3) / n, loopMaxGapMs, freeMs };
+}
+
+const spreadDevices = Math.min(rt.deviceCount, Number(process.env.BENCH_SPREAD_DEVICES ?? 2));
+const group = Number(process.env.BENCH_GROUP ?? 64);
+async function spread(how) {
+  const devs = [...Array(spreadDevices).keys()];
+  const per = devs.map((d) => Array.from({ length: Math.ceil(n / spreadDevices) }, () => rt.reserve(bytes)));
+  const made = [];
+  const { ms, loopMaxGapMs } = await withGap(async () => {
+    if (how === 'sync') {
+      for (const [d, ranges] of per.entries()) for (const r of ranges) {
+        const c = rt.createChunk(d, bytes, { exportable: true });
+        r.map(0, c);
+        r.setAccess(0, bytes, [d]);
+        made.push(c);
+      }
+    } else if (how === 'async-serial') {
+      for (const [d, ranges] of per.entries()) made.push(...await rt.createMappedChunks(d, bytes, ranges, [d], { exportable: true }));
+    } else if (how === 'async-parallel') {
+      for (const cs of await Promise.all(per.map((ranges, d) => rt.createMappedChunks(d, bytes, ranges, [d], { exportable: true })))) made.push(...cs);
+    } else {
+      const calls = per.flatMap((ranges, d) => Array.from({ length: Math.ceil(ranges.length / group) }, (_, g) =>
+        rt.createMappedChunks(d, bytes, ranges.slice(g * group, (g + 1) * group), [d], { exportable: true })));
+      for (const cs of await Promise.all(calls)) made.push(...cs);
+    }
+  });
+  per.flat().forEach((r) => r.dispose());
+  made.forEach((c) => c.dispose());
+  return { how, devices: spreadDevices, ms, usPerChunk: (ms * 1e3) / n, loopMaxGapMs, ...(how === 'async-groups' ? { group } : {}) };
+}
+
+const ways = new Set((process.env.BENCH_WAYS ?? 'store,split,onerange,async,spread').split(','));
 for (let rep = 0; rep < 2; rep++) {
-  emit({ way: 'store', access: [target, ...sources], busy, rep, ...store([target, ...sources]) });
-  emit({ way: 'store', access: [target], busy, rep, ...store([target]) });
-  emit({ way: 'split', access: [target, ...sources], busy, rep, ...split([target, ...sources]) });
-  emit({ way: 'split', access: [target], busy, rep, ...split([target]) });
-  emit({ way: 'onerange', access: [target, ...sources], busy, rep, ...oneRange([target, ...sources]) });
-  emit({ way: 'onerange', access: [target], busy, rep, ...oneRange([target]) });
+  if (ways.has('store')) {
+    emit({ way: 'store', access: [target, ...sources], busy, rep, ...store([target, ...sources]) });
+    emit({ way: 'store', access: [target], busy, rep, ...store([target]) });
+  }
+  if (ways.has('split')) {
+    emit({ way: 'split', access: [target, ...sources], busy, rep, ...split([target, ...sources]) });
+    emit({ way: 'split', access: [target], busy, rep, ...split([target]) });
+  }
+  if (ways.has('onerange')) {
+    emit({ way: 'onerange', access: [target, ...sources], busy, rep, ...oneRange([target, ...sources]) });
+    emit({ way: 'onerange', access: [target], busy, rep, ...oneRange([target]) });
+  }
+  if (ways.has('async')) emit({ way: 'async', access: [target], busy, rep, ...await asyncOne([target]) });
+  if (ways.has('spread')) {
+    for (const how of ['sync', 'async-serial', 'async-parallel', 'async-groups']) emit({ way: 'spread', busy, rep, ...await spread(how) });
+  }
 }
 stop = true;
 await feeding;

@@ -49,7 +49,8 @@
 // Prepare pacing (elastic and vertical; DeploymentOptions.prepare): BENCH_PREPARE_PACED
 // (1; 0 = the HMM's CopyService, everything at once), BENCH_PREPARE_INFLIGHT_MB (2048),
 // BENCH_PREPARE_RATE_GBPS (unlimited), BENCH_PREPARE_ALLOC_GROUP (8),
-// BENCH_PREPARE_YIELD_MS (0), BENCH_PREPARE_QUEUE_GROUP (Infinity). Engines: BENCH_GRAPHS, BENCH_GRAPH_INSTANTIATE, BENCH_DEVICE_ROUTING_MAX_ROWS, BENCH_EXECUTOR, BENCH_PRESTART and BENCH_PREATTACH (below).
+// BENCH_PREPARE_YIELD_MS (0), BENCH_PREPARE_QUEUE_GROUP (Infinity), BENCH_PREPARE_OFF_THREAD
+// (1; 0 = target chunks created on the main thread), BENCH_PREPARE_MAKE_GROUP (64). Engines: BENCH_GRAPHS, BENCH_GRAPH_INSTANTIATE, BENCH_DEVICE_ROUTING_MAX_ROWS, BENCH_EXECUTOR, BENCH_PRESTART and BENCH_PREATTACH (below).
 // libuv's thread pool runs every blocking device wait (event/stream synchronize);
 // with 4 threads (Node's default) the forward pass's per-rank waits queue behind
 // any other: the script re-runs itself with UV_THREADPOOL_SIZE=16 unless it is set.
@@ -113,6 +114,8 @@ const prepare = {
   ...(process.env.BENCH_PREPARE_ALLOC_GROUP ? { allocateGroup: Number(process.env.BENCH_PREPARE_ALLOC_GROUP) } : {}),
   ...(process.env.BENCH_PREPARE_YIELD_MS ? { yieldMs: Number(process.env.BENCH_PREPARE_YIELD_MS) } : {}),
   ...(process.env.BENCH_PREPARE_QUEUE_GROUP ? { queueGroup: Number(process.env.BENCH_PREPARE_QUEUE_GROUP) } : {}),
+  ...(process.env.BENCH_PREPARE_OFF_THREAD ? { offThread: process.env.BENCH_PREPARE_OFF_THREAD !== '0' } : {}),
+  ...(process.env.BENCH_PREPARE_MAKE_GROUP ? { makeGroup: Number(process.env.BENCH_PREPARE_MAKE_GROUP) } : {}),
 };
 const geo = kvGeometry(config, 16);
 const kvBlocksPerDevice = Math.ceil((concurrency * Math.ceil((promptLen + outputLen + outputSpread) / geo.blockTokens)) * 1.5);
@@ -352,7 +355,7 @@ for (let i = 1; i < plan.length; i++) {
     bytesCopied: r.bytesCopied, lowerBoundBytes: r.lowerBoundBytes, chunksCopied: r.chunksCopied, chunksFromStandby: r.chunksFromStandby,
     chunksPrefilled: r.chunksPrefilled, bytesPrefilled: r.bytesPrefilled,
     plannedAhead: r.plannedAhead, standbyMadeAhead: r.standbyMadeAhead ?? null, prestartedExecutor: r.prestartedExecutor, preattachedChunks: r.preattachedChunks, attachDuringCopies: r.attachDuringCopies,
-    chunksReused: r.chunksReused, chunksReleased: r.chunksReleased, chunksKeptAsStandby: r.chunksKeptAsStandby, switchover: r.switchover, prepare: r.prepare,
+    attachBeforeTargets: r.attachBeforeTargets, chunksReused: r.chunksReused, chunksReleased: r.chunksReleased, chunksKeptAsStandby: r.chunksKeptAsStandby, switchover: r.switchover, prepare: r.prepare,
     peakUsedBytes: m.peak });
   const speed = stepSpeed(m.before, m.during);
   log(`elastic ${m.from.join(',')} -> ${m.to.join(',')}: ${(m.first.t - m.tCmd).toFixed(0)} ms to the first step on the new layout; ` +

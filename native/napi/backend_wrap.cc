@@ -1,6 +1,8 @@
 #include "napi/backend_wrap.h"
 
+#include <string>
 #include <utility>
+#include <vector>
 
 #include "napi/chunk_wrap.h"
 #include "napi/convert.h"
@@ -60,6 +62,74 @@ class LoadModuleWorker : public PromiseWorker {
   std::string log_;
 };
 
+// Creates one chunk per range, maps it over the whole range and grants `access`, off the
+// main thread (each chunk is a create, a map and a set-access: 0.1-0.2 ms of driver time for
+// 12 MiB on H100/H200, ~1,100-1,700 of them in a scale-down). All or nothing: a failure
+// unmaps and releases what this call made, and the ranges are left empty as they came.
+class CreateMappedWorker : public PromiseWorker {
+ public:
+  CreateMappedWorker(const Napi::Object& owner, std::shared_ptr<Backend> backend, int device,
+                     uint64_t size, bool exportable, std::vector<std::shared_ptr<RangeState>> ranges,
+                     std::vector<int> access)
+      : PromiseWorker(owner, "NativeBackend.createMappedChunks"),
+        backend_(std::move(backend)),
+        device_(device),
+        size_(size),
+        exportable_(exportable),
+        ranges_(std::move(ranges)),
+        access_(std::move(access)) {
+    for (auto& r : ranges_) r->busy = true;
+  }
+
+ private:
+  void Run() override {
+    ids_.reserve(ranges_.size());
+    size_t mapped = 0;
+    try {
+      for (const auto& r : ranges_) {
+        ids_.push_back(backend_->CreateChunk(device_, size_, exportable_));
+        backend_->Map(r->base, size_, ids_.back());
+        ++mapped;
+        backend_->SetAccess(r->base, size_, access_);
+      }
+    } catch (...) {
+      // Best effort: the first failure is the one reported.
+      for (size_t i = 0; i < mapped; ++i) {
+        try { backend_->Unmap(ranges_[i]->base, size_); } catch (...) {}
+      }
+      for (ChunkId id : ids_) {
+        try { backend_->ReleaseChunk(id); } catch (...) {}
+      }
+      ids_.clear();
+      throw;
+    }
+  }
+
+  // The ranges are usable again, and own what was mapped into them.
+  void Settling() override {
+    for (auto& r : ranges_) r->busy = false;
+    for (size_t i = 0; i < ids_.size(); ++i) {
+      chunks_.push_back(std::make_shared<ChunkState>(backend_, ids_[i], device_, size_));
+      ranges_[i]->mappings[0] = RangeState::Mapping{size_, chunks_.back()};
+    }
+  }
+
+  Napi::Value Result(Napi::Env env) override {
+    Napi::Array out = Napi::Array::New(env, chunks_.size());
+    for (size_t i = 0; i < chunks_.size(); ++i) out[i] = NativeChunk::New(env, chunks_[i]);
+    return out;
+  }
+
+  std::shared_ptr<Backend> backend_;
+  int device_;
+  uint64_t size_;
+  bool exportable_;
+  std::vector<std::shared_ptr<RangeState>> ranges_;
+  std::vector<int> access_;
+  std::vector<ChunkId> ids_;
+  std::vector<std::shared_ptr<ChunkState>> chunks_;
+};
+
 }  // namespace
 
 void NativeBackend::Init(Napi::Env env, AddonData& data) {
@@ -72,6 +142,7 @@ void NativeBackend::Init(Napi::Env env, AddonData& data) {
       Method<W, &W::Granularity>("granularity"),
       Method<W, &W::ReserveRange>("reserveRange"),
       Method<W, &W::CreateChunk>("createChunk"),
+      Method<W, &W::CreateMappedChunks>("createMappedChunks"),
       Method<W, &W::ImportChunk>("importChunk"),
       Method<W, &W::AllowImport>("allowImport"),
       Method<W, &W::ImportPid>("importPid"),
@@ -145,6 +216,44 @@ Napi::Value NativeBackend::CreateChunk(const Napi::CallbackInfo& info) {
   ChunkId id = backend_->CreateChunk(device, size, exportable);
   auto state = std::make_shared<ChunkState>(backend_, id, device, size);
   return NativeChunk::New(info.Env(), std::move(state));
+}
+
+// createMappedChunks(device, size, exportable, ranges, access) -> Promise<NativeChunk[]>:
+// each range (exactly `size` bytes, nothing mapped in it) gets a new chunk of `device` mapped
+// over it with read/write for the `access` devices, on a worker thread.
+Napi::Value NativeBackend::CreateMappedChunks(const Napi::CallbackInfo& info) {
+  return PromiseOrReject(info.Env(), "NativeBackend.createMappedChunks", [&]() -> Napi::Value {
+    int device = ToDevice(info[0], "device");
+    uint64_t size = ToSize(info[1], "size");
+    bool exportable = ToBool(info[2], "exportable");
+    if (!info[3].IsArray()) ThrowArgument("ranges", "an array of NativeRange");
+    Napi::Array list = info[3].As<Napi::Array>();
+    std::vector<int64_t> access = ToIntegerList(info[4], "access", 1024, 0, INT32_MAX);
+    if (access.empty()) ThrowArgument("access", "at least one device");
+    std::vector<std::shared_ptr<RangeState>> ranges;
+    ranges.reserve(list.Length());
+    for (uint32_t i = 0; i < list.Length(); ++i) {
+      const std::string name = "ranges[" + std::to_string(i) + "]";
+      NativeRange* range = UnwrapArg<NativeRange>(list.Get(i), name);
+      const std::shared_ptr<RangeState>& r = range->state();
+      if (r->backend != backend_) ThrowArgument(name, "a NativeRange of this backend");
+      if (r->freed) ThrowInvalidHandle(name + " was freed");
+      range->CheckIdle();
+      if (r->size != size) {
+        ThrowArgument(name, "a range of exactly " + std::to_string(size) + " bytes (got " +
+                                std::to_string(r->size) + ")");
+      }
+      if (!r->mappings.empty()) ThrowArgument(name, "a range with nothing mapped in it");
+      for (const auto& other : ranges) {
+        if (other == r) ThrowArgument(name, "a range not listed twice");
+      }
+      ranges.push_back(r);
+    }
+    auto* worker = new CreateMappedWorker(info.This().As<Napi::Object>(), backend_, device, size,
+                                          exportable, std::move(ranges),
+                                          std::vector<int>(access.begin(), access.end()));
+    return worker->Start();
+  });
 }
 
 // importChunk(shareable, device, size): the caller still owns an fd shareable.

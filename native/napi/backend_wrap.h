@@ -30,6 +30,7 @@ class NativeBackend : public Napi::ObjectWrap<NativeBackend> {
   Napi::Value Granularity(const Napi::CallbackInfo& info);
   Napi::Value ReserveRange(const Napi::CallbackInfo& info);
   Napi::Value CreateChunk(const Napi::CallbackInfo& info);
+  Napi::Value CreateMappedChunks(const Napi::CallbackInfo& info);
   Napi::Value ImportChunk(const Napi::CallbackInfo& info);
   Napi::Value AllowImport(const Napi::CallbackInfo& info);
   Napi::Value ImportPid(const Napi::CallbackInfo& info);

@@ -34,6 +34,7 @@ class PromiseWorker : public Napi::AsyncWorker {
  protected:
   virtual void Run() = 0;                                                // worker thread
   virtual Napi::Value Result(Napi::Env env) { return env.Undefined(); }  // main thread
+  virtual void Settling() {}  // main thread, first thing when the work is over (either way)
 
  private:
   void Execute() final {
@@ -47,6 +48,7 @@ class PromiseWorker : public Napi::AsyncWorker {
   }
 
   void OnOK() final {
+    Settling();
     try {
       deferred_.Resolve(Result(Env()));
     } catch (const Napi::Error& e) {
@@ -58,7 +60,10 @@ class PromiseWorker : public Napi::AsyncWorker {
     }
   }
 
-  void OnError(const Napi::Error&) final { deferred_.Reject(StatusError(Env(), status_)); }
+  void OnError(const Napi::Error&) final {
+    Settling();
+    deferred_.Reject(StatusError(Env(), status_));
+  }
 
   Napi::ObjectReference owner_;
   Napi::Promise::Deferred deferred_;

@@ -63,6 +63,12 @@ DevicePtr NativeRange::Span(uint64_t offset, uint64_t bytes, const std::string& 
   return state_->base + offset;
 }
 
+void NativeRange::CheckIdle() const {
+  if (state_->busy) {
+    ThrowInvalidHandle("range is being mapped by createMappedChunks; await its promise first");
+  }
+}
+
 DevicePtr NativeRange::Pointer(uint64_t offset, const std::string& offset_name) const {
   if (state_->freed) ThrowInvalidHandle("range was freed");
   if (offset >= state_->size) {
@@ -92,6 +98,7 @@ Napi::Value NativeRange::Map(const Napi::CallbackInfo& info) {
     ThrowArgument("chunk", "a NativeChunk of the range's backend");
   uint64_t size = info[2].IsUndefined() ? chunk->size : ToSize(info[2], "size");
   DevicePtr address = Span(offset, size, "offset", "size");
+  CheckIdle();
   state_->backend->Map(address, size, chunk->id);
   state_->mappings[offset] = RangeState::Mapping{size, chunk};
   return info.Env().Undefined();
@@ -101,6 +108,7 @@ Napi::Value NativeRange::Unmap(const Napi::CallbackInfo& info) {
   uint64_t offset = ToSize(info[0], "offset");
   uint64_t size = ToSize(info[1], "size");
   DevicePtr address = Span(offset, size, "offset", "size");
+  CheckIdle();
   state_->backend->Unmap(address, size);
   auto& mappings = state_->mappings;
   mappings.erase(mappings.lower_bound(offset), mappings.lower_bound(offset + size));
@@ -112,11 +120,13 @@ Napi::Value NativeRange::SetAccess(const Napi::CallbackInfo& info) {
   uint64_t size = ToSize(info[1], "size");
   std::vector<int64_t> list = ToIntegerList(info[2], "devices", 1024, 0, INT32_MAX);
   DevicePtr address = Span(offset, size, "offset", "size");
+  CheckIdle();
   state_->backend->SetAccess(address, size, std::vector<int>(list.begin(), list.end()));
   return info.Env().Undefined();
 }
 
 Napi::Value NativeRange::Free(const Napi::CallbackInfo& info) {
+  CheckIdle();
   state_->Free();
   return info.Env().Undefined();
 }

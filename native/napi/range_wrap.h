@@ -26,6 +26,9 @@ struct RangeState {
   DevicePtr base = 0;
   uint64_t size = 0;
   bool freed = false;
+  // A createMappedChunks call is mapping a chunk into it on a worker thread: map, unmap,
+  // setAccess and free are refused (INVALID_HANDLE) until its promise settles.
+  bool busy = false;
   std::map<uint64_t, Mapping> mappings;  // offset -> what Map put there
 
   RangeState(std::shared_ptr<Backend> b, DevicePtr base_, uint64_t size_)
@@ -52,6 +55,8 @@ class NativeRange : public Napi::ObjectWrap<NativeRange> {
                  const std::string& bytes_name) const;
   // The device pointer of a kernel argument: offset strictly inside the range.
   DevicePtr Pointer(uint64_t offset, const std::string& offset_name) const;
+  // INVALID_HANDLE while a createMappedChunks call is mapping into the range.
+  void CheckIdle() const;
   // Pointer() without building an argument name: false (nothing thrown) when the range
   // was freed or the offset lies outside it; call Pointer() then for the error.
   bool TryPointer(uint64_t offset, DevicePtr* out) const {
@@ -60,6 +65,7 @@ class NativeRange : public Napi::ObjectWrap<NativeRange> {
     return true;
   }
   const std::shared_ptr<Backend>& backend() const { return state_->backend; }
+  const std::shared_ptr<RangeState>& state() const { return state_; }
 
  private:
   Napi::Value GetBase(const Napi::CallbackInfo& info);

@@ -12,6 +12,16 @@ export function storeWeights(store: ChunkStore): WeightSource {
   return { tensor: (name, device) => store.tensor(name, device).ptr };
 }
 
+/**
+ * Weights of the in-process HMM including the chunks it is still making off the main thread
+ * (ChunkStore.allocateOffThread: their addresses are final, their memory not there yet). For an
+ * engine whose graphs and steps run only once those chunks exist (a scale's standby engine: the
+ * switch-over waits for the copies into them).
+ */
+export function futureWeights(store: ChunkStore): WeightSource {
+  return { tensor: (name, device) => store.futureTensor(name, device) };
+}
+
 /** Weights of chunks attached from the HMM daemon and mapped in this process. */
 export function attachedWeights(set: AttachedSet): WeightSource {
   return { tensor: (name, device) => set.tensor(name, device) };

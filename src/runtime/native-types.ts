@@ -135,6 +135,8 @@ export interface NativeBackend {
   granularity(device: number): number;
   reserveRange(size: number, alignment: number): NativeRange;
   createChunk(device: number, size: number, exportable: boolean): NativeChunk;
+  /** One new chunk mapped over each range (exactly `size` bytes, empty) with access for `access`, on a worker thread; all or nothing. */
+  createMappedChunks(device: number, size: number, exportable: boolean, ranges: NativeRange[], access: number[]): Promise<NativeChunk[]>;
   /** cuda/mock: `shareable` is an fd (the caller still owns it); acl: bigint handle. */
   importChunk(shareable: number | bigint, device: number, size: number): NativeChunk;
   allowImport(shareable: number | bigint, pids: number[]): void;

@@ -68,7 +68,7 @@ import { type PreattachMessage, placementTable } from '../executor/process.js';
 import { RemoteStepper } from '../executor/remote.js';
 import { type MappedKvPool, mapHmmKvPools } from '../executor/kv-view.js';
 import { kvGeometry } from '../executor/types.js';
-import { storeWeights } from '../executor/weights.js';
+import { futureWeights, storeWeights } from '../executor/weights.js';
 import type { WeightSource } from '../executor/types.js';
 import { type CopyProgress, CopyService, targetPlan } from '../hmm/copy-service.js';
 import type { StoredChunk } from '../hmm/chunk-store.js';
@@ -235,6 +235,9 @@ export interface DeploymentOptions {
   /**
    * When every target chunk of a scale is a standby chunk: queue all the copies at once and make
    * the standby (engine, or executor process) while they run, instead of after (default true).
+   * Otherwise, in process with prepare.offThread (default): make the standby engine as soon as
+   * the targets' addresses are reserved, while a worker thread makes their chunks and the copies
+   * follow (ScaleReport.attachBeforeTargets).
    */
   attachDuringCopies?: boolean;
   /**
@@ -319,6 +322,11 @@ export interface ScaleReport {
   plannedAhead: boolean;
   /** Whether the standby engine was made while the copies ran (DeploymentOptions.attachDuringCopies). */
   attachDuringCopies: boolean;
+  /**
+   * Whether it was made before the target chunks existed, against their reserved addresses, while
+   * a worker thread made them (in process, prepare.offThread, targets not all standby chunks).
+   */
+  attachBeforeTargets: boolean;
   /**
    * The standby engine was made ahead, after the last scale (DeploymentOptions.standbyEngines):
    * how long that took in the background and the graphs it captured then. `attach` is absent:
@@ -1085,6 +1093,7 @@ export class Deployment {
     let prefilledBytes = 0;
     let plannedAhead = false;
     let overlapped = false;
+    let attachEarly = false;
     let copying: ReturnType<typeof pacedCopy> | undefined;
     let prestartedUsed = false;
     let prep: Required<PrepareOptions>;
@@ -1166,11 +1175,17 @@ export class Deployment {
         // Taking standby chunks costs ~10 µs each: groups of 256 block the loop ~3 ms (groups of 8 with a
         // turn between them put 2,790 takings across ~100 ms on 2 x H200, the copies waiting behind them).
         if (overlapped) prep = { ...prep, maxInflightBytes: Infinity, allocateGroup: Math.max(prep.allocateGroup, 256) };
+        // Otherwise, in process, with the targets made off the main thread: the standby engine is made
+        // as soon as their addresses are final (it reads them through futureTensor; graphs captured
+        // against them run only after the switch-over, which waits for the copies), so the attach
+        // runs while the driver makes the chunks and the copies follow.
+        const early = !overlapped && !this.daemon && prep.offThread && this.options.attachDuringCopies !== false && jobs.length > 0;
         let allocated!: () => void;
         const ready = new Promise<void>((resolve) => (allocated = resolve));
-        const run = pacedCopy(store, jobs, { ...prep, ...copyOptions, onAllocated: () => allocated() });
-        if (overlapped) {
+        const run = pacedCopy(store, jobs, { ...prep, ...copyOptions, onAllocated: () => allocated(), onReserved: early ? () => allocated() : undefined });
+        if (overlapped || early) {
           copying = run;
+          attachEarly = early;
           run.catch(() => undefined); // observed below, or by the rollback
           await Promise.race([ready, run.then(() => undefined)]);
         } else {
@@ -1219,7 +1234,7 @@ export class Deployment {
           madeAhead = { ms: ready.ms, precaptured: ready.precaptured };
         } else {
           ready = undefined;
-          standby = await Deployment.createForward(this.options, this.hmm, next, allViews, this.hostPool);
+          standby = await Deployment.createForward(this.options, this.hmm, next, allViews, this.hostPool, futureWeights(store));
           attachStats = { viewsMs, forward: standby.createStats };
         }
         // The serving engine's recent shapes, captured ahead on the standby engine (while the copies run, too).
@@ -1334,7 +1349,7 @@ export class Deployment {
     progress('done');
     return {
       from, to: [...next.devices], ms: now() - t0, bytesCopied, chunksCopied: copies.length, chunksFromStandby: fromStandby,
-      chunksPrefilled: prefilled, bytesPrefilled: prefilledBytes, plannedAhead, attachDuringCopies: overlapped, ...(this.daemon ? { prestartedExecutor: prestartedUsed } : {}),
+      chunksPrefilled: prefilled, bytesPrefilled: prefilledBytes, plannedAhead, attachDuringCopies: overlapped || attachEarly, attachBeforeTargets: attachEarly, ...(this.daemon ? { prestartedExecutor: prestartedUsed } : {}),
       ...(standby instanceof RemoteStepper && standby.preattached ? { preattachedChunks: standby.preattached } : {}), chunksReused: reused.length, chunksReleased,
       chunksKeptAsStandby: chunksKept, lowerBoundBytes: lower, phases, switchover, copies, layout: cloneLayout(next),
       prepare: { options: prep!, ...(copyStats ? { stats: copyStats } : {}) }, load: loadUsed,

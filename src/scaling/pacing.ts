@@ -61,6 +61,15 @@ export interface PrepareOptions {
    * runs): no consistent change in the serving work done during a scale, so the default stays.
    */
   queueGroup?: number;
+  /**
+   * Target chunks made on a worker thread (ChunkStore.allocateOffThread: their addresses reserved
+   * at once, the driver's create, map and set-access in calls of `makeGroup`), the copies of a
+   * batch issued once its targets exist; the event loop stays with the serving steps. false:
+   * created on the main thread in groups of allocateGroup. Default true.
+   */
+  offThread?: boolean;
+  /** Chunks per worker-thread call with offThread (default 64). */
+  makeGroup?: number;
 }
 
 export const DEFAULT_PREPARE: Required<Omit<PrepareOptions, 'allocateAheadBytes'>> = {
@@ -70,6 +79,8 @@ export const DEFAULT_PREPARE: Required<Omit<PrepareOptions, 'allocateAheadBytes'
   allocateGroup: 8,
   yieldMs: 0,
   queueGroup: Infinity,
+  offThread: true,
+  makeGroup: 64,
 };
 
 /** One target chunk and the chunks (any store, identical bytes, same size) it is copied from. */
@@ -86,6 +97,11 @@ export interface PacedCopyOptions extends PrepareOptions {
   onProgress?: (p: CopyProgress) => void;
   /** Called once, as soon as every target chunk exists (their pointers are final; the bytes may still be on their way). */
   onAllocated?: (chunks: readonly StoredChunk[]) => void;
+  /**
+   * With offThread: called once, as soon as every target's address is final (spares taken, the
+   * rest reserved: the target store's futureTensor resolves them), before their memory exists.
+   */
+  onReserved?: () => void;
 }
 
 export interface PacedCopyStats {
@@ -94,10 +110,14 @@ export interface PacedCopyStats {
   batches: number;
   /** Copy calls queued (stripes, cut to at most half of maxInflightBytes). */
   pieces: number;
-  /** Time spent inside the synchronous chunk creation calls (the loop is blocked meanwhile). */
+  /** Time spent inside the synchronous chunk creation calls (the loop is blocked meanwhile); offThread: taking spares and reserving addresses. */
   allocateMs: number;
   /** Longest single synchronous chunk creation group. */
   allocateMaxBlockMs: number;
+  /** offThread: milliseconds of the worker-thread calls (the event loop free meanwhile), their count, and the time the copies waited for their targets. */
+  makeMs?: number;
+  makeCalls?: number;
+  allocateWaitMs?: number;
   /** Time spent waiting for the rate cap. */
   throttleMs: number;
   /** Longest synchronous stretch of copy queueing (the loop is blocked meanwhile; see queueGroup). */
@@ -126,6 +146,10 @@ export function resolvePrepare(...layers: Array<PrepareOptions | undefined>): Re
     throw new InvalidArgumentError('prepare.queueGroup', `a positive integer or Infinity (got ${String(o.queueGroup)})`);
   }
   if (typeof o.paced !== 'boolean') throw new InvalidArgumentError('prepare.paced', `a boolean (got ${String(o.paced)})`);
+  if (typeof o.offThread !== 'boolean') throw new InvalidArgumentError('prepare.offThread', `a boolean (got ${String(o.offThread)})`);
+  if (!Number.isSafeInteger(o.makeGroup) || o.makeGroup! < 1) {
+    throw new InvalidArgumentError('prepare.makeGroup', `a positive integer (got ${String(o.makeGroup)})`);
+  }
   const ahead = o.allocateAheadBytes ?? o.maxInflightBytes!;
   positive('allocateAheadBytes', ahead, true);
   return { ...(o as Required<PrepareOptions>), allocateAheadBytes: ahead };
@@ -201,11 +225,28 @@ export async function pacedCopy(target: ChunkStore, jobs: readonly CopyJob[], op
     bytes: jobs.reduce((a, j) => a + j.plan.size, 0), chunks: jobs.length, batches: batches.length, pieces: pieces.length,
     allocateMs: 0, allocateMaxBlockMs: 0, throttleMs: 0, queueMaxBlockMs: 0, copyMs: 0,
   };
-  const made: Array<StoredChunk | undefined> = jobs.map(() => undefined);
+  let made: Array<StoredChunk | undefined> = jobs.map(() => undefined);
   let allocated = 0; // jobs[0 .. allocated) exist
   let allocatedBytes = 0;
+  // Off the main thread: every address final now, the memory made in order behind it.
+  const off = o.offThread ? target.allocateOffThread(jobs.map((j) => j.plan), holder, (p) => access.get(p)!, { group: o.makeGroup }) : undefined;
+  if (off) {
+    made = off.chunks as Array<StoredChunk | undefined>;
+    stats.allocateMs = stats.allocateMaxBlockMs = off.reserveMs;
+    stats.allocateWaitMs = 0;
+    options.onReserved?.();
+  }
   /** Creates target chunks in groups (yielding between groups) until jobs[0 .. upto) exist. */
   const allocateUpTo = async (upto: number, yieldBetween: boolean) => {
+    if (off) {
+      if (allocated >= upto) return;
+      const t = now();
+      await off.until(upto);
+      stats.allocateWaitMs! += now() - t;
+      allocated = upto;
+      if (allocated === jobs.length) options.onAllocated?.(made as StoredChunk[]);
+      return;
+    }
     while (allocated < upto) {
       const end = Math.min(upto, allocated + o.allocateGroup);
       const group = jobs.slice(allocated, end);
@@ -223,6 +264,7 @@ export async function pacedCopy(target: ChunkStore, jobs: readonly CopyJob[], op
   /** Allocation ahead of the copy front: while the latest batch copies, create the chunks of the bytes that follow. */
   let issuedBytes = 0;
   const allocateAhead = async () => {
+    if (off) return; // made ahead on the worker thread already
     let upto = allocated;
     let bytes = allocatedBytes;
     while (upto < jobs.length && bytes - issuedBytes < o.allocateAheadBytes) bytes += jobs[upto++]!.plan.size;
@@ -309,9 +351,14 @@ export async function pacedCopy(target: ChunkStore, jobs: readonly CopyJob[], op
     // Copies already queued must finish before their targets are unmapped.
     await Promise.allSettled(inflight.map((f) => f.done));
     await Promise.allSettled([...streams, ...(join ? [join] : [])].map((s) => s.synchronize()));
-    for (const c of made) if (c) target.release(c.plan.id, holder);
+    if (off) await off.cancel();
+    else for (const c of made) if (c) target.release(c.plan.id, holder);
     throw e;
   } finally {
+    if (off) {
+      stats.makeMs = off.makeMs;
+      stats.makeCalls = off.calls;
+    }
     for (const ev of events) {
       try {
         ev.dispose();

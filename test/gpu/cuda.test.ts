@@ -62,6 +62,29 @@ describe.runIf(onCuda)('cuda backend on a real GPU', () => {
     chunk.dispose();
   });
 
+  it('makes mapped chunks on a worker thread: peer access as asked, all or nothing on out of memory', async () => {
+    const g = rt.granularity(0);
+    const peer = rt.deviceCount > 1 ? 1 : 0;
+    const ranges = Array.from({ length: 16 }, () => rt.reserve(6 * g));
+    const free0 = rt.deviceInfo(0).freeBytes;
+    const chunks = await rt.createMappedChunks(0, 6 * g, ranges, [0, peer], { exportable: true });
+    expect(chunks.map((c) => c.device)).toEqual(new Array(16).fill(0));
+    expect(free0 - rt.deviceInfo(0).freeBytes).toBeGreaterThanOrEqual(16 * 6 * g);
+    // The peer reads what device 0 wrote, through its own stream (access granted by the worker's set-access).
+    const data = pattern(6 * g, 9);
+    await rt.write(ranges[15]!.at(0), data, rt.createStream(0));
+    expect(Buffer.compare(Buffer.from(await rt.read(ranges[15]!.at(0), 6 * g, rt.createStream(peer))), Buffer.from(data))).toBe(0);
+    for (const r of ranges) r.dispose();
+    for (const c of chunks) c.dispose();
+    // Twice the device in all: the driver fails part way, and nothing stays taken.
+    const size = Math.ceil(rt.deviceInfo(0).totalBytes / 4 / (2 * MIB)) * 2 * MIB;
+    const big = Array.from({ length: 8 }, () => rt.reserve(size));
+    const before = rt.deviceInfo(0).freeBytes;
+    await expect(rt.createMappedChunks(0, size, big, [0])).rejects.toBeInstanceOf(OutOfMemoryError);
+    expect(rt.deviceInfo(0).freeBytes).toBe(before);
+    for (const r of big) r.dispose(); // empty, as they came
+  });
+
   it('reports out of memory with the CUDA name', () => {
     const total = rt.deviceInfo(0).totalBytes;
     const size = Math.ceil((total * 2) / (2 * MIB)) * 2 * MIB;

@@ -232,3 +232,58 @@ describe('streams and events', () => {
     expect(() => untimed.elapsedSince(start)).toThrow();
   });
 });
+
+describe('createMappedChunks (off the main thread)', () => {
+  it('maps a new chunk over each range with the access asked for, usable at once', async () => {
+    const rt = openMock();
+    const s = rt.createStream(1);
+    const ranges = [rt.reserve(2 * GRAN), rt.reserve(2 * GRAN), rt.reserve(2 * GRAN)];
+    const chunks = await rt.createMappedChunks(0, 2 * GRAN, ranges, [0, 1], { exportable: true });
+    expect(chunks.map((c) => [c.device, c.size])).toEqual([[0, 2 * GRAN], [0, 2 * GRAN], [0, 2 * GRAN]]);
+    expect(rt.deviceInfo(0).freeBytes).toBe(64 * MIB - 3 * 2 * GRAN);
+    // Device 1 was granted access: it reads and writes every range; device 2 was not.
+    for (const [i, r] of ranges.entries()) {
+      await rt.write(r.at(GRAN + 8), pattern(64, i + 1), s);
+      expect(await rt.read(r.at(GRAN + 8), 64, s)).toEqual(pattern(64, i + 1));
+    }
+    await expect(rt.read(ranges[0]!.at(0), 64, rt.createStream(2))).rejects.toThrow(IllegalAddressError);
+    expect(typeof chunks[0]!.export().kind).toBe('string');
+    // The range owns its mapping like one made by map(): dispose unmaps, and the memory goes with the chunk.
+    for (const r of ranges) r.dispose();
+    for (const c of chunks) c.dispose();
+    expect(rt.deviceInfo(0).freeBytes).toBe(64 * MIB);
+  });
+
+  it('is all or nothing: a failure at the nth chunk leaves every range empty and no memory taken', async () => {
+    const rt = openMock();
+    const ranges = [rt.reserve(GRAN), rt.reserve(GRAN), rt.reserve(GRAN)];
+    for (const op of ['CreateChunk', 'Map', 'SetAccess']) {
+      rt.injectFault(op, 3);
+      await expect(rt.createMappedChunks(0, GRAN, ranges, [0])).rejects.toThrow(FaultInjectedError);
+      expect(rt.deviceInfo(0).freeBytes).toBe(64 * MIB);
+      rt.clearFaults();
+    }
+    // Empty as they came: mappable again.
+    const chunks = await rt.createMappedChunks(0, GRAN, ranges, [0]);
+    expect(chunks).toHaveLength(3);
+  });
+
+  it('refuses bad ranges before anything is made, and a range in use until it settles', async () => {
+    const rt = openMock();
+    const r = rt.reserve(GRAN);
+    await expect(rt.createMappedChunks(0, GRAN, [rt.reserve(2 * GRAN)], [0])).rejects.toThrow(/exactly 2097152 bytes/);
+    await expect(rt.createMappedChunks(0, GRAN, [r, r], [0])).rejects.toThrow(/not listed twice/);
+    await expect(rt.createMappedChunks(0, GRAN, [r], [])).rejects.toThrow(InvalidArgumentError);
+    await expect(rt.createMappedChunks(9, GRAN, [r], [0])).rejects.toThrow(InvalidArgumentError);
+    const busy = rt.reserve(GRAN);
+    const pending = rt.createMappedChunks(1, GRAN, [busy], [1]);
+    expect(() => busy.dispose()).toThrow(InvalidHandleError);
+    expect(() => busy.setAccess(0, GRAN, [1])).toThrow(/createMappedChunks/);
+    await pending;
+    await expect(rt.createMappedChunks(1, GRAN, [busy], [1])).rejects.toThrow(/nothing mapped/);
+    busy.dispose();
+    expect(rt.deviceInfo(1).freeBytes).toBe(64 * MIB - GRAN);
+    expect(rt.reserve(GRAN).disposed).toBe(false);
+    expect(r.disposed).toBe(false);
+  });
+});

@@ -676,10 +676,12 @@ describe('Deployment.scale', () => {
     }
   });
 
-  it('rolls back a failure at each step (allocation, mapping, copy, standby engine): the old layout serves, memory as before', async () => {
+  it.each([true, false])('rolls back a failure at each step (allocation, mapping, copy, standby engine): the old layout serves, memory as before (offThread %s)', async (offThread) => {
     // Kernels not preloaded, so the standby engine loads them on the device it adds (a step that can fail).
     // No standby chunks either, so every target chunk is created by the scale (standby: see below).
-    const { rt, dep } = await start([0], { preloadKernels: false, standbyChunks: false });
+    // offThread: the targets are made on a worker thread while the standby engine is made against
+    // their reserved addresses (a failure on either side waits for the other before the rollback).
+    const { rt, dep } = await start([0], { preloadKernels: false, standbyChunks: false, prepare: { offThread } });
     const load: Array<{ k: number; maxTokens: number; done: Promise<Completion> }> = [];
     const request = (k: number, maxTokens: number) =>
       load.push({ k, maxTokens, done: dep.submit({ prompt: PROMPTS[k]!, maxTokens, ignoreEos: true }) });
@@ -708,6 +710,7 @@ describe('Deployment.scale', () => {
         }
         if (report) {
           expect(failures, `${op} failed at least once`).toBeGreaterThan(0);
+          expect(report.attachBeforeTargets).toBe(offThread);
           await dep.scale({ devices: from });
           return failures;
         }
@@ -932,7 +935,8 @@ describe('Deployment.scale', () => {
     await off.settled();
     expect(off.standby.devices).toEqual([]);
     const offUp = await off.scale({ devices: [0, 1] });
-    expect(offUp).toMatchObject({ chunksFromStandby: 0, plannedAhead: true, attachDuringCopies: false });
+    // Its targets made off the main thread: the standby engine made against their reserved addresses meanwhile.
+    expect(offUp).toMatchObject({ chunksFromStandby: 0, plannedAhead: true, attachDuringCopies: true, attachBeforeTargets: true });
     await off.settled();
     expect((await off.scale({ devices: [2, 3] })).plannedAhead).toBe(false);
   });

@@ -80,7 +80,7 @@ describe('pacedCopy', () => {
   it('creates target chunks in groups, ahead of the copies but not all up front', async () => {
     const { rt, hmm, jobs } = await setup(40, 2);
     const log = trace(hmm);
-    const { stats } = await pacedCopy(hmm.store, jobs, { holder: 'x', maxInflightBytes: 8 * MIB, allocateGroup: 3, allocateAheadBytes: 8 * MIB });
+    const { stats } = await pacedCopy(hmm.store, jobs, { holder: 'x', maxInflightBytes: 8 * MIB, allocateGroup: 3, allocateAheadBytes: 8 * MIB, offThread: false });
     const allocs = log.flatMap(([k, n], i) => (k === 'alloc' ? [{ i, n }] : []));
     expect(allocs.every((a) => a.n <= 3)).toBe(true);
     expect(allocs.reduce((a, x) => a + x.n, 0)).toBe(40);
@@ -141,21 +141,69 @@ describe('pacedCopy', () => {
     }
   });
 
-  it('is all or nothing: a failed copy frees every target it created, the sources stay intact', async () => {
+  it.each([true, false])('is all or nothing: a failed copy frees every target it created, the sources stay intact (offThread %s)', async (offThread) => {
     const { rt, hmm, jobs } = await setup(10, 2);
     const before = rt.devices().map((d) => d.freeBytes);
     const ids = hmm.store.ids().sort();
     const sum = await hmm.store.checksumChunk('G3@0');
     rt.injectFault('CopyDeviceToDevice', 7);
-    await expect(pacedCopy(hmm.store, jobs, { holder: 'x', maxInflightBytes: 4 * MIB, allocateGroup: 2 })).rejects.toBeInstanceOf(FaultInjectedError);
+    await expect(pacedCopy(hmm.store, jobs, { holder: 'x', maxInflightBytes: 4 * MIB, allocateGroup: 2, makeGroup: 3, offThread }))
+      .rejects.toBeInstanceOf(FaultInjectedError);
     rt.clearFaults();
     expect(hmm.store.ids().sort()).toEqual(ids);
+    expect(hmm.store.pendingCount).toBe(0);
     expect(rt.devices().map((d) => d.freeBytes)).toEqual(before);
     expect(await hmm.store.checksumChunk('G3@0')).toBe(sum);
     // And the same copy then succeeds.
     await pacedCopy(hmm.store, jobs, { holder: 'x' });
     expect(await hmm.store.checksumChunk('G3@2')).toBe(sum);
     rt.dispose();
+  });
+
+  it('makes the targets off the main thread: every address final at onReserved, the copies byte-exact, no creation on the loop', async () => {
+    const { rt, hmm, jobs } = await setup(20, 2);
+    const log = trace(hmm);
+    const addresses = new Map<string, bigint>();
+    let allocatedSeen = false;
+    const { chunks, stats } = await pacedCopy(hmm.store, jobs, {
+      holder: 'x', maxInflightBytes: 8 * MIB, makeGroup: 6,
+      onReserved: () => {
+        // Nothing exists yet; futureTensor resolves every target tensor already.
+        expect(hmm.store.pendingCount).toBe(20);
+        for (const j of jobs) for (const t of j.plan.tensors) addresses.set(t.name, hmm.store.futureTensor(t.name, 2).address);
+      },
+      onAllocated: () => (allocatedSeen = true),
+    });
+    expect(allocatedSeen).toBe(true);
+    expect(log.some(([k]) => k === 'alloc')).toBe(false); // never store.allocate on the loop
+    expect(stats.makeCalls).toBe(4); // 20 chunks, one device and size: calls of 6, 6, 6, 2
+    expect(hmm.store.pendingCount).toBe(0);
+    for (const [k, j] of jobs.entries()) {
+      expect(chunks[k]!.plan.id).toBe(j.plan.id);
+      for (const t of j.plan.tensors) expect(hmm.store.tensor(t.name, 2).ptr.address).toBe(addresses.get(t.name));
+      expect(await hmm.store.checksumChunk(j.plan.id)).toBe(await hmm.store.checksumChunk(j.sources[0]!.plan.id));
+    }
+    rt.dispose();
+  });
+
+  it('a chunk the worker thread fails to make fails the copy with nothing left: no chunk, no reserved address, no memory', async () => {
+    for (const op of ['CreateChunk', 'SetAccess']) {
+      const { rt, hmm, jobs } = await setup(12, 2);
+      const before = rt.devices().map((d) => d.freeBytes);
+      const ids = hmm.store.ids().sort();
+      rt.injectFault(op, 8); // in the second call of 5
+      await expect(pacedCopy(hmm.store, jobs, { holder: 'x', maxInflightBytes: 4 * MIB, makeGroup: 5 })).rejects.toBeInstanceOf(FaultInjectedError);
+      rt.clearFaults();
+      expect(hmm.store.ids().sort()).toEqual(ids);
+      expect(hmm.store.pendingCount).toBe(0);
+      expect(rt.devices().map((d) => d.freeBytes)).toEqual(before);
+      // A plan id the store is making is not new: a second allocation of it is refused, taking nothing.
+      const off = hmm.store.allocateOffThread([jobs[0]!.plan], 'y');
+      expect(() => hmm.store.allocateOffThread([jobs[0]!.plan], 'z')).toThrow(/exists/);
+      await off.until(1);
+      expect(hmm.store.get(jobs[0]!.plan.id).holders).toEqual(new Set(['y']));
+      rt.dispose();
+    }
   });
 
   it('queues one batch\'s copies in groups of queueGroup with a turn of the loop between them', async () => {
@@ -227,10 +275,12 @@ describe('Deployment with a paced prepare phase', () => {
     const r = await dep.scale({ devices: [0, 1] }, {
       onProgress: (p) => {
         if (p.phase === 'prepare' && prepareStart === 0) prepareStart = performance.now();
-        if (p.phase === 'attach') prepareEnd = performance.now();
+        // The targets are made and copied while the standby engine is made: the window ends at the switch-over.
+        if (p.phase === 'switch') prepareEnd = performance.now();
       },
     });
     expect(r.chunksCopied).toBe(117);
+    expect(r.attachBeforeTargets).toBe(true);
     const during = steps.filter((s) => s.t > prepareStart && s.t <= prepareEnd);
     const longest = Math.max(...steps.filter((s) => s.t > prepareStart).map((s) => s.ms));
     expect(during.length, `steps during a ${(prepareEnd - prepareStart).toFixed(0)} ms prepare phase`).toBeGreaterThanOrEqual(40);
@@ -259,7 +309,8 @@ describe('Deployment with a paced prepare phase', () => {
     expect(down.prepare.stats).toBeUndefined();
     const last = await dep.scale({ devices: [0] }, { prepare: { bytesPerMs: MIB / 16, maxInflightBytes: 4 * MIB } }); // 2 MiB batches, one per 32 ms
     expect(last.prepare.stats!.throttleMs).toBeGreaterThan(0);
-    expect(last.phases.prepareMs).toBeGreaterThanOrEqual((last.bytesCopied - 4 * MIB) / (MIB / 16) - 1);
+    const { prepareMs, attachMs, copyWaitMs } = last.phases;
+    expect(prepareMs + attachMs + copyWaitMs).toBeGreaterThanOrEqual((last.bytesCopied - 4 * MIB) / (MIB / 16) - 1);
     const got = await Promise.all(done);
     got.forEach((c, i) => expect(c.outputTokens, `prompt ${i}`).toEqual(want[i]!.outputTokens));
     await dep.settled();
