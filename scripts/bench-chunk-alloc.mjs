@@ -14,6 +14,8 @@
 //           targets): 'sync' (store's loop), 'async-serial' (one call per device, one after
 //           another), 'async-parallel' (one call per device, all at once), 'async-groups'
 //           (calls of BENCH_GROUP chunks, all devices' at once): ms and the loop's longest gap.
+//   reserve with BENCH_EXISTING (default 8000) ranges reserved in the process already (a
+//           deployment's chunks each have one): N reserve() calls against one reserveMany(N).
 // BENCH_WAYS (comma list, default every way) picks some.
 // With BENCH_BUSY=1 every device runs a spinning kernel meanwhile (serving-like load).
 //   ELASTICMOE_BACKEND=cuda node scripts/bench-chunk-alloc.mjs > alloc.jsonl
@@ -155,7 +157,17 @@ async function spread(how) {
   return { how, devices: spreadDevices, ms, usPerChunk: (ms * 1e3) / n, loopMaxGapMs, ...(how === 'async-groups' ? { group } : {}) };
 }
 
-const ways = new Set((process.env.BENCH_WAYS ?? 'store,split,onerange,async,spread').split(','));
+function reserveWays() {
+  const existing = Array.from({ length: Number(process.env.BENCH_EXISTING ?? 8000) }, () => rt.reserve(bytes));
+  const [eachMs, each] = time(() => Array.from({ length: n }, () => rt.reserve(bytes)));
+  const [manyMs, many] = time(() => rt.reserveMany(n, bytes));
+  each.forEach((r) => r.dispose());
+  many.forEach((r) => r.dispose());
+  existing.forEach((r) => r.dispose());
+  return { existing: existing.length, eachMs, eachUs: (eachMs * 1e3) / n, manyMs };
+}
+
+const ways = new Set((process.env.BENCH_WAYS ?? 'store,split,onerange,async,spread,reserve').split(','));
 for (let rep = 0; rep < 2; rep++) {
   if (ways.has('store')) {
     emit({ way: 'store', access: [target, ...sources], busy, rep, ...store([target, ...sources]) });
@@ -169,6 +181,7 @@ for (let rep = 0; rep < 2; rep++) {
     emit({ way: 'onerange', access: [target, ...sources], busy, rep, ...oneRange([target, ...sources]) });
     emit({ way: 'onerange', access: [target], busy, rep, ...oneRange([target]) });
   }
+  if (ways.has('reserve')) emit({ way: 'reserve', busy, rep, ...reserveWays() });
   if (ways.has('async')) emit({ way: 'async', access: [target], busy, rep, ...await asyncOne([target]) });
   if (ways.has('spread')) {
     for (const how of ['sync', 'async-serial', 'async-parallel', 'async-groups']) emit({ way: 'spread', busy, rep, ...await spread(how) });

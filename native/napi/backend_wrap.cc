@@ -141,6 +141,7 @@ void NativeBackend::Init(Napi::Env env, AddonData& data) {
       Method<W, &W::CanAccessPeer>("canAccessPeer"),
       Method<W, &W::Granularity>("granularity"),
       Method<W, &W::ReserveRange>("reserveRange"),
+      Method<W, &W::ReserveRanges>("reserveRanges"),
       Method<W, &W::CreateChunk>("createChunk"),
       Method<W, &W::CreateMappedChunks>("createMappedChunks"),
       Method<W, &W::ImportChunk>("importChunk"),
@@ -206,6 +207,25 @@ Napi::Value NativeBackend::ReserveRange(const Napi::CallbackInfo& info) {
   // Owned from here: freed if making the object fails.
   auto state = std::make_shared<RangeState>(backend_, base, size);
   return NativeRange::New(info.Env(), std::move(state));
+}
+
+// reserveRanges(count, size): `count` ranges of `size` bytes cut from one reservation (one
+// driver call instead of `count`: on H100 a reservation cost 40-170 us with a few thousand
+// others in the process); the reservation is freed with the last of them.
+Napi::Value NativeBackend::ReserveRanges(const Napi::CallbackInfo& info) {
+  uint64_t count = ToSize(info[0], "count");
+  uint64_t size = ToSize(info[1], "size");
+  if (count == 0 || count > (1u << 20)) ThrowArgument("count", "in [1, 1048576]");
+  if (size == 0 || size > UINT64_MAX / count) ThrowArgument("size", "positive, with count x size in 64 bits");
+  DevicePtr base = backend_->ReserveRange(count * size, 0);
+  // Owned from here: freed if making the objects fails (the last range, or this reference, frees it).
+  auto reservation = std::make_shared<Reservation>(backend_, base, count * size);
+  Napi::Array out = Napi::Array::New(info.Env(), count);
+  for (uint64_t i = 0; i < count; ++i) {
+    auto state = std::make_shared<RangeState>(reservation, base + i * size, size);
+    out[static_cast<uint32_t>(i)] = NativeRange::New(info.Env(), std::move(state));
+  }
+  return out;
 }
 
 // createChunk(device, size, exportable = false)

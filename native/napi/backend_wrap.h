@@ -29,6 +29,7 @@ class NativeBackend : public Napi::ObjectWrap<NativeBackend> {
   Napi::Value CanAccessPeer(const Napi::CallbackInfo& info);
   Napi::Value Granularity(const Napi::CallbackInfo& info);
   Napi::Value ReserveRange(const Napi::CallbackInfo& info);
+  Napi::Value ReserveRanges(const Napi::CallbackInfo& info);
   Napi::Value CreateChunk(const Napi::CallbackInfo& info);
   Napi::Value CreateMappedChunks(const Napi::CallbackInfo& info);
   Napi::Value ImportChunk(const Napi::CallbackInfo& info);

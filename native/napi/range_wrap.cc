@@ -17,6 +17,20 @@ RangeState::~RangeState() {
   }
 }
 
+Reservation::~Reservation() {
+  try {
+    Free();
+  } catch (...) {
+    // A finalizer never throws.
+  }
+}
+
+void Reservation::Free() {
+  if (freed) return;
+  freed = true;
+  backend->FreeRange(base, size);
+}
+
 void RangeState::Free() {
   if (freed) return;
   freed = true;
@@ -29,10 +43,14 @@ void RangeState::Free() {
     }
   }
   mappings.clear();
-  try {
-    backend->FreeRange(base, size);
-  } catch (...) {
-    if (!first_error) first_error = std::current_exception();
+  // The last range of a reservation frees it (and reports a failure); the others let go.
+  std::shared_ptr<Reservation> r = std::move(reservation);
+  if (r.use_count() == 1) {
+    try {
+      r->Free();
+    } catch (...) {
+      if (!first_error) first_error = std::current_exception();
+    }
   }
   if (first_error) std::rethrow_exception(first_error);
 }

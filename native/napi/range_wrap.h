@@ -15,6 +15,20 @@
 
 namespace emoe::napi {
 
+// One ReserveRange call, shared by the ranges cut from it (reserveRanges): freed by the last of
+// them. Main thread only.
+struct Reservation {
+  std::shared_ptr<Backend> backend;
+  DevicePtr base = 0;
+  uint64_t size = 0;
+  bool freed = false;
+
+  Reservation(std::shared_ptr<Backend> b, DevicePtr base_, uint64_t size_)
+      : backend(std::move(b)), base(base_), size(size_) {}
+  ~Reservation();
+  void Free();  // idempotent; throws the backend's failure
+};
+
 // Main thread only.
 struct RangeState {
   struct Mapping {
@@ -31,8 +45,17 @@ struct RangeState {
   bool busy = false;
   std::map<uint64_t, Mapping> mappings;  // offset -> what Map put there
 
+  // The reservation this range lies in (its own, or one shared with the other ranges cut from
+  // it); released at Free, and freed with the last range holding it.
+  std::shared_ptr<Reservation> reservation;
+
+  // A range with a reservation of its own.
   RangeState(std::shared_ptr<Backend> b, DevicePtr base_, uint64_t size_)
-      : backend(std::move(b)), base(base_), size(size_) {}
+      : backend(b), base(base_), size(size_),
+        reservation(std::make_shared<Reservation>(std::move(b), base_, size_)) {}
+  // [base_, base_ + size_) of a shared reservation.
+  RangeState(std::shared_ptr<Reservation> r, DevicePtr base_, uint64_t size_)
+      : backend(r->backend), base(base_), size(size_), reservation(std::move(r)) {}
   ~RangeState();
   // Unmaps what is still mapped, then frees the reservation. Idempotent; throws the
   // first failure after trying everything.

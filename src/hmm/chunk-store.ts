@@ -170,7 +170,8 @@ export class ChunkStore {
 
   /**
    * Allocates like allocate() with the driver's work off the main thread: spares are taken and
-   * the other chunks' addresses reserved at once (so `futureTensor` resolves every tensor of
+   * the other chunks' addresses reserved at once, one reservation per chunk size cut into
+   * ranges (Runtime.reserveMany; so `futureTensor` resolves every tensor of
    * `plans` from now on), then their chunks are made by Runtime.createMappedChunks, `group` at a
    * time, in plan order, one call at a time (calls in parallel were no faster on 4 x H100:
    * scripts/bench-chunk-alloc.mjs), each chunk registered as its call returns. Serving steps keep
@@ -184,22 +185,36 @@ export class ChunkStore {
     const t0 = performance.now();
     const chunks: Array<StoredChunk | undefined> = plans.map(() => undefined);
     const waiting: Array<{ index: number; entry: Pending }> = [];
+    const ranges: VirtualRange[] = [];
     try {
+      const rest: Array<{ index: number; plan: ChunkPlan; devices: number[] }> = [];
       for (const [index, plan] of plans.entries()) {
         this.checkNew(plan);
         const devices = access ? access(plan) : [plan.device];
         const spare = this.takeSpare(plan.device, plan.size, devices);
-        if (spare) {
-          chunks[index] = this.register(plan, holder, spare);
-          continue;
-        }
-        const entry: Pending = { plan, range: this.rt.reserve(plan.size), access: [...devices] };
+        if (spare) chunks[index] = this.register(plan, holder, spare);
+        else rest.push({ index, plan, devices });
+      }
+      // The addresses: one reservation per chunk size, cut into ranges.
+      const bySize = new Map<number, VirtualRange[]>();
+      for (const r of rest) bySize.set(r.plan.size, []);
+      for (const [size, list] of bySize) {
+        const n = rest.filter((r) => r.plan.size === size).length;
+        list.push(...this.rt.reserveMany(n, size));
+        ranges.push(...list);
+      }
+      const next = new Map<number, number>();
+      for (const { index, plan, devices } of rest) {
+        const k = next.get(plan.size) ?? 0;
+        next.set(plan.size, k + 1);
+        const entry: Pending = { plan, range: bySize.get(plan.size)![k]!, access: [...devices] };
         this.addPending(entry);
         waiting.push({ index, entry });
       }
     } catch (e) {
       for (const c of chunks) if (c) this.free(c);
-      for (const w of waiting) this.dropPending(w.entry, true);
+      for (const w of waiting) this.dropPending(w.entry, false);
+      for (const r of ranges) r.dispose();
       throw e;
     }
     const fromSpares = plans.length - waiting.length;

@@ -134,6 +134,8 @@ export interface NativeBackend {
   canAccessPeer(device: number, peer: number): boolean;
   granularity(device: number): number;
   reserveRange(size: number, alignment: number): NativeRange;
+  /** `count` ranges of `size` bytes cut from one reservation, freed with the last of them. */
+  reserveRanges(count: number, size: number): NativeRange[];
   createChunk(device: number, size: number, exportable: boolean): NativeChunk;
   /** One new chunk mapped over each range (exactly `size` bytes, empty) with access for `access`, on a worker thread; all or nothing. */
   createMappedChunks(device: number, size: number, exportable: boolean, ranges: NativeRange[], access: number[]): Promise<NativeChunk[]>;

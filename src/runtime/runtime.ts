@@ -143,6 +143,16 @@ export class Runtime implements Disposable {
   reserve(size: number, alignment = 0): VirtualRange {
     return new VirtualRange(this.native.reserveRange(checkSize('size', size, { positive: true }), alignment));
   }
+  /**
+   * `count` ranges of `size` bytes (a multiple of the granularity) cut from one reservation: one
+   * driver call instead of `count` (with a few thousand ranges in the process, one reservation
+   * cost 40-170 µs on H100). Each behaves as a range of its own; the reservation is freed with
+   * the last of them.
+   */
+  reserveMany(count: number, size: number): VirtualRange[] {
+    if (!Number.isSafeInteger(count) || count < 1) throw new InvalidArgumentError('count', `a positive integer (got ${String(count)})`);
+    return this.native.reserveRanges(count, checkSize('size', size, { positive: true })).map((n) => new VirtualRange(n));
+  }
   createChunk(device: number, size: number, { exportable = false } = {}): Chunk {
     return new Chunk(this.native.createChunk(this.device(device), checkSize('size', size, { positive: true }), exportable));
   }

@@ -81,7 +81,9 @@ describe.runIf(onCuda)('cuda backend on a real GPU', () => {
     const big = Array.from({ length: 8 }, () => rt.reserve(size));
     const before = rt.deviceInfo(0).freeBytes;
     await expect(rt.createMappedChunks(0, size, big, [0])).rejects.toBeInstanceOf(OutOfMemoryError);
-    expect(rt.deviceInfo(0).freeBytes).toBe(before);
+    // None of the chunks made before the failure stays (each is a quarter of the device); the driver
+    // itself kept 8 MiB after the first such call on H100 (its own, per-thread), hence the slack.
+    expect(before - rt.deviceInfo(0).freeBytes).toBeLessThan(64 * MIB);
     for (const r of big) r.dispose(); // empty, as they came
   });
 

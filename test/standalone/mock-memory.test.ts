@@ -287,3 +287,29 @@ describe('createMappedChunks (off the main thread)', () => {
     expect(r.disposed).toBe(false);
   });
 });
+
+describe('reserveMany (ranges cut from one reservation)', () => {
+  it('gives adjacent ranges that map, serve and free on their own; the reservation goes with the last of them', async () => {
+    const rt = openMock();
+    const s = rt.createStream(0);
+    const ranges = rt.reserveMany(3, 2 * GRAN);
+    expect(ranges.map((r) => r.size)).toEqual([2 * GRAN, 2 * GRAN, 2 * GRAN]);
+    expect(ranges[1]!.base - ranges[0]!.base).toBe(BigInt(2 * GRAN));
+    expect(ranges[2]!.base - ranges[1]!.base).toBe(BigInt(2 * GRAN));
+    const chunks = await rt.createMappedChunks(0, 2 * GRAN, ranges, [0]);
+    // A range's span is its own: a map past its end is refused, not spilled into the next one.
+    expect(() => ranges[0]!.map(2 * GRAN, rt.createChunk(0, GRAN))).toThrow(InvalidArgumentError);
+    ranges[0]!.dispose();
+    chunks[0]!.dispose();
+    expect(rt.deviceInfo(0).freeBytes).toBe(64 * MIB - 2 * 2 * GRAN - GRAN); // the unmapped chunk made above is still alive
+    await rt.write(ranges[2]!.at(100), pattern(256, 5), s);
+    expect(await rt.read(ranges[2]!.at(100), 256, s)).toEqual(pattern(256, 5));
+    // FreeRange is called once, by the last range: a fault on its first call shows up there.
+    rt.injectFault('FreeRange', 1);
+    ranges[1]!.dispose();
+    expect(() => ranges[2]!.dispose()).toThrow(FaultInjectedError);
+    rt.clearFaults();
+    expect(() => rt.reserveMany(0, GRAN)).toThrow(InvalidArgumentError);
+    expect(() => rt.reserveMany(2, GRAN + 1)).toThrow(InvalidArgumentError);
+  });
+});
