@@ -10,6 +10,7 @@
 //   onerange one reserve for all N, each chunk mapped at its offset, one set-access call.
 //   async   Runtime.createMappedChunks (create + map + set-access on a worker thread) for the
 //           N chunks of the target in one call; with the event loop's longest gap meanwhile;
+//           async-many: the same into ranges side by side (reserveMany: one set-access for all);
 //   spread  N chunks spread over `spreadDevices` devices (default 2: a 3->2 scale-down's
 //           targets): 'sync' (store's loop), 'async-serial' (one call per device, one after
 //           another), 'async-parallel' (one call per device, all at once), 'async-groups'
@@ -121,8 +122,9 @@ async function withGap(f) {
   return { ms: end - t, loopMaxGapMs: Math.max(gap, end - last), r };
 }
 
-async function asyncOne(access) {
-  const ranges = Array.from({ length: n }, () => rt.reserve(bytes));
+async function asyncOne(access, many = false) {
+  // many: ranges side by side (reserveMany), so the worker grants access with one call per run of them.
+  const ranges = many ? rt.reserveMany(n, bytes) : Array.from({ length: n }, () => rt.reserve(bytes));
   const { ms, loopMaxGapMs, r: cs } = await withGap(() => rt.createMappedChunks(target, bytes, ranges, access, { exportable: true }));
   const [freeMs] = time(() => { ranges.forEach((r) => r.dispose()); cs.forEach((c) => c.dispose()); });
   return { ms, usPerChunk: (ms * 1e3) / n, loopMaxGapMs, freeMs };
@@ -182,7 +184,11 @@ for (let rep = 0; rep < 2; rep++) {
     emit({ way: 'onerange', access: [target], busy, rep, ...oneRange([target]) });
   }
   if (ways.has('reserve')) emit({ way: 'reserve', busy, rep, ...reserveWays() });
-  if (ways.has('async')) emit({ way: 'async', access: [target], busy, rep, ...await asyncOne([target]) });
+  if (ways.has('async')) {
+    emit({ way: 'async', access: [target], busy, rep, ...await asyncOne([target]) });
+    emit({ way: 'async-many', access: [target], busy, rep, ...await asyncOne([target], true) });
+    emit({ way: 'async-many', access: [target, ...sources], busy, rep, ...await asyncOne([target, ...sources], true) });
+  }
   if (ways.has('spread')) {
     for (const how of ['sync', 'async-serial', 'async-parallel', 'async-groups']) emit({ way: 'spread', busy, rep, ...await spread(how) });
   }

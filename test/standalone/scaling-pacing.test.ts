@@ -187,11 +187,12 @@ describe('pacedCopy', () => {
   });
 
   it('a chunk the worker thread fails to make fails the copy with nothing left: no chunk, no reserved address, no memory', async () => {
-    for (const op of ['CreateChunk', 'SetAccess']) {
+    // In the second call of 5: its 3rd chunk's create or map, or its one set-access (the ranges are side by side).
+    for (const [op, nth] of [['CreateChunk', 8], ['Map', 8], ['SetAccess', 2]] as const) {
       const { rt, hmm, jobs } = await setup(12, 2);
       const before = rt.devices().map((d) => d.freeBytes);
       const ids = hmm.store.ids().sort();
-      rt.injectFault(op, 8); // in the second call of 5
+      rt.injectFault(op, nth);
       await expect(pacedCopy(hmm.store, jobs, { holder: 'x', maxInflightBytes: 4 * MIB, makeGroup: 5 })).rejects.toBeInstanceOf(FaultInjectedError);
       rt.clearFaults();
       expect(hmm.store.ids().sort()).toEqual(ids);
