@@ -10,7 +10,7 @@
 //   onerange one reserve for all N, each chunk mapped at its offset, one set-access call.
 //   async   Runtime.createMappedChunks (create + map + set-access on a worker thread) for the
 //           N chunks of the target in one call; with the event loop's longest gap meanwhile;
-//           async-many: the same into ranges side by side (reserveMany: one set-access for all);
+//           async-many: the same into ranges side by side (reserveMany);
 //   spread  N chunks spread over `spreadDevices` devices (default 2: a 3->2 scale-down's
 //           targets): 'sync' (store's loop), 'async-serial' (one call per device, one after
 //           another), 'async-parallel' (one call per device, all at once), 'async-groups'
@@ -123,7 +123,7 @@ async function withGap(f) {
 }
 
 async function asyncOne(access, many = false) {
-  // many: ranges side by side (reserveMany), so the worker grants access with one call per run of them.
+  // many: ranges side by side (reserveMany), as the chunk store's off-thread allocation uses.
   const ranges = many ? rt.reserveMany(n, bytes) : Array.from({ length: n }, () => rt.reserve(bytes));
   const { ms, loopMaxGapMs, r: cs } = await withGap(() => rt.createMappedChunks(target, bytes, ranges, access, { exportable: true }));
   const [freeMs] = time(() => { ranges.forEach((r) => r.dispose()); cs.forEach((c) => c.dispose()); });

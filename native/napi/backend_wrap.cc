@@ -64,8 +64,7 @@ class LoadModuleWorker : public PromiseWorker {
 
 // Creates one chunk per range, maps it over the whole range and grants `access`, off the
 // main thread (each chunk is a create, a map and a set-access: 0.1-0.2 ms of driver time for
-// 12 MiB on H100/H200, ~1,100-2,800 of them in a scale-down); one set-access covers each run
-// of adjacent ranges. All or nothing: a failure
+// 12 MiB on H100/H200, ~1,100-2,800 of them in a scale-down). All or nothing: a failure
 // unmaps and releases what this call made, and the ranges are left empty as they came.
 class CreateMappedWorker : public PromiseWorker {
  public:
@@ -87,18 +86,13 @@ class CreateMappedWorker : public PromiseWorker {
     ids_.reserve(ranges_.size());
     size_t mapped = 0;
     try {
+      // One set-access per chunk: one per run of side-by-side ranges was no faster on H100
+      // (2,784 chunks of 12 MiB: 50 against 49 us a chunk; scripts/bench-chunk-alloc.mjs).
       for (const auto& r : ranges_) {
         ids_.push_back(backend_->CreateChunk(device_, size_, exportable_));
         backend_->Map(r->base, size_, ids_.back());
         ++mapped;
-      }
-      // One set-access per run of side-by-side ranges (reserveRanges cuts them so), not per chunk:
-      // set-access is most of a chunk's driver time (52 us of ~90 for 12 MiB on H200).
-      for (size_t i = 0; i < ranges_.size();) {
-        size_t j = i + 1;
-        while (j < ranges_.size() && ranges_[j]->base == ranges_[j - 1]->base + size_) ++j;
-        backend_->SetAccess(ranges_[i]->base, (j - i) * size_, access_);
-        i = j;
+        backend_->SetAccess(r->base, size_, access_);
       }
     } catch (...) {
       // Best effort: the first failure is the one reported.
