@@ -486,11 +486,7 @@ export class ChunkStore {
    * most of it setting access) is paid ahead, off the path of a scale. All or nothing.
    */
   addSpares(device: number, size: number, count: number, access: readonly number[] = [device]): void {
-    if (!Number.isSafeInteger(count) || count < 0) throw new InvalidArgumentError('count', `a non-negative integer (got ${String(count)})`);
-    if (!Number.isSafeInteger(size) || size <= 0 || size % this.rt.granularity(device) !== 0) {
-      throw new InvalidArgumentError('size', `a positive multiple of device ${device}'s granularity ${this.rt.granularity(device)} (got ${String(size)})`);
-    }
-    const devices = [...new Set([device, ...access])].sort((a, b) => a - b);
+    const devices = this.checkSpares(device, size, count, access);
     const made: Spare[] = [];
     try {
       for (let i = 0; i < count; i++) made.push(this.create(device, size, devices));
@@ -498,6 +494,43 @@ export class ChunkStore {
       for (const s of made) freeSpare(s);
       throw e;
     }
+    this.pushSpares(device, size, made);
+  }
+
+  /**
+   * addSpares with the driver's work off the main thread: the addresses reserved as one
+   * reservation (Runtime.reserveMany), the chunks made by Runtime.createMappedChunks in calls of
+   * `group`, each call's spares added as it returns. Each call is all or nothing; on a failure the
+   * spares of the calls before it stay, and the error is rethrown. Returns the spares added.
+   */
+  async addSparesOffThread(device: number, size: number, count: number, access: readonly number[] = [device],
+    { group = 64 }: { group?: number } = {}): Promise<number> {
+    const devices = this.checkSpares(device, size, count, access);
+    if (!Number.isSafeInteger(group) || group < 1) throw new InvalidArgumentError('group', `a positive integer (got ${String(group)})`);
+    if (count === 0) return 0;
+    const ranges = this.rt.reserveMany(count, size);
+    let added = 0;
+    try {
+      for (; added < count; added += Math.min(group, count - added)) {
+        const mine = ranges.slice(added, added + group);
+        const chunks = await this.rt.createMappedChunks(device, size, mine, devices, { exportable: true });
+        this.pushSpares(device, size, chunks.map((chunk, k) => ({ chunk, range: mine[k]!, access: new Set(devices) })));
+      }
+    } finally {
+      for (const r of ranges.slice(added)) r.dispose(); // never mapped: nothing made there
+    }
+    return added;
+  }
+
+  private checkSpares(device: number, size: number, count: number, access: readonly number[]): number[] {
+    if (!Number.isSafeInteger(count) || count < 0) throw new InvalidArgumentError('count', `a non-negative integer (got ${String(count)})`);
+    if (!Number.isSafeInteger(size) || size <= 0 || size % this.rt.granularity(device) !== 0) {
+      throw new InvalidArgumentError('size', `a positive multiple of device ${device}'s granularity ${this.rt.granularity(device)} (got ${String(size)})`);
+    }
+    return [...new Set([device, ...access])].sort((a, b) => a - b);
+  }
+
+  private pushSpares(device: number, size: number, made: Spare[]): void {
     let bySize = this.spares.get(device);
     if (!bySize) this.spares.set(device, (bySize = new Map()));
     bySize.set(size, [...(bySize.get(size) ?? []), ...made]);

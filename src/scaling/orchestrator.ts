@@ -926,7 +926,7 @@ export class Deployment {
     await this.dropReadies();
     await syncStandby(this.hmm.store, this.rt, this.plans, this.layoutSpec, this.layoutId, {
       standby: this.standbyOn, prefill: this.options.prefillStandby !== false, scaleDownSpares: this.options.scaleDownSpares === true,
-      kvBlockBytes: blockBytes, kvBlocks: this.options.kvBlocksPerDevice,
+      offThread: resolvePrepare(this.options.prepare).offThread, kvBlockBytes: blockBytes, kvBlocks: this.options.kvBlocksPerDevice,
     }, () => this.aheadStop, (e) => (this.aheadError = e));
     await this.makeReadies();
     // Last: the scale-down plans (the standby engines first: they serve the scale-ups' latency and serving).

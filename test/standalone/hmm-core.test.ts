@@ -186,6 +186,33 @@ describe('chunk store and synthetic weights', () => {
     expect(rt.devices().map((d) => d.freeBytes)).toEqual(new Array(4).fill(64 * MIB));
   });
 
+  it('makes spares off the main thread in calls: the same spares as addSpares; a failed call keeps the calls before it and frees its addresses', async () => {
+    const rt = openMock({ mockCapacity: 64 * MIB });
+    const store = new ChunkStore(rt);
+    expect(await store.addSparesOffThread(1, 2 * GRAN, 5, [0], { group: 2 })).toBe(5);
+    expect(store.spareCount(1)).toBe(5);
+    expect(store.sparesCover(Array.from({ length: 5 }, () => ({ device: 1, size: 2 * GRAN, access: [0, 1] })))).toBe(true);
+    expect(rt.deviceInfo(1).freeBytes).toBe(64 * MIB - 10 * GRAN);
+    // Taken by allocate with no driver call, as those of addSpares.
+    for (const op of ['CreateChunk', 'ReserveRange', 'Map', 'SetAccess']) rt.injectFault(op, 1);
+    const [a] = store.allocate([{ id: 'a', group: 'a', device: 1, kind: 'weight' as const, size: 2 * GRAN, tensors: [] }], 'h', () => [1, 0]);
+    rt.clearFaults();
+    const s0 = rt.createStream(0);
+    s0.memset(a!.range.at(0), 3, 64);
+    await s0.synchronize();
+    // The third call of 2 fails at its first chunk: 4 spares stay, the rest of the addresses are freed.
+    rt.injectFault('CreateChunk', 5);
+    await expect(store.addSparesOffThread(2, GRAN, 6, [2], { group: 2 })).rejects.toThrow(FaultInjectedError);
+    rt.clearFaults();
+    expect(store.spareCount(2)).toBe(4);
+    expect(rt.deviceInfo(2).freeBytes).toBe(64 * MIB - 4 * GRAN);
+    await expect(store.addSparesOffThread(2, GRAN + 1, 1)).rejects.toThrow(InvalidArgumentError);
+    expect(await store.addSparesOffThread(2, GRAN, 0)).toBe(0);
+    store.release('a', 'h');
+    store.dispose();
+    expect(rt.devices().map((d) => d.freeBytes)).toEqual(new Array(4).fill(64 * MIB));
+  });
+
   it('fills spares ahead with a chunk\'s bytes: adoptFilled takes the one filled as that id, allocate prefers blank ones, keep lets stale ones be refilled', async () => {
     const rt = openMock({ mockCapacity: 64 * MIB });
     const store = new ChunkStore(rt);
