@@ -27,6 +27,8 @@ interface ScaleReportBody {
   chunksFromStandby?: number;
   plannedAhead?: boolean;
   attachDuringCopies?: boolean;
+  attachBeforeTargets?: boolean;
+  prepare?: { stats?: { chunks: number; makeMs?: number; makeCalls?: number } };
   prestartedExecutor?: boolean;
   preattachedChunks?: { kept: number; dropped: number };
   precapture?: { graphs: number; ms: number };
@@ -68,6 +70,11 @@ export async function runScale(o: ScaleCommandOptions): Promise<number> {
     body.precapture?.graphs ? `${body.precapture.graphs} step graphs (captured in ${body.precapture.ms.toFixed(0)} ms before the switch)` : undefined,
   ].filter((x): x is string => x !== undefined);
   if (ahead.length > 0) out.write(`ready ahead: ${ahead.join(', ')}${body.attachDuringCopies ? '; the standby made while the copies ran' : ''}\n`);
+  const made = body.prepare?.stats;
+  if (made?.makeCalls) {
+    out.write(`target chunks made on a worker thread: ${made.chunks - (body.chunksFromStandby ?? 0)} in ${made.makeCalls} calls, `
+      + `${(made.makeMs ?? 0).toFixed(0)} ms${body.attachBeforeTargets ? ' (the standby engine made meanwhile, against their addresses)' : ''}\n`);
+  }
   out.write(`${table([
     ['copied', 'reused in place', 'released', 'bytes copied', 'lower bound'],
     [String(body.chunksCopied), String(body.chunksReused), String(body.chunksReleased), formatBytes(body.bytesCopied), formatBytes(body.lowerBoundBytes)],

@@ -63,12 +63,18 @@ describe('elasticmoe scale against elasticmoe serve', () => {
     // The completion above left device 0's two shapes cached (its prompt's and its decode's): the
     // standby captured both ahead (up to 3 per device by default).
     expect(up.stdout).toMatch(/ready ahead: .*2 step graphs \(captured in \d+ ms before the switch\)/);
-    const json = spawnSync(process.execPath, [cli, 'scale', '--devices', '3', '--url', server.url, '--json'], { encoding: 'utf8' });
+    // Device 3's standby chunks hold only what a scale-up onto it copies: the rest of its targets
+    // are made on a worker thread while the standby engine is made against their addresses.
+    const move = spawnSync(process.execPath, [cli, 'scale', '--devices', '3', '--url', server.url], { encoding: 'utf8' });
+    expect(move.status, move.stderr).toBe(0);
+    expect(move.stdout).toMatch(/target chunks made on a worker thread: \d+ in \d+ calls, \d+ ms \(the standby engine made meanwhile/);
+    expect(await complete(server.url)).toEqual(before);
+    const json = spawnSync(process.execPath, [cli, 'scale', '--devices', '0,1', '--url', server.url, '--json'], { encoding: 'utf8' });
     expect(json.status, json.stderr).toBe(0);
     const report = JSON.parse(json.stdout);
-    expect(report.to).toEqual([3]);
+    expect(report.to).toEqual([0, 1]);
     expect(report.bytesCopied).toBe(report.lowerBoundBytes);
-    expect(report.layout.devices).toEqual([3]);
+    expect(report.layout.devices).toEqual([0, 1]);
     expect(await complete(server.url)).toEqual(before);
     const bad = spawnSync(process.execPath, [cli, 'scale', '--devices', '0,0', '--url', server.url], { encoding: 'utf8' });
     expect(bad.status).toBe(1);
