@@ -71,8 +71,10 @@ export function precaptureShapes(recent: readonly GraphShape[], devices: readonl
 /**
  * The shapes a new layout's first steps pass through (options.ramp: the sequences running), beyond
  * the recent ones: every staying device's decode and mixed step at its new share of the
- * sequences (S = the step bucket of seqs / devices; the block-table stride and mixed T of its
- * own recent shapes), and for a joining device (none of its own) the mixed steps of its climb
+ * sequences (S = the step bucket of seqs / devices; the mixed T of its own recent shapes, the
+ * widest block-table stride of its own recent shapes or, in a scale-down, of the leaving devices'
+ * when wider: their sequences come over. On 4 x H100 a 4->3's first two steps captured the staying
+ * ranks' decode at stride 16 when their own had been 8, 42-57 ms steps against 20), and for a joining device (none of its own) the mixed steps of its climb
  * to that share (S = each step bucket from 2 up to it; T each of the two smallest mixed T of any
  * device, one prompt or two; the smallest block-table stride: fresh sequences) and its decode
  * step at the share. On 4 x H100 (Qwen3-30B-A3B shapes, 32 sequences, 64-token prompts) these
@@ -89,15 +91,21 @@ function rampShapes(recent: readonly GraphShape[], devices: readonly number[], s
   for (const g of recent) if (isMixed(g) && !mixedByT.has(g.T)) mixedByT.set(g.T, g);
   const joiningMixed = [...mixedByT.values()].sort((a, b) => a.T - b.T).slice(0, 2);
   const freshMB = recent.length > 0 ? Math.min(...recent.map((g) => g.MB)) : undefined;
+  // A scale-down hands the leaving devices' sequences to the staying ones: a staying rank's
+  // block-table stride becomes at least theirs.
+  const leavingMB = Math.max(0, ...recent.filter((g) => g.device !== undefined && !devices.includes(g.device)).map((g) => g.MB));
   for (const device of devices) {
     const mine = recent.filter((g) => g.device === device);
     const shapes: GraphShape[] = [];
     if (mine.length > 0) {
       const dec = mine.find((g) => !isMixed(g));
       const mix = mine.find(isMixed);
+      // The widest stride the rank had lately (it moves as long sequences end and new ones grow; a
+      // graph of a wider stride covers a narrower one: ForwardEngine's covered graphs).
+      const MB = Math.max(leavingMB, ...mine.map((g) => g.MB));
       // Decode first: the staying ranks go on decoding, the new one takes the waiting prompts.
-      if (dec) shapes.push({ ...dec, T: share, S: share, sampled: share });
-      if (mix && mix.T >= share) shapes.push({ ...mix, S: share, sampled: Math.max(0, share - unsampled(mix)) });
+      if (dec) shapes.push({ ...dec, T: share, S: share, MB, sampled: share });
+      if (mix && mix.T >= share) shapes.push({ ...mix, S: share, MB, sampled: Math.max(0, share - unsampled(mix)) });
     } else if (joining && freshMB !== undefined) {
       for (const g of joiningMixed) {
         for (let S = 2; S <= share && S <= g.T; S = stepBucket(S + 1)) {

@@ -659,6 +659,15 @@ describe('precaptureShapes', () => {
     const four = [m(0, 8, 8, 16), m(1, 96, 8, 8), m(1, 8, 8, 8), m(2, 8, 8, 8), m(3, 8, 8, 8)];
     expect(precaptureShapes(four, [0, 1, 2], 1, { ramp: 32 }).map((x) => [x.device, x.T, x.S, x.MB])).toEqual([[0, 12, 12, 16], [1, 12, 12, 8], [2, 12, 12, 8]]);
     expect(precaptureShapes(four, [0, 1, 2], 1)).toEqual(precaptureShapes(four, [0, 1, 2], 1, { ramp: 0 }));
+    // The leaving device's sequences come over with their longer block tables: the staying ranks' stride is at least theirs.
+    const longLeaving = [m(0, 8, 8, 16), m(1, 96, 8, 8), m(1, 8, 8, 8), m(2, 8, 8, 8), m(3, 8, 8, 32)];
+    expect(precaptureShapes(longLeaving, [0, 1, 2], 2, { ramp: 32 }).map((x) => [x.device, x.T, x.S, x.MB]))
+      .toEqual([[0, 12, 12, 32], [0, 8, 8, 16], [1, 12, 12, 32], [1, 96, 12, 32], [2, 12, 12, 32], [2, 8, 8, 8]]);
+    // The widest stride a device had lately, not its latest one's (a graph of a wider stride covers a narrower one).
+    const varying = [m(0, 8, 8, 8), m(0, 8, 8, 16), m(1, 8, 8, 8)];
+    expect(precaptureShapes(varying, [0, 1], 1, { ramp: 16 }).map((x) => [x.device, x.T, x.MB])).toEqual([[0, 8, 16], [1, 8, 8]]);
+    // A scale-up hands none over: the staying ranks keep their own stride.
+    expect(precaptureShapes(longLeaving.slice(0, 4), [0, 1, 2, 3], 1, { ramp: 32 }).map((x) => [x.device, x.MB])).toEqual([[0, 16], [1, 8], [2, 8]]);
   });
 
   it('with balancedSeqs, puts first on every device the decode step of its share of the sequences', () => {
