@@ -143,9 +143,10 @@ const executorKnob = env('BENCH_EXECUTOR', 'in-process');
 if (!['in-process', 'process'].includes(executorKnob)) throw new Error(`BENCH_EXECUTOR: in-process or process (got '${executorKnob}')`);
 // BENCH_PRESTART=0: no executor process started ahead (each scale's attach phase spawns its standby).
 // BENCH_PREATTACH=0: the process started ahead does not attach the serving layout's chunks ahead.
+// BENCH_INIT_AHEAD=0: nor is it initialised ahead for the planned scale-up (ExecutorMode initAhead).
 const executor = executorKnob === 'process'
   ? { process: { script: path.join(here, '../dist/executor/main.js'), prestart: env('BENCH_PRESTART', '1') !== '0',
-    preattach: env('BENCH_PREATTACH', '1') !== '0' } } : 'in-process';
+    preattach: env('BENCH_PREATTACH', '1') !== '0', initAhead: env('BENCH_INIT_AHEAD', '1') !== '0' } } : 'in-process';
 
 const t0 = performance.now();
 const clock = () => performance.now() - t0;

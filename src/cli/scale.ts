@@ -31,6 +31,7 @@ interface ScaleReportBody {
   prepare?: { stats?: { chunks: number; makeMs?: number; makeCalls?: number } };
   prestartedExecutor?: boolean;
   preattachedChunks?: { kept: number; dropped: number };
+  standbyMadeAhead?: { ms: number; precaptured: number };
   precapture?: { graphs: number; ms: number };
 }
 
@@ -65,7 +66,8 @@ export async function runScale(o: ScaleCommandOptions): Promise<number> {
   const ahead = [
     body.plannedAhead ? 'plan' : undefined,
     body.chunksFromStandby ? `${body.chunksFromStandby} of ${body.chunksCopied} target chunks` : undefined,
-    body.prestartedExecutor ? 'the standby executor process' : undefined,
+    body.prestartedExecutor ? `the standby executor process${body.standbyMadeAhead ? ', initialised for this layout' : ''}` : undefined,
+    body.standbyMadeAhead && body.prestartedExecutor === undefined ? 'the standby engine' : undefined,
     body.preattachedChunks?.kept ? `${body.preattachedChunks.kept} chunks attached by it` : undefined,
     body.precapture?.graphs ? `${body.precapture.graphs} step graphs (captured in ${body.precapture.ms.toFixed(0)} ms before the switch)` : undefined,
   ].filter((x): x is string => x !== undefined);

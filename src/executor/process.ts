@@ -10,6 +10,9 @@
 //   parent → executor  { type: 'preattach', devices, placement }   (optional, before init)
 //   parent → executor  { type: 'init', config, devices, placement, options? }
 //   executor → parent  { type: 'ready', pid, session, chunks } | { type: 'error', message, name }
+//   parent → executor  { type: 'init', ... } again, any number of times before the first step: the
+//                      engine is rebuilt for that layout, what was attached kept as attached ahead
+//                      (a process initialised ahead for a planned scale and given another)
 //   parent → executor  { type: 'step', id, batch, returnLogits? }
 //   executor → parent  { type: 'result', id, result } | { type: 'error', id, message, name }
 //   parent → executor  { type: 'shutdown' }
@@ -253,63 +256,87 @@ export async function runExecutorProcess(options: ExecutorProcessOptions): Promi
       await warm.catch(() => undefined);
       return;
     }
-    try {
-      if (init.type !== 'init') throw new Error(`expected an init message first (got '${init.type}')`);
-      const { rt: r, client: c } = await connect();
-      // Attach only what this layout uses: an imported chunk stays allocated on the device for as long
-      // as any process holds it, so holding another layout's chunks would keep them alive.
-      const manifest = await c.manifest();
-      const pools = manifest.kvPools.filter((p) => init.devices.includes(p.device));
-      const needed = layoutChunkIds(manifest.chunks, init.devices, init.placement, pools);
-      let preattached: ReadyMessage['preattached'];
-      if (ahead) {
-        // Chunks attached ahead that this layout does not use are unmapped after ready (the parent
-        // drops them from this session at the daemon, and frees them once nobody holds them).
-        const want = new Set(needed);
-        const have = new Set(ahead.entries.map((e) => e.id));
-        unused = [...have].filter((id) => !want.has(id));
-        const rest = needed.filter((id) => !have.has(id));
-        if (rest.length > 0) ahead.absorb(await c.attach(rest));
-        set = ahead;
-        ahead = undefined;
-        preattached = { kept: have.size - unused.length, dropped: unused.length };
-      } else {
-        set = await c.attach(needed);
-      }
-      views = mapAttachedKvPools(r, set, pools);
-      engine = await ForwardEngine.create(r, init.config, layoutFromTable(init.devices, init.placement),
-        attachedWeights(set), views, init.options ?? {});
-      // Nothing else runs in this process: each graph in one piece.
-      // Best effort: graphs not captured ahead are captured at their first step.
-      let precaptured: ReadyMessage['precaptured'];
-      if (init.precapture && init.precapture.length > 0) {
-        const t = performance.now();
-        try {
-          await engine.precapture(init.precapture, { layersPerTurn: init.config.layers });
-          precaptured = { graphs: engine.graphStats.precaptured, ms: performance.now() - t };
-        } catch (e) {
-          const err = e instanceof Error ? e : new Error(String(e));
-          precaptured = { graphs: engine.graphStats.precaptured, ms: performance.now() - t, error: `${err.name}: ${err.message}` };
-        }
-      }
-      send(channel, {
-        type: 'ready', pid: process.pid, session: c.session, chunks: set.size - unused.length, ...(preattached ? { preattached } : {}),
-        ...(precaptured ? { precaptured } : {}),
-      });
+    // Init, and again for each init that comes before the first step (a process initialised ahead
+    // for a planned layout and then given another: it keeps what it attached as its `ahead`).
+    let first: ToExecutor | undefined = init;
+    while (first?.type === 'init') {
+      const msg: InitMessage = first;
       try {
-        set.drop(unused);
-      } catch {
-        // Best effort: what could not be unmapped here is released when this process exits.
+        if (engine) {
+          engine.dispose();
+          engine = undefined;
+          for (const v of views?.values() ?? []) v.dispose();
+          views = undefined;
+          ahead = set;
+          set = undefined;
+        }
+        const { rt: r, client: c } = await connect();
+        // Attach only what this layout uses: an imported chunk stays allocated on the device for as long
+        // as any process holds it, so holding another layout's chunks would keep them alive.
+        const manifest = await c.manifest();
+        const pools = manifest.kvPools.filter((p) => msg.devices.includes(p.device));
+        const needed = layoutChunkIds(manifest.chunks, msg.devices, msg.placement, pools);
+        let preattached: ReadyMessage['preattached'];
+        if (ahead) {
+          // Chunks attached ahead that this layout does not use are unmapped after ready (the parent
+          // drops them from this session at the daemon, and frees them once nobody holds them).
+          const want = new Set(needed);
+          const have = new Set(ahead.entries.map((e) => e.id));
+          unused = [...have].filter((id) => !want.has(id));
+          const rest = needed.filter((id) => !have.has(id));
+          if (rest.length > 0) ahead.absorb(await c.attach(rest));
+          set = ahead;
+          ahead = undefined;
+          preattached = { kept: have.size - unused.length, dropped: unused.length };
+        } else {
+          set = await c.attach(needed);
+        }
+        views = mapAttachedKvPools(r, set, pools);
+        engine = await ForwardEngine.create(r, msg.config, layoutFromTable(msg.devices, msg.placement),
+          attachedWeights(set), views, msg.options ?? {});
+        // Nothing else runs in this process: each graph in one piece.
+        // Best effort: graphs not captured ahead are captured at their first step.
+        let precaptured: ReadyMessage['precaptured'];
+        if (msg.precapture && msg.precapture.length > 0) {
+          const t = performance.now();
+          try {
+            await engine.precapture(msg.precapture, { layersPerTurn: msg.config.layers });
+            precaptured = { graphs: engine.graphStats.precaptured, ms: performance.now() - t };
+          } catch (e) {
+            const err = e instanceof Error ? e : new Error(String(e));
+            precaptured = { graphs: engine.graphStats.precaptured, ms: performance.now() - t, error: `${err.name}: ${err.message}` };
+          }
+        }
+        send(channel, {
+          type: 'ready', pid: process.pid, session: c.session, chunks: set.size - unused.length, ...(preattached ? { preattached } : {}),
+          ...(precaptured ? { precaptured } : {}),
+        });
+        try {
+          set.drop(unused);
+        } catch {
+          // Best effort: what could not be unmapped here is released when this process exits.
+        }
+      } catch (e) {
+        ahead?.dispose();
+        send(channel, errorMessage(e));
+        return;
       }
-    } catch (e) {
+      first = await receive();
+    }
+    if (first === undefined || first.type === 'shutdown') {
       ahead?.dispose();
-      send(channel, errorMessage(e));
+      return;
+    }
+    if (!engine || first.type !== 'step') {
+      ahead?.dispose();
+      send(channel, errorMessage(new Error(engine ? `unexpected '${first.type}' message` : `expected an init message first (got '${first.type}')`)));
       return;
     }
 
     // Steps in order: each waits for the one before it.
-    const eng = engine;
+    const eng = engine!;
     let shapesSent = '[]';
+    const firstStep = first;
     await new Promise<void>((resolve) => {
       let chain = Promise.resolve();
       let done = false;
@@ -340,6 +367,9 @@ export async function runExecutorProcess(options: ExecutorProcessOptions): Promi
           send(channel, errorMessage(new Error(`unexpected '${m.type}' message`)));
           return;
         }
+        runStep(m);
+      });
+      const runStep = (m: StepMessage) => {
         chain = chain.then(async () => {
           let reply: FromExecutor;
           try {
@@ -360,7 +390,8 @@ export async function runExecutorProcess(options: ExecutorProcessOptions): Promi
             // the parent is gone
           }
         });
-      });
+      };
+      runStep(firstStep);
       void channel.closed.then(finish);
     });
   } finally {

@@ -6,6 +6,7 @@
 import { type ChildProcess, spawn } from 'node:child_process';
 
 import type { ModelConfig } from '../model/config.js';
+import { InvalidArgumentError } from '../runtime/errors.js';
 import { UnixChannel } from '../runtime/channel.js';
 import type { Stepper } from './engine.js';
 import type { ForwardEngineOptions, GraphShape } from './forward.js';
@@ -62,6 +63,7 @@ export class RemoteStepper implements Stepper {
   readonly exited: Promise<{ code: number | null; signal: NodeJS.Signals | null } | undefined>;
   private exitInfo: { code: number | null; signal: NodeJS.Signals | null } | undefined;
   private readyWaiter: { resolve: () => void; reject: (e: Error) => void } | undefined;
+  private stepped = false;
   /** The executor's HMM session, once ready. */
   session = '';
   /** Chunks it attached ahead (a preattach before init) and kept, and those init dropped; once ready. */
@@ -122,33 +124,56 @@ export class RemoteStepper implements Stepper {
   static async start(channel: UnixChannel, proc: ChildProcess | undefined, init: RemoteStepperInit,
     readyTimeoutMs = 60_000): Promise<RemoteStepper> {
     const s = new RemoteStepper(channel, proc);
+    try {
+      await s.init(init, readyTimeoutMs);
+    } catch (e) {
+      s.kill();
+      throw e;
+    }
+    return s;
+  }
+
+  /**
+   * Initialises the executor again, for another layout, before its first step (one initialised
+   * ahead for a planned scale and given another: process.ts keeps what it attached). On failure
+   * the process is killed before this rejects.
+   */
+  async reinit(init: RemoteStepperInit, readyTimeoutMs = 60_000): Promise<void> {
+    if (this.stepped) throw new InvalidArgumentError('reinit', 'called before the executor\'s first step');
+    try {
+      await this.init(init, readyTimeoutMs);
+    } catch (e) {
+      this.kill();
+      throw e;
+    }
+  }
+
+  private async init(init: RemoteStepperInit, readyTimeoutMs: number): Promise<void> {
     const msg: InitMessage = { type: 'init', config: init.config, devices: [...init.layout.devices], placement: placementTable(init.config, init.layout) };
     if (init.options) msg.options = init.options;
     if (init.precapture && init.precapture.length > 0) msg.precapture = init.precapture;
     let timer: NodeJS.Timeout | undefined;
     try {
       await new Promise<void>((resolve, reject) => {
-        s.readyWaiter = { resolve, reject };
+        if (this.failure) return reject(this.failure);
+        this.readyWaiter = { resolve, reject };
         timer = setTimeout(() => reject(new Error(`the executor sent no 'ready' within ${readyTimeoutMs} ms`)), readyTimeoutMs);
         try {
-          s.send(msg);
+          this.send(msg);
         } catch (e) {
           // Its end of the channel is closed: the process is gone (or going).
-          reject(s.failure ?? new ExecutorCrashedError(`could not send init to the executor process: ${(e as Error).message}`));
+          reject(this.failure ?? new ExecutorCrashedError(`could not send init to the executor process: ${(e as Error).message}`));
         }
       });
-    } catch (e) {
-      s.kill();
-      throw e;
     } finally {
       clearTimeout(timer);
-      s.readyWaiter = undefined;
+      this.readyWaiter = undefined;
     }
-    return s;
   }
 
   step(batch: StepBatch, options: { returnLogits?: boolean } = {}): Promise<StepResult> {
     if (this.failure) return Promise.reject(this.failure);
+    this.stepped = true;
     const id = this.nextId++;
     return new Promise<StepResult>((resolve, reject) => {
       this.pending.set(id, { resolve, reject });

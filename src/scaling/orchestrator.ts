@@ -88,6 +88,7 @@ import { type PacedCopyStats, type PrepareOptions, pacedCopy, resolvePrepare } f
 import { DEFAULT_PRECAPTURE_GRAPHS, precaptureShapes } from './precapture.js';
 import { ScalePlans, planScaleDowns, syncStandby } from './ahead.js';
 import { type ReadyStandby, captureMissing, disposeReady, makeReadyStandby } from './ready.js';
+import { type ReadyProcess, adoptAhead, aheadHolder, unadopt } from './ready-process.js';
 
 export interface DeploymentOptions {
   rt: Runtime;
@@ -265,9 +266,13 @@ export interface DeploymentOptions {
  * kernels loaded on every device) and waiting for its layout, so a scale's attach phase does not
  * start a process; a new one is started after each scale. `preattach` (default true, with
  * prestart): that process also attaches the serving layout's chunks ahead (a scale keeps most of
- * them), so the attach phase imports only what the new layout adds.
+ * them), so the attach phase imports only what the new layout adds. `initAhead` (default true,
+ * with prestart, standby chunks filled ahead and standbyEngines not false): that process is
+ * initialised ahead for the planned scale-up onto the lowest idle device, over that scale's
+ * target chunks adopted ahead from the filled standby chunks (ready-process.ts), so the scale-up
+ * only switches over; a scale it was not made for initialises it again for its own layout.
  */
-export type ExecutorMode = 'in-process' | { process: { script: string; env?: Record<string, string>; prestart?: boolean; preattach?: boolean } };
+export type ExecutorMode = 'in-process' | { process: { script: string; env?: Record<string, string>; prestart?: boolean; preattach?: boolean; initAhead?: boolean } };
 
 /** The forward pass of a layout: in process, or an executor process. */
 type Executor = ForwardEngine | RemoteStepper;
@@ -418,6 +423,7 @@ interface DaemonState {
   env: Record<string, string>;
   prestart: boolean;
   preattach: boolean;
+  initAhead: boolean;
 }
 /** A layout as the forward pass takes it (devices and an expert placement function). */
 const forwardLayout = (l: LayoutSpec) => ({ devices: [...l.devices], placement: toExpertPlacement(l) });
@@ -449,6 +455,8 @@ export class Deployment {
   private aheadError: unknown;
   /** The executor process started ahead for the next scale's standby (executor processes, prestart). */
   private prestarted: Spawned | undefined;
+  /** Executor processes: the process started ahead, initialised for the planned scale-up (ExecutorMode initAhead). */
+  private readyProc: ReadyProcess | undefined;
   /** Whether standby chunks are kept (DeploymentOptions.standbyChunks; setStandbyChunks). */
   private standbyOn: boolean;
   /** Standby engines made ahead by the joining device (DeploymentOptions.standbyEngines); a scale takes or frees them all. */
@@ -545,6 +553,7 @@ export class Deployment {
           daemon = {
             daemon: await HmmDaemon.listen(hmm, socket), dir, socket, script: mode.process.script, env: { ...mode.process.env },
             prestart: mode.process.prestart !== false, preattach: mode.process.preattach !== false,
+            initAhead: mode.process.initAhead !== false,
           };
         } catch (e) {
           rmSync(dir, { recursive: true, force: true });
@@ -623,18 +632,23 @@ export class Deployment {
   private static async initExecutor(options: DeploymentOptions, { proc, channel: mine }: Spawned, layout: LayoutSpec,
     precapture: GraphShape[] = []): Promise<RemoteStepper> {
     try {
-      return await RemoteStepper.start(mine, proc, {
-        config: options.config,
-        layout: forwardLayout(layout),
-        precapture,
-        // The KV dtype too: the pools were made for it (Deployment.geometry).
-        options: { maxTokensPerStep: options.maxTokensPerStep ?? 64, blockTokens: options.blockTokens ?? 16, kvDtype: options.forward?.kvDtype ?? 'bf16' },
-      });
+      return await RemoteStepper.start(mine, proc, Deployment.executorInit(options, layout, precapture));
     } catch (e) {
       proc.kill('SIGKILL');
       await exitOf(proc);
       throw e;
     }
+  }
+
+  /** What an executor process is initialised with for `layout`. */
+  private static executorInit(options: DeploymentOptions, layout: LayoutSpec, precapture: GraphShape[]) {
+    return {
+      config: options.config,
+      layout: forwardLayout(layout),
+      precapture,
+      // The KV dtype too: the pools were made for it (Deployment.geometry).
+      options: { maxTokensPerStep: options.maxTokensPerStep ?? 64, blockTokens: options.blockTokens ?? 16, kvDtype: options.forward?.kvDtype ?? 'bf16' },
+    };
   }
 
   private static async disposeExecutor(x: Executor | undefined, kill: boolean): Promise<void> {
@@ -680,6 +694,11 @@ export class Deployment {
   /** Pid of the executor process started ahead for the next scale (process mode, prestart), else undefined. */
   get prestartedPid(): number | undefined {
     return this.prestarted?.proc.pid;
+  }
+
+  /** Pid of the executor process initialised ahead for the planned scale-up (process mode, initAhead), else undefined. */
+  get readyExecutorPid(): number | undefined {
+    return this.readyProc?.stepper.pid;
   }
 
   /** Pid of the executor process serving the current layout (process mode), else undefined. */
@@ -796,6 +815,8 @@ export class Deployment {
     devices: Array<{ device: number; chunks: number; bytes: number; filled: number }>;
     /** precaptured: graphs captured ahead (made and followed); followMs: host time of following the serving engine's shapes. */
     engines: Array<{ device: number; precaptured: number; followMs: number }>;
+    /** Executor processes: the process initialised ahead (initAhead), by the device its scale-up adds; its graphs captured and its making's wall time. */
+    process?: { device: number; precaptured: number; ms: number };
     error?: unknown;
   } {
     const store = this.hmm.store;
@@ -809,7 +830,9 @@ export class Deployment {
     }).filter((x) => x.chunks > 0);
     // The standby engines made ahead (standbyEngines), by the device their scale-up adds, with the graphs captured so far.
     const engines = [...this.readies.values()].sort((a, b) => a.device - b.device).map((r) => ({ device: r.device, precaptured: r.precaptured, followMs: r.followMs }));
-    return { devices, engines, ...(this.aheadError !== undefined ? { error: this.aheadError } : {}) };
+    const r = this.readyProc;
+    const process = r ? { device: r.device, precaptured: r.stepper.precaptured?.graphs ?? 0, ms: r.ms } : undefined;
+    return { devices, engines, ...(process ? { process } : {}), ...(this.aheadError !== undefined ? { error: this.aheadError } : {}) };
   }
 
   /**
@@ -826,6 +849,7 @@ export class Deployment {
     // The work ahead frees the standby chunks no longer wanted (all of them when off) or makes them.
     await this.stopAhead();
     await this.dropReadies();
+    await this.dropReadyProc();
     this.standbyOn = on;
     this.startAhead();
     await this.ahead;
@@ -929,6 +953,7 @@ export class Deployment {
       offThread: resolvePrepare(this.options.prepare).offThread, kvBlockBytes: blockBytes, kvBlocks: this.options.kvBlocksPerDevice,
     }, () => this.aheadStop, (e) => (this.aheadError = e));
     await this.makeReadies();
+    await this.makeReadyProcess();
     // Last: the scale-down plans (the standby engines first: they serve the scale-ups' latency and serving).
     if (!this.options.scaleDownSpares) await planScaleDowns(this.plans, this.layoutSpec, this.layoutId, () => this.aheadStop, (e) => (this.aheadError = e));
     if (!this.aheadStop && this.readies.size > 0 && this.followPerDevice() > 0) this.following = this.followShapes().catch(() => undefined);
@@ -968,6 +993,62 @@ export class Deployment {
         this.aheadError = e;
       }
     }
+  }
+
+  /**
+   * Executor processes (ExecutorMode initAhead): initialises the process started ahead for the
+   * planned scale-up onto the lowest idle device whose filled standby chunks hold every target of
+   * its plan: the targets adopted ahead (ready-process.ts), the device's KV pool made, then the
+   * process's init (attach, engine, graphs of the serving process's recent shapes). Best effort:
+   * on failure the process is gone, the chunks are standby chunks again and the pool is freed.
+   */
+  private async makeReadyProcess(): Promise<void> {
+    const d0 = this.daemon;
+    const spawned = this.prestarted;
+    if (!d0?.initAhead || !spawned || this.readyProc || this.aheadStop || !this.standbyOn || this.options.prefillStandby === false
+      || this.options.standbyEngines === false || !(this.forward instanceof RemoteStepper)) return;
+    if (spawned.proc.exitCode !== null || spawned.proc.signalCode !== null) return;
+    const layout = this.layoutSpec;
+    const layoutId = this.layoutId;
+    const store = this.hmm.store;
+    const { blockBytes } = Deployment.geometry(this.options);
+    for (let device = 0; device < this.rt.deviceCount; device++) {
+      const to = [...layout.devices, device];
+      if (layout.devices.includes(device) || !this.plans.has(layoutId, to)) continue;
+      const planned = this.plans.planFor(layout, layoutId, to, undefined);
+      const holder = aheadHolder(layoutId, device);
+      const adopted = adoptAhead(store, planned, device, holder);
+      if (!adopted) continue;
+      const t0 = now();
+      this.prestarted = undefined;
+      let pool = false;
+      try {
+        this.hmm.kv.createPool({ device, blockBytes, blocks: this.options.kvBlocksPerDevice });
+        pool = true;
+        const shapes = precaptureShapes(this.forward.graphShapes, planned.next.devices, this.options.precaptureGraphs ?? DEFAULT_PRECAPTURE_GRAPHS,
+          { joining: true });
+        const stepper = await Deployment.initExecutor(this.options, spawned, planned.next, shapes);
+        this.readyProc = { fromId: layoutId, to: [...planned.next.devices], device, planned, stepper, holder, adopted, ms: now() - t0 };
+      } catch (e) {
+        // initExecutor killed the process; its session ends with it, then the chunks go back.
+        await this.settleSessions(new Set([this.forward.session]));
+        unadopt(store, adopted, holder);
+        if (pool) this.hmm.kv.destroyPool(device);
+        this.aheadError = e;
+      }
+      return;
+    }
+  }
+
+  /** Ends the process initialised ahead (if any): its session ends, its chunks are standby chunks again, its device's pool is freed. */
+  private async dropReadyProc(): Promise<void> {
+    const r = this.readyProc;
+    if (!r) return;
+    this.readyProc = undefined;
+    await Deployment.disposeExecutor(r.stepper, true);
+    await this.settleSessions(new Set(this.forward instanceof RemoteStepper ? [this.forward.session] : []));
+    unadopt(this.hmm.store, r.adopted, r.holder);
+    if (!this.layoutSpec.devices.includes(r.device)) this.hmm.kv.destroyPool(r.device);
   }
 
   /** Frees every standby engine made ahead, with its KV pool (the loop given turns in between). */
@@ -1048,6 +1129,19 @@ export class Deployment {
     // switch-over (or at rollback). None is left for the next scale: the work ahead makes new ones.
     const readies = [...this.readies.values()];
     this.readies.clear();
+    // Executor processes: the process initialised ahead is this scale's standby, as it is when it was
+    // made for this scale's plan ('used'), else initialised again for this layout ('reinit').
+    let readyProc = this.readyProc;
+    this.readyProc = undefined;
+    if (readyProc && (readyProc.stepper.proc?.exitCode !== null || readyProc.stepper.proc?.signalCode !== null)) {
+      // It died while waiting: its session is ending; its chunks go back once it has (below, at rollback or release).
+      readyProc.stepper.kill();
+    }
+    let readyProcUse: 'used' | 'reinit' | undefined;
+    const dropReadyProcChunks = (r: ReadyProcess, destroyPool: boolean) => {
+      unadopt(store, r.adopted, r.holder);
+      if (destroyPool) this.hmm.kv.destroyPool(r.device);
+    };
     /** Readies whose device's KV pool and mapping this scale took (they serve any layout with that device). */
     const readyPools = new Set<number>();
     let ready: ReadyStandby | undefined;
@@ -1058,6 +1152,7 @@ export class Deployment {
       if (this.daemon) {
         // The standby process (if any) dies first, then its daemon session ends, releasing its holds.
         try {
+          if (readyProc && readyProc.stepper !== standby) await Deployment.disposeExecutor(readyProc.stepper, true);
           await Deployment.disposeExecutor(standby, true);
           await this.settleSessions(new Set(serving instanceof RemoteStepper ? [serving.session] : []));
         } catch {
@@ -1072,6 +1167,8 @@ export class Deployment {
         ...[...newViews.values()].map((v) => () => v.dispose()),
         () => void (holderUsed && store.releaseHolder(newId)),
         ...createdPools.map((d) => () => this.hmm.kv.destroyPool(d)),
+        // The chunks adopted ahead are standby chunks again, the pool made ahead freed (the old layout lacks its device).
+        ...(readyProc ? [() => dropReadyProcChunks(readyProc!, true)] : []),
       ];
       newViews = new Map();
       for (const step of steps) {
@@ -1125,6 +1222,16 @@ export class Deployment {
       }
       copies = transfers.map((t) => ({ targetId: t.targetId, sourceIds: [t.sourceId, ...(t.extraSourceIds ?? [])] }));
       ready = readies.find((r) => r.fromId === oldId && r.planned === planned);
+      const procAlive = readyProc !== undefined && readyProc.stepper.proc?.exitCode === null && readyProc.stepper.proc?.signalCode === null;
+      if (readyProc && procAlive && readyProc.fromId === oldId && readyProc.planned === planned) readyProcUse = 'used';
+      else if (readyProc && !procAlive) {
+        // Died while waiting: ended now, its chunks given back first.
+        const r = readyProc;
+        readyProc = undefined;
+        await Deployment.disposeExecutor(r.stepper, true);
+        await this.settleSessions(new Set(serving instanceof RemoteStepper ? [serving.session] : []));
+        dropReadyProcChunks(r, true);
+      }
       phases.planMs = lap();
 
       // 2. Prepare, while the engine keeps stepping on the old layout.
@@ -1133,6 +1240,7 @@ export class Deployment {
       const { blockBytes } = Deployment.geometry(this.options);
       for (const d of next.devices) {
         if (oldSet.has(d)) continue;
+        if (readyProc && d === readyProc.device) continue; // made ahead with the process initialised ahead, given back at rollback
         const made = readies.find((r) => r.device === d);
         if (made) {
           // Made ahead with its standby engine: the same pool and mapping, whichever engine uses them.
@@ -1151,6 +1259,12 @@ export class Deployment {
       const adopted: StoredChunk[] = [];
       const toCopy: typeof transfers = [];
       for (const [i, t] of transfers.entries()) {
+        if (readyProc && store.has(t.targetId) && store.get(t.targetId).holders.has(readyProc.holder)) {
+          // Adopted ahead (ready-process.ts; every target when the process was made for this plan): this layout holds them too.
+          store.retain(t.targetId, newId);
+          adopted.push(store.get(t.targetId));
+          continue;
+        }
         // A turn of the loop every ADOPT_GROUP: the serving engine's next step is not held up behind them.
         if (i > 0 && i % ADOPT_GROUP === 0) await new Promise<void>((r) => setImmediate(r));
         const source = store.get(t.sourceId);
@@ -1203,19 +1317,35 @@ export class Deployment {
       if (this.daemon) {
         // A standby executor process (the one started ahead, when it is alive) attaches through the
         // daemon and maps the KV pools of next.devices only.
-        let spawned = this.prestarted;
-        this.prestarted = undefined;
-        if (spawned && (spawned.proc.exitCode !== null || spawned.proc.signalCode !== null)) {
-          spawned.channel.close();
-          spawned = undefined;
-        }
-        prestartedUsed = spawned !== undefined;
         // The serving process's recent graph shapes, captured by the standby before it answers ready.
         const shapes = this.forward instanceof RemoteStepper
           ? precaptureShapes(this.forward.graphShapes, next.devices, this.options.precaptureGraphs ?? DEFAULT_PRECAPTURE_GRAPHS) : [];
-        const proc = await Deployment.initExecutor(this.options, spawned ?? Deployment.spawnProcess(this.daemon), next, shapes);
+        let proc: RemoteStepper;
+        if (readyProcUse === 'used') {
+          proc = readyProc!.stepper;
+          prestartedUsed = true;
+          madeAhead = { ms: readyProc!.ms, precaptured: proc.precaptured?.graphs ?? 0 };
+          if (proc.precaptured) precapture = proc.precaptured;
+        } else if (readyProc) {
+          // Initialised ahead for another scale: initialised again for this one (it keeps what it attached).
+          readyProcUse = 'reinit';
+          proc = readyProc.stepper;
+          standby = proc; // killed by the rollback if this fails
+          prestartedUsed = true;
+          await proc.reinit(Deployment.executorInit(this.options, next, shapes));
+          if (shapes.length > 0) precapture = proc.precaptured ?? { graphs: 0, ms: 0 };
+        } else {
+          let spawned = this.prestarted;
+          this.prestarted = undefined;
+          if (spawned && (spawned.proc.exitCode !== null || spawned.proc.signalCode !== null)) {
+            spawned.channel.close();
+            spawned = undefined;
+          }
+          prestartedUsed = spawned !== undefined;
+          proc = await Deployment.initExecutor(this.options, spawned ?? Deployment.spawnProcess(this.daemon), next, shapes);
+          if (shapes.length > 0) precapture = proc.precaptured ?? { graphs: 0, ms: 0 };
+        }
         standby = proc;
-        if (shapes.length > 0) precapture = proc.precaptured ?? { graphs: 0, ms: 0 };
         // Its session keeps only the new layout's chunks and KV pools, so release can free the rest.
         const needed = new Set(store.all().filter((c) => c.holders.has(newId)).map((c) => c.plan.id));
         for (const d of next.devices) for (const id of this.hmm.kv.info(d).chunkIds) needed.add(id);
@@ -1344,6 +1474,15 @@ export class Deployment {
       this.views.delete(d);
       this.hmm.kv.destroyPool(d);
     }
+    // The chunks adopted ahead: this layout's where it took them, else standby chunks again; the pool made
+    // ahead is this layout's when it has the device, else freed.
+    if (readyProc) {
+      try {
+        dropReadyProcChunks(readyProc, !stay.has(readyProc.device));
+      } catch {
+        // Best effort: the work ahead trims what is left.
+      }
+    }
     phases.releaseMs = lap();
     if (this.options.peerAccess === 'all') this.accessGrant = this.grantNodeAccess(newId);
     progress('done');
@@ -1368,6 +1507,7 @@ export class Deployment {
     await this.accessGrant?.catch(() => undefined);
     await this.stopAhead();
     await this.dropReadies();
+    await this.dropReadyProc();
     if (this.prestarted) await Deployment.dismiss(this.prestarted);
     this.prestarted = undefined;
     await this.engine.close();

@@ -39,8 +39,9 @@ async function start(devices: number[], extra: Partial<DeploymentOptions> = {}) 
   opened.push({ rt, dep });
   return { rt, dep };
 }
-const processMode = (prestart = true, preattach = true): Partial<DeploymentOptions> => ({
-  executor: { process: { script: CHILD, env: { ELASTICMOE_BACKEND: 'mock', ELASTICMOE_NO_WARN_MOCK: '1', EMOE_TEST_DIE_FILE: dieFile }, prestart, preattach } },
+// initAhead off unless asked: these tests follow the process started ahead through the scale's attach phase.
+const processMode = (prestart = true, preattach = true, initAhead = false): Partial<DeploymentOptions> => ({
+  executor: { process: { script: CHILD, env: { ELASTICMOE_BACKEND: 'mock', ELASTICMOE_NO_WARN_MOCK: '1', EMOE_TEST_DIE_FILE: dieFile }, prestart, preattach, initAhead } },
 });
 const freeBytes = (rt: Runtime) => rt.devices().map((d) => d.freeBytes);
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
@@ -258,6 +259,99 @@ describe('Deployment with executor processes', () => {
     expect(up.preattachedChunks).toBeUndefined();
     for (const [k, c] of (await Promise.all(running)).entries()) expect(c.outputTokens).toEqual(reference[k]!.slice(0, 40));
   });
+
+  it('initialises the process started ahead for the planned scale-up (initAhead): the scale-up only switches over; a scale it was not made for initialises it again', async () => {
+    const { rt, dep } = await start([0], processMode(true, true, true));
+    await dep.settled();
+    // Made for [0] -> [0, 1]: device 1's filled standby chunks adopted ahead as that scale's targets, its pool made.
+    expect(dep.standby.process).toMatchObject({ device: 1 });
+    const ready = dep.readyExecutorPid!;
+    expect(ready).toBeGreaterThan(0);
+    expect(dep.prestartedPid).toBeUndefined(); // it was the process started ahead
+    expect(dep.hmm.store.filledSpares(1)).toBe(0);
+    expect(dep.hmm.kv.poolDevices()).toEqual([0, 1]);
+    const running = PROMPTS.slice(0, 3).map((prompt) => dep.submit({ prompt, maxTokens: 120, ignoreEos: true }));
+    await sleep(20);
+    const up = await dep.scale({ devices: [0, 1] });
+    expect(dep.executorPid).toBe(ready);
+    expect(up.prestartedExecutor).toBe(true);
+    expect(up.standbyMadeAhead).toBeDefined();
+    expect(up.chunksCopied).toBeGreaterThan(0);
+    expect(up.chunksPrefilled).toBe(up.chunksCopied); // every target adopted ahead: nothing copied or imported at scale time
+    expect(up.prepare.stats?.chunks ?? 0).toBe(0);
+    for (const [k, c] of (await Promise.all(running)).entries()) expect(c.outputTokens).toEqual(reference[k]!.slice(0, 120));
+    // No chunk is held ahead for it any more: the layout holds them.
+    expect(dep.hmm.store.all().filter((c) => c.plan.device === 1).every((c) => c.holders.size >= 2)).toBe(true);
+
+    // The next one is made for [0, 1] -> [0, 1, 2]; a scale-down initialises it again for [0].
+    await dep.settled();
+    expect(dep.standby.process).toMatchObject({ device: 2 });
+    const second = dep.readyExecutorPid!;
+    const filled2 = dep.standby.devices.find((d) => d.device === 2)?.filled ?? 0;
+    const during = dep.submit({ prompt: PROMPTS[3]!, maxTokens: 120, ignoreEos: true });
+    const down = await dep.scale({ devices: [0] });
+    expect(dep.executorPid).toBe(second);
+    expect(down.prestartedExecutor).toBe(true);
+    expect(down.standbyMadeAhead).toBeUndefined();
+    // Device 2's chunks adopted ahead are its filled standby chunks again, its pool made ahead is freed.
+    expect(dep.hmm.kv.poolDevices()).toEqual([0]);
+    expect(dep.hmm.store.filledSpares(2)).toBeGreaterThan(filled2);
+    expect((await during).outputTokens).toEqual(reference[3]!.slice(0, 120));
+    await dep.settled();
+    expect(dep.hmm.sessionIds().length).toBe(2); // the serving process's and the one initialised ahead
+    expect(rt.devices().every((d) => d.freeBytes > 0)).toBe(true);
+    await dep.close();
+    expect(alive(second)).toBe(false);
+  }, 20_000);
+
+  it('with initAhead, a scale onto the device the process was made for, by another plan, reuses what it adopted there: its pool and chunks', async () => {
+    const { rt, dep } = await start([0], processMode(true, true, true));
+    await dep.settled();
+    const adopted = dep.hmm.store.all().filter((c) => c.plan.device === 1 && c.plan.kind === 'weight').map((c) => c.plan.id);
+    expect(adopted.length).toBeGreaterThan(0);
+    const running = dep.submit({ prompt: PROMPTS[2]!, maxTokens: 80, ignoreEos: true });
+    // [0] -> [1]: every expert onto device 1; those adopted ahead for [0] -> [0, 1] are taken as they are.
+    const move = await dep.scale({ devices: [1] });
+    expect(move.prestartedExecutor).toBe(true);
+    expect(move.standbyMadeAhead).toBeUndefined(); // initialised again for [1]
+    expect(move.chunksPrefilled).toBeGreaterThanOrEqual(adopted.length);
+    for (const id of adopted) expect(dep.hmm.store.get(id).holders.has('ahead:layout-1:1')).toBe(false);
+    expect((await running).outputTokens).toEqual(reference[2]!.slice(0, 80));
+    expect(dep.hmm.kv.poolDevices()).toContain(1);
+    await dep.settled();
+    expect(dep.hmm.sessionIds().length).toBe(2); // the serving process's and the next one initialised ahead
+    expect(rt.devices()[1]!.freeBytes).toBeGreaterThan(0);
+  }, 20_000);
+
+  it('with initAhead, a process that died while waiting is replaced at the scale; one killed as it is initialised again rolls back, its chunks given back', async () => {
+    const { rt, dep } = await start([0], processMode(true, true, true));
+    await dep.settled();
+    const memory = freeBytes(rt);
+    // Killed while waiting: the scale ends it, gives its chunks back and starts another process.
+    const dead = dep.readyExecutorPid!;
+    process.kill(dead, 'SIGKILL');
+    await expect.poll(() => alive(dead)).toBe(false);
+    const up = await dep.scale({ devices: [0, 1] });
+    expect(up.prestartedExecutor).toBe(false);
+    expect(up.standbyMadeAhead).toBeUndefined();
+    expect((await dep.submit({ prompt: PROMPTS[4]!, maxTokens: 40, ignoreEos: true })).outputTokens).toEqual(reference[4]!.slice(0, 40));
+    await dep.scale({ devices: [0] });
+    await dep.settled();
+    expect(dep.hmm.store.filledSpares(1)).toBe(0); // adopted ahead again, for the next [0] -> [0, 1]
+    // A scale the process was not made for (onto device 2) initialises it again; killed then, the scale rolls back.
+    const victim = dep.readyExecutorPid!;
+    const serving = dep.executorPid;
+    await expect(dep.scale({ devices: [0, 2] }, { onProgress: (p) => void (p.phase === 'attach' && process.kill(victim, 'SIGKILL')) }))
+      .rejects.toThrow(/executor/);
+    expect(dep.devices).toEqual([0]);
+    expect(dep.executorPid).toBe(serving);
+    expect(dep.hmm.kv.poolDevices()).toEqual([0]);
+    expect(dep.hmm.store.filledSpares(1)).toBe(up.chunksCopied); // device 1's adopted chunks are standby chunks again
+    expect((await dep.submit({ prompt: PROMPTS[5]!, maxTokens: 40, ignoreEos: true })).outputTokens).toEqual(reference[5]!.slice(0, 40));
+    await dep.settled();
+    expect(dep.hmm.sessionIds().length).toBe(2);
+    expect(freeBytes(rt)).toEqual(memory);
+  }, 20_000);
 
   it('runs an f32 KV cache (forward.kvDtype) in the executor processes too: the in-process f32 tokens, before and after a scale', async () => {
     const prompts = PROMPTS.slice(0, 2);
