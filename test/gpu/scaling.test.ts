@@ -110,6 +110,30 @@ describe.runIf(rt !== undefined && devices.length >= 2)(`elastic scaling (${back
     expect(dep.hmm.accounting().map((a) => [a.weightBytes, a.kvBytes])).toEqual(accounting);
   }, 300_000);
 
+  it('with executor processes, initialises the standby process ahead over the adopted chunks: the scale-up only switches over, the fixed layout\'s tokens', async () => {
+    // The children open the same backend (the mock of the dry run with this suite's mock devices).
+    const env: Record<string, string> = { ELASTICMOE_BACKEND: backend!, ELASTICMOE_NO_WARN_MOCK: '1' };
+    if (backend === 'mock') Object.assign(env, { ELASTICMOE_MOCK_DEVICES: '4', ELASTICMOE_MOCK_CAPACITY: String(1024 * 1024 * 1024) });
+    const script = path.resolve(__dirname, '../../dist/executor/main.js');
+    const dep = await start([0], { executor: { process: { script, env } } });
+    await dep.settled();
+    expect(dep.standby.process).toMatchObject({ device: 1 });
+    const { done } = await generate(dep, 4);
+    const up = await dep.scale({ devices: [0, 1] });
+    expect(up.standbyMadeAhead).toBeDefined();
+    expect(up.chunksCopied).toBeGreaterThan(0);
+    expect(up.chunksPrefilled).toBe(up.chunksCopied);
+    await expectOriginalBytes(dep);
+    // A scale-down: the next process, made for [0, 1] -> [0, 1, 2] (or started ahead on 2 GPUs), is initialised for [0].
+    await dep.settled();
+    const down = await dep.scale({ devices: [0] });
+    expect(down.prestartedExecutor).toBe(true);
+    const completions = await done;
+    completions.forEach((c, k) => expect(c.outputTokens, `prompt ${k}`).toEqual(want[k]));
+    await expectOriginalBytes(dep);
+    await dep.close();
+  }, 300_000);
+
   it('balances the running sequences over the new ranks at a scale-up (balanceOnScale): KV blocks moved, the fixed layout\'s tokens', async () => {
     const dep = await start([0], { balanceOnScale: true });
     await dep.settled();
