@@ -110,7 +110,7 @@ describe.runIf(rt !== undefined && devices.length >= 2)(`elastic scaling (${back
     expect(dep.hmm.accounting().map((a) => [a.weightBytes, a.kvBytes])).toEqual(accounting);
   }, 300_000);
 
-  it('with executor processes, initialises the standby process ahead over the adopted chunks: the scale-up only switches over, the fixed layout\'s tokens', async () => {
+  it('with executor processes, initialises the standby process ahead over the adopted chunks: the scale-up only switches over; another scale initialises it again; the fixed layout\'s tokens', async () => {
     // The children open the same backend (the mock of the dry run with this suite's mock devices).
     const env: Record<string, string> = { ELASTICMOE_BACKEND: backend!, ELASTICMOE_NO_WARN_MOCK: '1' };
     if (backend === 'mock') Object.assign(env, { ELASTICMOE_MOCK_DEVICES: '4', ELASTICMOE_MOCK_CAPACITY: String(1024 * 1024 * 1024) });
@@ -128,6 +128,14 @@ describe.runIf(rt !== undefined && devices.length >= 2)(`elastic scaling (${back
     await dep.settled();
     const down = await dep.scale({ devices: [0] });
     expect(down.prestartedExecutor).toBe(true);
+    // Made ahead again for [0] -> [0, 1]; a move to [1] initialises that process again for [1] and
+    // takes the chunks it adopted on device 1 as they are.
+    await dep.settled();
+    expect(dep.standby.process).toMatchObject({ device: 1 });
+    const move = await dep.scale({ devices: [1] });
+    expect(move.prestartedExecutor).toBe(true);
+    expect(move.standbyMadeAhead).toBeUndefined();
+    expect(move.chunksPrefilled).toBeGreaterThan(0);
     const completions = await done;
     completions.forEach((c, k) => expect(c.outputTokens, `prompt ${k}`).toEqual(want[k]));
     await expectOriginalBytes(dep);
