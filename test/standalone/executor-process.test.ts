@@ -172,6 +172,24 @@ describe('executor process', () => {
     await expect(remote.step(batchOf(again, prefill))).rejects.toBeInstanceOf(ExecutorCrashedError);
   }, 20_000);
 
+  it('takes init again until its first step (a process initialised ahead for another layout): then the in-process tokens; refused after a step', async () => {
+    const ahead = await RemoteStepper.spawn({
+      script: CHILD, args: [sock()], env: CHILD_ENV, config, options: ENGINE_OPTIONS,
+      layout: { devices: [2, 3], placement: roundRobinPlacement(8, [2, 3]) },
+    });
+    steppers.push(ahead);
+    const first = ahead.session;
+    await ahead.reinit({ config, layout: LAYOUT, options: ENGINE_OPTIONS });
+    expect(ahead.session).toBe(first); // the same process and HMM session
+    expect(ahead.preattached).toMatchObject({ kept: expect.any(Number), dropped: expect.any(Number) });
+    expect(ahead.preattached!.dropped).toBeGreaterThan(0); // what only [2, 3] used
+    const seqs = sequences(hmm);
+    await run(ahead, seqs);
+    expectIdentical(seqs, baseline, 're-initialised');
+    await expect(ahead.reinit({ config, layout: LAYOUT, options: ENGINE_OPTIONS })).rejects.toThrow(/before the executor's first step/);
+    await ahead.close();
+  }, 20_000);
+
   it('invariant 6: a SIGKILLed executor loses no weights; a new one continues the same sequences', async () => {
     const weightIds = hmm.store.all().filter((c) => c.plan.kind === 'weight').map((c) => c.plan.id);
     const sums = new Map<string, bigint>();
