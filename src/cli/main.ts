@@ -63,7 +63,9 @@ commands:
                                          (default on)
                 --standby-engines on|off make the standby engine of each planned scale-up onto an
                                          idle device in the background, so that scale-up only adopts
-                                         and switches over (default on; needs the two above)
+                                         and switches over (default on; needs the two above; with
+                                         --executor process: the process started ahead initialised
+                                         for the scale-up onto the lowest idle device)
                 --precapture-graphs N    step graphs per staying device a scale's standby captures
                                          before the switch-over (default 3; 0: none)
 
