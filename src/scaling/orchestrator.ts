@@ -337,7 +337,12 @@ export interface ScaleReport {
    * how long that took in the background and the graphs it captured then. `attach` is absent:
    * the attach phase only captured the shapes missing (`precapture`).
    */
-  standbyMadeAhead?: { ms: number; precaptured: number };
+  standbyMadeAhead?: {
+    ms: number;
+    precaptured: number;
+    /** In process: the graph shapes it had cached at the switch-over, [rank, T, S, MB, sampled], most recent first (diagnostics). */
+    shapes?: number[][];
+  };
   /** Executor processes: whether the standby was the process started ahead (ExecutorMode prestart). */
   prestartedExecutor?: boolean;
   /** Executor processes: chunks the standby had attached ahead and kept, and those it dropped (ExecutorMode preattach). */
@@ -1417,6 +1422,7 @@ export class Deployment {
     this.layoutCounter++;
     this.switches++;
     for (const [d, v] of newViews) this.views.set(d, v);
+    if (madeAhead && standby instanceof ForwardEngine) madeAhead.shapes = standby.graphShapes().map((g) => [g.rank, g.T, g.S, g.MB, g.sampled]);
     phases.switchMs = lap();
 
     // 5. Release what only the old layout used. The old forward pass ran its last step before

@@ -74,10 +74,11 @@ export function precaptureShapes(recent: readonly GraphShape[], devices: readonl
  * sequences (S = the step bucket of seqs / devices; the mixed T of its own recent shapes, the
  * widest block-table stride of its own recent shapes or, in a scale-down, of the leaving devices'
  * when wider: their sequences come over. On 4 x H100 a 4->3's first two steps captured the staying
- * ranks' decode at stride 16 when their own had been 8, 42-57 ms steps against 20), and for a joining device (none of its own) the mixed steps of its climb
- * to that share (S = each step bucket from 2 up to it; T each of the two smallest mixed T of any
- * device, one prompt or two; the smallest block-table stride: fresh sequences) and its decode
- * step at the share. On 4 x H100 (Qwen3-30B-A3B shapes, 32 sequences, 64-token prompts) these
+ * ranks' decode at stride 16 when their own had been 8, 42-57 ms steps against 20), and for a
+ * joining device (none of its own) the mixed steps of its climb to that share (S = each step
+ * bucket up to it, from 1 for the smallest mixed T and from 2 for the next; T each of the two
+ * smallest mixed T of any device, one prompt or two; the stride after the smallest seen, where
+ * seen: fresh sequences growing) and its decode step at the share. On 4 x H100 (Qwen3-30B-A3B shapes, 32 sequences, 64-token prompts) these
  * were the 10-13 shapes captured in the first 1.5 s of a new layout, each holding its step
  * 15-25 ms (docs/benchmarks.md, ninth session). The joining device's climb only with `joining`.
  */
@@ -90,7 +91,11 @@ function rampShapes(recent: readonly GraphShape[], devices: readonly number[], s
   const mixedByT = new Map<number, GraphShape>();
   for (const g of recent) if (isMixed(g) && !mixedByT.has(g.T)) mixedByT.set(g.T, g);
   const joiningMixed = [...mixedByT.values()].sort((a, b) => a.T - b.T).slice(0, 2);
-  const freshMB = recent.length > 0 ? Math.min(...recent.map((g) => g.MB)) : undefined;
+  // A joining rank's sequences are fresh (the smallest stride seen), and grow into the next stride
+  // within its first second (4 x H100: its climb captured at stride 4 ran at 8): captured at the
+  // next one where the layout has seen it, a graph of a wider stride covering a narrower one.
+  const minMB = recent.length > 0 ? Math.min(...recent.map((g) => g.MB)) : undefined;
+  const freshMB = minMB === undefined ? undefined : Math.min(2 * minMB, Math.max(...recent.map((g) => g.MB)));
   // A scale-down hands the leaving devices' sequences to the staying ones: a staying rank's
   // block-table stride becomes at least theirs.
   const leavingMB = Math.max(0, ...recent.filter((g) => g.device !== undefined && !devices.includes(g.device)).map((g) => g.MB));
@@ -107,8 +112,9 @@ function rampShapes(recent: readonly GraphShape[], devices: readonly number[], s
       if (dec) shapes.push({ ...dec, T: share, S: share, MB, sampled: share });
       if (mix && mix.T >= share) shapes.push({ ...mix, S: share, MB, sampled: Math.max(0, share - unsampled(mix)) });
     } else if (joining && freshMB !== undefined) {
-      for (const g of joiningMixed) {
-        for (let S = 2; S <= share && S <= g.T; S = stepBucket(S + 1)) {
+      for (const [i, g] of joiningMixed.entries()) {
+        // Its first step may hold a single prompt (S = 1: the first arrival alone), then two and more.
+        for (let S = i === 0 ? 1 : 2; S <= share && S <= g.T; S = stepBucket(S + 1)) {
           shapes.push({ rank: 0, T: g.T, S, MB: freshMB, sampled: Math.max(0, S - unsampled(g)) });
         }
       }

@@ -542,6 +542,9 @@ describe('Deployment.scale', () => {
     const report = await dep.scale({ devices: [0, 1, 2] }, { onProgress: (p) => phases.push(p.phase) });
     rt.clearFaults();
     expect(report.standbyMadeAhead!.precaptured).toBeGreaterThanOrEqual(2);
+    // The shapes it held at the switch-over (diagnostics): ranks of the new layout, each a [rank, T, S, MB, sampled].
+    expect(report.standbyMadeAhead!.shapes!.length).toBeGreaterThanOrEqual(2);
+    expect(report.standbyMadeAhead!.shapes!.every((x) => x.length === 5 && x[0]! >= 0 && x[0]! < 3)).toBe(true);
     expect(report.precapture).toMatchObject({ graphs: 0 }); // nothing left to capture at scale time
     expect(report.attach).toBeUndefined();
     expect(report.plannedAhead).toBe(true);

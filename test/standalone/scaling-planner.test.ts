@@ -646,11 +646,15 @@ describe('precaptureShapes', () => {
     expect(of(0)).toEqual([[8, 8, 16], [96, 8, 16], [12, 12, 16]]);
     expect(of(1)).toEqual([[8, 8, 8], [192, 8, 8], [12, 12, 8]]);
     expect(of(2)).toEqual([[8, 8, 8], [12, 12, 8]]); // no mixed step of its own
-    // Device 3 joins: one- and two-prompt steps with 2, 3, 4, 6 and 8 sequences, the smallest stride, then its
-    // decode at the share; then (perDevice 1) the most recent mixed shape of all.
+    // Device 3 joins: one-prompt steps with 1 to 8 sequences and two-prompt ones with 2 to 8, at the stride after the
+    // smallest seen (8 -> 16: fresh sequences grow), then its decode at the share; then (perDevice 1) the most
+    // recent mixed shape of all.
     expect(of(3)).toEqual([
-      [96, 2, 8], [96, 3, 8], [96, 4, 8], [96, 6, 8], [96, 8, 8], [192, 2, 8], [192, 3, 8], [192, 4, 8], [192, 6, 8], [192, 8, 8],
-      [8, 8, 8], [96, 12, 16]]);
+      [96, 1, 16], [96, 2, 16], [96, 3, 16], [96, 4, 16], [96, 6, 16], [96, 8, 16],
+      [192, 2, 16], [192, 3, 16], [192, 4, 16], [192, 6, 16], [192, 8, 16], [8, 8, 16], [96, 12, 16]]);
+    // The stride after the smallest only where the layout has seen it: with every stride 8, the climb stays at 8.
+    const flat = serving.map((x) => ({ ...x, MB: 8 }));
+    expect(precaptureShapes(flat, [0, 1, 2, 3], 1, { joining: true, ramp: 32 }).filter((x) => x.device === 3).every((x) => x.MB === 8)).toBe(true);
     expect(got.every((x) => x.rank === [0, 1, 2, 3].indexOf(x.device!))).toBe(true);
     // Without joining (a scale's attach phase): the staying devices' new-share shapes first, within perDevice.
     const attach = precaptureShapes(serving, [0, 1, 2, 3], 2, { ramp: 32 });
