@@ -268,6 +268,8 @@ const DEFAULT_MAX_GRAPHS = 64;
  * position), so they touch at most top-k more experts per layer.
  */
 const STEP_BUCKETS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096];
+/** The step buckets (token and sequence counts a step is padded to), ascending, up to 4096. */
+export const STEP_BUCKET_LIST: readonly number[] = STEP_BUCKETS;
 
 /** The smallest bucket at or above n (beyond the list: n rounded up to a multiple of 1024). */
 export function stepBucket(n: number): number {

@@ -3,7 +3,7 @@
 // their rank's batch across the switch-over, so that device's recent shapes are the likeliest
 // first steps of its new rank. A decode shape (one token per sequence, T = S) comes first: the
 // new devices take the waiting requests' prompts, the staying ones go on decoding.
-import { type GraphShape, stepBucket } from '../executor/forward.js';
+import { type GraphShape, STEP_BUCKET_LIST, stepBucket } from '../executor/forward.js';
 
 /**
  * Shapes per staying device a scale's standby captures ahead unless told (DeploymentOptions.precaptureGraphs).
@@ -76,9 +76,10 @@ export function precaptureShapes(recent: readonly GraphShape[], devices: readonl
  * when wider: their sequences come over. On 4 x H100 a 4->3's first two steps captured the staying
  * ranks' decode at stride 16 when their own had been 8, 42-57 ms steps against 20), and for a
  * joining device (none of its own) the mixed steps of its climb to that share (S = each step
- * bucket up to it, from 1 for the smallest mixed T and from 2 for the next; T each of the two
- * smallest mixed T of any device, one prompt or two; the stride after the smallest seen, where
- * seen: fresh sequences growing) and its decode step at the share. On 4 x H100 (Qwen3-30B-A3B shapes, 32 sequences, 64-token prompts) these
+ * bucket up to it: the bucket below the smallest mixed T of any device with one sequence, that
+ * T from one, up to two buckets between it and the next smallest and that one from two; the
+ * stride after the smallest seen, where seen: fresh sequences growing) and its decode step at
+ * the share. On 4 x H100 (Qwen3-30B-A3B shapes, 32 sequences, 64-token prompts) these
  * were the 10-13 shapes captured in the first 1.5 s of a new layout, each holding its step
  * 15-25 ms (docs/benchmarks.md, ninth session). The joining device's climb only with `joining`.
  */
@@ -111,11 +112,24 @@ function rampShapes(recent: readonly GraphShape[], devices: readonly number[], s
       // Decode first: the staying ranks go on decoding, the new one takes the waiting prompts.
       if (dec) shapes.push({ ...dec, T: share, S: share, MB, sampled: share });
       if (mix && mix.T >= share) shapes.push({ ...mix, S: share, MB, sampled: Math.max(0, share - unsampled(mix)) });
-    } else if (joining && freshMB !== undefined) {
-      for (const [i, g] of joiningMixed.entries()) {
-        // Its first step may hold a single prompt (S = 1: the first arrival alone), then two and more.
-        for (let S = i === 0 ? 1 : 2; S <= share && S <= g.T; S = stepBucket(S + 1)) {
-          shapes.push({ rank: 0, T: g.T, S, MB: freshMB, sampled: Math.max(0, S - unsampled(g)) });
+    } else if (joining && freshMB !== undefined && joiningMixed.length > 0) {
+      // Its prompts come in bursts, without the decodes a serving rank's mixed steps carry: a prompt
+      // alone (the step bucket below the smallest mixed T seen, one sequence), the smallest mixed T
+      // from one sequence, the buckets between it and the next (two prompts together: at most two of
+      // them), and the next, from two sequences (2 x H100: the first second after a 1->2 captured T =
+      // 64 alone and T = 128 or 192 at 4-12 sequences when the recent mixed T were 96 and 192).
+      const [low, high] = joiningMixed;
+      const below = STEP_BUCKET_LIST.filter((b) => b < low!.T).at(-1);
+      const between = high ? STEP_BUCKET_LIST.filter((b) => b > low!.T && b < high.T).slice(0, 2) : [];
+      const climb: Array<{ T: number; from: number; upto: number; like: GraphShape }> = [
+        ...(below !== undefined && below > 1 ? [{ T: below, from: 1, upto: 1, like: low! }] : []),
+        { T: low!.T, from: 1, upto: share, like: low! },
+        ...between.map((T) => ({ T, from: 2, upto: share, like: low! })),
+        ...(high ? [{ T: high.T, from: 2, upto: share, like: high }] : []),
+      ];
+      for (const { T, from, upto, like } of climb) {
+        for (let S = from; S <= upto && S <= T; S = stepBucket(S + 1)) {
+          shapes.push({ rank: 0, T, S, MB: freshMB, sampled: Math.max(0, S - unsampled(like)) });
         }
       }
       shapes.push({ rank: 0, T: share, S: share, MB: freshMB, sampled: share });

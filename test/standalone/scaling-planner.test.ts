@@ -646,11 +646,13 @@ describe('precaptureShapes', () => {
     expect(of(0)).toEqual([[8, 8, 16], [96, 8, 16], [12, 12, 16]]);
     expect(of(1)).toEqual([[8, 8, 8], [192, 8, 8], [12, 12, 8]]);
     expect(of(2)).toEqual([[8, 8, 8], [12, 12, 8]]); // no mixed step of its own
-    // Device 3 joins: one-prompt steps with 1 to 8 sequences and two-prompt ones with 2 to 8, at the stride after the
+    // Device 3 joins: a prompt alone (64, the bucket below the smallest mixed T 96), one-prompt steps with 1 to 8
+    // sequences, the bucket between 96 and 192 (two prompts: 128) and 192 from 2 to 8, at the stride after the
     // smallest seen (8 -> 16: fresh sequences grow), then its decode at the share; then (perDevice 1) the most
     // recent mixed shape of all.
     expect(of(3)).toEqual([
-      [96, 1, 16], [96, 2, 16], [96, 3, 16], [96, 4, 16], [96, 6, 16], [96, 8, 16],
+      [64, 1, 16], [96, 1, 16], [96, 2, 16], [96, 3, 16], [96, 4, 16], [96, 6, 16], [96, 8, 16],
+      [128, 2, 16], [128, 3, 16], [128, 4, 16], [128, 6, 16], [128, 8, 16],
       [192, 2, 16], [192, 3, 16], [192, 4, 16], [192, 6, 16], [192, 8, 16], [8, 8, 16], [96, 12, 16]]);
     // The stride after the smallest only where the layout has seen it: with every stride 8, the climb stays at 8.
     const flat = serving.map((x) => ({ ...x, MB: 8 }));
