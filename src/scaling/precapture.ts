@@ -74,7 +74,9 @@ export function precaptureShapes(recent: readonly GraphShape[], devices: readonl
  * sequences (S = the step bucket of seqs / devices; the mixed T of its own recent shapes, the
  * widest block-table stride of its own recent shapes or, in a scale-down, of the leaving devices'
  * when wider: their sequences come over. On 4 x H100 a 4->3's first two steps captured the staying
- * ranks' decode at stride 16 when their own had been 8, 42-57 ms steps against 20), and for a
+ * ranks' decode at stride 16 when their own had been 8, 42-57 ms steps against 20; with `joining`,
+ * also its decode at up to two buckets between the share and its current count, on its way
+ * down), and for a
  * joining device (none of its own) the mixed steps of its climb to that share (S = each step
  * bucket up to it: the bucket below the smallest mixed T of any device with one sequence, that
  * T from one, up to two buckets between it and the next smallest and that one from two; the
@@ -111,6 +113,11 @@ function rampShapes(recent: readonly GraphShape[], devices: readonly number[], s
       const MB = Math.max(leavingMB, ...mine.map((g) => g.MB));
       // Decode first: the staying ranks go on decoding, the new one takes the waiting prompts.
       if (dec) shapes.push({ ...dec, T: share, S: share, MB, sampled: share });
+      // A scale-up moves no sequence off a staying rank: it declines to its share as its requests end,
+      // through the buckets between (2 x H100: a 1->2's staying rank captured its decode at 24 of 32).
+      if (dec && joining) {
+        for (const S of STEP_BUCKET_LIST.filter((b) => b > share && b < dec.S).slice(-2)) shapes.push({ ...dec, T: S, S, MB, sampled: S });
+      }
       if (mix && mix.T >= share) shapes.push({ ...mix, S: share, MB, sampled: Math.max(0, share - unsampled(mix)) });
     } else if (joining && freshMB !== undefined && joiningMixed.length > 0) {
       // Its prompts come in bursts, without the decodes a serving rank's mixed steps carry: a prompt

@@ -672,6 +672,11 @@ describe('precaptureShapes', () => {
     // The widest stride a device had lately, not its latest one's (a graph of a wider stride covers a narrower one).
     const varying = [m(0, 8, 8, 8), m(0, 8, 8, 16), m(1, 8, 8, 8)];
     expect(precaptureShapes(varying, [0, 1], 1, { ramp: 16 }).map((x) => [x.device, x.T, x.MB])).toEqual([[0, 8, 16], [1, 8, 8]]);
+    // A scale-up moves no sequence off a staying rank: its decode on the way down to the share (32 -> 16: 24) is
+    // taken too when made ahead (joining).
+    const one = [m(0, 32, 32, 8), m(0, 96, 32, 8)];
+    const down = precaptureShapes(one, [0, 1], 3, { joining: true, ramp: 32 }).filter((x) => x.device === 0).map((x) => [x.T, x.S]);
+    expect(down).toEqual([[16, 16], [24, 24], [96, 16], [32, 32], [96, 32]]);
     // A scale-up hands none over: the staying ranks keep their own stride.
     expect(precaptureShapes(longLeaving.slice(0, 4), [0, 1, 2, 3], 1, { ramp: 32 }).map((x) => [x.device, x.MB])).toEqual([[0, 16], [1, 8], [2, 8]]);
   });
