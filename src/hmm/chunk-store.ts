@@ -227,7 +227,7 @@ export class ChunkStore {
       for (const w of waiters) w();
       waiters.clear();
     };
-    const made = async () => {
+    const makeAll = async () => {
       while (madeUpTo < waiting.length && !cancelled) {
         // The next `group` waiting chunks, one call per (device, size, access) among them, in order.
         const next = waiting.slice(madeUpTo, madeUpTo + group);
@@ -253,7 +253,7 @@ export class ChunkStore {
         wake();
       }
     };
-    const making = made().catch((e: unknown) => {
+    const making = makeAll().catch((e: unknown) => {
       failure = e;
       wake();
     });

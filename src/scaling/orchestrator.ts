@@ -1052,8 +1052,13 @@ export class Deployment {
     this.readyProc = undefined;
     await Deployment.disposeExecutor(r.stepper, true);
     await this.settleSessions(new Set(this.forward instanceof RemoteStepper ? [this.forward.session] : []));
+    this.giveBack(r, !this.layoutSpec.devices.includes(r.device));
+  }
+
+  /** What a process initialised ahead had taken: its adopted chunks (standby chunks again where nothing else holds them) and, with `destroyPool`, its device's KV pool. */
+  private giveBack(r: ReadyProcess, destroyPool: boolean): void {
     unadopt(this.hmm.store, r.adopted, r.holder);
-    if (!this.layoutSpec.devices.includes(r.device)) this.hmm.kv.destroyPool(r.device);
+    if (destroyPool) this.hmm.kv.destroyPool(r.device);
   }
 
   /** Frees every standby engine made ahead, with its KV pool (the loop given turns in between). */
@@ -1143,10 +1148,6 @@ export class Deployment {
       readyProc.stepper.kill();
     }
     let readyProcUse: 'used' | 'reinit' | undefined;
-    const dropReadyProcChunks = (r: ReadyProcess, destroyPool: boolean) => {
-      unadopt(store, r.adopted, r.holder);
-      if (destroyPool) this.hmm.kv.destroyPool(r.device);
-    };
     /** Readies whose device's KV pool and mapping this scale took (they serve any layout with that device). */
     const readyPools = new Set<number>();
     let ready: ReadyStandby | undefined;
@@ -1173,7 +1174,7 @@ export class Deployment {
         () => void (holderUsed && store.releaseHolder(newId)),
         ...createdPools.map((d) => () => this.hmm.kv.destroyPool(d)),
         // The chunks adopted ahead are standby chunks again, the pool made ahead freed (the old layout lacks its device).
-        ...(readyProc ? [() => dropReadyProcChunks(readyProc!, true)] : []),
+        ...(readyProc ? [() => this.giveBack(readyProc!, true)] : []),
       ];
       newViews = new Map();
       for (const step of steps) {
@@ -1235,7 +1236,7 @@ export class Deployment {
         readyProc = undefined;
         await Deployment.disposeExecutor(r.stepper, true);
         await this.settleSessions(new Set(serving instanceof RemoteStepper ? [serving.session] : []));
-        dropReadyProcChunks(r, true);
+        this.giveBack(r, true);
       }
       phases.planMs = lap();
 
@@ -1484,7 +1485,7 @@ export class Deployment {
     // ahead is this layout's when it has the device, else freed.
     if (readyProc) {
       try {
-        dropReadyProcChunks(readyProc, !stay.has(readyProc.device));
+        this.giveBack(readyProc, !stay.has(readyProc.device));
       } catch {
         // Best effort: the work ahead trims what is left.
       }
