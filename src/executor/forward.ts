@@ -1355,6 +1355,15 @@ export class ForwardEngine implements Disposable {
     return [...this.graphCache.values()].reverse().map(({ shape }) => ({ ...shape, device: this.layout.devices[shape.rank]! }));
   }
 
+  /** Of `shapes`, those precapture would capture now: possible for this engine and not cached. */
+  uncachedShapes(shapes: readonly GraphShape[]): GraphShape[] {
+    if (this.graphsOff !== undefined) return [];
+    return shapes.filter((shape) => {
+      const plan = this.syntheticPlan(shape);
+      return plan !== undefined && !this.graphCache.has(shapeKey(shape.rank, plan));
+    });
+  }
+
   /**
    * Captures the graphs of the given rank shapes ahead of their first step (a standby engine does
    * it while the serving one still runs: its next steps replay at once), with a turn of the event

@@ -818,8 +818,11 @@ export class Deployment {
   /** Standby chunks kept on the devices outside the layout (DeploymentOptions.standbyChunks), and the last error of the work ahead. */
   get standby(): {
     devices: Array<{ device: number; chunks: number; bytes: number; filled: number }>;
-    /** precaptured: graphs captured ahead (made and followed); followMs: host time of following the serving engine's shapes. */
-    engines: Array<{ device: number; precaptured: number; followMs: number }>;
+    /**
+     * precaptured: graphs captured ahead (made and followed); followMs: host time of following the serving
+     * engine's shapes; missing: the shapes its scale-up's attach phase would still capture now.
+     */
+    engines: Array<{ device: number; precaptured: number; followMs: number; missing: number }>;
     /** Executor processes: the process initialised ahead (initAhead), by the device its scale-up adds; its graphs captured and its making's wall time. */
     process?: { device: number; precaptured: number; ms: number };
     error?: unknown;
@@ -834,7 +837,10 @@ export class Deployment {
       };
     }).filter((x) => x.chunks > 0);
     // The standby engines made ahead (standbyEngines), by the device their scale-up adds, with the graphs captured so far.
-    const engines = [...this.readies.values()].sort((a, b) => a.device - b.device).map((r) => ({ device: r.device, precaptured: r.precaptured, followMs: r.followMs }));
+    const engines = [...this.readies.values()].sort((a, b) => a.device - b.device).map((r) => ({
+      device: r.device, precaptured: r.precaptured, followMs: r.followMs,
+      missing: r.engine.uncachedShapes(this.shapesAhead(r.planned.next, undefined, false)).length,
+    }));
     const r = this.readyProc;
     const process = r ? { device: r.device, precaptured: r.stepper.precaptured?.graphs ?? 0, ms: r.ms } : undefined;
     return { devices, engines, ...(process ? { process } : {}), ...(this.aheadError !== undefined ? { error: this.aheadError } : {}) };

@@ -497,15 +497,18 @@ describe('Deployment.scale', () => {
 
   it('captures at a scale-down\'s attach the staying ranks\' steps at their new share (rampShapes): the first step on the new layout replays them', async () => {
     const LONG = [0, 1, 2, 3, 4, 5].map((k) => Array.from({ length: 130 }, (_, i) => (i * 7 + k * 31 + 3) % 97));
-    const want = await referenceTokens(LONG, 120);
+    // Long enough to be mid-generation when the scale-down ends, on a loaded machine too.
+    const MAX_NEW = 360;
+    const want = await referenceTokens(LONG, MAX_NEW);
     for (const rampShapes of [true, false]) {
       const steps: Array<{ ranks: number; stats: GraphStats }> = [];
-      // Blocks of 64, prompts of 130: a block-table stride of 4 all along; 6 sequences, 2 per rank on [0, 1, 2].
+      // Blocks of 128, prompts of 130 and up to 360 more: 2 to 4 blocks, a block-table stride of 4 all along;
+      // 6 sequences, 2 per rank on [0, 1, 2].
       const { dep } = await start([0, 1, 2], {
-        precaptureGraphs: 1, blockTokens: 64, standbyEngines: false, rampShapes,
+        precaptureGraphs: 1, blockTokens: 128, standbyEngines: false, rampShapes,
         onStep: (f) => steps.push({ ranks: f.rankSeqs.length, stats: { ...dep.graphStats! } }),
       });
-      const running = LONG.map((prompt) => dep.submit({ prompt, maxTokens: 120, ignoreEos: true }));
+      const running = LONG.map((prompt) => dep.submit({ prompt, maxTokens: MAX_NEW, ignoreEos: true }));
       while (dep.graphStats!.replays < 12) await sleep(2);
       const report = await dep.scale({ devices: [0, 1] });
       // On [0, 1] each rank runs 3 (the leaving rank's moved with their KV): a shape the serving engine never had.
@@ -527,12 +530,15 @@ describe('Deployment.scale', () => {
     expect(dep.standby.engines.map((e) => e.device)).toEqual([2, 3]);
     // Each has its joining device's KV pool (taken from that device's standby chunks).
     expect(dep.hmm.kv.poolDevices()).toEqual([0, 1, 2, 3]);
-    const running = LONG.map((prompt) => dep.submit({ prompt, maxTokens: 400, ignoreEos: true }));
-    while (dep.graphStats!.replays < 8) await sleep(2);
+    const tokens = LONG.map(() => 0);
+    const running = LONG.map((prompt, k) => dep.submit({ prompt, maxTokens: 400, ignoreEos: true }, { onToken: () => void tokens[k]!++ }));
+    // Past the prompts: the serving steps are decode steps from here on.
+    while (tokens.some((n) => n < 4) || dep.graphStats!.replays < 8) await sleep(2);
     // Made at start, before any step: the engines follow the serving engine's shapes in the background
-    // and capture its decode shapes too (one per staying device), without a scale asking.
+    // and capture its decode shapes too (one per staying device), without a scale asking, until their
+    // scale's attach phase would capture nothing more (`missing`; on a loaded machine the follower runs late).
     const deadline = performance.now() + 10_000;
-    while (dep.standby.engines.some((e) => e.precaptured < 2)) {
+    while (dep.standby.engines.some((e) => e.precaptured < 2 || e.missing > 0)) {
       expect(performance.now(), 'the standby engines never captured the decode shapes').toBeLessThan(deadline);
       await sleep(5);
     }
