@@ -54,8 +54,6 @@ function freeSpare(s: Spare): void {
 export interface OffThreadAllocation {
   /** By plan index: the stored chunk once it exists (spares at once), else undefined. */
   readonly chunks: ReadonlyArray<StoredChunk | undefined>;
-  /** Chunks taken from spares (no driver call). */
-  readonly fromSpares: number;
   /** Main-thread milliseconds spent taking spares and reserving addresses. */
   readonly reserveMs: number;
   /** Milliseconds of worker-thread calls so far, and their count. */
@@ -68,6 +66,26 @@ export interface OffThreadAllocation {
    * allocation made or took and every address it reserved. Idempotent.
    */
   cancel(): Promise<void>;
+}
+
+type TensorIndex = Map<string, Map<number, { chunkId: string; location: TensorLocation }>>;
+
+/** Indexes a chunk's tensors on its device (name → device → where). */
+function indexTensors(index: TensorIndex, plan: ChunkPlan): void {
+  for (const t of plan.tensors) {
+    let replicas = index.get(t.name);
+    if (!replicas) index.set(t.name, (replicas = new Map()));
+    replicas.set(plan.device, { chunkId: plan.id, location: t });
+  }
+}
+
+/** Drops a chunk's tensors from the index (those still pointing at it). */
+function unindexTensors(index: TensorIndex, plan: ChunkPlan): void {
+  for (const t of plan.tensors) {
+    const replicas = index.get(t.name);
+    if (replicas?.get(plan.device)?.chunkId === plan.id) replicas.delete(plan.device);
+    if (replicas?.size === 0) index.delete(t.name);
+  }
 }
 
 interface Pending {
@@ -99,7 +117,7 @@ export interface DeviceAccounting {
 export class ChunkStore {
   private readonly chunks = new Map<string, StoredChunk>();
   /** Tensor name → device → where it lives (a tensor may have replicas on several devices). */
-  private readonly tensors = new Map<string, Map<number, { chunkId: string; location: TensorLocation }>>();
+  private readonly tensors: TensorIndex = new Map();
   private readonly streams = new Map<number, Stream>();
   /** Copy streams by device and peer ("on>peer"), on the first. */
   private readonly copyStreams = new Map<string, Stream>();
@@ -112,7 +130,7 @@ export class ChunkStore {
   private readonly filled = new Map<string, Spare>();
   /** Chunks allocateOffThread has reserved and not made yet, by id, and their tensors (name → device → where). */
   private readonly pending = new Map<string, Pending>();
-  private readonly pendingTensors = new Map<string, Map<number, { chunkId: string; location: TensorLocation }>>();
+  private readonly pendingTensors: TensorIndex = new Map();
 
   constructor(readonly rt: Runtime) {}
 
@@ -196,28 +214,28 @@ export class ChunkStore {
         else rest.push({ index, plan, devices });
       }
       // The addresses: one reservation per chunk size, cut into ranges.
-      const bySize = new Map<number, VirtualRange[]>();
-      for (const r of rest) bySize.set(r.plan.size, []);
+      const bySize = new Map<number, typeof rest>();
+      for (const r of rest) {
+        const list = bySize.get(r.plan.size);
+        if (list) list.push(r);
+        else bySize.set(r.plan.size, [r]);
+      }
       for (const [size, list] of bySize) {
-        const n = rest.filter((r) => r.plan.size === size).length;
-        list.push(...this.rt.reserveMany(n, size));
-        ranges.push(...list);
+        const cut = this.rt.reserveMany(list.length, size);
+        ranges.push(...cut);
+        list.forEach(({ index, plan, devices }, k) => {
+          const entry: Pending = { plan, range: cut[k]!, access: [...devices] };
+          this.addPending(entry);
+          waiting.push({ index, entry });
+        });
       }
-      const next = new Map<number, number>();
-      for (const { index, plan, devices } of rest) {
-        const k = next.get(plan.size) ?? 0;
-        next.set(plan.size, k + 1);
-        const entry: Pending = { plan, range: bySize.get(plan.size)![k]!, access: [...devices] };
-        this.addPending(entry);
-        waiting.push({ index, entry });
-      }
+      waiting.sort((a, b) => a.index - b.index); // made in plan order
     } catch (e) {
       for (const c of chunks) if (c) this.free(c);
       for (const w of waiting) this.dropPending(w.entry, false);
       for (const r of ranges) r.dispose();
       throw e;
     }
-    const fromSpares = plans.length - waiting.length;
     const stats = { reserveMs: performance.now() - t0, makeMs: 0, calls: 0 };
     let madeUpTo = 0; // waiting[0 .. madeUpTo) are made
     let failure: unknown;
@@ -268,7 +286,7 @@ export class ChunkStore {
     }
     const self = this;
     return {
-      chunks, fromSpares,
+      chunks,
       get reserveMs() { return stats.reserveMs; },
       get makeMs() { return stats.makeMs; },
       get calls() { return stats.calls; },
@@ -306,21 +324,13 @@ export class ChunkStore {
 
   private addPending(entry: Pending): void {
     this.pending.set(entry.plan.id, entry);
-    for (const t of entry.plan.tensors) {
-      let replicas = this.pendingTensors.get(t.name);
-      if (!replicas) this.pendingTensors.set(t.name, (replicas = new Map()));
-      replicas.set(entry.plan.device, { chunkId: entry.plan.id, location: t });
-    }
+    indexTensors(this.pendingTensors, entry.plan);
   }
 
   /** Forgets a pending chunk; `free`: its reserved addresses too (nothing was made there). */
   private dropPending(entry: Pending, free: boolean): void {
     this.pending.delete(entry.plan.id);
-    for (const t of entry.plan.tensors) {
-      const replicas = this.pendingTensors.get(t.name);
-      if (replicas?.get(entry.plan.device)?.chunkId === entry.plan.id) replicas.delete(entry.plan.device);
-      if (replicas?.size === 0) this.pendingTensors.delete(t.name);
-    }
+    unindexTensors(this.pendingTensors, entry.plan);
     if (free) entry.range.dispose();
   }
 
@@ -337,11 +347,7 @@ export class ChunkStore {
   private register(plan: ChunkPlan, holder: string, { chunk, range, access }: Spare): StoredChunk {
     const stored: StoredChunk = { plan, chunk, range, holders: new Set([holder]), access: new Set(access) };
     this.chunks.set(plan.id, stored);
-    for (const t of plan.tensors) {
-      let replicas = this.tensors.get(t.name);
-      if (!replicas) this.tensors.set(t.name, (replicas = new Map()));
-      replicas.set(plan.device, { chunkId: plan.id, location: t });
-    }
+    indexTensors(this.tensors, plan);
     return stored;
   }
 
@@ -705,11 +711,7 @@ export class ChunkStore {
   /** Drops the chunk from the store's indexes and closes its export (its chunk and mapping stay). */
   private unregister(c: StoredChunk): void {
     this.chunks.delete(c.plan.id);
-    for (const t of c.plan.tensors) {
-      const replicas = this.tensors.get(t.name);
-      if (replicas?.get(c.plan.device)?.chunkId === c.plan.id) replicas.delete(c.plan.device);
-      if (replicas?.size === 0) this.tensors.delete(t.name);
-    }
+    unindexTensors(this.tensors, c.plan);
     if (c.exported?.kind === 'fd') {
       try {
         closeSync(c.exported.fd);

@@ -1146,14 +1146,15 @@ export class Deployment {
     const readies = [...this.readies.values()];
     this.readies.clear();
     // Executor processes: the process initialised ahead is this scale's standby, as it is when it was
-    // made for this scale's plan ('used'), else initialised again for this layout ('reinit').
+    // made for this scale's plan, else initialised again for this layout.
     let readyProc = this.readyProc;
     this.readyProc = undefined;
     if (readyProc && (readyProc.stepper.proc?.exitCode !== null || readyProc.stepper.proc?.signalCode !== null)) {
       // It died while waiting: its session is ending; its chunks go back once it has (below, at rollback or release).
       readyProc.stepper.kill();
     }
-    let readyProcUse: 'used' | 'reinit' | undefined;
+    /** The process initialised ahead was made for this scale's plan: taken as it is (else initialised again). */
+    let readyProcMade = false;
     /** Readies whose device's KV pool and mapping this scale took (they serve any layout with that device). */
     const readyPools = new Set<number>();
     let ready: ReadyStandby | undefined;
@@ -1235,7 +1236,7 @@ export class Deployment {
       copies = transfers.map((t) => ({ targetId: t.targetId, sourceIds: [t.sourceId, ...(t.extraSourceIds ?? [])] }));
       ready = readies.find((r) => r.fromId === oldId && r.planned === planned);
       const procAlive = readyProc !== undefined && readyProc.stepper.proc?.exitCode === null && readyProc.stepper.proc?.signalCode === null;
-      if (readyProc && procAlive && readyProc.fromId === oldId && readyProc.planned === planned) readyProcUse = 'used';
+      if (readyProc && procAlive && readyProc.fromId === oldId && readyProc.planned === planned) readyProcMade = true;
       else if (readyProc && !procAlive) {
         // Died while waiting: ended now, its chunks given back first.
         const r = readyProc;
@@ -1333,14 +1334,13 @@ export class Deployment {
         const shapes = this.forward instanceof RemoteStepper
           ? precaptureShapes(this.forward.graphShapes, next.devices, this.options.precaptureGraphs ?? DEFAULT_PRECAPTURE_GRAPHS) : [];
         let proc: RemoteStepper;
-        if (readyProcUse === 'used') {
+        if (readyProcMade) {
           proc = readyProc!.stepper;
           prestartedUsed = true;
           madeAhead = { ms: readyProc!.ms, precaptured: proc.precaptured?.graphs ?? 0 };
           if (proc.precaptured) precapture = proc.precaptured;
         } else if (readyProc) {
           // Initialised ahead for another scale: initialised again for this one (it keeps what it attached).
-          readyProcUse = 'reinit';
           proc = readyProc.stepper;
           standby = proc; // killed by the rollback if this fails
           prestartedUsed = true;
