@@ -159,7 +159,7 @@ const steps = [];
 const recorder = (who, inst) => (f) => {
   const g = inst()?.graphStats;
   steps.push({
-    who, t: clock(), ms: f.ms, tokens: f.tokens, decode: f.decodeTokens, seqs: f.batchSeqs, epoch: inst()?.epoch ?? 0, devices: inst()?.devices.length ?? 0,
+    who, t: clock(), ms: f.ms, fwd: f.forwardMs, tokens: f.tokens, decode: f.decodeTokens, seqs: f.batchSeqs, epoch: inst()?.epoch ?? 0, devices: inst()?.devices.length ?? 0,
     ...(g ? { graphs: [g.captures, g.replays, g.deferred, g.covered] } : {}), ranks: f.rankSeqs,
     ...(inst()?.lastStepCaptures?.length ? { captured: inst().lastStepCaptures.map((x) => [x.rank, x.T, x.S, x.MB]) } : {}),
   });
@@ -301,7 +301,7 @@ async function measureScale(kind, inst, to) {
   return { kind, from, to, tCmd, first, report, peak, before, during, loopDelay };
 }
 
-emit({ bench: 'start', executor: executorKnob, backend: rt.backend, gpus: rt.devices().map((d) => d.name), uvThreadpool: Number(process.env.UV_THREADPOOL_SIZE),
+emit({ bench: 'start', clockOriginEpochMs: performance.timeOrigin + t0, executor: executorKnob, backend: rt.backend, gpus: rt.devices().map((d) => d.name), uvThreadpool: Number(process.env.UV_THREADPOOL_SIZE),
   groupedMatmul: runtimeGroupedMatmul(rt),
   steps: plan, baselines: [...baselines], prepare, concurrency, promptLen, outputLen, outputSpread });
 

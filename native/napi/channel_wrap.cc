@@ -156,7 +156,9 @@ Napi::Value NativeChannel::GetFd(const Napi::CallbackInfo& info) {
   return Napi::Number::New(info.Env(), fd_);
 }
 
-// send(data, fds)
+// send(data, fds, ifRoom?) -> true once sent. With ifRoom, a message whose first record finds the
+// socket full is not sent and false comes back at once (the caller retries later: its thread stays
+// free while a slow peer reads); later records of a message under way still wait, up to the timeout.
 Napi::Value NativeChannel::Send(const Napi::CallbackInfo& info) {
   if (closed_) ThrowInvalidHandle("channel was closed");
   if (!info[0].IsTypedArray() ||
@@ -174,6 +176,7 @@ Napi::Value NativeChannel::Send(const Napi::CallbackInfo& info) {
       fds.push_back(static_cast<int>(list[i]));
     }
   }
+  bool if_room = info.Length() > 2 && info[2].ToBoolean().Value();
   const uint8_t* bytes = data.Data();
   size_t size = data.ByteLength();
   Clock::time_point deadline = Clock::now() + kSendTimeout;
@@ -182,15 +185,18 @@ Napi::Value NativeChannel::Send(const Napi::CallbackInfo& info) {
     size_t n = std::min(size - offset, kMaxRecord - 1);
     uint8_t header = offset + n < size ? 1 : 0;
     bool first = offset == 0;
-    SendRecord(header, bytes + offset, n, first ? fds : std::vector<int>(), first, deadline);
+    if (!SendRecord(header, bytes + offset, n, first ? fds : std::vector<int>(), first, deadline,
+                    if_room)) {
+      return Napi::Boolean::New(info.Env(), false);
+    }
     offset += n;
   } while (offset < size);
-  return info.Env().Undefined();
+  return Napi::Boolean::New(info.Env(), true);
 }
 
-void NativeChannel::SendRecord(uint8_t header, const uint8_t* data, size_t size,
+bool NativeChannel::SendRecord(uint8_t header, const uint8_t* data, size_t size,
                                const std::vector<int>& fds, bool first,
-                               Clock::time_point deadline) {
+                               Clock::time_point deadline, bool give_up_if_full) {
   iovec iov[2] = {{&header, 1}, {const_cast<uint8_t*>(data), size}};
   msghdr msg{};
   msg.msg_iov = iov;
@@ -208,10 +214,11 @@ void NativeChannel::SendRecord(uint8_t header, const uint8_t* data, size_t size,
   }
   for (;;) {
     // A SEQPACKET record is sent whole or not at all.
-    if (sendmsg(fd_, &msg, MSG_NOSIGNAL | MSG_DONTWAIT) >= 0) return;
+    if (sendmsg(fd_, &msg, MSG_NOSIGNAL | MSG_DONTWAIT) >= 0) return true;
     int err = errno;
     if (err == EINTR) continue;
     if (err == EAGAIN || err == EWOULDBLOCK) {
+      if (give_up_if_full && first) return false;
       if (WaitWritable(fd_, deadline)) continue;
       err = ETIMEDOUT;
     }

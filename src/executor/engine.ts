@@ -137,6 +137,8 @@ export interface StepFigures {
   decodeTokens: number;
   /** Wall time of the step call. */
   ms: number;
+  /** The forward pass's own time (for an executor process, inside it: ms less this is the round trip's). */
+  forwardMs: number;
   /** Sequences per DP rank. */
   rankSeqs: number[];
 }
@@ -900,6 +902,7 @@ export class Engine {
       prefillTokens,
       decodeTokens,
       ms,
+      forwardMs: result.ms,
       rankSeqs: batch.ranks.map((r) => r.length),
     });
     const now = performance.now();

@@ -33,6 +33,7 @@ import { ModelKernels } from '../model/kernels/index.js';
 import { type ChannelMessage, UnixChannel } from '../runtime/channel.js';
 import type { RuntimeOptionsInput } from '../runtime/config.js';
 import { Runtime } from '../runtime/runtime.js';
+import { trace } from '../runtime/trace.js';
 import { ForwardEngine, type ForwardEngineOptions, type GraphShape } from './forward.js';
 import { type MappedKvPool, mapAttachedKvPools } from './kv-view.js';
 import type { Layout, StepBatch, StepResult } from './types.js';
@@ -112,6 +113,9 @@ export interface ResultMessage {
    */
   graphShapes?: GraphShape[];
 }
+
+/** Chunks unmapped per turn of the event loop after ready (those attached ahead that init's layout does not use). */
+const DROP_PIECE = 32;
 
 /** Graph shapes a result carries at most (what a scale's standby may capture ahead). */
 export const GRAPH_SHAPES_SENT = 16;
@@ -204,13 +208,16 @@ export async function runExecutorProcess(options: ExecutorProcessOptions): Promi
   let kernels: ModelKernels[] = [];
   // Warm-up while init is on its way (see the top of this file); its failure is init's.
   const warm = (async () => {
+    trace('exec.warm');
     rt = Runtime.open(options.runtime ?? {});
+    trace('exec.runtime-open');
     if (options.preloadKernels !== false) {
       const r = rt;
       const loaded = await Promise.allSettled(Array.from({ length: r.deviceCount }, (_, d) => ModelKernels.load(r, d)));
       kernels = loaded.flatMap((k) => (k.status === 'fulfilled' ? [k.value] : []));
       const bad = loaded.find((k): k is PromiseRejectedResult => k.status === 'rejected');
       if (bad) throw bad.reason;
+      trace('exec.kernels-loaded');
     }
   })();
   warm.catch(() => undefined); // reported at init
@@ -235,6 +242,34 @@ export async function runExecutorProcess(options: ExecutorProcessOptions): Promi
     };
     let init = await receive();
     let unused: string[] = [];
+    // Chunks attached ahead that the layout does not use, unmapped after ready a few at a time with a
+    // turn of the event loop in between: unmapping ~2,800 at once held this thread ~170 ms (2 x H100),
+    // and the first step on the new layout, sent right after ready, waited for it.
+    type Attached = Awaited<ReturnType<HmmClient['attach']>>;
+    let dropping: { from: Attached; ids: string[] } | undefined;
+    const dropPiece = () => {
+      const d = dropping;
+      if (!d) return;
+      try {
+        d.from.drop(d.ids.splice(0, DROP_PIECE));
+      } catch {
+        // Best effort: what could not be unmapped here is released when this process exits.
+      }
+      if (d.ids.length > 0) setImmediate(dropPiece);
+      else {
+        dropping = undefined;
+        trace('exec.dropped');
+      }
+    };
+    const dropAll = () => {
+      const d = dropping;
+      dropping = undefined;
+      try {
+        d?.from.drop(d.ids);
+      } catch {
+        // as above
+      }
+    };
     // Chunks attached ahead: a failure here is not the executor's (init attaches everything then).
     let ahead: Awaited<ReturnType<HmmClient['attach']>> | undefined;
     if (init?.type === 'preattach') {
@@ -243,7 +278,10 @@ export async function runExecutorProcess(options: ExecutorProcessOptions): Promi
         const { client: c } = await connect();
         const manifest = await c.manifest();
         const pools = manifest.kvPools.filter((p) => pre.devices.includes(p.device));
-        ahead = await c.attach(layoutChunkIds(manifest.chunks, pre.devices, pre.placement, pools));
+        const ids = layoutChunkIds(manifest.chunks, pre.devices, pre.placement, pools);
+        trace('exec.preattach', { chunks: ids.length });
+        ahead = await c.attach(ids);
+        trace('exec.preattached');
       } catch {
         ahead = undefined;
         // What the daemon attached for this session before the failure: init attaches afresh.
@@ -261,19 +299,23 @@ export async function runExecutorProcess(options: ExecutorProcessOptions): Promi
     let first: ToExecutor | undefined = init;
     while (first?.type === 'init') {
       const msg: InitMessage = first;
+      trace('exec.init', { devices: msg.devices });
       try {
         if (engine) {
+          dropAll();
           engine.dispose();
           engine = undefined;
           for (const v of views?.values() ?? []) v.dispose();
           views = undefined;
           ahead = set;
           set = undefined;
+          trace('exec.reinit-disposed');
         }
         const { rt: r, client: c } = await connect();
         // Attach only what this layout uses: an imported chunk stays allocated on the device for as long
         // as any process holds it, so holding another layout's chunks would keep them alive.
         const manifest = await c.manifest();
+        trace('exec.manifest', { chunks: manifest.chunks.length });
         const pools = manifest.kvPools.filter((p) => msg.devices.includes(p.device));
         const needed = layoutChunkIds(manifest.chunks, msg.devices, msg.placement, pools);
         let preattached: ReadyMessage['preattached'];
@@ -284,19 +326,23 @@ export async function runExecutorProcess(options: ExecutorProcessOptions): Promi
           const have = new Set(ahead.entries.map((e) => e.id));
           unused = [...have].filter((id) => !want.has(id));
           const rest = needed.filter((id) => !have.has(id));
+          trace('exec.attach', { chunks: rest.length, kept: have.size - unused.length });
           if (rest.length > 0) ahead.absorb(await c.attach(rest));
           set = ahead;
           ahead = undefined;
           preattached = { kept: have.size - unused.length, dropped: unused.length };
         } else {
+          trace('exec.attach', { chunks: needed.length });
           set = await c.attach(needed);
         }
+        trace('exec.attached');
         views = mapAttachedKvPools(r, set, pools);
         engine = await ForwardEngine.create(r, msg.config, layoutFromTable(msg.devices, msg.placement),
           attachedWeights(set), views, msg.options ?? {});
         // Nothing else runs in this process: each graph in one piece.
         // Best effort: graphs not captured ahead are captured at their first step.
         let precaptured: ReadyMessage['precaptured'];
+        trace('exec.engine-made');
         if (msg.precapture && msg.precapture.length > 0) {
           const t = performance.now();
           try {
@@ -307,14 +353,16 @@ export async function runExecutorProcess(options: ExecutorProcessOptions): Promi
             precaptured = { graphs: engine.graphStats.precaptured, ms: performance.now() - t, error: `${err.name}: ${err.message}` };
           }
         }
+        trace('exec.ready', { precaptured: precaptured?.graphs ?? 0 });
         send(channel, {
           type: 'ready', pid: process.pid, session: c.session, chunks: set.size - unused.length, ...(preattached ? { preattached } : {}),
           ...(precaptured ? { precaptured } : {}),
         });
-        try {
-          set.drop(unused);
-        } catch {
-          // Best effort: what could not be unmapped here is released when this process exits.
+        if (unused.length > 0) {
+          trace('exec.drop', { chunks: unused.length });
+          dropping = { from: set, ids: unused };
+          unused = [];
+          setImmediate(dropPiece);
         }
       } catch (e) {
         ahead?.dispose();
@@ -334,6 +382,7 @@ export async function runExecutorProcess(options: ExecutorProcessOptions): Promi
     }
 
     // Steps in order: each waits for the one before it.
+    trace('exec.first-step');
     const eng = engine!;
     let shapesSent = '[]';
     const firstStep = first;
@@ -395,6 +444,7 @@ export async function runExecutorProcess(options: ExecutorProcessOptions): Promi
       void channel.closed.then(finish);
     });
   } finally {
+    trace('exec.end');
     await warm.catch(() => undefined);
     engine?.dispose();
     for (const k of kernels) k.dispose();
@@ -402,5 +452,6 @@ export async function runExecutorProcess(options: ExecutorProcessOptions): Promi
     set?.dispose();
     client?.close();
     channel.close();
+    trace('exec.released');
   }
 }

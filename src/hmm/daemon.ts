@@ -8,6 +8,7 @@ import { closeSync } from 'node:fs';
 import { type ChannelMessage, type UnixChannel, UnixListener } from '../runtime/channel.js';
 import { ElasticMoeError, InvalidArgumentError } from '../runtime/errors.js';
 import type { SharedHandle } from '../runtime/memory.js';
+import { trace } from '../runtime/trace.js';
 import type { Hmm, HmmSession } from './hmm.js';
 import {
   CONNECTION_ID,
@@ -107,33 +108,41 @@ class Connection {
     const req = parsed.request;
     try {
       const reply = await this.daemon.dispatch(this, req);
-      this.send({ id: req.id, ok: true, result: reply.result }, reply.fds ?? []);
+      await this.send({ id: req.id, ok: true, result: reply.result }, reply.fds ?? []);
     } catch (e) {
-      this.fail(req.id, toWireError(e), req.op);
+      await this.fail(req.id, toWireError(e), req.op);
     }
   }
 
-  private fail(id: number, error: WireError, op?: string): void {
+  private async fail(id: number, error: WireError, op?: string): Promise<void> {
     const event: HmmDaemonEvent = { type: 'request-error', pid: this.peer.pid, code: error.code, message: error.message };
     if (this.session) event.session = this.session.id;
     if (op) event.op = op;
     this.daemon.emit(event);
-    this.send({ id, ok: false, error });
+    await this.send({ id, ok: false, error });
+  }
+
+  /** Whether the connection has ended (shutdown). */
+  get isClosed(): boolean {
+    return this.closed;
   }
 
   /**
    * Sends one message with descriptors the chunk store owns (its exported handles):
-   * the kernel duplicates them into the peer; they stay open here.
+   * the kernel duplicates them into the peer; they stay open here. While the peer's socket is
+   * full (an executor importing the last batch before it reads the next) this waits on the event
+   * loop, not on the thread: the deployment's serving steps go on meanwhile. The request in
+   * progress awaits it, so the descriptors stay open (its session holds their chunks) until sent.
    */
-  send(message: object, fds: number[] = []): void {
+  async send(message: object, fds: number[] = []): Promise<void> {
     if (this.closed) return;
     // Encoded first: a reply that cannot be encoded is the handler's error (INTERNAL), not the connection's.
     const data = encode(message);
     try {
-      this.channel.send(data, fds);
+      await this.channel.sendWhenRoom(data, fds);
     } catch (e) {
       // The peer went away or stopped reading: end the connection and with it the session.
-      this.shutdown(`send failed: ${(e as Error).message}`);
+      void this.shutdown(`send failed: ${(e as Error).message}`);
     }
   }
 
@@ -310,15 +319,23 @@ export class HmmDaemon {
    * most MAX_FDS_PER_MESSAGE; the last batch is the reply. All or nothing on the
    * daemon side: if an export fails, what this request newly attached is dropped.
    */
-  private attach(c: Connection, session: HmmSession, id: number, ids: string[] | undefined): Reply<'attach'> {
+  private async attach(c: Connection, session: HmmSession, id: number, ids: string[] | undefined): Promise<Reply<'attach'>> {
     const wanted = this.attachIds(session, ids);
     const added = wanted.filter((x) => !session.attached.has(x));
     const entries = session.attach(wanted);
+    trace('daemon.attach', { chunks: entries.length, added: added.length });
     try {
       for (let at = 0; ; at += MAX_FDS_PER_MESSAGE) {
         const batch = this.exportBatch(c, session, entries.slice(at, at + MAX_FDS_PER_MESSAGE));
-        if (at + MAX_FDS_PER_MESSAGE >= entries.length) return { result: batch.batch, fds: batch.fds };
-        c.send({ id, ok: true, partial: true, ...batch.batch }, batch.fds);
+        if (at + MAX_FDS_PER_MESSAGE >= entries.length) {
+          trace('daemon.attach-exported');
+          return { result: batch.batch, fds: batch.fds };
+        }
+        await c.send({ id, ok: true, partial: true, ...batch.batch }, batch.fds);
+        if (c.isClosed) throw new HmmProtocolError('DISCONNECTED', 'the client left during its attach');
+        // A turn of the event loop between batches (exports of chunks made since the last attach cost
+        // ~60-100 us each on CUDA): thousands of chunks never hold this process's thread at once.
+        await new Promise<void>((r) => setImmediate(r));
       }
     } catch (e) {
       session.detach(added);

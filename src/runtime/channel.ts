@@ -5,6 +5,9 @@
 import { loadBinding } from './loader.js';
 import type { NativeChannel, NativeListener, NativePeerCredentials } from './native-types.js';
 
+/** How long a send waits for room in the socket (the native send()'s limit too). */
+const SEND_TIMEOUT_MS = 10_000;
+
 export interface ChannelMessage {
   data: Buffer;
   /** Received descriptors; the receiver owns them and must close them. */
@@ -60,9 +63,31 @@ export class UnixChannel implements Disposable {
     else this.queue.push(m);
   }
 
-  /** Sends one message; the descriptors are duplicated into the peer (the sender keeps its own). */
+  /**
+   * Sends one message; the descriptors are duplicated into the peer (the sender keeps its own).
+   * Blocks this thread while the socket is full (a peer that reads slowly), up to 10 s.
+   */
   send(data: Uint8Array | string, fds: number[] = []): void {
     this.native.send(typeof data === 'string' ? Buffer.from(data) : data, fds);
+  }
+
+  /**
+   * Sends one message like send(), but while the socket is full it waits on the event loop instead of
+   * blocking this thread (retrying every millisecond), so a peer that reads slowly — an executor
+   * importing each batch of chunk handles before it reads the next — does not stall this process.
+   * Rejects after `timeoutMs` (default 10 s, send()'s limit) without room. Messages sent this way
+   * and with send() may interleave: await each one before the next.
+   */
+  async sendWhenRoom(data: Uint8Array | string, fds: number[] = [], timeoutMs = SEND_TIMEOUT_MS): Promise<void> {
+    const bytes = typeof data === 'string' ? Buffer.from(data) : data;
+    const deadline = performance.now() + timeoutMs;
+    while (!this.native.send(bytes, fds, true)) {
+      if (this.isClosed) throw this.closeError ?? new Error('channel closed');
+      if (performance.now() >= deadline) {
+        throw new Error(`sending on the channel failed: the peer read nothing for ${timeoutMs} ms`);
+      }
+      await new Promise<void>((r) => setTimeout(r, 1));
+    }
   }
   /** Next message, in order. Rejects once the channel is closed. */
   receive(): Promise<ChannelMessage> {

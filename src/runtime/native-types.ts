@@ -159,8 +159,11 @@ export interface NativePeerCredentials { pid: number; uid: number; gid: number }
 /** A connected AF_UNIX SOCK_SEQPACKET socket that carries messages with file descriptors. */
 export interface NativeChannel {
   readonly fd: number;
-  /** Sends one message; fds are duplicated into the peer (SCM_RIGHTS). Messages of any size (fragmented natively). */
-  send(data: Uint8Array, fds: number[]): void;
+  /**
+   * Sends one message; fds are duplicated into the peer (SCM_RIGHTS). Messages of any size (fragmented natively).
+   * True once sent. With `ifRoom`, false (nothing sent, no wait) when the socket has no room for its first record.
+   */
+  send(data: Uint8Array, fds: number[], ifRoom?: boolean): boolean;
   /** Starts delivering messages on the event loop (uv_poll). Received fds belong to the callee. */
   start(onMessage: (data: Buffer, fds: number[]) => void, onClose: (error?: Error) => void, maxMessageBytes?: number): void;
   peerCredentials(): NativePeerCredentials;

@@ -83,6 +83,7 @@ import { InvalidArgumentError } from '../runtime/errors.js';
 import { UnixChannel } from '../runtime/channel.js';
 import { DEFAULT_HOST_POOL_BYTES, HostBufferPool, type HostPoolStats } from '../runtime/host-pool.js';
 import type { Runtime } from '../runtime/runtime.js';
+import { trace } from '../runtime/trace.js';
 import { type LayoutLimits, type LayoutSpec, roundRobinLayout, toExpertPlacement, validateLayout } from './layout.js';
 import { type PacedCopyStats, type PrepareOptions, pacedCopy, resolvePrepare } from './pacing.js';
 import { DEFAULT_PRECAPTURE_GRAPHS, precaptureShapes } from './precapture.js';
@@ -610,6 +611,7 @@ export class Deployment {
         stdio: ['ignore', 'inherit', 'inherit', theirs.fd],
         env: { ...process.env, ...d.env },
       });
+      trace('coord.spawn', { child: proc.pid });
       return { proc, channel: mine };
     } catch (e) {
       mine.close();
@@ -943,6 +945,7 @@ export class Deployment {
    * runs in its own process), then the plans and the standby chunks (syncStandby).
    */
   private async workAhead(): Promise<void> {
+    trace('ahead.begin');
     if (this.daemon?.prestart && !this.prestarted) {
       this.prestarted = Deployment.spawnProcess(this.daemon);
       // The serving layout's chunks, attached ahead (best effort: init attaches whatever is missing).
@@ -963,11 +966,14 @@ export class Deployment {
       standby: this.standbyOn, prefill: this.options.prefillStandby !== false, scaleDownSpares: this.options.scaleDownSpares === true,
       offThread: resolvePrepare(this.options.prepare).offThread, kvBlockBytes: blockBytes, kvBlocks: this.options.kvBlocksPerDevice,
     }, () => this.aheadStop, (e) => (this.aheadError = e));
+    trace('ahead.standby-synced');
     await this.makeReadies();
     await this.makeReadyProcess();
+    trace('ahead.readies-made');
     // Last: the scale-down plans (the standby engines first: they serve the scale-ups' latency and serving).
     if (!this.options.scaleDownSpares) await planScaleDowns(this.plans, this.layoutSpec, this.layoutId, () => this.aheadStop, (e) => (this.aheadError = e));
     if (!this.aheadStop && this.readies.size > 0 && this.followPerDevice() > 0) this.following = this.followShapes().catch(() => undefined);
+    trace('ahead.end');
   }
 
   /** Whether standby engines are made ahead (DeploymentOptions.standbyEngines and what it needs). */
@@ -1038,7 +1044,9 @@ export class Deployment {
         pool = true;
         const shapes = precaptureShapes(this.forward.graphShapes, planned.next.devices, this.options.precaptureGraphs ?? DEFAULT_PRECAPTURE_GRAPHS,
           { joining: true });
+        trace('ahead.init-process', { device, adopted: adopted.length });
         const stepper = await Deployment.initExecutor(this.options, spawned, planned.next, shapes);
+        trace('ahead.process-initialised');
         this.readyProc = { fromId: layoutId, to: [...planned.next.devices], device, planned, stepper, holder, adopted, ms: now() - t0 };
       } catch (e) {
         // initExecutor killed the process; its session ends with it, then the chunks go back.
@@ -1125,7 +1133,10 @@ export class Deployment {
     const current = this.layoutSpec;
     const from = [...current.devices];
     const to = Array.isArray(target?.devices) ? [...target.devices] : [];
-    const progress = (phase: ScalePhase, extra: Partial<ScaleProgress> = {}) => options.onProgress?.({ phase, from, to, ...extra });
+    const progress = (phase: ScalePhase, extra: Partial<ScaleProgress> = {}) => {
+      trace(`scale.${phase}`, { from, to });
+      options.onProgress?.({ phase, from, to, ...extra });
+    };
     const store = this.hmm.store;
     const oldId = this.layoutId;
     const newId = `layout-${this.layoutCounter + 1}`;
@@ -1442,6 +1453,7 @@ export class Deployment {
     if (old instanceof RemoteStepper) {
       // The old process exits and its daemon session ends before its chunks are released.
       await old.close();
+      trace('coord.old-process-ended');
       await this.settleSessions(new Set([(standby as RemoteStepper).session]));
     }
     const releaseStats = old instanceof ForwardEngine ? { engine: await old.disposeAsync(), chunks: { ms: 0, maxBlockMs: 0, groups: 0 } } : undefined;
@@ -1497,6 +1509,7 @@ export class Deployment {
       }
     }
     phases.releaseMs = lap();
+    trace('scale.released', { chunksReleased, chunksKept });
     if (this.options.peerAccess === 'all') this.accessGrant = this.grantNodeAccess(newId);
     progress('done');
     return {

@@ -1,7 +1,7 @@
 // The HMM daemon, its protocol and its client, across real processes on the mock
 // backend (memfd chunks: the sharing between processes is real).
 import { type ChildProcess, type SpawnOptions, spawn, spawnSync } from 'node:child_process';
-import { chmodSync, closeSync, existsSync, fstatSync, mkdtempSync, readdirSync, readlinkSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { chmodSync, closeSync, existsSync, fstatSync, mkdtempSync, readFileSync, readdirSync, readlinkSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { createInterface } from 'node:readline';
@@ -282,6 +282,35 @@ describe('HMM daemon: the attach stream', () => {
     expect(replies[0].result.checksum).toBe((await hmm.store.checksumChunk('dense@0#0')).toString());
   });
 
+  it('waits for a slow reader on the event loop: a client in the daemon\'s own process attaches more handles than the socket holds', async () => {
+    // 1,202 chunks: far more descriptors than one socket holds unread. A daemon that blocked its
+    // thread until the peer read (as it once did) never lets this process's client read: the send
+    // times out and the connection ends. Its event loop must turn between batches instead (the
+    // deployment's serving steps run on that loop while an executor imports).
+    const rt = openMock({ mockCapacity: 1024 * MIB });
+    const hmm = new Hmm(rt);
+    cleanups.push(() => hmm.dispose());
+    await hmm.loadSynthetic(specs(600), { seed: SEED });
+    const daemon = await HmmDaemon.listen(hmm, path.join(dir, 'big.sock'));
+    cleanups.push(() => daemon.close());
+    const client = await HmmClient.connect(path.join(dir, 'big.sock'), rt);
+    cleanups.push(() => client.close());
+    let turns = 0;
+    const timer = setInterval(() => turns++, 0);
+    const set = await client.attach();
+    clearInterval(timer);
+    cleanups.push(() => set.dispose());
+    expect(set.size).toBe(hmm.store.size);
+    expect(hmm.store.size).toBeGreaterThan(1200);
+    expect(turns).toBeGreaterThan(0);
+    // The last batch's memory reads here as the daemon loaded it.
+    const name = 'l1.e599.down';
+    const stream = hmm.store.stream(hmm.store.tensor(name).chunk.plan.device);
+    const here = Buffer.from(await rt.read(set.tensor(name), 2048, stream));
+    expect(here.equals(Buffer.from(await rt.read(hmm.store.tensor(name).ptr, 2048, stream)))).toBe(true);
+    expect(here.some((x) => x !== 0)).toBe(true);
+  });
+
   it('exports each chunk once, before listening: attaches export nothing, and a freed chunk closes its handle', async () => {
     const { rt, hmm, sock } = await setup();
     rt.injectFault('ExportChunk', 1); // any export from here on fails
@@ -503,8 +532,9 @@ describe('elasticmoe hmm', () => {
     const config = path.join(dir, 'model.json');
     writeFileSync(config, JSON.stringify({ tensors: specs(4).map((s) => ({ ...s, device: s.device % 2 })) }));
     const sock = path.join(dir, 'cli.sock');
+    const traceFile = path.join(dir, 'trace.jsonl');
     const proc = spawn(process.execPath, [CLI, 'hmm', '--socket', sock, '--synthetic', config, '--devices', '1,2', '--seed', '7',
-      '--backend', 'mock', '--mock-devices', '4', '--mock-capacity', '64MiB'], { env: CHILD_ENV });
+      '--backend', 'mock', '--mock-devices', '4', '--mock-capacity', '64MiB'], { env: { ...CHILD_ENV, ELASTICMOE_TRACE: traceFile } });
     cleanups.push(() => proc.kill('SIGKILL'));
     const exited = new Promise<number | null>((resolve) => proc.on('exit', resolve));
     let stdout = '';
@@ -531,6 +561,13 @@ describe('elasticmoe hmm', () => {
     expect(await client.checksum({ tensor: 'l1.norm' })).toBe(checksumU32(bytes));
     set.dispose();
     client.close();
+    // ELASTICMOE_TRACE: the daemon's process appended its attach, one JSON line per event, in order.
+    const events = readFileSync(traceFile, 'utf8').trim().split('\n').map((l) => JSON.parse(l) as { t: number; pid: number; ev: string; chunks?: number });
+    const attach = events.filter((e) => e.ev.startsWith('daemon.attach'));
+    expect(attach.map((e) => [e.ev, e.pid])).toEqual([['daemon.attach', proc.pid], ['daemon.attach-exported', proc.pid]]);
+    expect(attach[0]!.chunks).toBe(9);
+    expect(attach[1]!.t).toBeGreaterThanOrEqual(attach[0]!.t);
+    expect(Math.abs(attach[0]!.t - Date.now())).toBeLessThan(60_000); // epoch milliseconds: one clock across processes
 
     proc.kill('SIGTERM');
     expect(await exited).toBe(0);

@@ -37,6 +37,30 @@ describe('fd passing', () => {
     await expect(b.receive()).rejects.toThrow(/closed/);
   });
 
+  it('waits for room on the event loop when the peer does not read, and gives up after its timeout', async () => {
+    const [a, b] = UnixChannel.pair();
+    // The peer: a process that never reads its end.
+    const sleeper = spawn('sleep', ['30'], { stdio: ['ignore', 'ignore', 'ignore', b.fd] });
+    b.close();
+    try {
+      const msg = pattern(16 * 1024, 3);
+      let sent = 0;
+      const t0 = performance.now();
+      while (a.native.send(msg, [], true)) sent++;
+      // Full: the send that found no room came back at once, having sent nothing.
+      expect(sent).toBeGreaterThan(0);
+      expect(performance.now() - t0).toBeLessThan(5000);
+      let turns = 0;
+      const timer = setInterval(() => turns++, 5);
+      await expect(a.sendWhenRoom(msg, [], 150)).rejects.toThrow(/read nothing for 150 ms/);
+      clearInterval(timer);
+      expect(turns).toBeGreaterThan(3); // the loop went on while it waited
+    } finally {
+      sleeper.kill('SIGKILL');
+      a.close();
+    }
+  });
+
   it('listens on an owner-only socket and reports the peer credentials', async () => {
     const sock = path.join(dir, 'l.sock');
     const accepted: UnixChannel[] = [];
