@@ -156,9 +156,12 @@ Napi::Value NativeChannel::GetFd(const Napi::CallbackInfo& info) {
   return Napi::Number::New(info.Env(), fd_);
 }
 
-// send(data, fds, ifRoom?) -> true once sent. With ifRoom, a message whose first record finds the
-// socket full is not sent and false comes back at once (the caller retries later: its thread stays
-// free while a slow peer reads); later records of a message under way still wait, up to the timeout.
+// send(data, fds) -> undefined: the whole message, waiting (this thread) for room, up to the timeout.
+// send(data, fds, offset) -> the offset reached, or -1: the records from byte `offset` on (a multiple
+// of a record's payload; 0 starts the message and carries the fds), as many as the socket has room
+// for now, never waiting; -1 when it had room for none. The caller sends the rest later from the
+// offset returned (nothing else may be sent on the channel meanwhile): its thread stays free while
+// a slow peer reads. The peer sees the message once its last record arrives.
 Napi::Value NativeChannel::Send(const Napi::CallbackInfo& info) {
   if (closed_) ThrowInvalidHandle("channel was closed");
   if (!info[0].IsTypedArray() ||
@@ -166,8 +169,21 @@ Napi::Value NativeChannel::Send(const Napi::CallbackInfo& info) {
     ThrowArgument("data", "a Uint8Array");
   }
   Napi::Uint8Array data = info[0].As<Napi::Uint8Array>();
+  const uint8_t* bytes = data.Data();
+  size_t size = data.ByteLength();
+  constexpr size_t kPayload = kMaxRecord - 1;
+  bool partial = info.Length() > 2 && !info[2].IsUndefined();
+  size_t offset = 0;
+  if (partial) {
+    int64_t at = ToInteger(info[2], "offset", 0, static_cast<int64_t>(size));
+    if (at % static_cast<int64_t>(kPayload) != 0 && at != static_cast<int64_t>(size)) {
+      ThrowArgument("offset", "a record boundary (a multiple of " + std::to_string(kPayload) +
+                                  ") returned by the previous call");
+    }
+    offset = static_cast<size_t>(at);
+  }
   std::vector<int> fds;
-  if (!info[1].IsUndefined()) {
+  if (!info[1].IsUndefined() && offset == 0) {
     std::vector<int64_t> list = ToIntegerList(info[1], "fds", kMaxFds, 0, INT32_MAX);
     for (size_t i = 0; i < list.size(); ++i) {
       if (fcntl(static_cast<int>(list[i]), F_GETFD) < 0) {
@@ -176,22 +192,20 @@ Napi::Value NativeChannel::Send(const Napi::CallbackInfo& info) {
       fds.push_back(static_cast<int>(list[i]));
     }
   }
-  bool if_room = info.Length() > 2 && info[2].ToBoolean().Value();
-  const uint8_t* bytes = data.Data();
-  size_t size = data.ByteLength();
   Clock::time_point deadline = Clock::now() + kSendTimeout;
-  size_t offset = 0;
+  const size_t start = offset;
   do {
-    size_t n = std::min(size - offset, kMaxRecord - 1);
+    size_t n = std::min(size - offset, kPayload);
     uint8_t header = offset + n < size ? 1 : 0;
     bool first = offset == 0;
     if (!SendRecord(header, bytes + offset, n, first ? fds : std::vector<int>(), first, deadline,
-                    if_room)) {
-      return Napi::Boolean::New(info.Env(), false);
+                    partial)) {
+      return Napi::Number::New(info.Env(), offset == start ? -1.0 : static_cast<double>(offset));
     }
     offset += n;
   } while (offset < size);
-  return Napi::Boolean::New(info.Env(), true);
+  if (partial) return Napi::Number::New(info.Env(), static_cast<double>(size));
+  return info.Env().Undefined();
 }
 
 bool NativeChannel::SendRecord(uint8_t header, const uint8_t* data, size_t size,
@@ -218,7 +232,7 @@ bool NativeChannel::SendRecord(uint8_t header, const uint8_t* data, size_t size,
     int err = errno;
     if (err == EINTR) continue;
     if (err == EAGAIN || err == EWOULDBLOCK) {
-      if (give_up_if_full && first) return false;
+      if (give_up_if_full) return false;
       if (WaitWritable(fd_, deadline)) continue;
       err = ETIMEDOUT;
     }

@@ -59,8 +59,8 @@ class NativeChannel : public Napi::ObjectWrap<NativeChannel>, private PollOwner 
 
   void OnPollEvent(int status, int events) override;
   void OnPollTeardown() override { CloseNative(); }
-  // Sends one record; `first`: nothing of this message was sent yet. With `give_up_if_full`
-  // (a first record only), returns false without waiting when the socket is full.
+  // Sends one record; `first`: nothing of this message was sent yet. With `give_up_if_full`,
+  // returns false without waiting when the socket is full.
   bool SendRecord(uint8_t header, const uint8_t* data, size_t size, const std::vector<int>& fds,
                   bool first, std::chrono::steady_clock::time_point deadline,
                   bool give_up_if_full = false);

@@ -13,6 +13,9 @@
 //   parent → executor  { type: 'init', ... } again, any number of times before the first step: the
 //                      engine is rebuilt for that layout, what was attached kept as attached ahead
 //                      (a process initialised ahead for a planned scale and given another)
+//   parent → executor  { type: 'precapture', shapes } after ready, before the first step, any number of
+//                      times: those graphs captured (a process initialised ahead follows the serving
+//                      process's shapes) → executor → parent { type: 'precaptured', graphs, ms, error? }
 //   parent → executor  { type: 'step', id, batch, returnLogits? }
 //   executor → parent  { type: 'result', id, result } | { type: 'error', id, message, name }
 //   parent → executor  { type: 'shutdown' }
@@ -82,7 +85,12 @@ export interface PreattachMessage {
   devices: number[];
   placement: PlacementTable;
 }
-export type ToExecutor = InitMessage | PreattachMessage | StepMessage | ShutdownMessage;
+/** Graphs to capture before the first step (after ready): a process initialised ahead follows the serving shapes. */
+export interface PrecaptureMessage {
+  type: 'precapture';
+  shapes: GraphShape[];
+}
+export type ToExecutor = InitMessage | PreattachMessage | PrecaptureMessage | StepMessage | ShutdownMessage;
 
 /** A StepResult as JSON: maps as entry arrays, logits as base64 of their f32 bytes (bit-exact). */
 export interface WireStepResult {
@@ -126,7 +134,14 @@ export interface ErrorMessage {
   name: string;
   message: string;
 }
-export type FromExecutor = ReadyMessage | ResultMessage | ErrorMessage;
+/** The answer to a precapture: graphs captured, the milliseconds it took, why it stopped early. */
+export interface PrecapturedMessage {
+  type: 'precaptured';
+  graphs: number;
+  ms: number;
+  error?: string;
+}
+export type FromExecutor = ReadyMessage | ResultMessage | ErrorMessage | PrecapturedMessage;
 
 export function placementTable(config: ModelConfig, layout: Layout): PlacementTable {
   const table: PlacementTable = [];
@@ -297,8 +312,25 @@ export async function runExecutorProcess(options: ExecutorProcessOptions): Promi
     // Init, and again for each init that comes before the first step (a process initialised ahead
     // for a planned layout and then given another: it keeps what it attached as its `ahead`).
     let first: ToExecutor | undefined = init;
-    while (first?.type === 'init') {
+    let layers = 0;
+    while (first?.type === 'init' || first?.type === 'precapture') {
+      if (first.type === 'precapture') {
+        // After ready (init's error ended this process otherwise): the graphs, in one piece each.
+        const t = performance.now();
+        const reply: PrecapturedMessage = { type: 'precaptured', graphs: 0, ms: 0 };
+        try {
+          reply.graphs = await engine!.precapture(first.shapes, { layersPerTurn: layers });
+        } catch (e) {
+          const err = e instanceof Error ? e : new Error(String(e));
+          reply.error = `${err.name}: ${err.message}`;
+        }
+        reply.ms = performance.now() - t;
+        send(channel, reply);
+        first = await receive();
+        continue;
+      }
       const msg: InitMessage = first;
+      layers = msg.config.layers;
       trace('exec.init', { devices: msg.devices });
       try {
         if (engine) {

@@ -63,6 +63,7 @@ export class RemoteStepper implements Stepper {
   readonly exited: Promise<{ code: number | null; signal: NodeJS.Signals | null } | undefined>;
   private exitInfo: { code: number | null; signal: NodeJS.Signals | null } | undefined;
   private readyWaiter: { resolve: () => void; reject: (e: Error) => void } | undefined;
+  private precaptureWaiter: { resolve: (r: { graphs: number; ms: number; error?: string }) => void; reject: (e: Error) => void } | undefined;
   private stepped = false;
   /** The executor's HMM session, once ready. */
   session = '';
@@ -171,6 +172,26 @@ export class RemoteStepper implements Stepper {
     }
   }
 
+  /**
+   * Captures these graph shapes in the executor, after ready and before its first step (a process
+   * initialised ahead following the serving shapes); one call at a time. Resolves with what it
+   * captured (graphs, ms, and the error that stopped it early, if one did: capturing is best effort).
+   */
+  precapture(shapes: GraphShape[]): Promise<{ graphs: number; ms: number; error?: string }> {
+    if (this.failure) return Promise.reject(this.failure);
+    if (this.stepped) return Promise.reject(new InvalidArgumentError('precapture', 'called before the executor\'s first step'));
+    if (this.precaptureWaiter || this.readyWaiter) return Promise.reject(new InvalidArgumentError('precapture', 'called once the last init or precapture has been answered'));
+    return new Promise((resolve, reject) => {
+      this.precaptureWaiter = { resolve, reject };
+      try {
+        this.send({ type: 'precapture', shapes });
+      } catch (e) {
+        this.precaptureWaiter = undefined;
+        reject(this.failure ?? new ExecutorCrashedError(`could not send precapture to the executor: ${(e as Error).message}`));
+      }
+    });
+  }
+
   step(batch: StepBatch, options: { returnLogits?: boolean } = {}): Promise<StepResult> {
     if (this.failure) return Promise.reject(this.failure);
     this.stepped = true;
@@ -236,6 +257,12 @@ export class RemoteStepper implements Stepper {
       this.readyWaiter?.resolve();
       return;
     }
+    if (m.type === 'precaptured') {
+      const w = this.precaptureWaiter;
+      this.precaptureWaiter = undefined;
+      w?.resolve({ graphs: m.graphs, ms: m.ms, ...(m.error !== undefined ? { error: m.error } : {}) });
+      return;
+    }
     if (m.type === 'error' && m.id === undefined) {
       const e = new ExecutorStepError(m.name, `the executor failed to start: ${m.message}`);
       if (this.readyWaiter) this.readyWaiter.reject(e);
@@ -266,6 +293,8 @@ export class RemoteStepper implements Stepper {
   private fail(e: Error): void {
     this.failure ??= e;
     this.readyWaiter?.reject(this.failure);
+    this.precaptureWaiter?.reject(this.failure);
+    this.precaptureWaiter = undefined;
     for (const [id, p] of [...this.pending]) {
       this.pending.delete(id);
       p.reject(this.failure);

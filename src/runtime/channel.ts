@@ -75,20 +75,30 @@ export class UnixChannel implements Disposable {
    * Sends one message like send(), but while the socket is full it waits on the event loop instead of
    * blocking this thread (retrying every millisecond), so a peer that reads slowly — an executor
    * importing each batch of chunk handles before it reads the next — does not stall this process.
-   * Rejects after `timeoutMs` (default 10 s, send()'s limit) without room. Messages sent this way
-   * and with send() may interleave: await each one before the next.
+   * A large message goes out a record at a time as room appears. Rejects once the peer has read
+   * nothing for `timeoutMs` (default 10 s, send()'s limit); the channel is then closed if part of the
+   * message had gone (the peer sees the end of the stream, never a corrupt message). Nothing else may
+   * be sent on this channel until it settles: await each message before the next.
    */
   async sendWhenRoom(data: Uint8Array | string, fds: number[] = [], timeoutMs = SEND_TIMEOUT_MS): Promise<void> {
     const bytes = typeof data === 'string' ? Buffer.from(data) : data;
-    const deadline = performance.now() + timeoutMs;
-    while (!this.native.send(bytes, fds, true)) {
-      if (this.isClosed) throw this.closeError ?? new Error('channel closed');
-      if (performance.now() >= deadline) {
+    let offset = 0;
+    let progress = performance.now();
+    for (;;) {
+      const at = this.native.send(bytes, fds, offset);
+      if (at === bytes.byteLength) return;
+      if (at > offset) {
+        offset = at;
+        progress = performance.now();
+      } else if (performance.now() - progress >= timeoutMs) {
+        if (offset > 0) this.close();
         throw new Error(`sending on the channel failed: the peer read nothing for ${timeoutMs} ms`);
       }
       await new Promise<void>((r) => setTimeout(r, 1));
+      if (this.isClosed) throw this.closeError ?? new Error('channel closed');
     }
   }
+
   /** Next message, in order. Rejects once the channel is closed. */
   receive(): Promise<ChannelMessage> {
     const m = this.queue.shift();

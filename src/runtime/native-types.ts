@@ -161,9 +161,15 @@ export interface NativeChannel {
   readonly fd: number;
   /**
    * Sends one message; fds are duplicated into the peer (SCM_RIGHTS). Messages of any size (fragmented natively).
-   * True once sent. With `ifRoom`, false (nothing sent, no wait) when the socket has no room for its first record.
+   * Waits on this thread while the socket is full (10 s at most).
    */
-  send(data: Uint8Array, fds: number[], ifRoom?: boolean): boolean;
+  send(data: Uint8Array, fds: number[]): undefined;
+  /**
+   * Sends the message's records from byte `offset` on (0 first, then what the last call returned; fds ride on
+   * the first record) as far as the socket has room now, never waiting: the offset reached (the length once
+   * sent whole), or -1 when there was room for none.
+   */
+  send(data: Uint8Array, fds: number[], offset: number): number;
   /** Starts delivering messages on the event loop (uv_poll). Received fds belong to the callee. */
   start(onMessage: (data: Buffer, fds: number[]) => void, onClose: (error?: Error) => void, maxMessageBytes?: number): void;
   peerCredentials(): NativePeerCredentials;

@@ -89,7 +89,7 @@ import { type PacedCopyStats, type PrepareOptions, pacedCopy, resolvePrepare } f
 import { DEFAULT_PRECAPTURE_GRAPHS, precaptureShapes } from './precapture.js';
 import { ScalePlans, planScaleDowns, syncStandby } from './ahead.js';
 import { type ReadyStandby, captureMissing, disposeReady, makeReadyStandby } from './ready.js';
-import { type ReadyProcess, adoptAhead, aheadHolder, unadopt } from './ready-process.js';
+import { type ReadyProcess, adoptAhead, aheadHolder, graphShapeKey, unadopt } from './ready-process.js';
 
 export interface DeploymentOptions {
   rt: Runtime;
@@ -825,8 +825,11 @@ export class Deployment {
      * engine's shapes; missing: the shapes its scale-up's attach phase would still capture now.
      */
     engines: Array<{ device: number; precaptured: number; followMs: number; missing: number }>;
-    /** Executor processes: the process initialised ahead (initAhead), by the device its scale-up adds; its graphs captured and its making's wall time. */
-    process?: { device: number; precaptured: number; ms: number };
+    /**
+     * Executor processes: the process initialised ahead (initAhead), by the device its scale-up adds; its graphs
+     * captured (at init and following the serving shapes since), its making's wall time and the following's.
+     */
+    process?: { device: number; precaptured: number; ms: number; followMs: number };
     error?: unknown;
   } {
     const store = this.hmm.store;
@@ -844,7 +847,7 @@ export class Deployment {
       missing: r.engine.uncachedShapes(this.shapesAhead(r.planned.next, undefined, false)).length,
     }));
     const r = this.readyProc;
-    const process = r ? { device: r.device, precaptured: r.stepper.precaptured?.graphs ?? 0, ms: r.ms } : undefined;
+    const process = r ? { device: r.device, precaptured: (r.stepper.precaptured?.graphs ?? 0) + r.followed, ms: r.ms, followMs: r.followMs } : undefined;
     return { devices, engines, ...(process ? { process } : {}), ...(this.aheadError !== undefined ? { error: this.aheadError } : {}) };
   }
 
@@ -919,6 +922,36 @@ export class Deployment {
   }
 
   /**
+   * followShapes for the executor process initialised ahead (ExecutorMode initAhead): every FOLLOW_MS, the
+   * shapes its scale-up would capture ahead now that it was not sent yet, sent one at a time (a precapture
+   * message each; the scale waits at most for the one in progress: stopAhead awaits this).
+   */
+  private async followProcess(): Promise<void> {
+    while (!this.aheadStop && this.readyProc) {
+      await new Promise<void>((resolve) => {
+        const timer = setTimeout(resolve, FOLLOW_MS);
+        this.wakeFollower = () => {
+          clearTimeout(timer);
+          resolve();
+        };
+      });
+      this.wakeFollower = undefined;
+      const r = this.readyProc;
+      if (!r) return;
+      for (const shape of this.shapesAhead(r.planned.next, this.followPerDevice())) {
+        if (this.aheadStop || this.readyProc !== r) return;
+        const key = graphShapeKey(shape);
+        if (r.sent.has(key)) continue;
+        r.sent.add(key);
+        const t = now();
+        const got = await r.stepper.precapture([shape]);
+        r.followed += got.graphs;
+        if (got.graphs > 0) r.followMs += now() - t;
+      }
+    }
+  }
+
+  /**
    * The serving engine's recent shapes a standby for `next` captures ahead (precaptureShapes), `perDevice` per device,
    * with balanceOnScale each rank's share of the running sequences first; `joining`: the device the scale adds too
    * (for a standby made in the background, where the time is there).
@@ -930,7 +963,8 @@ export class Deployment {
     // The shapes of the new layout's climb to its shares (precaptureShapes' ramp): beyond perDevice for a standby made
     // in the background (joining), within it at scale time.
     const ramp = this.options.rampShapes !== false ? running : 0;
-    return serving instanceof ForwardEngine ? precaptureShapes(serving.graphShapes(), next.devices, perDevice, { joining, balancedSeqs, ramp }) : [];
+    const recent = serving instanceof ForwardEngine ? serving.graphShapes() : serving instanceof RemoteStepper ? serving.graphShapes : [];
+    return precaptureShapes(recent, next.devices, perDevice, { joining, balancedSeqs, ramp });
   }
 
   /** Shapes per staying device the standby engines made ahead keep captured while serving (DeploymentOptions.standbyEngines.follow). */
@@ -973,6 +1007,7 @@ export class Deployment {
     // Last: the scale-down plans (the standby engines first: they serve the scale-ups' latency and serving).
     if (!this.options.scaleDownSpares) await planScaleDowns(this.plans, this.layoutSpec, this.layoutId, () => this.aheadStop, (e) => (this.aheadError = e));
     if (!this.aheadStop && this.readies.size > 0 && this.followPerDevice() > 0) this.following = this.followShapes().catch(() => undefined);
+    else if (!this.aheadStop && this.readyProc && this.followPerDevice() > 0) this.following = this.followProcess().catch(() => undefined);
     trace('ahead.end');
   }
 
@@ -1042,12 +1077,14 @@ export class Deployment {
       try {
         this.hmm.kv.createPool({ device, blockBytes, blocks: this.options.kvBlocksPerDevice });
         pool = true;
-        const shapes = precaptureShapes(this.forward.graphShapes, planned.next.devices, this.options.precaptureGraphs ?? DEFAULT_PRECAPTURE_GRAPHS,
-          { joining: true });
-        trace('ahead.init-process', { device, adopted: adopted.length });
+        const shapes = this.shapesAhead(planned.next);
+        trace('ahead.init-process', { device, adopted: adopted.length, shapes: shapes.length });
         const stepper = await Deployment.initExecutor(this.options, spawned, planned.next, shapes);
         trace('ahead.process-initialised');
-        this.readyProc = { fromId: layoutId, to: [...planned.next.devices], device, planned, stepper, holder, adopted, ms: now() - t0 };
+        this.readyProc = {
+          fromId: layoutId, to: [...planned.next.devices], device, planned, stepper, holder, adopted, ms: now() - t0,
+          sent: new Set(shapes.map(graphShapeKey)), followed: 0, followMs: 0,
+        };
       } catch (e) {
         // initExecutor killed the process; its session ends with it, then the chunks go back.
         await this.settleSessions(new Set([this.forward.session]));
@@ -1348,7 +1385,7 @@ export class Deployment {
         if (readyProcMade) {
           proc = readyProc!.stepper;
           prestartedUsed = true;
-          madeAhead = { ms: readyProc!.ms, precaptured: proc.precaptured?.graphs ?? 0 };
+          madeAhead = { ms: readyProc!.ms, precaptured: (proc.precaptured?.graphs ?? 0) + readyProc!.followed };
           if (proc.precaptured) precapture = proc.precaptured;
         } else if (readyProc) {
           // Initialised ahead for another scale: initialised again for this one (it keeps what it attached).

@@ -25,7 +25,15 @@ export interface ReadyProcess {
   adopted: string[];
   /** Wall time of its making (ms). */
   ms: number;
+  /** The graph shapes sent to it to capture (graphShapeKey), at init and following the serving shapes since. */
+  sent: Set<string>;
+  /** Graphs it captured following the serving shapes, and the wall time of those captures (ms). */
+  followed: number;
+  followMs: number;
 }
+
+/** A graph shape as a key (rank, tokens, sequences, block-table stride, sampled). */
+export const graphShapeKey = (g: { rank: number; T: number; S: number; MB: number; sampled: number }) => `${g.rank}:${g.T}:${g.S}:${g.MB}:${g.sampled}`;
 
 /** The holder of the chunks adopted ahead for the scale from `layoutId` adding `device`. */
 export const aheadHolder = (layoutId: string, device: number) => `ahead:${layoutId}:${device}`;

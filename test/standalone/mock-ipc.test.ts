@@ -46,7 +46,7 @@ describe('fd passing', () => {
       const msg = pattern(16 * 1024, 3);
       let sent = 0;
       const t0 = performance.now();
-      while (a.native.send(msg, [], true)) sent++;
+      while (a.native.send(msg, [], 0) === msg.byteLength) sent++;
       // Full: the send that found no room came back at once, having sent nothing.
       expect(sent).toBeGreaterThan(0);
       expect(performance.now() - t0).toBeLessThan(5000);
@@ -58,6 +58,31 @@ describe('fd passing', () => {
     } finally {
       sleeper.kill('SIGKILL');
       a.close();
+    }
+  });
+
+  it('sends a message far larger than the socket holds to a reader in its own thread, record by record as room appears', async () => {
+    // send() would wait on this thread for a reader that can only read on this thread (it times out);
+    // sendWhenRoom leaves the thread to the reader between records.
+    const [a, b] = UnixChannel.pair();
+    try {
+      const big = pattern(6 * 1024 * 1024 + 123, 9);
+      const rt = openMock();
+      const chunk = rt.createChunk(0, GRAN, { exportable: true });
+      const h = chunk.export();
+      if (h.kind !== 'fd') throw new Error('mock exports fds');
+      const received = b.receive();
+      await a.sendWhenRoom(big, [h.fd]);
+      const m = await received;
+      expect(Buffer.compare(m.data, Buffer.from(big))).toBe(0);
+      expect(m.fds).toHaveLength(1);
+      expect(fstatSync(m.fds[0]!).size).toBe(GRAN);
+      for (const fd of [...m.fds, h.fd]) closeSync(fd);
+      // A bad offset (not where a record starts) is refused.
+      expect(() => a.native.send(big, [], 5)).toThrow(/offset/);
+    } finally {
+      a.close();
+      b.close();
     }
   });
 

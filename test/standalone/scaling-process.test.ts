@@ -304,6 +304,21 @@ describe('Deployment with executor processes', () => {
     expect(alive(second)).toBe(false);
   }, 20_000);
 
+  it('with initAhead, the process initialised ahead follows the serving process\'s new shapes: the scale-up finds them captured', async () => {
+    const { dep } = await start([0], processMode(true, true, true));
+    await dep.settled();
+    // Initialised before any step: the serving process had no shapes to give.
+    const atInit = dep.standby.process!.precaptured;
+    const running = PROMPTS.slice(0, 4).map((prompt) => dep.submit({ prompt, maxTokens: 60, ignoreEos: true }));
+    // Its follower sends the shapes the planned scale-up would capture now, as the serving steps make them.
+    await expect.poll(() => dep.standby.process!.precaptured, { timeout: 10_000 }).toBeGreaterThan(atInit);
+    const followed = dep.standby.process!.precaptured;
+    const up = await dep.scale({ devices: [0, 1] });
+    expect(up.standbyMadeAhead?.precaptured).toBeGreaterThanOrEqual(followed);
+    for (const [k, c] of (await Promise.all(running)).entries()) expect(c.outputTokens).toEqual(reference[k]!.slice(0, 60));
+    await dep.close();
+  }, 20_000);
+
   it('with initAhead, a scale onto the device the process was made for, by another plan, reuses what it adopted there: its pool and chunks', async () => {
     const { rt, dep } = await start([0], processMode(true, true, true));
     await dep.settled();
