@@ -122,9 +122,6 @@ export interface ResultMessage {
   graphShapes?: GraphShape[];
 }
 
-/** Chunks unmapped per turn of the event loop after ready (those attached ahead that init's layout does not use). */
-const DROP_PIECE = 32;
-
 /** Graph shapes a result carries at most (what a scale's standby may capture ahead). */
 export const GRAPH_SHAPES_SENT = 16;
 export interface ErrorMessage {
@@ -257,41 +254,13 @@ export async function runExecutorProcess(options: ExecutorProcessOptions): Promi
     };
     let init = await receive();
     let unused: string[] = [];
-    // Chunks attached ahead that the layout does not use, unmapped after ready a few at a time with a
-    // turn of the event loop in between: unmapping ~2,800 at once held this thread ~170 ms (2 x H100),
-    // and the first step on the new layout, sent right after ready, waited for it.
-    type Attached = Awaited<ReturnType<HmmClient['attach']>>;
-    let dropping: { from: Attached; ids: string[] } | undefined;
-    const dropPiece = () => {
-      const d = dropping;
-      if (!d) return;
-      try {
-        d.from.drop(d.ids.splice(0, DROP_PIECE));
-      } catch {
-        // Best effort: what could not be unmapped here is released when this process exits.
-      }
-      if (d.ids.length > 0) setImmediate(dropPiece);
-      else {
-        dropping = undefined;
-        trace('exec.dropped');
-      }
-    };
-    const dropAll = () => {
-      const d = dropping;
-      dropping = undefined;
-      try {
-        d?.from.drop(d.ids);
-      } catch {
-        // as above
-      }
-    };
     // Chunks attached ahead: a failure here is not the executor's (init attaches everything then).
     let ahead: Awaited<ReturnType<HmmClient['attach']>> | undefined;
     if (init?.type === 'preattach') {
       const pre = init;
       try {
         const { client: c } = await connect();
-        const manifest = await c.manifest();
+        const manifest = await c.manifest({ tensors: false });
         const pools = manifest.kvPools.filter((p) => pre.devices.includes(p.device));
         const ids = layoutChunkIds(manifest.chunks, pre.devices, pre.placement, pools);
         trace('exec.preattach', { chunks: ids.length });
@@ -334,7 +303,6 @@ export async function runExecutorProcess(options: ExecutorProcessOptions): Promi
       trace('exec.init', { devices: msg.devices });
       try {
         if (engine) {
-          dropAll();
           engine.dispose();
           engine = undefined;
           for (const v of views?.values() ?? []) v.dispose();
@@ -346,7 +314,7 @@ export async function runExecutorProcess(options: ExecutorProcessOptions): Promi
         const { rt: r, client: c } = await connect();
         // Attach only what this layout uses: an imported chunk stays allocated on the device for as long
         // as any process holds it, so holding another layout's chunks would keep them alive.
-        const manifest = await c.manifest();
+        const manifest = await c.manifest({ tensors: false });
         trace('exec.manifest', { chunks: manifest.chunks.length });
         const pools = manifest.kvPools.filter((p) => msg.devices.includes(p.device));
         const needed = layoutChunkIds(manifest.chunks, msg.devices, msg.placement, pools);
@@ -385,17 +353,25 @@ export async function runExecutorProcess(options: ExecutorProcessOptions): Promi
             precaptured = { graphs: engine.graphStats.precaptured, ms: performance.now() - t, error: `${err.name}: ${err.message}` };
           }
         }
-        trace('exec.ready', { precaptured: precaptured?.graphs ?? 0 });
-        send(channel, {
-          type: 'ready', pid: process.pid, session: c.session, chunks: set.size - unused.length, ...(preattached ? { preattached } : {}),
-          ...(precaptured ? { precaptured } : {}),
-        });
+        // Chunks attached ahead that this layout does not use, unmapped before ready: the parent drops them from
+        // this session at the daemon then (it frees those nobody holds). Not after: the first step on the new
+        // layout, sent right after ready, waited for it (~170 ms for ~2,800 chunks on H100), and unmapping in
+        // pieces between steps instead went with steps 20-60 ms slower for over a second (2 x H100).
         if (unused.length > 0) {
           trace('exec.drop', { chunks: unused.length });
-          dropping = { from: set, ids: unused };
-          unused = [];
-          setImmediate(dropPiece);
+          try {
+            set.drop(unused);
+          } catch {
+            // Best effort: what could not be unmapped here is released when this process exits.
+          }
+          trace('exec.dropped');
         }
+        unused = [];
+        trace('exec.ready', { precaptured: precaptured?.graphs ?? 0 });
+        send(channel, {
+          type: 'ready', pid: process.pid, session: c.session, chunks: set.size, ...(preattached ? { preattached } : {}),
+          ...(precaptured ? { precaptured } : {}),
+        });
       } catch (e) {
         ahead?.dispose();
         send(channel, errorMessage(e));

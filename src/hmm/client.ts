@@ -398,8 +398,12 @@ export class HmmClient implements Disposable {
     return this.info.session;
   }
 
-  manifest(): Promise<HmmManifest> {
-    return this.result('manifest', {});
+  /**
+   * Every chunk and KV pool of the daemon. `tensors: false`: without the chunks' tensor lists (empty),
+   * for a client that only picks ids to attach (an attach's entries carry the tensors of what it attached).
+   */
+  manifest(options: { tensors?: boolean } = {}): Promise<HmmManifest> {
+    return this.result('manifest', options.tensors === false ? { tensors: false } : {});
   }
 
   /** Holds the chunks (all weights and KV chunks when ids is omitted) and maps them here. */

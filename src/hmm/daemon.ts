@@ -269,7 +269,7 @@ export class HmmDaemon {
     if (!session) throw new HmmProtocolError('BAD_REQUEST', `bad request: ${req.op}: send hello first`);
     switch (req.op) {
       case 'manifest':
-        return { result: this.hmm.manifest() };
+        return { result: this.hmm.manifest(req.tensors === false ? { tensors: false } : {}) };
       case 'attach':
         return this.attach(c, session, req.id, req.ids);
       case 'detach':

@@ -25,8 +25,8 @@ export interface HmmManifest {
   kvPools: KvPoolInfo[];
 }
 
-export function manifestEntry(p: ChunkPlan): ChunkManifestEntry {
-  return { id: p.id, group: p.group, device: p.device, kind: p.kind, size: p.size, tensors: p.tensors };
+export function manifestEntry(p: ChunkPlan, tensors = true): ChunkManifestEntry {
+  return { id: p.id, group: p.group, device: p.device, kind: p.kind, size: p.size, tensors: tensors ? p.tensors : [] };
 }
 
 /** One attached client (an executor). Everything it holds is released when it ends. */
@@ -144,12 +144,13 @@ export class Hmm implements Disposable {
     return ids.filter((id) => this.store.release(id, RESIDENT));
   }
 
-  manifest(): HmmManifest {
+  /** Every chunk (workspaces aside) and KV pool; `tensors: false` leaves the chunks' tensor lists empty. */
+  manifest(options: { tensors?: boolean } = {}): HmmManifest {
     return {
       backend: this.rt.backend,
       deviceCount: this.rt.deviceCount,
       granularity: this.rt.granularity(0),
-      chunks: this.store.all().filter((c) => c.plan.kind !== 'workspace').map((c) => manifestEntry(c.plan)),
+      chunks: this.store.all().filter((c) => c.plan.kind !== 'workspace').map((c) => manifestEntry(c.plan, options.tensors !== false)),
       kvPools: this.kv.poolDevices().map((d) => this.kv.info(d)),
     };
   }

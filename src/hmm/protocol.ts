@@ -185,7 +185,8 @@ const DeviceAccountingSchema = z.object({
 
 export const REQUEST_SCHEMAS = {
   hello: z.object({ pid: positiveInt, name: z.string().max(256).optional() }).strict(),
-  manifest: z.object({}).strict(),
+  /** tensors: false leaves each chunk's tensor list out (empty): a fraction of the bytes, for a client that attaches by id. */
+  manifest: z.object({ tensors: z.boolean().optional() }).strict(),
   attach: z.object({ ids: z.array(chunkId).optional() }).strict(),
   detach: z.object({ ids: z.array(chunkId).optional() }).strict(),
   workspace: z.object({ device, size: positiveInt }).strict(),

@@ -311,6 +311,23 @@ describe('HMM daemon: the attach stream', () => {
     expect(here.some((x) => x !== 0)).toBe(true);
   });
 
+  it('a brief manifest (tensors: false) names the same chunks and pools without their tensor lists', async () => {
+    const { rt, sock } = await setup();
+    const client = await HmmClient.connect(sock, rt);
+    cleanups.push(() => client.close());
+    const full = await client.manifest();
+    const brief = await client.manifest({ tensors: false });
+    expect(brief.chunks.map((c) => c.id)).toEqual(full.chunks.map((c) => c.id));
+    expect(brief.chunks.map(({ tensors: _, ...rest }) => rest)).toEqual(full.chunks.map(({ tensors: _, ...rest }) => rest));
+    expect(brief.kvPools).toEqual(full.kvPools);
+    expect(full.chunks.filter((c) => c.tensors.length > 0).length).toBe(97);
+    expect(brief.chunks.every((c) => c.tensors.length === 0)).toBe(true);
+    // What an attach returns still carries the tensors.
+    const set = await client.attach(['L0.E0@0']);
+    cleanups.push(() => set.dispose());
+    expect(set.entries[0]!.tensors.map((t) => t.name)).toEqual(['l0.e0.gate', 'l0.e0.up', 'l0.e0.down']);
+  });
+
   it('exports each chunk once, before listening: attaches export nothing, and a freed chunk closes its handle', async () => {
     const { rt, hmm, sock } = await setup();
     rt.injectFault('ExportChunk', 1); // any export from here on fails
