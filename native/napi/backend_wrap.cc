@@ -1,5 +1,8 @@
 #include "napi/backend_wrap.h"
 
+#include <unistd.h>
+
+#include <cstring>
 #include <string>
 #include <unordered_set>
 #include <utility>
@@ -65,18 +68,21 @@ class LoadModuleWorker : public PromiseWorker {
 
 // Creates one chunk per range, maps it over the whole range and grants `access`, off the
 // main thread (each chunk is a create, a map and a set-access: 0.1-0.2 ms of driver time for
-// 12 MiB on H100/H200, ~1,100-2,800 of them in a scale-down). All or nothing: a failure
-// unmaps and releases what this call made, and the ranges are left empty as they came.
+// 12 MiB on H100/H200, ~1,100-2,800 of them in a scale-down), and with `export_now` exports
+// each too (what an HMM daemon would otherwise do on its main thread at the first attach).
+// All or nothing: a failure unmaps and releases what this call made (closing what it
+// exported), and the ranges are left empty as they came.
 class CreateMappedWorker : public PromiseWorker {
  public:
   CreateMappedWorker(const Napi::Object& owner, std::shared_ptr<Backend> backend, int device,
-                     uint64_t size, bool exportable, std::vector<std::shared_ptr<RangeState>> ranges,
-                     std::vector<int> access)
+                     uint64_t size, bool exportable, bool export_now,
+                     std::vector<std::shared_ptr<RangeState>> ranges, std::vector<int> access)
       : PromiseWorker(owner, "NativeBackend.createMappedChunks"),
         backend_(std::move(backend)),
         device_(device),
         size_(size),
         exportable_(exportable),
+        export_now_(export_now),
         ranges_(std::move(ranges)),
         access_(std::move(access)) {
     for (auto& r : ranges_) r->busy = true;
@@ -94,9 +100,14 @@ class CreateMappedWorker : public PromiseWorker {
         backend_->Map(r->base, size_, ids_.back());
         ++mapped;
         backend_->SetAccess(r->base, size_, access_);
+        if (export_now_) exported_.push_back(backend_->ExportChunk(ids_.back()));
       }
     } catch (...) {
       // Best effort: the first failure is the one reported.
+      if (std::strcmp(backend_->Name(), "acl") != 0) {
+        for (uint64_t fd : exported_) close(static_cast<int>(fd));
+      }
+      exported_.clear();
       for (size_t i = 0; i < mapped; ++i) {
         try { backend_->Unmap(ranges_[i]->base, size_); } catch (...) {}
       }
@@ -113,6 +124,7 @@ class CreateMappedWorker : public PromiseWorker {
     for (auto& r : ranges_) r->busy = false;
     for (size_t i = 0; i < ids_.size(); ++i) {
       chunks_.push_back(std::make_shared<ChunkState>(backend_, ids_[i], device_, size_));
+      if (i < exported_.size()) chunks_.back()->pre_exported = exported_[i];
       ranges_[i]->mappings[0] = RangeState::Mapping{size_, chunks_.back()};
     }
   }
@@ -127,9 +139,11 @@ class CreateMappedWorker : public PromiseWorker {
   int device_;
   uint64_t size_;
   bool exportable_;
+  bool export_now_;
   std::vector<std::shared_ptr<RangeState>> ranges_;
   std::vector<int> access_;
   std::vector<ChunkId> ids_;
+  std::vector<uint64_t> exported_;
   std::vector<std::shared_ptr<ChunkState>> chunks_;
 };
 
@@ -241,9 +255,10 @@ Napi::Value NativeBackend::CreateChunk(const Napi::CallbackInfo& info) {
   return NativeChunk::New(info.Env(), std::move(state));
 }
 
-// createMappedChunks(device, size, exportable, ranges, access) -> Promise<NativeChunk[]>:
-// each range (exactly `size` bytes, nothing mapped in it) gets a new chunk of `device` mapped
-// over it with read/write for the `access` devices, on a worker thread.
+// createMappedChunks(device, size, exportable, ranges, access, exportNow = false)
+//   -> Promise<NativeChunk[]>: each range (exactly `size` bytes, nothing mapped in it) gets a new
+// chunk of `device` mapped over it with read/write for the `access` devices, on a worker thread;
+// with exportNow (exportable only) each is exported there too, its handle kept for its first export().
 Napi::Value NativeBackend::CreateMappedChunks(const Napi::CallbackInfo& info) {
   return PromiseOrReject(info.Env(), "NativeBackend.createMappedChunks", [&]() -> Napi::Value {
     int device = ToDevice(info[0], "device");
@@ -253,6 +268,8 @@ Napi::Value NativeBackend::CreateMappedChunks(const Napi::CallbackInfo& info) {
     Napi::Array list = info[3].As<Napi::Array>();
     std::vector<int64_t> access = ToIntegerList(info[4], "access", 1024, 0, INT32_MAX);
     if (access.empty()) ThrowArgument("access", "at least one device");
+    bool export_now = info.Length() > 5 && !info[5].IsUndefined() && ToBool(info[5], "exportNow");
+    if (export_now && !exportable) ThrowArgument("exportNow", "false unless exportable is true");
     std::vector<std::shared_ptr<RangeState>> ranges;
     ranges.reserve(list.Length());
     std::unordered_set<const RangeState*> seen;
@@ -272,7 +289,7 @@ Napi::Value NativeBackend::CreateMappedChunks(const Napi::CallbackInfo& info) {
       ranges.push_back(r);
     }
     auto* worker = new CreateMappedWorker(info.This().As<Napi::Object>(), backend_, device, size,
-                                          exportable, std::move(ranges),
+                                          exportable, export_now, std::move(ranges),
                                           std::vector<int>(access.begin(), access.end()));
     return worker->Start();
   });

@@ -1,5 +1,7 @@
 #include "napi/chunk_wrap.h"
 
+#include <unistd.h>
+
 #include <cstring>
 
 #include "napi/convert.h"
@@ -19,7 +21,14 @@ ChunkState::~ChunkState() {
 void ChunkState::Release() {
   if (released) return;
   released = true;
+  DropPreExported();
   backend->ReleaseChunk(id);
+}
+
+void ChunkState::DropPreExported() {
+  if (!pre_exported) return;
+  if (std::strcmp(backend->Name(), "acl") != 0) close(static_cast<int>(*pre_exported));
+  pre_exported.reset();
 }
 
 void NativeChunk::Init(Napi::Env env, AddonData& data) {
@@ -58,8 +67,14 @@ Napi::Value NativeChunk::GetReleased(const Napi::CallbackInfo& info) {
 }
 
 Napi::Value NativeChunk::Export(const Napi::CallbackInfo& info) {
-  const ChunkState& chunk = *Checked();
-  uint64_t shareable = chunk.backend->ExportChunk(chunk.id);
+  ChunkState& chunk = *Checked();
+  uint64_t shareable;
+  if (chunk.pre_exported) {
+    shareable = *chunk.pre_exported;  // now the caller's
+    chunk.pre_exported.reset();
+  } else {
+    shareable = chunk.backend->ExportChunk(chunk.id);
+  }
   // acl hands out a 64-bit shareable handle; cuda and mock a POSIX fd.
   if (std::strcmp(chunk.backend->Name(), "acl") == 0)
     return Napi::BigInt::New(info.Env(), shareable);

@@ -4,6 +4,7 @@
 #include <napi.h>
 
 #include <memory>
+#include <optional>
 
 #include "core/backend.h"
 #include "napi/addon.h"
@@ -18,12 +19,17 @@ struct ChunkState {
   int device = 0;
   uint64_t size = 0;
   bool released = false;
+  // A shareable handle exported when the chunk was made (createMappedChunks with exportNow), handed
+  // out by the first export(); closed at release if nobody took it (an fd: cuda, mock).
+  std::optional<uint64_t> pre_exported;
 
   ChunkState(std::shared_ptr<Backend> b, ChunkId i, int d, uint64_t s)
       : backend(std::move(b)), id(i), device(d), size(s) {}
   ~ChunkState();
   // Idempotent. The backend frees the memory at the last unmap (as in CUDA).
   void Release();
+  // Closes a pre-exported handle nobody took (an fd; ACL handles need no closing).
+  void DropPreExported();
 };
 
 class NativeChunk : public Napi::ObjectWrap<NativeChunk> {

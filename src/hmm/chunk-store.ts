@@ -259,7 +259,8 @@ export class ChunkStore {
         for (const list of calls.values()) {
           const { plan, access: devices } = list[0]!.entry;
           const t = performance.now();
-          const made = await this.rt.createMappedChunks(plan.device, plan.size, list.map((w) => w.entry.range), devices, { exportable: true });
+          const made = await this.rt.createMappedChunks(plan.device, plan.size, list.map((w) => w.entry.range), devices,
+            { exportable: true, exportNow: this.exportOnCreate });
           stats.makeMs += performance.now() - t;
           stats.calls++;
           list.forEach((w, k) => {
@@ -519,7 +520,7 @@ export class ChunkStore {
     try {
       for (; added < count; added += Math.min(group, count - added)) {
         const mine = ranges.slice(added, added + group);
-        const chunks = await this.rt.createMappedChunks(device, size, mine, devices, { exportable: true });
+        const chunks = await this.rt.createMappedChunks(device, size, mine, devices, { exportable: true, exportNow: this.exportOnCreate });
         this.pushSpares(device, size, chunks.map((chunk, k) => ({ chunk, range: mine[k]!, access: new Set(devices) })));
       }
     } finally {
@@ -636,6 +637,13 @@ export class ChunkStore {
     c.exported ??= c.chunk.export();
     return c.exported;
   }
+
+  /**
+   * Chunks made off the main thread (allocateOffThread, addSparesOffThread) are exported there too, their
+   * handle kept for shared(): an HMM daemon sets this (HmmDaemonOptions.preExport), so its attaches of
+   * chunks made since it started export nothing on its thread (60-100 us a chunk on H100).
+   */
+  exportOnCreate = false;
 
   /** Exports every chunk not exported yet (a daemon does this before serving, so attaches pay no export). */
   exportAll(): number {

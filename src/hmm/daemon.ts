@@ -39,8 +39,9 @@ export interface HmmDaemonOptions {
   log?: (event: HmmDaemonEvent) => void;
   /**
    * Export every chunk already stored before listening (default true), so that attaches
-   * pay no export (the driver's cost grows with the chunk size). Chunks stored later are
-   * exported at their first attach and kept.
+   * pay no export (the driver's cost grows with the chunk size); chunks the store makes off
+   * its thread later are exported there as they are made (ChunkStore.exportOnCreate). Other
+   * chunks stored later are exported at their first attach and kept.
    */
   preExport?: boolean;
 }
@@ -180,7 +181,10 @@ export class HmmDaemon {
   /** Listens on `socketPath` (created with mode 0600; a stale socket file is replaced). */
   static async listen(hmm: Hmm, socketPath: string, options: HmmDaemonOptions = {}): Promise<HmmDaemon> {
     const daemon = new HmmDaemon(hmm, socketPath, options);
-    if (options.preExport ?? true) hmm.store.exportAll();
+    if (options.preExport ?? true) {
+      hmm.store.exportAll();
+      hmm.store.exportOnCreate = true;
+    }
     // Requests over MAX_MESSAGE_BYTES get a TOO_LARGE answer; far larger ones (4x) close the connection
     // before they are buffered whole.
     daemon.listener = UnixListener.listen(socketPath, (ch) => daemon.accept(ch), { mode: 0o600, maxMessageBytes: 4 * MAX_MESSAGE_BYTES });

@@ -138,7 +138,7 @@ export interface NativeBackend {
   reserveRanges(count: number, size: number): NativeRange[];
   createChunk(device: number, size: number, exportable: boolean): NativeChunk;
   /** One new chunk mapped over each range (exactly `size` bytes, empty) with access for `access`, on a worker thread; all or nothing. */
-  createMappedChunks(device: number, size: number, exportable: boolean, ranges: NativeRange[], access: number[]): Promise<NativeChunk[]>;
+  createMappedChunks(device: number, size: number, exportable: boolean, ranges: NativeRange[], access: number[], exportNow?: boolean): Promise<NativeChunk[]>;
   /** cuda/mock: `shareable` is an fd (the caller still owns it); acl: bigint handle. */
   importChunk(shareable: number | bigint, device: number, size: number): NativeChunk;
   allowImport(shareable: number | bigint, pids: number[]): void;

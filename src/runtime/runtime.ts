@@ -161,13 +161,14 @@ export class Runtime implements Disposable {
    * in it) with read/write for `access`, made off the main thread: the driver's create, map and
    * set-access (0.1-0.2 ms a chunk on H100/H200) leave the event loop free. All or nothing: on
    * failure nothing is left mapped. Until it settles the ranges refuse map, unmap, setAccess and
-   * dispose.
+   * dispose. `exportNow` (exportable chunks): each is exported there too, and its first export()
+   * hands that handle out at once (an HMM daemon's attach then exports nothing on its thread).
    */
   async createMappedChunks(device: number, size: number, ranges: readonly VirtualRange[], access: readonly number[],
-    { exportable = false } = {}): Promise<Chunk[]> {
+    { exportable = false, exportNow = false } = {}): Promise<Chunk[]> {
     checkSize('size', size, { positive: true });
     const natives = await this.native.createMappedChunks(this.device(device), size, exportable, ranges.map((r) => r.native),
-      access.map((d) => this.device(d)));
+      access.map((d) => this.device(d)), exportNow);
     return natives.map((n) => new Chunk(n));
   }
   /** Imports a chunk exported by another process. For an fd the caller still owns it and closes it afterwards. */

@@ -311,6 +311,21 @@ describe('HMM daemon: the attach stream', () => {
     expect(here.some((x) => x !== 0)).toBe(true);
   });
 
+  it('chunks the store makes off its thread once the daemon listens are exported as they are made: their attach exports nothing', async () => {
+    const { rt, hmm, sock } = await setup();
+    expect(hmm.store.exportOnCreate).toBe(true);
+    const plans = [0, 1, 2].map((i) => ({ id: `extra${i}@1`, group: `X${i}`, device: 1, kind: 'weight' as const, size: 2 * MIB, tensors: [] }));
+    const made = hmm.store.allocateOffThread(plans, 'test', () => [1]);
+    await made.until(plans.length);
+    rt.injectFault('ExportChunk', 1); // any export from here on fails
+    const client = await HmmClient.connect(sock, rt);
+    cleanups.push(() => client.close());
+    const set = await client.attach(plans.map((p) => p.id));
+    cleanups.push(() => set.dispose());
+    expect(set.size).toBe(3);
+    rt.clearFaults();
+  });
+
   it('a brief manifest (tensors: false) names the same chunks and pools without their tensor lists', async () => {
     const { rt, sock } = await setup();
     const client = await HmmClient.connect(sock, rt);

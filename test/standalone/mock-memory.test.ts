@@ -1,5 +1,7 @@
 // The mock keeps CUDA's virtual-memory rules; each test here would pass on a
 // mock that did not enforce its rule only if the assertion were wrong.
+import { closeSync, fstatSync, readdirSync } from 'node:fs';
+
 import { describe, expect, it } from 'vitest';
 
 import {
@@ -266,6 +268,35 @@ describe('createMappedChunks (off the main thread)', () => {
     // Empty as they came: mappable again.
     const chunks = await rt.createMappedChunks(0, GRAN, ranges, [0]);
     expect(chunks).toHaveLength(3);
+  });
+
+  it('exportNow exports each chunk on the worker thread: its first export() hands that handle out; one nobody took is closed', async () => {
+    const rt = openMock();
+    const fdsOpen = () => readdirSync('/proc/self/fd').length;
+    const before = fdsOpen();
+    const ranges = [rt.reserve(GRAN), rt.reserve(GRAN), rt.reserve(GRAN)];
+    const chunks = await rt.createMappedChunks(0, GRAN, ranges, [0], { exportable: true, exportNow: true });
+    // Exported already: with every later export failing, the first export of each still succeeds.
+    rt.injectFault('ExportChunk', 1);
+    const h = chunks[0]!.export();
+    if (h.kind !== 'fd') throw new Error('mock exports fds');
+    expect(fstatSync(h.fd).size).toBe(GRAN);
+    expect(() => chunks[0]!.export()).toThrow(FaultInjectedError); // the second one is a new export
+    rt.clearFaults();
+    closeSync(h.fd);
+    // The two never taken are closed with their chunks: no descriptor left behind.
+    for (const r of ranges) r.dispose();
+    for (const c of chunks) c.dispose();
+    expect(fdsOpen()).toBe(before);
+    // All or nothing, exports included: a failed export at the third leaves nothing mapped and no descriptor open.
+    rt.injectFault('ExportChunk', 3);
+    const again = [rt.reserve(GRAN), rt.reserve(GRAN), rt.reserve(GRAN)];
+    await expect(rt.createMappedChunks(0, GRAN, again, [0], { exportable: true, exportNow: true })).rejects.toThrow(FaultInjectedError);
+    rt.clearFaults();
+    expect(rt.deviceInfo(0).freeBytes).toBe(64 * MIB);
+    for (const r of again) r.dispose();
+    expect(fdsOpen()).toBe(before);
+    await expect(rt.createMappedChunks(0, GRAN, [rt.reserve(GRAN)], [0], { exportNow: true })).rejects.toThrow(/exportNow/);
   });
 
   it('refuses bad ranges before anything is made, and a range in use until it settles', async () => {
