@@ -250,6 +250,23 @@ describe('Deployment with executor processes', () => {
     expect(dep.hmm.sessionIds().length).toBe(1);
   }, 20_000);
 
+  it('with every device serving, the process started ahead preattaches the layout less its highest device: that scale-down drops nothing', async () => {
+    const { dep } = await start([0, 1, 2, 3], processMode(true, true));
+    await dep.settled();
+    const running = PROMPTS.slice(0, 2).map((prompt) => dep.submit({ prompt, maxTokens: 60, ignoreEos: true }));
+    await sleep(20);
+    const down = await dep.scale({ devices: [0, 1, 2] });
+    expect(down.prestartedExecutor).toBe(true);
+    expect(down.preattachedChunks?.kept).toBeGreaterThan(0);
+    expect(down.preattachedChunks?.dropped).toBe(0);
+    // Another scale-down (device 3 idle now: the serving layout was preattached) drops device 2's chunks.
+    await dep.settled();
+    const again = await dep.scale({ devices: [0, 1] });
+    expect(again.preattachedChunks?.dropped).toBeGreaterThan(0);
+    for (const [k, c] of (await Promise.all(running)).entries()) expect(c.outputTokens).toEqual(reference[k]!.slice(0, 60));
+    await dep.close();
+  }, 20_000);
+
   it('with preattach off the standby started ahead attaches its whole layout at the scale: the same tokens', async () => {
     const { dep } = await start([0], processMode(true, false));
     const running = PROMPTS.slice(0, 2).map((prompt) => dep.submit({ prompt, maxTokens: 40, ignoreEos: true }));
