@@ -92,6 +92,8 @@ interface Pending {
   readonly plan: ChunkPlan;
   readonly range: VirtualRange;
   readonly access: number[];
+  /** Why it will not be made (its allocation failed; it stays pending until cancelled). */
+  failed?: Error;
 }
 
 export interface TensorRef {
@@ -130,6 +132,8 @@ export class ChunkStore {
   private readonly filled = new Map<string, Spare>();
   /** Chunks allocateOffThread has reserved and not made yet, by id, and their tensors (name → device → where). */
   private readonly pending = new Map<string, Pending>();
+  /** whenStored's waiters, by pending chunk id. */
+  private readonly storedWaiters = new Map<string, Array<{ resolve: () => void; reject: (e: Error) => void }>>();
   private readonly pendingTensors: TensorIndex = new Map();
 
   constructor(readonly rt: Runtime) {}
@@ -266,6 +270,7 @@ export class ChunkStore {
           list.forEach((w, k) => {
             this.dropPending(w.entry, false);
             chunks[w.index] = this.register(w.entry.plan, holder, { chunk: made[k]!, range: w.entry.range, access: new Set(devices) });
+            this.settleStored(w.entry.plan.id);
           });
         }
         madeUpTo += next.length;
@@ -274,6 +279,13 @@ export class ChunkStore {
     };
     const making = makeAll().catch((e: unknown) => {
       failure = e;
+      // Whoever waits for a chunk this call will not make learns now (they stay pending until cancel frees their addresses).
+      const error = e instanceof Error ? e : new Error(String(e));
+      for (const w of waiting) {
+        if (this.pending.get(w.entry.plan.id) !== w.entry) continue;
+        w.entry.failed = error;
+        this.settleStored(w.entry.plan.id, error);
+      }
       wake();
     });
     // Index in `plans` → how many waiting chunks precede it (until() maps plan indices to waiting ones).
@@ -323,6 +335,45 @@ export class ChunkStore {
     return this.pending.size;
   }
 
+  /** Whether allocateOffThread is making chunk `id` (reserved, not made yet). */
+  isPending(id: string): boolean {
+    return this.pending.has(id);
+  }
+
+  /** The plans of the chunks allocateOffThread is making (what an HMM manifest lists besides the stored ones). */
+  pendingPlans(): ChunkPlan[] {
+    return [...this.pending.values()].map((p) => p.plan);
+  }
+
+  /**
+   * Resolves once chunk `id` is stored: at once when it is; when allocateOffThread has made it when it is
+   * pending. Rejects (NotFoundError) when it is neither, and when its making fails or is cancelled.
+   * (An HMM daemon's attach of a chunk being made waits for it.)
+   */
+  whenStored(id: string): Promise<void> {
+    if (this.chunks.has(id)) return Promise.resolve();
+    const p = this.pending.get(id);
+    if (!p) return Promise.reject(new NotFoundError('NOT_FOUND', `no chunk '${id}' in the HMM`));
+    if (p.failed) return Promise.reject(p.failed);
+    return new Promise((resolve, reject) => {
+      let list = this.storedWaiters.get(id);
+      if (!list) this.storedWaiters.set(id, (list = []));
+      list.push({ resolve, reject });
+    });
+  }
+
+  /** Settles whenStored's waiters for `id`: stored, or not (with `error`, or NOT_FOUND). */
+  private settleStored(id: string, error?: Error): void {
+    const list = this.storedWaiters.get(id);
+    if (!list) return;
+    this.storedWaiters.delete(id);
+    const stored = this.chunks.has(id);
+    for (const w of list) {
+      if (stored) w.resolve();
+      else w.reject(error ?? new NotFoundError('NOT_FOUND', `chunk '${id}' was not made (its allocation was cancelled)`));
+    }
+  }
+
   private addPending(entry: Pending): void {
     this.pending.set(entry.plan.id, entry);
     indexTensors(this.pendingTensors, entry.plan);
@@ -332,7 +383,10 @@ export class ChunkStore {
   private dropPending(entry: Pending, free: boolean): void {
     this.pending.delete(entry.plan.id);
     unindexTensors(this.pendingTensors, entry.plan);
-    if (free) entry.range.dispose();
+    if (free) {
+      entry.range.dispose();
+      this.settleStored(entry.plan.id);
+    }
   }
 
   /** Refuses a plan whose chunk id, or one of whose tensors on its device, the store has already (or is making). */

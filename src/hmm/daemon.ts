@@ -310,6 +310,7 @@ export class HmmDaemon {
     if (!ids) return this.hmm.store.all().filter((c) => c.plan.kind !== 'workspace').map((c) => c.plan.id);
     const unique = [...new Set(ids)];
     for (const id of unique) {
+      if (this.hmm.store.isPending(id)) continue; // being made: attach waits for it
       const c = this.hmm.store.get(id); // NOT_FOUND for an unknown id, before anything is held
       if (c.plan.kind === 'workspace' && !session.attached.has(id)) {
         throw new InvalidArgumentError('ids', `chunks of the HMM ('${id}' is another session's workspace)`);
@@ -320,18 +321,28 @@ export class HmmDaemon {
 
   /**
    * Holds the chunks for the session and streams their handles in batches of at
-   * most MAX_FDS_PER_MESSAGE; the last batch is the reply. All or nothing on the
-   * daemon side: if an export fails, what this request newly attached is dropped.
+   * most MAX_FDS_PER_MESSAGE; the last batch is the reply. A chunk still being made
+   * (ChunkStore.allocateOffThread) is waited for when its batch comes: a scale's standby
+   * executor imports the first targets while the driver makes the rest. All or nothing
+   * on the daemon side: if an export fails, or a chunk waited for is not made, what this
+   * request newly attached is dropped.
    */
   private async attach(c: Connection, session: HmmSession, id: number, ids: string[] | undefined): Promise<Reply<'attach'>> {
     const wanted = this.attachIds(session, ids);
-    const added = wanted.filter((x) => !session.attached.has(x));
-    const entries = session.attach(wanted);
-    trace('daemon.attach', { chunks: entries.length, added: added.length });
+    const added: string[] = [];
+    const store = this.hmm.store;
+    trace('daemon.attach', { chunks: wanted.length, pending: wanted.filter((x) => store.isPending(x)).length });
     try {
       for (let at = 0; ; at += MAX_FDS_PER_MESSAGE) {
-        const batch = this.exportBatch(c, session, entries.slice(at, at + MAX_FDS_PER_MESSAGE));
-        if (at + MAX_FDS_PER_MESSAGE >= entries.length) {
+        const slice = wanted.slice(at, at + MAX_FDS_PER_MESSAGE);
+        const making = slice.filter((x) => !store.has(x));
+        if (making.length > 0) {
+          await Promise.all(making.map((x) => store.whenStored(x)));
+          if (c.isClosed) throw new HmmProtocolError('DISCONNECTED', 'the client left during its attach');
+        }
+        for (const x of slice) if (!session.attached.has(x)) added.push(x);
+        const batch = this.exportBatch(c, session, session.attach(slice));
+        if (at + MAX_FDS_PER_MESSAGE >= wanted.length) {
           trace('daemon.attach-exported');
           return { result: batch.batch, fds: batch.fds };
         }

@@ -144,13 +144,20 @@ export class Hmm implements Disposable {
     return ids.filter((id) => this.store.release(id, RESIDENT));
   }
 
-  /** Every chunk (workspaces aside) and KV pool; `tensors: false` leaves the chunks' tensor lists empty. */
+  /**
+   * Every chunk (workspaces aside) and KV pool; `tensors: false` leaves the chunks' tensor lists empty. The chunks
+   * being made off the main thread (ChunkStore.allocateOffThread) are listed too: an attach of one waits until it is made.
+   */
   manifest(options: { tensors?: boolean } = {}): HmmManifest {
+    const tensors = options.tensors !== false;
     return {
       backend: this.rt.backend,
       deviceCount: this.rt.deviceCount,
       granularity: this.rt.granularity(0),
-      chunks: this.store.all().filter((c) => c.plan.kind !== 'workspace').map((c) => manifestEntry(c.plan, options.tensors !== false)),
+      chunks: [
+        ...this.store.all().filter((c) => c.plan.kind !== 'workspace').map((c) => manifestEntry(c.plan, tensors)),
+        ...this.store.pendingPlans().map((p) => manifestEntry(p, tensors)),
+      ],
       kvPools: this.kv.poolDevices().map((d) => this.kv.info(d)),
     };
   }

@@ -1356,11 +1356,12 @@ export class Deployment {
         // Taking standby chunks costs ~10 µs each: groups of 256 block the loop ~3 ms (groups of 8 with a
         // turn between them put 2,790 takings across ~100 ms on 2 x H200, the copies waiting behind them).
         if (overlapped) prep = { ...prep, maxInflightBytes: Infinity, allocateGroup: Math.max(prep.allocateGroup, 256) };
-        // Otherwise, in process, with the targets made off the main thread: the standby engine is made
-        // as soon as their addresses are final (it reads them through futureTensor; graphs captured
-        // against them run only after the switch-over, which waits for the copies), so the attach
-        // runs while the driver makes the chunks and the copies follow.
-        const early = !overlapped && !this.daemon && prep.offThread && this.options.attachDuringCopies !== false && jobs.length > 0;
+        // Otherwise, with the targets made off the main thread: the standby is made as soon as their
+        // addresses are final, so the attach runs while the driver makes the chunks and the copies
+        // follow (graphs captured against them run only after the switch-over, which waits for the
+        // copies). In process the engine reads them through futureTensor; an executor process attaches
+        // through the daemon, whose attach waits for each chunk still being made (HmmDaemon).
+        const early = !overlapped && prep.offThread && this.options.attachDuringCopies !== false && jobs.length > 0;
         let allocated!: () => void;
         const ready = new Promise<void>((resolve) => (allocated = resolve));
         const run = pacedCopy(store, jobs, { ...prep, ...copyOptions, onAllocated: () => allocated(), onReserved: early ? () => allocated() : undefined });

@@ -207,6 +207,39 @@ describe('pacedCopy', () => {
     }
   });
 
+  it('whenStored: waits for a chunk being made; rejects once its making fails or is cancelled, and for an unknown id', async () => {
+    const { rt, hmm, jobs } = await setup(12, 2);
+    const plans = jobs.map((j) => j.plan);
+    await expect(hmm.store.whenStored('no-such-chunk')).rejects.toThrow(/no chunk/);
+    await expect(hmm.store.whenStored(jobs[0]!.sources[0]!.plan.id)).resolves.toBeUndefined(); // stored already
+    // Made: resolves once stored, the manifest listing it meanwhile.
+    const off = hmm.store.allocateOffThread(plans.slice(0, 6), 'a', undefined, { group: 2 });
+    expect(hmm.store.isPending(plans[5]!.id)).toBe(true);
+    expect(hmm.manifest().chunks.map((c) => c.id)).toContain(plans[5]!.id);
+    const last = hmm.store.whenStored(plans[5]!.id).then(() => hmm.store.has(plans[5]!.id));
+    expect(await last).toBe(true);
+    await off.until(6);
+    // A failed making rejects the waiters of what it did not make, before anyone cancels.
+    rt.injectFault('CreateChunk', 3);
+    const failing = hmm.store.allocateOffThread(plans.slice(6), 'b', undefined, { group: 2 });
+    const waits = plans.slice(6).map((p) => hmm.store.whenStored(p.id).then(() => 'stored', (e: Error) => e.constructor.name));
+    const got = await Promise.all(waits);
+    rt.clearFaults();
+    expect(got.slice(0, 2)).toEqual(['stored', 'stored']);
+    expect(got.slice(2).every((x) => x === 'FaultInjectedError')).toBe(true);
+    // Asked after the failure, before the cancel: rejected at once, not left waiting for the cancel.
+    await expect(hmm.store.whenStored(plans[11]!.id)).rejects.toBeInstanceOf(FaultInjectedError);
+    await failing.cancel();
+    expect(hmm.store.pendingCount).toBe(0);
+    // Cancelled before it is made (one chunk per call: the cancel comes while the first is made): its waiter learns it is not coming.
+    const again = hmm.store.allocateOffThread(plans.slice(6, 8), 'c', undefined, { group: 1 });
+    const wait = hmm.store.whenStored(plans[7]!.id).then(() => 'stored', (e: Error) => e.message);
+    await again.cancel();
+    expect(await wait).toMatch(/was not made \(its allocation was cancelled\)/);
+    expect(hmm.store.has(plans[7]!.id)).toBe(false);
+    rt.dispose();
+  });
+
   it('queues one batch\'s copies in groups of queueGroup with a turn of the loop between them', async () => {
     const { rt, hmm, jobs } = await setup(24, 2);
     // One batch (no window): 24 copies. Count the turns the loop gets while they are queued.

@@ -16,6 +16,7 @@ import type { Completion } from '../../src/executor/engine.js';
 import type { TensorLocation } from '../../src/hmm/placement.js';
 import { parseConfig } from '../../src/model/config.js';
 import type { Runtime } from '../../src/runtime/runtime.js';
+import { FaultInjectedError } from '../../src/runtime/errors.js';
 import { Deployment, type DeploymentOptions, type ScaleProgress } from '../../src/scaling/orchestrator.js';
 import { MIB, openMock } from '../helpers/mock.js';
 
@@ -179,6 +180,38 @@ describe('Deployment with executor processes', () => {
     expect(dep.devices).toEqual([0, 1]);
     await expect.poll(() => alive(pid)).toBe(false);
     expect((await dep.submit({ prompt: PROMPTS[3]!, maxTokens: 30, ignoreEos: true })).outputTokens).toEqual(reference[3]!.slice(0, 30));
+  }, 20_000);
+
+  it('attaches a scale-down\'s targets while the worker thread makes them; a chunk it fails to make rolls back with memory exactly as before', async () => {
+    const { rt, dep } = await start([0, 1], processMode(true, true));
+    await dep.settled();
+    const pid = dep.executorPid!;
+    const memory = freeBytes(rt);
+    const chunks = dep.hmm.store.all().map((c) => c.plan.id).sort();
+    const accounting = dep.hmm.accounting();
+    const sessions = dep.hmm.sessionIds();
+    // The third chunk the scale makes fails: the standby process is attaching the first ones by then,
+    // waiting at the daemon for the rest (it must learn they are not coming, not wait forever).
+    rt.injectFault('CreateChunk', 3);
+    const during = dep.submit({ prompt: PROMPTS[1]!, maxTokens: 60, ignoreEos: true });
+    await expect(dep.scale({ devices: [0] })).rejects.toBeInstanceOf(FaultInjectedError);
+    rt.clearFaults();
+    expect((await during).outputTokens).toEqual(reference[1]!.slice(0, 60));
+    expect(dep.devices).toEqual([0, 1]);
+    expect(dep.executorPid).toBe(pid);
+    await dep.settled();
+    expect(freeBytes(rt)).toEqual(memory);
+    expect(dep.hmm.store.all().map((c) => c.plan.id).sort()).toEqual(chunks);
+    expect(dep.hmm.store.pendingCount).toBe(0);
+    expect(dep.hmm.accounting()).toEqual(accounting);
+    expect(dep.hmm.sessionIds().length).toBe(sessions.length); // the serving process's and a new one started ahead
+    // Without the fault: the process attached the targets as they were made.
+    const running = dep.submit({ prompt: PROMPTS[2]!, maxTokens: 60, ignoreEos: true });
+    const down = await dep.scale({ devices: [0] });
+    expect(down.attachBeforeTargets).toBe(true);
+    expect(down.chunksCopied).toBeGreaterThan(3);
+    expect((await running).outputTokens).toEqual(reference[2]!.slice(0, 60));
+    await dep.close();
   }, 20_000);
 
   it('attaches the standby process started ahead; replaces one that died; one killed during attach rolls back', async () => {
