@@ -903,14 +903,7 @@ export class Deployment {
    */
   private async followShapes(): Promise<void> {
     while (!this.aheadStop && this.readies.size > 0) {
-      await new Promise<void>((resolve) => {
-        const timer = setTimeout(resolve, FOLLOW_MS);
-        this.wakeFollower = () => {
-          clearTimeout(timer);
-          resolve();
-        };
-      });
-      this.wakeFollower = undefined;
+      await this.followerPause();
       for (const r of this.readies.values()) {
         if (this.aheadStop) return;
         const t = now();
@@ -921,6 +914,18 @@ export class Deployment {
     }
   }
 
+  /** FOLLOW_MS, cut short by stopAhead (wakeFollower). */
+  private async followerPause(): Promise<void> {
+    await new Promise<void>((resolve) => {
+      const timer = setTimeout(resolve, FOLLOW_MS);
+      this.wakeFollower = () => {
+        clearTimeout(timer);
+        resolve();
+      };
+    });
+    this.wakeFollower = undefined;
+  }
+
   /**
    * followShapes for the executor process initialised ahead (ExecutorMode initAhead): every FOLLOW_MS, the
    * shapes its scale-up would capture ahead now that it was not sent yet, sent one at a time (a precapture
@@ -928,14 +933,7 @@ export class Deployment {
    */
   private async followProcess(): Promise<void> {
     while (!this.aheadStop && this.readyProc) {
-      await new Promise<void>((resolve) => {
-        const timer = setTimeout(resolve, FOLLOW_MS);
-        this.wakeFollower = () => {
-          clearTimeout(timer);
-          resolve();
-        };
-      });
-      this.wakeFollower = undefined;
+      await this.followerPause();
       const r = this.readyProc;
       if (!r) return;
       for (const shape of this.shapesAhead(r.planned.next, this.followPerDevice())) {
