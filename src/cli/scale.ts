@@ -75,7 +75,9 @@ export async function runScale(o: ScaleCommandOptions): Promise<number> {
   const made = body.prepare?.stats;
   if (made?.makeCalls) {
     out.write(`target chunks made on a worker thread: ${made.chunks - (body.chunksFromStandby ?? 0)} in ${made.makeCalls} calls, `
-      + `${(made.makeMs ?? 0).toFixed(0)} ms${body.attachBeforeTargets ? ' (the standby engine made meanwhile, against their addresses)' : ''}\n`);
+      + `${(made.makeMs ?? 0).toFixed(0)} ms${!body.attachBeforeTargets ? ''
+        : body.prestartedExecutor === undefined ? ' (the standby engine made meanwhile, against their addresses)'
+          : ' (the standby executor process attached them as they were made)'}\n`);
   }
   out.write(`${table([
     ['copied', 'reused in place', 'released', 'bytes copied', 'lower bound'],
