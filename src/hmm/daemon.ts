@@ -329,10 +329,12 @@ export class HmmDaemon {
    */
   private async attach(c: Connection, session: HmmSession, id: number, ids: string[] | undefined): Promise<Reply<'attach'>> {
     const wanted = this.attachIds(session, ids);
-    const added: string[] = [];
+    const added = wanted.filter((x) => !session.attached.has(x));
     const store = this.hmm.store;
     trace('daemon.attach', { chunks: wanted.length, pending: wanted.filter((x) => store.isPending(x)).length });
     try {
+      // Held at once, those stored already: nothing frees them while the batches go out.
+      session.attach(wanted.filter((x) => store.has(x)));
       for (let at = 0; ; at += MAX_FDS_PER_MESSAGE) {
         const slice = wanted.slice(at, at + MAX_FDS_PER_MESSAGE);
         const making = slice.filter((x) => !store.has(x));
@@ -340,8 +342,7 @@ export class HmmDaemon {
           await Promise.all(making.map((x) => store.whenStored(x)));
           if (c.isClosed) throw new HmmProtocolError('DISCONNECTED', 'the client left during its attach');
         }
-        for (const x of slice) if (!session.attached.has(x)) added.push(x);
-        const batch = this.exportBatch(c, session, session.attach(slice));
+        const batch = this.exportBatch(c, session, session.attach(slice)); // the pending ones held from here
         if (at + MAX_FDS_PER_MESSAGE >= wanted.length) {
           trace('daemon.attach-exported');
           return { result: batch.batch, fds: batch.fds };
