@@ -1,7 +1,7 @@
 // The transition metric of scripts/bench-scale.mjs (scripts/lib/transition.mjs): serving work
 // done in a window, each step counted as the time a step like it took before.
 import { execFile } from 'node:child_process';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -120,12 +120,13 @@ describe('bench-scale on the mock', () => {
     // 160 MiB mock devices: the elastic run fits, the vertical baseline (the whole new layout
     // beside the old one) runs out of memory on device 0, as on 2 x H100 with Qwen3-30B-A3B shapes.
     const dir = mkdtempSync(path.join(os.tmpdir(), 'emoe-bench-scale-'));
+    const out = mkdtempSync(path.join(os.tmpdir(), 'emoe-bench-trace-')); // BENCH_DIR goes with the bench
     try {
       const { stdout } = await execFileP(process.execPath, [path.join(root, 'scripts/bench-scale.mjs')], {
         env: {
           ...process.env, ELASTICMOE_BACKEND: 'mock', ELASTICMOE_NO_WARN_MOCK: '1', ELASTICMOE_MOCK_DEVICES: '2', ELASTICMOE_MOCK_CAPACITY: '160MiB',
           BENCH_CONFIG: path.join(root, 'scripts/configs/tiny-qwen3-moe.json'), BENCH_STEPS: '0;0,1;0', BENCH_BASELINES: 'vertical,cold',
-          BENCH_HOLD_S: '1', BENCH_DIR: dir,
+          BENCH_HOLD_S: '1', BENCH_DIR: dir, ELASTICMOE_TRACE: path.join(out, 'trace.jsonl'),
         },
         timeout: 60_000,
       });
@@ -151,8 +152,27 @@ describe('bench-scale on the mock', () => {
       expect(after[0]!.hostPool.reused).toBe(0); // 0 -> 0,1: the first standby engine allocates
       expect(after[1]!.hostPool.reused).toBeGreaterThan(0); // 0,1 -> 0: takes what the first engine gave back
       expect(after[1]!.hostPool.freed).toBe(0);
+
+      // ELASTICMOE_TRACE and scripts/trace-report.mjs: each scale's events, in order, on the run's clock.
+      writeFileSync(path.join(out, 'run.jsonl'), stdout);
+      const report = await execFileP(process.execPath, [path.join(root, 'scripts/trace-report.mjs'), path.join(out, 'run.jsonl'),
+        path.join(out, 'trace.jsonl'), '--after', '5000', '--steps']);
+      const text = report.stdout;
+      expect(text).toMatch(/, 2 scales traced\n/);
+      const second = text.slice(text.indexOf('\nscale 2: 0,1 -> 0, '));
+      expect(second.length).toBeGreaterThan(30);
+      const order = ['scale.plan', 'scale.prepare', 'scale.attach', 'scale.switch', 'scale.release', 'scale.done']
+        .map((ev) => second.indexOf(` ${ev} `));
+      expect(order.every((i) => i > 0)).toBe(true);
+      expect([...order].sort((a, b) => a - b)).toEqual(order);
+      // The plan at 0 ms from its command, and the steps of the window with their forward time.
+      expect(second).toMatch(/\n\s+0 {2}pid \d+ scale\.plan /);
+      expect(second).toMatch(/step \d+ ms, \d+ in the executor \(\d+ tokens/);
+      await expect(execFileP(process.execPath, [path.join(root, 'scripts/trace-report.mjs'), path.join(out, 'run.jsonl')]))
+        .rejects.toMatchObject({ code: 2 });
     } finally {
       rmSync(dir, { recursive: true, force: true });
+      rmSync(out, { recursive: true, force: true });
     }
   }, 90_000);
 });
