@@ -34,6 +34,7 @@ import { HmmClient } from '../hmm/client.js';
 import type { ModelConfig } from '../model/config.js';
 import { ModelKernels } from '../model/kernels/index.js';
 import { type ChannelMessage, UnixChannel } from '../runtime/channel.js';
+import { InvalidArgumentError } from '../runtime/errors.js';
 import type { RuntimeOptionsInput } from '../runtime/config.js';
 import { Runtime } from '../runtime/runtime.js';
 import { trace } from '../runtime/trace.js';
@@ -284,11 +285,12 @@ export async function runExecutorProcess(options: ExecutorProcessOptions): Promi
     let layers = 0;
     while (first?.type === 'init' || first?.type === 'precapture') {
       if (first.type === 'precapture') {
-        // After ready (init's error ended this process otherwise): the graphs, in one piece each.
+        // After ready: the graphs, in one piece each (nothing else runs in this process yet).
         const t = performance.now();
         const reply: PrecapturedMessage = { type: 'precaptured', graphs: 0, ms: 0 };
         try {
-          reply.graphs = await engine!.precapture(first.shapes, { layersPerTurn: layers });
+          if (!engine) throw new InvalidArgumentError('precapture', 'sent after ready (no engine yet)');
+          reply.graphs = await engine.precapture(first.shapes, { layersPerTurn: layers });
         } catch (e) {
           const err = e instanceof Error ? e : new Error(String(e));
           reply.error = `${err.name}: ${err.message}`;

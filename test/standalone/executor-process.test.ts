@@ -183,10 +183,16 @@ describe('executor process', () => {
     expect(ahead.session).toBe(first); // the same process and HMM session
     expect(ahead.preattached).toMatchObject({ kept: expect.any(Number), dropped: expect.any(Number) });
     expect(ahead.preattached!.dropped).toBeGreaterThan(0); // what only [2, 3] used
+    // Before its first step it captures graph shapes it is sent (a process initialised ahead following the serving ones).
+    const shape = { rank: 0, T: 6, S: 6, MB: 2, sampled: 6, device: LAYOUT.devices[0]! };
+    expect((await ahead.precapture([shape])).graphs).toBe(1);
+    expect((await ahead.precapture([shape])).graphs).toBe(0); // captured already
+    expect((await ahead.precapture([{ ...shape, T: 5 }])).graphs).toBe(0); // no step has that shape (5 is not a step bucket)
     const seqs = sequences(hmm);
     await run(ahead, seqs);
     expectIdentical(seqs, baseline, 're-initialised');
     await expect(ahead.reinit({ config, layout: LAYOUT, options: ENGINE_OPTIONS })).rejects.toThrow(/before the executor's first step/);
+    await expect(ahead.precapture([shape])).rejects.toThrow(/before the executor's first step/);
     await ahead.close();
   }, 20_000);
 
