@@ -230,6 +230,11 @@ int main(int argc, char** argv) {
         b->Unmap(wr, 2 * MiB);
         b->FreeRange(wr, 2 * MiB);
         b->ReleaseChunk(wc);
+        // Exported there too (createMappedChunks with exportNow: the HMM's chunks once a daemon listens).
+        const ChunkId we = b->CreateChunk(1, 2 * MiB, true);
+        const uint64_t handle = b->ExportChunk(we);
+        if (handle == 0 || b->ExportChunk(we) != handle) throw Error(Status{});
+        b->ReleaseChunk(we);
         b->DestroyStream(ws);
         worker_ok = true;
       } catch (const Error& e) {
