@@ -31,8 +31,6 @@
 import { closeSync } from 'node:fs';
 
 import { HmmClient } from '../hmm/client.js';
-import type { HmmManifest } from '../hmm/hmm.js';
-import type { KvPoolInfo } from '../hmm/kv-pool.js';
 import type { ModelConfig } from '../model/config.js';
 import { ModelKernels } from '../model/kernels/index.js';
 import { type ChannelMessage, UnixChannel } from '../runtime/channel.js';
@@ -64,21 +62,6 @@ export function layoutChunkIds(chunks: ReadonlyArray<{ id: string; group: string
 /** Expert placement as data: placement[layer][expert] = the devices holding it. */
 export type PlacementTable = number[][][];
 
-/**
- * What a layout attaches, worked out from a manifest by whoever has one (the deployment, from its own
- * HMM): the chunk ids (layoutChunkIds) and the KV pools of its devices. Sent in init or preattach, it
- * spares the executor fetching the manifest (56-160 ms for ~9,000 chunks at a scale on 2 x H100).
- */
-export interface LayoutAttach {
-  chunkIds: string[];
-  kvPools: KvPoolInfo[];
-}
-
-export function layoutAttach(manifest: Pick<HmmManifest, 'chunks' | 'kvPools'>, devices: readonly number[], placement: PlacementTable): LayoutAttach {
-  const kvPools = manifest.kvPools.filter((p) => devices.includes(p.device));
-  return { chunkIds: layoutChunkIds(manifest.chunks, devices, placement, kvPools), kvPools };
-}
-
 export interface InitMessage {
   type: 'init';
   config: ModelConfig;
@@ -87,8 +70,6 @@ export interface InitMessage {
   options?: ForwardEngineOptions;
   /** Graph shapes to capture before answering ready (ForwardEngine.precapture; a scale's standby). */
   precapture?: GraphShape[];
-  /** The layout's chunks and pools (layoutAttach): given, the executor fetches no manifest. */
-  attach?: LayoutAttach;
 }
 export interface StepMessage {
   type: 'step';
@@ -104,8 +85,6 @@ export interface PreattachMessage {
   type: 'preattach';
   devices: number[];
   placement: PlacementTable;
-  /** As InitMessage.attach. */
-  attach?: LayoutAttach;
 }
 /** Graphs to capture before the first step (after ready): a process initialised ahead follows the serving shapes. */
 export interface PrecaptureMessage {
@@ -282,7 +261,9 @@ export async function runExecutorProcess(options: ExecutorProcessOptions): Promi
       const pre = init;
       try {
         const { client: c } = await connect();
-        const ids = (pre.attach ?? layoutAttach(await c.manifest({ tensors: false }), pre.devices, pre.placement)).chunkIds;
+        const manifest = await c.manifest({ tensors: false });
+        const pools = manifest.kvPools.filter((p) => pre.devices.includes(p.device));
+        const ids = layoutChunkIds(manifest.chunks, pre.devices, pre.placement, pools);
         trace('exec.preattach', { chunks: ids.length });
         ahead = await c.attach(ids);
         trace('exec.preattached');
@@ -335,8 +316,10 @@ export async function runExecutorProcess(options: ExecutorProcessOptions): Promi
         const { rt: r, client: c } = await connect();
         // Attach only what this layout uses: an imported chunk stays allocated on the device for as long
         // as any process holds it, so holding another layout's chunks would keep them alive.
-        const { chunkIds: needed, kvPools: pools } = msg.attach ?? layoutAttach(await c.manifest({ tensors: false }), msg.devices, msg.placement);
-        trace('exec.layout', { chunks: needed.length, given: msg.attach !== undefined });
+        const manifest = await c.manifest({ tensors: false });
+        trace('exec.manifest', { chunks: manifest.chunks.length });
+        const pools = manifest.kvPools.filter((p) => msg.devices.includes(p.device));
+        const needed = layoutChunkIds(manifest.chunks, msg.devices, msg.placement, pools);
         let preattached: ReadyMessage['preattached'];
         if (ahead) {
           // Chunks attached ahead that this layout does not use are unmapped after ready (the parent

@@ -10,7 +10,7 @@ import { InvalidArgumentError } from '../runtime/errors.js';
 import { UnixChannel } from '../runtime/channel.js';
 import type { Stepper } from './engine.js';
 import type { ForwardEngineOptions, GraphShape } from './forward.js';
-import { type FromExecutor, type InitMessage, type LayoutAttach, type ToExecutor, decodeStepResult, placementTable } from './process.js';
+import { type FromExecutor, type InitMessage, type ToExecutor, decodeStepResult, placementTable } from './process.js';
 import type { Layout, StepBatch, StepResult } from './types.js';
 
 export class ExecutorCrashedError extends Error {
@@ -35,8 +35,6 @@ export interface RemoteStepperInit {
   options?: ForwardEngineOptions;
   /** Graph shapes the executor captures before it answers ready (InitMessage.precapture). */
   precapture?: GraphShape[];
-  /** The layout's chunks and KV pools (InitMessage.attach): the executor then fetches no manifest. */
-  attach?: LayoutAttach;
 }
 
 export interface SpawnExecutorOptions extends RemoteStepperInit {
@@ -155,7 +153,6 @@ export class RemoteStepper implements Stepper {
     const msg: InitMessage = { type: 'init', config: init.config, devices: [...init.layout.devices], placement: placementTable(init.config, init.layout) };
     if (init.options) msg.options = init.options;
     if (init.precapture && init.precapture.length > 0) msg.precapture = init.precapture;
-    if (init.attach) msg.attach = init.attach;
     let timer: NodeJS.Timeout | undefined;
     try {
       await new Promise<void>((resolve, reject) => {

@@ -64,7 +64,7 @@ import path from 'node:path';
 
 import { Engine, type Completion, type GenerationCallbacks, type GenerationRequest, type ReconfigureReport, type StepFigures } from '../executor/engine.js';
 import { type ForwardCreateStats, ForwardEngine, type ForwardEngineOptions, type GraphShape, type GraphStats } from '../executor/forward.js';
-import { type PreattachMessage, layoutAttach, placementTable } from '../executor/process.js';
+import { type PreattachMessage, placementTable } from '../executor/process.js';
 import { RemoteStepper } from '../executor/remote.js';
 import { type MappedKvPool, mapHmmKvPools } from '../executor/kv-view.js';
 import { kvGeometry } from '../executor/types.js';
@@ -632,14 +632,14 @@ export class Deployment {
 
   /** A new executor process (spawnProcess), initialised for `layout` (initExecutor). */
   private static spawnExecutor(options: DeploymentOptions, d: DaemonState, layout: LayoutSpec): Promise<RemoteStepper> {
-    return Deployment.initExecutor(options, d.daemon.hmm, Deployment.spawnProcess(d), layout);
+    return Deployment.initExecutor(options, Deployment.spawnProcess(d), layout);
   }
 
   /** Sends init for `layout` and waits for ready; on failure the process is dead before this rejects. */
-  private static async initExecutor(options: DeploymentOptions, hmm: Hmm, { proc, channel: mine }: Spawned, layout: LayoutSpec,
+  private static async initExecutor(options: DeploymentOptions, { proc, channel: mine }: Spawned, layout: LayoutSpec,
     precapture: GraphShape[] = []): Promise<RemoteStepper> {
     try {
-      return await RemoteStepper.start(mine, proc, Deployment.executorInit(options, hmm, layout, precapture));
+      return await RemoteStepper.start(mine, proc, Deployment.executorInit(options, layout, precapture));
     } catch (e) {
       proc.kill('SIGKILL');
       await exitOf(proc);
@@ -647,17 +647,12 @@ export class Deployment {
     }
   }
 
-  /**
-   * What an executor process is initialised with for `layout`: with the layout's chunk ids and KV pools
-   * worked out here from the HMM (the chunks being made included), so it fetches no manifest.
-   */
-  private static executorInit(options: DeploymentOptions, hmm: Hmm, layout: LayoutSpec, precapture: GraphShape[]) {
-    const forward = forwardLayout(layout);
+  /** What an executor process is initialised with for `layout`. */
+  private static executorInit(options: DeploymentOptions, layout: LayoutSpec, precapture: GraphShape[]) {
     return {
       config: options.config,
-      layout: forward,
+      layout: forwardLayout(layout),
       precapture,
-      attach: layoutAttach(hmm.manifest({ tensors: false }), layout.devices, placementTable(options.config, forward)),
       // The KV dtype too: the pools were made for it (Deployment.geometry).
       options: { maxTokensPerStep: options.maxTokensPerStep ?? 64, blockTokens: options.blockTokens ?? 16, kvDtype: options.forward?.kvDtype ?? 'bf16' },
     };
@@ -995,8 +990,7 @@ export class Deployment {
           const spec = this.layoutSpec;
           const full = spec.devices.length > 1 && this.nodeDevices.every((d) => spec.devices.includes(d));
           const devices = full ? spec.devices.filter((d) => d !== Math.max(...spec.devices)) : [...spec.devices];
-          const placement = placementTable(this.options.config, forwardLayout(spec));
-          const msg: PreattachMessage = { type: 'preattach', devices, placement, attach: layoutAttach(this.hmm.manifest({ tensors: false }), devices, placement) };
+          const msg: PreattachMessage = { type: 'preattach', devices, placement: placementTable(this.options.config, forwardLayout(spec)) };
           this.prestarted.channel.send(JSON.stringify(msg));
         } catch {
           // The process is gone or its channel closed: the scale finds it dead and spawns another.
@@ -1089,7 +1083,7 @@ export class Deployment {
         pool = true;
         const shapes = this.shapesAhead(planned.next);
         trace('ahead.init-process', { device, adopted: adopted.length, shapes: shapes.length });
-        const stepper = await Deployment.initExecutor(this.options, this.hmm, spawned, planned.next, shapes);
+        const stepper = await Deployment.initExecutor(this.options, spawned, planned.next, shapes);
         trace('ahead.process-initialised');
         this.readyProc = {
           fromId: layoutId, to: [...planned.next.devices], device, planned, stepper, holder, adopted, ms: now() - t0,
@@ -1403,7 +1397,7 @@ export class Deployment {
           proc = readyProc.stepper;
           standby = proc; // killed by the rollback if this fails
           prestartedUsed = true;
-          await proc.reinit(Deployment.executorInit(this.options, this.hmm, next, shapes));
+          await proc.reinit(Deployment.executorInit(this.options, next, shapes));
           if (shapes.length > 0) precapture = proc.precaptured ?? { graphs: 0, ms: 0 };
         } else {
           let spawned = this.prestarted;
@@ -1413,7 +1407,7 @@ export class Deployment {
             spawned = undefined;
           }
           prestartedUsed = spawned !== undefined;
-          proc = await Deployment.initExecutor(this.options, this.hmm, spawned ?? Deployment.spawnProcess(this.daemon), next, shapes);
+          proc = await Deployment.initExecutor(this.options, spawned ?? Deployment.spawnProcess(this.daemon), next, shapes);
           if (shapes.length > 0) precapture = proc.precaptured ?? { graphs: 0, ms: 0 };
         }
         standby = proc;

@@ -3,7 +3,7 @@
 // the HMM daemon with bit-identical results to an in-process ForwardEngine, and
 // (DESIGN invariant 6) when it is SIGKILLed mid-generation the HMM keeps every
 // weight and KV block, and a new executor process continues the same sequences.
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { mkdtempSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 
@@ -11,7 +11,6 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
 import { ForwardEngine } from '../../src/executor/forward.js';
 import { type MappedKvPool, mapHmmKvPools } from '../../src/executor/kv-view.js';
-import { layoutAttach, placementTable } from '../../src/executor/process.js';
 import { ExecutorCrashedError, RemoteStepper } from '../../src/executor/remote.js';
 import { type Layout, type SeqStep, type StepResult, kvGeometry } from '../../src/executor/types.js';
 import { storeWeights } from '../../src/executor/weights.js';
@@ -195,25 +194,6 @@ describe('executor process', () => {
     await expect(ahead.reinit({ config, layout: LAYOUT, options: ENGINE_OPTIONS })).rejects.toThrow(/before the executor's first step/);
     await expect(ahead.precapture([shape])).rejects.toThrow(/before the executor's first step/);
     await ahead.close();
-  }, 20_000);
-
-  it('initialised with its layout\'s chunks and pools worked out by the parent (attach) it fetches no manifest: the same tokens; a chunk the daemon lacks fails its init by name', async () => {
-    const traceFile = path.join(dir, 'exec-trace.jsonl');
-    const attach = layoutAttach(hmm.manifest({ tensors: false }), LAYOUT.devices, placementTable(config, LAYOUT));
-    const given = await RemoteStepper.spawn({
-      script: CHILD, args: [sock()], env: { ...CHILD_ENV, ELASTICMOE_TRACE: traceFile }, config, layout: LAYOUT, options: ENGINE_OPTIONS, attach,
-    });
-    steppers.push(given);
-    const seqs = sequences(hmm);
-    await run(given, seqs);
-    expectIdentical(seqs, baseline, 'given its chunks');
-    const events = readFileSync(traceFile, 'utf8').trim().split('\n').map((l) => JSON.parse(l) as { ev: string; given?: boolean; chunks?: number });
-    expect(events.find((e) => e.ev === 'exec.layout')).toMatchObject({ given: true, chunks: attach.chunkIds.length });
-    await given.close();
-    await expect(RemoteStepper.spawn({
-      script: CHILD, args: [sock()], env: CHILD_ENV, config, layout: LAYOUT, options: ENGINE_OPTIONS,
-      attach: { ...attach, chunkIds: [...attach.chunkIds, 'no-such-chunk@0'] },
-    })).rejects.toThrow(/no chunk 'no-such-chunk@0'/);
   }, 20_000);
 
   it('invariant 6: a SIGKILLed executor loses no weights; a new one continues the same sequences', async () => {
