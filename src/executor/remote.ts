@@ -159,12 +159,14 @@ export class RemoteStepper implements Stepper {
         if (this.failure) return reject(this.failure);
         this.readyWaiter = { resolve, reject };
         timer = setTimeout(() => reject(new Error(`the executor sent no 'ready' within ${readyTimeoutMs} ms`)), readyTimeoutMs);
-        try {
-          this.send(msg);
-        } catch (e) {
+        // Without holding this thread: a process started ahead may still be starting (node, its runtime, its
+        // kernels: ~1 s) and read nothing yet, and an init larger than the socket holds would wait for it
+        // (a ~100 KB init held the deployment's thread ~560 ms so, 2 x H100). Nothing else is sent meanwhile:
+        // steps wait for ready.
+        this.channel.sendWhenRoom(JSON.stringify(msg)).catch((e: unknown) => {
           // Its end of the channel is closed: the process is gone (or going).
           reject(this.failure ?? new ExecutorCrashedError(`could not send init to the executor process: ${(e as Error).message}`));
-        }
+        });
       });
     } finally {
       clearTimeout(timer);

@@ -196,6 +196,30 @@ describe('executor process', () => {
     await ahead.close();
   }, 20_000);
 
+  it('sends init without holding the parent\'s thread while the process is still starting: a 1.5 MB init to a child that reads nothing for 1.5 s', async () => {
+    // Shapes no step has (rank 99): skipped by the child, but they make the init far larger than the socket holds.
+    const precapture = Array.from({ length: 30_000 }, (_, i) => ({ rank: 99, T: 1 + (i % 7), S: 1, MB: 1, sampled: 0, device: 0 }));
+    let last = performance.now();
+    let longest = 0;
+    const timer = setInterval(() => {
+      const now = performance.now();
+      longest = Math.max(longest, now - last);
+      last = now;
+    }, 10);
+    try {
+      const slow = await RemoteStepper.spawn({
+        script: CHILD, args: [sock()], env: { ...CHILD_ENV, EMOE_TEST_START_DELAY_MS: '1500' }, config, layout: LAYOUT, options: ENGINE_OPTIONS, precapture,
+      });
+      steppers.push(slow);
+      expect(slow.precaptured?.graphs).toBe(0);
+      await slow.close();
+    } finally {
+      clearInterval(timer);
+    }
+    // A blocking send would have held this thread until the child read: ~1.5 s without a timer firing.
+    expect(longest).toBeLessThan(1000);
+  }, 20_000);
+
   it('invariant 6: a SIGKILLed executor loses no weights; a new one continues the same sequences', async () => {
     const weightIds = hmm.store.all().filter((c) => c.plan.kind === 'weight').map((c) => c.plan.id);
     const sums = new Map<string, bigint>();
