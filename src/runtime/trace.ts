@@ -10,12 +10,16 @@ const file = process.env.ELASTICMOE_TRACE ?? '';
 /** Whether ELASTICMOE_TRACE is set in this process. */
 export const tracing = file !== '';
 
-/** Appends `ev` to the trace file (best effort; a no-op unless tracing). */
+let failed = false;
+
+/** Appends `ev` to the trace file (a no-op unless tracing). A file that cannot be written turns tracing off, said once on stderr. */
 export function trace(ev: string, detail?: Record<string, unknown>): void {
-  if (!tracing) return;
+  if (!tracing || failed) return;
   try {
     appendFileSync(file, `${JSON.stringify({ t: performance.timeOrigin + performance.now(), pid: process.pid, ev, ...detail })}\n`);
-  } catch {
+  } catch (e) {
     // Tracing never fails the traced work.
+    failed = true;
+    process.stderr.write(`elasticmoe: ELASTICMOE_TRACE=${file} cannot be written (${(e as Error).message}); tracing is off in process ${process.pid}\n`);
   }
 }

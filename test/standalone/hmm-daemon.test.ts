@@ -559,6 +559,23 @@ describe('HMM daemon: KV block tables', () => {
   });
 });
 
+describe('ELASTICMOE_TRACE', () => {
+  it('a trace file that cannot be written turns tracing off in that process, said once on stderr, and fails nothing', () => {
+    const trace = path.resolve(__dirname, '../../dist/runtime/trace.js');
+    const bad = path.join(dir, 'no-such-dir', 'trace.jsonl');
+    const r = spawnSync(process.execPath, ['-e', `import(${JSON.stringify(trace)}).then((m) => { m.trace('a'); m.trace('b', { x: 1 }); console.log('done'); })`],
+      { encoding: 'utf8', env: { ...process.env, ELASTICMOE_TRACE: bad } });
+    expect(r.status).toBe(0);
+    expect(r.stdout.trim()).toBe('done');
+    expect(r.stderr.trim().split('\n')).toEqual([expect.stringMatching(/^elasticmoe: ELASTICMOE_TRACE=.*no-such-dir.* cannot be written .*tracing is off in process \d+$/)]);
+    // Unset: nothing written, nothing said.
+    const off = spawnSync(process.execPath, ['-e', `import(${JSON.stringify(trace)}).then((m) => { m.trace('a'); console.log(m.tracing); })`],
+      { encoding: 'utf8', env: { ...process.env, ELASTICMOE_TRACE: '' } });
+    expect(off.stdout.trim()).toBe('false');
+    expect(off.stderr).toBe('');
+  });
+});
+
 describe('elasticmoe hmm', () => {
   it('starts, prints its ready line, serves an attach and exits cleanly on SIGTERM', async () => {
     const config = path.join(dir, 'model.json');
