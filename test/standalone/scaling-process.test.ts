@@ -6,7 +6,7 @@
 // and chunks are exactly as before, and no standby process is left; (3) with an f32 KV
 // cache (forward.kvDtype) the processes give the in-process f32 tokens, before and after a scale.
 // The children run the compiled dist (`npx tsc -p .` first).
-import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 
@@ -130,6 +130,31 @@ describe('Deployment with executor processes', () => {
     for (const id of sessions) for (const c of dep.hmm.session(id).attached) expect(dep.hmm.store.get(c).plan.device).toBe(0);
     expect(dep.hmm.store.all().every((c) => c.plan.device === 0)).toBe(true);
   }, 20_000);
+
+  it('returns to the same memory, chunks and open descriptors after each of 8 process-mode 1→2→1 cycles (initAhead, attach while made)', async () => {
+    const { rt, dep } = await start([0], processMode(true, true, true));
+    const fds = () => readdirSync('/proc/self/fd').length;
+    const state = async () => {
+      await dep.settled();
+      // The deployment's executor processes: the serving one and the one initialised or started ahead.
+      await expect.poll(() => dep.hmm.sessionIds().length).toBe(2);
+      return { free: freeBytes(rt), chunks: dep.hmm.store.ids().sort(), fds: fds(), accounting: dep.hmm.accounting() };
+    };
+    // The first cycle makes what every later one reuses (standby chunks, pinned buffers); from the second on, nothing may grow.
+    await dep.scale({ devices: [0, 1] });
+    await dep.scale({ devices: [0] });
+    const steady = await state();
+    for (let i = 0; i < 8; i++) {
+      const up = await dep.scale({ devices: [0, 1] });
+      expect(up.standbyMadeAhead, `cycle ${i}`).toBeDefined();
+      const down = await dep.scale({ devices: [0] });
+      expect(down.attachBeforeTargets, `cycle ${i}`).toBe(true);
+      expect(await state(), `after cycle ${i}`).toEqual(steady);
+    }
+    const c = await dep.submit({ prompt: PROMPTS[4]!, maxTokens: 30, ignoreEos: true });
+    expect(c.outputTokens).toEqual(reference[4]!.slice(0, 30));
+    await dep.close();
+  }, 60_000);
 
   it('rolls back when the standby process dies during attach: the old process keeps serving, memory exactly as before', async () => {
     // Not started ahead: the process the attach phase spawns reads the die file as it starts.
