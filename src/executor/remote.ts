@@ -161,7 +161,7 @@ export class RemoteStepper implements Stepper {
         timer = setTimeout(() => reject(new Error(`the executor sent no 'ready' within ${readyTimeoutMs} ms`)), readyTimeoutMs);
         // Without holding this thread: a process started ahead may still be starting (node, its runtime, its
         // kernels: ~1 s) and read nothing yet, and an init larger than the socket holds would wait for it
-        // (a ~100 KB init held the deployment's thread ~560 ms so, 2 x H100). Nothing else is sent meanwhile:
+        // (an init carrying ~9,000 chunk ids held the deployment's thread ~560 ms so, 2 x H100). Nothing else is sent meanwhile:
         // steps wait for ready.
         this.channel.sendWhenRoom(JSON.stringify(msg)).catch((e: unknown) => {
           // Its end of the channel is closed: the process is gone (or going).
