@@ -3,8 +3,9 @@
 //
 // Framing: a message is split into records of at most kMaxRecord bytes, each
 // starting with a 1-byte header (1 = more records follow, 0 = last); the fds ride on
-// the first record. Records of one message are sent back to back, so they arrive in
-// order and unmixed as long as only this process's main thread sends on the socket.
+// the first record. Records arrive in order and a message's records unmixed with another's
+// as long as only this process's main thread sends on the socket and, when it sends a
+// message a part at a time (send from an offset), sends nothing else until it is done.
 //
 // Lifetime: while started (polling) and not closed, the object holds a strong
 // reference to itself, so GC cannot collect a channel that may still deliver

@@ -8,7 +8,7 @@ import { closeSync } from 'node:fs';
 import { type ChannelMessage, type UnixChannel, UnixListener } from '../runtime/channel.js';
 import { ElasticMoeError, InvalidArgumentError } from '../runtime/errors.js';
 import type { SharedHandle } from '../runtime/memory.js';
-import { trace } from '../runtime/trace.js';
+import { trace, tracing } from '../runtime/trace.js';
 import type { Hmm, HmmSession } from './hmm.js';
 import {
   CONNECTION_ID,
@@ -331,7 +331,7 @@ export class HmmDaemon {
     const wanted = this.attachIds(session, ids);
     const added = wanted.filter((x) => !session.attached.has(x));
     const store = this.hmm.store;
-    trace('daemon.attach', { chunks: wanted.length, pending: wanted.filter((x) => store.isPending(x)).length });
+    if (tracing) trace('daemon.attach', { chunks: wanted.length, pending: wanted.filter((x) => store.isPending(x)).length });
     try {
       // Held at once, those stored already: nothing frees them while the batches go out.
       session.attach(wanted.filter((x) => store.has(x)));
