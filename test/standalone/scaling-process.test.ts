@@ -76,6 +76,12 @@ afterAll(async () => {
 describe('Deployment with executor processes', () => {
   it('gives the fixed layout\'s greedy tokens across a 1→2→1 scale mid-generation', async () => {
     const { dep } = await start([0], processMode());
+    // The work ahead (standby chunks filled with the planned scale-up's bytes, the process started
+    // ahead and its attach) runs in the background after start; the assertions on it below need it
+    // finished before the scale (on a loaded 2-CPU runner it may not be by the fifth token).
+    await dep.settled();
+    expect(dep.standby.error).toBeUndefined();
+    expect(dep.standby.devices.find((d) => d.device === 1)!.filled).toBeGreaterThan(0);
     const first = dep.executorPid!;
     expect(first).toBeGreaterThan(0);
     expect(first).not.toBe(process.pid);
