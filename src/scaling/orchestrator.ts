@@ -45,6 +45,10 @@
 // standby chunks cover a scale, its copies are queued at once and the attach phase runs
 // while they copy; the switch-over waits for them.
 //
+// Modules: what a deployment takes and a scale reports (deployment-options.ts), the executor
+// processes and their daemon (executor-processes.ts), the release after a switch-over
+// (release.ts), the work ahead (ahead.ts, ready.ts, ready-process.ts), pacing (pacing.ts).
+//
 // Holders: every weight chunk of a layout is held by that layout's id
 // (`layout-<n>`), so a chunk shared by two layouts lives until both let go and
 // "release" is releaseHolder(old id). KV pools belong to the HMM's KvManager.
@@ -57,13 +61,8 @@
 // ahead when alive) and waits for its `ready`, the serving process's recent graph shapes
 // in its init for it to capture first; the standby's daemon session keeps only the new layout's
 // chunks and KV pools; release closes the old process; rollback kills the standby.
-import { type ChildProcess, spawn } from 'node:child_process';
-import { mkdtempSync, rmSync } from 'node:fs';
-import os from 'node:os';
-import path from 'node:path';
-
-import { Engine, type Completion, type GenerationCallbacks, type GenerationRequest, type ReconfigureReport, type StepFigures } from '../executor/engine.js';
-import { type ForwardCreateStats, ForwardEngine, type ForwardEngineOptions, type GraphShape, type GraphStats } from '../executor/forward.js';
+import { Engine, type Completion, type GenerationCallbacks, type GenerationRequest, type ReconfigureReport } from '../executor/engine.js';
+import { ForwardEngine, type GraphShape, type GraphStats } from '../executor/forward.js';
 import { type PreattachMessage, placementTable } from '../executor/process.js';
 import { RemoteStepper } from '../executor/remote.js';
 import { type MappedKvPool, mapHmmKvPools } from '../executor/kv-view.js';
@@ -72,15 +71,12 @@ import { futureWeights, storeWeights } from '../executor/weights.js';
 import type { WeightSource } from '../executor/types.js';
 import { type CopyProgress, CopyService, targetPlan } from '../hmm/copy-service.js';
 import type { StoredChunk } from '../hmm/chunk-store.js';
-import { HmmDaemon } from '../hmm/daemon.js';
 import { Hmm } from '../hmm/hmm.js';
 import { openCheckpoint } from '../hmm/safetensors.js';
-import type { TensorLocation } from '../hmm/placement.js';
 import type { ModelConfig } from '../model/config.js';
 import { ModelKernels } from '../model/kernels/index.js';
 import { weightSpecs } from '../model/weights.js';
 import { InvalidArgumentError } from '../runtime/errors.js';
-import { UnixChannel } from '../runtime/channel.js';
 import { DEFAULT_HOST_POOL_BYTES, HostBufferPool, type HostPoolStats } from '../runtime/host-pool.js';
 import type { Runtime } from '../runtime/runtime.js';
 import { trace } from '../runtime/trace.js';
@@ -89,311 +85,15 @@ import { type PacedCopyStats, type PrepareOptions, pacedCopy, resolvePrepare } f
 import { DEFAULT_PRECAPTURE_GRAPHS, precaptureShapes } from './precapture.js';
 import { ScalePlans, planScaleDowns, syncStandby } from './ahead.js';
 import { type ReadyStandby, captureMissing, disposeReady, makeReadyStandby } from './ready.js';
+import { grantNodeAccess, releaseHolder } from './release.js';
 import { type ReadyProcess, adoptAhead, aheadHolder, graphShapeKey, unadopt } from './ready-process.js';
 
-export interface DeploymentOptions {
-  rt: Runtime;
-  config: ModelConfig;
-  /** Devices of the initial layout (experts dealt round robin over them). */
-  devices: number[];
-  /**
-   * A safetensors checkpoint (its folder, or one file) to load the weights from, through the
-   * HMM (pinned staging, the chunks of the initial layout). Without it the weights are
-   * synthetic (`seed`, `scaleFor`). A scale copies the loaded chunks between devices either way.
-   */
-  checkpoint?: string;
-  /** Progress of loading the weights (checkpoint or synthetic), in bytes. */
-  onLoadProgress?: (p: { bytesDone: number; bytesTotal: number }) => void;
-  /** Token ids that end a request besides the config's (a tokenizer's, say). */
-  extraEosTokenIds?: readonly number[];
-  /** Seed of the synthetic weights (default 0). */
-  seed?: bigint;
-  /** Uniform range of each synthetic tensor (see SyntheticOptions.scaleFor). */
-  scaleFor?: (t: TensorLocation) => number;
-  /** KV blocks of the pool created on every device of a layout. */
-  kvBlocksPerDevice: number;
-  /** Tokens per KV block (default 16). */
-  blockTokens?: number;
-  /** Token budget of one step on each DP rank (default 64). */
-  maxTokensPerStep?: number;
-  /** Most running sequences per DP rank (default 64). */
-  maxSeqs?: number;
-  /** Planner balance bound: max device load over mean (default 1.1). */
-  balance?: number;
-  /** Sources one expert copy is striped across (default 2). */
-  maxSourcesPerTransfer?: number;
-  onStep?: (figures: StepFigures) => void;
-  /**
-   * Pacing of the prepare phase's copies (src/scaling/pacing.ts): bounded batches,
-   * the serving loop given turns between them, target chunks created ahead in
-   * groups. Defaults: DEFAULT_PREPARE. A scale may override it (ScaleOptions.prepare).
-   */
-  prepare?: PrepareOptions;
-  /**
-   * Where the forward passes run (default 'in-process'). `{ process: { script } }`:
-   * `node script SOCKET` for each layout, a script that calls runExecutorProcess
-   * with channelFd 3; `env` is added to this process's environment.
-   */
-  executor?: ExecutorMode;
-  /** Forward-pass options of every layout's engine (graphs, routing thresholds, kvDtype); executor processes get kvDtype only. */
-  forward?: Omit<ForwardEngineOptions, 'maxTokensPerStep' | 'blockTokens'>;
-  /**
-   * Observe the experts' load while serving and plan scales with it (ScaleTarget.load wins):
-   * every `every`-th engine step counts the routed tokens per layer and expert
-   * (ForwardEngineOptions.observeLoadEvery); `{}` observes every 32 steps. Default false: plan
-   * with a uniform load (observed counts of a few steps are noisy and can make a plan move
-   * more bytes than a uniform one; not measured on GPUs yet). In-process executors only.
-   */
-  observeLoad?: { every?: number } | false;
-  /**
-   * Load the model kernels on every device of the node at start and keep them (default true,
-   * in-process executors): the standby engine of a scale then finds them loaded on the devices
-   * it adds, instead of loading them inside the attach phase (100-190 ms on H200). Costs a
-   * loaded module (a few MB) on each idle device.
-   */
-  preloadKernels?: boolean;
-  /**
-   * 'own' (default): chunks are mapped for their own device, and a scale's copies are pushed by
-   * their sources into targets mapped for the target and source devices. 'all': every weight
-   * chunk is readable from every device of the node, so a scale's copies are pulled by their
-   * targets, whose new chunks are mapped for their own device only (granted the rest in the
-   * background after the switch-over). Measured on 2 x H200, same run (bench-scale 1→2→1):
-   * pulls were slower, 1,141 / 984 ms against 851 / 854 ms, chunk creation on the target
-   * device slowing down while that device also ran the copies (721 against 577 ms).
-   */
-  peerAccess?: 'all' | 'own';
-  /**
-   * Pause graph captures of the serving engine from the plan to the switch-over (default
-   * false): shapes with a graph still replay, new ones run as usual instead of being captured,
-   * leaving the host thread to the prepare phase's chunk creation (in-process executors). Not
-   * measured on GPUs yet (bench-scale: BENCH_PAUSE_CAPTURES=1).
-   */
-  pauseCaptures?: boolean;
-  /**
-   * Keep, on every device of the node outside the layout, the chunks a scale-up onto that
-   * device would copy into, created, mapped and granted access ahead (default true): the
-   * prepare phase then takes them instead of calling the driver (~0.2 ms per 12 MiB expert
-   * chunk on H200, ~1,700 chunks for a Qwen3-30B-A3B 2→3). They are sized by planning "the
-   * layout plus that device", created in the background (groups of 8, the loop given a turn
-   * in between) after start and after each scale, paused while a scale runs, and counted as
-   * `spareBytes`. Costs that memory on idle devices; devices of the layout keep none (see
-   * scaleDownSpares).
-   */
-  standbyChunks?: boolean;
-  /**
-   * With standbyChunks: the devices of the layout also keep, as standby chunks, what a scale-down
-   * by any one device would copy onto them (the experts and dense chunks of the leaving device
-   * that they take over), so a scale-down takes them instead of creating chunks at scale time
-   * (default false). Costs that memory on the serving devices for as long as they serve; worth it
-   * where their memory is idle beside fixed-size KV pools. Measured (H100/H200, 2026-11-26):
-   * scale-downs 179-287 ms against 403-902 ms, but the copies then overlap serving (work done
-   * during the scale-down 0.58-0.91 of before, against 0.86-0.96).
-   */
-  scaleDownSpares?: boolean;
-  /**
-   * With standbyChunks: the standby chunks of each device outside the layout are also filled, in
-   * the background, with the bytes a scale-up onto that device would copy (the planned ahead
-   * scale's expert and dense chunks, which never change once loaded), so that scale-up adopts
-   * them and copies nothing at command time: no copy traffic beside serving, and no copy to wait
-   * for (default true). Costs no memory beyond the standby chunks; costs a copy of each joining
-   * device's intake after every scale (PREFILL_GROUP chunks at a time, a turn of the loop
-   * between groups), which settled() waits for. A scale to another target than the planned
-   * ones (an observed or given load) copies as usual.
-   */
-  prefillStandby?: boolean;
-  /**
-   * With prefillStandby, in-process executors and a uniform-load plan: after each scale, in the
-   * background, make the standby engine of each planned scale-up onto an idle device (ready.ts):
-   * that device's KV pool and mapping, the new layout's forward engine reading the serving chunks
-   * and the filled standby chunks in place, and the serving engine's recent graph shapes captured
-   * (default true). The scale-up to one of those targets adopts the chunks and switches over: its
-   * attach phase only captures the shapes that appeared since. Costs, for as long as the layout
-   * serves, one engine's scratch per idle device on every device of the layout plus the idle
-   * device (ForwardCreateStats.scratchBytes), the idle devices' KV pools (made at the scale
-   * otherwise), and the host time of making them after each scale instead of during the next.
-   * `{ follow }`: while the layout serves, every 200 ms each of them captures the shapes it would
-   * capture ahead now that it lacks, up to `follow` per staying device (default precaptureGraphs;
-   * 0: none; the scale captures the rest), so a scale finds the serving engine's newer shapes
-   * captured too; costs host time while serving (each capture ~20-35 ms in ~1 ms pieces on H100).
-   */
-  standbyEngines?: boolean | { follow?: number };
-  /**
-   * At each switch-over, also move running sequences (their KV blocks, through the HMM) between
-   * the new layout's ranks until no two are more than one sequence apart (default false): a device
-   * a scale-up adds starts with its share of the batch instead of growing into it from new
-   * requests, one step bucket at a time. The standby engines made ahead then capture each rank's
-   * decode step of its share first. Costs the KV copies of the sequences moved at the
-   * switch-over. Tested on the mock; not measured on GPUs yet.
-   */
-  balanceOnScale?: boolean;
-  /**
-   * The shapes the new layout's first steps pass through (the staying ranks' decode and mixed
-   * steps at their new share of the running sequences, a joining rank's prompt steps on its climb
-   * to its share: precaptureShapes' `ramp`): each standby engine made ahead captures them too, and
-   * a scale's attach phase (a scale-down's included) captures the staying ranks' ones first, within
-   * precaptureGraphs. Default true; false for A/B runs.
-   */
-  rampShapes?: boolean;
-  /**
-   * When every target chunk of a scale is a standby chunk: queue all the copies at once and make
-   * the standby (engine, or executor process) while they run, instead of after (default true).
-   * Otherwise, in process with prepare.offThread (default): make the standby engine as soon as
-   * the targets' addresses are reserved, while a worker thread makes their chunks and the copies
-   * follow (ScaleReport.attachBeforeTargets).
-   */
-  attachDuringCopies?: boolean;
-  /**
-   * Graph shapes per staying device that a scale's standby captures ahead, before the
-   * switch-over (default DEFAULT_PRECAPTURE_GRAPHS = 3, 0: none): the serving engine's most recent
-   * decode shape of that device, then its others (precaptureShapes). The first steps on the new layout then replay
-   * instead of capturing. In process: host work done in pieces of 2 layers with a turn of the
-   * event loop between them, while the old layout serves. Executor processes: the standby
-   * process captures them before it answers ready (the serving process sends its shapes with
-   * its step results).
-   */
-  precaptureGraphs?: number;
-  /**
-   * In process: the engines' pinned host buffers (a few tens of MB per device) are kept when
-   * a layout's engine is released and handed to the next scale's engine (default true; at
-   * most 1 GiB kept, freed at close). false: each engine allocates its own and frees them at
-   * release, where cuMemFreeHost held the event loop for 64-109 ms while the new layout
-   * stepped (CPU profiles on 4 x H100).
-   */
-  hostPool?: boolean;
-}
+export type { DeploymentOptions, ExecutorMode, ScaleOptions, ScalePhase, ScaleProgress, ScaleReport, ScaleTarget } from './deployment-options.js';
+import type { DeploymentOptions, ScaleOptions, ScalePhase, ScaleProgress, ScaleReport, ScaleTarget } from './deployment-options.js';
+import { type DaemonState, type Executor, type Spawned, closeDaemon, disposeExecutor, dismiss, executorInit, forwardLayout, initExecutor, openDaemon,
+  settleSessions, spawnProcess } from './executor-processes.js';
 
-/**
- * `prestart` (default true): keep one executor process started ahead, warmed up (runtime open,
- * kernels loaded on every device) and waiting for its layout, so a scale's attach phase does not
- * start a process; a new one is started after each scale. `preattach` (default true, with
- * prestart): that process also attaches the serving layout's chunks ahead (a scale keeps most of
- * them), so the attach phase imports only what the new layout adds. `initAhead` (default true,
- * with prestart, standby chunks filled ahead and standbyEngines not false): that process is
- * initialised ahead for the planned scale-up onto the lowest idle device, over that scale's
- * target chunks adopted ahead from the filled standby chunks (ready-process.ts), so the scale-up
- * only switches over; a scale it was not made for initialises it again for its own layout.
- */
-export type ExecutorMode = 'in-process' | { process: { script: string; env?: Record<string, string>; prestart?: boolean; preattach?: boolean; initAhead?: boolean } };
 
-/** The forward pass of a layout: in process, or an executor process. */
-type Executor = ForwardEngine | RemoteStepper;
-
-/** An executor process spawned, its channel open, not initialised yet. */
-interface Spawned {
-  proc: ChildProcess;
-  channel: UnixChannel;
-}
-
-export type ScalePhase = 'plan' | 'prepare' | 'attach' | 'switch' | 'release' | 'rollback' | 'done';
-
-export interface ScaleProgress {
-  phase: ScalePhase;
-  from: number[];
-  to: number[];
-  /** Peer-to-peer copies of the prepare phase, as they complete. */
-  copy?: CopyProgress;
-  /** The error being rolled back (phase 'rollback'). */
-  error?: unknown;
-}
-
-export interface ScaleOptions {
-  onProgress?: (p: ScaleProgress) => void;
-  /** Pacing of this scale's prepare phase, over DeploymentOptions.prepare. */
-  prepare?: PrepareOptions;
-}
-
-export interface ScaleTarget {
-  devices: number[];
-  /** load[layer][expert]: tokens per expert (default: the load observed while serving, else uniform). */
-  load?: number[][];
-}
-
-export interface ScaleReport {
-  from: number[];
-  to: number[];
-  /** Command to release done. */
-  ms: number;
-  /** Bytes of the chunks copied peer-to-peer (dense and experts, granularity-rounded). */
-  bytesCopied: number;
-  chunksCopied: number;
-  /** Of the chunks copied into, those taken from the standby chunks made ahead (DeploymentOptions.standbyChunks). */
-  chunksFromStandby: number;
-  /**
-   * Of the new chunks, those whose standby chunk had been filled ahead (DeploymentOptions.prefillStandby)
-   * and their bytes: moved before the command, not during the scale (bytesCopied counts them too).
-   */
-  chunksPrefilled: number;
-  bytesPrefilled: number;
-  /** Whether the plan was made ahead, in the background after the last scale (uniform-load scales by one device). */
-  plannedAhead: boolean;
-  /** Whether the standby engine was made while the copies ran (DeploymentOptions.attachDuringCopies). */
-  attachDuringCopies: boolean;
-  /**
-   * Whether it was made before the target chunks existed, against their reserved addresses, while
-   * a worker thread made them (in process, prepare.offThread, targets not all standby chunks).
-   */
-  attachBeforeTargets: boolean;
-  /**
-   * The standby engine was made ahead, after the last scale (DeploymentOptions.standbyEngines):
-   * how long that took in the background and the graphs it captured then. `attach` is absent:
-   * the attach phase only captured the shapes missing (`precapture`).
-   */
-  standbyMadeAhead?: {
-    ms: number;
-    precaptured: number;
-    /** In process: the graph shapes it had cached at the switch-over, [rank, T, S, MB, sampled], most recent first (diagnostics). */
-    shapes?: number[][];
-  };
-  /** Executor processes: whether the standby was the process started ahead (ExecutorMode prestart). */
-  prestartedExecutor?: boolean;
-  /** Executor processes: chunks the standby had attached ahead and kept, and those it dropped (ExecutorMode preattach). */
-  preattachedChunks?: { kept: number; dropped: number };
-  /** Weight chunks of the old layout the new one uses in place. */
-  chunksReused: number;
-  /**
-   * Weight chunks of a leaving device kept at release as its standby chunks, with their bytes
-   * (DeploymentOptions.standbyChunks): a later scale-up onto it adopts them with no copy.
-   */
-  chunksKeptAsStandby: number;
-  /** Weight chunks freed at release (held by the old layout only). */
-  chunksReleased: number;
-  /** Bytes any plan meeting the same balance bound must move (planner.lowerBoundBytes). */
-  lowerBoundBytes: number;
-  /**
-   * Milliseconds of each phase, one after another. With `attachDuringCopies`, prepareMs ends
-   * when every target exists and its copies are queued, attachMs runs while they copy, and
-   * copyWaitMs is the wait for the copies after it (0 otherwise). firstStepMs: from the switch-over to the end of the first
-   * engine step on the new layout (0 when the engine was idle); the release waits for it.
-   */
-  phases: { planMs: number; prepareMs: number; attachMs: number; copyWaitMs: number; switchMs: number; firstStepMs: number; releaseMs: number };
-  /** Where the attach phase spent its time (in-process executors): the standby engine's creation. */
-  attach?: { viewsMs: number; forward: ForwardCreateStats };
-  /**
-   * Graphs the standby captured ahead, before the switch-over, and how long that took (within the
-   * attach phase; DeploymentOptions.precaptureGraphs), and why it stopped early if a capture failed
-   * (best effort: the scale goes on, those graphs are captured at their first step). Absent with
-   * executor processes when the serving process had no shapes to give.
-   */
-  precapture?: { graphs: number; ms: number; error?: string };
-  /**
-   * In process: the release's host work, the old engine's disposal (in pieces) and the chunk
-   * frees (in groups of RELEASE_GROUP), with the longest piece: how long it held the event loop.
-   */
-  release?: { engine: { ms: number; maxBlockMs: number; pieces: number }; chunks: { ms: number; maxBlockMs: number; groups: number } };
-  /** What the switch-over did to the requests in flight. */
-  switchover: ReconfigureReport;
-  /** Each copied chunk and the chunks it was copied from (identical bytes). */
-  copies: Array<{ targetId: string; sourceIds: string[] }>;
-  /** The new layout. */
-  layout: LayoutSpec;
-  /** The pacing the prepare phase ran with and, when paced, what it did. */
-  prepare: { options: Required<PrepareOptions>; stats?: PacedCopyStats };
-  /** The expert load the plan balanced: given with the target, observed while serving (over `observedSteps`), or uniform. */
-  load: { source: 'given' | 'observed' | 'uniform'; observedSteps?: number };
-}
-
-/** Chunks freed per synchronous group at release (the loop gets a turn between groups). */
-const RELEASE_GROUP = 64;
 
 /** Filled standby chunks adopted per synchronous group at a scale (the loop gets a turn between groups, ~1 ms apart). */
 const ADOPT_GROUP = 64;
@@ -416,23 +116,6 @@ export function switchOver(engine: Engine, stepper: Parameters<Engine['reconfigu
 }
 
 const now = () => performance.now();
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-const exitOf = (proc: ChildProcess) => new Promise<void>((resolve) => {
-  if (proc.exitCode !== null || proc.signalCode !== null) return resolve();
-  proc.once('exit', () => resolve());
-});
-interface DaemonState {
-  daemon: HmmDaemon;
-  dir: string;
-  socket: string;
-  script: string;
-  env: Record<string, string>;
-  prestart: boolean;
-  preattach: boolean;
-  initAhead: boolean;
-}
-/** A layout as the forward pass takes it (devices and an expert placement function). */
-const forwardLayout = (l: LayoutSpec) => ({ devices: [...l.devices], placement: toExpertPlacement(l) });
 const cloneLayout = (l: LayoutSpec): LayoutSpec => ({ ...l, devices: [...l.devices], placement: l.placement.map((row) => row.map((h) => [...h])) });
 
 export class Deployment {
@@ -553,19 +236,8 @@ export class Deployment {
         forward = await Deployment.createForward(options, hmm, layout, views, hostPool);
       } else {
         views = new Map();
-        const dir = mkdtempSync(path.join(os.tmpdir(), 'emoe-deploy-'));
-        const socket = path.join(dir, 'hmm.sock');
-        try {
-          daemon = {
-            daemon: await HmmDaemon.listen(hmm, socket), dir, socket, script: mode.process.script, env: { ...mode.process.env },
-            prestart: mode.process.prestart !== false, preattach: mode.process.preattach !== false,
-            initAhead: mode.process.initAhead !== false,
-          };
-        } catch (e) {
-          rmSync(dir, { recursive: true, force: true });
-          throw e;
-        }
-        forward = await Deployment.spawnExecutor(options, daemon, layout);
+        daemon = await openDaemon(hmm, mode);
+        forward = await initExecutor(options, spawnProcess(daemon), layout);
       }
       if (mode === 'in-process' && options.preloadKernels !== false) {
         preloaded = await Promise.all(Array.from({ length: rt.deviceCount }, (_, d) => ModelKernels.load(rt, d)));
@@ -594,92 +266,9 @@ export class Deployment {
       } else forward?.dispose();
       hostPool.dispose();
       for (const v of views?.values() ?? []) v.dispose();
-      if (daemon) {
-        await daemon.daemon.close().catch(() => undefined);
-        rmSync(daemon.dir, { recursive: true, force: true });
-      }
+      if (daemon) await closeDaemon(daemon);
       hmm.dispose();
       throw e;
-    }
-  }
-
-  /** `node script SOCKET` with a channel as fd 3, not initialised yet (it warms up meanwhile: process.ts). */
-  private static spawnProcess(d: DaemonState): Spawned {
-    const [mine, theirs] = UnixChannel.pair();
-    try {
-      const proc = spawn(process.execPath, [d.script, d.socket], {
-        stdio: ['ignore', 'inherit', 'inherit', theirs.fd],
-        env: { ...process.env, ...d.env },
-      });
-      trace('coord.spawn', { child: proc.pid });
-      return { proc, channel: mine };
-    } catch (e) {
-      mine.close();
-      throw e;
-    } finally {
-      theirs.close();
-    }
-  }
-
-  /** A process started but not initialised: its channel closed, it exits (after its warm-up). */
-  private static async dismiss(x: Spawned): Promise<void> {
-    x.channel.close();
-    const exited = exitOf(x.proc);
-    const timer = setTimeout(() => x.proc.kill('SIGKILL'), 10_000);
-    await exited;
-    clearTimeout(timer);
-  }
-
-  /** A new executor process (spawnProcess), initialised for `layout` (initExecutor). */
-  private static spawnExecutor(options: DeploymentOptions, d: DaemonState, layout: LayoutSpec): Promise<RemoteStepper> {
-    return Deployment.initExecutor(options, Deployment.spawnProcess(d), layout);
-  }
-
-  /** Sends init for `layout` and waits for ready; on failure the process is dead before this rejects. */
-  private static async initExecutor(options: DeploymentOptions, { proc, channel: mine }: Spawned, layout: LayoutSpec,
-    precapture: GraphShape[] = []): Promise<RemoteStepper> {
-    try {
-      return await RemoteStepper.start(mine, proc, Deployment.executorInit(options, layout, precapture));
-    } catch (e) {
-      proc.kill('SIGKILL');
-      await exitOf(proc);
-      throw e;
-    }
-  }
-
-  /** What an executor process is initialised with for `layout`. */
-  private static executorInit(options: DeploymentOptions, layout: LayoutSpec, precapture: GraphShape[]) {
-    return {
-      config: options.config,
-      layout: forwardLayout(layout),
-      precapture,
-      // The KV dtype too: the pools were made for it (Deployment.geometry).
-      options: { maxTokensPerStep: options.maxTokensPerStep ?? 64, blockTokens: options.blockTokens ?? 16, kvDtype: options.forward?.kvDtype ?? 'bf16' },
-    };
-  }
-
-  private static async disposeExecutor(x: Executor | undefined, kill: boolean): Promise<void> {
-    if (x instanceof RemoteStepper) {
-      if (kill) x.kill();
-      else await x.close();
-      await x.exited;
-    } else x?.dispose();
-  }
-
-  /**
-   * Waits (after the executor processes concerned are gone) until the daemon has
-   * ended every session but `keep`'s, so what they held is released; ends any left.
-   */
-  private async settleSessions(keep: ReadonlySet<string>, timeoutMs = 5000): Promise<void> {
-    const extra = () => this.hmm.sessionIds().filter((s) => !keep.has(s));
-    const deadline = now() + timeoutMs;
-    while (extra().length > 0 && now() < deadline) await sleep(5);
-    for (const id of extra()) {
-      try {
-        this.hmm.session(id).end();
-      } catch {
-        // ended meanwhile
-      }
     }
   }
 
@@ -783,32 +372,9 @@ export class Deployment {
     return this.engine.submit(request, callbacks);
   }
 
-  /**
-   * Grants every device access to the chunks `holder` holds that lack it (a scale's pulled
-   * copies, mapped for their own device only), in groups with the event loop given a turn
-   * between them, after the switch-over: off the path to the first token, done before the
-   * next scale plans (it awaits this).
-   */
   /** Every device of the node. */
   private get nodeDevices(): number[] {
     return Array.from({ length: this.rt.deviceCount }, (_, d) => d);
-  }
-
-  private async grantNodeAccess(holder: string): Promise<void> {
-    const node = this.nodeDevices;
-    const store = this.hmm.store;
-    const ids = store.all().filter((c) => c.plan.kind === 'weight' && c.holders.has(holder) && c.access.size < node.length).map((c) => c.plan.id);
-    for (let i = 0; i < ids.length; i += RELEASE_GROUP) {
-      await new Promise<void>((r) => setImmediate(r));
-      for (const id of ids.slice(i, i + RELEASE_GROUP)) {
-        try {
-          if (store.has(id)) store.grantAccess(id, node);
-        } catch {
-          // Best effort: a chunk left without access for some device keeps its access set, and a
-          // later copy from it is pushed by its own device instead of pulled (pacing.ts).
-        }
-      }
-    }
   }
 
   /** Resolves when the background work after the last scale (access grants, the work ahead: plans, standby chunks, a process) is done. */
@@ -979,7 +545,7 @@ export class Deployment {
   private async workAhead(): Promise<void> {
     trace('ahead.begin');
     if (this.daemon?.prestart && !this.prestarted) {
-      this.prestarted = Deployment.spawnProcess(this.daemon);
+      this.prestarted = spawnProcess(this.daemon);
       // The chunks the next scale most likely keeps, attached ahead (best effort: init attaches whatever is missing
       // and drops what its layout does not use): the serving layout's, all of them, while a device is idle (a scale-up
       // keeps them); with every device serving, the next scale removes one: the layout less its highest device, the
@@ -1083,7 +649,7 @@ export class Deployment {
         pool = true;
         const shapes = this.shapesAhead(planned.next);
         trace('ahead.init-process', { device, adopted: adopted.length, shapes: shapes.length });
-        const stepper = await Deployment.initExecutor(this.options, spawned, planned.next, shapes);
+        const stepper = await initExecutor(this.options, spawned, planned.next, shapes);
         trace('ahead.process-initialised');
         this.readyProc = {
           fromId: layoutId, to: [...planned.next.devices], device, planned, stepper, holder, adopted, ms: now() - t0,
@@ -1091,7 +657,7 @@ export class Deployment {
         };
       } catch (e) {
         // initExecutor killed the process; its session ends with it, then the chunks go back.
-        await this.settleSessions(new Set([this.forward.session]));
+        await settleSessions(this.hmm, this.forward);
         unadopt(store, adopted, holder);
         if (pool) this.hmm.kv.destroyPool(device);
         this.aheadError = e;
@@ -1105,8 +671,8 @@ export class Deployment {
     const r = this.readyProc;
     if (!r) return;
     this.readyProc = undefined;
-    await Deployment.disposeExecutor(r.stepper, true);
-    await this.settleSessions(new Set(this.forward instanceof RemoteStepper ? [this.forward.session] : []));
+    await disposeExecutor(r.stepper, true);
+    await settleSessions(this.hmm, this.forward);
     this.giveBack(r, !this.layoutSpec.devices.includes(r.device));
   }
 
@@ -1217,9 +783,9 @@ export class Deployment {
       if (this.daemon) {
         // The standby process (if any) dies first, then its daemon session ends, releasing its holds.
         try {
-          if (readyProc && readyProc.stepper !== standby) await Deployment.disposeExecutor(readyProc.stepper, true);
-          await Deployment.disposeExecutor(standby, true);
-          await this.settleSessions(new Set(serving instanceof RemoteStepper ? [serving.session] : []));
+          if (readyProc && readyProc.stepper !== standby) await disposeExecutor(readyProc.stepper, true);
+          await disposeExecutor(standby, true);
+          await settleSessions(this.hmm, serving);
         } catch {
           // Best effort, as below.
         }
@@ -1293,8 +859,8 @@ export class Deployment {
         // Died while waiting: ended now, its chunks given back first.
         const r = readyProc;
         readyProc = undefined;
-        await Deployment.disposeExecutor(r.stepper, true);
-        await this.settleSessions(new Set(serving instanceof RemoteStepper ? [serving.session] : []));
+        await disposeExecutor(r.stepper, true);
+        await settleSessions(this.hmm, serving);
         this.giveBack(r, true);
       }
       phases.planMs = lap();
@@ -1397,7 +963,7 @@ export class Deployment {
           proc = readyProc.stepper;
           standby = proc; // killed by the rollback if this fails
           prestartedUsed = true;
-          await proc.reinit(Deployment.executorInit(this.options, next, shapes));
+          await proc.reinit(executorInit(this.options, next, shapes));
           if (shapes.length > 0) precapture = proc.precaptured ?? { graphs: 0, ms: 0 };
         } else {
           let spawned = this.prestarted;
@@ -1407,7 +973,7 @@ export class Deployment {
             spawned = undefined;
           }
           prestartedUsed = spawned !== undefined;
-          proc = await Deployment.initExecutor(this.options, spawned ?? Deployment.spawnProcess(this.daemon), next, shapes);
+          proc = await initExecutor(this.options, spawned ?? spawnProcess(this.daemon), next, shapes);
           if (shapes.length > 0) precapture = proc.precaptured ?? { graphs: 0, ms: 0 };
         }
         standby = proc;
@@ -1496,45 +1062,21 @@ export class Deployment {
       // The old process exits and its daemon session ends before its chunks are released.
       await old.close();
       trace('coord.old-process-ended');
-      await this.settleSessions(new Set([(standby as RemoteStepper).session]));
+      await settleSessions(this.hmm, standby);
     }
-    const releaseStats = old instanceof ForwardEngine ? { engine: await old.disposeAsync(), chunks: { ms: 0, maxBlockMs: 0, groups: 0 } } : undefined;
+    const releaseStats: ScaleReport['release'] = old instanceof ForwardEngine ? { engine: await old.disposeAsync(), chunks: { ms: 0, maxBlockMs: 0, groups: 0 } } : undefined;
     // The standby engines made ahead that this scale did not use (their pools too, unless taken).
     for (const r of readies) if (r.engine !== standby) await disposeReady(this.hmm, r, readyPools.has(r.device));
-    let chunksReleased = 0;
-    let chunksKept = 0;
-    const held = store.all().filter((c) => c.holders.has(oldId));
     // With standby chunks, a leaving device's chunks stay as its standby chunks, filled with the
     // bytes a later scale-up onto it would copy back, and with scaleDownSpares so do a staying
     // device's (what a scale back down would copy onto it): the planner then puts experts back
     // where their bytes are (ScalePlans' warm experts), and the work ahead trims what no plan wants.
     const stay = new Set(next.devices);
     const keepAsSpare = (c: StoredChunk) => this.standbyOn && c.plan.kind === 'weight' && (!stay.has(c.plan.device) || this.options.scaleDownSpares === true);
-    // Kept chunks get what standby chunks have: access for every device (a later scale copies into them from any).
-    const node = this.nodeDevices;
-    for (let i = 0; i < held.length; i += RELEASE_GROUP) {
-      if (i > 0 || releaseStats) await new Promise<void>((r) => setImmediate(r));
-      const t = now();
-      for (const c of held.slice(i, i + RELEASE_GROUP)) {
-        let asSpare = keepAsSpare(c) && c.holders.size === 1;
-        if (asSpare) {
-          try {
-            store.grantAccess(c.plan.id, node);
-          } catch {
-            asSpare = false; // freed instead: a standby chunk made later gets its access
-          }
-        }
-        if (!store.release(c.plan.id, oldId, { asSpare })) continue;
-        if (asSpare) chunksKept++;
-        else chunksReleased++;
-      }
-      if (releaseStats) {
-        const ms = now() - t;
-        releaseStats.chunks.ms += ms;
-        releaseStats.chunks.maxBlockMs = Math.max(releaseStats.chunks.maxBlockMs, ms);
-        releaseStats.chunks.groups++;
-      }
-    }
+    const freed = await releaseHolder(store, oldId, { keepAsSpare, node: this.nodeDevices, turnFirst: releaseStats !== undefined });
+    const chunksReleased = freed.released;
+    const chunksKept = freed.kept;
+    if (releaseStats) releaseStats.chunks = { ms: freed.ms, maxBlockMs: freed.maxBlockMs, groups: freed.groups };
     for (const d of from) {
       if (stay.has(d)) continue;
       this.views.get(d)?.dispose();
@@ -1552,7 +1094,7 @@ export class Deployment {
     }
     phases.releaseMs = lap();
     trace('scale.released', { chunksReleased, chunksKept });
-    if (this.options.peerAccess === 'all') this.accessGrant = this.grantNodeAccess(newId);
+    if (this.options.peerAccess === 'all') this.accessGrant = grantNodeAccess(store, newId, this.nodeDevices);
     progress('done');
     return {
       from, to: [...next.devices], ms: now() - t0, bytesCopied, chunksCopied: copies.length, chunksFromStandby: fromStandby,
@@ -1576,19 +1118,18 @@ export class Deployment {
     await this.stopAhead();
     await this.dropReadies();
     await this.dropReadyProc();
-    if (this.prestarted) await Deployment.dismiss(this.prestarted);
+    if (this.prestarted) await dismiss(this.prestarted);
     this.prestarted = undefined;
     await this.engine.close();
-    await Deployment.disposeExecutor(this.forward, false);
+    await disposeExecutor(this.forward, false);
     this.hostPool.dispose();
     for (const k of this.preloaded) k.dispose();
     this.preloaded = [];
     for (const v of this.views.values()) v.dispose();
     this.views.clear();
     if (this.daemon) {
-      await this.settleSessions(new Set());
-      await this.daemon.daemon.close().catch(() => undefined);
-      rmSync(this.daemon.dir, { recursive: true, force: true });
+      await settleSessions(this.hmm, undefined);
+      await closeDaemon(this.daemon);
     }
     this.hmm.dispose();
   }
