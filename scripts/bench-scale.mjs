@@ -38,6 +38,8 @@
 // BENCH_STANDBY_ENGINES (1, the default: the standby engine of each planned scale-up made ahead,
 // DeploymentOptions.standbyEngines; 0: made by the scale's attach phase), BENCH_STANDBY_FOLLOW (the shapes per
 // staying device those engines keep captured while serving, standbyEngines.follow; default precaptureGraphs),
+// BENCH_EXPERT_TABLES=1 (DeploymentOptions.expertTables: the elastic deployment's engines read the experts in the virtual expert tables;
+// the baselines do not use them),
 // BENCH_BALANCE=1 (DeploymentOptions.balanceOnScale: the switch-over balances the running sequences over the new ranks),
 // BENCH_RAMP=0 (DeploymentOptions.rampShapes off: the standby engines made ahead capture no climb shapes; A/B),
 // BENCH_SCALE_DOWN_SPARES (1: the serving devices also keep standby chunks for a scale-down,
@@ -317,7 +319,8 @@ if (needCkpt && checkpointKind === 'pattern') {
 // ---- elastic
 const startT = clock();
 let dep;
-dep = await Deployment.start({ ...serving, forward, executor, devices: plan[0], seed: 11n, prepare, onStep: recorder('elastic', () => dep) });
+dep = await Deployment.start({ ...serving, forward, executor, devices: plan[0], seed: 11n, prepare, onStep: recorder('elastic', () => dep),
+  expertTables: env('BENCH_EXPERT_TABLES', '0') === '1' });
 emit({ bench: 'start_deployment', devices: plan[0], ms: clock() - startT });
 /** Waits for the deployment's background work (standby chunks, access grants) and reports it. */
 async function settle(when) {

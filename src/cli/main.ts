@@ -68,6 +68,10 @@ commands:
                                          for the scale-up onto the lowest idle device)
                 --precapture-graphs N    step graphs per staying device a scale's standby captures
                                          before the switch-over (default 3; 0: none)
+                --expert-tables on|off   virtual expert tables: every device maps its experts into
+                                         one range with a slot per expert of the model, the engines
+                                         read them there (default off; in-process executors only;
+                                         not yet run on a GPU)
 
   scale       ask a running \`elasticmoe serve\` to move to a new
               device set while it keeps serving, and print what moved
@@ -118,6 +122,7 @@ export async function main(argv: string[]): Promise<number> {
       url: { type: 'string' },
       executor: { type: 'string' },
       'standby-chunks': { type: 'string' },
+      'expert-tables': { type: 'string' },
       'prefill-standby': { type: 'string' },
       'standby-engines': { type: 'string' },
       'precapture-graphs': { type: 'string' },
@@ -195,6 +200,7 @@ export async function main(argv: string[]): Promise<number> {
         standbyChunks: values['standby-chunks'],
         prefillStandby: values['prefill-standby'],
         standbyEngines: values['standby-engines'],
+        expertTables: values['expert-tables'],
         precaptureGraphs: values['precapture-graphs'],
         runtime: options,
       });

@@ -22,6 +22,7 @@ interface ScaleReportBody {
   chunksReused: number;
   chunksReleased: number;
   chunksKeptAsStandby?: number;
+  expertTables?: { mapped: number; unmapped: number; mapMs: number; unmapMs: number };
   phases: Record<string, number>;
   switchover?: { kept: number; moved: number; requeued: number; waiting: number };
   chunksFromStandby?: number;
@@ -84,6 +85,11 @@ export async function runScale(o: ScaleCommandOptions): Promise<number> {
     [String(body.chunksCopied), String(body.chunksReused), String(body.chunksReleased), formatBytes(body.bytesCopied), formatBytes(body.lowerBoundBytes)],
   ])}\n`);
   if (body.chunksKeptAsStandby) out.write(`kept as standby chunks on the leaving devices: ${body.chunksKeptAsStandby} (a scale-up onto them copies none of these back)\n`);
+  if (body.expertTables) {
+    const x = body.expertTables;
+    out.write(`expert tables: ${x.mapped} expert chunks mapped into their slots before the switch (${x.mapMs.toFixed(0)} ms), ` +
+      `${x.unmapped} unmapped after it (${x.unmapMs.toFixed(0)} ms)\n`);
+  }
   if (body.switchover) {
     const s = body.switchover;
     out.write(`requests in flight: ${s.kept} kept their KV in place, ${s.moved} moved with it, ${s.requeued} recomputed, ${s.waiting} waiting\n`);

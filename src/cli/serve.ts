@@ -64,6 +64,8 @@ export interface ServeCommandOptions {
   prefillStandby?: string;
   /** "on" (default) or "off": the standby engines of the planned scale-ups made ahead (DeploymentOptions.standbyEngines). */
   standbyEngines?: string;
+  /** "on" or "off" (default): virtual expert tables (DeploymentOptions.expertTables). */
+  expertTables?: string;
   /** Graph shapes per staying device a scale's standby captures ahead (DeploymentOptions.precaptureGraphs; default DEFAULT_PRECAPTURE_GRAPHS, 3). */
   precaptureGraphs?: string;
   runtime: RuntimeOptionsInput;
@@ -125,7 +127,8 @@ export async function runServe(o: ServeCommandOptions, err: NodeJS.WritableStrea
   if (o.executor !== undefined && o.executor !== 'in-process' && o.executor !== 'process') {
     throw new InvalidArgumentError('--executor', `in-process or process (got '${o.executor}')`);
   }
-  for (const [flag, v] of [['--standby-chunks', o.standbyChunks], ['--prefill-standby', o.prefillStandby], ['--standby-engines', o.standbyEngines]] as const) {
+  for (const [flag, v] of [['--standby-chunks', o.standbyChunks], ['--prefill-standby', o.prefillStandby], ['--standby-engines', o.standbyEngines],
+    ['--expert-tables', o.expertTables]] as const) {
     if (v !== undefined && v !== 'on' && v !== 'off') throw new InvalidArgumentError(flag, `on or off (got '${v}')`);
   }
   const precaptureGraphs = o.precaptureGraphs === undefined ? DEFAULT_PRECAPTURE_GRAPHS : Number(o.precaptureGraphs);
@@ -189,6 +192,7 @@ export async function runServe(o: ServeCommandOptions, err: NodeJS.WritableStrea
         standbyChunks: o.standbyChunks !== 'off',
         prefillStandby: o.prefillStandby !== 'off',
         standbyEngines: o.standbyEngines !== 'off',
+        expertTables: o.expertTables === 'on',
         precaptureGraphs,
         forward: { kvDtype },
         onStep: (f) => listeners.forEach((l) => l(f)),

@@ -941,6 +941,16 @@ export class ForwardEngine implements Disposable {
     this.observedSteps = 0;
   }
 
+  /**
+   * The expert weights rank `rank` computes with, indexed layer * experts + expert (undefined where
+   * its routes send it none): where its kernels read them (diagnostics and tests).
+   */
+  expertWeights(rank: number): ReadonlyArray<ExpertWeights | undefined> {
+    const dev = this.devs[rank];
+    if (!dev) throw new InvalidArgumentError('rank', `a rank below ${this.devs.length} (got ${String(rank)})`);
+    return dev.experts;
+  }
+
   /** How steps used graphs so far (see ForwardEngineOptions.graphs). */
   get graphStats(): GraphStats {
     const stats: GraphStats = { enabled: this.graphsOff === undefined, ...this.graphCounts, cached: this.graphCache.size };

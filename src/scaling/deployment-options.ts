@@ -82,6 +82,15 @@ export interface DeploymentOptions {
    */
   peerAccess?: 'all' | 'own';
   /**
+   * Virtual expert tables (src/hmm/expert-tables.ts; default false): each device reserves one
+   * address range with a slot for every routed expert of the model (layer l's expert e at
+   * (l * experts + e) * stride) and maps into it the expert chunks it holds; the engines read the
+   * experts there. A scale maps its new expert chunks into their slots before the switch-over and
+   * unmaps the old layout's after it; rolled back, it unmaps what it mapped. In-process executors
+   * only (refused with executor processes). Run on the mock only: no GPU has run it yet.
+   */
+  expertTables?: boolean;
+  /**
    * Pause graph captures of the serving engine from the plan to the switch-over (default
    * false): shapes with a graph still replay, new ones run as usual instead of being captured,
    * leaving the host thread to the prepare phase's chunk creation (in-process executors). Not
@@ -265,6 +274,11 @@ export interface ScaleReport {
    * (DeploymentOptions.standbyChunks): a later scale-up onto it adopts them with no copy.
    */
   chunksKeptAsStandby: number;
+  /**
+   * With expertTables: the new layout's expert chunks mapped into their slots before the
+   * switch-over, the old layout's unmapped at release, and the host time of each.
+   */
+  expertTables?: { mapped: number; unmapped: number; mapMs: number; unmapMs: number };
   /** Weight chunks freed at release (held by the old layout only). */
   chunksReleased: number;
   /** Bytes any plan meeting the same balance bound must move (planner.lowerBoundBytes). */

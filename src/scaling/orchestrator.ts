@@ -71,6 +71,7 @@ import { futureWeights, storeWeights } from '../executor/weights.js';
 import type { WeightSource } from '../executor/types.js';
 import { type CopyProgress, CopyService, targetPlan } from '../hmm/copy-service.js';
 import type { StoredChunk } from '../hmm/chunk-store.js';
+import { ExpertTables, type ExpertTableStats } from '../hmm/expert-tables.js';
 import { Hmm } from '../hmm/hmm.js';
 import { openCheckpoint } from '../hmm/safetensors.js';
 import type { ModelConfig } from '../model/config.js';
@@ -166,6 +167,8 @@ export class Deployment {
     views: Map<number, MappedKvPool>,
     daemon: DaemonState | undefined,
     private readonly hostPool: HostBufferPool,
+    /** The virtual expert tables (DeploymentOptions.expertTables), else undefined. */
+    private readonly tables: ExpertTables | undefined,
   ) {
     this.daemon = daemon;
     this.layoutSpec = layout;
@@ -207,9 +210,16 @@ export class Deployment {
     let forward: Executor | undefined;
     let daemon: DaemonState | undefined;
     let preloaded: ModelKernels[] = [];
+    let tables: ExpertTables | undefined;
     const mode = options.executor ?? 'in-process';
     if (mode !== 'in-process' && (typeof mode !== 'object' || typeof mode.process?.script !== 'string')) {
       throw new InvalidArgumentError('executor', `'in-process' or { process: { script } } (got ${JSON.stringify(mode)})`);
+    }
+    if (options.expertTables !== undefined && typeof options.expertTables !== 'boolean') {
+      throw new InvalidArgumentError('expertTables', `true or false (got ${String(options.expertTables)})`);
+    }
+    if (options.expertTables === true && mode !== 'in-process') {
+      throw new InvalidArgumentError('expertTables', 'used with in-process executors only (executor processes map the chunks they attach themselves): drop expertTables or the executor process mode');
     }
     try {
       const placement = toExpertPlacement(layout);
@@ -231,9 +241,13 @@ export class Deployment {
       if (peerAccess === 'all') for (const c of hmm.store.all()) if (c.plan.kind === 'weight') hmm.store.grantAccess(c.plan.id, node);
       const { blockBytes } = Deployment.geometry(options);
       for (const d of layout.devices) hmm.kv.createPool({ device: d, blockBytes, blocks });
+      if (options.expertTables === true) {
+        tables = ExpertTables.fromStore(hmm.store, config.layers, config.experts);
+        tables.mapAll(hmm.store.all().filter((c) => c.holders.has(id)).map((c) => c.plan.id));
+      }
       if (mode === 'in-process') {
         views = mapHmmKvPools(rt, hmm, layout.devices);
-        forward = await Deployment.createForward(options, hmm, layout, views, hostPool);
+        forward = await Deployment.createForward(options, hmm, layout, views, hostPool, tables);
       } else {
         views = new Map();
         daemon = await openDaemon(hmm, mode);
@@ -254,7 +268,7 @@ export class Deployment {
         vocabSize: config.vocabSize,
         ...(options.onStep ? { onStep: options.onStep } : {}),
       });
-      const deployment = new Deployment(rt, config, hmm, engine, options, layout, id, forward, views, daemon, hostPool);
+      const deployment = new Deployment(rt, config, hmm, engine, options, layout, id, forward, views, daemon, hostPool, tables);
       deployment.preloaded = preloaded;
       deployment.startAhead();
       return deployment;
@@ -267,6 +281,7 @@ export class Deployment {
       hostPool.dispose();
       for (const v of views?.values() ?? []) v.dispose();
       if (daemon) await closeDaemon(daemon);
+      tables?.dispose();
       hmm.dispose();
       throw e;
     }
@@ -285,6 +300,17 @@ export class Deployment {
   /** The rank shapes the serving engine's last step captured (in process; diagnostics). */
   get lastStepCaptures(): GraphShape[] {
     return this.forward instanceof ForwardEngine ? this.forward.lastStepCaptures : [];
+  }
+
+  /** The virtual expert tables' figures (DeploymentOptions.expertTables), else undefined. */
+  get expertTables(): ExpertTableStats | undefined {
+    return this.tables?.stats;
+  }
+
+  /** The serving engine's expert weights by rank (in process; diagnostics: ForwardEngine.expertWeights). */
+  expertWeights(rank: number): ReturnType<ForwardEngine['expertWeights']> {
+    if (!(this.forward instanceof ForwardEngine)) throw new InvalidArgumentError('expertWeights', 'asked of in-process executors only');
+    return this.forward.expertWeights(rank);
   }
 
   /** Pid of the executor process started ahead for the next scale (process mode, prestart), else undefined. */
@@ -339,11 +365,12 @@ export class Deployment {
     };
   }
 
+  /** A forward engine for `layout`; with expert tables it reads the experts there (the rest from `weights`). */
   private static createForward(options: DeploymentOptions, hmm: Hmm, layout: LayoutSpec, views: ReadonlyMap<number, MappedKvPool>,
-    hostPool: HostBufferPool, weights: WeightSource = storeWeights(hmm.store)): Promise<ForwardEngine> {
+    hostPool: HostBufferPool, tables: ExpertTables | undefined, weights: WeightSource = storeWeights(hmm.store)): Promise<ForwardEngine> {
     const kv = new Map(layout.devices.map((d) => [d, views.get(d)!] as const));
     return ForwardEngine.create(options.rt, options.config, forwardLayout(layout),
-      weights, kv, {
+      tables ? tables.weights(weights) : weights, kv, {
         observeLoadEvery: Deployment.observeEvery(options), hostPool, ...options.forward,
         maxTokensPerStep: options.maxTokensPerStep ?? 64, blockTokens: options.blockTokens ?? 16,
       });
@@ -600,7 +627,7 @@ export class Deployment {
     const inputs = {
       hmm: this.hmm, layoutId, views: this.views, kvPool: { blockBytes, blocks: this.options.kvBlocksPerDevice },
       create: (next: LayoutSpec, weights: WeightSource, views: ReadonlyMap<number, MappedKvPool>) =>
-        Deployment.createForward(this.options, this.hmm, next, views, this.hostPool, weights),
+        Deployment.createForward(this.options, this.hmm, next, views, this.hostPool, this.tables, weights),
       shapes: (next: LayoutSpec) => this.shapesAhead(next),
       stopped: () => this.aheadStop,
     };
@@ -796,6 +823,8 @@ export class Deployment {
         ...readies.filter((r) => !readyPools.has(r.device)).flatMap((r) => [
           ...[...r.views.values()].map((v) => () => v.dispose()), () => this.hmm.kv.destroyPool(r.device)]),
         ...[...newViews.values()].map((v) => () => v.dispose()),
+        // Out of the tables before their chunks can be freed (a mapped chunk's memory outlives its release).
+        ...tableMapped.map((id) => () => void this.tables!.unmap(id)),
         () => void (holderUsed && store.releaseHolder(newId)),
         ...createdPools.map((d) => () => this.hmm.kv.destroyPool(d)),
         // The chunks adopted ahead are standby chunks again, the pool made ahead freed (the old layout lacks its device).
@@ -831,6 +860,9 @@ export class Deployment {
     let madeAhead: ScaleReport['standbyMadeAhead'];
     let precapture: ScaleReport['precapture'];
     let loadUsed: ScaleReport['load'] = { source: 'uniform' };
+    /** Expert chunks this scale mapped into the tables (unmapped again at rollback). */
+    const tableMapped: string[] = [];
+    const tableFigures = { mapped: 0, unmapped: 0, mapMs: 0, unmapMs: 0 };
     try {
       // 1. Plan (pure).
       progress('plan');
@@ -995,7 +1027,7 @@ export class Deployment {
           madeAhead = { ms: ready.ms, precaptured: ready.precaptured };
         } else {
           ready = undefined;
-          standby = await Deployment.createForward(this.options, this.hmm, next, allViews, this.hostPool, futureWeights(store));
+          standby = await Deployment.createForward(this.options, this.hmm, next, allViews, this.hostPool, this.tables, futureWeights(store));
           attachStats = { viewsMs, forward: standby.createStats };
         }
         // The serving engine's recent shapes, captured ahead on the standby engine (while the copies run, too).
@@ -1019,6 +1051,20 @@ export class Deployment {
         copied = r.chunks;
         copyStats = r.stats;
         phases.copyWaitMs = lap();
+      }
+      if (this.tables) {
+        // The new layout's expert chunks into their slots (the staying ones are mapped already), before
+        // any step reads them; in groups with a turn of the loop between them.
+        const tm = now();
+        const ids = store.all().filter((c) => c.holders.has(newId) && !this.tables!.has(c.plan.id)).map((c) => c.plan.id);
+        for (let i = 0; i < ids.length; i += ADOPT_GROUP) {
+          if (i > 0) await new Promise<void>((r) => setImmediate(r));
+          for (const id of ids.slice(i, i + ADOPT_GROUP)) {
+            if (this.tables.mapAll([id]).length > 0) tableMapped.push(id);
+          }
+        }
+        tableFigures.mapMs = now() - tm;
+        tableFigures.mapped = tableMapped.length;
       }
       bytesCopied = prefilledBytes + copied!.reduce((a, c) => a + c.plan.size, 0);
       fromStandby = store.sparesTaken - takenBefore;
@@ -1073,6 +1119,12 @@ export class Deployment {
     // where their bytes are (ScalePlans' warm experts), and the work ahead trims what no plan wants.
     const stay = new Set(next.devices);
     const keepAsSpare = (c: StoredChunk) => this.standbyOn && c.plan.kind === 'weight' && (!stay.has(c.plan.device) || this.options.scaleDownSpares === true);
+    if (this.tables) {
+      // The old layout's last step ran: its expert chunks leave the tables before they are freed or kept as standby chunks.
+      const tu = now();
+      tableFigures.unmapped = this.tables.retain((id) => store.has(id) && store.get(id).holders.has(newId));
+      tableFigures.unmapMs = now() - tu;
+    }
     const freed = await releaseHolder(store, oldId, { keepAsSpare, node: this.nodeDevices, turnFirst: releaseStats !== undefined });
     const chunksReleased = freed.released;
     const chunksKept = freed.kept;
@@ -1100,7 +1152,7 @@ export class Deployment {
       from, to: [...next.devices], ms: now() - t0, bytesCopied, chunksCopied: copies.length, chunksFromStandby: fromStandby,
       chunksPrefilled: prefilled, bytesPrefilled: prefilledBytes, plannedAhead, attachDuringCopies: overlapped || attachEarly, attachBeforeTargets: attachEarly, ...(this.daemon ? { prestartedExecutor: prestartedUsed } : {}),
       ...(standby instanceof RemoteStepper && standby.preattached ? { preattachedChunks: standby.preattached } : {}), chunksReused: reused.length, chunksReleased,
-      chunksKeptAsStandby: chunksKept, lowerBoundBytes: lower, phases, switchover, copies, layout: cloneLayout(next),
+      chunksKeptAsStandby: chunksKept, ...(this.tables ? { expertTables: tableFigures } : {}), lowerBoundBytes: lower, phases, switchover, copies, layout: cloneLayout(next),
       prepare: { options: prep!, ...(copyStats ? { stats: copyStats } : {}) }, load: loadUsed,
       ...(attachStats ? { attach: attachStats } : {}),
       ...(madeAhead ? { standbyMadeAhead: madeAhead } : {}),
@@ -1131,6 +1183,7 @@ export class Deployment {
       await settleSessions(this.hmm, undefined);
       await closeDaemon(this.daemon);
     }
+    this.tables?.dispose();
     this.hmm.dispose();
   }
 }

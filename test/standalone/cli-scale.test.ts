@@ -133,6 +133,26 @@ describe('elasticmoe scale against elasticmoe serve', () => {
     }
   }, 60_000);
 
+  it('with --expert-tables on, scales with the experts read in the virtual expert tables: the same answers, what was mapped reported', async () => {
+    const plain = await startServer();
+    const before = await complete(plain.url);
+    plain.proc.kill('SIGKILL');
+    server = await startServer(['--expert-tables', 'on']);
+    expect(await complete(server.url)).toEqual(before);
+    const up = spawnSync(process.execPath, [cli, 'scale', '--devices', '0,1', '--url', server.url], { encoding: 'utf8' });
+    expect(up.status, up.stderr).toBe(0);
+    expect(up.stdout).toMatch(/expert tables: [1-9]\d* expert chunks mapped into their slots before the switch \(\d+ ms\), \d+ unmapped after it/);
+    expect(await complete(server.url)).toEqual(before);
+    server.proc.kill('SIGKILL');
+    server = undefined;
+    const bad = spawnSync(process.execPath, [cli, 'serve', '--backend', 'mock', '--expert-tables', 'maybe'], { encoding: 'utf8' });
+    expect(bad.status).toBe(1);
+    expect(bad.stderr).toMatch(/--expert-tables.*on or off \(got 'maybe'\)/);
+    const proc = spawnSync(process.execPath, [cli, 'serve', '--backend', 'mock', '--expert-tables', 'on', '--executor', 'process', '--port', '0'], { encoding: 'utf8' });
+    expect(proc.status).toBe(1);
+    expect(proc.stderr).toMatch(/in-process executors only/);
+  }, 60_000);
+
   it('with --executor process, serves and scales through executor processes with the same answers', async () => {
     server = await startServer(['--executor', 'process']);
     const executors = () => children(server!.proc.pid!).filter((c) => c.includes('executor/main.js'));

@@ -1,0 +1,206 @@
+// Virtual expert tables (DESIGN.md "virtual expert tables"; DeploymentOptions.expertTables): one
+// reserved address range per device holding every routed expert of the model at a fixed slot —
+// layer l's expert e at (l * experts + e) * stride — of which only the experts the device holds
+// are mapped: their HMM chunk mapped a second time, no memory of its own. A layer's experts are
+// then one strided tensor on each device; moving expert e onto a device maps the new chunk into
+// its slot there (always free: a device never holds an expert twice), and the old device's slot
+// is unmapped after the switch-over. Nothing large is ever reallocated.
+import { InvalidArgumentError } from '../runtime/errors.js';
+import type { DevicePointer, VirtualRange } from '../runtime/memory.js';
+import type { ChunkStore, StoredChunk } from './chunk-store.js';
+import type { ChunkPlan } from './placement.js';
+
+const EXPERT_GROUP = /^L(\d+)\.E(\d+)$/;
+
+/** Layer and expert of an expert chunk's plan (group "L<layer>.E<expert>"), else undefined. */
+export function expertOf(plan: ChunkPlan): { layer: number; expert: number } | undefined {
+  const m = EXPERT_GROUP.exec(plan.group);
+  return m ? { layer: Number(m[1]), expert: Number(m[2]) } : undefined;
+}
+
+/** What resolves a tensor name on a device to a pointer (the executor's WeightSource has this shape). */
+export interface TensorSource {
+  tensor(name: string, device: number): DevicePointer;
+}
+
+export interface ExpertTableStats {
+  /** Devices with a table reserved: its first address, and the chunks mapped into it. */
+  devices: Array<{ device: number; base: bigint; mapped: number }>;
+  /** Bytes of address space per table (layers * experts * stride), and the slot stride. */
+  tableBytes: number;
+  stride: number;
+}
+
+export class ExpertTables implements Disposable {
+  /** Where each expert tensor lies in its expert's chunk: the same offset on every device. */
+  private readonly tensors = new Map<string, { layer: number; expert: number; offset: number }>();
+  private readonly ranges = new Map<number, VirtualRange>();
+  /** Chunk id -> its slot mapping; `${device}:${slot}` -> chunk id. */
+  private readonly mapped = new Map<string, { device: number; slot: number; size: number }>();
+  private readonly bySlot = new Map<string, string>();
+  private disposed = false;
+
+  private constructor(private readonly store: ChunkStore, readonly layers: number, readonly experts: number, readonly stride: number) {}
+
+  /**
+   * Tables for the experts of `store`'s chunks (every expert must have a chunk on some device: the
+   * tensors' offsets are read from them), `layers` x `experts` slots per device. Reserves nothing
+   * yet: a device's range is reserved at its first use.
+   */
+  static fromStore(store: ChunkStore, layers: number, experts: number): ExpertTables {
+    if (!Number.isSafeInteger(layers) || layers < 1) throw new InvalidArgumentError('layers', `a positive integer (got ${String(layers)})`);
+    if (!Number.isSafeInteger(experts) || experts < 1) throw new InvalidArgumentError('experts', `a positive integer (got ${String(experts)})`);
+    const plans = store.all().map((c) => c.plan).filter((p) => expertOf(p) !== undefined);
+    if (plans.length === 0) throw new InvalidArgumentError('store', 'an HMM holding expert chunks (groups "L<layer>.E<expert>")');
+    const stride = Math.max(...plans.map((p) => p.size));
+    const tables = new ExpertTables(store, layers, experts, stride);
+    const seen = new Set<number>();
+    for (const p of plans) {
+      const { layer, expert } = expertOf(p)!;
+      if (layer >= layers || expert >= experts) {
+        throw new InvalidArgumentError('store', `expert chunks of layers below ${layers} and experts below ${experts} (${p.id} is not)`);
+      }
+      seen.add(layer * experts + expert);
+      for (const t of p.tensors) {
+        const known = tables.tensors.get(t.name);
+        if (known && known.offset !== t.offset) {
+          throw new InvalidArgumentError('store', `expert chunks packed alike on every device ('${t.name}' lies at ${known.offset} and at ${t.offset})`);
+        }
+        tables.tensors.set(t.name, { layer, expert, offset: t.offset });
+      }
+    }
+    if (seen.size !== layers * experts) {
+      throw new InvalidArgumentError('store', `a chunk for every expert of ${layers} layers x ${experts} experts (${seen.size} found)`);
+    }
+    return tables;
+  }
+
+  /** Bytes of address space of one device's table. */
+  get tableBytes(): number {
+    return this.layers * this.experts * this.stride;
+  }
+
+  /** Device `device`'s table, reserved at its first use. */
+  range(device: number): VirtualRange {
+    if (this.disposed) throw new InvalidArgumentError('expert tables', 'used before dispose');
+    let r = this.ranges.get(device);
+    if (!r) {
+      r = this.store.rt.reserve(this.tableBytes, this.store.rt.granularity(device));
+      this.ranges.set(device, r);
+    }
+    return r;
+  }
+
+  /** Where tensor `name` of an expert lies in `device`'s table (whether or not it is mapped now), else undefined (not an expert tensor). */
+  pointer(name: string, device: number): DevicePointer | undefined {
+    const t = this.tensors.get(name);
+    if (!t) return undefined;
+    return this.range(device).at((t.layer * this.experts + t.expert) * this.stride + t.offset);
+  }
+
+  /** `base` with every expert tensor resolved into the tables instead (the other tensors as `base` gives them). */
+  weights(base: TensorSource): TensorSource {
+    return { tensor: (name, device) => this.pointer(name, device) ?? base.tensor(name, device) };
+  }
+
+  /** Whether chunk `id` is mapped into its device's table. */
+  has(id: string): boolean {
+    return this.mapped.has(id);
+  }
+
+  /** Ids of the chunks mapped into the tables. */
+  mappedIds(): string[] {
+    return [...this.mapped.keys()];
+  }
+
+  /**
+   * Maps expert chunk `c` into its slot of its device's table, readable by that device (the one that
+   * computes it). A chunk mapped already is left as it is; a slot holding another chunk is refused.
+   */
+  map(c: StoredChunk): void {
+    const x = expertOf(c.plan);
+    if (!x) throw new InvalidArgumentError('chunk', `an expert chunk (group "L<layer>.E<expert>"; ${c.plan.id} is not one)`);
+    if (this.mapped.has(c.plan.id)) return;
+    const device = c.plan.device;
+    const slot = x.layer * this.experts + x.expert;
+    if (x.layer >= this.layers || x.expert >= this.experts) {
+      throw new InvalidArgumentError('chunk', `an expert of layers below ${this.layers} and experts below ${this.experts} (${c.plan.id})`);
+    }
+    const key = `${device}:${slot}`;
+    const holder = this.bySlot.get(key);
+    if (holder !== undefined) throw new InvalidArgumentError('chunk', `a free slot (slot ${slot} of device ${device} maps ${holder}; unmap it first)`);
+    const size = c.chunk.size;
+    if (size > this.stride) throw new InvalidArgumentError('chunk', `at most ${this.stride} bytes, the table's stride (${c.plan.id} has ${size})`);
+    const range = this.range(device);
+    const offset = slot * this.stride;
+    range.map(offset, c.chunk);
+    try {
+      range.setAccess(offset, size, [device]);
+    } catch (e) {
+      range.unmap(offset, size);
+      throw e;
+    }
+    this.mapped.set(c.plan.id, { device, slot, size });
+    this.bySlot.set(key, c.plan.id);
+  }
+
+  /** Unmaps chunk `id` from its slot; false when it was not mapped. */
+  unmap(id: string): boolean {
+    const m = this.mapped.get(id);
+    if (!m) return false;
+    this.ranges.get(m.device)!.unmap(m.slot * this.stride, m.size);
+    this.mapped.delete(id);
+    this.bySlot.delete(`${m.device}:${m.slot}`);
+    return true;
+  }
+
+  /** Unmaps every chunk `keep` rejects; returns how many. */
+  retain(keep: (id: string) => boolean): number {
+    let n = 0;
+    for (const id of [...this.mapped.keys()]) if (!keep(id) && this.unmap(id)) n++;
+    return n;
+  }
+
+  /** Maps the expert chunks of `ids` not mapped yet; on failure unmaps those it mapped and rethrows. Returns the ids it mapped. */
+  mapAll(ids: Iterable<string>): string[] {
+    const done: string[] = [];
+    try {
+      for (const id of ids) {
+        if (this.mapped.has(id)) continue;
+        const c = this.store.get(id);
+        if (!expertOf(c.plan)) continue;
+        this.map(c);
+        done.push(id);
+      }
+    } catch (e) {
+      for (const id of done) this.unmap(id);
+      throw e;
+    }
+    return done;
+  }
+
+  get stats(): ExpertTableStats {
+    const per = new Map<number, number>([...this.ranges.keys()].map((d) => [d, 0]));
+    for (const m of this.mapped.values()) per.set(m.device, (per.get(m.device) ?? 0) + 1);
+    const devices = [...per].sort((a, b) => a[0] - b[0]).map(([device, mapped]) => ({ device, base: this.ranges.get(device)!.base, mapped }));
+    return { devices, tableBytes: this.tableBytes, stride: this.stride };
+  }
+
+  /** Unmaps every chunk and frees the ranges (the chunks themselves are the HMM's). Idempotent. */
+  dispose(): void {
+    if (this.disposed) return;
+    for (const id of [...this.mapped.keys()]) {
+      try {
+        this.unmap(id);
+      } catch {
+        // Best effort: the range's free below unmaps what is left.
+      }
+    }
+    for (const r of this.ranges.values()) r.dispose();
+    this.ranges.clear();
+    this.disposed = true;
+  }
+  [Symbol.dispose](): void {
+    this.dispose();
+  }
+}
