@@ -8,7 +8,9 @@
 //     their group's original bytes (device checksums);
 //   - the HMM's accounting is back at the layout's figure after a round trip;
 //   - a scale planned with the observed expert load (observeLoad) keeps the tokens;
-//   - a scale-up that balances the running sequences over the new ranks (balanceOnScale) keeps them.
+//   - a scale-up that balances the running sequences over the new ranks (balanceOnScale) keeps them;
+//   - with virtual expert tables (expertTables) the engines read the experts at their slots, the
+//     tokens are the fixed layout's, and the layout's experts alone are mapped after 1→2→1.
 // Runs with ELASTICMOE_BACKEND=cuda and at least 2 devices; EMOE_GPU_SUITE_ON_MOCK=1 runs it on
 // the mock (a dry run of the test itself).
 import { mkdtempSync, rmSync } from 'node:fs';
@@ -153,6 +155,34 @@ describe.runIf(rt !== undefined && devices.length >= 2)(`elastic scaling (${back
     const completions = await done;
     completions.forEach((c, k) => expect(c.outputTokens, `prompt ${k}`).toEqual(want[k]));
     expect(dep.engine.stats()).toMatchObject({ requestsFailed: 0, preemptions: 0 });
+  }, 300_000);
+
+  it('reads the experts in the virtual expert tables (expertTables) across 1→2→1 mid-generation: the fixed layout\'s tokens, the same mappings after', async () => {
+    for (const d of opened.splice(0)) await d.close(); // room on the dry run's 1 GiB mock devices
+    const dep = await start([0], { expertTables: true });
+    await dep.settled();
+    const mapped = () => dep.expertTables!.devices.filter((d) => d.mapped > 0).map((d) => [d.device, d.mapped]);
+    const before = mapped();
+    expect(before).toEqual([[0, config.layers * config.experts]]);
+    const { done } = await generate(dep, 4);
+    const up = await dep.scale({ devices: [0, 1] });
+    expect(up.expertTables!.mapped).toBeGreaterThan(0);
+    // The engine reads every expert at its slot: base + (layer * experts + expert) * stride + the tensor's offset.
+    const t = dep.expertTables!;
+    dep.devices.forEach((device, rank) => {
+      const base = t.devices.find((d) => d.device === device)!.base;
+      dep.expertWeights(rank).forEach((w, key) => {
+        if (w) expect(w.gate.address >= base + BigInt(key * t.stride) && w.gate.address < base + BigInt((key + 1) * t.stride)).toBe(true);
+      });
+    });
+    const down = await dep.scale({ devices: [0] });
+    expect(down.expertTables!.unmapped).toBe(up.expertTables!.mapped);
+    const completions = await done;
+    completions.forEach((c, k) => expect(c.outputTokens, `prompt ${k}`).toEqual(want[k]));
+    await dep.settled();
+    // Exactly the layout's experts mapped again (the exact device memory after such cycles is guarded
+    // on the mock, test/standalone/expert-tables.test.ts; the driver's free figure moves with graph memory).
+    expect(mapped()).toEqual(before);
   }, 300_000);
 
   it('plans a scale with the observed expert load (observeLoad) and keeps the fixed layout\'s tokens', async () => {
