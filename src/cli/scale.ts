@@ -22,7 +22,7 @@ interface ScaleReportBody {
   chunksReused: number;
   chunksReleased: number;
   chunksKeptAsStandby?: number;
-  expertTables?: { mapped: number; unmapped: number; mapMs: number; unmapMs: number };
+  expertTables?: { mapped: number; taken?: number; unmapped: number; mapMs: number; unmapMs: number };
   phases: Record<string, number>;
   switchover?: { kept: number; moved: number; requeued: number; waiting: number };
   chunksFromStandby?: number;
@@ -88,6 +88,7 @@ export async function runScale(o: ScaleCommandOptions): Promise<number> {
   if (body.expertTables) {
     const x = body.expertTables;
     out.write(`expert tables: ${x.mapped} expert chunks mapped into their slots before the switch (${x.mapMs.toFixed(0)} ms), ` +
+      (x.taken ? `${x.taken} mapped ahead, ` : '') +
       `${x.unmapped} unmapped after it (${x.unmapMs.toFixed(0)} ms)\n`);
   }
   if (body.switchover) {

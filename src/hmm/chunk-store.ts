@@ -536,6 +536,12 @@ export class ChunkStore {
     if (!sp || sp.filling || sp.chunk.device !== device) return undefined;
     return sp.range;
   }
+  /** The spare chunk of `device` filled as `id` (as filledRange), undefined when there is none. */
+  filledChunk(id: string, device: number): Chunk | undefined {
+    const sp = this.filled.get(id);
+    if (!sp || sp.filling || sp.chunk.device !== device) return undefined;
+    return sp.chunk;
+  }
   get filledTakenCount(): number {
     return this.filledTaken;
   }

@@ -4,9 +4,11 @@
 // are mapped: their HMM chunk mapped a second time, no memory of its own. A layer's experts are
 // then one strided tensor on each device; moving expert e onto a device maps the new chunk into
 // its slot there (always free: a device never holds an expert twice), and the old device's slot
-// is unmapped after the switch-over. Nothing large is ever reallocated.
+// is unmapped after the switch-over. Nothing large is ever reallocated. A filled standby chunk can
+// be mapped ahead, under the id it will be adopted as (mapAhead): the scale that adopts that very
+// chunk finds it mapped.
 import { InvalidArgumentError } from '../runtime/errors.js';
-import type { DevicePointer, VirtualRange } from '../runtime/memory.js';
+import type { Chunk, DevicePointer, VirtualRange } from '../runtime/memory.js';
 import type { ChunkStore, StoredChunk } from './chunk-store.js';
 import type { ChunkPlan } from './placement.js';
 
@@ -24,8 +26,8 @@ export interface TensorSource {
 }
 
 export interface ExpertTableStats {
-  /** Devices with a table reserved: its first address, and the chunks mapped into it. */
-  devices: Array<{ device: number; base: bigint; mapped: number }>;
+  /** Devices with a table reserved: its first address, the chunks mapped into it, and of those the ones mapped ahead (mapAhead). */
+  devices: Array<{ device: number; base: bigint; mapped: number; ahead: number }>;
   /** Bytes of address space per table (layers * experts * stride), and the slot stride. */
   tableBytes: number;
   stride: number;
@@ -35,8 +37,8 @@ export class ExpertTables implements Disposable {
   /** Where each expert tensor lies in its expert's chunk: the same offset on every device. */
   private readonly tensors = new Map<string, { layer: number; expert: number; offset: number }>();
   private readonly ranges = new Map<number, VirtualRange>();
-  /** Chunk id -> its slot mapping; `${device}:${slot}` -> chunk id. */
-  private readonly mapped = new Map<string, { device: number; slot: number; size: number }>();
+  /** Chunk id -> its slot mapping (the physical chunk, and whether it was mapped ahead and not taken yet); `${device}:${slot}` -> chunk id. */
+  private readonly mapped = new Map<string, { device: number; slot: number; size: number; chunk: Chunk; ahead: boolean }>();
   private readonly bySlot = new Map<string, string>();
   private disposed = false;
 
@@ -103,9 +105,10 @@ export class ExpertTables implements Disposable {
     return { tensor: (name, device) => this.pointer(name, device) ?? base.tensor(name, device) };
   }
 
-  /** Whether chunk `id` is mapped into its device's table. */
+  /** Whether chunk `id` is mapped into its device's table (as a stored chunk, not ahead). */
   has(id: string): boolean {
-    return this.mapped.has(id);
+    const m = this.mapped.get(id);
+    return m !== undefined && !m.ahead;
   }
 
   /** Ids of the chunks mapped into the tables. */
@@ -115,33 +118,58 @@ export class ExpertTables implements Disposable {
 
   /**
    * Maps expert chunk `c` into its slot of its device's table, readable by that device (the one that
-   * computes it). A chunk mapped already is left as it is; a slot holding another chunk is refused.
+   * computes it). Returns 'kept' when it is mapped already, 'taken' when this very chunk was mapped
+   * ahead under its id (mapAhead; now it is the chunk's), else 'mapped' (a chunk mapped ahead under
+   * its id that is another physical chunk is unmapped first). A slot holding another id is refused.
    */
-  map(c: StoredChunk): void {
-    const x = expertOf(c.plan);
-    if (!x) throw new InvalidArgumentError('chunk', `an expert chunk (group "L<layer>.E<expert>"; ${c.plan.id} is not one)`);
-    if (this.mapped.has(c.plan.id)) return;
-    const device = c.plan.device;
-    const slot = x.layer * this.experts + x.expert;
-    if (x.layer >= this.layers || x.expert >= this.experts) {
-      throw new InvalidArgumentError('chunk', `an expert of layers below ${this.layers} and experts below ${this.experts} (${c.plan.id})`);
+  map(c: StoredChunk): 'kept' | 'taken' | 'mapped' {
+    const m = this.mapped.get(c.plan.id);
+    if (m && m.chunk === c.chunk) {
+      if (!m.ahead) return 'kept';
+      m.ahead = false;
+      return 'taken';
     }
+    if (m) this.unmap(c.plan.id);
+    this.place(c.plan, c.chunk, false);
+    return 'mapped';
+  }
+
+  /**
+   * Maps `chunk`, a standby chunk filled with the bytes of the expert chunk `plan` describes, into
+   * that expert's slot under `plan.id` ahead of the scale that will adopt it; unmapped like any other
+   * (retain, unmap) when no scale takes it. Mapped already under that id: left as it is.
+   */
+  mapAhead(plan: ChunkPlan, chunk: Chunk): void {
+    if (this.mapped.get(plan.id)?.chunk === chunk) return;
+    if (this.mapped.has(plan.id)) this.unmap(plan.id);
+    this.place(plan, chunk, true);
+  }
+
+  private place(plan: ChunkPlan, chunk: Chunk, ahead: boolean): void {
+    const x = expertOf(plan);
+    if (!x) throw new InvalidArgumentError('chunk', `an expert chunk (group "L<layer>.E<expert>"; ${plan.id} is not one)`);
+    const device = plan.device;
+    if (chunk.device !== device) throw new InvalidArgumentError('chunk', `a chunk of device ${device}, as ${plan.id} says (it is on ${chunk.device})`);
+    if (x.layer >= this.layers || x.expert >= this.experts) {
+      throw new InvalidArgumentError('chunk', `an expert of layers below ${this.layers} and experts below ${this.experts} (${plan.id})`);
+    }
+    const slot = x.layer * this.experts + x.expert;
     const key = `${device}:${slot}`;
     const holder = this.bySlot.get(key);
     if (holder !== undefined) throw new InvalidArgumentError('chunk', `a free slot (slot ${slot} of device ${device} maps ${holder}; unmap it first)`);
-    const size = c.chunk.size;
-    if (size > this.stride) throw new InvalidArgumentError('chunk', `at most ${this.stride} bytes, the table's stride (${c.plan.id} has ${size})`);
+    const size = chunk.size;
+    if (size > this.stride) throw new InvalidArgumentError('chunk', `at most ${this.stride} bytes, the table's stride (${plan.id} has ${size})`);
     const range = this.range(device);
     const offset = slot * this.stride;
-    range.map(offset, c.chunk);
+    range.map(offset, chunk);
     try {
       range.setAccess(offset, size, [device]);
     } catch (e) {
       range.unmap(offset, size);
       throw e;
     }
-    this.mapped.set(c.plan.id, { device, slot, size });
-    this.bySlot.set(key, c.plan.id);
+    this.mapped.set(plan.id, { device, slot, size, chunk, ahead });
+    this.bySlot.set(key, plan.id);
   }
 
   /** Unmaps chunk `id` from its slot; false when it was not mapped. */
@@ -161,15 +189,13 @@ export class ExpertTables implements Disposable {
     return n;
   }
 
-  /** Maps the expert chunks of `ids` not mapped yet; on failure unmaps those it mapped and rethrows. Returns the ids it mapped. */
+  /** Maps (map) the expert chunks of `ids` not mapped yet; on failure unmaps those it mapped and rethrows. Returns the ids it mapped or took. */
   mapAll(ids: Iterable<string>): string[] {
     const done: string[] = [];
     try {
       for (const id of ids) {
-        if (this.mapped.has(id)) continue;
         const c = this.store.get(id);
-        if (!expertOf(c.plan)) continue;
-        this.map(c);
+        if (!expertOf(c.plan) || this.map(c) === 'kept') continue;
         done.push(id);
       }
     } catch (e) {
@@ -180,9 +206,13 @@ export class ExpertTables implements Disposable {
   }
 
   get stats(): ExpertTableStats {
-    const per = new Map<number, number>([...this.ranges.keys()].map((d) => [d, 0]));
-    for (const m of this.mapped.values()) per.set(m.device, (per.get(m.device) ?? 0) + 1);
-    const devices = [...per].sort((a, b) => a[0] - b[0]).map(([device, mapped]) => ({ device, base: this.ranges.get(device)!.base, mapped }));
+    const per = new Map<number, { mapped: number; ahead: number }>([...this.ranges.keys()].map((d) => [d, { mapped: 0, ahead: 0 }]));
+    for (const m of this.mapped.values()) {
+      const n = per.get(m.device)!;
+      n.mapped++;
+      if (m.ahead) n.ahead++;
+    }
+    const devices = [...per].sort((a, b) => a[0] - b[0]).map(([device, n]) => ({ device, base: this.ranges.get(device)!.base, ...n }));
     return { devices, tableBytes: this.tableBytes, stride: this.stride };
   }
 

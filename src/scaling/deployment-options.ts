@@ -276,9 +276,10 @@ export interface ScaleReport {
   chunksKeptAsStandby: number;
   /**
    * With expertTables: the new layout's expert chunks mapped into their slots before the
-   * switch-over, the old layout's unmapped at release, and the host time of each.
+   * switch-over (`mapped`), those found mapped ahead with the standby engine made for this plan
+   * (`taken`), the old layout's unmapped at release, and the host time of each.
    */
-  expertTables?: { mapped: number; unmapped: number; mapMs: number; unmapMs: number };
+  expertTables?: { mapped: number; taken: number; unmapped: number; mapMs: number; unmapMs: number };
   /** Weight chunks freed at release (held by the old layout only). */
   chunksReleased: number;
   /** Bytes any plan meeting the same balance bound must move (planner.lowerBoundBytes). */

@@ -71,7 +71,7 @@ import { futureWeights, storeWeights } from '../executor/weights.js';
 import type { WeightSource } from '../executor/types.js';
 import { type CopyProgress, CopyService, targetPlan } from '../hmm/copy-service.js';
 import type { StoredChunk } from '../hmm/chunk-store.js';
-import { ExpertTables, type ExpertTableStats } from '../hmm/expert-tables.js';
+import { ExpertTables, type ExpertTableStats, expertOf } from '../hmm/expert-tables.js';
 import { Hmm } from '../hmm/hmm.js';
 import { openCheckpoint } from '../hmm/safetensors.js';
 import type { ModelConfig } from '../model/config.js';
@@ -638,6 +638,7 @@ export class Deployment {
       try {
         const ready = await makeReadyStandby(inputs, this.plans.planFor(layout, layoutId, to, undefined), d);
         if (ready) this.readies.set(d, ready);
+        if (ready && this.tables) await this.mapReadyAhead(ready);
       } catch (e) {
         this.aheadError = e;
       }
@@ -714,6 +715,32 @@ export class Deployment {
     const all = [...this.readies.values()];
     this.readies.clear();
     for (const r of all) await disposeReady(this.hmm, r);
+    // Their standby chunks mapped ahead leave the tables (the work ahead may free or refill them next).
+    this.tables?.retain((id) => this.hmm.store.has(id) && this.hmm.store.get(id).holders.has(this.layoutId));
+  }
+
+  /**
+   * Expert tables: maps the filled standby chunks a standby engine made ahead reads into their slots
+   * of its device's table, under the ids its scale-up adopts them as, so that scale maps none of them
+   * (ExpertTables.mapAhead). In groups with a turn of the loop between them (serving goes on); stops
+   * when a scale wants to start. Best effort: what is not mapped ahead is mapped by the scale.
+   */
+  private async mapReadyAhead(r: ReadyStandby): Promise<void> {
+    const store = this.hmm.store;
+    const targets = r.planned.transfers.filter((t) => t.targetDevice === r.device);
+    try {
+      for (let i = 0; i < targets.length; i += ADOPT_GROUP) {
+        if (this.aheadStop) return;
+        await new Promise<void>((resolve) => setImmediate(resolve));
+        for (const t of targets.slice(i, i + ADOPT_GROUP)) {
+          const plan = targetPlan(store.get(t.sourceId).plan, r.device, t.targetId);
+          const chunk = store.filledChunk(t.targetId, r.device);
+          if (chunk && expertOf(plan)) this.tables!.mapAhead(plan, chunk);
+        }
+      }
+    } catch (e) {
+      this.aheadError = e;
+    }
   }
 
   /**
@@ -823,8 +850,9 @@ export class Deployment {
         ...readies.filter((r) => !readyPools.has(r.device)).flatMap((r) => [
           ...[...r.views.values()].map((v) => () => v.dispose()), () => this.hmm.kv.destroyPool(r.device)]),
         ...[...newViews.values()].map((v) => () => v.dispose()),
-        // Out of the tables before their chunks can be freed (a mapped chunk's memory outlives its release).
-        ...tableMapped.map((id) => () => void this.tables!.unmap(id)),
+        // Out of the tables, before their chunks can be freed (a mapped chunk's memory outlives its release):
+        // what this scale mapped and what was mapped ahead; the old layout's chunks stay.
+        () => void this.tables?.retain((id) => store.has(id) && store.get(id).holders.has(oldId)),
         () => void (holderUsed && store.releaseHolder(newId)),
         ...createdPools.map((d) => () => this.hmm.kv.destroyPool(d)),
         // The chunks adopted ahead are standby chunks again, the pool made ahead freed (the old layout lacks its device).
@@ -860,9 +888,7 @@ export class Deployment {
     let madeAhead: ScaleReport['standbyMadeAhead'];
     let precapture: ScaleReport['precapture'];
     let loadUsed: ScaleReport['load'] = { source: 'uniform' };
-    /** Expert chunks this scale mapped into the tables (unmapped again at rollback). */
-    const tableMapped: string[] = [];
-    const tableFigures = { mapped: 0, unmapped: 0, mapMs: 0, unmapMs: 0 };
+    const tableFigures = { mapped: 0, taken: 0, unmapped: 0, mapMs: 0, unmapMs: 0 };
     try {
       // 1. Plan (pure).
       progress('plan');
@@ -1056,15 +1082,16 @@ export class Deployment {
         // The new layout's expert chunks into their slots (the staying ones are mapped already), before
         // any step reads them; in groups with a turn of the loop between them.
         const tm = now();
-        const ids = store.all().filter((c) => c.holders.has(newId) && !this.tables!.has(c.plan.id)).map((c) => c.plan.id);
-        for (let i = 0; i < ids.length; i += ADOPT_GROUP) {
+        // Those mapped ahead with the standby engine made for this plan (mapReadyAhead) are taken as they are.
+        const news = store.all().filter((c) => c.holders.has(newId) && expertOf(c.plan) && !this.tables!.has(c.plan.id));
+        for (let i = 0; i < news.length; i += ADOPT_GROUP) {
           if (i > 0) await new Promise<void>((r) => setImmediate(r));
-          for (const id of ids.slice(i, i + ADOPT_GROUP)) {
-            if (this.tables.mapAll([id]).length > 0) tableMapped.push(id);
+          for (const c of news.slice(i, i + ADOPT_GROUP)) {
+            if (this.tables.map(c) === 'taken') tableFigures.taken++;
+            else tableFigures.mapped++;
           }
         }
         tableFigures.mapMs = now() - tm;
-        tableFigures.mapped = tableMapped.length;
       }
       bytesCopied = prefilledBytes + copied!.reduce((a, c) => a + c.plan.size, 0);
       fromStandby = store.sparesTaken - takenBefore;

@@ -141,7 +141,12 @@ describe('elasticmoe scale against elasticmoe serve', () => {
     expect(await complete(server.url)).toEqual(before);
     const up = spawnSync(process.execPath, [cli, 'scale', '--devices', '0,1', '--url', server.url], { encoding: 'utf8' });
     expect(up.status, up.stderr).toBe(0);
-    expect(up.stdout).toMatch(/expert tables: [1-9]\d* expert chunks mapped into their slots before the switch \(\d+ ms\), \d+ unmapped after it/);
+    expect(up.stdout).toMatch(/expert tables: \d+ expert chunks mapped into their slots before the switch \(\d+ ms\), ([1-9]\d* mapped ahead, )?\d+ unmapped after it/);
+    expect(await complete(server.url)).toEqual(before);
+    const down = spawnSync(process.execPath, [cli, 'scale', '--devices', '0', '--url', server.url, '--json'], { encoding: 'utf8' });
+    expect(down.status, down.stderr).toBe(0);
+    const report = JSON.parse(down.stdout);
+    expect(report.expertTables.unmapped).toBeGreaterThan(0); // device 1's experts left the tables
     expect(await complete(server.url)).toEqual(before);
     server.proc.kill('SIGKILL');
     server = undefined;

@@ -211,13 +211,33 @@ describe('Deployment with expertTables', () => {
       const down = await dep.scale({ devices: [0] });
       // The scale-up took the standby engine made ahead, whose expert pointers were the tables' from its making.
       expect(up.standbyMadeAhead).toBeDefined();
-      // What the scale-down unmapped is what the scale-up mapped onto device 1.
-      expect(down.expertTables!.unmapped).toBe(up.expertTables!.mapped);
+      // Device 1's targets were mapped ahead with that engine: the scale-up maps none; the scale-down unmaps them.
+      expect(up.expertTables).toMatchObject({ mapped: 0, taken: config.layers * config.experts / 2 });
+      expect(down.expertTables!.unmapped).toBe(up.expertTables!.taken);
       expect(await steady()).toEqual(first);
     }
     const c = await dep.submit({ prompt: PROMPTS[1]!, maxTokens: 40, ignoreEos: true });
     expect(c.outputTokens).toEqual(reference[1]!.slice(0, 40));
   }, 60_000);
+
+  it('maps the standby chunks of the planned scale-up ahead with its standby engine; the scale-up maps none; dropped with the standby chunks, nothing leaks', async () => {
+    const { rt, dep } = await start([0], { expertTables: true });
+    await dep.settled();
+    // Device 1 (the planned 0 -> 0,1 adds it) holds half the experts of every layer, mapped ahead.
+    const d1 = dep.expertTables!.devices.find((d) => d.device === 1)!;
+    expect(d1).toMatchObject({ mapped: config.layers * config.experts / 2, ahead: config.layers * config.experts / 2 });
+    // Standby chunks off: the standby engines and chunks go, and their ahead mappings first (a chunk
+    // freed while its slot maps it would keep its memory): the idle devices are entirely free.
+    await dep.setStandbyChunks(false);
+    expect(dep.expertTables!.devices.every((d) => d.ahead === 0)).toBe(true);
+    expect(freeBytes(rt).slice(1)).toEqual([128 * MIB, 128 * MIB, 128 * MIB]);
+    // With none mapped ahead the scale-up maps its targets itself.
+    const up = await dep.scale({ devices: [0, 1] });
+    expect(up.expertTables).toMatchObject({ mapped: config.layers * config.experts / 2, taken: 0 });
+    expectEnginesReadTheTables(dep);
+    const c = await dep.submit({ prompt: PROMPTS[0]!, maxTokens: 30, ignoreEos: true });
+    expect(c.outputTokens).toEqual(reference[0]!.slice(0, 30));
+  }, 30_000);
 
   it('rolls back a scale whose table map fails: memory and mappings as before, the old layout serving; the next attempt maps them', async () => {
     const { rt, dep } = await start([0, 1], { expertTables: true });
@@ -240,7 +260,7 @@ describe('Deployment with expertTables', () => {
     await dep.settled();
     expect({ free: freeBytes(rt), mapped: mappedPer(dep) }).toEqual(before);
     const report = await dep.scale({ devices: [0, 1, 2] });
-    expect(report.expertTables!.mapped).toBeGreaterThan(2);
+    expect(report.expertTables!.mapped + report.expertTables!.taken).toBeGreaterThan(2);
     expectEnginesReadTheTables(dep);
     expect((await running).outputTokens).toEqual(reference[3]!.slice(0, 120));
   }, 30_000);
