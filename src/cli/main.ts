@@ -70,8 +70,7 @@ commands:
                                          before the switch-over (default 3; 0: none)
                 --expert-tables on|off   virtual expert tables: every device maps its experts into
                                          one range with a slot per expert of the model, the engines
-                                         read them there (default off; in-process executors only;
-                                         not yet run on a GPU)
+                                         read them there (default off; not yet run on a GPU)
 
   scale       ask a running \`elasticmoe serve\` to move to a new
               device set while it keeps serving, and print what moved

@@ -31,6 +31,7 @@
 import { closeSync } from 'node:fs';
 
 import { HmmClient } from '../hmm/client.js';
+import { ExpertTables } from '../hmm/expert-tables.js';
 import type { ModelConfig } from '../model/config.js';
 import { ModelKernels } from '../model/kernels/index.js';
 import { type ChannelMessage, UnixChannel } from '../runtime/channel.js';
@@ -70,6 +71,11 @@ export interface InitMessage {
   options?: ForwardEngineOptions;
   /** Graph shapes to capture before answering ready (ForwardEngine.precapture; a scale's standby). */
   precapture?: GraphShape[];
+  /**
+   * Virtual expert tables (DeploymentOptions.expertTables): the layout's expert chunks, as imported
+   * here, mapped into this process's tables too, and the engine reading them there.
+   */
+  expertTables?: boolean;
 }
 export interface StepMessage {
   type: 'step';
@@ -111,6 +117,11 @@ export interface ReadyMessage {
   preattached?: { kept: number; dropped: number };
   /** Graphs captured from init's precapture list, the milliseconds it took, and why it stopped early (a failed capture). */
   precaptured?: { graphs: number; ms: number; error?: string };
+  /**
+   * With expertTables: the expert chunks mapped into this process's tables, per device, the host time
+   * it took, and how many of the engine's expert weights (by rank, layer and expert) it reads there.
+   */
+  expertTables?: { mapped: Array<[number, number]>; ms: number; read: number };
 }
 export interface ResultMessage {
   type: 'result';
@@ -218,6 +229,8 @@ export async function runExecutorProcess(options: ExecutorProcessOptions): Promi
   let set: Awaited<ReturnType<HmmClient['attach']>> | undefined;
   let views: Map<number, MappedKvPool> | undefined;
   let engine: ForwardEngine | undefined;
+  /** This process's virtual expert tables (init's expertTables), made again at each init. */
+  let tables: ExpertTables | undefined;
   let kernels: ModelKernels[] = [];
   // Warm-up while init is on its way (see the top of this file); its failure is init's.
   const warm = (async () => {
@@ -304,6 +317,8 @@ export async function runExecutorProcess(options: ExecutorProcessOptions): Promi
       layers = msg.config.layers;
       trace('exec.init', { devices: msg.devices });
       try {
+        tables?.dispose(); // before the chunks it maps can be dropped
+        tables = undefined;
         if (engine) {
           engine.dispose();
           engine = undefined;
@@ -339,8 +354,24 @@ export async function runExecutorProcess(options: ExecutorProcessOptions): Promi
         }
         trace('exec.attached');
         views = mapAttachedKvPools(r, set, pools);
+        let weights = attachedWeights(set);
+        let tableFigures: ReadyMessage['expertTables'];
+        if (msg.expertTables) {
+          // This layout's expert chunks into their slots (those attached ahead and unused are dropped below, never mapped).
+          const t = performance.now();
+          const attached = set;
+          tables = ExpertTables.fromPlans(r, attached.entries, msg.config.layers, msg.config.experts);
+          tables.mapAll(needed.map((id) => ({ plan: attached.chunk(id).entry, chunk: attached.chunk(id).chunk })));
+          weights = tables.weights(weights);
+          tableFigures = { mapped: tables.stats.devices.map((d) => [d.device, d.mapped]), ms: performance.now() - t, read: 0 };
+        }
         engine = await ForwardEngine.create(r, msg.config, layoutFromTable(msg.devices, msg.placement),
-          attachedWeights(set), views, msg.options ?? {});
+          weights, views, msg.options ?? {});
+        if (tables && tableFigures) {
+          const made = engine;
+          const t = tables;
+          tableFigures.read = msg.devices.reduce((n, _, rank) => n + made.expertWeights(rank).filter((w) => w && t.contains(w.gate)).length, 0);
+        }
         // Nothing else runs in this process: each graph in one piece.
         // Best effort: graphs not captured ahead are captured at their first step.
         let precaptured: ReadyMessage['precaptured'];
@@ -372,7 +403,7 @@ export async function runExecutorProcess(options: ExecutorProcessOptions): Promi
         trace('exec.ready', { precaptured: precaptured?.graphs ?? 0 });
         send(channel, {
           type: 'ready', pid: process.pid, session: c.session, chunks: set.size, ...(preattached ? { preattached } : {}),
-          ...(precaptured ? { precaptured } : {}),
+          ...(precaptured ? { precaptured } : {}), ...(tableFigures ? { expertTables: tableFigures } : {}),
         });
       } catch (e) {
         ahead?.dispose();
@@ -457,6 +488,7 @@ export async function runExecutorProcess(options: ExecutorProcessOptions): Promi
     trace('exec.end');
     await warm.catch(() => undefined);
     engine?.dispose();
+    tables?.dispose();
     for (const k of kernels) k.dispose();
     if (views) for (const v of views.values()) v.dispose();
     set?.dispose();

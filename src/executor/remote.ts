@@ -35,6 +35,8 @@ export interface RemoteStepperInit {
   options?: ForwardEngineOptions;
   /** Graph shapes the executor captures before it answers ready (InitMessage.precapture). */
   precapture?: GraphShape[];
+  /** The executor maps its layout's expert chunks into virtual expert tables and reads them there (InitMessage.expertTables). */
+  expertTables?: boolean;
 }
 
 export interface SpawnExecutorOptions extends RemoteStepperInit {
@@ -71,6 +73,8 @@ export class RemoteStepper implements Stepper {
   preattached: { kept: number; dropped: number } | undefined;
   /** Graphs it captured from init's precapture list; once ready. */
   precaptured: { graphs: number; ms: number; error?: string } | undefined;
+  /** With expert tables: the expert chunks its init mapped into its tables, per device, and the host time; once ready. */
+  expertTables: { mapped: Array<[number, number]>; ms: number; read: number } | undefined;
   /** The executor engine's most recently used graph shapes, as its results last told them. */
   graphShapes: GraphShape[] = [];
 
@@ -153,6 +157,7 @@ export class RemoteStepper implements Stepper {
     const msg: InitMessage = { type: 'init', config: init.config, devices: [...init.layout.devices], placement: placementTable(init.config, init.layout) };
     if (init.options) msg.options = init.options;
     if (init.precapture && init.precapture.length > 0) msg.precapture = init.precapture;
+    if (init.expertTables) msg.expertTables = true;
     let timer: NodeJS.Timeout | undefined;
     try {
       await new Promise<void>((resolve, reject) => {
@@ -256,6 +261,7 @@ export class RemoteStepper implements Stepper {
       this.session = m.session;
       this.preattached = m.preattached;
       this.precaptured = m.precaptured;
+      this.expertTables = m.expertTables;
       this.readyWaiter?.resolve();
       return;
     }

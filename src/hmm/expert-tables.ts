@@ -9,8 +9,15 @@
 // chunk finds it mapped.
 import { InvalidArgumentError } from '../runtime/errors.js';
 import type { Chunk, DevicePointer, VirtualRange } from '../runtime/memory.js';
-import type { ChunkStore, StoredChunk } from './chunk-store.js';
+import type { Runtime } from '../runtime/runtime.js';
+import type { ChunkStore } from './chunk-store.js';
 import type { ChunkPlan } from './placement.js';
+
+/** A chunk and what it holds: an HMM chunk (StoredChunk), or one imported from the daemon ({ plan: entry, chunk }). */
+export interface PlannedChunk {
+  readonly plan: ChunkPlan;
+  readonly chunk: Chunk;
+}
 
 const EXPERT_GROUP = /^L(\d+)\.E(\d+)$/;
 
@@ -42,20 +49,25 @@ export class ExpertTables implements Disposable {
   private readonly bySlot = new Map<string, string>();
   private disposed = false;
 
-  private constructor(private readonly store: ChunkStore, readonly layers: number, readonly experts: number, readonly stride: number) {}
+  private constructor(private readonly rt: Runtime, readonly layers: number, readonly experts: number, readonly stride: number) {}
+
+  /** Tables for the experts of `store`'s chunks (fromPlans). */
+  static fromStore(store: ChunkStore, layers: number, experts: number): ExpertTables {
+    return ExpertTables.fromPlans(store.rt, store.all().map((c) => c.plan), layers, experts);
+  }
 
   /**
-   * Tables for the experts of `store`'s chunks (every expert must have a chunk on some device: the
-   * tensors' offsets are read from them), `layers` x `experts` slots per device. Reserves nothing
-   * yet: a device's range is reserved at its first use.
+   * Tables for the experts the chunk plans describe (every expert must have a chunk on some device:
+   * the tensors' offsets are read from them), `layers` x `experts` slots per device. Reserves
+   * nothing yet: a device's range is reserved at its first use.
    */
-  static fromStore(store: ChunkStore, layers: number, experts: number): ExpertTables {
+  static fromPlans(rt: Runtime, all: Iterable<ChunkPlan>, layers: number, experts: number): ExpertTables {
     if (!Number.isSafeInteger(layers) || layers < 1) throw new InvalidArgumentError('layers', `a positive integer (got ${String(layers)})`);
     if (!Number.isSafeInteger(experts) || experts < 1) throw new InvalidArgumentError('experts', `a positive integer (got ${String(experts)})`);
-    const plans = store.all().map((c) => c.plan).filter((p) => expertOf(p) !== undefined);
+    const plans = [...all].filter((p) => expertOf(p) !== undefined);
     if (plans.length === 0) throw new InvalidArgumentError('store', 'an HMM holding expert chunks (groups "L<layer>.E<expert>")');
     const stride = Math.max(...plans.map((p) => p.size));
-    const tables = new ExpertTables(store, layers, experts, stride);
+    const tables = new ExpertTables(rt, layers, experts, stride);
     const seen = new Set<number>();
     for (const p of plans) {
       const { layer, expert } = expertOf(p)!;
@@ -87,7 +99,7 @@ export class ExpertTables implements Disposable {
     if (this.disposed) throw new InvalidArgumentError('expert tables', 'used before dispose');
     let r = this.ranges.get(device);
     if (!r) {
-      r = this.store.rt.reserve(this.tableBytes, this.store.rt.granularity(device));
+      r = this.rt.reserve(this.tableBytes, this.rt.granularity(device));
       this.ranges.set(device, r);
     }
     return r;
@@ -103,6 +115,11 @@ export class ExpertTables implements Disposable {
   /** `base` with every expert tensor resolved into the tables instead (the other tensors as `base` gives them). */
   weights(base: TensorSource): TensorSource {
     return { tensor: (name, device) => this.pointer(name, device) ?? base.tensor(name, device) };
+  }
+
+  /** Whether `ptr` points into one of these tables (diagnostics: where an engine reads its experts). */
+  contains(ptr: DevicePointer): boolean {
+    return [...this.ranges.values()].includes(ptr.range);
   }
 
   /** Whether chunk `id` is mapped into its device's table (as a stored chunk, not ahead). */
@@ -122,7 +139,7 @@ export class ExpertTables implements Disposable {
    * ahead under its id (mapAhead; now it is the chunk's), else 'mapped' (a chunk mapped ahead under
    * its id that is another physical chunk is unmapped first). A slot holding another id is refused.
    */
-  map(c: StoredChunk): 'kept' | 'taken' | 'mapped' {
+  map(c: PlannedChunk): 'kept' | 'taken' | 'mapped' {
     const m = this.mapped.get(c.plan.id);
     if (m && m.chunk === c.chunk) {
       if (!m.ahead) return 'kept';
@@ -189,14 +206,13 @@ export class ExpertTables implements Disposable {
     return n;
   }
 
-  /** Maps (map) the expert chunks of `ids` not mapped yet; on failure unmaps those it mapped and rethrows. Returns the ids it mapped or took. */
-  mapAll(ids: Iterable<string>): string[] {
+  /** Maps (map) the expert chunks of `chunks` not mapped yet (others skipped); on failure unmaps those it mapped and rethrows. Returns the ids it mapped or took. */
+  mapAll(chunks: Iterable<PlannedChunk>): string[] {
     const done: string[] = [];
     try {
-      for (const id of ids) {
-        const c = this.store.get(id);
+      for (const c of chunks) {
         if (!expertOf(c.plan) || this.map(c) === 'kept') continue;
-        done.push(id);
+        done.push(c.plan.id);
       }
     } catch (e) {
       for (const id of done) this.unmap(id);

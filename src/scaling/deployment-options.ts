@@ -86,8 +86,9 @@ export interface DeploymentOptions {
    * address range with a slot for every routed expert of the model (layer l's expert e at
    * (l * experts + e) * stride) and maps into it the expert chunks it holds; the engines read the
    * experts there. A scale maps its new expert chunks into their slots before the switch-over and
-   * unmaps the old layout's after it; rolled back, it unmaps what it mapped. In-process executors
-   * only (refused with executor processes). Run on the mock only: no GPU has run it yet.
+   * unmaps the old layout's after it; rolled back, it unmaps what it mapped. Executor processes
+   * keep tables of their own: each maps its layout's expert chunks, as it imports them, at its
+   * init. Run on the mock only: no GPU has run it yet.
    */
   expertTables?: boolean;
   /**
@@ -277,9 +278,11 @@ export interface ScaleReport {
   /**
    * With expertTables: the new layout's expert chunks mapped into their slots before the
    * switch-over (`mapped`), those found mapped ahead with the standby engine made for this plan
-   * (`taken`), the old layout's unmapped at release, and the host time of each.
+   * (`taken`), the old layout's unmapped at release, and the host time of each. With executor
+   * processes: every expert chunk of the new layout, mapped by the new process at its init, and
+   * `read`: how many of its engine's expert weights (by rank, layer and expert) it reads there.
    */
-  expertTables?: { mapped: number; taken: number; unmapped: number; mapMs: number; unmapMs: number };
+  expertTables?: { mapped: number; taken: number; unmapped: number; mapMs: number; unmapMs: number; read?: number };
   /** Weight chunks freed at release (held by the old layout only). */
   chunksReleased: number;
   /** Bytes any plan meeting the same balance bound must move (planner.lowerBoundBytes). */

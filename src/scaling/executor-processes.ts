@@ -102,6 +102,7 @@ export function executorInit(options: DeploymentOptions, layout: LayoutSpec, pre
     precapture,
     // The KV dtype too: the pools were made for it (the deployment's KV geometry).
     options: { maxTokensPerStep: options.maxTokensPerStep ?? 64, blockTokens: options.blockTokens ?? 16, kvDtype: options.forward?.kvDtype ?? 'bf16' },
+    ...(options.expertTables === true ? { expertTables: true } : {}),
   };
 }
 

@@ -117,6 +117,13 @@ export function switchOver(engine: Engine, stepper: Parameters<Engine['reconfigu
 }
 
 const now = () => performance.now();
+/**
+ * An executor process's tables as a scale reports them: the new process mapped every expert of its
+ * layout at its init (what it imported; the old process's tables end with it).
+ */
+const processTables = (x: NonNullable<RemoteStepper['expertTables']>): NonNullable<ScaleReport['expertTables']> => ({
+  mapped: x.mapped.reduce((a, [, n]) => a + n, 0), taken: 0, unmapped: 0, mapMs: x.ms, unmapMs: 0, read: x.read,
+});
 const cloneLayout = (l: LayoutSpec): LayoutSpec => ({ ...l, devices: [...l.devices], placement: l.placement.map((row) => row.map((h) => [...h])) });
 
 export class Deployment {
@@ -218,9 +225,6 @@ export class Deployment {
     if (options.expertTables !== undefined && typeof options.expertTables !== 'boolean') {
       throw new InvalidArgumentError('expertTables', `true or false (got ${String(options.expertTables)})`);
     }
-    if (options.expertTables === true && mode !== 'in-process') {
-      throw new InvalidArgumentError('expertTables', 'used with in-process executors only (executor processes map the chunks they attach themselves): drop expertTables or the executor process mode');
-    }
     try {
       const placement = toExpertPlacement(layout);
       if (options.checkpoint !== undefined && (typeof options.checkpoint !== 'string' || options.checkpoint.length === 0)) {
@@ -241,9 +245,10 @@ export class Deployment {
       if (peerAccess === 'all') for (const c of hmm.store.all()) if (c.plan.kind === 'weight') hmm.store.grantAccess(c.plan.id, node);
       const { blockBytes } = Deployment.geometry(options);
       for (const d of layout.devices) hmm.kv.createPool({ device: d, blockBytes, blocks });
-      if (options.expertTables === true) {
+      // In process; executor processes make their own over the chunks they import (process.ts).
+      if (options.expertTables === true && mode === 'in-process') {
         tables = ExpertTables.fromStore(hmm.store, config.layers, config.experts);
-        tables.mapAll(hmm.store.all().filter((c) => c.holders.has(id)).map((c) => c.plan.id));
+        tables.mapAll(hmm.store.all().filter((c) => c.holders.has(id)));
       }
       if (mode === 'in-process') {
         views = mapHmmKvPools(rt, hmm, layout.devices);
@@ -1179,7 +1184,8 @@ export class Deployment {
       from, to: [...next.devices], ms: now() - t0, bytesCopied, chunksCopied: copies.length, chunksFromStandby: fromStandby,
       chunksPrefilled: prefilled, bytesPrefilled: prefilledBytes, plannedAhead, attachDuringCopies: overlapped || attachEarly, attachBeforeTargets: attachEarly, ...(this.daemon ? { prestartedExecutor: prestartedUsed } : {}),
       ...(standby instanceof RemoteStepper && standby.preattached ? { preattachedChunks: standby.preattached } : {}), chunksReused: reused.length, chunksReleased,
-      chunksKeptAsStandby: chunksKept, ...(this.tables ? { expertTables: tableFigures } : {}), lowerBoundBytes: lower, phases, switchover, copies, layout: cloneLayout(next),
+      chunksKeptAsStandby: chunksKept, ...(this.tables ? { expertTables: tableFigures } : {}),
+      ...(standby instanceof RemoteStepper && standby.expertTables ? { expertTables: processTables(standby.expertTables) } : {}), lowerBoundBytes: lower, phases, switchover, copies, layout: cloneLayout(next),
       prepare: { options: prep!, ...(copyStats ? { stats: copyStats } : {}) }, load: loadUsed,
       ...(attachStats ? { attach: attachStats } : {}),
       ...(madeAhead ? { standbyMadeAhead: madeAhead } : {}),

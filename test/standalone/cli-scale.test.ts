@@ -153,9 +153,6 @@ describe('elasticmoe scale against elasticmoe serve', () => {
     const bad = spawnSync(process.execPath, [cli, 'serve', '--backend', 'mock', '--expert-tables', 'maybe'], { encoding: 'utf8' });
     expect(bad.status).toBe(1);
     expect(bad.stderr).toMatch(/--expert-tables.*on or off \(got 'maybe'\)/);
-    const proc = spawnSync(process.execPath, [cli, 'serve', '--backend', 'mock', '--expert-tables', 'on', '--executor', 'process', '--port', '0'], { encoding: 'utf8' });
-    expect(proc.status).toBe(1);
-    expect(proc.stderr).toMatch(/in-process executors only/);
   }, 60_000);
 
   it('with --executor process, serves and scales through executor processes with the same answers', async () => {

@@ -163,12 +163,10 @@ describe('ExpertTables', () => {
 });
 
 describe('Deployment with expertTables', () => {
-  it('is refused with executor processes and for a value that is not a boolean', async () => {
+  it('is refused for a value that is not a boolean', async () => {
     const rt = openMock();
     try {
       const base = { rt, config, devices: [0], seed: SEED, kvBlocksPerDevice: 64 };
-      await expect(Deployment.start({ ...base, expertTables: true, executor: { process: { script: '/nonexistent.js' } } }))
-        .rejects.toThrow(/in-process executors only/);
       await expect(Deployment.start({ ...base, expertTables: 'yes' as unknown as boolean })).rejects.toThrow(/expertTables.*true or false/s);
       expect(freeBytes(rt).every((b) => b === 64 * MIB)).toBe(true);
     } finally {

@@ -449,6 +449,25 @@ describe('Deployment with executor processes', () => {
     expect(freeBytes(rt)).toEqual(memory);
   }, 20_000);
 
+  it('with expertTables, each executor process maps its layout\'s expert chunks into tables of its own: the fixed layout\'s tokens across 1→2→1, memory as before', async () => {
+    const { rt, dep } = await start([0], { ...processMode(true, true, true), expertTables: true });
+    await dep.settled();
+    expect(dep.expertTables).toBeUndefined(); // the coordinator runs no engine: no tables of its own
+    const before = freeBytes(rt);
+    const running = PROMPTS.slice(0, 3).map((prompt) => dep.submit({ prompt, maxTokens: 120, ignoreEos: true }));
+    await sleep(20);
+    // Every expert is on one device of either layout: the new process mapped all of them at its init.
+    const up = await dep.scale({ devices: [0, 1] });
+    // Its engine reads each rank's routed experts there: with the uniform plan every expert on one rank, all of them.
+    expect(up.expertTables).toMatchObject({ mapped: config.layers * config.experts, taken: 0, unmapped: 0, read: config.layers * config.experts });
+    const down = await dep.scale({ devices: [0] });
+    expect(down.expertTables).toMatchObject({ mapped: config.layers * config.experts, taken: 0, read: config.layers * config.experts });
+    for (const [k, c] of (await Promise.all(running)).entries()) expect(c.outputTokens, `tokens of request ${k}`).toEqual(reference[k]!.slice(0, 120));
+    await dep.settled();
+    expect(freeBytes(rt)).toEqual(before);
+    await dep.close();
+  }, 20_000);
+
   it('runs an f32 KV cache (forward.kvDtype) in the executor processes too: the in-process f32 tokens, before and after a scale', async () => {
     const prompts = PROMPTS.slice(0, 2);
     const run = (dep: Deployment) => Promise.all(prompts.map((prompt) => dep.submit({ prompt, maxTokens: 60, ignoreEos: true })))
