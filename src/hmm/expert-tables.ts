@@ -206,6 +206,20 @@ export class ExpertTables implements Disposable {
     return n;
   }
 
+  /**
+   * As retain, `group` unmaps at a time with a turn of the event loop before each group (an unmap
+   * costs the driver tens of µs: ~1,400 at once would hold a serving loop for tens of ms).
+   */
+  async retainPaced(keep: (id: string) => boolean, group = 64): Promise<number> {
+    const drop = [...this.mapped.keys()].filter((id) => !keep(id));
+    let n = 0;
+    for (let i = 0; i < drop.length; i += group) {
+      await new Promise<void>((r) => setImmediate(r));
+      for (const id of drop.slice(i, i + group)) if (this.unmap(id)) n++;
+    }
+    return n;
+  }
+
   /** Maps (map) the expert chunks of `chunks` not mapped yet (others skipped); on failure unmaps those it mapped and rethrows. Returns the ids it mapped or took. */
   mapAll(chunks: Iterable<PlannedChunk>): string[] {
     const done: string[] = [];

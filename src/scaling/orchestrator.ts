@@ -86,7 +86,7 @@ import { type PacedCopyStats, type PrepareOptions, pacedCopy, resolvePrepare } f
 import { DEFAULT_PRECAPTURE_GRAPHS, precaptureShapes } from './precapture.js';
 import { ScalePlans, planScaleDowns, syncStandby } from './ahead.js';
 import { type ReadyStandby, captureMissing, disposeReady, makeReadyStandby } from './ready.js';
-import { grantNodeAccess, releaseHolder } from './release.js';
+import { RELEASE_GROUP, grantNodeAccess, releaseHolder } from './release.js';
 import { type ReadyProcess, adoptAhead, aheadHolder, graphShapeKey, unadopt } from './ready-process.js';
 
 export type { DeploymentOptions, ExecutorMode, ScaleOptions, ScalePhase, ScaleProgress, ScaleReport, ScaleTarget } from './deployment-options.js';
@@ -720,8 +720,8 @@ export class Deployment {
     const all = [...this.readies.values()];
     this.readies.clear();
     for (const r of all) await disposeReady(this.hmm, r);
-    // Their standby chunks mapped ahead leave the tables (the work ahead may free or refill them next).
-    this.tables?.retain((id) => this.hmm.store.has(id) && this.hmm.store.get(id).holders.has(this.layoutId));
+    // Their standby chunks mapped ahead leave the tables (the work ahead may free or refill them next), between serving steps.
+    await this.tables?.retainPaced((id) => this.hmm.store.has(id) && this.hmm.store.get(id).holders.has(this.layoutId), RELEASE_GROUP);
   }
 
   /**
@@ -1154,7 +1154,7 @@ export class Deployment {
     if (this.tables) {
       // The old layout's last step ran: its expert chunks leave the tables before they are freed or kept as standby chunks.
       const tu = now();
-      tableFigures.unmapped = this.tables.retain((id) => store.has(id) && store.get(id).holders.has(newId));
+      tableFigures.unmapped = await this.tables.retainPaced((id) => store.has(id) && store.get(id).holders.has(newId), RELEASE_GROUP);
       tableFigures.unmapMs = now() - tu;
     }
     const freed = await releaseHolder(store, oldId, { keepAsSpare, node: this.nodeDevices, turnFirst: releaseStats !== undefined });
