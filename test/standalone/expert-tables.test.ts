@@ -11,8 +11,6 @@ import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 
 import { ExpertTables, expertOf } from '../../src/hmm/expert-tables.js';
 import { Hmm } from '../../src/hmm/hmm.js';
-import type { TensorLocation } from '../../src/hmm/placement.js';
-import { parseConfig } from '../../src/model/config.js';
 import { expertWeightNames } from '../../src/executor/weights.js';
 import { weightSpecs } from '../../src/model/weights.js';
 import { FaultInjectedError, InvalidArgumentError } from '../../src/runtime/errors.js';
@@ -20,12 +18,10 @@ import type { Runtime } from '../../src/runtime/runtime.js';
 import { roundRobinLayout, toExpertPlacement } from '../../src/scaling/layout.js';
 import { Deployment, type DeploymentOptions } from '../../src/scaling/orchestrator.js';
 import { MIB, openMock } from '../helpers/mock.js';
+import { tinyMoe, unitScale } from '../helpers/tiny-moe.js';
 
-const config = parseConfig({
-  model_type: 'qwen3_moe', hidden_size: 64, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, head_dim: 16,
-  vocab_size: 97, num_experts: 8, moe_intermediate_size: 32, norm_topk_prob: true, num_experts_per_tok: 2, max_position_embeddings: 2048,
-});
-const scaleFor = (t: TensorLocation) => (t.shape.length === 1 ? 1.0 : t.name.includes('embed_tokens') || t.name.includes('lm_head') ? 1.0 : 0.25);
+const config = tinyMoe(2048);
+const scaleFor = unitScale;
 const SEED = 20251002n;
 const MAX = 400;
 const PROMPTS = Array.from({ length: 6 }, (_, k) => Array.from({ length: 3 + ((k * 5) % 17) }, (_, i) => (i * 13 + k * 29 + 1) % 97));

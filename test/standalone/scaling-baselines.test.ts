@@ -15,20 +15,16 @@ import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
 import type { Completion } from '../../src/executor/engine.js';
-import type { TensorLocation } from '../../src/hmm/placement.js';
 import { kvGeometry } from '../../src/executor/types.js';
-import { parseConfig } from '../../src/model/config.js';
 import { FaultInjectedError } from '../../src/runtime/errors.js';
 import type { Runtime } from '../../src/runtime/runtime.js';
 import { Replica, VerticalBaseline, type VerticalPhase, exportCheckpoint, weightBytesByDevice } from '../../src/scaling/baselines.js';
 import { Deployment } from '../../src/scaling/orchestrator.js';
 import { MIB, openMock } from '../helpers/mock.js';
+import { tinyMoe, unitScale } from '../helpers/tiny-moe.js';
 
-const config = parseConfig({
-  model_type: 'qwen3_moe', hidden_size: 64, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, head_dim: 16,
-  vocab_size: 97, num_experts: 8, moe_intermediate_size: 32, norm_topk_prob: true, num_experts_per_tok: 2, max_position_embeddings: 1024,
-});
-const scaleFor = (t: TensorLocation) => (t.shape.length === 1 ? 1.0 : t.name.includes('embed_tokens') || t.name.includes('lm_head') ? 1.0 : 0.25);
+const config = tinyMoe(1024);
+const scaleFor = unitScale;
 const SEED = 20251002n;
 const KV_BLOCKS = 512;
 /** Long enough to be mid-generation across three scales (the steps go on through each prepare phase). */

@@ -17,20 +17,15 @@ import type { Completion, StepFigures } from '../../src/executor/engine.js';
 import type { GraphStats } from '../../src/executor/forward.js';
 import { kvGeometry } from '../../src/executor/types.js';
 import { ChunkStore } from '../../src/hmm/chunk-store.js';
-import type { TensorLocation } from '../../src/hmm/placement.js';
-import { parseConfig } from '../../src/model/config.js';
 import { FaultInjectedError, InvalidArgumentError, OutOfMemoryError } from '../../src/runtime/errors.js';
 import type { Runtime } from '../../src/runtime/runtime.js';
 import { exportCheckpoint } from '../../src/scaling/baselines.js';
 import { Deployment, type DeploymentOptions, type ScaleProgress, type ScaleReport } from '../../src/scaling/orchestrator.js';
 import { MIB, openMock } from '../helpers/mock.js';
+import { tinyMoe, unitScale } from '../helpers/tiny-moe.js';
 
-const config = parseConfig({
-  model_type: 'qwen3_moe', hidden_size: 64, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, head_dim: 16,
-  vocab_size: 97, num_experts: 8, moe_intermediate_size: 32, norm_topk_prob: true, num_experts_per_tok: 2, max_position_embeddings: 2048,
-});
-/** Weight scales that keep activations near unit size (non-degenerate greedy tokens). */
-const scaleFor = (t: TensorLocation) => (t.shape.length === 1 ? 1.0 : t.name.includes('embed_tokens') || t.name.includes('lm_head') ? 1.0 : 0.25);
+const config = tinyMoe(2048);
+const scaleFor = unitScale;
 const SEED = 20251002n;
 const KV_BLOCKS = 1024; // 16,384 tokens: the 12 reference requests of MAX tokens on one device, and more
 /** Generated tokens of the reference runs: every request's output is a prefix of its prompt's. */
