@@ -13,3 +13,25 @@ export function tinyMoe(maxPositions: number): ModelConfig {
 
 /** Synthetic weight scale per tensor: norms and the embedding/head at 1, the matrices at 0.25. */
 export const unitScale = (t: TensorLocation) => (t.shape.length === 1 ? 1.0 : t.name.includes('embed_tokens') || t.name.includes('lm_head') ? 1.0 : 0.25);
+
+/** What the suites generate with: a deployment's submit. */
+interface Submits {
+  submit(request: { prompt: number[]; maxTokens: number; ignoreEos: boolean }): Promise<{ outputTokens: number[] }>;
+}
+
+/** Each prompt's greedy tokens on `dep` (a fixed layout: the reference a scaled one must give); throws on degenerate output. */
+export async function greedyTokens(dep: Submits, prompts: readonly number[][], maxTokens: number): Promise<number[][]> {
+  const done = await Promise.all(prompts.map((prompt) => dep.submit({ prompt, maxTokens, ignoreEos: true })));
+  const tokens = done.map((c) => c.outputTokens);
+  const distinct = new Set(tokens.flat()).size;
+  if (distinct <= 10) throw new Error(`degenerate reference: ${distinct} distinct tokens over ${prompts.length} prompts`);
+  return tokens;
+}
+
+/** Closes the deployments a suite opened, then their runtimes. */
+export async function closeAll(opened: ReadonlyArray<{ rt: { dispose(): void }; dep: { close(): Promise<void> } }>): Promise<void> {
+  for (const { dep, rt } of opened) {
+    await dep.close();
+    rt.dispose();
+  }
+}

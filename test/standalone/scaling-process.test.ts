@@ -17,7 +17,7 @@ import type { Runtime } from '../../src/runtime/runtime.js';
 import { FaultInjectedError } from '../../src/runtime/errors.js';
 import { Deployment, type DeploymentOptions, type ScaleProgress } from '../../src/scaling/orchestrator.js';
 import { MIB, openMock } from '../helpers/mock.js';
-import { tinyMoe, unitScale } from '../helpers/tiny-moe.js';
+import { closeAll, greedyTokens, tinyMoe, unitScale } from '../helpers/tiny-moe.js';
 
 const CHILD = path.resolve(__dirname, '../fixtures/executor-child.mjs');
 const config = tinyMoe(1024);
@@ -55,17 +55,11 @@ const reference: number[][] = [];
 beforeAll(async () => {
   dir = mkdtempSync(path.join(os.tmpdir(), 'emoe-scaleproc-'));
   dieFile = path.join(dir, 'die');
-  const { dep: fixed } = await start([0]);
-  const done = await Promise.all(PROMPTS.map((prompt) => fixed.submit({ prompt, maxTokens: MAX, ignoreEos: true })));
-  reference.push(...done.map((c) => c.outputTokens));
-  expect(new Set(reference.flat()).size).toBeGreaterThan(10); // not degenerate
+  reference.push(...await greedyTokens((await start([0])).dep, PROMPTS, MAX));
 });
 
 afterAll(async () => {
-  for (const { dep, rt } of opened) {
-    await dep.close();
-    rt.dispose();
-  }
+  await closeAll(opened);
   rmSync(dir, { recursive: true, force: true });
 });
 
