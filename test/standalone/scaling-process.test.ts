@@ -455,6 +455,16 @@ describe('Deployment with executor processes', () => {
     for (const [k, c] of (await Promise.all(running)).entries()) expect(c.outputTokens, `tokens of request ${k}`).toEqual(reference[k]!.slice(0, 120));
     await dep.settled();
     expect(freeBytes(rt)).toEqual(before);
+    // A scale the process initialised ahead was not made for ([0] -> [1], not [0, 1]): initialised
+    // again, its tables made again for the new layout.
+    await dep.settled();
+    const ready = dep.readyExecutorPid;
+    expect(ready).toBeDefined();
+    const move = await dep.scale({ devices: [1] });
+    expect(dep.executorPid).toBe(ready);
+    expect(move.standbyMadeAhead).toBeUndefined();
+    expect(move.expertTables).toMatchObject({ mapped: config.layers * config.experts, read: config.layers * config.experts });
+    expect((await dep.submit({ prompt: PROMPTS[1]!, maxTokens: 40, ignoreEos: true })).outputTokens).toEqual(reference[1]!.slice(0, 40));
     await dep.close();
   }, 20_000);
 
