@@ -174,16 +174,21 @@ export class KvManager {
     }
     const got = dst.free.splice(dst.free.length - t.blocks.length, t.blocks.length).reverse();
     const granted: StoredChunk[] = [];
+    let stream: ReturnType<ChunkStore['stream']> | undefined;
     try {
       // The copying device (the source) needs access to the destination chunks.
       for (const c of dst.chunks) {
         c.range.setAccess(0, c.plan.size, [toDevice, t.device]);
         granted.push(c);
       }
-      const s = this.store.stream(t.device);
+      const s = (stream = this.store.stream(t.device));
       t.blocks.forEach((b, i) => s.copy(dst.ptr(got[i]!), src.ptr(b), src.spec.blockBytes));
       await s.synchronize();
     } catch (e) {
+      // The copies queued before the failure still run: they end before the source loses its access to
+      // the destination (a copy then would be an illegal address, poisoning the source device) and
+      // before their blocks can be handed out again.
+      await stream?.synchronize().catch(() => undefined);
       dst.free.push(...got.reverse());
       throw e;
     } finally {

@@ -370,4 +370,26 @@ describe('KV pools', () => {
     expect(hmm.kv.info(0).freeBlocks).toBe(8);
     expect(hmm.kv.info(3).freeBlocks).toBe(3);
   });
+
+  it('a move whose third copy fails waits for the copies queued before it: the request stays where it was, both devices usable', async () => {
+    const rt = openMock();
+    const hmm = new Hmm(rt);
+    hmm.kv.createPool({ device: 0, blockBytes: 2 * MIB, blocks: 16 });
+    hmm.kv.createPool({ device: 1, blockBytes: 2 * MIB, blocks: 16 });
+    const blocks = hmm.kv.allocate('r', 0, 12);
+    for (let attempt = 0; attempt < 5; attempt++) {
+      rt.injectFault('CopyDeviceToDevice', 3);
+      await expect(hmm.kv.move('r', 1)).rejects.toThrow(FaultInjectedError);
+      rt.clearFaults();
+      expect(hmm.kv.table('r')).toEqual({ device: 0, blocks });
+      expect(hmm.kv.info(1).freeBlocks).toBe(16);
+    }
+    // Had the source lost its access to the destination while the first two copies were queued, they
+    // would have poisoned device 0 (an illegal address, as on a GPU): every later call on it would fail.
+    for (const d of [0, 1]) rt.createChunk(d, GRAN).dispose();
+    expect((await hmm.kv.move('r', 1)).device).toBe(1);
+    hmm.kv.free('r');
+    hmm.dispose();
+    rt.dispose();
+  });
 });

@@ -1,0 +1,124 @@
+#!/usr/bin/env node
+// A soak of the scale orchestrator on the mock backend: random scales between random device sets
+// of 4 mock devices while requests stream in, some of them with a fault injected into an
+// allocation, map, access grant, copy, stream or module load (the scale must roll back with the old
+// layout serving), for SOAK_SECONDS (default 60). Checked throughout: every request completes
+// exactly once with the tokens of a fixed layout; a failed scale leaves the devices unchanged; after
+// each scale the deployment serves; at the end, with the deployment closed, every device's memory
+// is free. SOAK_TABLES=1 turns the virtual expert tables on; SOAK_SEED seeds the random choices.
+// Not part of the test suite (it runs for as long as asked); exits 1 at the first violation.
+//   npx tsc -p tsconfig.json && SOAK_SECONDS=300 node scripts/soak-mock.mjs
+import { parseConfig } from '../dist/model/config.js';
+import { Runtime } from '../dist/runtime/runtime.js';
+import { Deployment } from '../dist/scaling/orchestrator.js';
+
+const seconds = Number(process.env.SOAK_SECONDS ?? 60);
+const tables = process.env.SOAK_TABLES === '1';
+let seed = Number(process.env.SOAK_SEED ?? 12345) >>> 0;
+const random = () => {
+  // xorshift32: the same choices for the same seed.
+  seed ^= seed << 13; seed >>>= 0;
+  seed ^= seed >>> 17;
+  seed ^= seed << 5; seed >>>= 0;
+  return seed / 2 ** 32;
+};
+const pick = (xs) => xs[Math.floor(random() * xs.length)];
+
+const MIB = 2 ** 20;
+const CAPACITY = 128 * MIB;
+const config = parseConfig({
+  model_type: 'qwen3_moe', hidden_size: 64, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, head_dim: 16,
+  vocab_size: 97, num_experts: 8, moe_intermediate_size: 32, norm_topk_prob: true, num_experts_per_tok: 2, max_position_embeddings: 2048,
+});
+const scaleFor = (t) => (t.shape.length === 1 ? 1.0 : t.name.includes('embed_tokens') || t.name.includes('lm_head') ? 1.0 : 0.25);
+const options = { config, seed: 20251002n, scaleFor, kvBlocksPerDevice: 512, maxTokensPerStep: 64, expertTables: tables };
+const PROMPTS = Array.from({ length: 8 }, (_, k) => Array.from({ length: 3 + ((k * 5) % 17) }, (_, i) => (i * 13 + k * 29 + 1) % 97));
+const MAX = 200;
+const FAULT_OPS = ['CreateChunk', 'Map', 'SetAccess', 'ReserveRange', 'CopyDeviceToDevice', 'CreateStream', 'LoadModule', 'HostAlloc'];
+const DEVICE_SETS = [[0], [1], [2], [3], [0, 1], [0, 2], [1, 3], [2, 3], [0, 1, 2], [1, 2, 3], [0, 2, 3], [0, 1, 2, 3]];
+
+/** What happened, in order (printed with a violation: the scales during the request concerned). */
+const events = [];
+const fail = (msg, from = 0) => {
+  console.error(`soak: VIOLATION: ${msg}`);
+  for (const e of events.slice(from)) console.error(`  ${JSON.stringify(e)}`);
+  process.exit(1);
+};
+
+// The reference: each prompt's greedy tokens on a fixed one-device layout.
+const refRt = Runtime.open({ backend: 'mock', mockDevices: 4, mockCapacity: CAPACITY });
+const fixed = await Deployment.start({ ...options, rt: refRt, devices: [0] });
+const reference = (await Promise.all(PROMPTS.map((prompt) => fixed.submit({ prompt, maxTokens: MAX, ignoreEos: true })))).map((c) => c.outputTokens);
+await fixed.close();
+refRt.dispose();
+
+const rt = Runtime.open({ backend: 'mock', mockDevices: 4, mockCapacity: CAPACITY });
+const dep = await Deployment.start({ ...options, rt, devices: [0] });
+let submitted = 0;
+let completed = 0;
+const seen = new Set();
+let stopping = false;
+// A steady stream: 6 requests in flight, each replaced as it completes; every completion is checked.
+const stream = async (slot) => {
+  while (!stopping) {
+    const k = (slot + submitted) % PROMPTS.length;
+    const id = `s${submitted++}`;
+    const from = events.length;
+    const c = await dep.submit({ id, prompt: PROMPTS[k], maxTokens: MAX, ignoreEos: true });
+    if (seen.has(id)) fail(`request ${id} completed twice`);
+    seen.add(id);
+    completed++;
+    if (c.outputTokens.join(',') !== reference[k].join(',')) {
+      const at = c.outputTokens.findIndex((t, i) => t !== reference[k][i]);
+      fail(`request ${id} (prompt ${k}) got other tokens than the fixed layout's from token ${at} of ${c.outputTokens.length}; the scales meanwhile:`, from);
+    }
+  }
+};
+const streams = Array.from({ length: 6 }, (_, s) => stream(s).catch((e) => fail(`a request failed: ${e.stack ?? e}`)));
+
+const t0 = performance.now();
+const tally = { scales: 0, ok: 0, rolledBack: 0, faultsMissed: 0 };
+while (performance.now() - t0 < seconds * 1000) {
+  const to = pick(DEVICE_SETS);
+  const before = dep.devices;
+  const fault = random() < 0.5 ? { op: pick(FAULT_OPS), nth: 1 + Math.floor(random() * 40) } : undefined;
+  if (random() < 0.5) await dep.settled(); // sometimes with the work ahead done, sometimes mid-way
+  if (fault) rt.injectFault(fault.op, fault.nth);
+  tally.scales++;
+  const event = { scale: tally.scales, from: before, to, ...(fault ? { fault } : {}) };
+  events.push(event);
+  try {
+    const r = await dep.scale({ devices: to });
+    event.ok = { copied: r.chunksCopied, prefilled: r.chunksPrefilled, fromStandby: r.chunksFromStandby, madeAhead: r.standbyMadeAhead !== undefined, switchover: r.switchover };
+    tally.ok++;
+    if (fault) tally.faultsMissed++;
+    if (dep.devices.join(',') !== to.join(',')) fail(`scaled to ${to} but serves on ${dep.devices}`);
+  } catch (e) {
+    if (!fault) fail(`a scale with no fault failed: ${e.stack ?? e}`);
+    tally.rolledBack++;
+    event.error = `${e.name}: ${e.message}`.slice(0, 200);
+    if (dep.devices.join(',') !== before.join(',')) fail(`a failed scale left ${dep.devices} instead of ${before}`);
+  } finally {
+    rt.clearFaults();
+    if (dep.standby.error) event.aheadError = `${dep.standby.error.name}: ${dep.standby.error.message}`.slice(0, 200);
+  }
+  // No device may have seen an illegal address (the mock poisons it, as CUDA's sticky error does).
+  for (let d = 0; d < rt.deviceCount; d++) {
+    try {
+      rt.createChunk(d, rt.granularity(d)).dispose();
+    } catch (e) {
+      fail(`device ${d} unusable after scale ${tally.scales - 1}: ${e.message.slice(0, 160)}`, Math.max(0, events.length - 4));
+    }
+  }
+  if (tally.scales % 20 === 0) {
+    console.log(`soak: ${tally.scales} scales (${tally.ok} done, ${tally.rolledBack} rolled back, ${tally.faultsMissed} faults not hit), ` +
+      `${completed} requests checked, ${((performance.now() - t0) / 1000).toFixed(0)} s`);
+  }
+}
+stopping = true;
+await Promise.all(streams);
+await dep.close();
+const free = rt.devices().map((d) => d.freeBytes);
+if (free.some((b) => b !== CAPACITY)) fail(`memory not all free after close: ${free.map((b) => (CAPACITY - b) / MIB).join(', ')} MiB held`);
+rt.dispose();
+console.log(`soak: OK (tables ${tables ? 'on' : 'off'}): ${tally.scales} scales, ${tally.ok} done, ${tally.rolledBack} rolled back; ${completed} requests, each once with the fixed layout's tokens; memory all free after close`);
