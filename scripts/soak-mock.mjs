@@ -5,9 +5,13 @@
 // layout serving), for SOAK_SECONDS (default 60). Checked throughout: every request completes
 // exactly once with the tokens of a fixed layout; a failed scale leaves the devices unchanged; after
 // each scale the deployment serves; at the end, with the deployment closed, every device's memory
-// is free. SOAK_TABLES=1 turns the virtual expert tables on; SOAK_SEED seeds the random choices.
+// is free. SOAK_TABLES=1 turns the virtual expert tables on; SOAK_EXECUTOR=process runs every
+// executor as a process (then some scales also kill the standby process mid-attach);
+// SOAK_SEED seeds the random choices.
 // Not part of the test suite (it runs for as long as asked); exits 1 at the first violation.
 //   npx tsc -p tsconfig.json && SOAK_SECONDS=300 node scripts/soak-mock.mjs
+import { fileURLToPath } from 'node:url';
+
 import { parseConfig } from '../dist/model/config.js';
 import { Runtime } from '../dist/runtime/runtime.js';
 import { Deployment } from '../dist/scaling/orchestrator.js';
@@ -31,10 +35,17 @@ const config = parseConfig({
   vocab_size: 97, num_experts: 8, moe_intermediate_size: 32, norm_topk_prob: true, num_experts_per_tok: 2, max_position_embeddings: 2048,
 });
 const scaleFor = (t) => (t.shape.length === 1 ? 1.0 : t.name.includes('embed_tokens') || t.name.includes('lm_head') ? 1.0 : 0.25);
+const processes = process.env.SOAK_EXECUTOR === 'process';
+const executor = processes
+  ? { process: { script: fileURLToPath(new URL('../dist/executor/main.js', import.meta.url)), env: {
+    ELASTICMOE_BACKEND: 'mock', ELASTICMOE_MOCK_DEVICES: '4', ELASTICMOE_MOCK_CAPACITY: String(128 * 2 ** 20), ELASTICMOE_NO_WARN_MOCK: '1',
+  } } }
+  : 'in-process';
 const options = { config, seed: 20251002n, scaleFor, kvBlocksPerDevice: 512, maxTokensPerStep: 64, expertTables: tables };
 const PROMPTS = Array.from({ length: 8 }, (_, k) => Array.from({ length: 3 + ((k * 5) % 17) }, (_, i) => (i * 13 + k * 29 + 1) % 97));
 const MAX = 200;
-const FAULT_OPS = ['CreateChunk', 'Map', 'SetAccess', 'ReserveRange', 'CopyDeviceToDevice', 'CreateStream', 'LoadModule', 'HostAlloc'];
+// Calls of a scale's making (not of serving steps: a failed step fails its requests with an error, by design).
+const FAULT_OPS = ['CreateChunk', 'Map', 'SetAccess', 'ReserveRange', 'CopyDeviceToDevice', 'CreateStream', 'LoadModule', 'HostAlloc', 'ExportChunk'];
 const DEVICE_SETS = [[0], [1], [2], [3], [0, 1], [0, 2], [1, 3], [2, 3], [0, 1, 2], [1, 2, 3], [0, 2, 3], [0, 1, 2, 3]];
 
 /** What happened, in order (printed with a violation: the scales during the request concerned). */
@@ -53,7 +64,7 @@ await fixed.close();
 refRt.dispose();
 
 const rt = Runtime.open({ backend: 'mock', mockDevices: 4, mockCapacity: CAPACITY });
-const dep = await Deployment.start({ ...options, rt, devices: [0] });
+const dep = await Deployment.start({ ...options, rt, devices: [0], executor });
 let submitted = 0;
 let completed = 0;
 const seen = new Set();
@@ -70,7 +81,8 @@ const stream = async (slot) => {
     completed++;
     if (c.outputTokens.join(',') !== reference[k].join(',')) {
       const at = c.outputTokens.findIndex((t, i) => t !== reference[k][i]);
-      fail(`request ${id} (prompt ${k}) got other tokens than the fixed layout's from token ${at} of ${c.outputTokens.length}; the scales meanwhile:`, from);
+      fail(`request ${id} (prompt ${k}) got other tokens than the fixed layout's from token ${at} of ${c.outputTokens.length} ` +
+        `(finish ${c.finishReason}${c.error ? `: ${c.error}` : ''}); the scales meanwhile:`, from);
     }
   }
 };
@@ -82,19 +94,25 @@ while (performance.now() - t0 < seconds * 1000) {
   const to = pick(DEVICE_SETS);
   const before = dep.devices;
   const fault = random() < 0.5 ? { op: pick(FAULT_OPS), nth: 1 + Math.floor(random() * 40) } : undefined;
+  // Executor processes: now and then the standby process is killed as the scale's attach phase starts.
+  const kill = processes && !fault && random() < 0.15;
   if (random() < 0.5) await dep.settled(); // sometimes with the work ahead done, sometimes mid-way
   if (fault) rt.injectFault(fault.op, fault.nth);
   tally.scales++;
-  const event = { scale: tally.scales, from: before, to, ...(fault ? { fault } : {}) };
+  const event = { scale: tally.scales, from: before, to, ...(fault ? { fault } : {}), ...(kill ? { kill: true } : {}) };
   events.push(event);
   try {
-    const r = await dep.scale({ devices: to });
+    const r = await dep.scale({ devices: to }, kill ? { onProgress: (p) => {
+      if (p.phase !== 'attach') return;
+      const pid = dep.readyExecutorPid ?? dep.prestartedPid;
+      if (pid) process.kill(pid, 'SIGKILL');
+    } } : {});
     event.ok = { copied: r.chunksCopied, prefilled: r.chunksPrefilled, fromStandby: r.chunksFromStandby, madeAhead: r.standbyMadeAhead !== undefined, switchover: r.switchover };
     tally.ok++;
-    if (fault) tally.faultsMissed++;
+    if (fault || kill) tally.faultsMissed++;
     if (dep.devices.join(',') !== to.join(',')) fail(`scaled to ${to} but serves on ${dep.devices}`);
   } catch (e) {
-    if (!fault) fail(`a scale with no fault failed: ${e.stack ?? e}`);
+    if (!fault && !kill) fail(`a scale with no fault failed: ${e.stack ?? e}`);
     tally.rolledBack++;
     event.error = `${e.name}: ${e.message}`.slice(0, 200);
     if (dep.devices.join(',') !== before.join(',')) fail(`a failed scale left ${dep.devices} instead of ${before}`);
@@ -121,4 +139,4 @@ await dep.close();
 const free = rt.devices().map((d) => d.freeBytes);
 if (free.some((b) => b !== CAPACITY)) fail(`memory not all free after close: ${free.map((b) => (CAPACITY - b) / MIB).join(', ')} MiB held`);
 rt.dispose();
-console.log(`soak: OK (tables ${tables ? 'on' : 'off'}): ${tally.scales} scales, ${tally.ok} done, ${tally.rolledBack} rolled back; ${completed} requests, each once with the fixed layout's tokens; memory all free after close`);
+console.log(`soak: OK (tables ${tables ? 'on' : 'off'}, ${processes ? 'executor processes' : 'in process'}): ${tally.scales} scales, ${tally.ok} done, ${tally.rolledBack} rolled back; ${completed} requests, each once with the fixed layout's tokens; memory all free after close`);
