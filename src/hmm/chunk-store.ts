@@ -850,16 +850,21 @@ export class ChunkStore {
     const g = this.rt.granularity(device);
     const out = this.rt.createChunk(device, g);
     const range = this.rt.reserve(g);
+    let s: ReturnType<ChunkStore['stream']> | undefined;
     try {
       range.map(0, out);
       range.setAccess(0, g, [device]);
-      const s = this.stream(device);
+      s = this.stream(device);
       s.memset(range.at(0), 0, 8);
       const words = Math.floor(bytes / 4);
       const blocks = Math.max(1, Math.min(1024, Math.ceil(words / 256)));
       s.launch(mod.kernel('emoe_checksum_u32'), { grid: blocks, block: 256 }, [range.at(0), ptr, arg.u64(words)]);
       const raw = await this.rt.read(range.at(0), 8, s);
       return new DataView(raw.buffer, raw.byteOffset, 8).getBigUint64(0, true);
+    } catch (e) {
+      // What was queued (the memset) ends before the output is unmapped below.
+      await s?.synchronize().catch(() => undefined);
+      throw e;
     } finally {
       range.dispose();
       out.dispose();
