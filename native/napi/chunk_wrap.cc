@@ -20,9 +20,11 @@ ChunkState::~ChunkState() {
 
 void ChunkState::Release() {
   if (released) return;
-  released = true;
   DropPreExported();
+  // Marked released once the backend has released it: a release it refuses is tried again by the
+  // next release() or the finalizer, instead of leaving the memory held for good.
   backend->ReleaseChunk(id);
+  released = true;
 }
 
 void ChunkState::DropPreExported() {

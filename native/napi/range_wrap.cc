@@ -27,32 +27,30 @@ Reservation::~Reservation() {
 
 void Reservation::Free() {
   if (freed) return;
+  backend->FreeRange(base, size);  // refused: not freed, tried again by the next Free (or the destructor)
   freed = true;
-  backend->FreeRange(base, size);
 }
 
+// Freed only once everything is: a mapping the backend refuses to unmap stays listed (and the
+// reservation kept) so that the next free() or the finalizer tries again, instead of the chunk's
+// memory staying mapped for good.
 void RangeState::Free() {
   if (freed) return;
-  freed = true;
   std::exception_ptr first_error;
-  for (const auto& [offset, mapping] : mappings) {
+  for (auto it = mappings.begin(); it != mappings.end();) {
     try {
-      backend->Unmap(base + offset, mapping.size);
+      backend->Unmap(base + it->first, it->second.size);
+      it = mappings.erase(it);
     } catch (...) {
       if (!first_error) first_error = std::current_exception();
-    }
-  }
-  mappings.clear();
-  // The last range of a reservation frees it (and reports a failure); the others let go.
-  std::shared_ptr<Reservation> r = std::move(reservation);
-  if (r.use_count() == 1) {
-    try {
-      r->Free();
-    } catch (...) {
-      if (!first_error) first_error = std::current_exception();
+      ++it;
     }
   }
   if (first_error) std::rethrow_exception(first_error);
+  // The last range of a reservation frees it (and reports a failure, keeping it for a retry); the others let go.
+  if (reservation && reservation.use_count() == 1) reservation->Free();
+  reservation.reset();
+  freed = true;
 }
 
 void NativeRange::Init(Napi::Env env, AddonData& data) {

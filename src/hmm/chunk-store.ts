@@ -41,9 +41,13 @@ interface Spare {
   filling?: boolean;
 }
 
-function freeSpare(s: Spare): void {
-  s.range.dispose();
-  s.chunk.dispose();
+/** Unmaps and frees a chunk's mapping, then releases the chunk (also when the first fails). */
+function freeMapped(x: { range: VirtualRange; chunk: Chunk }): void {
+  try {
+    x.range.dispose();
+  } finally {
+    x.chunk.dispose();
+  }
 }
 
 /**
@@ -558,7 +562,7 @@ export class ChunkStore {
     try {
       for (let i = 0; i < count; i++) made.push(this.create(device, size, devices));
     } catch (e) {
-      for (const s of made) freeSpare(s);
+      for (const s of made) this.freeOrRetry(s);
       throw e;
     }
     this.pushSpares(device, size, made);
@@ -664,7 +668,7 @@ export class ChunkStore {
           if (sp.filling || !pass(sp)) continue;
           list.splice(i, 1);
           this.setContent(sp, undefined);
-          freeSpare(sp);
+          this.freeOrRetry(sp);
           freed++;
         }
       }
@@ -772,8 +776,40 @@ export class ChunkStore {
 
   private free(c: StoredChunk): void {
     this.unregister(c);
-    c.range.dispose();
-    c.chunk.dispose();
+    this.freeOrRetry(c);
+  }
+
+  /**
+   * Frees a mapping and its chunk. When the driver refuses (an unmap or free that fails), the pair is
+   * kept and tried again at the next free and at dispose, so that a failure that passes leaks
+   * nothing; the error is rethrown for the caller to report.
+   */
+  private freeOrRetry(x: { range: VirtualRange; chunk: Chunk }): void {
+    this.retryFrees();
+    try {
+      freeMapped(x);
+    } catch (e) {
+      this.unfreed.push(x);
+      throw e;
+    }
+  }
+
+  /** Mappings and chunks whose free failed, tried again at each free (freeOrRetry). */
+  private readonly unfreed: Array<{ range: VirtualRange; chunk: Chunk }> = [];
+  private retryFrees(): void {
+    for (let i = this.unfreed.length - 1; i >= 0; i--) {
+      try {
+        freeMapped(this.unfreed[i]!);
+        this.unfreed.splice(i, 1);
+      } catch {
+        // Still refused: kept for the next try.
+      }
+    }
+  }
+
+  /** Mappings whose free failed and waits to be tried again (diagnostics). */
+  get unfreedCount(): number {
+    return this.unfreed.length;
   }
 
   /** Drops the chunk from the store's indexes and closes its export (its chunk and mapping stay). */
@@ -882,8 +918,17 @@ export class ChunkStore {
 
   /** Frees everything (the daemon is shutting down). */
   dispose(): void {
-    for (const c of [...this.chunks.values()]) this.free(c);
-    for (const bySize of this.spares.values()) for (const list of bySize.values()) for (const sp of list) freeSpare(sp);
+    // Everything is tried (a free the driver refuses is tried once more at the end).
+    const tryFree = (f: () => void) => {
+      try {
+        f();
+      } catch {
+        // Kept in `unfreed`, tried again below.
+      }
+    };
+    for (const c of [...this.chunks.values()]) tryFree(() => this.free(c));
+    for (const bySize of this.spares.values()) for (const list of bySize.values()) for (const sp of list) tryFree(() => this.freeOrRetry(sp));
+    this.retryFrees();
     this.spares.clear();
     this.filled.clear();
     for (const s of [...this.streams.values(), ...this.copyStreams.values()]) s.dispose();

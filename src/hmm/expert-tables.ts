@@ -199,11 +199,27 @@ export class ExpertTables implements Disposable {
     return true;
   }
 
-  /** Unmaps every chunk `keep` rejects; returns how many. */
+  /**
+   * Unmaps every chunk `keep` rejects; returns how many. One the driver refuses to unmap stays
+   * mapped (a later retain tries it again) and the first such error is thrown once every other
+   * chunk has been tried.
+   */
   retain(keep: (id: string) => boolean): number {
+    const drop = [...this.mapped.keys()].filter((id) => !keep(id));
+    return this.unmapEach(drop, 0, drop.length).n;
+  }
+
+  private unmapEach(ids: readonly string[], from: number, to: number, failed?: unknown): { n: number; failed?: unknown } {
     let n = 0;
-    for (const id of [...this.mapped.keys()]) if (!keep(id) && this.unmap(id)) n++;
-    return n;
+    for (const id of ids.slice(from, to)) {
+      try {
+        if (this.unmap(id)) n++;
+      } catch (e) {
+        failed ??= e;
+      }
+    }
+    if (to >= ids.length && failed !== undefined) throw failed;
+    return { n, failed };
   }
 
   /**
@@ -213,9 +229,12 @@ export class ExpertTables implements Disposable {
   async retainPaced(keep: (id: string) => boolean, group = 64): Promise<number> {
     const drop = [...this.mapped.keys()].filter((id) => !keep(id));
     let n = 0;
+    let failed: unknown;
     for (let i = 0; i < drop.length; i += group) {
       await new Promise<void>((r) => setImmediate(r));
-      for (const id of drop.slice(i, i + group)) if (this.unmap(id)) n++;
+      const r = this.unmapEach(drop, i, i + group, failed);
+      n += r.n;
+      failed = r.failed;
     }
     return n;
   }

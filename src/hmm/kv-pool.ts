@@ -83,13 +83,25 @@ export class KvManager {
     return this.info(spec.device);
   }
 
-  /** Frees a device's pool; refused while any request still holds blocks there. */
+  /**
+   * Frees a device's pool; refused while any request still holds blocks there. The pool is gone
+   * once this returns or throws past that check: a chunk whose free the driver refuses is left to
+   * the store, which tries it again (the first such error is rethrown after the others are freed).
+   */
   destroyPool(device: number): void {
     const pool = this.pool(device);
     const users = [...this.tables.entries()].filter(([, t]) => t.device === device).map(([r]) => r);
     if (users.length) throw new InvalidArgumentError('device', `a device whose KV blocks are free (held by ${users.slice(0, 3).join(', ')})`);
-    for (const c of pool.chunks) this.store.release(c.plan.id, this.holder);
     this.pools.delete(device);
+    let failed: unknown;
+    for (const c of pool.chunks) {
+      try {
+        this.store.release(c.plan.id, this.holder);
+      } catch (e) {
+        failed ??= e;
+      }
+    }
+    if (failed !== undefined) throw failed;
   }
 
   private pool(device: number): KvPool {

@@ -308,6 +308,12 @@ export interface ScaleReport {
    * frees (in groups of RELEASE_GROUP), with the longest piece: how long it held the event loop.
    */
   release?: { engine: { ms: number; maxBlockMs: number; pieces: number }; chunks: { ms: number; maxBlockMs: number; groups: number } };
+  /**
+   * What the release after the switch-over could not do ("what: error"): the scale is done (the new
+   * layout serves) and the rest was released; a chunk whose free the driver refused is tried again
+   * at the HMM's next free.
+   */
+  releaseErrors?: string[];
   /** What the switch-over did to the requests in flight. */
   switchover: ReconfigureReport;
   /** Each copied chunk and the chunks it was copied from (identical bytes). */

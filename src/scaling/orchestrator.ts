@@ -1133,51 +1133,63 @@ export class Deployment {
     // the switch. The release waits for the first step on the new layout (freeing ~1,700
     // chunks blocks this thread for ~0.1 s, which would otherwise delay that step), then frees
     // in groups with the event loop given a turn between them, so serving keeps stepping.
-    await this.engine.afterNextStep();
+    // From here on the scale is done (the new layout serves): what the release cannot free is reported
+    // (releaseErrors) and the rest is freed all the same; a store free the driver refused is tried again later.
+    const releaseErrors: string[] = [];
+    const bestEffort = async <T>(what: string, fn: () => T | Promise<T>): Promise<T | undefined> => {
+      try {
+        return await fn();
+      } catch (e) {
+        releaseErrors.push(`${what}: ${e instanceof Error ? `${e.name}: ${e.message}` : String(e)}`);
+        trace('scale.release-error', { what });
+        return undefined;
+      }
+    };
+    await bestEffort('first step on the new layout', () => this.engine.afterNextStep());
     phases.firstStepMs = lap();
     progress('release');
     if (old instanceof RemoteStepper) {
       // The old process exits and its daemon session ends before its chunks are released.
-      await old.close();
-      trace('coord.old-process-ended');
-      await settleSessions(this.hmm, standby);
+      await bestEffort('old executor process', async () => {
+        await old.close();
+        trace('coord.old-process-ended');
+        await settleSessions(this.hmm, standby);
+      });
     }
-    const releaseStats: ScaleReport['release'] = old instanceof ForwardEngine ? { engine: await old.disposeAsync(), chunks: { ms: 0, maxBlockMs: 0, groups: 0 } } : undefined;
+    const engineRelease = old instanceof ForwardEngine ? await bestEffort('old engine', () => old.disposeAsync()) : undefined;
+    const releaseStats: ScaleReport['release'] = engineRelease ? { engine: engineRelease, chunks: { ms: 0, maxBlockMs: 0, groups: 0 } } : undefined;
     // The standby engines made ahead that this scale did not use (their pools too, unless taken).
-    for (const r of readies) if (r.engine !== standby) await disposeReady(this.hmm, r, readyPools.has(r.device));
+    for (const r of readies) if (r.engine !== standby) await bestEffort(`standby engine of device ${r.device}`, () => disposeReady(this.hmm, r, readyPools.has(r.device)));
     // With standby chunks, a leaving device's chunks stay as its standby chunks, filled with the
     // bytes a later scale-up onto it would copy back, and with scaleDownSpares so do a staying
     // device's (what a scale back down would copy onto it): the planner then puts experts back
     // where their bytes are (ScalePlans' warm experts), and the work ahead trims what no plan wants.
     const stay = new Set(next.devices);
     const keepAsSpare = (c: StoredChunk) => this.standbyOn && c.plan.kind === 'weight' && (!stay.has(c.plan.device) || this.options.scaleDownSpares === true);
-    if (this.tables) {
+    const tables = this.tables;
+    if (tables) {
       // The old layout's last step ran: its expert chunks leave the tables before they are freed or kept as standby chunks.
       const tu = now();
-      tableFigures.unmapped = await this.tables.retainPaced((id) => store.has(id) && store.get(id).holders.has(newId), RELEASE_GROUP);
+      tableFigures.unmapped = await bestEffort('expert tables', () => tables.retainPaced((id) => store.has(id) && store.get(id).holders.has(newId), RELEASE_GROUP)) ?? 0;
       tableFigures.unmapMs = now() - tu;
     }
     const freed = await releaseHolder(store, oldId, { keepAsSpare, node: this.nodeDevices, turnFirst: releaseStats !== undefined });
+    releaseErrors.push(...freed.errors);
     const chunksReleased = freed.released;
     const chunksKept = freed.kept;
     if (releaseStats) releaseStats.chunks = { ms: freed.ms, maxBlockMs: freed.maxBlockMs, groups: freed.groups };
     for (const d of from) {
       if (stay.has(d)) continue;
-      this.views.get(d)?.dispose();
+      const view = this.views.get(d);
       this.views.delete(d);
-      this.hmm.kv.destroyPool(d);
+      await bestEffort(`KV mapping of device ${d}`, () => view?.dispose());
+      await bestEffort(`KV pool of device ${d}`, () => this.hmm.kv.destroyPool(d));
     }
     // The chunks adopted ahead: this layout's where it took them, else standby chunks again; the pool made
     // ahead is this layout's when it has the device, else freed.
-    if (readyProc) {
-      try {
-        this.giveBack(readyProc, !stay.has(readyProc.device));
-      } catch {
-        // Best effort: the work ahead trims what is left.
-      }
-    }
+    if (readyProc) await bestEffort('process made ahead', () => this.giveBack(readyProc!, !stay.has(readyProc!.device)));
     phases.releaseMs = lap();
-    trace('scale.released', { chunksReleased, chunksKept });
+    trace('scale.released', { chunksReleased, chunksKept, errors: releaseErrors.length });
     if (this.options.peerAccess === 'all') this.accessGrant = grantNodeAccess(store, newId, this.nodeDevices);
     progress('done');
     return {
@@ -1191,6 +1203,7 @@ export class Deployment {
       ...(madeAhead ? { standbyMadeAhead: madeAhead } : {}),
       ...(precapture ? { precapture } : {}),
       ...(releaseStats ? { release: releaseStats } : {}),
+      ...(releaseErrors.length > 0 ? { releaseErrors } : {}),
     };
   }
 

@@ -13,6 +13,7 @@ import type { WeightSource } from '../executor/types.js';
 import { NotFoundError } from '../runtime/errors.js';
 import type { DevicePointer, VirtualRange } from '../runtime/memory.js';
 import type { ScalePlan } from './ahead.js';
+import { runEach, runEachAsync } from './cleanup.js';
 import type { LayoutSpec } from './layout.js';
 
 /** A scale-up's standby, made ahead: what the scale takes instead of making it. */
@@ -104,9 +105,12 @@ export async function makeReadyStandby(inputs: ReadyInputs, planned: ScalePlan, 
     const precaptured = await captureMissing(engine, inputs.shapes(next), inputs.stopped);
     return { fromId: inputs.layoutId, to: [...next.devices], device, planned, engine, views, ranges, precaptured, ms: performance.now() - t0, followMs: 0 };
   } catch (e) {
-    engine?.dispose();
-    for (const v of views?.values() ?? []) v.dispose();
-    hmm.kv.destroyPool(device);
+    // Each freed whatever the others do (the cause is what the caller sees).
+    try {
+      runEach([() => engine?.dispose(), ...[...views?.values() ?? []].map((v) => () => v.dispose()), () => hmm.kv.destroyPool(device)]);
+    } catch {
+      // Best effort: the store tries a refused free again later.
+    }
     throw e;
   }
 }
@@ -135,8 +139,8 @@ export async function captureMissing(engine: ForwardEngine, shapes: readonly Gra
  * scale (they serve any layout with that device), only the engine goes.
  */
 export async function disposeReady(hmm: Hmm, r: ReadyStandby, keepPool = false): Promise<void> {
-  await r.engine.disposeAsync();
-  if (keepPool) return;
-  for (const v of r.views.values()) v.dispose();
-  hmm.kv.destroyPool(r.device);
+  await runEachAsync([
+    () => r.engine.disposeAsync(),
+    ...(keepPool ? [] : [...[...r.views.values()].map((v) => () => v.dispose()), () => hmm.kv.destroyPool(r.device)]),
+  ]);
 }

@@ -18,6 +18,8 @@ export interface ReleaseFigures {
   ms: number;
   maxBlockMs: number;
   groups: number;
+  /** Chunks whose free the driver refused ("id: error"; the store tries them again at its next free). */
+  errors: string[];
 }
 
 /**
@@ -29,7 +31,7 @@ export interface ReleaseFigures {
 export async function releaseHolder(store: ChunkStore, holder: string, options: {
   keepAsSpare: (c: StoredChunk) => boolean; node: number[]; turnFirst?: boolean;
 }): Promise<ReleaseFigures> {
-  const figures: ReleaseFigures = { released: 0, kept: 0, ms: 0, maxBlockMs: 0, groups: 0 };
+  const figures: ReleaseFigures = { released: 0, kept: 0, ms: 0, maxBlockMs: 0, groups: 0, errors: [] };
   const held = store.all().filter((c) => c.holders.has(holder));
   for (let i = 0; i < held.length; i += RELEASE_GROUP) {
     if (i > 0 || options.turnFirst) await turn();
@@ -43,7 +45,13 @@ export async function releaseHolder(store: ChunkStore, holder: string, options: 
           asSpare = false; // freed instead: a standby chunk made later gets its access
         }
       }
-      if (!store.release(c.plan.id, holder, { asSpare })) continue;
+      try {
+        if (!store.release(c.plan.id, holder, { asSpare })) continue;
+      } catch (e) {
+        // Best effort: the rest are released all the same.
+        figures.errors.push(`${c.plan.id}: ${e instanceof Error ? `${e.name}: ${e.message}` : String(e)}`);
+        continue;
+      }
       if (asSpare) figures.kept++;
       else figures.released++;
     }

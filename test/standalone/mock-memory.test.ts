@@ -158,6 +158,31 @@ describe('dispose', () => {
     range.dispose();
     expect(rt.deviceInfo(0).freeBytes).toBe(4 * MIB);
   });
+
+  it('a release or an unmap the backend refuses leaves the object to free again: nothing leaks once it is', () => {
+    const rt = openMock({ mockCapacity: 4 * MIB });
+    const chunk = rt.createChunk(0, 2 * MIB);
+    const range = rt.reserve(4 * MIB);
+    range.map(0, chunk);
+    rt.injectFault('Unmap', 1);
+    expect(() => range.dispose()).toThrow(FaultInjectedError);
+    expect(range.disposed).toBe(false); // still mapped: tried again below
+    rt.injectFault('ReleaseChunk', 1);
+    expect(() => chunk.dispose()).toThrow(FaultInjectedError);
+    expect(chunk.disposed).toBe(false);
+    expect(rt.deviceInfo(0).freeBytes).toBe(2 * MIB);
+    chunk.dispose();
+    range.dispose();
+    expect(chunk.disposed && range.disposed).toBe(true);
+    expect(rt.deviceInfo(0).freeBytes).toBe(4 * MIB);
+    // A refused FreeRange (nothing mapped) likewise.
+    const empty = rt.reserve(2 * MIB);
+    rt.injectFault('FreeRange', 1);
+    expect(() => empty.dispose()).toThrow(FaultInjectedError);
+    expect(empty.disposed).toBe(false);
+    empty.dispose();
+    expect(empty.disposed).toBe(true);
+  });
 });
 
 describe('bad arguments', () => {

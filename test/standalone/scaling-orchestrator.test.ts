@@ -992,6 +992,38 @@ describe('Deployment.scale', () => {
     expect(await settledFree(dep, rt)).toEqual(await settledFree(fresh.dep, fresh.rt));
   });
 
+  it('after the switch-over, frees that the driver refuses do not undo the scale: reported, the rest released, the HMM back at steady once retried', async () => {
+    for (const op of ['Unmap', 'ReleaseChunk', 'FreeRange']) {
+      const { rt, dep } = await start([0, 1]);
+      await dep.settled();
+      const running = dep.submit({ prompt: PROMPTS[1]!, maxTokens: 40, ignoreEos: true });
+      // The release's 2nd and 3rd such calls are refused (the old engine's, a chunk's or a pool's: whichever comes).
+      const onProgress = (p: ScaleProgress) => {
+        if (p.phase === 'release') {
+          rt.injectFault(op, 2);
+          rt.injectFault(op, 3);
+        }
+      };
+      const down = await dep.scale({ devices: [0] }, { onProgress });
+      rt.clearFaults();
+      expect(dep.devices, op).toEqual([0]);
+      expect(down.releaseErrors?.length, `${op}: ${JSON.stringify(down.releaseErrors)}`).toBeGreaterThan(0);
+      expect(down.releaseErrors!.join('\n')).toMatch(new RegExp(`${op} call #[23]`));
+      expect((await running).outputTokens).toEqual(expected(PROMPTS[1]!, 40));
+      // Scaling goes on (no KV pool or mapping left behind refuses it), and the HMM's chunks whose free
+      // was refused are freed at a later free: after a scale-up and back, the HMM holds what a deployment
+      // started on [0] holds. (A refused unmap of an engine's own buffer is tried again by its finalizer.)
+      await dep.scale({ devices: [0, 1] });
+      await dep.scale({ devices: [0] });
+      await dep.settled();
+      expect(dep.hmm.store.unfreedCount, op).toBe(0);
+      const fresh = await start([0]);
+      await fresh.dep.settled();
+      const held = (d: Deployment) => d.hmm.accounting().map(({ freeBytes: _, ...a }) => a);
+      expect(held(dep), op).toEqual(held(fresh.dep));
+    }
+  });
+
   it('with scaleDownSpares, a scale back down after a scale-up adopts the staying devices\' kept chunks: it copies nothing', async () => {
     const { dep } = await start([0, 1], { scaleDownSpares: true });
     await dep.settled();
