@@ -15,6 +15,7 @@
 import { fileURLToPath } from 'node:url';
 
 import { parseConfig } from '../dist/model/config.js';
+import { retryRefusedFrees } from '../dist/runtime/memory.js';
 import { Runtime } from '../dist/runtime/runtime.js';
 import { Deployment } from '../dist/scaling/orchestrator.js';
 
@@ -151,6 +152,7 @@ while (performance.now() - t0 < seconds * 1000) {
 }
 stopping = true;
 await Promise.all(streams);
+if (process.env.SOAK_DEBUG) console.log("before close:", JSON.stringify(dep.expertTables?.devices.map((d) => [d.device, d.mapped, d.ahead]) ?? null), "refused frees left", retryRefusedFrees());
 await dep.close();
 const free = rt.devices().map((d) => d.freeBytes);
 if (free.some((b) => b !== CAPACITY)) fail(`memory not all free after close: ${free.map((b) => (CAPACITY - b) / MIB).join(', ')} MiB held`);

@@ -129,6 +129,7 @@
 // scratch (recv, expGate, expUp) is used by its device's stream only, one rank after another.
 import type { ModelConfig } from '../model/config.js';
 import { type KvDtype, MAX_ROUTE_EXPERTS, MAX_ROUTE_ROWS, ModelKernels, checkKvDtype, kvDtypeBytes } from '../model/kernels/index.js';
+import { runEach } from '../runtime/cleanup.js';
 import { InvalidArgumentError, NotSupportedError } from '../runtime/errors.js';
 import type { Graph } from '../runtime/graph.js';
 import type { HostBufferPool } from '../runtime/host-pool.js';
@@ -890,25 +891,31 @@ export class ForwardEngine implements Disposable {
     else host.dispose();
   }
 
+  /** Frees a device's resources, each whatever the others do (a free the backend refuses is rethrown after the rest). */
   private static disposeState(s: DeviceState): void {
-    for (const e of [...s.events, ...s.captureEvents]) e.dispose();
+    const events = [...s.events, ...s.captureEvents];
     s.events.length = 0;
     s.captureEvents.length = 0;
-    s.stream.dispose();
-    s.kernels.dispose();
-    // Its last step has run (the engine is disposed between steps).
-    ForwardEngine.giveHost(s.hostPool, s.host);
     // The tables' pinned buffer goes once its upload has run: at once for an engine made (create
     // waited for it), later when create failed before that.
     const t = s.tables;
     const pool = s.hostPool;
-    if (t?.done) {
-      t.uploaded.dispose();
-      ForwardEngine.giveHost(pool, t.host);
-    } else if (t) t.uploaded.synchronize().catch(() => undefined).finally(() => { t.uploaded.dispose(); ForwardEngine.giveHost(pool, t.host); });
     s.tables = undefined;
-    s.range.dispose();
-    s.chunk.dispose();
+    runEach([
+      ...events.map((e) => () => e.dispose()),
+      () => s.stream.dispose(),
+      () => s.kernels.dispose(),
+      // Its last step has run (the engine is disposed between steps).
+      () => ForwardEngine.giveHost(s.hostPool, s.host),
+      () => {
+        if (t?.done) {
+          t.uploaded.dispose();
+          ForwardEngine.giveHost(pool, t.host);
+        } else if (t) t.uploaded.synchronize().catch(() => undefined).finally(() => { t.uploaded.dispose(); ForwardEngine.giveHost(pool, t.host); });
+      },
+      () => s.range.dispose(),
+      () => s.chunk.dispose(),
+    ]);
   }
 
   /**
@@ -1822,9 +1829,9 @@ export class ForwardEngine implements Disposable {
   dispose(): void {
     if (this.disposed) return;
     this.disposed = true;
-    for (const g of this.graphCache.values()) g.graph.dispose();
+    const graphs = [...this.graphCache.values()];
     this.graphCache.clear();
-    for (const s of this.devs) ForwardEngine.disposeState(s);
+    runEach([...graphs.map((g) => () => g.graph.dispose()), ...this.devs.map((s) => () => ForwardEngine.disposeState(s))]);
   }
 
   /**
@@ -1841,18 +1848,25 @@ export class ForwardEngine implements Disposable {
     this.graphCache.clear();
     const pieces: Array<() => void> = [];
     for (let i = 0; i < graphs.length; i += graphsPerTurn) {
-      pieces.push(() => { for (const g of graphs.slice(i, i + graphsPerTurn)) g.graph.dispose(); });
+      pieces.push(() => runEach(graphs.slice(i, i + graphsPerTurn).map((g) => () => g.graph.dispose())));
     }
     for (const s of this.devs) pieces.push(() => ForwardEngine.disposeState(s));
+    // Each piece whatever the others do; the first error is rethrown once all have run.
+    let failed: { error: unknown } | undefined;
     for (const piece of pieces) {
       if (stats.pieces > 0) await new Promise<void>((resolve) => setImmediate(resolve));
       const t = performance.now();
-      piece();
+      try {
+        piece();
+      } catch (e) {
+        failed ??= { error: e };
+      }
       const ms = performance.now() - t;
       stats.ms += ms;
       stats.maxBlockMs = Math.max(stats.maxBlockMs, ms);
       stats.pieces++;
     }
+    if (failed) throw failed.error;
     return stats;
   }
   [Symbol.dispose](): void {

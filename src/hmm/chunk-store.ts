@@ -562,7 +562,13 @@ export class ChunkStore {
     try {
       for (let i = 0; i < count; i++) made.push(this.create(device, size, devices));
     } catch (e) {
-      for (const s of made) this.freeOrRetry(s);
+      for (const s of made) {
+        try {
+          freeMapped(s);
+        } catch {
+          // Tried again later (memory.ts); the cause is what the caller sees.
+        }
+      }
       throw e;
     }
     this.pushSpares(device, size, made);
@@ -668,7 +674,7 @@ export class ChunkStore {
           if (sp.filling || !pass(sp)) continue;
           list.splice(i, 1);
           this.setContent(sp, undefined);
-          this.freeOrRetry(sp);
+          freeMapped(sp);
           freed++;
         }
       }
@@ -774,42 +780,10 @@ export class ChunkStore {
     return freed;
   }
 
+  /** Unregisters and frees a chunk (a free the driver refuses is rethrown, and tried again later: memory.ts). */
   private free(c: StoredChunk): void {
     this.unregister(c);
-    this.freeOrRetry(c);
-  }
-
-  /**
-   * Frees a mapping and its chunk. When the driver refuses (an unmap or free that fails), the pair is
-   * kept and tried again at the next free and at dispose, so that a failure that passes leaks
-   * nothing; the error is rethrown for the caller to report.
-   */
-  private freeOrRetry(x: { range: VirtualRange; chunk: Chunk }): void {
-    this.retryFrees();
-    try {
-      freeMapped(x);
-    } catch (e) {
-      this.unfreed.push(x);
-      throw e;
-    }
-  }
-
-  /** Mappings and chunks whose free failed, tried again at each free (freeOrRetry). */
-  private readonly unfreed: Array<{ range: VirtualRange; chunk: Chunk }> = [];
-  private retryFrees(): void {
-    for (let i = this.unfreed.length - 1; i >= 0; i--) {
-      try {
-        freeMapped(this.unfreed[i]!);
-        this.unfreed.splice(i, 1);
-      } catch {
-        // Still refused: kept for the next try.
-      }
-    }
-  }
-
-  /** Mappings whose free failed and waits to be tried again (diagnostics). */
-  get unfreedCount(): number {
-    return this.unfreed.length;
+    freeMapped(c);
   }
 
   /** Drops the chunk from the store's indexes and closes its export (its chunk and mapping stay). */
@@ -918,17 +892,16 @@ export class ChunkStore {
 
   /** Frees everything (the daemon is shutting down). */
   dispose(): void {
-    // Everything is tried (a free the driver refuses is tried once more at the end).
+    // Everything is tried (a free the driver refuses is tried again later: memory.ts).
     const tryFree = (f: () => void) => {
       try {
         f();
       } catch {
-        // Kept in `unfreed`, tried again below.
+        // As above.
       }
     };
     for (const c of [...this.chunks.values()]) tryFree(() => this.free(c));
-    for (const bySize of this.spares.values()) for (const list of bySize.values()) for (const sp of list) tryFree(() => this.freeOrRetry(sp));
-    this.retryFrees();
+    for (const bySize of this.spares.values()) for (const list of bySize.values()) for (const sp of list) tryFree(() => freeMapped(sp));
     this.spares.clear();
     this.filled.clear();
     for (const s of [...this.streams.values(), ...this.copyStreams.values()]) s.dispose();

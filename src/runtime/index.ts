@@ -1,7 +1,7 @@
 export * from './errors.js';
 export * from './config.js';
 export { loadBinding, injectBinding, possibleSolutions, packageRoot } from './loader.js';
-export { Chunk, VirtualRange, DevicePointer, HostBuffer, type SharedHandle } from './memory.js';
+export { Chunk, VirtualRange, DevicePointer, HostBuffer, retryRefusedFrees, type SharedHandle } from './memory.js';
 export { HostBufferPool, DEFAULT_HOST_POOL_BYTES, type HostPoolStats } from './host-pool.js';
 export { Stream, Event, type LaunchDims, type Dim3 } from './stream.js';
 export { Graph } from './graph.js';

@@ -14,6 +14,45 @@ export function checkSize(name: string, value: unknown, { positive = false } = {
 /** How a chunk travels to another process: a POSIX fd (cuda, mock) or an ACL shareable handle. */
 export type SharedHandle = { kind: 'fd'; fd: number } | { kind: 'acl'; handle: bigint };
 
+/**
+ * Chunks and ranges whose release, unmap or free the backend refused (their native objects stay as
+ * they were: nothing half-freed), tried again before each dispose: a refusal that passes leaks
+ * nothing, and nothing waits for a finalizer.
+ */
+const refused = new Set<{ dispose(): void }>();
+
+let retrying = false;
+
+function disposeOrRetry(x: { dispose(): void }, free: () => void): void {
+  if (refused.size > 0 && !retrying) retryRefusedFrees(x);
+  try {
+    free();
+    refused.delete(x);
+  } catch (e) {
+    refused.add(x);
+    throw e;
+  }
+}
+
+/** Tries again every refused free (but `skip`'s); returns how many are still refused. */
+export function retryRefusedFrees(skip?: unknown): number {
+  if (retrying) return refused.size;
+  retrying = true;
+  try {
+    for (const x of [...refused]) {
+      if (x === skip) continue;
+      try {
+        x.dispose(); // leaves the set on success, stays on a new refusal
+      } catch {
+        // Still refused: tried again next time.
+      }
+    }
+  } finally {
+    retrying = false;
+  }
+  return refused.size;
+}
+
 /** One physical allocation on one device. */
 export class Chunk implements Disposable {
   /** Its device and size in bytes (fixed: read from the addon once). */
@@ -38,9 +77,12 @@ export class Chunk implements Disposable {
     return typeof h === 'bigint' ? { kind: 'acl', handle: h } : { kind: 'fd', fd: h };
   }
 
-  /** Releases the handle; memory is freed once no range maps it any more. Idempotent. */
+  /**
+   * Releases the handle; memory is freed once no range maps it any more. Idempotent. A release the
+   * backend refuses throws and is tried again at the next dispose of any chunk or range (refused frees).
+   */
   dispose(): void {
-    this.native.release();
+    disposeOrRetry(this, () => this.native.release());
   }
   [Symbol.dispose](): void {
     this.dispose();
@@ -97,9 +139,12 @@ export class VirtualRange implements Disposable {
   at(offset = 0): DevicePointer {
     return new DevicePointer(this, offset);
   }
-  /** Unmaps what is still mapped and frees the reservation. Idempotent. */
+  /**
+   * Unmaps what is still mapped and frees the reservation. Idempotent. An unmap or free the backend
+   * refuses throws; what is left is tried again at the next dispose of any chunk or range.
+   */
   dispose(): void {
-    this.native.free();
+    disposeOrRetry(this, () => this.native.free());
   }
   [Symbol.dispose](): void {
     this.dispose();

@@ -13,7 +13,7 @@ import type { WeightSource } from '../executor/types.js';
 import { NotFoundError } from '../runtime/errors.js';
 import type { DevicePointer, VirtualRange } from '../runtime/memory.js';
 import type { ScalePlan } from './ahead.js';
-import { runEach, runEachAsync } from './cleanup.js';
+import { runEach, runEachAsync } from '../runtime/cleanup.js';
 import type { LayoutSpec } from './layout.js';
 
 /** A scale-up's standby, made ahead: what the scale takes instead of making it. */

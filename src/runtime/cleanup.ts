@@ -1,6 +1,7 @@
 // Freeing several things where one failing must not keep the others: each step runs whatever the
-// steps before it did, and the first error is rethrown once all have run (a KV pool left behind
-// because an unmap before it failed would refuse the next scale onto its device).
+// steps before it did, and the first error is rethrown once all have run (an engine's buffers on
+// three devices, say, all freed though the first one's unmap was refused; what the backend refused
+// stays to be freed again: memory.ts).
 
 /** Runs every step in order, each whatever the ones before did; rethrows the first error after the last. */
 export function runEach(steps: ReadonlyArray<() => void>): void {
