@@ -6,7 +6,9 @@
 // exactly once with the tokens of a fixed layout; a failed scale leaves the devices unchanged; after
 // each scale the deployment serves; at the end, with the deployment closed, every device's memory
 // is free. SOAK_TABLES=1 turns the virtual expert tables on; SOAK_EXECUTOR=process runs every
-// executor as a process (then some scales also kill the standby process mid-attach);
+// executor as a process (then some scales also kill the standby process mid-attach, and now and
+// then the serving process is killed, between scales or during one: it must be replaced and every
+// request go on);
 // SOAK_SEED seeds the random choices; SOAK_OPTIONS (JSON) adds Deployment options, e.g.
 // '{"observeLoad":{"every":2},"balanceOnScale":true}'. Now and then the standby chunks are turned
 // off and on again (setStandbyChunks) between scales.
@@ -105,8 +107,14 @@ while (performance.now() - t0 < seconds * 1000) {
   const to = pick(DEVICE_SETS);
   const before = dep.devices;
   const fault = random() < 0.5 ? { op: pick(FAULT_OPS), nth: 1 + Math.floor(random() * 40) } : undefined;
-  // Executor processes: now and then the standby process is killed as the scale's attach phase starts.
+  // Executor processes: now and then the standby process is killed as the scale's attach phase starts,
+  // or the serving process before the scale or during its prepare phase (recovered: invariant 6).
   const kill = processes && !fault && random() < 0.15;
+  const killServing = processes && !kill && random() < 0.1 ? (random() < 0.5 ? 'before' : 'prepare') : undefined;
+  if (killServing === 'before') {
+    events.push({ killServing: dep.executorPid });
+    process.kill(dep.executorPid, 'SIGKILL');
+  }
   if (random() < 0.5) await dep.settled(); // sometimes with the work ahead done, sometimes mid-way
   if (random() < 0.04) {
     const on = random() < 0.5;
@@ -115,13 +123,19 @@ while (performance.now() - t0 < seconds * 1000) {
   }
   if (fault) rt.injectFault(fault.op, fault.nth);
   tally.scales++;
-  const event = { scale: tally.scales, from: before, to, ...(fault ? { fault } : {}), ...(kill ? { kill: true } : {}) };
+  const event = { scale: tally.scales, from: before, to, ...(fault ? { fault } : {}), ...(kill ? { kill: true } : {}), ...(killServing ? { killServing } : {}) };
   events.push(event);
   try {
-    const r = await dep.scale({ devices: to }, kill ? { onProgress: (p) => {
-      if (p.phase !== 'attach') return;
-      const pid = dep.readyExecutorPid ?? dep.prestartedPid;
-      if (pid) process.kill(pid, 'SIGKILL');
+    let killed = false;
+    const r = await dep.scale({ devices: to }, kill || killServing === 'prepare' ? { onProgress: (p) => {
+      if (kill && p.phase === 'attach') {
+        const pid = dep.readyExecutorPid ?? dep.prestartedPid;
+        if (pid) process.kill(pid, 'SIGKILL');
+      }
+      if (killServing === 'prepare' && p.phase === 'prepare' && !killed) {
+        killed = true;
+        process.kill(dep.executorPid, 'SIGKILL');
+      }
     } } : {});
     if (r.releaseErrors) tally.releaseErrors++;
     event.ok = { ...(r.releaseErrors ? { releaseErrors: r.releaseErrors.length } : {}), copied: r.chunksCopied, prefilled: r.chunksPrefilled, fromStandby: r.chunksFromStandby, madeAhead: r.standbyMadeAhead !== undefined, switchover: r.switchover };
@@ -157,6 +171,7 @@ await dep.close();
 const free = rt.devices().map((d) => d.freeBytes);
 if (free.some((b) => b !== CAPACITY)) fail(`memory not all free after close: ${free.map((b) => (CAPACITY - b) / MIB).join(', ')} MiB held`);
 rt.dispose();
+if (processes) console.log(`soak: ${dep.executorRecoveries} serving processes replaced after they were killed`);
 if (tally.releaseErrors > 0) console.log(`soak: ${tally.releaseErrors} scales were done with release errors (reported, freed later)`);
 console.log(`soak: OK (tables ${tables ? 'on' : 'off'}, ${processes ? 'executor processes' : 'in process'}${process.env.SOAK_OPTIONS ? `, ${process.env.SOAK_OPTIONS}` : ''}): ${tally.scales} scales, ${tally.ok} done, ${tally.rolledBack} rolled back; ${completed} requests, each once with the fixed layout's tokens ` +
   `(${tally.stepFaults} ended early by a fault injected into a serving step, right up to it); memory all free after close`);

@@ -153,7 +153,12 @@ export interface EngineStats {
   promptTokens: number;
   steps: number;
   preemptions: number;
+  /** Steps run again on a replacement forward pass after theirs failed (EngineOptions.recover). */
+  recoveries: number;
 }
+
+/** How many times in a row one step is run again on a replacement (EngineOptions.recover). */
+const MAX_RECOVERIES = 2;
 
 export interface EngineOptions {
   stepper: Stepper;
@@ -175,6 +180,14 @@ export interface EngineOptions {
   /** Token ids must be below this (config.vocabSize). */
   vocabSize?: number;
   onStep?: (figures: StepFigures) => void;
+  /**
+   * Called when a step fails, with the error and the forward pass it failed on: a forward pass it
+   * resolves with (one replacing an executor process that died) runs the same step again, with the
+   * same KV blocks (a step rewrites only its own positions, so running it again gives the same
+   * tokens), at most MAX_RECOVERIES times in a row; undefined, or a rejection, fails the step's
+   * requests with the error, as without it.
+   */
+  recover?: (error: unknown, failed: Stepper) => Promise<Stepper | undefined>;
 }
 
 export class EngineClosedError extends ElasticMoeError {}
@@ -352,10 +365,12 @@ export class Engine {
   private pendingReconfigure:
     | { change: EngineReconfiguration; resolve: (r: ReconfigureReport) => void; reject: (e: unknown) => void }
     | undefined;
-  private readonly counters = { requestsDone: 0, requestsCancelled: 0, requestsFailed: 0, tokensOut: 0, promptTokens: 0, preemptions: 0 };
+  private readonly counters = { requestsDone: 0, requestsCancelled: 0, requestsFailed: 0, tokensOut: 0, promptTokens: 0, preemptions: 0, recoveries: 0 };
+  private readonly recover: EngineOptions['recover'];
 
   constructor(options: EngineOptions) {
     this.stepper = options.stepper;
+    this.recover = options.recover;
     this.kv = options.kv;
     if (options.devices.length === 0) throw new InvalidArgumentError('devices', 'at least one device (one per DP rank)');
     this.devices = [...options.devices];
@@ -881,12 +896,23 @@ export class Engine {
     const step = ++this.stepCounter;
     const t0 = performance.now();
     let result: StepResult;
-    try {
-      result = await this.stepper.step(batch);
-    } catch (e) {
-      const why = `step ${step} failed: ${message(e)}`;
-      for (const { seq } of entries) if (seq.state !== 'done') await this.finish(seq, 'error', why);
-      return;
+    for (let attempt = 0; ; attempt++) {
+      try {
+        result = await this.stepper.step(batch);
+        break;
+      } catch (e) {
+        const failed = this.stepper;
+        const replacement = this.recover && attempt < MAX_RECOVERIES ? await this.recover(e, failed).catch(() => undefined) : undefined;
+        if (replacement) {
+          // The same step on the replacement (a reconfigure cannot come between: the loop is here).
+          this.stepper = replacement;
+          this.counters.recoveries++;
+          continue;
+        }
+        const why = `step ${step} failed: ${message(e)}`;
+        for (const { seq } of entries) if (seq.state !== 'done') await this.finish(seq, 'error', why);
+        return;
+      }
     }
     const ms = performance.now() - t0;
     let prefillTokens = 0;

@@ -61,10 +61,10 @@
 // ahead when alive) and waits for its `ready`, the serving process's recent graph shapes
 // in its init for it to capture first; the standby's daemon session keeps only the new layout's
 // chunks and KV pools; release closes the old process; rollback kills the standby.
-import { Engine, type Completion, type GenerationCallbacks, type GenerationRequest, type ReconfigureReport } from '../executor/engine.js';
+import { Engine, type Completion, type GenerationCallbacks, type GenerationRequest, type ReconfigureReport, type Stepper } from '../executor/engine.js';
 import { ForwardEngine, type GraphShape, type GraphStats } from '../executor/forward.js';
 import { type PreattachMessage, placementTable } from '../executor/process.js';
-import { RemoteStepper } from '../executor/remote.js';
+import { ExecutorCrashedError, RemoteStepper } from '../executor/remote.js';
 import { type MappedKvPool, mapHmmKvPools } from '../executor/kv-view.js';
 import { kvGeometry } from '../executor/types.js';
 import { futureWeights, storeWeights } from '../executor/weights.js';
@@ -117,6 +117,7 @@ export function switchOver(engine: Engine, stepper: Parameters<Engine['reconfigu
 }
 
 const now = () => performance.now();
+const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms).unref());
 /**
  * An executor process's tables as a scale reports them: the new process mapped every expert of its
  * layout at its init (what it imported; the old process's tables end with it).
@@ -143,6 +144,7 @@ export class Deployment {
   /** Kernels kept loaded on every device (DeploymentOptions.preloadKernels), freed at close. */
   private preloaded: ModelKernels[] = [];
   private switches = 0;
+  private recoveries = 0;
   /** The background work ahead of the next scale: plans, standby chunks (startAhead). */
   private ahead: Promise<void> | undefined;
   private aheadStop = false;
@@ -261,8 +263,11 @@ export class Deployment {
       if (mode === 'in-process' && options.preloadKernels !== false) {
         preloaded = await Promise.all(Array.from({ length: rt.deviceCount }, (_, d) => ModelKernels.load(rt, d)));
       }
+      // Executor processes: a serving process that dies is replaced and the failed step run again (recoverExecutor).
+      let self: Deployment | undefined;
       const engine = new Engine({
         stepper: forward,
+        ...(daemon ? { recover: (e: unknown, failed: Stepper) => self?.recoverExecutor(e, failed) ?? Promise.resolve(undefined) } : {}),
         kv: hmm.kv,
         devices: layout.devices,
         blockTokens: options.blockTokens ?? 16,
@@ -274,6 +279,7 @@ export class Deployment {
         ...(options.onStep ? { onStep: options.onStep } : {}),
       });
       const deployment = new Deployment(rt, config, hmm, engine, options, layout, id, forward, views, daemon, hostPool, tables);
+      self = deployment;
       deployment.preloaded = preloaded;
       deployment.startAhead();
       return deployment;
@@ -699,6 +705,48 @@ export class Deployment {
     }
   }
 
+  /**
+   * Executor processes (DESIGN invariant 6): the serving process died and a step failed on it. A new
+   * process (the one started ahead, when alive) is initialised for the serving layout, capturing the
+   * dead one's recent graph shapes first, and serves in its place; the engine runs the failed step
+   * again on it (the HMM kept every weight and KV block; the dead process's daemon session ended with
+   * its connection). Undefined, so that the step's requests fail, when the failure was not a dead
+   * process, when the deployment is closing, or when the new process cannot be made.
+   */
+  private async recoverExecutor(error: unknown, failed: Stepper): Promise<Stepper | undefined> {
+    const d = this.daemon;
+    if (!d || this.closed || failed !== this.forward || !(failed instanceof RemoteStepper) || !(error instanceof ExecutorCrashedError)) return undefined;
+    trace('coord.recover', { pid: failed.pid });
+    failed.kill();
+    await Promise.race([failed.exited, sleep(5000)]);
+    let spawned = this.prestarted;
+    this.prestarted = undefined;
+    if (spawned && (spawned.proc.exitCode !== null || spawned.proc.signalCode !== null)) {
+      spawned.channel.close();
+      spawned = undefined;
+    }
+    try {
+      const shapes = precaptureShapes(failed.graphShapes, this.layoutSpec.devices, this.options.precaptureGraphs ?? DEFAULT_PRECAPTURE_GRAPHS);
+      const fresh = await initExecutor(this.options, spawned ?? spawnProcess(d), this.layoutSpec, shapes);
+      // A scale may have switched meanwhile (its standby took over): then this one is not wanted.
+      if (this.forward !== failed || this.closed) {
+        await disposeExecutor(fresh, true);
+        return this.forward instanceof RemoteStepper && this.forward !== failed ? this.forward : undefined;
+      }
+      this.forward = fresh;
+      this.recoveries++;
+      trace('coord.recovered', { pid: fresh.pid });
+      return fresh;
+    } catch {
+      return undefined;
+    }
+  }
+
+  /** Serving executor processes replaced after they died (recoverExecutor). */
+  get executorRecoveries(): number {
+    return this.recoveries;
+  }
+
   /** Ends the process initialised ahead (if any): its session ends, its chunks are standby chunks again, its device's pool is freed. */
   private async dropReadyProc(): Promise<void> {
     const r = this.readyProc;
@@ -844,7 +892,7 @@ export class Deployment {
         try {
           if (readyProc && readyProc.stepper !== standby) await disposeExecutor(readyProc.stepper, true);
           await disposeExecutor(standby, true);
-          await settleSessions(this.hmm, serving);
+          await settleSessions(this.hmm, this.forward); // the serving process now (replaced if it died: recoverExecutor)
         } catch {
           // Best effort, as below.
         }
@@ -923,7 +971,7 @@ export class Deployment {
         const r = readyProc;
         readyProc = undefined;
         await disposeExecutor(r.stepper, true);
-        await settleSessions(this.hmm, serving);
+        await settleSessions(this.hmm, this.forward); // the serving process now (replaced if it died: recoverExecutor)
         this.giveBack(r, true);
       }
       phases.planMs = lap();

@@ -126,6 +126,12 @@ export class ServeMetrics {
         this.set(d.stats().running);
       },
     });
+    new Gauge({
+      name: `${PREFIX}executor_recoveries`, help: 'Engine steps run again on a new executor process after the serving one died (executor processes)', registers,
+      collect() {
+        this.set(d.stats().recoveries ?? 0);
+      },
+    });
     const rate = this.rate;
     new Gauge({
       name: `${PREFIX}generation_tokens_per_second`, help: `Output tokens per second over the last ${RATE_WINDOW_MS / 1000} s`, registers,

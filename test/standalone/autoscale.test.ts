@@ -378,7 +378,7 @@ function fakeDeployment(o: { fail?: () => boolean; scaleMs?: number } = {}) {
   const dep: ServingDeployment & { setWaiting(n: number): void; calls: number[][] } = {
     model: { id: 'fake', maxPositions: 128, vocabSize: 16 },
     submit: () => Promise.reject(new Error('not here')),
-    stats: () => ({ waiting, running: 0, requestsDone: 0, requestsCancelled: 0, requestsFailed: 0, tokensOut: 0, promptTokens: 0, steps: 0, preemptions: 0 }),
+    stats: () => ({ waiting, running: 0, requestsDone: 0, requestsCancelled: 0, requestsFailed: 0, tokensOut: 0, promptTokens: 0, steps: 0, preemptions: 0, recoveries: 0 }),
     layout: () => ({ devices: [...devices], tp: 1, dp: devices.length, ep: devices.length }),
     async scale(to: number[]) {
       calls.push(to);

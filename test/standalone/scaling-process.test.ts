@@ -468,6 +468,43 @@ describe('Deployment with executor processes', () => {
     await dep.close();
   }, 20_000);
 
+  it('invariant 6: a serving process SIGKILLed mid-generation is replaced and every request continues with the fixed layout\'s tokens; scaling goes on', async () => {
+    const { rt, dep } = await start([0, 1], processMode());
+    await dep.settled();
+    const before = freeBytes(rt);
+    const streamed = PROMPTS.map(() => [] as number[]);
+    const done = PROMPTS.map((prompt, k) => dep.submit({ prompt, maxTokens: 200, ignoreEos: true }, { onToken: (t) => streamed[k]!.push(t) }));
+    const waitTokens = async (n: number) => {
+      const deadline = performance.now() + 10_000;
+      while (streamed.some((x) => x.length < n)) {
+        if (performance.now() > deadline) throw new Error(`requests did not reach ${n} tokens`);
+        await sleep(1);
+      }
+    };
+    for (let kill = 1; kill <= 2; kill++) {
+      await waitTokens(20 * kill);
+      const victim = dep.executorPid!;
+      process.kill(victim, 'SIGKILL');
+      await expect.poll(() => dep.executorRecoveries, { timeout: 10_000 }).toBe(kill);
+      expect(dep.executorPid).not.toBe(victim);
+      expect(alive(victim)).toBe(false);
+    }
+    expect(streamed.some((x) => x.length < 200)).toBe(true); // still mid-generation
+    // A scale after the recoveries, and back.
+    await dep.scale({ devices: [0] });
+    await dep.scale({ devices: [0, 1] });
+    const got = await Promise.all(done);
+    for (const [k, c] of got.entries()) {
+      expect(c.finishReason, `request ${k}`).toBe('length');
+      expect(c.outputTokens, `tokens of request ${k}`).toEqual(reference[k]!.slice(0, 200));
+    }
+    expect(dep.engine.stats()).toMatchObject({ requestsFailed: 0, recoveries: 2 });
+    await dep.settled();
+    expect(freeBytes(rt)).toEqual(before);
+    // Only this deployment's processes hold daemon sessions: the serving one and the one started ahead.
+    expect(dep.hmm.sessionIds().length).toBeLessThanOrEqual(2);
+  }, 30_000);
+
   it('runs an f32 KV cache (forward.kvDtype) in the executor processes too: the in-process f32 tokens, before and after a scale', async () => {
     const prompts = PROMPTS.slice(0, 2);
     const run = (dep: Deployment) => Promise.all(prompts.map((prompt) => dep.submit({ prompt, maxTokens: 60, ignoreEos: true })))

@@ -253,6 +253,7 @@ describe('GET routes', () => {
       'elasticmoe_queue_depth', 'elasticmoe_running_sequences', 'elasticmoe_generation_tokens_per_second', 'elasticmoe_generation_tokens_total',
       'elasticmoe_prompt_tokens_total', 'elasticmoe_devices', 'elasticmoe_max_devices', 'elasticmoe_device_memory_bytes', 'elasticmoe_kv_blocks',
       'elasticmoe_requests_total', 'elasticmoe_batch_size', 'elasticmoe_scale_events_total', 'elasticmoe_scale_duration_seconds', 'elasticmoe_http_errors_total',
+      'elasticmoe_executor_recoveries',
     ]) {
       expect(before, name).toContain(`# TYPE ${name} `);
     }
