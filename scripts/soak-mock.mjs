@@ -110,7 +110,7 @@ while (performance.now() - t0 < seconds * 1000) {
   // Executor processes: now and then the standby process is killed as the scale's attach phase starts,
   // or the serving process before the scale or during its prepare phase (recovered: invariant 6).
   const kill = processes && !fault && random() < 0.15;
-  const killServing = processes && !kill && random() < 0.1 ? (random() < 0.5 ? 'before' : 'prepare') : undefined;
+  const killServing = processes && !kill && random() < 0.1 ? pick(['before', 'prepare', 'attach', 'switch', 'release']) : undefined;
   if (killServing === 'before') {
     events.push({ killServing: dep.executorPid });
     process.kill(dep.executorPid, 'SIGKILL');
@@ -127,14 +127,15 @@ while (performance.now() - t0 < seconds * 1000) {
   events.push(event);
   try {
     let killed = false;
-    const r = await dep.scale({ devices: to }, kill || killServing === 'prepare' ? { onProgress: (p) => {
+    const r = await dep.scale({ devices: to }, kill || (killServing && killServing !== 'before') ? { onProgress: (p) => {
       if (kill && p.phase === 'attach') {
         const pid = dep.readyExecutorPid ?? dep.prestartedPid;
         if (pid) process.kill(pid, 'SIGKILL');
       }
-      if (killServing === 'prepare' && p.phase === 'prepare' && !killed) {
+      if (killServing && p.phase === killServing && !killed) {
         killed = true;
-        process.kill(dep.executorPid, 'SIGKILL');
+        const pid = dep.executorPid;
+        if (pid) process.kill(pid, 'SIGKILL');
       }
     } } : {});
     if (r.releaseErrors) tally.releaseErrors++;
