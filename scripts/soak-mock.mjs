@@ -10,7 +10,8 @@
 // then the serving process is killed, between scales or during one: it must be replaced and every
 // request go on);
 // SOAK_SEED seeds the random choices; SOAK_OPTIONS (JSON) adds Deployment options, e.g.
-// '{"observeLoad":{"every":2},"balanceOnScale":true}'. Now and then the standby chunks are turned
+// '{"observeLoad":{"every":2},"balanceOnScale":true}', and SOAK_PROCESS_OPTIONS the executor processes'
+// (e.g. '{"initAhead":false,"preattach":false}'). Now and then the standby chunks are turned
 // off and on again (setStandbyChunks) between scales.
 // Not part of the test suite (it runs for as long as asked); exits 1 at the first violation.
 //   npx tsc -p tsconfig.json && SOAK_SECONDS=300 node scripts/soak-mock.mjs
@@ -44,7 +45,7 @@ const processes = process.env.SOAK_EXECUTOR === 'process';
 const executor = processes
   ? { process: { script: fileURLToPath(new URL('../dist/executor/main.js', import.meta.url)), env: {
     ELASTICMOE_BACKEND: 'mock', ELASTICMOE_MOCK_DEVICES: '4', ELASTICMOE_MOCK_CAPACITY: String(128 * 2 ** 20), ELASTICMOE_NO_WARN_MOCK: '1',
-  } } }
+  }, ...JSON.parse(process.env.SOAK_PROCESS_OPTIONS ?? '{}') } }
   : 'in-process';
 const extra = JSON.parse(process.env.SOAK_OPTIONS ?? '{}');
 const options = { config, seed: 20251002n, scaleFor, kvBlocksPerDevice: 512, maxTokensPerStep: 64, expertTables: tables, ...extra };
