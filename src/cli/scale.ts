@@ -23,6 +23,7 @@ interface ScaleReportBody {
   chunksReleased: number;
   chunksKeptAsStandby?: number;
   expertTables?: { mapped: number; taken?: number; unmapped: number; mapMs: number; unmapMs: number };
+  releaseErrors?: string[];
   phases: Record<string, number>;
   switchover?: { kept: number; moved: number; requeued: number; waiting: number };
   chunksFromStandby?: number;
@@ -90,6 +91,10 @@ export async function runScale(o: ScaleCommandOptions): Promise<number> {
     out.write(`expert tables: ${x.mapped} expert chunks mapped into their slots before the switch (${x.mapMs.toFixed(0)} ms), ` +
       (x.taken ? `${x.taken} mapped ahead, ` : '') +
       `${x.unmapped} unmapped after it (${x.unmapMs.toFixed(0)} ms)\n`);
+  }
+  if (body.releaseErrors && body.releaseErrors.length > 0) {
+    out.write(`warning: the release after the switch-over could not free ${body.releaseErrors.length} thing(s) ` +
+      `(the scale is done; what was refused is tried again): ${body.releaseErrors[0]}\n`);
   }
   if (body.switchover) {
     const s = body.switchover;

@@ -248,3 +248,30 @@ describe('elasticmoe scale against elasticmoe serve', () => {
     expect(r.stderr).toMatch(/--url must be the address of a running `elasticmoe serve`/);
   });
 });
+
+describe('elasticmoe scale report', () => {
+  it('warns of what the release could not free, naming the first, while the scale itself succeeded', async () => {
+    const { createServer } = await import('node:http');
+    const { runScale } = await import('../../src/cli/scale.js');
+    const report = {
+      from: [0, 1], to: [0], ms: 420, bytesCopied: 0, chunksCopied: 0, chunksReused: 10, chunksReleased: 8, lowerBoundBytes: 0,
+      phases: { planMs: 1, prepareMs: 2, attachMs: 3, switchMs: 4, firstStepMs: 5, releaseMs: 6 },
+      releaseErrors: ['KV pool of device 1: FaultInjectedError: injected fault: Unmap call #2', 'L0.E1@1: FaultInjectedError: x'],
+    };
+    const server = createServer((_, res) => {
+      res.writeHead(200, { 'content-type': 'application/json' });
+      res.end(JSON.stringify(report));
+    });
+    await new Promise<void>((r) => server.listen(0, '127.0.0.1', () => r()));
+    try {
+      const port = (server.address() as { port: number }).port;
+      let text = '';
+      const code = await runScale({ devices: '0', url: `http://127.0.0.1:${port}`, out: { write: (s: string) => ((text += s), true) } as unknown as NodeJS.WritableStream });
+      expect(code).toBe(0);
+      expect(text).toMatch(/^scaled 0,1 -> 0 in 420 ms/);
+      expect(text).toMatch(/warning: the release after the switch-over could not free 2 thing\(s\) \(the scale is done; what was refused is tried again\): KV pool of device 1: .*Unmap call #2/);
+    } finally {
+      server.close();
+    }
+  });
+});
