@@ -33,6 +33,14 @@ const random = () => {
   return seed / 2 ** 32;
 };
 const pick = (xs) => xs[Math.floor(random() * xs.length)];
+/** SIGKILL, quietly for a process already gone. */
+const kill9 = (pid) => {
+  try {
+    if (pid) process.kill(pid, 'SIGKILL');
+  } catch {
+    // already gone
+  }
+};
 
 const MIB = 2 ** 20;
 const CAPACITY = 128 * MIB;
@@ -74,7 +82,7 @@ refRt.dispose();
 
 const rt = Runtime.open({ backend: 'mock', mockDevices: 4, mockCapacity: CAPACITY });
 const dep = await Deployment.start({ ...options, rt, devices: [0], executor });
-const tally = { scales: 0, ok: 0, rolledBack: 0, faultsMissed: 0, stepFaults: 0, releaseErrors: 0 };
+const tally = { scales: 0, ok: 0, rolledBack: 0, faultsMissed: 0, stepFaults: 0, releaseErrors: 0, cancelled: 0 };
 let submitted = 0;
 let completed = 0;
 const seen = new Set();
@@ -85,7 +93,12 @@ const stream = async (slot) => {
     const k = (slot + submitted) % PROMPTS.length;
     const id = `s${submitted++}`;
     const from = events.length;
-    const c = await dep.submit({ id, prompt: PROMPTS[k], maxTokens: MAX, ignoreEos: true });
+    // One request in ten is cancelled after a while (mid-generation, or during a scale): it ends
+    // 'cancelled' with a prefix of the fixed layout's tokens, its KV blocks freed.
+    const abort = random() < 0.1 ? new AbortController() : undefined;
+    if (abort) setTimeout(() => abort.abort(), 1 + Math.floor(random() * 200)).unref();
+    const c = await dep.submit({ id, prompt: PROMPTS[k], maxTokens: MAX, ignoreEos: true }, abort ? { signal: abort.signal } : {});
+    if (c.finishReason === 'cancelled') tally.cancelled++;
     if (seen.has(id)) fail(`request ${id} completed twice`);
     seen.add(id);
     completed++;
@@ -93,7 +106,8 @@ const stream = async (slot) => {
     // devices) fails its requests with an error, by design: the tokens before it must still be right.
     const stepFault = c.finishReason === 'error' && /injected fault/.test(String(c.error));
     if (stepFault) tally.stepFaults++;
-    const want = stepFault ? reference[k].slice(0, c.outputTokens.length) : reference[k];
+    if (c.finishReason === 'cancelled' && !abort) fail(`request ${id} was cancelled though nobody cancelled it`, from);
+    const want = stepFault || c.finishReason === 'cancelled' ? reference[k].slice(0, c.outputTokens.length) : reference[k];
     if (c.outputTokens.join(',') !== want.join(',')) {
       const at = c.outputTokens.findIndex((t, i) => t !== reference[k][i]);
       fail(`request ${id} (prompt ${k}) got other tokens than the fixed layout's from token ${at} of ${c.outputTokens.length} ` +
@@ -114,7 +128,7 @@ while (performance.now() - t0 < seconds * 1000) {
   const killServing = processes && !kill && random() < 0.1 ? pick(['before', 'prepare', 'attach', 'switch', 'release']) : undefined;
   if (killServing === 'before') {
     events.push({ killServing: dep.executorPid });
-    process.kill(dep.executorPid, 'SIGKILL');
+    kill9(dep.executorPid);
   }
   if (random() < 0.5) await dep.settled(); // sometimes with the work ahead done, sometimes mid-way
   if (random() < 0.04) {
@@ -130,13 +144,11 @@ while (performance.now() - t0 < seconds * 1000) {
     let killed = false;
     const r = await dep.scale({ devices: to }, kill || (killServing && killServing !== 'before') ? { onProgress: (p) => {
       if (kill && p.phase === 'attach') {
-        const pid = dep.readyExecutorPid ?? dep.prestartedPid;
-        if (pid) process.kill(pid, 'SIGKILL');
+        kill9(dep.readyExecutorPid ?? dep.prestartedPid);
       }
       if (killServing && p.phase === killServing && !killed) {
         killed = true;
-        const pid = dep.executorPid;
-        if (pid) process.kill(pid, 'SIGKILL');
+        kill9(dep.executorPid);
       }
     } } : {});
     if (r.releaseErrors) tally.releaseErrors++;
@@ -176,4 +188,4 @@ rt.dispose();
 if (processes) console.log(`soak: ${dep.executorRecoveries} serving processes replaced after they were killed`);
 if (tally.releaseErrors > 0) console.log(`soak: ${tally.releaseErrors} scales were done with release errors (reported, freed later)`);
 console.log(`soak: OK (tables ${tables ? 'on' : 'off'}, ${processes ? 'executor processes' : 'in process'}${process.env.SOAK_OPTIONS ? `, ${process.env.SOAK_OPTIONS}` : ''}): ${tally.scales} scales, ${tally.ok} done, ${tally.rolledBack} rolled back; ${completed} requests, each once with the fixed layout's tokens ` +
-  `(${tally.stepFaults} ended early by a fault injected into a serving step, right up to it); memory all free after close`);
+  `(${tally.stepFaults} ended early by a fault injected into a serving step and ${tally.cancelled} cancelled, right up to it); memory all free after close`);
