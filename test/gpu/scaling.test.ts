@@ -9,6 +9,8 @@
 //   - the HMM's accounting is back at the layout's figure after a round trip;
 //   - a scale planned with the observed expert load (observeLoad) keeps the tokens;
 //   - a scale-up that balances the running sequences over the new ranks (balanceOnScale) keeps them;
+//   - with executor processes, a serving process SIGKILLed mid-generation is replaced and every request
+//     goes on with the fixed layout's tokens;
 //   - with virtual expert tables (expertTables) the engines read the experts at their slots, the
 //     tokens are the fixed layout's, and the layout's experts alone are mapped after 1→2→1.
 // Runs with ELASTICMOE_BACKEND=cuda and at least 2 devices; EMOE_GPU_SUITE_ON_MOCK=1 runs it on
@@ -141,6 +143,28 @@ describe.runIf(rt !== undefined && devices.length >= 2)(`elastic scaling (${back
     const completions = await done;
     completions.forEach((c, k) => expect(c.outputTokens, `prompt ${k}`).toEqual(want[k]));
     await expectOriginalBytes(dep);
+    await dep.close();
+  }, 300_000);
+
+  it('with executor processes, replaces a serving process SIGKILLed mid-generation and runs the failed step again: the fixed layout\'s tokens, none failed', async () => {
+    for (const d of opened.splice(0)) await d.close(); // room on the dry run's 1 GiB mock devices
+    const env: Record<string, string> = { ELASTICMOE_BACKEND: backend!, ELASTICMOE_NO_WARN_MOCK: '1' };
+    if (backend === 'mock') Object.assign(env, { ELASTICMOE_MOCK_DEVICES: '4', ELASTICMOE_MOCK_CAPACITY: String(1024 * 1024 * 1024) });
+    const script = path.resolve(__dirname, '../../dist/executor/main.js');
+    const dep = await start([0, 1], { executor: { process: { script, env } } });
+    await dep.settled();
+    const { done, streamed } = await generate(dep, 8);
+    const victim = dep.executorPid!;
+    const t = performance.now();
+    process.kill(victim, 'SIGKILL');
+    await expect.poll(() => dep.executorRecoveries, { timeout: 60_000 }).toBe(1);
+    const at = Math.max(...streamed);
+    await expect.poll(() => Math.min(...streamed), { timeout: 60_000 }).toBeGreaterThan(at);
+    // How long serving stopped (kill to the next token of every request): printed, not asserted.
+    console.log(`executor recovery (${backend}): ${(performance.now() - t).toFixed(0)} ms from the kill to every request's next token`);
+    const completions = await done;
+    completions.forEach((c, k) => expect(c.outputTokens, `prompt ${k}`).toEqual(want[k]));
+    expect(dep.engine.stats()).toMatchObject({ requestsFailed: 0, recoveries: 1 });
     await dep.close();
   }, 300_000);
 
