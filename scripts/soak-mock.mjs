@@ -12,7 +12,8 @@
 // SOAK_SEED seeds the random choices; SOAK_OPTIONS (JSON) adds Deployment options, e.g.
 // '{"observeLoad":{"every":2},"balanceOnScale":true}', and SOAK_PROCESS_OPTIONS the executor processes'
 // (e.g. '{"initAhead":false,"preattach":false}'). Now and then the standby chunks are turned
-// off and on again (setStandbyChunks) between scales.
+// off and on again (setStandbyChunks) between scales. SOAK_DEBUG=1 prints the expert tables and the
+// refused frees left just before close.
 // Not part of the test suite (it runs for as long as asked); exits 1 at the first violation.
 //   npx tsc -p tsconfig.json && SOAK_SECONDS=300 node scripts/soak-mock.mjs
 import { fileURLToPath } from 'node:url';
