@@ -728,10 +728,10 @@ export class Deployment {
     try {
       const shapes = precaptureShapes(failed.graphShapes, this.layoutSpec.devices, this.options.precaptureGraphs ?? DEFAULT_PRECAPTURE_GRAPHS);
       const fresh = await initExecutor(this.options, spawned ?? spawnProcess(d), this.layoutSpec, shapes);
-      // A scale may have switched meanwhile (its standby took over): then this one is not wanted.
-      if (this.forward !== failed || this.closed) {
+      // (No switch-over can come meanwhile: the engine applies one between steps, and it is inside this step.)
+      if (this.closed) {
         await disposeExecutor(fresh, true);
-        return this.forward instanceof RemoteStepper && this.forward !== failed ? this.forward : undefined;
+        return undefined;
       }
       this.forward = fresh;
       this.recoveries++;
