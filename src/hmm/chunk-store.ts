@@ -6,6 +6,7 @@
 import { closeSync } from 'node:fs';
 
 import { BASIC_KERNELS_SOURCE } from '../runtime/basic-kernels.js';
+import { runEach } from '../runtime/cleanup.js';
 import { InvalidArgumentError, NotFoundError } from '../runtime/errors.js';
 import { arg, type Module } from '../runtime/kernel.js';
 import type { Chunk, DevicePointer, SharedHandle, VirtualRange } from '../runtime/memory.js';
@@ -534,17 +535,17 @@ export class ChunkStore {
    * from spare to chunk (a standby engine made ahead reads its weights there).
    */
   filledRange(id: string, device: number): VirtualRange | undefined {
-    // The index holds spares only (taking or freeing one clears its content): no list scan, a standby
-    // engine made ahead asks for ~1,000-2,000 of them in a row.
-    const sp = this.filled.get(id);
-    if (!sp || sp.filling || sp.chunk.device !== device) return undefined;
-    return sp.range;
+    return this.filledSpare(id, device)?.range;
   }
   /** The spare chunk of `device` filled as `id` (as filledRange), undefined when there is none. */
   filledChunk(id: string, device: number): Chunk | undefined {
+    return this.filledSpare(id, device)?.chunk;
+  }
+  private filledSpare(id: string, device: number): Spare | undefined {
+    // The index holds spares only (taking or freeing one clears its content): no list scan, a standby
+    // engine made ahead asks for ~1,000-2,000 of them in a row.
     const sp = this.filled.get(id);
-    if (!sp || sp.filling || sp.chunk.device !== device) return undefined;
-    return sp.chunk;
+    return !sp || sp.filling || sp.chunk.device !== device ? undefined : sp;
   }
   get filledTakenCount(): number {
     return this.filledTaken;
@@ -562,12 +563,10 @@ export class ChunkStore {
     try {
       for (let i = 0; i < count; i++) made.push(this.create(device, size, devices));
     } catch (e) {
-      for (const s of made) {
-        try {
-          freeMapped(s);
-        } catch {
-          // Tried again later (memory.ts); the cause is what the caller sees.
-        }
+      try {
+        runEach(made.map((s) => () => freeMapped(s)));
+      } catch {
+        // Tried again later (memory.ts); the cause is what the caller sees.
       }
       throw e;
     }
@@ -893,15 +892,12 @@ export class ChunkStore {
   /** Frees everything (the daemon is shutting down). */
   dispose(): void {
     // Everything is tried (a free the driver refuses is tried again later: memory.ts).
-    const tryFree = (f: () => void) => {
-      try {
-        f();
-      } catch {
-        // As above.
-      }
-    };
-    for (const c of [...this.chunks.values()]) tryFree(() => this.free(c));
-    for (const bySize of this.spares.values()) for (const list of bySize.values()) for (const sp of list) tryFree(() => freeMapped(sp));
+    const spares = [...this.spares.values()].flatMap((bySize) => [...bySize.values()].flat());
+    try {
+      runEach([...[...this.chunks.values()].map((c) => () => this.free(c)), ...spares.map((sp) => () => freeMapped(sp))]);
+    } catch {
+      // As above.
+    }
     this.spares.clear();
     this.filled.clear();
     for (const s of [...this.streams.values(), ...this.copyStreams.values()]) s.dispose();

@@ -205,21 +205,23 @@ export class ExpertTables implements Disposable {
    * chunk has been tried.
    */
   retain(keep: (id: string) => boolean): number {
-    const drop = [...this.mapped.keys()].filter((id) => !keep(id));
-    return this.unmapEach(drop, 0, drop.length).n;
+    const r = this.unmapEach([...this.mapped.keys()].filter((id) => !keep(id)));
+    if (r.failed) throw r.failed.error;
+    return r.n;
   }
 
-  private unmapEach(ids: readonly string[], from: number, to: number, failed?: unknown): { n: number; failed?: unknown } {
+  /** Unmaps each of `ids` whatever the others do; counts those unmapped and keeps the first refusal. */
+  private unmapEach(ids: readonly string[]): { n: number; failed?: { error: unknown } } {
     let n = 0;
-    for (const id of ids.slice(from, to)) {
+    let failed: { error: unknown } | undefined;
+    for (const id of ids) {
       try {
         if (this.unmap(id)) n++;
       } catch (e) {
-        failed ??= e;
+        failed ??= { error: e };
       }
     }
-    if (to >= ids.length && failed !== undefined) throw failed;
-    return { n, failed };
+    return failed ? { n, failed } : { n };
   }
 
   /**
@@ -229,13 +231,14 @@ export class ExpertTables implements Disposable {
   async retainPaced(keep: (id: string) => boolean, group = 64): Promise<number> {
     const drop = [...this.mapped.keys()].filter((id) => !keep(id));
     let n = 0;
-    let failed: unknown;
+    let failed: { error: unknown } | undefined;
     for (let i = 0; i < drop.length; i += group) {
       await new Promise<void>((r) => setImmediate(r));
-      const r = this.unmapEach(drop, i, i + group, failed);
+      const r = this.unmapEach(drop.slice(i, i + group));
       n += r.n;
-      failed = r.failed;
+      failed ??= r.failed;
     }
+    if (failed) throw failed.error;
     return n;
   }
 

@@ -2,6 +2,7 @@
 // blocks. The block table (which blocks belong to which request) lives here, in
 // the HMM, not in an executor: a request survives its executor, and a new
 // executor (after a switch-over or a crash) continues it with the same blocks.
+import { runEach } from '../runtime/cleanup.js';
 import { ElasticMoeError, InvalidArgumentError, NotFoundError } from '../runtime/errors.js';
 import type { DevicePointer } from '../runtime/memory.js';
 import type { ChunkStore, StoredChunk } from './chunk-store.js';
@@ -93,15 +94,7 @@ export class KvManager {
     const users = [...this.tables.entries()].filter(([, t]) => t.device === device).map(([r]) => r);
     if (users.length) throw new InvalidArgumentError('device', `a device whose KV blocks are free (held by ${users.slice(0, 3).join(', ')})`);
     this.pools.delete(device);
-    let failed: unknown;
-    for (const c of pool.chunks) {
-      try {
-        this.store.release(c.plan.id, this.holder);
-      } catch (e) {
-        failed ??= e;
-      }
-    }
-    if (failed !== undefined) throw failed;
+    runEach(pool.chunks.map((c) => () => void this.store.release(c.plan.id, this.holder)));
   }
 
   private pool(device: number): KvPool {

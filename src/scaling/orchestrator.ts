@@ -80,6 +80,7 @@ import { weightSpecs } from '../model/weights.js';
 import { InvalidArgumentError } from '../runtime/errors.js';
 import { DEFAULT_HOST_POOL_BYTES, HostBufferPool, type HostPoolStats } from '../runtime/host-pool.js';
 import type { Runtime } from '../runtime/runtime.js';
+import { runEach } from '../runtime/cleanup.js';
 import { trace } from '../runtime/trace.js';
 import { type LayoutLimits, type LayoutSpec, roundRobinLayout, toExpertPlacement, validateLayout } from './layout.js';
 import { type PacedCopyStats, type PrepareOptions, pacedCopy, resolvePrepare } from './pacing.js';
@@ -912,12 +913,10 @@ export class Deployment {
         ...(readyProc ? [() => this.giveBack(readyProc!, true)] : []),
       ];
       newViews = new Map();
-      for (const step of steps) {
-        try {
-          step();
-        } catch {
-          // Best effort: the original error is what the caller needs to see.
-        }
+      try {
+        runEach(steps);
+      } catch {
+        // Best effort: the original error is what the caller needs to see.
       }
     };
 

@@ -2,6 +2,9 @@
 // and the weight scales that keep its activations near unit size (non-degenerate greedy tokens).
 import type { TensorLocation } from '../../src/hmm/placement.js';
 import { type ModelConfig, parseConfig } from '../../src/model/config.js';
+import type { Runtime } from '../../src/runtime/runtime.js';
+import { Deployment, type DeploymentOptions } from '../../src/scaling/orchestrator.js';
+import { openMock } from './mock.js';
 
 /** The tiny model with room for `maxPositions` positions (a suite's longest request). */
 export function tinyMoe(maxPositions: number): ModelConfig {
@@ -34,4 +37,22 @@ export async function closeAll(opened: ReadonlyArray<{ rt: { dispose(): void }; 
     await dep.close();
     rt.dispose();
   }
+}
+
+/**
+ * A suite's deployments on the mock: `start(devices, extra)` opens a mock runtime of `capacity`
+ * bytes per device and starts the tiny model on it (seed, weight scales, KV blocks, step budget as
+ * given), remembering both in `opened` for closeAll.
+ */
+export function deploymentsOf(base: { config: ModelConfig; seed: bigint; capacity: number; kvBlocksPerDevice: number }) {
+  const opened: Array<{ rt: Runtime; dep: Deployment }> = [];
+  const start = async (devices: number[], extra: Partial<DeploymentOptions> = {}) => {
+    const rt = openMock({ mockCapacity: base.capacity });
+    const dep = await Deployment.start({
+      rt, config: base.config, devices, seed: base.seed, scaleFor: unitScale, kvBlocksPerDevice: base.kvBlocksPerDevice, maxTokensPerStep: 64, ...extra,
+    });
+    opened.push({ rt, dep });
+    return { rt, dep };
+  };
+  return { opened, start };
 }

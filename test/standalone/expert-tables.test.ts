@@ -16,23 +16,16 @@ import { weightSpecs } from '../../src/model/weights.js';
 import { FaultInjectedError, InvalidArgumentError } from '../../src/runtime/errors.js';
 import type { Runtime } from '../../src/runtime/runtime.js';
 import { roundRobinLayout, toExpertPlacement } from '../../src/scaling/layout.js';
-import { Deployment, type DeploymentOptions } from '../../src/scaling/orchestrator.js';
+import { Deployment } from '../../src/scaling/orchestrator.js';
 import { MIB, openMock } from '../helpers/mock.js';
-import { closeAll, greedyTokens, tinyMoe, unitScale } from '../helpers/tiny-moe.js';
+import { closeAll, deploymentsOf, greedyTokens, tinyMoe, unitScale } from '../helpers/tiny-moe.js';
 
 const config = tinyMoe(2048);
-const scaleFor = unitScale;
 const SEED = 20251002n;
 const MAX = 400;
 const PROMPTS = Array.from({ length: 6 }, (_, k) => Array.from({ length: 3 + ((k * 5) % 17) }, (_, i) => (i * 13 + k * 29 + 1) % 97));
 
-const opened: Array<{ rt: Runtime; dep: Deployment }> = [];
-async function start(devices: number[], extra: Partial<DeploymentOptions> = {}) {
-  const rt = openMock({ mockCapacity: 128 * MIB });
-  const dep = await Deployment.start({ rt, config, devices, seed: SEED, scaleFor, kvBlocksPerDevice: 512, maxTokensPerStep: 64, ...extra });
-  opened.push({ rt, dep });
-  return { rt, dep };
-}
+const { opened, start } = deploymentsOf({ config, seed: SEED, capacity: 128 * MIB, kvBlocksPerDevice: 512 });
 const freeBytes = (rt: Runtime) => rt.devices().map((d) => d.freeBytes);
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
@@ -79,7 +72,7 @@ describe('ExpertTables', () => {
     const rt = openMock({ mockCapacity: 64 * MIB });
     const hmm = new Hmm(rt);
     const layout = roundRobinLayout(devices, config.layers, config.experts);
-    await hmm.loadWeights(weightSpecs(config, layout.devices, toExpertPlacement(layout)), { seed: SEED, scaleFor });
+    await hmm.loadWeights(weightSpecs(config, layout.devices, toExpertPlacement(layout)), { seed: SEED, scaleFor: unitScale });
     return { rt, hmm };
   }
 

@@ -16,26 +16,19 @@ import type { Completion } from '../../src/executor/engine.js';
 import type { Runtime } from '../../src/runtime/runtime.js';
 import { FaultInjectedError } from '../../src/runtime/errors.js';
 import { Deployment, type DeploymentOptions, type ScaleProgress } from '../../src/scaling/orchestrator.js';
-import { MIB, openMock } from '../helpers/mock.js';
-import { closeAll, greedyTokens, tinyMoe, unitScale } from '../helpers/tiny-moe.js';
+import { MIB } from '../helpers/mock.js';
+import { closeAll, deploymentsOf, greedyTokens, tinyMoe } from '../helpers/tiny-moe.js';
 
 const CHILD = path.resolve(__dirname, '../fixtures/executor-child.mjs');
 const config = tinyMoe(1024);
-const scaleFor = unitScale;
 const SEED = 20251002n;
 const MAX = 800; // long enough to be mid-generation after a standby process has started (the steps go on meanwhile)
 const PROMPTS = Array.from({ length: 6 }, (_, k) => Array.from({ length: 3 + ((k * 5) % 17) }, (_, i) => (i * 13 + k * 29 + 1) % 97));
 
 let dir: string;
 let dieFile: string;
-const opened: Array<{ rt: Runtime; dep: Deployment }> = [];
-async function start(devices: number[], extra: Partial<DeploymentOptions> = {}) {
-  // The child opens 4 mock devices of 256 MiB (executor-child.mjs): the same here.
-  const rt = openMock({ mockCapacity: 256 * MIB });
-  const dep = await Deployment.start({ rt, config, devices, seed: SEED, scaleFor, kvBlocksPerDevice: 512, maxTokensPerStep: 64, ...extra });
-  opened.push({ rt, dep });
-  return { rt, dep };
-}
+// The child opens 4 mock devices of 256 MiB (executor-child.mjs): the same here.
+const { opened, start } = deploymentsOf({ config, seed: SEED, capacity: 256 * MIB, kvBlocksPerDevice: 512 });
 // initAhead off unless asked: these tests follow the process started ahead through the scale's attach phase.
 const processMode = (prestart = true, preattach = true, initAhead = false): Partial<DeploymentOptions> => ({
   executor: { process: { script: CHILD, env: { ELASTICMOE_BACKEND: 'mock', ELASTICMOE_NO_WARN_MOCK: '1', EMOE_TEST_DIE_FILE: dieFile }, prestart, preattach, initAhead } },
